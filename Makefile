@@ -1,0 +1,41 @@
+# Petals Chat: `make run` starts the local stack, `make test` runs the suite.
+# Both set up the project-local virtual environment (.venv) first.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+REQUIREMENTS := requirements/web.txt requirements/torch-cpu.txt requirements/petals.txt requirements/dev.txt
+
+.PHONY: setup run test lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): $(REQUIREMENTS) services/swarm/p2pd.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --no-deps $(addprefix -r ,$(REQUIREMENTS))
+	@# petals' metadata pins hivemind 1.1.10 and pydantic<2, which cannot work here (see
+	@# requirements/petals.txt); any other unmet requirement fails the setup.
+	! $(PY) -m pip check | grep -v '^petals 2.2.0.post1 has requirement'
+	$(PY) -m services.swarm.p2pd
+	touch $@
+
+run: $(STAMP)
+	$(PY) -m deploy.run_local
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP)
+	$(PY) -m bench.inference_latency
+
+clean:
+	rm -rf $(VENV) .cache test-artifacts

@@ -1,0 +1,230 @@
+"""Start and stop a private Petals swarm on loopback.
+
+A swarm is N ``petals.cli.run_server`` processes, each serving a block range of one model.
+The first server creates the swarm (``--new_swarm``); the others join it through the first
+server's multiaddr. Readiness comes from the servers themselves: each one prints its
+multiaddr when its DHT node is up and ``Started`` once its blocks are loaded and announced.
+
+Every server runs in its own process group (the server forks workers and a p2pd daemon), so
+``stop()`` ends everything it started by process-group id, and nothing else.
+
+CLI (used by ``make run`` through deploy/run_local.py, handy on its own too):
+``python -m services.swarm.launcher --blocks 0:2 2:4`` runs until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+_MULTIADDR = re.compile(r"Running a server on \['(?P<addr>/ip4/[^']+/p2p/\w+)'")
+_STARTED = re.compile(r"\[INFO\] Started\s*$")
+
+
+class SwarmError(RuntimeError):
+    """A server of the swarm failed to start or died during start-up."""
+
+
+def pick_free_port(host: str = "127.0.0.1") -> int:
+    """Ask the OS for a TCP port that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def server_command(
+    model: str,
+    *,
+    block_indices: str,
+    dht_prefix: str,
+    host: str,
+    port: int,
+    identity_path: Path,
+    initial_peers: Sequence[str] = (),
+    torch_dtype: str = "float32",
+    device: str = "cpu",
+) -> list[str]:
+    """The argv of one Petals server; a new swarm when ``initial_peers`` is empty."""
+    swarm = ["--initial_peers", *initial_peers] if initial_peers else ["--new_swarm"]
+    return [
+        sys.executable, "-m", "petals.cli.run_server", model,
+        "--dht_prefix", dht_prefix,
+        "--host_maddrs", f"/ip4/{host}/tcp/{port}",
+        "--block_indices", block_indices,
+        "--throughput", "1",
+        "--torch_dtype", torch_dtype,
+        "--device", device,
+        "--skip_reachability_check",
+        "--identity_path", str(identity_path),
+        *swarm,
+    ]  # fmt: skip
+
+
+@dataclass
+class SwarmServer:
+    """One running Petals server process and what its log has told us so far."""
+
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    multiaddr: str | None = None
+    started: threading.Event = field(default_factory=threading.Event)
+
+    def follow_log(self, stream: IO[str]) -> None:
+        """Copy the server's output into its log file, noting readiness lines."""
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            for line in stream:
+                log.write(line)
+                log.flush()
+                if self.multiaddr is None and (match := _MULTIADDR.search(line)):
+                    self.multiaddr = match["addr"]
+                if _STARTED.search(line):
+                    self.started.set()
+
+    def wait_until(self, condition, what: str, deadline: float) -> None:
+        """Wait for ``condition()``; fail fast if the server exits or time runs out."""
+        while not condition():
+            if self.process.poll() is not None:
+                raise SwarmError(
+                    f"{self.name} exited with code {self.process.returncode} before {what}; see {self.log_path}"
+                )
+            if time.monotonic() > deadline:
+                raise SwarmError(f"{self.name} did not reach '{what}' in time; see {self.log_path}")
+            time.sleep(0.1)
+
+    def stop(self, timeout: float) -> None:
+        """SIGTERM the server's process group, SIGKILL it if it lingers."""
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            if self.process.poll() is not None:
+                break
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+        _reap_group(self.process.pid)
+
+
+def _reap_group(pgid: int) -> None:
+    """Make sure no process of a server's group (workers, p2pd) outlives the server."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+class PrivateSwarm:
+    """A private Petals swarm on loopback; use as a context manager or call start/stop."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        block_ranges: Sequence[str],
+        work_dir: Path,
+        *,
+        dht_prefix: str = "petals-chat",
+        host: str = "127.0.0.1",
+        ports: Sequence[int] | None = None,
+    ) -> None:
+        if not block_ranges:
+            raise ValueError("a swarm needs at least one server (one block range)")
+        self.model_dir = Path(model_dir)
+        self.block_ranges = list(block_ranges)
+        self.work_dir = Path(work_dir)
+        self.dht_prefix = dht_prefix
+        self.host = host
+        self.ports = list(ports) if ports else [pick_free_port(host) for _ in block_ranges]
+        self.servers: list[SwarmServer] = []
+
+    @property
+    def initial_peers(self) -> list[str]:
+        """Multiaddrs a client (or another server) uses to join this swarm."""
+        return [server.multiaddr for server in self.servers if server.multiaddr]
+
+    def start(self, timeout: float = 180.0) -> PrivateSwarm:
+        """Start every server and return once all of them have announced their blocks."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + timeout
+        try:
+            for index, (blocks, port) in enumerate(zip(self.block_ranges, self.ports, strict=True)):
+                server = self._spawn(index, blocks, port)
+                if index == 0:
+                    server.wait_until(lambda s=server: s.multiaddr is not None, "its multiaddr", deadline)
+            for server in self.servers:
+                server.wait_until(server.started.is_set, "Started", deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, index: int, blocks: str, port: int) -> SwarmServer:
+        command = server_command(
+            str(self.model_dir),
+            block_indices=blocks,
+            dht_prefix=self.dht_prefix,
+            host=self.host,
+            port=port,
+            identity_path=self.work_dir / f"server-{index}.id",
+            initial_peers=self.initial_peers,
+        )
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            env=env,
+            start_new_session=True,
+        )
+        server = SwarmServer(f"petals server {index} (blocks {blocks})", process, self.work_dir / f"server-{index}.log")
+        threading.Thread(target=server.follow_log, args=(process.stdout,), daemon=True).start()
+        self.servers.append(server)
+        return server
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop every server this swarm started (newest first)."""
+        for server in reversed(self.servers):
+            server.stop(timeout)
+        self.servers.clear()
+
+    def __enter__(self) -> PrivateSwarm:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run a private swarm in the foreground until interrupted."""
+    from services.swarm.tiny_bloom import ensure_tiny_bloom
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, help="model directory (default: the offline tiny BLOOM)")
+    parser.add_argument("--blocks", nargs="+", default=["0:2", "2:4"], help="one block range per server")
+    parser.add_argument("--work-dir", type=Path, default=Path(".cache/swarm"))
+    parser.add_argument("--dht-prefix", default="petals-chat")
+    args = parser.parse_args(argv)
+    swarm = PrivateSwarm(args.model_dir or ensure_tiny_bloom(), args.blocks, args.work_dir, dht_prefix=args.dht_prefix)
+    with swarm:
+        print("swarm ready; initial peers:", *swarm.initial_peers, sep="\n  ", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+
+
+if __name__ == "__main__":
+    main()
