@@ -1,0 +1,187 @@
+"""The local all-in-one stack: a private swarm on loopback plus the services under gunicorn.
+
+Used by ``make run`` (deploy/run_local.py) and by the integration tests, so both exercise
+the same processes the same way. Every process is started in its own process group and
+stopped by that group's id: SIGTERM first (graceful: sessions are closed), SIGKILL after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.swarm.launcher import PrivateSwarm, pick_free_port
+from services.swarm.tiny_bloom import ensure_tiny_bloom
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_STATE_DIR = REPO_ROOT / ".cache" / "local"
+
+
+class StartupError(RuntimeError):
+    """A process of the stack died or did not become ready in time."""
+
+
+@dataclass
+class ServiceProcess:
+    """One service under gunicorn, in its own process group."""
+
+    name: str
+    config: str  # gunicorn config file, relative to the repository root
+    env: dict[str, str]
+    log_path: Path
+    port: int
+    host: str = "127.0.0.1"
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> ServiceProcess:
+        """Start gunicorn with this service's config and environment."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its whole life
+        env = {**os.environ, **self.env, "BIND": f"{self.host}:{self.port}", "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", self.config],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        return self
+
+    def wait_ready(self, timeout: float = 120.0, path: str = "/readyz") -> None:
+        """Poll ``path`` until it answers 200; fail early if the process exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise StartupError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+            if http_status(self.base_url + path) == 200:
+                return
+            time.sleep(0.25)
+        raise StartupError(f"{self.name} was not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM the process group, SIGKILL after ``timeout``; returns the exit code."""
+        if self.process is None:
+            return None
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            if self.process.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(wait)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # stragglers of the group
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the service's log, for error messages."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    """The HTTP status of a GET, or None if nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def inference_process(
+    *,
+    model_dir: Path,
+    initial_peers: list[str],
+    dht_prefix: str,
+    port: int,
+    log_path: Path,
+    replica_id: str = "inference-0",
+    extra_env: dict[str, str] | None = None,
+) -> ServiceProcess:
+    """An inference service on loopback, pointed at a private swarm."""
+    env = {
+        "MODEL": str(model_dir),
+        "INITIAL_PEERS": " ".join(initial_peers),
+        "DHT_PREFIX": dht_prefix,
+        "REPLICA_ID": replica_id,
+        "HF_HUB_OFFLINE": "1",
+        **(extra_env or {}),
+    }
+    return ServiceProcess(replica_id, "services/inference/gunicorn.conf.py", env, log_path, port)
+
+
+class LocalStack:
+    """Private swarm + inference service, started and stopped together."""
+
+    def __init__(
+        self,
+        *,
+        public_port: int = 5000,
+        block_ranges: tuple[str, ...] = ("0:2", "2:4"),
+        state_dir: Path = DEFAULT_STATE_DIR,
+        dht_prefix: str = "petals-chat",
+    ) -> None:
+        self.public_port = public_port
+        self.state_dir = Path(state_dir)
+        self.dht_prefix = dht_prefix
+        self.model_dir = ensure_tiny_bloom()
+        self.swarm = PrivateSwarm(self.model_dir, block_ranges, self.state_dir / "swarm", dht_prefix=dht_prefix)
+        self.services: list[ServiceProcess] = []
+
+    def start(self, timeout: float = 240.0) -> LocalStack:
+        """Start the swarm, then the services; return when the public entry point is ready."""
+        try:
+            self.swarm.start(timeout)
+            inference = inference_process(
+                model_dir=self.model_dir,
+                initial_peers=self.swarm.initial_peers,
+                dht_prefix=self.dht_prefix,
+                port=self.public_port,
+                log_path=self.state_dir / "logs" / "inference-0.log",
+            )
+            self.services.append(inference.start())
+            inference.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def public_url(self) -> str:
+        return f"http://127.0.0.1:{self.public_port}"
+
+    def stop(self) -> None:
+        """Stop the services (gracefully), then the swarm."""
+        for service in reversed(self.services):
+            service.stop()
+        self.services.clear()
+        self.swarm.stop()
+
+
+def get_json(url: str, timeout: float = 60.0) -> dict:
+    """GET a URL and parse its JSON answer (for scripts and tests)."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+__all__ = ["LocalStack", "ServiceProcess", "StartupError", "get_json", "inference_process", "pick_free_port"]

@@ -1,0 +1,53 @@
+"""Assembly of a Falcon app with what every service shares.
+
+Each service builds its app with ``create_app``: JSON errors in the right envelope, request
+metrics, ``/metrics``, ``/healthz`` and ``/readyz``. Services add their own routes after.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import falcon
+
+from services.common.errors import LegacyEnvelopeMiddleware, make_error_handlers
+from services.common.metrics import MetricsResource, RequestMetricsMiddleware
+
+ReadinessCheck = Callable[[], tuple[bool, str]]
+
+
+class HealthResource:
+    """``GET /healthz``: the process is alive and serving HTTP."""
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"ok": True}
+
+
+class ReadinessResource:
+    """``GET /readyz``: 200 when the service can do its job, 503 with the reason otherwise."""
+
+    def __init__(self, check: ReadinessCheck) -> None:
+        self._check = check
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        ready, detail = self._check()
+        resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
+        resp.media = {"ok": ready, "detail": detail}
+
+
+def create_app(*, readiness: ReadinessCheck, debug_tracebacks: bool, middleware: list | None = None) -> falcon.App:
+    """A Falcon app with the shared middleware, error handlers and health/metrics routes."""
+    app = falcon.App(middleware=[RequestMetricsMiddleware(), LegacyEnvelopeMiddleware(), *(middleware or [])])
+    app.req_options.strip_url_path_trailing_slash = True
+    for exception, handler in make_error_handlers(debug_tracebacks):
+        app.add_error_handler(exception, handler)
+    app.add_route("/healthz", HealthResource())
+    app.add_route("/readyz", ReadinessResource(readiness))
+    app.add_route("/metrics", MetricsResource())
+    return app
+
+
+def configure_logging(level: str) -> None:
+    """Plain, timestamped logs on stderr (collected by the container runtime)."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s [%(name)s] %(message)s", force=True)

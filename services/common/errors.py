@@ -1,0 +1,137 @@
+"""Public errors and how they are rendered.
+
+Every error a client may see is an ``ApiError`` (a ``falcon.HTTPError``) carrying a status,
+a stable machine-readable ``code`` and a human message. Two renderings exist:
+
+- the v1 API (the seed contract): HTTP 200 with ``{"ok": false, "traceback": message}``,
+  because the original clients treat any non-2xx answer as a transport failure;
+- newer endpoints: the real status with ``{"ok": false, "error": {"code", "message"}}``.
+
+Unexpected exceptions are logged with their stack and answered with a generic message (and
+the stack only when the operator sets ``DEBUG_TRACEBACKS=1``): never a stack to the public.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+import uuid
+from typing import Any
+
+import falcon
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(falcon.HTTPError):
+    """An error answered to the client with a clear message."""
+
+    http_status = falcon.HTTP_400
+    code = "bad_request"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        status: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        self.code = code or self.code
+        super().__init__(status or self.http_status, title=self.code, description=message, headers=headers)
+        self.message = message
+
+
+class InvalidParameter(ApiError):
+    """A request parameter has the wrong type, is out of range or is missing."""
+
+    code = "invalid_parameter"
+
+
+class PayloadTooLarge(ApiError):
+    """The request body or an input is larger than the configured limit."""
+
+    http_status = falcon.HTTP_413
+    code = "payload_too_large"
+
+
+class SessionNotFound(ApiError):
+    """The session id is unknown, expired, or its replica is gone."""
+
+    http_status = falcon.HTTP_404
+    code = "session_not_found"
+
+    def __init__(self, session_id: str, detail: str = "") -> None:
+        # The original chat client matches /Session .+ expired/ to reopen and replay.
+        message = f"Session {session_id} expired or does not exist"
+        super().__init__(f"{detail} {message}".strip() if detail else message)
+
+
+class SessionBusy(ApiError):
+    """Another request is already generating in this session."""
+
+    http_status = falcon.HTTP_409
+    code = "session_busy"
+
+
+class ServiceUnavailable(ApiError):
+    """Temporarily unable to serve: model loading, swarm unreachable, at capacity."""
+
+    http_status = falcon.HTTP_503
+    code = "unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class TooManySessions(ServiceUnavailable):
+    """The replica already holds its maximum number of sessions."""
+
+    code = "too_many_sessions"
+
+
+class LegacyEnvelopeMiddleware:
+    """Marks requests routed to a v1 resource (``legacy_envelope = True``) for error rendering."""
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict) -> None:
+        req.context.legacy_envelope = bool(getattr(resource, "legacy_envelope", False))
+
+
+def render_error(req: falcon.Request, resp: falcon.Response, error: ApiError) -> None:
+    """Write ``error`` in the envelope that the matched endpoint uses."""
+    if req.context.get("legacy_envelope", False):
+        resp.status = falcon.HTTP_200
+        resp.media = {"ok": False, "traceback": error.message}
+    else:
+        resp.status = error.status
+        resp.media = {"ok": False, "error": {"code": error.code, "message": error.message}}
+    for name, value in (error.headers or {}).items():
+        resp.set_header(name, value)
+    resp.context.error_code = error.code
+    resp.context.error_status = error.status
+
+
+def make_error_handlers(debug_tracebacks: bool):
+    """Falcon error handlers for ApiError, Falcon's own HTTP errors and anything unexpected."""
+
+    def handle_api_error(req: falcon.Request, resp: falcon.Response, error: ApiError, params: dict) -> None:
+        render_error(req, resp, error)
+
+    def handle_http_error(req: falcon.Request, resp: falcon.Response, error: falcon.HTTPError, params: dict) -> None:
+        message = error.description or error.title or str(error.status)
+        code = _slug(error.title or "http_error")
+        render_error(req, resp, ApiError(message, status=error.status, code=code, headers=error.headers))
+
+    def handle_unexpected(req: falcon.Request, resp: falcon.Response, error: Exception, params: dict) -> None:
+        incident = uuid.uuid4().hex[:12]
+        logger.error("unhandled error (incident %s) on %s %s", incident, req.method, req.path, exc_info=error)
+        message = f"Internal error (incident {incident}); the operators can find it in the logs."
+        if debug_tracebacks:
+            message += "\n" + "".join(traceback.format_exception(error))
+        render_error(req, resp, ApiError(message, status=falcon.HTTP_500, code="internal_error"))
+
+    return [(Exception, handle_unexpected), (falcon.HTTPError, handle_http_error), (ApiError, handle_api_error)]
+
+
+def _slug(title: str) -> str:
+    return "_".join(title.lower().replace("-", " ").split())

@@ -1,0 +1,202 @@
+"""Reading and validating the public API's parameters (shared by gateway and inference).
+
+Parameters arrive as a query string, a form body or a JSON body (the original app read
+Flask's ``request.values``); they are merged into one mapping and each one is checked for
+type and range here, so every service rejects bad input the same way, with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import falcon
+
+from services.common.errors import InvalidParameter, PayloadTooLarge
+
+SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_FORM = "application/x-www-form-urlencoded"
+_JSON = "application/json"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Operator-set bounds on what one request may ask for."""
+
+    max_body_bytes: int = 1_048_576
+    max_input_chars: int = 16_384
+    max_length: int = 2048
+    max_new_tokens: int = 1024
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """A validated generation request (the v1 ``generate`` contract)."""
+
+    inputs: str | None
+    do_sample: bool
+    temperature: float | None
+    top_k: int | None
+    top_p: float | None
+    max_length: int | None
+    max_new_tokens: int | None
+    session_id: str | None
+
+
+def read_values(req: falcon.Request, limits: Limits) -> dict[str, Any]:
+    """Merge query-string and body parameters; a name given twice is an error."""
+    if req.content_length is not None and req.content_length > limits.max_body_bytes:
+        raise PayloadTooLarge(f"Request body is {req.content_length} bytes; the limit is {limits.max_body_bytes}")
+    values: dict[str, Any] = {}
+    for name, value in req.params.items():
+        if isinstance(value, list):
+            raise InvalidParameter(f"{name} is given more than once")
+        values[name] = value
+    for name, value in _read_body(req, limits).items():
+        if name in values:
+            raise InvalidParameter(f"{name} is given both in the query string and in the body")
+        values[name] = value
+    return values
+
+
+def _read_body(req: falcon.Request, limits: Limits) -> dict[str, Any]:
+    media_type = (req.content_type or "").split(";")[0].strip().lower()
+    if media_type not in (_FORM, _JSON):
+        body = req.bounded_stream.read(limits.max_body_bytes + 1)
+        if body.strip():
+            raise InvalidParameter(f"Unsupported Content-Type {media_type or 'none'}: send JSON or a form")
+        return {}
+    body = req.bounded_stream.read(limits.max_body_bytes + 1)
+    if len(body) > limits.max_body_bytes:
+        raise PayloadTooLarge(f"Request body is larger than the limit of {limits.max_body_bytes} bytes")
+    if not body.strip():
+        return {}
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidParameter("Request body is not valid UTF-8") from None
+    return _parse_json(text) if media_type == _JSON else _parse_form(text)
+
+
+def _parse_json(text: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except ValueError as error:
+        raise InvalidParameter(f"Request body is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise InvalidParameter("JSON body must be an object of parameters")
+    return data
+
+
+def _parse_form(text: str) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, value in falcon.uri.parse_query_string(text, keep_blank=False).items():
+        if isinstance(value, list):
+            raise InvalidParameter(f"{name} is given more than once")
+        values[name] = value
+    return values
+
+
+def get_bool(values: dict[str, Any], name: str, default: bool) -> bool:
+    """0/1 (the seed API's form), true/false, or a JSON boolean."""
+    value = values.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("0", "1", "true", "false"):
+        return value.strip().lower() in ("1", "true")
+    raise InvalidParameter(f"{name} must be 0 or 1, got {_show(value)}")
+
+
+def get_int(values: dict[str, Any], name: str, *, minimum: int, maximum: int) -> int | None:
+    """An integer in [minimum, maximum], or None when absent."""
+    value = values.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise InvalidParameter(f"{name} must be an integer, got {_show(value)}")
+    try:
+        number = int(value.strip()) if isinstance(value, str) else value
+    except ValueError:
+        raise InvalidParameter(f"{name} must be an integer, got {_show(value)}") from None
+    if not minimum <= number <= maximum:
+        raise InvalidParameter(f"{name} must be between {minimum} and {maximum}, got {number}")
+    return number
+
+
+def get_float(values: dict[str, Any], name: str, *, above: float, maximum: float) -> float | None:
+    """A finite float in (above, maximum], or None when absent."""
+    value = values.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise InvalidParameter(f"{name} must be a number, got {_show(value)}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise InvalidParameter(f"{name} must be a number, got {_show(value)}") from None
+    if not math.isfinite(number) or not above < number <= maximum:
+        raise InvalidParameter(f"{name} must be greater than {above} and at most {maximum}, got {_show(value)}")
+    return number
+
+
+def get_str(values: dict[str, Any], name: str, *, max_chars: int) -> str | None:
+    """A string of at most ``max_chars`` characters, or None when absent."""
+    value = values.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidParameter(f"{name} must be a string, got {_show(value)}")
+    if len(value) > max_chars:
+        raise PayloadTooLarge(f"{name} is {len(value)} characters long; the limit is {max_chars}")
+    return value
+
+
+def get_session_id(values: dict[str, Any], *, required: bool) -> str | None:
+    """A session id as issued by open_inference_session."""
+    value = values.get("session_id")
+    if value is None or value == "":
+        if required:
+            raise InvalidParameter("session_id is required")
+        return None
+    if not isinstance(value, str) or not SESSION_ID_PATTERN.match(value):
+        raise InvalidParameter("session_id must be 1-128 characters of letters, digits, '.', '_' or '-'")
+    return value
+
+
+def parse_generate(values: dict[str, Any], limits: Limits) -> GenerateParams:
+    """Validate the parameters of ``POST /api/v1/generate``."""
+    params = GenerateParams(
+        inputs=get_str(values, "inputs", max_chars=limits.max_input_chars),
+        do_sample=get_bool(values, "do_sample", default=False),
+        temperature=get_float(values, "temperature", above=0.0, maximum=100.0),
+        top_k=get_int(values, "top_k", minimum=1, maximum=1_000_000),
+        top_p=get_float(values, "top_p", above=0.0, maximum=1.0),
+        max_length=get_int(values, "max_length", minimum=1, maximum=limits.max_length),
+        max_new_tokens=get_int(values, "max_new_tokens", minimum=1, maximum=limits.max_new_tokens),
+        session_id=get_session_id(values, required=False),
+    )
+    if (params.max_length is None) == (params.max_new_tokens is None):
+        raise InvalidParameter("Set exactly one of max_length or max_new_tokens")
+    if params.session_id is None and not params.inputs:
+        raise InvalidParameter("inputs is required when no session_id is given")
+    return params
+
+
+def parse_open_session(values: dict[str, Any], limits: Limits) -> int:
+    """Validate ``open_inference_session``: returns the session's max_length."""
+    max_length = get_int(values, "max_length", minimum=1, maximum=limits.max_length)
+    if max_length is None:
+        raise InvalidParameter("max_length is required: the most tokens the session will hold")
+    return max_length
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -1,0 +1,77 @@
+"""The inference service: a Falcon app holding the Petals client and users' sessions.
+
+gunicorn runs it with one worker (sessions live in that worker's memory) and many threads;
+see gunicorn.conf.py beside this file.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import falcon
+
+from services.common.app import configure_logging
+from services.common.app import create_app as create_base_app
+from services.common.config import load_or_exit
+from services.inference.generation import Generator
+from services.inference.model import ModelHandle
+from services.inference.resources import CloseSessionResource, GenerateResource, OpenSessionResource
+from services.inference.sessions import SessionStore
+from services.inference.settings import InferenceSettings
+
+logger = logging.getLogger(__name__)
+
+
+class InferenceService:
+    """The model, the session store and the HTTP app, with their lifecycle."""
+
+    def __init__(self, settings: InferenceSettings) -> None:
+        self.settings = settings
+        self.model = ModelHandle(settings)
+        self.store = SessionStore(
+            self.model.open_petals_session,
+            replica_id=settings.replica_id,
+            ttl_s=settings.session_ttl_s,
+            max_sessions=settings.max_sessions,
+        )
+        self.app = self._build_app()
+
+    def _build_app(self) -> falcon.App:
+        settings, limits = self.settings, self.settings.limits
+        app = create_base_app(readiness=self.model.readiness, debug_tracebacks=settings.debug_tracebacks)
+        generator = Generator(self.model, self.store, limits)
+        app.add_route("/api/v1/generate", GenerateResource(generator, limits))
+        app.add_route("/api/v1/open_inference_session", OpenSessionResource(self.model, self.store, limits))
+        app.add_route("/api/v1/close_inference_session", CloseSessionResource(self.store, limits))
+        return app
+
+    def start(self) -> None:
+        """Start loading the model and reaping expired sessions."""
+        self.model.start()
+        self.store.start_reaper(self.settings.reaper_interval_s)
+
+    def shutdown(self) -> None:
+        """Close every session (reason ``shutdown``) so the servers free their caches."""
+        logger.info("shutting down: closing %d sessions", len(self.store))
+        self.store.stop_reaper()
+        self.model.stop()
+        self.store.close_all("shutdown")
+
+
+_service: InferenceService | None = None
+
+
+def create_app() -> falcon.App:
+    """gunicorn's app factory: read settings, start the service, return its WSGI app."""
+    global _service
+    settings = load_or_exit(InferenceSettings.from_env, "inference")
+    configure_logging(settings.log_level)
+    _service = InferenceService(settings)
+    _service.start()
+    return _service.app
+
+
+def shutdown() -> None:
+    """Called by gunicorn's worker_exit hook."""
+    if _service is not None:
+        _service.shutdown()

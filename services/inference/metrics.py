@@ -1,0 +1,36 @@
+"""The inference service's Prometheus metrics (request metrics live in services.common.metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# From tens of milliseconds per token (a local swarm) to several seconds (the public swarm).
+TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 1.5, 2.5, 4.0, 6.0, 10.0, 20.0)
+
+TOKEN_LATENCY = Histogram(
+    "petals_chat_token_latency_seconds",
+    "Time to generate each token: one step through the swarm (a request's first token also includes its prompt).",
+    buckets=TOKEN_BUCKETS,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "petals_chat_time_to_first_token_seconds",
+    "Time from the start of a generation to its first new token (includes processing the prompt).",
+    buckets=TOKEN_BUCKETS,
+)
+PROMPT_TOKENS = Counter("petals_chat_prompt_tokens", "Input tokens sent through the swarm.")
+GENERATED_TOKENS = Counter("petals_chat_generated_tokens", "Tokens generated.")
+ACTIVE_SESSIONS = Gauge(
+    "petals_chat_active_sessions", "Inference sessions currently open on this replica.", multiprocess_mode="livesum"
+)
+SESSIONS_OPENED = Counter("petals_chat_sessions_opened", "Inference sessions opened.")
+SESSIONS_CLOSED = Counter(
+    "petals_chat_sessions_closed",
+    "Inference sessions closed, by reason: closed (by the client), expired (idle too long), "
+    "failed (the swarm broke it), shutdown (replica stopping).",
+    ["reason"],
+)
+SWARM_READY = Gauge(
+    "petals_chat_swarm_ready",
+    "1 when the model is loaded and a route through the swarm serves every block, else 0.",
+    multiprocess_mode="livemax",
+)

@@ -1,0 +1,129 @@
+"""The Petals client model: loaded in the background, with swarm readiness tracking.
+
+Loading (tokenizer, embeddings and LM head, a DHT client joining the swarm) happens in a
+background thread so that ``/healthz`` answers at once; it retries until it succeeds, e.g.
+while the swarm is not up yet. A readiness thread then checks, every few seconds and without
+blocking requests, that a route through the swarm serves every block of the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from services.common.errors import ServiceUnavailable
+from services.inference.metrics import SWARM_READY
+from services.inference.settings import InferenceSettings
+
+logger = logging.getLogger(__name__)
+_LOAD_RETRY_S = (1.0, 2.0, 5.0, 10.0)
+
+
+class ModelHandle:
+    """Owns the tokenizer and the distributed model; reports readiness."""
+
+    def __init__(self, settings: InferenceSettings) -> None:
+        self._settings = settings
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._status = "the model is loading"
+        self._ready = False
+        self._stopping = threading.Event()
+        self._route_checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="route-check")
+        self._route_check: Future | None = None
+
+    def start(self) -> None:
+        """Load in the background, then keep checking the route through the swarm."""
+        threading.Thread(target=self._run, name="model-loader", daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop the background checks and leave the swarm (DHT node, routing thread)."""
+        self._stopping.set()
+        self._route_checker.shutdown(wait=False, cancel_futures=True)
+        if self.model is not None:
+            sequence_manager = self.model.transformer.h.sequence_manager
+            sequence_manager.shutdown()
+            sequence_manager.dht.shutdown()  # else its process keeps the worker from exiting
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, reason) for /readyz."""
+        return self._ready, self._status
+
+    def require_ready(self) -> None:
+        """Raise ServiceUnavailable with the reason unless the model can serve now."""
+        if not self._ready:
+            raise ServiceUnavailable(f"Temporarily unavailable: {self._status}. Retry in a few seconds.")
+
+    def open_petals_session(self, max_length: int):
+        """A new Petals inference session reserving ``max_length`` tokens of attention cache."""
+        from petals.client.inference_session import InferenceSession
+
+        return InferenceSession(self.model.transformer.h.sequence_manager, max_length=max_length)
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stopping.is_set() and self.model is None:
+            try:
+                self._load()
+            except Exception as error:  # keep retrying: the swarm may come up later
+                delay = _LOAD_RETRY_S[min(attempt, len(_LOAD_RETRY_S) - 1)]
+                self._status = f"model loading failed ({_short(error)}); retrying"
+                logger.warning("loading %s failed, retrying in %.0f s", self._settings.model, delay, exc_info=True)
+                attempt += 1
+                self._stopping.wait(delay)
+        while not self._stopping.is_set():
+            self._check_route()
+            if self._ready:
+                self._stopping.wait(self._settings.readiness_interval_s)
+
+    def _load(self) -> None:
+        import torch
+        from petals import AutoDistributedModelForCausalLM
+        from transformers import AutoTokenizer
+
+        settings = self._settings
+        logger.info("loading %s (dtype %s, device %s)", settings.model, settings.torch_dtype, settings.device)
+        tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        dtype = settings.torch_dtype if settings.torch_dtype == "auto" else getattr(torch, settings.torch_dtype)
+        options: dict[str, Any] = {
+            "torch_dtype": dtype,
+            "max_retries": settings.swarm_max_retries,
+            "request_timeout": settings.swarm_request_timeout_s,
+            "update_period": settings.swarm_update_period_s,
+        }
+        if settings.initial_peers:  # otherwise Petals joins the public swarm
+            options["initial_peers"] = list(settings.initial_peers)
+        if settings.dht_prefix:
+            options["dht_prefix"] = settings.dht_prefix
+        model = AutoDistributedModelForCausalLM.from_pretrained(settings.model, **options)
+        self.tokenizer, self.model = tokenizer, model.to(settings.device).eval()
+        self._status = "model loaded; looking for a route through the swarm"
+        logger.info("model loaded")
+
+    def _check_route(self) -> None:
+        """Ask Petals for a route over all blocks; a check that hangs counts as not ready."""
+        if self._route_check is None or self._route_check.done():
+            sequence_manager = self.model.transformer.h.sequence_manager
+            self._route_check = self._route_checker.submit(sequence_manager.make_sequence, mode="max_throughput")
+        try:
+            self._route_check.result(timeout=self._settings.readiness_interval_s)
+        except FutureTimeout:
+            self._set_ready(False, "the swarm did not answer a routing request in time")
+        except Exception as error:
+            self._set_ready(False, f"no route through the swarm ({_short(error)})")
+        else:
+            self._set_ready(True, "ready")
+
+    def _set_ready(self, ready: bool, status: str) -> None:
+        if ready != self._ready:
+            logger.info("readiness: %s", status)
+        self._ready, self._status = ready, status
+        SWARM_READY.set(1 if ready else 0)
+
+
+def _short(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".splitlines()[0]
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -1,0 +1,190 @@
+"""Users' inference sessions held by this replica.
+
+A session pairs a Petals ``InferenceSession`` (attention caches on the swarm's servers) with
+the client-side state that must survive between requests: the incremental decoder and the
+session's size. Rules:
+
+- one request at a time per session: a second concurrent request gets ``SessionBusy``;
+- idle sessions expire after the TTL (refreshed by every use); a reaper thread closes them so
+  the servers free their caches;
+- at most ``max_sessions`` open; one more is refused with a clear error, others unharmed;
+- Petals sessions are always closed explicitly (left to the garbage collector they can
+  deadlock the client), outside the store's lock, and all of them on shutdown.
+
+Session ids are ``<replica id>.<random token>``: the gateway routes by the replica part.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common.errors import SessionBusy, SessionNotFound, TooManySessions
+from services.inference.decoding import IncrementalDecoder
+from services.inference.metrics import ACTIVE_SESSIONS, SESSIONS_CLOSED, SESSIONS_OPENED
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """One user's inference session and its client-side state."""
+
+    session_id: str
+    max_length: int
+    petals: Any  # petals.client.InferenceSession
+    decoder: IncrementalDecoder | None = None
+    last_used: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    close_reason: str | None = None  # set when closed while a request was still using it
+
+    @property
+    def token_count(self) -> int:
+        """Tokens the session holds so far (prompts and generated tokens)."""
+        output_ids = self.petals.output_ids
+        return 0 if output_ids is None else int(output_ids.shape[1])
+
+
+class SessionStore:
+    """Open sessions of this replica, keyed by session id."""
+
+    def __init__(
+        self,
+        open_petals_session: Callable[[int], Any],
+        *,
+        replica_id: str,
+        ttl_s: float,
+        max_sessions: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._open_petals_session = open_petals_session
+        self._replica_id = replica_id
+        self._ttl_s = ttl_s
+        self._max_sessions = max_sessions
+        self._clock = clock
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self._reaper_stop = threading.Event()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def open(self, max_length: int) -> Session:
+        """Open a session reserving ``max_length`` tokens; TooManySessions at the limit."""
+        with self._lock:
+            if len(self._sessions) >= self._max_sessions:
+                raise TooManySessions(
+                    f"This replica already holds its maximum of {self._max_sessions} sessions; "
+                    "close unused sessions or retry shortly"
+                )
+            session_id = f"{self._replica_id}.{secrets.token_urlsafe(16)}"
+            session = Session(session_id, max_length, self._open_petals_session(max_length), last_used=self._clock())
+            self._sessions[session_id] = session
+        SESSIONS_OPENED.inc()
+        ACTIVE_SESSIONS.inc()
+        return session
+
+    @contextmanager
+    def lease(self, session_id: str) -> Iterator[Session]:
+        """Exclusive use of a session for one request; refreshes its expiry."""
+        session = self._get_live(session_id)
+        if not session.lock.acquire(blocking=False):
+            raise SessionBusy(f"Session {session_id} is busy with another request; retry when it has finished")
+        try:
+            if session.close_reason is not None:
+                raise SessionNotFound(session_id)
+            yield session
+        finally:
+            session.last_used = self._clock()
+            reason = session.close_reason
+            session.lock.release()
+            if reason is not None:
+                self._close_petals(session, reason)
+
+    def close(self, session_id: str, reason: str = "closed") -> None:
+        """Close a session now, or as soon as the request using it finishes."""
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+        if session is None:
+            raise SessionNotFound(session_id)
+        self._retire(session, reason)
+
+    def reap_expired(self) -> int:
+        """Close sessions idle for longer than the TTL; returns how many."""
+        now = self._clock()
+        with self._lock:
+            expired = [s for s in self._sessions.values() if self._is_expired(s, now) and not s.lock.locked()]
+            for session in expired:
+                del self._sessions[session.session_id]
+        for session in expired:
+            self._retire(session, "expired")
+        return len(expired)
+
+    def close_all(self, reason: str = "shutdown") -> None:
+        """Close every session (replica shutdown)."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+        for session in sessions:
+            self._retire(session, reason)
+
+    def start_reaper(self, interval_s: float) -> None:
+        """Reap expired sessions every ``interval_s`` seconds in a daemon thread."""
+
+        def run() -> None:
+            while not self._reaper_stop.wait(interval_s):
+                try:
+                    self.reap_expired()
+                except Exception:
+                    logger.exception("session reaper failed")
+
+        threading.Thread(target=run, name="session-reaper", daemon=True).start()
+
+    def stop_reaper(self) -> None:
+        """Stop the reaper thread."""
+        self._reaper_stop.set()
+
+    def _get_live(self, session_id: str) -> Session:
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None and self._is_expired(session, self._clock()) and not session.lock.locked():
+                del self._sessions[session_id]
+                expired = session
+            else:
+                expired = None
+        if expired is not None:
+            self._retire(expired, "expired")
+            session = None
+        if session is None:
+            raise SessionNotFound(session_id)
+        return session
+
+    def _is_expired(self, session: Session, now: float) -> bool:
+        return now - session.last_used > self._ttl_s
+
+    def _retire(self, session: Session, reason: str) -> None:
+        """Close now if idle; otherwise the request holding it closes it when done."""
+        session.close_reason = reason
+        if session.lock.acquire(blocking=False):
+            try:
+                self._close_petals(session, reason)
+            finally:
+                session.lock.release()
+
+    def _close_petals(self, session: Session, reason: str) -> None:
+        if session.petals is None:
+            return
+        petals_session, session.petals = session.petals, None
+        try:
+            petals_session.close()
+        except Exception:
+            logger.warning("closing Petals session of %s failed", session.session_id, exc_info=True)
+        SESSIONS_CLOSED.labels(reason=reason).inc()
+        ACTIVE_SESSIONS.dec()
+        logger.info("session %s closed (%s)", session.session_id, reason)

@@ -1,0 +1,72 @@
+"""The inference service's settings, read from the environment (see README, Configuration)."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from services.common.config import ConfigError, Env
+from services.common.params import SESSION_ID_PATTERN, Limits
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """Everything the inference service reads from its environment."""
+
+    bind: str
+    threads: int
+    model: str
+    initial_peers: tuple[str, ...]
+    dht_prefix: str | None
+    torch_dtype: str
+    device: str
+    replica_id: str
+    session_ttl_s: float
+    max_sessions: int
+    reaper_interval_s: float
+    swarm_max_retries: int
+    swarm_request_timeout_s: float
+    swarm_update_period_s: float
+    readiness_interval_s: float
+    limits: Limits
+    debug_tracebacks: bool
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> InferenceSettings:
+        """Read and validate every setting; raises ConfigError with a clear message."""
+        env = env or Env()
+        replica_id = env.str("REPLICA_ID", socket.gethostname())
+        if not SESSION_ID_PATTERN.match(replica_id) or len(replica_id) > 63:
+            raise ConfigError(f"REPLICA_ID must be up to 63 letters, digits, '.', '_' or '-', got {replica_id!r}")
+        model = env.str("MODEL", "")
+        if not model:
+            raise ConfigError("MODEL is required: a local model directory or a Hugging Face repo name")
+        limits = Limits(
+            max_body_bytes=env.int("MAX_BODY_BYTES", 1_048_576, minimum=1024),
+            max_input_chars=env.int("MAX_INPUT_CHARS", 16_384, minimum=1),
+            max_length=env.int("MAX_LENGTH_LIMIT", 2048, minimum=2, maximum=65_536),
+            max_new_tokens=env.int("MAX_NEW_TOKENS_LIMIT", 1024, minimum=1, maximum=65_536),
+        )
+        return cls(
+            bind=env.str("BIND", "127.0.0.1:8000"),
+            threads=env.int("GUNICORN_THREADS", 32, minimum=1, maximum=1024),
+            model=model,
+            initial_peers=env.list("INITIAL_PEERS"),
+            dht_prefix=env.str("DHT_PREFIX", "") or None,
+            torch_dtype=env.choice("TORCH_DTYPE", "float32", DTYPES),
+            device=env.str("DEVICE", "cpu"),
+            replica_id=replica_id,
+            session_ttl_s=env.float("SESSION_TTL_SECONDS", 300.0, minimum=1.0),
+            max_sessions=env.int("MAX_SESSIONS", 50, minimum=1),
+            reaper_interval_s=env.float("SESSION_REAPER_INTERVAL_SECONDS", 5.0, minimum=0.1),
+            swarm_max_retries=env.int("SWARM_MAX_RETRIES", 4, minimum=1),
+            swarm_request_timeout_s=env.float("SWARM_REQUEST_TIMEOUT_SECONDS", 60.0, minimum=1.0),
+            swarm_update_period_s=env.float("SWARM_UPDATE_PERIOD_SECONDS", 30.0, minimum=1.0),
+            readiness_interval_s=env.float("READINESS_INTERVAL_SECONDS", 5.0, minimum=0.5),
+            limits=limits,
+            debug_tracebacks=env.bool("DEBUG_TRACEBACKS", False),
+            log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+        )
