@@ -41,6 +41,9 @@ class ApiError(falcon.HTTPError):
         super().__init__(status or self.http_status, title=self.code, description=message, headers=headers)
         self.message = message
 
+    def __str__(self) -> str:
+        return self.message
+
 
 class InvalidParameter(ApiError):
     """A request parameter has the wrong type, is out of range or is missing."""

@@ -1,12 +1,12 @@
 """Incremental detokenization that never splits a character.
 
-Byte-level tokenizers (BLOOM's among them) may emit one character over several tokens. The
-decoder re-decodes a short window of recent tokens and only releases text once it no longer
-ends in U+FFFD (an incomplete UTF-8 sequence); what it holds back stays in the decoder, which
-lives as long as the inference session, so text generated one token per request concatenates
-to exactly what one request would have returned. Invalid bytes are not held forever: as soon
-as a later token completes a character, the whole window is released (with U+FFFD in place of
-the invalid bytes, as a one-shot decode shows them).
+Byte-level tokenizers (BLOOM's among them) may spread one character over several tokens, and
+one token may end one character and begin the next. The decoder keeps a window of recent
+tokens, decodes it whole, and releases the text up to any trailing U+FFFD (an incomplete UTF-8
+sequence that a later token may still complete). The decoder lives as long as the inference
+session, so text generated one token per request concatenates to exactly what one request
+returns. Invalid bytes are never held for good: once a later token ends in a complete
+character, they are released as U+FFFD, as a one-shot decode shows them.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 _CONTEXT_TOKENS = 5  # tokens of context before the new ones: keeps leading spaces right
+_REPLACEMENT = "\ufffd"
 
 
 class IncrementalDecoder:
@@ -23,33 +24,32 @@ class IncrementalDecoder:
     def __init__(self, tokenizer: Any, context_ids: Sequence[int] = ()) -> None:
         self._tokenizer = tokenizer
         self._ids: list[int] = []
-        self._prefix_offset = 0
-        self._read_offset = 0
+        self._context_chars = 0
+        self._emitted_chars = 0
         self.reset(context_ids)
 
     def reset(self, context_ids: Sequence[int]) -> None:
-        """Start after ``context_ids`` (a prompt): its text is context, never output."""
+        """Start after ``context_ids`` (a prompt): their text is context, never output."""
         self._ids = list(context_ids[-_CONTEXT_TOKENS:])
-        self._prefix_offset = 0
-        self._read_offset = len(self._ids)
+        self._context_chars = len(self._decode(self._ids))
+        self._emitted_chars = 0
 
     def push(self, token_id: int) -> str:
         """Add one generated token; return the text it completes (maybe empty)."""
         self._ids.append(int(token_id))
-        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        new_text = self._decode(self._ids[self._prefix_offset :])
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
-            return ""
-        self._ids = self._ids[self._read_offset :]
-        self._prefix_offset, self._read_offset = 0, len(self._ids)
-        return new_text[len(prefix_text) :]
+        text = self._decode(self._ids)
+        stable = text.rstrip(_REPLACEMENT)
+        piece = stable[self._context_chars + self._emitted_chars :]
+        self._emitted_chars += len(piece)
+        if len(stable) == len(text):  # ends on a whole character: restart the window here
+            self.reset(self._ids)
+        return piece
 
     def flush(self) -> str:
         """Release whatever is held back (at the end of a one-shot generation)."""
-        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        new_text = self._decode(self._ids[self._prefix_offset :])
+        piece = self._decode(self._ids)[self._context_chars + self._emitted_chars :]
         self.reset(self._ids)
-        return new_text[len(prefix_text) :]
+        return piece
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass
 
@@ -41,6 +42,12 @@ class InferenceSettings:
         replica_id = env.str("REPLICA_ID", socket.gethostname())
         if not SESSION_ID_PATTERN.match(replica_id) or len(replica_id) > 63:
             raise ConfigError(f"REPLICA_ID must be up to 63 letters, digits, '.', '_' or '-', got {replica_id!r}")
+        bind = env.str("BIND", "127.0.0.1:8000")
+        if not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", bind):
+            raise ConfigError(f"BIND must be HOST:PORT, got {bind!r}")
+        device = env.str("DEVICE", "cpu")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+            raise ConfigError(f"DEVICE must be cpu, cuda or cuda:N, got {device!r}")
         model = env.str("MODEL", "")
         if not model:
             raise ConfigError("MODEL is required: a local model directory or a Hugging Face repo name")
@@ -51,13 +58,13 @@ class InferenceSettings:
             max_new_tokens=env.int("MAX_NEW_TOKENS_LIMIT", 1024, minimum=1, maximum=65_536),
         )
         return cls(
-            bind=env.str("BIND", "127.0.0.1:8000"),
+            bind=bind,
             threads=env.int("GUNICORN_THREADS", 32, minimum=1, maximum=1024),
             model=model,
             initial_peers=env.list("INITIAL_PEERS"),
             dht_prefix=env.str("DHT_PREFIX", "") or None,
             torch_dtype=env.choice("TORCH_DTYPE", "float32", DTYPES),
-            device=env.str("DEVICE", "cpu"),
+            device=device,
             replica_id=replica_id,
             session_ttl_s=env.float("SESSION_TTL_SECONDS", 300.0, minimum=1.0),
             max_sessions=env.int("MAX_SESSIONS", 50, minimum=1),

@@ -1,0 +1,225 @@
+"""Per-token latency: the inference HTTP API versus the raw Petals client, on one private swarm.
+
+One run starts a private swarm on loopback (tiny offline BLOOM, 4 blocks, 2 servers "0:2" and
+"2:4"), one inference service (gunicorn) on it, and the raw Petals client in this process on the
+same swarm. The same prompt is generated greedily in two modes, for ``--rounds`` rounds, raw and
+service alternating within each round (and swapping which goes first) so drift hits both alike:
+
+- one token per request (the seed UI style): open a session, send the prompt with
+  max_new_tokens=1, then continue with max_new_tokens=1 up to ``--tokens`` tokens; each
+  continuation call is one sample (steady-state per-token latency);
+- one request for N tokens: one generate call without a session; sample = total / tokens.
+
+One unmeasured warm-up round runs first. Figures are printed, never asserted, against the
+target "the service adds under 5% (or under 3 ms) per token".
+Run: ``.venv/bin/python -m bench.inference_latency [--tokens 32] [--rounds 5]`` (or ``make bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import requests  # everything below is imported after HF_HUB_OFFLINE is set: the hub reads it at import
+import torch
+
+from deploy.local_stack import inference_process, pick_free_port
+from services.swarm.launcher import PrivateSwarm
+from services.swarm.tiny_bloom import ensure_tiny_bloom
+
+PROMPT = "The quick brown fox jumps over the lazy dog, and then"
+DHT_PREFIX = "petals-chat-bench"
+Samples = dict[str, list[float]]  # client ("raw" / "service") -> seconds per token
+
+
+class RawClient:
+    """The Petals client in this process, generating exactly as the service does."""
+
+    def __init__(self, model_dir: Path, peers: list[str]) -> None:
+        from petals import AutoDistributedModelForCausalLM
+        from transformers import AutoTokenizer
+
+        logging.getLogger("petals.client").setLevel(logging.WARNING)  # no "Route found" line per session
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoDistributedModelForCausalLM.from_pretrained(
+            model_dir, initial_peers=peers, dht_prefix=DHT_PREFIX
+        )
+        self.ids = torch.tensor([self.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]])
+
+    def _generate(self, inputs: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.generate(inputs, do_sample=False, pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+
+    def per_token_calls(self, tokens: int) -> list[float]:
+        """Mode a: seconds of each max_new_tokens=1 call after the prompt's."""
+        from petals.client.inference_session import InferenceSession
+
+        session = InferenceSession(self.model.transformer.h.sequence_manager, max_length=self.ids.shape[1] + tokens)
+        try:
+            self._generate(self.ids, session=session, max_new_tokens=1)
+            return [_timed(lambda: self._generate(None, session=session, max_new_tokens=1)) for _ in range(tokens - 1)]
+        finally:
+            session.close()
+
+    def one_request(self, tokens: int) -> tuple[float, str, int]:
+        """Mode b: (seconds, decoded new text, tokens generated) of one generate call."""
+        start = time.perf_counter()
+        output = self._generate(self.ids, max_new_tokens=tokens)
+        elapsed = time.perf_counter() - start
+        new_ids = output[0, self.ids.shape[1] :].tolist()
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return elapsed, text, len(new_ids)
+
+    def close(self) -> None:
+        """Leave the swarm (routing thread, DHT process) so this process can exit."""
+        sequence_manager = self.model.transformer.h.sequence_manager
+        sequence_manager.shutdown()
+        sequence_manager.dht.shutdown()
+
+
+class ServiceClient:
+    """The inference service's v1 HTTP API over one keep-alive connection."""
+
+    def __init__(self, base_url: str, prompt_tokens: int) -> None:
+        self.api = base_url + "/api/v1"
+        self.http = requests.Session()
+        self.prompt_tokens = prompt_tokens
+
+    def _call(self, method: str, endpoint: str, **kwargs: Any) -> dict[str, Any]:
+        response = self.http.request(method, f"{self.api}/{endpoint}", timeout=120, **kwargs)
+        body = response.json()
+        if not body.get("ok"):
+            raise RuntimeError(f"{endpoint} failed: {body}")
+        return body
+
+    def generate(self, **fields: Any) -> str:
+        """POST generate (greedy) and return the new text."""
+        return self._call("POST", "generate", data={"do_sample": 0, **fields})["outputs"]
+
+    def per_token_calls(self, tokens: int) -> list[float]:
+        """Mode a: seconds of each max_new_tokens=1 request after the prompt's."""
+        params = {"max_length": self.prompt_tokens + tokens}
+        session_id = self._call("GET", "open_inference_session", params=params)["session_id"]
+        try:
+            self.generate(inputs=PROMPT, max_new_tokens=1, session_id=session_id)
+            step = lambda: self.generate(max_new_tokens=1, session_id=session_id)  # noqa: E731
+            return [_timed(step) for _ in range(tokens - 1)]
+        finally:
+            self._call("GET", "close_inference_session", params={"session_id": session_id})
+
+    def one_request(self, tokens: int) -> tuple[float, str]:
+        """Mode b: (seconds, new text) of one generate request without a session."""
+        start = time.perf_counter()
+        text = self.generate(inputs=PROMPT, max_new_tokens=tokens)
+        return time.perf_counter() - start, text
+
+
+def _timed(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def measure(raw: RawClient, service: ServiceClient, tokens: int, rounds: int) -> tuple[Samples, Samples, bool]:
+    """Run warm-up + ``rounds`` rounds; returns mode a samples, mode b samples, mode b outputs match."""
+    per_call: Samples = {"raw": [], "service": []}
+    one_shot: Samples = {"raw": [], "service": []}
+    match = True
+    for index in range(-1, rounds):  # round -1 is the warm-up
+        order = ("raw", "service") if index % 2 == 0 else ("service", "raw")
+        results: dict[str, Any] = {}
+        for who in order:
+            client = raw if who == "raw" else service
+            results[who] = (client.per_token_calls(tokens), client.one_request(tokens))
+        if index < 0:
+            continue
+        raw_seconds, raw_text, generated = results["raw"][1]
+        service_seconds, service_text = results["service"][1]
+        match = match and raw_text == service_text
+        for who, seconds in (("raw", raw_seconds), ("service", service_seconds)):
+            per_call[who] += results[who][0]
+            one_shot[who].append(seconds / max(generated, 1))  # greedy: both generated the same tokens
+        print(f"round {index + 1}/{rounds} done ({generated} tokens in one request)", flush=True)
+    return per_call, one_shot, match
+
+
+def report(modes: dict[str, Samples], match: bool, tokens: int, rounds: int) -> None:
+    """Print the machine facts, the comparison table and the verdict against the target."""
+    print(f"\nmachine: {os.cpu_count()} CPUs (nproc), Python {platform.python_version()}, torch {torch.__version__}")
+    print("swarm: 2 Petals servers (blocks 0:2, 2:4) on loopback; model: tiny BLOOM, 4 blocks, float32, CPU")
+    print(f"workload: greedy, {tokens} tokens, {rounds} rounds, raw/service alternating; figures in ms per token")
+    columns = "mode n raw_p50 svc_p50 raw_mean svc_mean ratio_p50 ratio_mean +ms_p50 +ms_mean"
+    rows = [tuple(columns.split())]
+    verdicts = []
+    for mode, samples in modes.items():
+        raw_p50, svc_p50 = (statistics.median(samples[who]) * 1000 for who in ("raw", "service"))
+        raw_mean, svc_mean = (statistics.fmean(samples[who]) * 1000 for who in ("raw", "service"))
+        figures = (raw_p50, svc_p50, raw_mean, svc_mean)
+        ratios = (svc_p50 / raw_p50, svc_mean / raw_mean)
+        added = (svc_p50 - raw_p50, svc_mean - raw_mean)
+        cells = [f"{v:.2f}" for v in figures] + [f"{v:.3f}" for v in ratios] + [f"{v:+.2f}" for v in added]
+        rows.append((mode, str(len(samples["raw"])), *cells))
+        met = ratios[0] < 1.05 or added[0] < 3.0
+        verdicts.append(f"target (service adds <5% or <3 ms per token, p50), {mode}: {'MET' if met else 'NOT MET'}")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for mode, *cells in rows:
+        print(mode.ljust(widths[0]), *(c.rjust(w) for c, w in zip(cells, widths[1:], strict=True)), sep="  ")
+    print(*verdicts, sep="\n")
+    print(f"one-request outputs, service vs raw client (greedy): {'MATCH' if match else 'MISMATCH'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Start the swarm and the service, measure, report, stop everything."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32, help="tokens generated per measurement (default 32)")
+    parser.add_argument("--rounds", type=int, default=5, help="measured rounds (default 5)")
+    args = parser.parse_args(argv)
+    if args.tokens < 2 or args.rounds < 1:
+        parser.error("--tokens must be at least 2 and --rounds at least 1")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecation noise
+    model_dir = ensure_tiny_bloom()
+    with tempfile.TemporaryDirectory(prefix="petals-chat-bench-") as work_dir:
+        swarm = PrivateSwarm(model_dir, ["0:2", "2:4"], Path(work_dir) / "swarm", dht_prefix=DHT_PREFIX)
+        service, raw = None, None
+        try:
+            print("starting the swarm...", flush=True)
+            swarm.start()
+            service = inference_process(
+                model_dir=model_dir,
+                initial_peers=swarm.initial_peers,
+                dht_prefix=DHT_PREFIX,
+                port=pick_free_port(),
+                log_path=Path(work_dir) / "inference.log",
+            ).start()
+            print("loading the raw client, starting the service...", flush=True)
+            raw = RawClient(model_dir, swarm.initial_peers)
+            service.wait_ready(180)
+            client = ServiceClient(service.base_url, raw.ids.shape[1])
+            per_call, one_shot, match = measure(raw, client, args.tokens, args.rounds)
+            report(
+                {"a: 1 token/request": per_call, f"b: 1 request/{args.tokens} tokens": one_shot},
+                match,
+                args.tokens,
+                args.rounds,
+            )
+        finally:
+            if service is not None:
+                service.stop()
+            if raw is not None:
+                raw.close()
+            swarm.stop()
+
+
+if __name__ == "__main__":
+    main()

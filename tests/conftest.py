@@ -1,0 +1,133 @@
+"""Shared fixtures: the offline model, one real private swarm per test run, the oracle, services.
+
+Integration tests run against real processes on loopback: a Petals swarm of two servers that
+split the model's blocks, and the inference service under gunicorn. The oracle is the same
+weights in ``transformers``, in process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from deploy.local_stack import ServiceProcess, inference_process, pick_free_port
+from services.swarm.launcher import PrivateSwarm
+from services.swarm.tiny_bloom import ensure_tiny_bloom
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+DHT_PREFIX = "petals-chat-test"
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    """Where logs and screenshots of this test run are kept."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return ensure_tiny_bloom()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def oracle(model_dir: Path, tokenizer):
+    """In-process greedy generation on the same weights: ``oracle(prompt or ids, n) -> new token ids``."""
+    import torch
+    from transformers import BloomForCausalLM
+
+    model = BloomForCausalLM.from_pretrained(model_dir).eval()
+
+    def generate(prompt: str | list[int], new_tokens: int) -> list[int]:
+        if isinstance(prompt, str):
+            prompt = tokenizer(prompt, add_special_tokens=False).input_ids
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return out[0, ids.shape[1] :].tolist()
+
+    return generate
+
+
+@pytest.fixture(scope="session")
+def decode(tokenizer):
+    """The one-shot decode the API's outputs must equal."""
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+@pytest.fixture(scope="session")
+def swarm(model_dir: Path, artifacts_dir: Path) -> Iterator[PrivateSwarm]:
+    """Two Petals servers splitting the four blocks: every request crosses both."""
+    with PrivateSwarm(model_dir, ["0:2", "2:4"], artifacts_dir / "swarm", dht_prefix=DHT_PREFIX) as running:
+        yield running
+
+
+def start_inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path, name: str, **env: str) -> ServiceProcess:
+    """Start an inference service on the test swarm and wait until it is ready."""
+    service = inference_process(
+        model_dir=model_dir,
+        initial_peers=swarm.initial_peers,
+        dht_prefix=DHT_PREFIX,
+        port=pick_free_port(),
+        log_path=artifacts_dir / "logs" / f"{name}.log",
+        replica_id=name,
+        extra_env={"READINESS_INTERVAL_SECONDS": "1", **env},
+    )
+    service.start()
+    try:
+        service.wait_ready(timeout=180)
+    except BaseException:
+        service.stop()
+        raise
+    return service
+
+
+@pytest.fixture(scope="session")
+def inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path) -> Iterator[ServiceProcess]:
+    """The inference service with default settings."""
+    service = start_inference(swarm, model_dir, artifacts_dir, "inference-0")
+    yield service
+    service.stop()
+
+
+class Api:
+    """A tiny client for the v1 API (real HTTP)."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.http = requests.Session()
+
+    def generate(self, **params) -> dict:
+        response = self.http.post(f"{self.base_url}/api/v1/generate", data=params, timeout=120)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def open_session(self, max_length: int) -> str:
+        body = self.http.get(f"{self.base_url}/api/v1/open_inference_session", params={"max_length": max_length}).json()
+        assert body["ok"], body
+        return body["session_id"]
+
+    def close_session(self, session_id: str) -> dict:
+        return self.http.get(
+            f"{self.base_url}/api/v1/close_inference_session", params={"session_id": session_id}
+        ).json()
+
+    def metrics(self) -> str:
+        return self.http.get(f"{self.base_url}/metrics", timeout=10).text
+
+
+@pytest.fixture(scope="session")
+def api(inference: ServiceProcess) -> Api:
+    return Api(inference.base_url)

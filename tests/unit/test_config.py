@@ -1,0 +1,53 @@
+"""Settings are validated at start-up with one clear message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from deploy.local_stack import REPO_ROOT
+from services.common.config import ConfigError, Env
+from services.inference.settings import InferenceSettings
+
+BASE = {"MODEL": "/models/x"}
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "MODEL is required"),
+        ({**BASE, "MAX_SESSIONS": "many"}, "MAX_SESSIONS must be an integer, got 'many'"),
+        ({**BASE, "MAX_SESSIONS": "0"}, "MAX_SESSIONS must be >= 1"),
+        ({**BASE, "SESSION_TTL_SECONDS": "inf"}, "SESSION_TTL_SECONDS must be a finite number"),
+        ({**BASE, "TORCH_DTYPE": "int3"}, "TORCH_DTYPE must be one of float32, bfloat16, float16, auto"),
+        ({**BASE, "DEBUG_TRACEBACKS": "perhaps"}, "DEBUG_TRACEBACKS must be a boolean"),
+        ({**BASE, "REPLICA_ID": "bad id!"}, "REPLICA_ID must be"),
+        ({**BASE, "DEVICE": "gpu"}, "DEVICE must be cpu, cuda or cuda:N"),
+        ({**BASE, "BIND": "8000"}, "BIND must be HOST:PORT"),
+    ],
+)
+def test_bad_settings_are_rejected_with_a_clear_message(env, message):
+    with pytest.raises(ConfigError, match=message):
+        InferenceSettings.from_env(Env(env))
+
+
+def test_defaults():
+    settings = InferenceSettings.from_env(Env({**BASE, "INITIAL_PEERS": "/ip4/a, /ip4/b", "REPLICA_ID": "inference-1"}))
+    assert settings.initial_peers == ("/ip4/a", "/ip4/b")
+    assert settings.session_ttl_s == 300 and settings.max_sessions == 50
+    assert settings.limits.max_length == 2048 and settings.replica_id == "inference-1"
+
+
+def test_gunicorn_refuses_to_start_with_a_bad_setting():
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "--config", "services/inference/gunicorn.conf.py", "--check-config"],
+        cwd=REPO_ROOT,
+        env={"PATH": "/usr/bin:/bin", "MODEL": "x", "MAX_SESSIONS": "-1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "inference: configuration error: MAX_SESSIONS must be >= 1, got -1" in result.stderr

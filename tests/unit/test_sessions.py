@@ -1,0 +1,84 @@
+"""The session store's rules, with a fake Petals session and a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.errors import SessionBusy, SessionNotFound, TooManySessions
+from services.inference.sessions import SessionStore
+
+
+class FakePetalsSession:
+    def __init__(self, max_length: int) -> None:
+        self.max_length = max_length
+        self.output_ids = None
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(clock) -> SessionStore:
+    return SessionStore(FakePetalsSession, replica_id="inference-3", ttl_s=10, max_sessions=2, clock=clock)
+
+
+def test_ids_name_the_replica(store):
+    assert store.open(16).session_id.startswith("inference-3.")
+
+
+def test_limit_refuses_the_extra_session_and_keeps_the_others(store):
+    first, second = store.open(16), store.open(16)
+    with pytest.raises(TooManySessions, match="maximum of 2 sessions"):
+        store.open(16)
+    with store.lease(first.session_id), store.lease(second.session_id):
+        pass
+
+
+def test_concurrent_lease_is_refused(store):
+    session = store.open(16)
+    with store.lease(session.session_id), pytest.raises(SessionBusy), store.lease(session.session_id):
+        pass
+
+
+def test_expiry_is_refreshed_by_use_and_reaped(store, clock):
+    used, idle = store.open(16), store.open(16)
+    clock.now = 8
+    with store.lease(used.session_id):
+        pass
+    clock.now = 12
+    assert store.reap_expired() == 1
+    assert idle.petals is None  # closed
+    with store.lease(used.session_id):
+        pass
+    clock.now = 30
+    with pytest.raises(SessionNotFound, match="expired or does not exist"), store.lease(used.session_id):
+        pass
+
+
+def test_close_while_in_use_waits_for_the_request(store):
+    session = store.open(16)
+    petals = session.petals
+    with store.lease(session.session_id):
+        store.close(session.session_id)
+        assert not petals.closed  # the running request keeps it
+    assert petals.closed
+
+
+def test_close_all(store):
+    sessions = [store.open(16), store.open(16)]
+    store.close_all()
+    assert len(store) == 0 and all(s.petals is None for s in sessions)
