@@ -21,6 +21,7 @@ import argparse
 import logging
 import os
 import platform
+import signal
 import statistics
 import tempfile
 import time
@@ -40,6 +41,9 @@ from services.swarm.tiny_bloom import ensure_tiny_bloom
 
 PROMPT = "The quick brown fox jumps over the lazy dog, and then"
 DHT_PREFIX = "petals-chat-bench"
+# The service's Petals client options at their defaults (services/inference/settings.py), so both
+# clients retry and time out alike; Petals' own default is to retry forever.
+CLIENT_OPTIONS = {"max_retries": 4, "request_timeout": 60.0, "update_period": 30.0}
 Samples = dict[str, list[float]]  # client ("raw" / "service") -> seconds per token
 
 
@@ -53,7 +57,7 @@ class RawClient:
         logging.getLogger("petals.client").setLevel(logging.WARNING)  # no "Route found" line per session
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoDistributedModelForCausalLM.from_pretrained(
-            model_dir, initial_peers=peers, dht_prefix=DHT_PREFIX
+            model_dir, initial_peers=peers, dht_prefix=DHT_PREFIX, **CLIENT_OPTIONS
         )
         self.ids = torch.tensor([self.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]])
 
@@ -179,6 +183,10 @@ def report(modes: dict[str, Samples], match: bool, tokens: int, rounds: int) -> 
     print(f"one-request outputs, service vs raw client (greedy): {'MATCH' if match else 'MISMATCH'}")
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Start the swarm and the service, measure, report, stop everything."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -188,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tokens < 2 or args.rounds < 1:
         parser.error("--tokens must be at least 2 and --rounds at least 1")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecation noise
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # e.g. from `timeout`: still stop what we started
     model_dir = ensure_tiny_bloom()
     with tempfile.TemporaryDirectory(prefix="petals-chat-bench-") as work_dir:
         swarm = PrivateSwarm(model_dir, ["0:2", "2:4"], Path(work_dir) / "swarm", dht_prefix=DHT_PREFIX)

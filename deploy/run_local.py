@@ -46,6 +46,8 @@ def main() -> int:
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
         print("Stopping...", flush=True)
         stack.stop()
     return 0

@@ -110,7 +110,7 @@ class Api:
         self.http = requests.Session()
 
     def generate(self, **params) -> dict:
-        response = self.http.post(f"{self.base_url}/api/v1/generate", data=params, timeout=120)
+        response = self.http.post(f"{self.base_url}/api/v1/generate", data=params, timeout=60)
         assert response.status_code == 200, response.text
         return response.json()
 

@@ -14,7 +14,7 @@ import falcon
 from services.common.errors import LegacyEnvelopeMiddleware, make_error_handlers
 from services.common.metrics import MetricsResource, RequestMetricsMiddleware
 
-ReadinessCheck = Callable[[], tuple[bool, str]]
+ReadinessCheck = Callable[[], tuple[bool, dict]]
 
 
 class HealthResource:
@@ -25,15 +25,15 @@ class HealthResource:
 
 
 class ReadinessResource:
-    """``GET /readyz``: 200 when the service can do its job, 503 with the reason otherwise."""
+    """``GET /readyz``: 200 when the service can do its job, 503 otherwise; the body says why."""
 
     def __init__(self, check: ReadinessCheck) -> None:
         self._check = check
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        ready, detail = self._check()
+        ready, info = self._check()
         resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
-        resp.media = {"ok": ready, "detail": detail}
+        resp.media = {"ok": ready, **info}
 
 
 def create_app(*, readiness: ReadinessCheck, debug_tracebacks: bool, middleware: list | None = None) -> falcon.App:

@@ -21,6 +21,8 @@ from typing import Any
 import falcon
 
 logger = logging.getLogger(__name__)
+ERROR_CODE_HEADER = "X-Petals-Chat-Error"
+ERROR_STATUS_HEADER = "X-Petals-Chat-Status"  # the semantic status, also when v1 answers HTTP 200
 
 
 class ApiError(falcon.HTTPError):
@@ -110,6 +112,9 @@ def render_error(req: falcon.Request, resp: falcon.Response, error: ApiError) ->
         resp.media = {"ok": False, "error": {"code": error.code, "message": error.message}}
     for name, value in (error.headers or {}).items():
         resp.set_header(name, value)
+    # Let the gateway act on errors, and count them, without parsing text.
+    resp.set_header(ERROR_CODE_HEADER, error.code)
+    resp.set_header(ERROR_STATUS_HEADER, error.status.split()[0])
     resp.context.error_code = error.code
     resp.context.error_status = error.status
 

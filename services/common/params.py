@@ -15,11 +15,13 @@ from typing import Any
 
 import falcon
 
+from services.common.config import Env
 from services.common.errors import InvalidParameter, PayloadTooLarge
 
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _FORM = "application/x-www-form-urlencoded"
 _JSON = "application/json"
+_DRAIN_FACTOR = 8  # oversized bodies up to 8x the limit are read and dropped before the 413
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,16 @@ class Limits:
     max_input_chars: int = 16_384
     max_length: int = 2048
     max_new_tokens: int = 1024
+
+    @classmethod
+    def from_env(cls, env: Env) -> Limits:
+        """MAX_BODY_BYTES, MAX_INPUT_CHARS, MAX_LENGTH_LIMIT, MAX_NEW_TOKENS_LIMIT."""
+        return cls(
+            max_body_bytes=env.int("MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024),
+            max_input_chars=env.int("MAX_INPUT_CHARS", cls.max_input_chars, minimum=1),
+            max_length=env.int("MAX_LENGTH_LIMIT", cls.max_length, minimum=2, maximum=65_536),
+            max_new_tokens=env.int("MAX_NEW_TOKENS_LIMIT", cls.max_new_tokens, minimum=1, maximum=65_536),
+        )
 
 
 @dataclass(frozen=True)
@@ -44,11 +56,18 @@ class GenerateParams:
     max_length: int | None
     max_new_tokens: int | None
     session_id: str | None
+    stop: tuple[str, ...] = ()
+
+
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 64
 
 
 def read_values(req: falcon.Request, limits: Limits) -> dict[str, Any]:
     """Merge query-string and body parameters; a name given twice is an error."""
     if req.content_length is not None and req.content_length > limits.max_body_bytes:
+        if req.content_length <= _DRAIN_FACTOR * limits.max_body_bytes:
+            req.bounded_stream.exhaust()  # read it, so the keep-alive connection stays usable
         raise PayloadTooLarge(f"Request body is {req.content_length} bytes; the limit is {limits.max_body_bytes}")
     values: dict[str, Any] = {}
     for name, value in req.params.items():
@@ -170,6 +189,21 @@ def get_session_id(values: dict[str, Any], *, required: bool) -> str | None:
     return value
 
 
+def get_stop(values: dict[str, Any]) -> tuple[str, ...]:
+    """Stop sequences: one string, or a JSON list of up to 4 strings of 1-64 characters."""
+    value = values.get("stop")
+    if value is None or value == "" or value == []:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    valid = isinstance(stops, list) and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)
+    if not valid or len(stops) > MAX_STOP_SEQUENCES:
+        raise InvalidParameter(
+            f"stop must be a string or a list of at most {MAX_STOP_SEQUENCES} strings "
+            f"of 1-{MAX_STOP_CHARS} characters, got {_show(value)}"
+        )
+    return tuple(stops)
+
+
 def parse_generate(values: dict[str, Any], limits: Limits) -> GenerateParams:
     """Validate the parameters of ``POST /api/v1/generate``."""
     params = GenerateParams(
@@ -181,6 +215,7 @@ def parse_generate(values: dict[str, Any], limits: Limits) -> GenerateParams:
         max_length=get_int(values, "max_length", minimum=1, maximum=limits.max_length),
         max_new_tokens=get_int(values, "max_new_tokens", minimum=1, maximum=limits.max_new_tokens),
         session_id=get_session_id(values, required=False),
+        stop=get_stop(values),
     )
     if (params.max_length is None) == (params.max_new_tokens is None):
         raise InvalidParameter("Set exactly one of max_length or max_new_tokens")

@@ -15,7 +15,12 @@ from services.common.app import create_app as create_base_app
 from services.common.config import load_or_exit
 from services.inference.generation import Generator
 from services.inference.model import ModelHandle
-from services.inference.resources import CloseSessionResource, GenerateResource, OpenSessionResource
+from services.inference.resources import (
+    CloseSessionResource,
+    GenerateResource,
+    GenerateStreamResource,
+    OpenSessionResource,
+)
 from services.inference.sessions import SessionStore
 from services.inference.settings import InferenceSettings
 
@@ -38,12 +43,19 @@ class InferenceService:
 
     def _build_app(self) -> falcon.App:
         settings, limits = self.settings, self.settings.limits
-        app = create_base_app(readiness=self.model.readiness, debug_tracebacks=settings.debug_tracebacks)
+        app = create_base_app(readiness=self.readiness, debug_tracebacks=settings.debug_tracebacks)
         generator = Generator(self.model, self.store, limits)
         app.add_route("/api/v1/generate", GenerateResource(generator, limits))
+        app.add_route("/api/v2/generate_stream", GenerateStreamResource(generator, limits))
         app.add_route("/api/v1/open_inference_session", OpenSessionResource(self.model, self.store, limits))
         app.add_route("/api/v1/close_inference_session", CloseSessionResource(self.store, limits))
         return app
+
+    def readiness(self) -> tuple[bool, dict]:
+        """Ready when the swarm serves every block; the load figures feed the gateway's routing."""
+        ready, detail = self.model.readiness()
+        load = {"active_sessions": len(self.store), "max_sessions": self.settings.max_sessions}
+        return ready, {"detail": detail, "replica_id": self.settings.replica_id, **load}
 
     def start(self) -> None:
         """Start loading the model and reaping expired sessions."""

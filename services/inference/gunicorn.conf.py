@@ -5,20 +5,19 @@ with one clear line.
 """
 
 from services.common.config import load_or_exit
+from services.common.gunicorn import common_settings
 from services.inference.settings import InferenceSettings
 
 _settings = load_or_exit(InferenceSettings.from_env, "inference")
-
-wsgi_app = "services.inference.app:create_app()"
-bind = _settings.bind
-workers = 1
-worker_class = "gthread"
-threads = _settings.threads
-timeout = 120
-graceful_timeout = 60
-keepalive = 75
-loglevel = _settings.log_level
-errorlog = "-"
+globals().update(
+    common_settings(
+        wsgi_app="services.inference.app:create_app()",
+        bind=_settings.bind,
+        workers=1,
+        threads=_settings.threads,
+        log_level=_settings.log_level,
+    )
+)
 
 
 def worker_exit(server, worker):

@@ -84,6 +84,9 @@ class ModelHandle:
         from petals import AutoDistributedModelForCausalLM
         from transformers import AutoTokenizer
 
+        from services.inference import petals_compat
+
+        petals_compat.install()
         settings = self._settings
         logger.info("loading %s (dtype %s, device %s)", settings.model, settings.torch_dtype, settings.device)
         tokenizer = AutoTokenizer.from_pretrained(settings.model)

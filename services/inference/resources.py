@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+
 import falcon
 
+from services.common.errors import ApiError
 from services.common.params import Limits, get_session_id, parse_generate, parse_open_session, read_values
-from services.inference.generation import Generator
+from services.common.sse import SSE_HEADERS, sse_error, sse_event
+from services.inference.generation import GenerationResult, Generator, TokenEvent
 from services.inference.model import ModelHandle
 from services.inference.sessions import SessionStore
+
+logger = logging.getLogger(__name__)
 
 
 class GenerateResource:
@@ -23,6 +30,41 @@ class GenerateResource:
         params = parse_generate(read_values(req, self._limits), self._limits)
         result = self._generator.generate(params)
         resp.media = {"ok": True, "outputs": result.text}
+
+
+class GenerateStreamResource:
+    """``POST /api/v2/generate_stream``: Server-Sent Events, one ``token`` event per token, then ``done``.
+
+    Errors found before generation starts get their real HTTP status; an error during the
+    stream ends it with an ``error`` event. A client that disconnects stops the generation.
+    """
+
+    def __init__(self, generator: Generator, limits: Limits) -> None:
+        self._generator = generator
+        self._limits = limits
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        params = parse_generate(read_values(req, self._limits), self._limits)
+        generation = self._generator.prepare(params)
+        resp.content_type = "text/event-stream"
+        resp.set_headers(SSE_HEADERS)
+        resp.stream = _sse_stream(generation.stream())
+
+
+def _sse_stream(events: Iterator[TokenEvent | GenerationResult]) -> Iterator[bytes]:
+    try:
+        for event in events:
+            if isinstance(event, TokenEvent):
+                yield sse_event("token", {"text": event.text, "generated_tokens": event.generated_tokens})
+            else:
+                yield sse_event("done", {"ok": True, **event.summary()})
+    except ApiError as error:
+        yield sse_error(error.code, error.message)
+    except Exception:
+        logger.exception("streaming generation failed")
+        yield sse_error("internal_error", "Internal error; the operators can find it in the logs.")
+    finally:
+        events.close()  # stops the generation if the client went away
 
 
 class OpenSessionResource:

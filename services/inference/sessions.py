@@ -90,22 +90,32 @@ class SessionStore:
         ACTIVE_SESSIONS.inc()
         return session
 
-    @contextmanager
-    def lease(self, session_id: str) -> Iterator[Session]:
-        """Exclusive use of a session for one request; refreshes its expiry."""
+    def acquire(self, session_id: str) -> Session:
+        """Exclusive use of a session for one request; pair with ``release``."""
         session = self._get_live(session_id)
         if not session.lock.acquire(blocking=False):
             raise SessionBusy(f"Session {session_id} is busy with another request; retry when it has finished")
+        if session.close_reason is not None:
+            session.lock.release()
+            raise SessionNotFound(session_id)
+        return session
+
+    def release(self, session: Session) -> None:
+        """End a request's use: refresh the expiry, or close it if closing was asked meanwhile."""
+        session.last_used = self._clock()
+        reason = session.close_reason
+        session.lock.release()
+        if reason is not None:
+            self._retire(session, reason)
+
+    @contextmanager
+    def lease(self, session_id: str) -> Iterator[Session]:
+        """``acquire`` and ``release`` around a block."""
+        session = self.acquire(session_id)
         try:
-            if session.close_reason is not None:
-                raise SessionNotFound(session_id)
             yield session
         finally:
-            session.last_used = self._clock()
-            reason = session.close_reason
-            session.lock.release()
-            if reason is not None:
-                self._close_petals(session, reason)
+            self.release(session)
 
     def close(self, session_id: str, reason: str = "closed") -> None:
         """Close a session now, or as soon as the request using it finishes."""

@@ -51,12 +51,7 @@ class InferenceSettings:
         model = env.str("MODEL", "")
         if not model:
             raise ConfigError("MODEL is required: a local model directory or a Hugging Face repo name")
-        limits = Limits(
-            max_body_bytes=env.int("MAX_BODY_BYTES", 1_048_576, minimum=1024),
-            max_input_chars=env.int("MAX_INPUT_CHARS", 16_384, minimum=1),
-            max_length=env.int("MAX_LENGTH_LIMIT", 2048, minimum=2, maximum=65_536),
-            max_new_tokens=env.int("MAX_NEW_TOKENS_LIMIT", 1024, minimum=1, maximum=65_536),
-        )
+        limits = Limits.from_env(env)
         return cls(
             bind=bind,
             threads=env.int("GUNICORN_THREADS", 32, minimum=1, maximum=1024),

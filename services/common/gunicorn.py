@@ -1,0 +1,39 @@
+"""gunicorn settings shared by the services' config files (``services/*/gunicorn.conf.py``)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+
+def common_settings(*, wsgi_app: str, bind: str, workers: int, threads: int, log_level: str) -> dict[str, Any]:
+    """Settings every service uses; a config file does ``globals().update(common_settings(...))``."""
+    return {
+        "wsgi_app": wsgi_app,
+        "bind": bind,
+        "workers": workers,
+        "worker_class": "gthread",
+        "threads": threads,
+        "timeout": 120,  # gthread heartbeats from its main loop: long generations do not trip it
+        "graceful_timeout": 60,  # in-flight requests finish on SIGTERM (scale-down, rollout)
+        "keepalive": 75,
+        "loglevel": log_level,
+        "errorlog": "-",
+        "accesslog": "-" if os.environ.get("ACCESS_LOG", "0") == "1" else None,
+        "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
+    }
+
+
+def prepare_multiprocess_metrics() -> None:
+    """Give prometheus-client a shared directory before the workers fork (several workers)."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="petals-chat-metrics-")
+
+
+def mark_worker_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges (gunicorn's child_exit hook)."""
+    from prometheus_client import multiprocess
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)
