@@ -130,18 +130,33 @@ def inference_process(
     return ServiceProcess(replica_id, "services/inference/gunicorn.conf.py", env, log_path, port)
 
 
+def gateway_process(
+    *,
+    replicas: dict[str, str],
+    port: int,
+    log_path: Path,
+    name: str = "gateway",
+    extra_env: dict[str, str] | None = None,
+) -> ServiceProcess:
+    """A gateway on loopback, routing to the given inference replicas (id -> base URL)."""
+    env = {"INFERENCE_REPLICAS": " ".join(f"{rid}={url}" for rid, url in replicas.items()), **(extra_env or {})}
+    return ServiceProcess(name, "services/gateway/gunicorn.conf.py", env, log_path, port)
+
+
 class LocalStack:
-    """Private swarm + inference service, started and stopped together."""
+    """Private swarm + inference replicas + gateway, started and stopped together."""
 
     def __init__(
         self,
         *,
         public_port: int = 5000,
         block_ranges: tuple[str, ...] = ("0:2", "2:4"),
+        inference_replicas: int = 2,
         state_dir: Path = DEFAULT_STATE_DIR,
         dht_prefix: str = "petals-chat",
     ) -> None:
         self.public_port = public_port
+        self.inference_replicas = inference_replicas
         self.state_dir = Path(state_dir)
         self.dht_prefix = dht_prefix
         self.model_dir = ensure_tiny_bloom()
@@ -149,18 +164,27 @@ class LocalStack:
         self.services: list[ServiceProcess] = []
 
     def start(self, timeout: float = 240.0) -> LocalStack:
-        """Start the swarm, then the services; return when the public entry point is ready."""
+        """Start the swarm, the inference replicas, then the gateway at the public port."""
+        logs = self.state_dir / "logs"
         try:
             self.swarm.start(timeout)
-            inference = inference_process(
-                model_dir=self.model_dir,
-                initial_peers=self.swarm.initial_peers,
-                dht_prefix=self.dht_prefix,
-                port=self.public_port,
-                log_path=self.state_dir / "logs" / "inference-0.log",
-            )
-            self.services.append(inference.start())
-            inference.wait_ready(timeout)
+            replicas = {}
+            for index in range(self.inference_replicas):
+                replica = inference_process(
+                    model_dir=self.model_dir,
+                    initial_peers=self.swarm.initial_peers,
+                    dht_prefix=self.dht_prefix,
+                    port=self.public_port + 10 + index,
+                    log_path=logs / f"inference-{index}.log",
+                    replica_id=f"inference-{index}",
+                )
+                self.services.append(replica.start())
+                replicas[replica.name] = replica.base_url
+            for replica in self.services:
+                replica.wait_ready(timeout)
+            gateway = gateway_process(replicas=replicas, port=self.public_port, log_path=logs / "gateway.log")
+            self.services.append(gateway.start())
+            gateway.wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
@@ -184,4 +208,12 @@ def get_json(url: str, timeout: float = 60.0) -> dict:
         return json.loads(response.read())
 
 
-__all__ = ["LocalStack", "ServiceProcess", "StartupError", "get_json", "inference_process", "pick_free_port"]
+__all__ = [
+    "LocalStack",
+    "ServiceProcess",
+    "StartupError",
+    "gateway_process",
+    "get_json",
+    "inference_process",
+    "pick_free_port",
+]

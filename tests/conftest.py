@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from deploy.local_stack import ServiceProcess, inference_process, pick_free_port
+from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port
 from services.swarm.launcher import PrivateSwarm
 from services.swarm.tiny_bloom import ensure_tiny_bloom
 
@@ -98,6 +98,32 @@ def start_inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path, n
 def inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path) -> Iterator[ServiceProcess]:
     """The inference service with default settings."""
     service = start_inference(swarm, model_dir, artifacts_dir, "inference-0")
+    yield service
+    service.stop()
+
+
+def start_gateway(artifacts_dir: Path, replica_urls: dict[str, str], name: str, **env: str) -> ServiceProcess:
+    """Start a gateway routing to the given replicas and wait until one of them is ready."""
+    gateway = gateway_process(
+        replicas=replica_urls,
+        port=pick_free_port(),
+        log_path=artifacts_dir / "logs" / f"{name}.log",
+        name=name,
+        extra_env={"REPLICA_POLL_INTERVAL_SECONDS": "0.5", **env},
+    )
+    gateway.start()
+    try:
+        gateway.wait_ready(timeout=60)
+    except BaseException:
+        gateway.stop()
+        raise
+    return gateway
+
+
+@pytest.fixture(scope="session")
+def gateway(inference: ServiceProcess, artifacts_dir: Path) -> Iterator[ServiceProcess]:
+    """A gateway (two workers) in front of the shared inference service."""
+    service = start_gateway(artifacts_dir, {"inference-0": inference.base_url}, "gateway")
     yield service
     service.stop()
 

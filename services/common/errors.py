@@ -29,7 +29,7 @@ class ApiError(falcon.HTTPError):
     """An error answered to the client with a clear message."""
 
     http_status = falcon.HTTP_400
-    code = "bad_request"
+    error_code = "bad_request"
 
     def __init__(
         self,
@@ -39,8 +39,8 @@ class ApiError(falcon.HTTPError):
         status: str | None = None,
         code: str | None = None,
     ) -> None:
-        self.code = code or self.code
-        super().__init__(status or self.http_status, title=self.code, description=message, headers=headers)
+        self.error_code = code or self.error_code  # Falcon's HTTPError has a `code` of its own
+        super().__init__(status or self.http_status, title=self.error_code, description=message, headers=headers)
         self.message = message
 
     def __str__(self) -> str:
@@ -50,21 +50,21 @@ class ApiError(falcon.HTTPError):
 class InvalidParameter(ApiError):
     """A request parameter has the wrong type, is out of range or is missing."""
 
-    code = "invalid_parameter"
+    error_code = "invalid_parameter"
 
 
 class PayloadTooLarge(ApiError):
     """The request body or an input is larger than the configured limit."""
 
     http_status = falcon.HTTP_413
-    code = "payload_too_large"
+    error_code = "payload_too_large"
 
 
 class SessionNotFound(ApiError):
     """The session id is unknown, expired, or its replica is gone."""
 
     http_status = falcon.HTTP_404
-    code = "session_not_found"
+    error_code = "session_not_found"
 
     def __init__(self, session_id: str, detail: str = "") -> None:
         # The original chat client matches /Session .+ expired/ to reopen and replay.
@@ -76,14 +76,14 @@ class SessionBusy(ApiError):
     """Another request is already generating in this session."""
 
     http_status = falcon.HTTP_409
-    code = "session_busy"
+    error_code = "session_busy"
 
 
 class ServiceUnavailable(ApiError):
     """Temporarily unable to serve: model loading, swarm unreachable, at capacity."""
 
     http_status = falcon.HTTP_503
-    code = "unavailable"
+    error_code = "unavailable"
 
     def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
@@ -92,7 +92,7 @@ class ServiceUnavailable(ApiError):
 class TooManySessions(ServiceUnavailable):
     """The replica already holds its maximum number of sessions."""
 
-    code = "too_many_sessions"
+    error_code = "too_many_sessions"
 
 
 class LegacyEnvelopeMiddleware:
@@ -109,13 +109,12 @@ def render_error(req: falcon.Request, resp: falcon.Response, error: ApiError) ->
         resp.media = {"ok": False, "traceback": error.message}
     else:
         resp.status = error.status
-        resp.media = {"ok": False, "error": {"code": error.code, "message": error.message}}
+        resp.media = {"ok": False, "error": {"code": error.error_code, "message": error.message}}
     for name, value in (error.headers or {}).items():
         resp.set_header(name, value)
     # Let the gateway act on errors, and count them, without parsing text.
-    resp.set_header(ERROR_CODE_HEADER, error.code)
+    resp.set_header(ERROR_CODE_HEADER, error.error_code)
     resp.set_header(ERROR_STATUS_HEADER, error.status.split()[0])
-    resp.context.error_code = error.code
     resp.context.error_status = error.status
 
 

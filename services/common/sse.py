@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"  # SSE is UTF-8; say so for clients that guess
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 

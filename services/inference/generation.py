@@ -36,7 +36,7 @@ class SwarmFailure(ApiError):
     """The swarm could not complete a generation step."""
 
     http_status = "502 Bad Gateway"
-    code = "swarm_error"
+    error_code = "swarm_error"
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import falcon
 
 from services.common.errors import ApiError
 from services.common.params import Limits, get_session_id, parse_generate, parse_open_session, read_values
-from services.common.sse import SSE_HEADERS, sse_error, sse_event
+from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error, sse_event
 from services.inference.generation import GenerationResult, Generator, TokenEvent
 from services.inference.model import ModelHandle
 from services.inference.sessions import SessionStore
@@ -46,7 +46,7 @@ class GenerateStreamResource:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         params = parse_generate(read_values(req, self._limits), self._limits)
         generation = self._generator.prepare(params)
-        resp.content_type = "text/event-stream"
+        resp.content_type = SSE_CONTENT_TYPE
         resp.set_headers(SSE_HEADERS)
         resp.stream = _sse_stream(generation.stream())
 
@@ -59,7 +59,7 @@ def _sse_stream(events: Iterator[TokenEvent | GenerationResult]) -> Iterator[byt
             else:
                 yield sse_event("done", {"ok": True, **event.summary()})
     except ApiError as error:
-        yield sse_error(error.code, error.message)
+        yield sse_error(error.error_code, error.message)
     except Exception:
         logger.exception("streaming generation failed")
         yield sse_error("internal_error", "Internal error; the operators can find it in the logs.")

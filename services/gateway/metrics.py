@@ -1,0 +1,25 @@
+"""The gateway's Prometheus metrics (request metrics live in services.common.metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from services.common.metrics import REQUEST_BUCKETS
+
+UPSTREAM_LATENCY = Histogram(
+    "petals_chat_gateway_upstream_duration_seconds",
+    "Time until an inference replica answered (headers; streams are timed to their first byte).",
+    ["replica", "endpoint"],
+    buckets=REQUEST_BUCKETS,
+)
+ROUTING_DECISIONS = Counter(
+    "petals_chat_gateway_routing_decisions",
+    "Where requests were sent: new_session (least-loaded), session (the replica in its id), "
+    "sessionless (least-loaded), or why none: unknown_replica, replica_down, no_ready_replica.",
+    ["decision", "replica"],
+)
+UPSTREAM_ERRORS = Counter(
+    "petals_chat_gateway_upstream_errors",
+    "Failed calls to inference replicas, by kind: connect (refused, unreachable), timeout, protocol.",
+    ["replica", "kind"],
+)

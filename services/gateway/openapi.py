@@ -1,0 +1,238 @@
+"""The OpenAPI 3.1 document of the public API, served by the gateway at /api/openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.common.params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, Limits
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _query(name: str, schema: dict[str, Any], required: bool, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
+
+
+def _schemas(limits: Limits) -> dict[str, Any]:
+    error_envelope = {
+        "type": "object",
+        "required": ["ok", "traceback"],
+        "properties": {"ok": {"const": False}, "traceback": {"type": "string", "description": "A clear message."}},
+    }
+    return {
+        "GenerateRequest": {
+            "type": "object",
+            "properties": {
+                "inputs": {"type": "string", "maxLength": limits.max_input_chars},
+                "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": limits.max_new_tokens},
+                "max_length": {"type": "integer", "minimum": 1, "maximum": limits.max_length},
+                "do_sample": {"type": ["integer", "boolean"], "enum": [0, 1, True, False], "default": 0},
+                "temperature": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
+                "top_k": {"type": "integer", "minimum": 1},
+                "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                "session_id": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"},
+                "stop": {
+                    "oneOf": [
+                        {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                        {
+                            "type": "array",
+                            "maxItems": MAX_STOP_SEQUENCES,
+                            "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                        },
+                    ]
+                },
+            },
+            "description": "Exactly one of max_new_tokens and max_length. inputs is required without session_id.",
+        },
+        "GenerateOk": {
+            "type": "object",
+            "required": ["ok", "outputs"],
+            "properties": {"ok": {"const": True}, "outputs": {"type": "string"}},
+        },
+        "SessionOk": {
+            "type": "object",
+            "required": ["ok", "session_id"],
+            "properties": {"ok": {"const": True}, "session_id": {"type": "string"}},
+        },
+        "Ok": {"type": "object", "required": ["ok"], "properties": {"ok": {"const": True}}},
+        "V1Error": error_envelope,
+        "Error": {
+            "type": "object",
+            "required": ["ok", "error"],
+            "properties": {
+                "ok": {"const": False},
+                "error": {
+                    "type": "object",
+                    "required": ["code", "message"],
+                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+                },
+            },
+        },
+        "TokenEvent": {
+            "type": "object",
+            "required": ["text", "generated_tokens"],
+            "properties": {"text": {"type": "string"}, "generated_tokens": {"type": "integer", "minimum": 1}},
+        },
+        "DoneEvent": {
+            "type": "object",
+            "required": ["ok", "outputs", "prompt_tokens", "generated_tokens", "finish_reason"],
+            "properties": {
+                "ok": {"const": True},
+                "outputs": {"type": "string"},
+                "prompt_tokens": {"type": "integer", "minimum": 0},
+                "generated_tokens": {"type": "integer", "minimum": 0},
+                "finish_reason": {"enum": ["length", "stop", "eos", "cancelled"]},
+                "stop_sequence": {"type": ["string", "null"]},
+                "seconds_per_token": {"type": ["number", "null"]},
+            },
+        },
+    }
+
+
+def build_openapi(limits: Limits) -> dict[str, Any]:
+    """The document; limits are the ones the gateway enforces."""
+    v1_answer = {"oneOf": [_ref("GenerateOk"), _ref("V1Error")]}
+    errors = {
+        str(code): {"description": text, "content": _json(_ref("Error"))}
+        for code, text in [
+            (400, "Invalid parameter"),
+            (404, "Unknown or expired session (its replica may be gone)"),
+            (409, "The session is busy with another request"),
+            (413, "Body or inputs too large"),
+            (429, "Rate limited (see Retry-After)"),
+            (503, "No ready replica, model loading or swarm unreachable (see Retry-After)"),
+        ]
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Petals Chat API",
+            "version": "1.0.0",
+            "description": "LLM inference through a Petals swarm. v1 keeps the original Petals chat contract: "
+            "application errors are HTTP 200 with ok=false. v2 uses real HTTP status codes.",
+        },
+        "paths": {
+            "/api/v1/generate": {
+                "post": {
+                    "summary": "Generate text (one answer)",
+                    "description": "Parameters as a form, a JSON object or a query string.",
+                    "requestBody": {
+                        "content": {
+                            "application/json": {"schema": _ref("GenerateRequest")},
+                            "application/x-www-form-urlencoded": {"schema": _ref("GenerateRequest")},
+                        }
+                    },
+                    "responses": {
+                        "200": {"description": "ok=true with the new text, or ok=false", "content": _json(v1_answer)}
+                    },
+                }
+            },
+            "/api/v1/open_inference_session": {
+                "get": {
+                    "summary": "Open an inference session",
+                    "parameters": [
+                        _query(
+                            "max_length",
+                            {"type": "integer", "minimum": 1, "maximum": limits.max_length},
+                            True,
+                            "Tokens the session can hold (prompts and generated text).",
+                        ),
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The session id, or ok=false",
+                            "content": _json({"oneOf": [_ref("SessionOk"), _ref("V1Error")]}),
+                        }
+                    },
+                }
+            },
+            "/api/v1/close_inference_session": {
+                "get": {
+                    "summary": "Close an inference session",
+                    "parameters": [_query("session_id", {"type": "string"}, True, "The session to close.")],
+                    "responses": {
+                        "200": {
+                            "description": "ok=true, or ok=false",
+                            "content": _json({"oneOf": [_ref("Ok"), _ref("V1Error")]}),
+                        }
+                    },
+                }
+            },
+            "/api/v2/generate_stream": {
+                "post": {
+                    "summary": "Generate text as Server-Sent Events",
+                    "description": "Events: `token` (TokenEvent, one per generated token; text may be empty while "
+                    "a character or a possible stop sequence is incomplete), then `done` (DoneEvent), or `error` "
+                    "(Error) if the generation fails once started.",
+                    "requestBody": {"required": True, "content": _json(_ref("GenerateRequest"))},
+                    "responses": {
+                        "200": {
+                            "description": "An event stream",
+                            "content": {
+                                "text/event-stream": {
+                                    "schema": {"type": "string"},
+                                    "x-events": {
+                                        "token": _ref("TokenEvent"),
+                                        "done": _ref("DoneEvent"),
+                                        "error": _ref("Error"),
+                                    },
+                                }
+                            },
+                        },
+                        **errors,
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness",
+                    "responses": {
+                        "200": {"description": "Alive", "content": _json({"type": "object", "required": ["ok"]})}
+                    },
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: at least one inference replica is ready",
+                    "responses": {
+                        "200": {"description": "Ready", "content": _json({"type": "object"})},
+                        "503": {"description": "Not ready", "content": _json({"type": "object"})},
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {
+                        "200": {
+                            "description": "Text exposition",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/api/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {"200": {"description": "OpenAPI 3.1", "content": _json({"type": "object"})}},
+                }
+            },
+        },
+        "components": {"schemas": _schemas(limits)},
+    }
+
+
+class OpenApiResource:
+    """``GET /api/openapi.json``."""
+
+    def __init__(self, limits: Limits) -> None:
+        self._document = build_openapi(limits)
+
+    def on_get(self, req, resp) -> None:
+        resp.media = self._document

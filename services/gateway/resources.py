@@ -1,0 +1,173 @@
+"""HTTP resources of the gateway: the v1 API and the SSE stream, relayed to inference replicas."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import falcon
+import urllib3
+
+from services.common.errors import ERROR_CODE_HEADER, ERROR_STATUS_HEADER, ServiceUnavailable, SessionNotFound
+from services.common.params import (
+    GenerateParams,
+    Limits,
+    get_session_id,
+    parse_generate,
+    parse_open_session,
+    read_values,
+)
+from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error
+from services.gateway.replicas import Replica, ReplicaSet
+from services.gateway.upstream import ReplicaUnreachable, Upstream
+
+logger = logging.getLogger(__name__)
+_RETRY_ELSEWHERE = {"too_many_sessions", "unavailable"}  # another replica may accept
+
+
+class Router:
+    """Sends a validated call to the right replica and turns failures into public errors."""
+
+    def __init__(self, replicas: ReplicaSet, upstream: Upstream) -> None:
+        self.replicas = replicas
+        self.upstream = upstream
+
+    def to_session(self, session_id: str, method: str, path: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
+        """Call the replica holding ``session_id``; a gone replica means a gone session."""
+        replica = self.replicas.for_session(session_id)
+        try:
+            return self.upstream.request(replica.name, replica.url, method, path, **kwargs)
+        except ReplicaUnreachable as error:
+            if error.kind == "connect":
+                self.replicas.mark_down(replica, f"unreachable ({error})")
+            raise SessionNotFound(session_id, detail="Its inference replica is gone.") from error
+
+    def to_least_loaded(self, decision: str, method: str, path: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
+        """Call the least-loaded ready replica, moving on while replicas are down or full."""
+        candidates = self.replicas.least_loaded(decision)
+        for index, replica in enumerate(candidates):
+            response = self._try(replica, method, path, **kwargs)
+            last = index == len(candidates) - 1
+            if response is not None and (last or response.headers.get(ERROR_CODE_HEADER) not in _RETRY_ELSEWHERE):
+                return response
+        raise ServiceUnavailable("No inference replica could take the request; retry in a few seconds")
+
+    def _try(self, replica: Replica, method: str, path: str, **kwargs: Any) -> urllib3.BaseHTTPResponse | None:
+        try:
+            return self.upstream.request(replica.name, replica.url, method, path, **kwargs)
+        except ReplicaUnreachable as error:
+            if error.kind != "connect":
+                raise ServiceUnavailable(f"Inference replica {replica.name} failed ({error.kind})") from error
+            self.replicas.mark_down(replica, f"unreachable ({error})")
+            return None
+
+
+def relay(resp: falcon.Response, upstream: urllib3.BaseHTTPResponse) -> None:
+    """Answer with a replica's (already read) response."""
+    resp.status = upstream.status
+    resp.content_type = upstream.headers.get("Content-Type", falcon.MEDIA_JSON)
+    resp.data = upstream.data
+    for header in (ERROR_CODE_HEADER, ERROR_STATUS_HEADER, "Retry-After"):
+        if header in upstream.headers:
+            resp.set_header(header, upstream.headers[header])
+    if ERROR_STATUS_HEADER in upstream.headers:
+        resp.context.error_status = upstream.headers[ERROR_STATUS_HEADER]
+
+
+def upstream_body(params: GenerateParams) -> dict[str, Any]:
+    """The validated parameters, as the JSON body sent to a replica."""
+    body = {k: v for k, v in dataclasses.asdict(params).items() if v is not None}
+    body["stop"] = list(params.stop)
+    return body
+
+
+class GenerateResource:
+    """``POST /api/v1/generate`` (seed contract)."""
+
+    legacy_envelope = True
+
+    def __init__(self, router: Router, limits: Limits) -> None:
+        self._router = router
+        self._limits = limits
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        params = parse_generate(read_values(req, self._limits), self._limits)
+        call = {"method": "POST", "path": "/api/v1/generate", "json_body": upstream_body(params)}
+        if params.session_id:
+            relay(resp, self._router.to_session(params.session_id, **call))
+        else:
+            relay(resp, self._router.to_least_loaded("sessionless", **call))
+
+
+class OpenSessionResource:
+    """``GET /api/v1/open_inference_session``: on the least-loaded ready replica."""
+
+    legacy_envelope = True
+
+    def __init__(self, router: Router, limits: Limits) -> None:
+        self._router = router
+        self._limits = limits
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        max_length = parse_open_session(read_values(req, self._limits), self._limits)
+        path = "/api/v1/open_inference_session"
+        relay(resp, self._router.to_least_loaded("new_session", "GET", path, fields={"max_length": max_length}))
+
+
+class CloseSessionResource:
+    """``GET /api/v1/close_inference_session``: on the replica holding the session."""
+
+    legacy_envelope = True
+
+    def __init__(self, router: Router, limits: Limits) -> None:
+        self._router = router
+        self._limits = limits
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        session_id = get_session_id(read_values(req, self._limits), required=True)
+        path = "/api/v1/close_inference_session"
+        relay(resp, self._router.to_session(session_id, "GET", path, fields={"session_id": session_id}))
+
+
+class GenerateStreamResource:
+    """``POST /api/v2/generate_stream``: the replica's Server-Sent Events, relayed as they come."""
+
+    def __init__(self, router: Router, limits: Limits) -> None:
+        self._router = router
+        self._limits = limits
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        params = parse_generate(read_values(req, self._limits), self._limits)
+        call = {"method": "POST", "path": "/api/v2/generate_stream", "json_body": upstream_body(params), "stream": True}
+        if params.session_id:
+            upstream = self._router.to_session(params.session_id, **call)
+        else:
+            upstream = self._router.to_least_loaded("sessionless", **call)
+        if upstream.status != 200:
+            relay(resp, upstream)  # reads and caches the (small) error body
+            upstream.release_conn()
+            return
+        resp.content_type = SSE_CONTENT_TYPE
+        resp.set_headers(SSE_HEADERS)
+        resp.stream = _relay_events(upstream, params.session_id)
+
+
+def _relay_events(upstream: urllib3.BaseHTTPResponse, session_id: str | None) -> Iterator[bytes]:
+    """Copy the replica's stream; if the replica dies mid-stream, end with an error event."""
+    complete = False
+    try:
+        chunks = upstream.read_chunked() if upstream.chunked else upstream.stream(1024)
+        yield from chunks
+        complete = True
+    except (urllib3.exceptions.HTTPError, OSError):
+        logger.warning("stream from an inference replica broke off", exc_info=True)
+        if session_id:
+            yield sse_error("session_not_found", f"Its inference replica is gone. {SessionNotFound(session_id)}")
+        else:
+            yield sse_error("upstream_error", "The inference replica stopped answering; retry")
+    finally:
+        if not complete:
+            upstream.close()  # the client left or the replica failed: drop the connection
+        upstream.release_conn()

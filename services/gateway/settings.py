@@ -1,0 +1,65 @@
+"""The gateway's settings, read from the environment (see README, Configuration)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from services.common.config import ConfigError, Env
+from services.common.params import SESSION_ID_PATTERN, Limits
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Everything the gateway reads from its environment."""
+
+    bind: str
+    workers: int
+    threads: int
+    replicas: dict[str, str]  # replica id -> base URL
+    connect_timeout_s: float
+    read_timeout_s: float
+    poll_interval_s: float
+    rate_limit_per_minute: int
+    rate_limit_burst: int
+    trust_proxy_headers: bool
+    cors_allow_origins: tuple[str, ...]
+    limits: Limits
+    debug_tracebacks: bool
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> GatewaySettings:
+        """Read and validate every setting; raises ConfigError with a clear message."""
+        env = env or Env()
+        return cls(
+            bind=env.str("BIND", "127.0.0.1:8080"),
+            workers=env.int("GUNICORN_WORKERS", 2, minimum=1, maximum=64),
+            threads=env.int("GUNICORN_THREADS", 32, minimum=1, maximum=1024),
+            replicas=parse_replicas(env.list("INFERENCE_REPLICAS")),
+            connect_timeout_s=env.float("UPSTREAM_CONNECT_TIMEOUT_SECONDS", 1.0, minimum=0.05),
+            read_timeout_s=env.float("UPSTREAM_READ_TIMEOUT_SECONDS", 300.0, minimum=1.0),
+            poll_interval_s=env.float("REPLICA_POLL_INTERVAL_SECONDS", 2.0, minimum=0.1),
+            rate_limit_per_minute=env.int("RATE_LIMIT_PER_MINUTE", 0, minimum=0),
+            rate_limit_burst=env.int("RATE_LIMIT_BURST", 20, minimum=1),
+            trust_proxy_headers=env.bool("TRUST_PROXY_HEADERS", False),
+            cors_allow_origins=env.list("CORS_ALLOW_ORIGINS", ("*",)),
+            limits=Limits.from_env(env),
+            debug_tracebacks=env.bool("DEBUG_TRACEBACKS", False),
+            log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+        )
+
+
+def parse_replicas(entries: tuple[str, ...]) -> dict[str, str]:
+    """``inference-0=http://host:port`` entries; the id is what session ids start with."""
+    if not entries:
+        raise ConfigError("INFERENCE_REPLICAS is required: e.g. 'inference-0=http://127.0.0.1:8000'")
+    replicas: dict[str, str] = {}
+    for entry in entries:
+        name, sep, url = entry.partition("=")
+        if not sep or not SESSION_ID_PATTERN.match(name) or not re.match(r"^https?://[^/\s]+$", url.rstrip("/")):
+            raise ConfigError(f"INFERENCE_REPLICAS entry must be ID=http://HOST:PORT, got {entry!r}")
+        if name in replicas:
+            raise ConfigError(f"INFERENCE_REPLICAS names {name!r} twice")
+        replicas[name] = url.rstrip("/")
+    return replicas

@@ -1,0 +1,66 @@
+"""HTTP calls from the gateway to inference replicas (one connection pool per worker)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import urllib3
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError, ReadTimeoutError
+
+from services.gateway.metrics import UPSTREAM_ERRORS, UPSTREAM_LATENCY
+
+
+class ReplicaUnreachable(Exception):
+    """A replica could not be reached (``kind``: connect, timeout, protocol)."""
+
+    def __init__(self, replica: str, kind: str, detail: str) -> None:
+        super().__init__(f"{replica}: {kind} ({detail})")
+        self.replica = replica
+        self.kind = kind
+
+
+class Upstream:
+    """Sends requests to replicas; connection failures become ReplicaUnreachable."""
+
+    def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, pool_size: int) -> None:
+        self._http = urllib3.PoolManager(num_pools=64, maxsize=pool_size, block=False, retries=False)
+        self._connect_timeout_s = connect_timeout_s
+        self._read_timeout_s = read_timeout_s
+
+    def request(
+        self,
+        replica: str,
+        url: str,
+        method: str,
+        path: str,
+        *,
+        fields: dict[str, Any] | None = None,
+        json_body: dict[str, Any] | None = None,
+        stream: bool = False,
+        read_timeout_s: float | None = None,
+    ) -> urllib3.BaseHTTPResponse:
+        """One call; with ``stream`` the body is left unread for relaying."""
+        timeout = urllib3.Timeout(connect=self._connect_timeout_s, read=read_timeout_s or self._read_timeout_s)
+        body = json.dumps(json_body).encode() if json_body is not None else None
+        headers = {"Content-Type": "application/json"} if body is not None else None
+        started = time.perf_counter()
+        try:
+            response = self._http.request(
+                method, url + path, fields=fields, body=body, headers=headers,
+                timeout=timeout, preload_content=not stream, redirect=False,
+            )  # fmt: skip
+        except (NewConnectionError, ConnectTimeoutError) as error:
+            raise self._failed(replica, "connect", error) from error
+        except ReadTimeoutError as error:
+            raise self._failed(replica, "timeout", error) from error
+        except (ProtocolError, urllib3.exceptions.HTTPError) as error:
+            raise self._failed(replica, "protocol", error) from error
+        UPSTREAM_LATENCY.labels(replica=replica, endpoint=path).observe(time.perf_counter() - started)
+        return response
+
+    @staticmethod
+    def _failed(replica: str, kind: str, error: Exception) -> ReplicaUnreachable:
+        UPSTREAM_ERRORS.labels(replica=replica, kind=kind).inc()
+        return ReplicaUnreachable(replica, kind, type(error).__name__)

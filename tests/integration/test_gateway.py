@@ -1,0 +1,208 @@
+"""The gateway routes every session to the replica holding it, with no shared store.
+
+Real processes on loopback: one swarm, two dedicated inference replicas, two gateways (two
+gunicorn workers each). The destructive test (killing a replica) runs last.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from deploy.local_stack import ServiceProcess
+from tests.conftest import Api, start_gateway, start_inference
+
+
+@pytest.fixture(scope="module")
+def replicas(swarm, model_dir, artifacts_dir) -> Iterator[dict[str, ServiceProcess]]:
+    services = {}
+    try:
+        for name in ("inference-1", "inference-2"):
+            services[name] = start_inference(swarm, model_dir, artifacts_dir, name)
+        yield services
+    finally:
+        for service in services.values():
+            service.stop()
+
+
+@pytest.fixture(scope="module")
+def gateways(replicas, artifacts_dir) -> Iterator[list[ServiceProcess]]:
+    urls = {name: service.base_url for name, service in replicas.items()}
+    started = []
+    try:
+        for name in ("gateway-a", "gateway-b"):
+            started.append(start_gateway(artifacts_dir, urls, name))
+        yield started
+    finally:
+        for gateway in started:
+            gateway.stop()
+
+
+def stream_events(base_url: str, body: dict, timeout: float = 60) -> tuple[int, list[tuple[str, dict]]]:
+    """POST to the SSE endpoint; returns (status, [(event, data), ...]) or (status, [("json", body)])."""
+    response = requests.post(f"{base_url}/api/v2/generate_stream", json=body, stream=True, timeout=timeout)
+    if response.headers.get("Content-Type", "").startswith("application/json"):
+        return response.status_code, [("json", response.json())]
+    events, event = [], None
+    for raw in response.iter_lines():
+        line = raw.decode("utf-8")
+        if line.startswith("event: "):
+            event = line[len("event: ") :]
+        elif line.startswith("data: "):
+            events.append((event, json.loads(line[len("data: ") :])))
+    return response.status_code, events
+
+
+def test_sessions_route_to_their_replica_from_any_gateway(gateways, oracle, decode):
+    a, b = (Api(g.base_url) for g in gateways)
+    sessions = []
+    for index in range(20):
+        first, second = (a, b) if index % 2 == 0 else (b, a)
+        prompt = f"Session {index}: Human: hello"
+        session_id = first.open_session(64)
+        part1 = first.generate(inputs=prompt, max_new_tokens=3, session_id=session_id)
+        part2 = second.generate(max_new_tokens=3, session_id=session_id)
+        assert part1["ok"] and part2["ok"], (part1, part2)
+        assert part1["outputs"] + part2["outputs"] == decode(oracle(prompt, 6)).rstrip("\ufffd")
+        sessions.append(session_id)
+    holders = {session_id.rpartition(".")[0] for session_id in sessions}
+    assert holders == {"inference-1", "inference-2"}, "new sessions must spread over both replicas"
+    for index, session_id in enumerate(sessions):
+        assert (a if index % 2 else b).close_session(session_id) == {"ok": True}
+
+
+def test_sessionless_requests_are_balanced(gateways, replicas):
+    api = Api(gateways[0].base_url)
+    before = {name: replica_request_count(service) for name, service in replicas.items()}
+    for index in range(8):
+        assert api.generate(inputs=f"Balanced {index}", max_new_tokens=1)["ok"]
+    served = {name: replica_request_count(service) - before[name] for name, service in replicas.items()}
+    assert all(count >= 2 for count in served.values()), served
+
+
+def replica_request_count(service: ServiceProcess) -> float:
+    """Generate requests a replica has answered, all statuses together."""
+    text = requests.get(f"{service.base_url}/metrics", timeout=10).text
+    prefix = 'petals_chat_requests_total{endpoint="/api/v1/generate"'
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_stream_concatenates_to_the_v1_answer(gateways, oracle, decode):
+    prompt = "A human talks to a powerful AI"
+    status, events = stream_events(gateways[1].base_url, {"inputs": prompt, "max_new_tokens": 20})
+    assert status == 200
+    tokens = [data for event, data in events if event == "token"]
+    done = [data for event, data in events if event == "done"]
+    assert len(tokens) == 20 and len(done) == 1
+    text = "".join(t["text"] for t in tokens)
+    v1 = Api(gateways[0].base_url).generate(inputs=prompt, max_new_tokens=20)["outputs"]
+    assert text == done[0]["outputs"].rstrip("\ufffd") or text == done[0]["outputs"]
+    assert done[0]["outputs"] == v1 == decode(oracle(prompt, 20))
+    assert done[0]["finish_reason"] == "length" and done[0]["seconds_per_token"] > 0
+
+
+def test_stream_stops_at_a_stop_sequence(gateways, oracle, decode):
+    prompt = "Human: Hi! Can you tell me what Petals is?\n\nAI:"
+    full = decode(oracle(prompt, 30))
+    stop = next(full[i : i + 2] for i in range(3, len(full) - 2) if "\ufffd" not in full[i : i + 2])
+    status, events = stream_events(gateways[0].base_url, {"inputs": prompt, "max_new_tokens": 30, "stop": [stop]})
+    done = events[-1][1]
+    assert status == 200 and events[-1][0] == "done"
+    assert done["finish_reason"] == "stop" and done["stop_sequence"] == stop
+    assert done["outputs"] == full[: full.index(stop)]
+    assert "".join(d["text"] for e, d in events if e == "token") == done["outputs"]
+
+
+def test_stream_errors_use_real_status_codes(gateways):
+    base = gateways[0].base_url
+    assert stream_events(base, {"inputs": "Hi", "max_new_tokens": 0})[0] == 400
+    assert stream_events(base, {"inputs": "Hi", "max_new_tokens": 1, "session_id": "inference-1.gone"})[0] == 404
+    assert stream_events(base, {"inputs": "Hi", "max_new_tokens": 1, "session_id": "inference-7.x"})[0] == 404
+    assert stream_events(base, {"inputs": "x" * 20_000, "max_new_tokens": 1})[0] == 413
+    status, events = stream_events(base, {"max_new_tokens": 1})
+    assert status == 400 and events[0][1]["error"]["code"] == "invalid_parameter"
+
+
+def test_busy_session_gets_409_and_a_disconnect_frees_it(gateways):
+    api = Api(gateways[0].base_url)
+    session_id = api.open_session(512)
+    long = requests.post(
+        f"{gateways[0].base_url}/api/v2/generate_stream",
+        json={"inputs": "Hello", "max_new_tokens": 400, "session_id": session_id},
+        stream=True,
+        timeout=60,
+    )
+    lines = long.iter_lines()
+    assert next(lines).startswith(b"event: token")  # generating now
+    status, events = stream_events(gateways[1].base_url, {"max_new_tokens": 1, "session_id": session_id})
+    assert status == 409 and events[0][1]["error"]["code"] == "session_busy"
+    long.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 10
+    while True:
+        body = api.generate(max_new_tokens=1, session_id=session_id)
+        if body["ok"]:
+            break
+        assert "busy" in body["traceback"] and time.monotonic() < deadline, body
+        time.sleep(0.2)
+    assert api.close_session(session_id) == {"ok": True}
+
+
+def test_gateway_restart_loses_no_session(gateways, replicas, artifacts_dir, oracle, decode):
+    urls = {name: service.base_url for name, service in replicas.items()}
+    first = start_gateway(artifacts_dir, urls, "gateway-restart-1")
+    prompt = "Human: List the planets.\n\nAI:"
+    session_id = Api(first.base_url).open_session(64)
+    part1 = Api(first.base_url).generate(inputs=prompt, max_new_tokens=4, session_id=session_id)
+    first.stop()
+    second = start_gateway(artifacts_dir, urls, "gateway-restart-2")
+    try:
+        part2 = Api(second.base_url).generate(max_new_tokens=4, session_id=session_id)
+        assert part1["outputs"] + part2["outputs"] == decode(oracle(prompt, 8)).rstrip("\ufffd")
+        assert Api(second.base_url).close_session(session_id) == {"ok": True}
+    finally:
+        second.stop()
+
+
+def test_adding_a_replica_misroutes_no_session(gateways, replicas, inference, artifacts_dir, oracle, decode):
+    old = Api(gateways[0].base_url)
+    prompts = {old.open_session(64): f"Existing {i}:" for i in range(6)}
+    for session_id, prompt in prompts.items():
+        assert old.generate(inputs=prompt, max_new_tokens=2, session_id=session_id)["ok"]
+    urls = {name: service.base_url for name, service in replicas.items()}
+    grown = start_gateway(artifacts_dir, {**urls, "inference-0": inference.base_url}, "gateway-three-replicas")
+    try:
+        new = Api(grown.base_url)
+        for session_id, prompt in prompts.items():
+            body = new.generate(max_new_tokens=2, session_id=session_id)
+            assert body["ok"], body
+            assert decode(oracle(prompt, 4)).rstrip("\ufffd").endswith(body["outputs"])
+            assert new.close_session(session_id) == {"ok": True}
+        holders = {new.open_session(16).rpartition(".")[0] for _ in range(6)}
+        assert "inference-0" in holders, "the added replica takes new sessions"
+    finally:
+        grown.stop()
+
+
+def test_killing_a_replica_expires_its_sessions_promptly(gateways, replicas):
+    api = Api(gateways[0].base_url)
+    by_replica: dict[str, list[str]] = {"inference-1": [], "inference-2": []}
+    while min(len(v) for v in by_replica.values()) < 2:
+        session_id = api.open_session(32)
+        by_replica[session_id.rpartition(".")[0]].append(session_id)
+        assert api.generate(inputs="Hi", max_new_tokens=1, session_id=session_id)["ok"]
+    replicas["inference-2"].process.kill()  # SIGKILL the gunicorn master...
+    replicas["inference-2"].stop(timeout=1)  # ...and the rest of its process group
+    for session_id in by_replica["inference-2"]:
+        started = time.monotonic()
+        body = Api(gateways[1].base_url).generate(max_new_tokens=1, session_id=session_id)
+        assert time.monotonic() - started < 2.0
+        assert body["ok"] is False and f"Session {session_id} expired" in body["traceback"]
+    for session_id in by_replica["inference-1"]:
+        assert api.generate(max_new_tokens=1, session_id=session_id)["ok"]
+        assert api.close_session(session_id) == {"ok": True}
+    for _ in range(4):  # new sessions avoid the dead replica
+        assert api.open_session(16).startswith("inference-1.")

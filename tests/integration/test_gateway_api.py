@@ -1,0 +1,126 @@
+"""The gateway's public surface: OpenAPI conformance, metrics across workers, rate limit, CORS."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Api, start_gateway
+
+# One valid example call per documented operation: (method, path, request kwargs).
+EXAMPLES = {
+    ("post", "/api/v1/generate"): {"data": {"inputs": "Hello", "max_new_tokens": "2"}},
+    ("get", "/api/v1/open_inference_session"): {"params": {"max_length": "32"}},
+    ("get", "/api/v1/close_inference_session"): {"params": {"session_id": "inference-0.unknown"}},
+    ("post", "/api/v2/generate_stream"): {"json": {"inputs": "Hello", "max_new_tokens": 3}},
+    ("get", "/healthz"): {},
+    ("get", "/readyz"): {},
+    ("get", "/metrics"): {},
+    ("get", "/api/openapi.json"): {},
+}
+
+
+@pytest.fixture(scope="module")
+def document(gateway) -> dict:
+    return requests.get(f"{gateway.base_url}/api/openapi.json", timeout=10).json()
+
+
+def validate(document: dict, schema: dict, instance) -> None:
+    jsonschema.validate(instance, {**schema, "components": document["components"]})
+
+
+def sse_events(text: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def test_every_documented_operation_exists_and_answers_per_its_schema(gateway, document):
+    operations = {(m, p) for p, item in document["paths"].items() for m in item}
+    assert operations == set(EXAMPLES), "keep the examples in step with the document"
+    for (method, path), kwargs in EXAMPLES.items():
+        response = requests.request(method, gateway.base_url + path, timeout=60, **kwargs)
+        spec = document["paths"][path][method]["responses"].get(str(response.status_code))
+        assert spec, f"{method.upper()} {path} answered an undocumented {response.status_code}"
+        media_type = response.headers["Content-Type"].split(";")[0]
+        content = spec["content"][media_type]
+        if media_type == "application/json":
+            validate(document, content["schema"], response.json())
+        elif media_type == "text/event-stream":
+            events = sse_events(response.content.decode("utf-8"))
+            assert [e for e, _ in events][-1] == "done"
+            for event, data in events:
+                validate(document, content["x-events"][event], data)
+        else:
+            assert response.text
+
+
+def test_documented_errors_match_the_schema(gateway, document):
+    errors = document["paths"]["/api/v2/generate_stream"]["post"]["responses"]
+    for body, status in [({"inputs": "Hi"}, 400), ({"inputs": "Hi", "max_new_tokens": 1, "session_id": "x.y"}, 404)]:
+        response = requests.post(f"{gateway.base_url}/api/v2/generate_stream", json=body, timeout=30)
+        assert response.status_code == status
+        validate(document, errors[str(status)]["content"]["application/json"]["schema"], response.json())
+
+
+def test_request_metrics_add_up_across_workers(gateway):
+    def count() -> float:
+        families = text_string_to_metric_families(requests.get(f"{gateway.base_url}/metrics", timeout=10).text)
+        return sum(
+            s.value
+            for f in families
+            for s in f.samples
+            if s.name == "petals_chat_requests_total" and s.labels["endpoint"] == "/api/v1/open_inference_session"
+        )
+
+    before = count()
+    for _ in range(12):  # a new connection each time: the requests land on both workers
+        requests.get(f"{gateway.base_url}/api/v1/open_inference_session", params={"max_length": "x"}, timeout=10)
+    assert count() - before == 12
+
+
+def test_routing_metrics_are_exported(gateway):
+    Api(gateway.base_url).generate(inputs="Hi", max_new_tokens=1)
+    text = requests.get(f"{gateway.base_url}/metrics", timeout=10).text
+    assert 'petals_chat_gateway_routing_decisions_total{decision="sessionless",replica="inference-0"}' in text
+    assert "petals_chat_gateway_upstream_duration_seconds_bucket" in text
+
+
+def test_rate_limit(inference, artifacts_dir):
+    limited = start_gateway(
+        artifacts_dir,
+        {"inference-0": inference.base_url},
+        "gateway-rate-limited",
+        RATE_LIMIT_PER_MINUTE="6",
+        RATE_LIMIT_BURST="3",
+        GUNICORN_WORKERS="1",
+    )
+    try:
+        url = f"{limited.base_url}/api/v1/open_inference_session"
+        answers = [requests.get(url, params={"max_length": "x"}, timeout=10) for _ in range(4)]
+        assert [a.json()["ok"] for a in answers] == [False] * 4
+        assert all("max_length must be" in a.json()["traceback"] for a in answers[:3])
+        assert "Too many requests" in answers[3].json()["traceback"] and answers[3].headers["Retry-After"]
+        streamed = requests.post(f"{limited.base_url}/api/v2/generate_stream", json={}, timeout=10)
+        assert streamed.status_code == 429
+        assert requests.get(f"{limited.base_url}/healthz", timeout=10).status_code == 200  # not limited
+    finally:
+        limited.stop()
+
+
+def test_cors_preflight_and_headers(gateway):
+    preflight = requests.options(
+        f"{gateway.base_url}/api/v2/generate_stream",
+        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+        timeout=10,
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == "*"
+    simple = requests.get(f"{gateway.base_url}/healthz", headers={"Origin": "https://app.example"}, timeout=10)
+    assert simple.headers["Access-Control-Allow-Origin"] == "*"
