@@ -7,7 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REQUIREMENTS := requirements/web.txt requirements/gateway.txt requirements/torch-cpu.txt requirements/petals.txt requirements/dev.txt
 
-.PHONY: setup run test lint format bench clean
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: setup browser run test lint format bench clean
 
 setup: $(STAMP)
 
@@ -20,10 +22,18 @@ $(STAMP): $(REQUIREMENTS) services/swarm/p2pd.py
 	$(PY) -m services.swarm.p2pd
 	touch $@
 
+# Browser tests drive Debian's Chromium through Playwright (never `playwright install`:
+# it downloads browsers from the internet).
+browser: $(CHROMIUM)
+
+$(CHROMIUM):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
 run: $(STAMP)
 	$(PY) -m deploy.run_local
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest
 
 lint: $(STAMP)

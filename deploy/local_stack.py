@@ -143,6 +143,11 @@ def gateway_process(
     return ServiceProcess(name, "services/gateway/gunicorn.conf.py", env, log_path, port)
 
 
+def ui_process(*, port: int, log_path: Path, extra_env: dict[str, str] | None = None) -> ServiceProcess:
+    """The ui service on loopback."""
+    return ServiceProcess("ui", "services/ui/gunicorn.conf.py", dict(extra_env or {}), log_path, port)
+
+
 class LocalStack:
     """Private swarm + inference replicas + gateway, started and stopped together."""
 
@@ -180,9 +185,16 @@ class LocalStack:
                 )
                 self.services.append(replica.start())
                 replicas[replica.name] = replica.base_url
-            for replica in self.services:
-                replica.wait_ready(timeout)
-            gateway = gateway_process(replicas=replicas, port=self.public_port, log_path=logs / "gateway.log")
+            ui = ui_process(port=self.public_port + 9, log_path=logs / "ui.log")
+            self.services.append(ui.start())
+            for service in self.services:
+                service.wait_ready(timeout)
+            gateway = gateway_process(
+                replicas=replicas,
+                port=self.public_port,
+                log_path=logs / "gateway.log",
+                extra_env={"UI_URL": ui.base_url},
+            )
             self.services.append(gateway.start())
             gateway.wait_ready(timeout)
         except BaseException:
@@ -216,4 +228,5 @@ __all__ = [
     "get_json",
     "inference_process",
     "pick_free_port",
+    "ui_process",
 ]

@@ -3,7 +3,8 @@
 Builds the offline tiny BLOOM (cached), starts a private Petals swarm on loopback, the
 inference replicas and the gateway, prints the URLs, and runs in the foreground until Ctrl-C
 (or SIGTERM), then stops everything it started. Settings (environment): PUBLIC_PORT (5000;
-inference replicas listen on PUBLIC_PORT+10, +11, ...), INFERENCE_REPLICAS_LOCAL (2),
+the ui service listens on PUBLIC_PORT+9 and
+inference replicas on PUBLIC_PORT+10, +11, ...), INFERENCE_REPLICAS_LOCAL (2),
 LOCAL_SWARM_BLOCKS ("0:2 2:4": one block range per Petals server), LOCAL_STATE_DIR
 (.cache/local: logs, identities).
 """
@@ -36,7 +37,8 @@ def main() -> int:
         stack.start()
         url = stack.public_url
         print(
-            f"\nPetals Chat is up.\n  API:     {url}/api/v1/  (OpenAPI: {url}/api/openapi.json)\n"
+            f"\nPetals Chat is up.\n  Chat:    {url}/\n"
+            f"  API:     {url}/api/v1/  (OpenAPI: {url}/api/openapi.json)\n"
             f"  Metrics: {url}/metrics (gateway), "
             f"{', '.join(s.base_url + '/metrics' for s in stack.services if s.name.startswith('inference'))}\n"
             f"  Swarm:   {' '.join(stack.swarm.initial_peers)}\n"

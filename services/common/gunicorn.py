@@ -31,9 +31,9 @@ def prepare_multiprocess_metrics() -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="petals-chat-metrics-")
 
 
-def mark_worker_dead(pid: int) -> None:
-    """Drop a dead worker's live gauges (gunicorn's child_exit hook)."""
+def child_exit(server: Any, worker: Any) -> None:
+    """gunicorn hook (import it into a config file): drop a dead worker's live gauges."""
     from prometheus_client import multiprocess
 
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(worker.pid)

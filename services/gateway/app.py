@@ -22,6 +22,7 @@ from services.gateway.resources import (
     Router,
 )
 from services.gateway.settings import GatewaySettings
+from services.gateway.ui_proxy import UI_PATHS, UiProxy
 from services.gateway.upstream import Upstream
 
 
@@ -54,6 +55,8 @@ def build_app(settings: GatewaySettings) -> tuple[falcon.App, ReplicaSet]:
     app.add_route("/api/v1/close_inference_session", CloseSessionResource(router, limits))
     app.add_route("/api/v2/generate_stream", GenerateStreamResource(router, limits))
     app.add_route("/api/openapi.json", OpenApiResource(limits))
+    if settings.ui_url:
+        app.add_sink(UiProxy(upstream, settings.ui_url), prefix=UI_PATHS)
     return app, replicas
 
 

@@ -5,7 +5,7 @@ with one clear line.
 """
 
 from services.common.config import load_or_exit
-from services.common.gunicorn import common_settings, mark_worker_dead, prepare_multiprocess_metrics
+from services.common.gunicorn import child_exit, common_settings, prepare_multiprocess_metrics
 from services.gateway.settings import GatewaySettings
 
 _settings = load_or_exit(GatewaySettings.from_env, "gateway")
@@ -20,7 +20,4 @@ globals().update(
     )
 )
 
-
-def child_exit(server, worker):
-    """Forget a dead worker's live gauges."""
-    mark_worker_dead(worker.pid)
+__all__ = ["child_exit"]  # gunicorn's hook, from the shared module

@@ -24,6 +24,7 @@ class GatewaySettings:
     rate_limit_burst: int
     trust_proxy_headers: bool
     cors_allow_origins: tuple[str, ...]
+    ui_url: str
     limits: Limits
     debug_tracebacks: bool
     log_level: str
@@ -44,10 +45,19 @@ class GatewaySettings:
             rate_limit_burst=env.int("RATE_LIMIT_BURST", 20, minimum=1),
             trust_proxy_headers=env.bool("TRUST_PROXY_HEADERS", False),
             cors_allow_origins=env.list("CORS_ALLOW_ORIGINS", ("*",)),
+            ui_url=parse_ui_url(env.str("UI_URL", "")),
             limits=Limits.from_env(env),
             debug_tracebacks=env.bool("DEBUG_TRACEBACKS", False),
             log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         )
+
+
+def parse_ui_url(value: str) -> str:
+    """Optional base URL of the ui service (non-API paths are forwarded there)."""
+    url = value.rstrip("/")
+    if url and not re.match(r"^https?://[^/\s]+$", url):
+        raise ConfigError(f"UI_URL must be http(s)://HOST:PORT, got {value!r}")
+    return url
 
 
 def parse_replicas(entries: tuple[str, ...]) -> dict[str, str]:

@@ -38,18 +38,21 @@ class Upstream:
         *,
         fields: dict[str, Any] | None = None,
         json_body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
         stream: bool = False,
+        decode_content: bool = True,
         read_timeout_s: float | None = None,
     ) -> urllib3.BaseHTTPResponse:
         """One call; with ``stream`` the body is left unread for relaying."""
         timeout = urllib3.Timeout(connect=self._connect_timeout_s, read=read_timeout_s or self._read_timeout_s)
         body = json.dumps(json_body).encode() if json_body is not None else None
-        headers = {"Content-Type": "application/json"} if body is not None else None
+        if body is not None:
+            headers = {**(headers or {}), "Content-Type": "application/json"}
         started = time.perf_counter()
         try:
             response = self._http.request(
-                method, url + path, fields=fields, body=body, headers=headers,
-                timeout=timeout, preload_content=not stream, redirect=False,
+                method, url + path, fields=fields, body=body, headers=headers, timeout=timeout,
+                preload_content=not stream, decode_content=decode_content, redirect=False,
             )  # fmt: skip
         except (NewConnectionError, ConnectTimeoutError) as error:
             raise self._failed(replica, "connect", error) from error

@@ -55,8 +55,13 @@ def server_command(
     initial_peers: Sequence[str] = (),
     torch_dtype: str = "float32",
     device: str = "cpu",
+    attn_cache_tokens: int = 32768,
 ) -> list[str]:
-    """The argv of one Petals server; a new swarm when ``initial_peers`` is empty."""
+    """The argv of one Petals server; a new swarm when ``initial_peers`` is empty.
+
+    ``attn_cache_tokens`` is the attention cache the server shares among all sessions (Petals
+    defaults to 4096 tokens: four 1024-token chat sessions would fill it).
+    """
     swarm = ["--initial_peers", *initial_peers] if initial_peers else ["--new_swarm"]
     return [
         sys.executable, "-m", "petals.cli.run_server", model,
@@ -64,6 +69,7 @@ def server_command(
         "--host_maddrs", f"/ip4/{host}/tcp/{port}",
         "--block_indices", block_indices,
         "--throughput", "1",
+        "--attn_cache_tokens", str(attn_cache_tokens),
         "--torch_dtype", torch_dtype,
         "--device", device,
         "--skip_reachability_check",

@@ -1,0 +1,83 @@
+"""The ui service: serves the chat page and its static assets, nothing else.
+
+Caching: the page is ``no-cache`` (always revalidated, 304 by ETag); assets requested with
+their content version (``?v=<hash>``, as the page links them) are cacheable for a year and
+immutable; any other asset request is revalidated. Responses are gzip-compressed for clients
+that accept it.
+"""
+
+from __future__ import annotations
+
+import falcon
+
+from services.common.app import configure_logging
+from services.common.app import create_app as create_base_app
+from services.common.config import load_or_exit
+from services.ui.assets import Asset, load_static, render_page
+from services.ui.settings import UiSettings
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+REVALIDATE = "no-cache"
+
+
+def send_asset(req: falcon.Request, resp: falcon.Response, asset: Asset, cache_control: str) -> None:
+    """Answer with an asset: ETag/304, Cache-Control, gzip when accepted."""
+    resp.cache_control = [cache_control]
+    resp.etag = asset.etag
+    resp.vary = ["Accept-Encoding"]
+    resp.content_type = asset.content_type
+    if any(tag in (asset.digest, "*") for tag in req.if_none_match or []):  # Falcon strips the quotes
+        resp.status = falcon.HTTP_304
+        return
+    if asset.gzipped is not None and "gzip" in (req.get_header("Accept-Encoding") or ""):
+        resp.set_header("Content-Encoding", "gzip")
+        resp.data = asset.gzipped
+    else:
+        resp.data = asset.body
+
+
+class PageResource:
+    """``GET /``: the chat page."""
+
+    def __init__(self, page: Asset) -> None:
+        self._page = page
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        send_asset(req, resp, self._page, REVALIDATE)
+
+
+class StaticResource:
+    """``GET /static/{name}``: CSS and JavaScript of the page."""
+
+    def __init__(self, assets: dict[str, Asset]) -> None:
+        self._assets = assets
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        asset = self._assets.get(name)
+        if asset is None:
+            raise falcon.HTTPNotFound(description=f"No static file {name!r}")
+        versioned = req.get_param("v") == asset.digest
+        send_asset(req, resp, asset, IMMUTABLE if versioned else REVALIDATE)
+
+
+def build_app(settings: UiSettings) -> falcon.App:
+    """The ui's WSGI app."""
+    assets = load_static()
+    chat_config = {
+        "apiBaseUrl": settings.api_base_url,
+        "preamble": settings.preamble,
+        "separator": settings.separator,
+        "stop": settings.stop,
+        "sessionMaxLength": settings.session_max_length,
+    }
+    app = create_base_app(readiness=lambda: (True, {"detail": "ready"}), debug_tracebacks=False)
+    app.add_route("/", PageResource(render_page(assets, chat_config)))
+    app.add_route("/static/{name}", StaticResource(assets))
+    return app
+
+
+def create_app() -> falcon.App:
+    """gunicorn's app factory."""
+    settings = load_or_exit(UiSettings.from_env, "ui")
+    configure_logging(settings.log_level)
+    return build_app(settings)

@@ -1,0 +1,51 @@
+"""The ui service's settings, read from the environment (see README, Configuration)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import ConfigError, Env
+
+
+def _unescape(value: str) -> str:
+    """Environment values cannot hold newlines easily: accept ``\\n`` for one."""
+    return value.replace("\\n", "\n")
+
+
+@dataclass(frozen=True)
+class UiSettings:
+    """Everything the ui service reads from its environment."""
+
+    bind: str
+    workers: int
+    threads: int
+    api_base_url: str
+    preamble: str
+    separator: str
+    stop: str
+    session_max_length: int
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> UiSettings:
+        """Read and validate every setting; raises ConfigError with a clear message."""
+        env = env or Env()
+        api_base_url = env.str("API_BASE_URL", "").rstrip("/")
+        if api_base_url and not api_base_url.startswith(("http://", "https://", "/")):
+            raise ConfigError(
+                f"API_BASE_URL must be empty (same origin), a path or an http(s) URL, got {api_base_url!r}"
+            )
+        separator = _unescape(env.str("CHAT_SEPARATOR", "\\n\\n"))
+        return cls(
+            bind=env.str("BIND", "127.0.0.1:8090"),
+            workers=env.int("GUNICORN_WORKERS", 2, minimum=1, maximum=64),
+            threads=env.int("GUNICORN_THREADS", 8, minimum=1, maximum=256),
+            api_base_url=api_base_url,
+            preamble=_unescape(
+                env.str("CHAT_PREAMBLE", "A human talks to a powerful AI that follows the human's instructions.")
+            ),
+            separator=separator,
+            stop=_unescape(env.str("CHAT_STOP", "")) or separator,
+            session_max_length=env.int("CHAT_SESSION_MAX_LENGTH", 1024, minimum=64, maximum=65_536),
+            log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+        )

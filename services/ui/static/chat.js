@@ -1,0 +1,299 @@
+// Petals Chat page: a dialogue streamed token by token from the gateway's SSE endpoint.
+//
+// One inference session per dialogue: the first request sends the whole transcript, later ones
+// only the new turn. When the gateway says the session expired (or its replica is gone), a new
+// session is opened and the dialogue replayed, once, without bothering the user.
+"use strict";
+
+(() => {
+  const config = JSON.parse(document.getElementById("chat-config").textContent);
+  const SETTINGS_KEY = "petals-chat-settings";
+  const DEFAULTS = { sampling: true, temperature: 0.75, top_p: 0.9, max_new_tokens: 256 };
+  const SLOW_SECONDS_PER_TOKEN = 3;
+
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    dialogue: $("dialogue"), composer: $("composer"), message: $("message"), send: $("send"),
+    stop: $("stop"), newChat: $("new-chat"), speed: $("speed"), slowHint: $("slow-hint"),
+    error: $("error"), errorMessage: $("error-message"), retry: $("retry"), settings: $("settings"),
+  };
+
+  class ApiError extends Error {
+    constructor(code, message) {
+      super(message);
+      this.code = code;
+    }
+  }
+
+  const state = {
+    sessionId: null,
+    sessionLength: config.sessionMaxLength,
+    continuation: "", // what must precede the next turn in the current session
+    turns: [], // {role: "human" | "ai", text}
+    controller: null,
+    stopped: false,
+    dialogue: 0, // bumped by "New chat": late results of an older dialogue are dropped
+  };
+
+  // ---- settings, kept across reloads ----------------------------------------------------
+  function loadSettings() {
+    try {
+      return { ...DEFAULTS, ...JSON.parse(localStorage.getItem(SETTINGS_KEY) || "{}") };
+    } catch {
+      return { ...DEFAULTS };
+    }
+  }
+
+  function showSettings(settings) {
+    ui.settings.sampling.checked = settings.sampling;
+    for (const name of ["temperature", "top_p", "max_new_tokens"]) ui.settings[name].value = settings[name];
+  }
+
+  function readSettings() {
+    const number = (name) => {
+      const input = ui.settings[name];
+      const value = Number(input.value);
+      const ok = input.value !== "" && Number.isFinite(value) && value >= Number(input.min) && value <= Number(input.max);
+      return ok ? value : DEFAULTS[name];
+    };
+    return {
+      sampling: ui.settings.sampling.checked,
+      temperature: number("temperature"),
+      top_p: number("top_p"),
+      max_new_tokens: Math.round(number("max_new_tokens")),
+    };
+  }
+
+  ui.settings.addEventListener("change", () => localStorage.setItem(SETTINGS_KEY, JSON.stringify(readSettings())));
+
+  // ---- the API ---------------------------------------------------------------------------
+  const api = (path) => config.apiBaseUrl + path;
+
+  async function openSession(maxLength) {
+    const response = await fetch(api(`/api/v1/open_inference_session?max_length=${maxLength}`));
+    const body = await response.json();
+    if (!body.ok) throw new ApiError("open_failed", body.traceback);
+    return body.session_id;
+  }
+
+  function closeSession(sessionId) {
+    // keepalive: the request completes even when the page is going away.
+    const url = api(`/api/v1/close_inference_session?session_id=${encodeURIComponent(sessionId)}`);
+    if (sessionId) fetch(url, { keepalive: true }).catch(() => {});
+  }
+
+  function setSession(sessionId) {
+    state.sessionId = sessionId;
+    document.body.dataset.sessionId = sessionId || "";
+  }
+
+  function dropSession() {
+    closeSession(state.sessionId);
+    setSession(null);
+  }
+
+  // Stream one answer; calls onToken(text, generatedTokens) and returns the `done` event.
+  async function streamAnswer(body, onToken) {
+    state.controller = new AbortController();
+    const response = await fetch(api("/api/v2/generate_stream"), {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+      signal: state.controller.signal,
+    });
+    if (!response.ok) {
+      const error = await response.json().catch(() => ({}));
+      throw new ApiError(error.error?.code || `http_${response.status}`, error.error?.message || `HTTP ${response.status}`);
+    }
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const event = parseEvent(buffer.slice(0, end));
+        buffer = buffer.slice(end + 2);
+        if (event.name === "token") onToken(event.data.text, event.data.generated_tokens);
+        else if (event.name === "done") return event.data;
+        else if (event.name === "error") throw new ApiError(event.data.error.code, event.data.error.message);
+      }
+    }
+    throw new ApiError("cut_off", "The answer was cut off before it finished.");
+  }
+
+  function parseEvent(block) {
+    const event = { name: "message", data: null };
+    for (const line of block.split("\n")) {
+      if (line.startsWith("event: ")) event.name = line.slice(7);
+      else if (line.startsWith("data: ")) event.data = JSON.parse(line.slice(6));
+    }
+    return event;
+  }
+
+  // ---- the dialogue ----------------------------------------------------------------------
+  function transcript() {
+    const lines = state.turns.map((turn) => (turn.role === "human" ? `Human: ${turn.text}` : `AI:${turn.text}`));
+    return [config.preamble, ...lines].join(config.separator) + config.separator + "AI:";
+  }
+
+  function addTurn(role, text) {
+    const item = document.createElement("li");
+    item.className = `turn ${role}`;
+    const who = document.createElement("span");
+    who.className = "who";
+    who.textContent = role === "human" ? "You" : "AI";
+    const body = document.createElement("span");
+    body.className = "text";
+    body.textContent = text;
+    item.append(who, body);
+    ui.dialogue.append(item);
+    item.scrollIntoView({ block: "end" });
+    return { item, body };
+  }
+
+  function showSpeed(tokens, startedAt) {
+    const seconds = (performance.now() - startedAt) / 1000;
+    const perToken = seconds / tokens;
+    ui.speed.textContent = `${(tokens / seconds).toFixed(1)} tokens/s · ${perToken.toFixed(2)} s/token`;
+    ui.speed.hidden = false;
+    ui.slowHint.hidden = perToken <= SLOW_SECONDS_PER_TOKEN;
+  }
+
+  async function generate(humanText, view) {
+    const settings = readSettings();
+    let replayed = false;
+    for (;;) {
+      let inputs;
+      if (!state.sessionId) {
+        setSession(await openSession(state.sessionLength));
+        inputs = transcript();
+      } else {
+        inputs = `${state.continuation}Human: ${humanText}${config.separator}AI:`;
+      }
+      const body = { session_id: state.sessionId, inputs, max_new_tokens: settings.max_new_tokens, stop: [config.stop] };
+      Object.assign(body, settings.sampling
+        ? { do_sample: 1, temperature: settings.temperature, top_p: settings.top_p }
+        : { do_sample: 0 });
+      view.body.textContent = "";
+      const startedAt = performance.now();
+      try {
+        const done = await streamAnswer(body, (text, tokens) => {
+          view.body.textContent += text;
+          showSpeed(tokens, startedAt);
+        });
+        view.body.textContent = done.outputs;
+        state.continuation = done.finish_reason === "stop" ? "" : config.separator;
+        return done.outputs;
+      } catch (error) {
+        const full = error.code === "invalid_parameter" && /larger max_length/.test(error.message);
+        if (replayed || !(error.code === "session_not_found" || full)) throw error;
+        // The session is gone (expired, replica lost) or too small: a new one, and replay.
+        replayed = true;
+        if (full) state.sessionLength *= 2;
+        setSession(null);
+      }
+    }
+  }
+
+  async function answer(humanText) {
+    hideError();
+    setBusy(true);
+    const view = addTurn("ai", "");
+    view.item.classList.add("streaming");
+    state.stopped = false;
+    const dialogue = state.dialogue;
+    try {
+      const text = await generate(humanText, view);
+      state.turns.push({ role: "ai", text });
+    } catch (error) {
+      if (dialogue !== state.dialogue) return; // "New chat" was pressed meanwhile
+      if (state.stopped) {
+        state.turns.push({ role: "ai", text: view.body.textContent }); // keep what was shown
+      } else {
+        view.item.remove();
+        dropSession(); // its state is unknown now: the retry replays into a new one
+        showError(error.message || String(error));
+      }
+    } finally {
+      view.item.classList.remove("streaming");
+      setBusy(false);
+    }
+  }
+
+  function submit() {
+    const text = ui.message.value.trim();
+    if (!text || ui.send.disabled) return;
+    ui.message.value = "";
+    state.turns.push({ role: "human", text });
+    addTurn("human", text);
+    answer(text);
+  }
+
+  function setBusy(busy) {
+    ui.message.disabled = busy;
+    ui.send.disabled = busy;
+    ui.stop.hidden = !busy;
+    if (!busy) ui.message.focus();
+  }
+
+  function showError(message) {
+    ui.errorMessage.textContent = message;
+    ui.error.hidden = false;
+  }
+
+  function hideError() {
+    ui.error.hidden = true;
+  }
+
+  function lastHumanText() {
+    for (let i = state.turns.length - 1; i >= 0; i--) if (state.turns[i].role === "human") return state.turns[i].text;
+    return null;
+  }
+
+  // ---- controls --------------------------------------------------------------------------
+  ui.composer.addEventListener("submit", (event) => {
+    event.preventDefault();
+    submit();
+  });
+
+  ui.message.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      submit();
+    }
+  });
+
+  ui.stop.addEventListener("click", () => {
+    state.stopped = true;
+    state.controller?.abort();
+    dropSession(); // the server stops at once; the next turn replays into a new session
+  });
+
+  ui.retry.addEventListener("click", () => {
+    const text = lastHumanText();
+    if (text !== null) answer(text);
+  });
+
+  ui.newChat.addEventListener("click", () => {
+    state.stopped = true;
+    state.controller?.abort();
+    dropSession();
+    state.dialogue += 1;
+    state.turns = [];
+    state.continuation = "";
+    ui.dialogue.replaceChildren();
+    ui.speed.hidden = ui.slowHint.hidden = true;
+    hideError();
+    ui.message.focus();
+  });
+
+  // Leaving the page frees the session's attention caches on the swarm at once.
+  window.addEventListener("pagehide", () => dropSession());
+
+  showSettings(loadSettings());
+  setSession(null);
+  ui.message.focus();
+})();

@@ -1,0 +1,240 @@
+"""The chat page in a real headless Chromium, against the full stack (swarm, inference, gateway, ui)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from deploy.local_stack import ServiceProcess, pick_free_port, ui_process
+from tests.conftest import start_gateway
+
+PREAMBLE = "A human talks to a powerful AI that follows the human's instructions."
+SEP = "\n\n"
+STOP = "\n\nHuman:"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ui(artifacts_dir) -> Iterator[ServiceProcess]:
+    service = ui_process(
+        port=pick_free_port(), log_path=artifacts_dir / "logs" / "ui.log", extra_env={"CHAT_STOP": "\\n\\nHuman:"}
+    )
+    service.start()
+    try:
+        service.wait_ready(timeout=60)
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="module")
+def site(inference, ui, artifacts_dir) -> Iterator[str]:
+    """The public entry point: a gateway serving the API and forwarding the page to the ui."""
+    gateway = start_gateway(artifacts_dir, {"inference-0": inference.base_url}, "gateway-site", UI_URL=ui.base_url)
+    yield gateway.base_url
+    gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    os.environ.setdefault("PLAYWRIGHT_BROWSERS_PATH", tempfile.mkdtemp(prefix="pw-"))  # never downloads
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, site):
+    """A fresh page with greedy settings. Console errors are asserted empty at the end, except the
+    network log lines of HTTP statuses a test provokes on purpose (``page.expected_statuses``)."""
+    context = browser.new_context(viewport={"width": 1000, "height": 800})
+    context.add_init_script(
+        "if (!localStorage.getItem('petals-chat-settings'))"
+        " localStorage.setItem('petals-chat-settings', JSON.stringify({sampling: false, max_new_tokens: 24}))"
+    )
+    page = context.new_page()
+    problems: list[str] = []
+    page.expected_statuses = set()
+    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.goto(site + "/")
+    page.evaluate(
+        "window.__updates = 0; new MutationObserver((m) => { window.__updates += m.length; })"
+        ".observe(document.getElementById('dialogue'), {subtree: true, childList: true, characterData: true})"
+    )
+    yield page
+    context.close()
+    expected = [f"status of {status} " for status in page.expected_statuses]
+    unexpected = [
+        p for p in problems if not (p.startswith("Failed to load resource") and any(e in p for e in expected))
+    ]
+    assert unexpected == [], f"console errors: {unexpected}"
+
+
+def send(page, text: str) -> None:
+    page.fill("#message", text)
+    page.press("#message", "Enter")
+
+
+def wait_idle(page, timeout_ms: int = 60_000) -> None:
+    page.wait_for_function("!document.getElementById('send').disabled", timeout=timeout_ms)
+
+
+def ai_texts(page) -> list[str]:
+    return page.eval_on_selector_all(".turn.ai .text", "nodes => nodes.map(n => n.textContent)")
+
+
+def api_answers(site: str, turns: list[str], max_new_tokens: int) -> list[str]:
+    """What the API returns, greedy, when ``turns`` are sent in turn into one fresh session."""
+    session_id = requests.get(f"{site}/api/v1/open_inference_session", params={"max_length": 1024}).json()["session_id"]
+    answers = []
+    for inputs in turns:
+        body = {"inputs": inputs, "max_new_tokens": max_new_tokens, "stop": [STOP], "session_id": session_id}
+        response = requests.post(f"{site}/api/v2/generate_stream", json=body, timeout=60)
+        last = response.content.decode("utf-8").strip().split("\n\n")[-1].splitlines()
+        assert last[0] == "event: done", last
+        answers.append(json.loads(last[1].removeprefix("data: "))["outputs"])
+    requests.get(f"{site}/api/v1/close_inference_session", params={"session_id": session_id})
+    return answers
+
+
+def set_setting(page, name: str, value: str) -> None:
+    page.click(".settings summary") if not page.is_visible(f"#{name}") else None
+    page.fill(f"#{name}", value)
+    page.dispatch_event("#settings", "change")
+
+
+def test_answer_streams_in_and_equals_the_api(page, site, artifacts_dir):
+    send(page, "Hello! What is Petals?")
+    page.wait_for_selector("#stop:not([hidden])")
+    assert page.is_disabled("#message")
+    wait_idle(page)
+    assert page.evaluate("window.__updates") >= 5, "the answer should appear over several updates"
+    assert re.match(r"[\d.]+ tokens/s · [\d.]+ s/token", page.inner_text("#speed"))
+    assert page.is_enabled("#message") and page.is_hidden("#stop")
+    expected = api_answers(site, [f"{PREAMBLE}{SEP}Human: Hello! What is Petals?{SEP}AI:"], 24)
+    assert ai_texts(page) == expected
+    shots = artifacts_dir / "screenshots"
+    shots.mkdir(exist_ok=True)
+    page.screenshot(path=str(shots / "chat.png"), full_page=True)
+
+
+def test_second_turn_continues_the_session(page, site):
+    send(page, "Hi")
+    wait_idle(page)
+    session_id = page.evaluate("document.body.dataset.sessionId")
+    send(page, "Tell me a short story.")
+    wait_idle(page)
+    assert page.evaluate("document.body.dataset.sessionId") == session_id  # same session, only the new turn sent
+    # The page sent the first turn, then only the second one (after the separator the model did not emit).
+    turns = [f"{PREAMBLE}{SEP}Human: Hi{SEP}AI:", f"{SEP}Human: Tell me a short story.{SEP}AI:"]
+    assert ai_texts(page) == api_answers(site, turns, 24)
+
+
+def test_stop_interrupts_a_long_answer_and_the_next_message_works(page):
+    set_setting(page, "max_new_tokens", "600")
+    send(page, "Write a very long story.")
+    page.wait_for_function("window.__updates > 12", timeout=60_000)
+    page.click("#stop")
+    wait_idle(page, timeout_ms=5_000)
+    stopped = ai_texts(page)[0]
+    time.sleep(1)
+    assert ai_texts(page)[0] == stopped, "no more text after Stop"
+    set_setting(page, "max_new_tokens", "8")
+    send(page, "Thanks!")
+    wait_idle(page)
+    assert len(ai_texts(page)) == 2 and page.is_hidden("#error")
+
+
+def test_expired_session_is_recovered_silently(page, site):
+    send(page, "Hi")
+    wait_idle(page)
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    old_session = page.evaluate("document.body.dataset.sessionId")
+    closed = requests.get(f"{site}/api/v1/close_inference_session", params={"session_id": old_session}).json()
+    assert closed == {"ok": True}  # expire it server-side
+    page.expected_statuses.add(404)  # the page learns it from a 404, then reopens and replays
+    send(page, "Are you still there?")
+    wait_idle(page)
+    assert page.is_hidden("#error")
+    assert page.evaluate("document.body.dataset.sessionId") not in ("", old_session)
+    first, second = ai_texts(page)
+    transcript = f"{PREAMBLE}{SEP}Human: Hi{SEP}AI:{first}{SEP}Human: Are you still there?{SEP}AI:"
+    assert [second] == api_answers(site, [transcript], 24)  # the dialogue was replayed into a new session
+
+
+def test_errors_show_a_box_with_retry(page, site, inference):
+    page.expected_statuses.add(503)
+    page.route("**/api/v2/generate_stream", lambda route: route.fulfill(
+        status=503, content_type="application/json",
+        body=json.dumps({"ok": False, "error": {"code": "unavailable", "message": "No inference replica is ready"}}),
+    ))  # fmt: skip
+    send(page, "Hello")
+    wait_idle(page)
+    assert page.is_visible("#error") and "No inference replica is ready" in page.inner_text("#error")
+    page.unroute("**/api/v2/generate_stream")
+    page.click("#retry")
+    wait_idle(page)
+    assert page.is_hidden("#error") and len(ai_texts(page)) == 1
+
+
+def test_shift_enter_inserts_a_newline_and_settings_persist(page, site):
+    page.fill("#message", "line one")
+    page.press("#message", "Shift+Enter")
+    page.type("#message", "line two")
+    assert page.input_value("#message") == "line one\nline two"
+    set_setting(page, "temperature", "1.3")
+    page.reload()
+    page.click(".settings summary")
+    assert page.input_value("#temperature") == "1.3"
+
+
+def test_phone_sized_screen_and_labels(browser, site, artifacts_dir):
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+    page = context.new_page()
+    page.goto(site + "/")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    for label in ["Your message", "Temperature", "Top-p", "Max new tokens"]:
+        assert page.get_by_label(label).count() == 1
+    assert page.get_attribute("#dialogue", "aria-live") == "polite"
+    page.screenshot(path=str(artifacts_dir / "screenshots" / "chat-phone.png"))
+    context.close()
+
+
+def test_static_responses_are_cached_and_compressed(site):
+    page = requests.get(site + "/", headers={"Accept-Encoding": "gzip"}, timeout=10)
+    assert page.headers["Cache-Control"] == "no-cache" and page.headers["Content-Encoding"] == "gzip"
+    assert page.headers["Vary"] == "Accept-Encoding" and page.headers["ETag"]
+    again = requests.get(site + "/", headers={"If-None-Match": page.headers["ETag"]}, timeout=10)
+    assert again.status_code == 304 and again.content == b""
+    for asset in re.findall(r'(?:href|src)="(/static/[^"]+)"', page.text):
+        response = requests.get(site + asset, headers={"Accept-Encoding": "gzip"}, stream=True, timeout=10)
+        raw = response.raw.read()
+        assert response.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+        assert response.headers["Content-Encoding"] == "gzip" and gzip.decompress(raw)
+        plain = requests.get(site + asset.split("?")[0], headers={"Accept-Encoding": "identity"}, timeout=10)
+        assert plain.headers["Cache-Control"] == "no-cache" and "Content-Encoding" not in plain.headers
+    assert requests.get(site + "/static/missing.js", timeout=10).status_code == 404
+
+
+def test_no_asset_comes_from_the_internet():
+    static = Path(__file__).resolve().parents[2] / "services" / "ui" / "static"
+    for path in static.iterdir():
+        text = path.read_text(encoding="utf-8")
+        external = re.findall(r'(?:src|href)="(https?://[^"]+)"|url\((https?://[^)]+)\)|@import\s+"?(https?://)', text)
+        links = [e for e in external if e[0] and "github.com/bigscience-workshop/petals" not in e[0]]
+        assert not links and not any(e[1] or e[2] for e in external), (path.name, external)
