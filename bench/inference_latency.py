@@ -1,23 +1,27 @@
-"""Per-token latency: the inference HTTP API versus the raw Petals client, on one private swarm.
+"""Per-token latency: raw Petals client vs the inference HTTP API vs the gateway in front of it.
 
 One run starts a private swarm on loopback (tiny offline BLOOM, 4 blocks, 2 servers "0:2" and
-"2:4"), one inference service (gunicorn) on it, and the raw Petals client in this process on the
-same swarm. The same prompt is generated greedily in two modes, for ``--rounds`` rounds, raw and
-service alternating within each round (and swapping which goes first) so drift hits both alike:
+"2:4"), one inference service and one gateway (gunicorn) on it, and the raw Petals client in this
+process on the same swarm. The same prompt is generated greedily in two modes, for ``--rounds``
+rounds, the three clients taking turns within each round (the order rotating) so drift hits all
+alike:
 
 - one token per request (the seed UI style): open a session, send the prompt with
   max_new_tokens=1, then continue with max_new_tokens=1 up to ``--tokens`` tokens; each
   continuation call is one sample (steady-state per-token latency);
 - one request for N tokens: one generate call without a session; sample = total / tokens.
 
-One unmeasured warm-up round runs first. Figures are printed, never asserted, against the
-target "the service adds under 5% (or under 3 ms) per token".
+One unmeasured warm-up round runs first. In this process the GC runs between timed calls, not
+inside them (as timeit does; also a Petals workaround, see ``collect_garbage``); the service runs
+as deployed. Figures are printed, never asserted, against the target "the service adds under 5%
+(or under 3 ms) per token".
 Run: ``.venv/bin/python -m bench.inference_latency [--tokens 32] [--rounds 5]`` (or ``make bench``).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import platform
@@ -35,7 +39,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import requests  # everything below is imported after HF_HUB_OFFLINE is set: the hub reads it at import
 import torch
 
-from deploy.local_stack import inference_process, pick_free_port
+from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port
+from services.inference import petals_compat
 from services.swarm.launcher import PrivateSwarm
 from services.swarm.tiny_bloom import ensure_tiny_bloom
 
@@ -44,7 +49,8 @@ DHT_PREFIX = "petals-chat-bench"
 # The service's Petals client options at their defaults (services/inference/settings.py), so both
 # clients retry and time out alike; Petals' own default is to retry forever.
 CLIENT_OPTIONS = {"max_retries": 4, "request_timeout": 60.0, "update_period": 30.0}
-Samples = dict[str, list[float]]  # client ("raw" / "service") -> seconds per token
+CLIENTS = ("raw", "inference", "gateway")
+Samples = dict[str, list[float]]  # client -> seconds per token
 
 
 class RawClient:
@@ -55,6 +61,7 @@ class RawClient:
         from transformers import AutoTokenizer
 
         logging.getLogger("petals.client").setLevel(logging.WARNING)  # no "Route found" line per session
+        petals_compat.install()  # as the service does: without it the client can deadlock (see the module)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoDistributedModelForCausalLM.from_pretrained(
             model_dir, initial_peers=peers, dht_prefix=DHT_PREFIX, **CLIENT_OPTIONS
@@ -93,7 +100,7 @@ class RawClient:
 
 
 class ServiceClient:
-    """The inference service's v1 HTTP API over one keep-alive connection."""
+    """The v1 HTTP API (of the inference service or the gateway) over one keep-alive connection."""
 
     def __init__(self, base_url: str, prompt_tokens: int) -> None:
         self.api = base_url + "/api/v1"
@@ -122,11 +129,11 @@ class ServiceClient:
         finally:
             self._call("GET", "close_inference_session", params={"session_id": session_id})
 
-    def one_request(self, tokens: int) -> tuple[float, str]:
-        """Mode b: (seconds, new text) of one generate request without a session."""
+    def one_request(self, tokens: int) -> tuple[float, str, int]:
+        """Mode b: (seconds, new text, -1: tokens unknown) of one generate request without a session."""
         start = time.perf_counter()
         text = self.generate(inputs=PROMPT, max_new_tokens=tokens)
-        return time.perf_counter() - start, text
+        return time.perf_counter() - start, text, -1
 
 
 def _timed(call: Callable[[], object]) -> float:
@@ -135,52 +142,55 @@ def _timed(call: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def measure(raw: RawClient, service: ServiceClient, tokens: int, rounds: int) -> tuple[Samples, Samples, bool]:
-    """Run warm-up + ``rounds`` rounds; returns mode a samples, mode b samples, mode b outputs match."""
-    per_call: Samples = {"raw": [], "service": []}
-    one_shot: Samples = {"raw": [], "service": []}
+def measure(clients: dict[str, Any], tokens: int, rounds: int) -> tuple[Samples, Samples, bool]:
+    """Warm-up + ``rounds`` rounds: mode a samples, mode b samples, whether mode b outputs all match."""
+    per_call: Samples = {name: [] for name in clients}
+    one_shot: Samples = {name: [] for name in clients}
     match = True
+    orders = itertools.cycle(itertools.permutations(clients))
     for index in range(-1, rounds):  # round -1 is the warm-up
-        order = ("raw", "service") if index % 2 == 0 else ("service", "raw")
-        results: dict[str, Any] = {}
-        for who in order:
-            client = raw if who == "raw" else service
-            results[who] = (client.per_token_calls(tokens), client.one_request(tokens))
+        results = {
+            name: (clients[name].per_token_calls(tokens), clients[name].one_request(tokens)) for name in next(orders)
+        }
         if index < 0:
             continue
-        raw_seconds, raw_text, generated = results["raw"][1]
-        service_seconds, service_text = results["service"][1]
-        match = match and raw_text == service_text
-        for who, seconds in (("raw", raw_seconds), ("service", service_seconds)):
-            per_call[who] += results[who][0]
-            one_shot[who].append(seconds / max(generated, 1))  # greedy: both generated the same tokens
+        _, raw_text, generated = results["raw"][1]
+        match = match and all(results[name][1][1] == raw_text for name in clients)
+        for name, (calls, (seconds, *_)) in results.items():
+            per_call[name] += calls
+            one_shot[name].append(seconds / max(generated, 1))  # greedy: all generated the same tokens
         print(f"round {index + 1}/{rounds} done ({generated} tokens in one request)", flush=True)
     return per_call, one_shot, match
 
 
+def _ms(samples: list[float]) -> tuple[float, float]:
+    return statistics.median(samples) * 1000, statistics.fmean(samples) * 1000
+
+
 def report(modes: dict[str, Samples], match: bool, tokens: int, rounds: int) -> None:
-    """Print the machine facts, the comparison table and the verdict against the target."""
+    """Print the machine facts, the comparison table and the verdicts against the targets."""
     print(f"\nmachine: {os.cpu_count()} CPUs (nproc), Python {platform.python_version()}, torch {torch.__version__}")
     print("swarm: 2 Petals servers (blocks 0:2, 2:4) on loopback; model: tiny BLOOM, 4 blocks, float32, CPU")
-    print(f"workload: greedy, {tokens} tokens, {rounds} rounds, raw/service alternating; figures in ms per token")
-    columns = "mode n raw_p50 svc_p50 raw_mean svc_mean ratio_p50 ratio_mean +ms_p50 +ms_mean"
-    rows = [tuple(columns.split())]
+    print(f"workload: greedy, {tokens} tokens, {rounds} rounds, clients taking turns; figures in ms per token")
+    rows = [("mode", "client", "n", "p50", "mean", "p50/raw", "+ms p50 vs raw", "+ms p50 vs inference")]
     verdicts = []
     for mode, samples in modes.items():
-        raw_p50, svc_p50 = (statistics.median(samples[who]) * 1000 for who in ("raw", "service"))
-        raw_mean, svc_mean = (statistics.fmean(samples[who]) * 1000 for who in ("raw", "service"))
-        figures = (raw_p50, svc_p50, raw_mean, svc_mean)
-        ratios = (svc_p50 / raw_p50, svc_mean / raw_mean)
-        added = (svc_p50 - raw_p50, svc_mean - raw_mean)
-        cells = [f"{v:.2f}" for v in figures] + [f"{v:.3f}" for v in ratios] + [f"{v:+.2f}" for v in added]
-        rows.append((mode, str(len(samples["raw"])), *cells))
-        met = ratios[0] < 1.05 or added[0] < 3.0
-        verdicts.append(f"target (service adds <5% or <3 ms per token, p50), {mode}: {'MET' if met else 'NOT MET'}")
+        (raw_p50, _), (inf_p50, _) = _ms(samples["raw"]), _ms(samples["inference"])
+        for name in CLIENTS:
+            p50, mean = _ms(samples[name])
+            hop = f"{p50 - inf_p50:+.2f}" if name == "gateway" else ""
+            rows.append((mode, name, str(len(samples[name])), f"{p50:.2f}", f"{mean:.2f}", f"{p50 / raw_p50:.3f}",
+                         f"{p50 - raw_p50:+.2f}", hop))  # fmt: skip
+        gateway_p50 = _ms(samples["gateway"])[0]
+        service_met = inf_p50 / raw_p50 < 1.05 or inf_p50 - raw_p50 < 3.0
+        gateway_met = gateway_p50 - inf_p50 < 2.0
+        verdicts.append(f"{mode}: inference adds <5% or <3 ms: {'MET' if service_met else 'NOT MET'}; "
+                        f"gateway hop adds <2 ms: {'MET' if gateway_met else 'NOT MET'}")  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for mode, *cells in rows:
-        print(mode.ljust(widths[0]), *(c.rjust(w) for c, w in zip(cells, widths[1:], strict=True)), sep="  ")
+    for row in rows:
+        print(*(cell.rjust(width) for cell, width in zip(row, widths, strict=True)), sep="  ")
     print(*verdicts, sep="\n")
-    print(f"one-request outputs, service vs raw client (greedy): {'MATCH' if match else 'MISMATCH'}")
+    print(f"one-request outputs of all three clients (greedy): {'MATCH' if match else 'MISMATCH'}")
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -200,30 +210,40 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = ensure_tiny_bloom()
     with tempfile.TemporaryDirectory(prefix="petals-chat-bench-") as work_dir:
         swarm = PrivateSwarm(model_dir, ["0:2", "2:4"], Path(work_dir) / "swarm", dht_prefix=DHT_PREFIX)
-        service, raw = None, None
+        services: list[ServiceProcess] = []
+        raw = None
         try:
             print("starting the swarm...", flush=True)
             swarm.start()
-            service = inference_process(
+            inference = inference_process(
                 model_dir=model_dir,
                 initial_peers=swarm.initial_peers,
                 dht_prefix=DHT_PREFIX,
                 port=pick_free_port(),
                 log_path=Path(work_dir) / "inference.log",
-            ).start()
-            print("loading the raw client, starting the service...", flush=True)
-            raw = RawClient(model_dir, swarm.initial_peers)
-            service.wait_ready(180)
-            client = ServiceClient(service.base_url, raw.ids.shape[1])
-            per_call, one_shot, match = measure(raw, client, args.tokens, args.rounds)
-            report(
-                {"a: 1 token/request": per_call, f"b: 1 request/{args.tokens} tokens": one_shot},
-                match,
-                args.tokens,
-                args.rounds,
             )
+            services.append(inference.start())
+            print("loading the raw client, starting the services...", flush=True)
+            raw = RawClient(model_dir, swarm.initial_peers)
+            inference.wait_ready(180)
+            gateway = gateway_process(
+                replicas={inference.name: inference.base_url},
+                port=pick_free_port(),
+                log_path=Path(work_dir) / "gateway.log",
+            )
+            services.append(gateway.start())
+            gateway.wait_ready(60)
+            prompt_tokens = raw.ids.shape[1]
+            clients = {
+                "raw": raw,
+                "inference": ServiceClient(inference.base_url, prompt_tokens),
+                "gateway": ServiceClient(gateway.base_url, prompt_tokens),
+            }
+            per_call, one_shot, match = measure(clients, args.tokens, args.rounds)
+            modes = {"a: 1 token/request": per_call, f"b: 1 request/{args.tokens} tokens": one_shot}
+            report(modes, match, args.tokens, args.rounds)
         finally:
-            if service is not None:
+            for service in reversed(services):
                 service.stop()
             if raw is not None:
                 raw.close()

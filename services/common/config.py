@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -86,6 +88,29 @@ class Env:
         if value not in choices:
             raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         return value
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How a service is served (every service has these): gunicorn's address, workers, threads; logs."""
+
+    bind: str
+    workers: int
+    threads: int
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: Env, *, bind: str, threads: int, workers: int | None) -> ServerSettings:
+        """BIND, GUNICORN_WORKERS (unless ``workers`` is None: one worker, fixed), GUNICORN_THREADS, LOG_LEVEL."""
+        address = env.str("BIND", bind)
+        if not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", address):
+            raise ConfigError(f"BIND must be HOST:PORT, got {address!r}")
+        return cls(
+            bind=address,
+            workers=1 if workers is None else env.int("GUNICORN_WORKERS", workers, minimum=1, maximum=64),
+            threads=env.int("GUNICORN_THREADS", threads, minimum=1, maximum=1024),
+            log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+        )
 
 
 def _check_range(name: str, number: float, minimum: float | None, maximum: float | None) -> None:

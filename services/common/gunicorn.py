@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
+from services.common.config import ServerSettings, load_or_exit
 
-def common_settings(*, wsgi_app: str, bind: str, workers: int, threads: int, log_level: str) -> dict[str, Any]:
-    """Settings every service uses; a config file does ``globals().update(common_settings(...))``."""
+
+def service_config(service: str, load_settings: Callable[[], Any], wsgi_app: str) -> dict[str, Any]:
+    """gunicorn settings of a service, its environment validated first (a config file does
+    ``globals().update(service_config(...))``): a bad value stops the master with one clear line."""
+    server: ServerSettings = load_or_exit(load_settings, service).server
+    if server.workers > 1:
+        prepare_multiprocess_metrics()
     return {
         "wsgi_app": wsgi_app,
-        "bind": bind,
-        "workers": workers,
+        "bind": server.bind,
+        "workers": server.workers,
         "worker_class": "gthread",
-        "threads": threads,
+        "threads": server.threads,
         "timeout": 120,  # gthread heartbeats from its main loop: long generations do not trip it
         "graceful_timeout": 60,  # in-flight requests finish on SIGTERM (scale-down, rollout)
         "keepalive": 75,
-        "loglevel": log_level,
+        "loglevel": server.log_level,
         "errorlog": "-",
         "accesslog": "-" if os.environ.get("ACCESS_LOG", "0") == "1" else None,
         "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',

@@ -31,7 +31,7 @@ def build_app(settings: GatewaySettings) -> tuple[falcon.App, ReplicaSet]:
     upstream = Upstream(
         connect_timeout_s=settings.connect_timeout_s,
         read_timeout_s=settings.read_timeout_s,
-        pool_size=settings.threads,
+        pool_size=settings.server.threads,
     )
     replicas = ReplicaSet(settings.replicas, upstream, settings.poll_interval_s)
     middleware: list = [falcon.CORSMiddleware(allow_origins="*" if "*" in settings.cors_allow_origins
@@ -63,7 +63,7 @@ def build_app(settings: GatewaySettings) -> tuple[falcon.App, ReplicaSet]:
 def create_app() -> falcon.App:
     """gunicorn's app factory (runs in each worker): settings, replica polling, the app."""
     settings = load_or_exit(GatewaySettings.from_env, "gateway")
-    configure_logging(settings.log_level)
+    configure_logging(settings.server.log_level)
     app, replicas = build_app(settings)
     replicas.start()
     return app

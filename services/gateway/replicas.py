@@ -2,8 +2,10 @@
 
 No shared store: a session's id starts with the id of the replica that holds it
 (``inference-1.Xy...``), so any gateway replica, restarted or new, routes it by reading the id.
-New sessions and session-less requests go to the least-loaded ready replica, from load figures
-that each gateway worker polls from the replicas' ``/readyz``.
+New sessions go to the ready replica with the fewest open sessions (polled from the replicas'
+``/readyz``, and counted up locally as this worker opens sessions, so a burst spreads before the
+next poll); session-less requests go to the ready replica with the fewest requests in flight from
+this worker. Ties rotate.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import itertools
 import json
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from services.common.errors import ServiceUnavailable, SessionNotFound
@@ -31,9 +35,10 @@ class Replica:
     active_sessions: int = 0
     max_sessions: int = 1
     detail: str = "not polled yet"
+    in_flight: int = 0  # requests this worker has sent and not yet seen answered
 
     @property
-    def load(self) -> float:
+    def session_load(self) -> float:
         return self.active_sessions / max(self.max_sessions, 1)
 
 
@@ -98,15 +103,34 @@ class ReplicaSet:
         return replica
 
     def least_loaded(self, decision: str) -> list[Replica]:
-        """Ready replicas, least loaded first (ties rotate); ServiceUnavailable if none."""
+        """Ready replicas, best first: fewest sessions for ``new_session``, fewest requests in
+        flight otherwise; ties rotate. ServiceUnavailable if none is ready."""
         ready = [replica for replica in self._replicas.values() if replica.ready]
         if not ready:
             ROUTING_DECISIONS.labels(decision="no_ready_replica", replica="none").inc()
             raise ServiceUnavailable("No inference replica is ready; retry in a few seconds")
-        turn = next(self._turn)
-        ready.sort(key=lambda r: (r.load, (list(self._replicas).index(r.name) - turn) % len(self._replicas)))
+        turn, names = next(self._turn), list(self._replicas)
+
+        def load(replica: Replica) -> tuple[float, int]:
+            rotation = (names.index(replica.name) - turn) % len(names)
+            return (replica.session_load if decision == "new_session" else replica.in_flight), rotation
+
+        ready.sort(key=load)
         ROUTING_DECISIONS.labels(decision=decision, replica=ready[0].name).inc()
         return ready
+
+    @contextmanager
+    def in_flight(self, replica: Replica) -> Iterator[None]:
+        """Count a request to ``replica`` while it runs (session-less balancing)."""
+        replica.in_flight += 1
+        try:
+            yield
+        finally:
+            replica.in_flight -= 1
+
+    def session_opened(self, replica: Replica) -> None:
+        """This worker opened a session there: count it before the next poll does."""
+        replica.active_sessions += 1
 
     def mark_down(self, replica: Replica, reason: str) -> None:
         """A call failed to connect: route around it until the next successful poll."""

@@ -51,12 +51,15 @@ class Router:
             response = self._try(replica, method, path, **kwargs)
             last = index == len(candidates) - 1
             if response is not None and (last or response.headers.get(ERROR_CODE_HEADER) not in _RETRY_ELSEWHERE):
+                if decision == "new_session" and ERROR_CODE_HEADER not in response.headers:
+                    self.replicas.session_opened(replica)
                 return response
         raise ServiceUnavailable("No inference replica could take the request; retry in a few seconds")
 
     def _try(self, replica: Replica, method: str, path: str, **kwargs: Any) -> urllib3.BaseHTTPResponse | None:
         try:
-            return self.upstream.request(replica.name, replica.url, method, path, **kwargs)
+            with self.replicas.in_flight(replica):
+                return self.upstream.request(replica.name, replica.url, method, path, **kwargs)
         except ReplicaUnreachable as error:
             if error.kind != "connect":
                 raise ServiceUnavailable(f"Inference replica {replica.name} failed ({error.kind})") from error

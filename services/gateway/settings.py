@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from services.common.config import ConfigError, Env
+from services.common.config import ConfigError, Env, ServerSettings
 from services.common.params import SESSION_ID_PATTERN, Limits
 
 
@@ -13,9 +13,7 @@ from services.common.params import SESSION_ID_PATTERN, Limits
 class GatewaySettings:
     """Everything the gateway reads from its environment."""
 
-    bind: str
-    workers: int
-    threads: int
+    server: ServerSettings
     replicas: dict[str, str]  # replica id -> base URL
     connect_timeout_s: float
     read_timeout_s: float
@@ -27,16 +25,13 @@ class GatewaySettings:
     ui_url: str
     limits: Limits
     debug_tracebacks: bool
-    log_level: str
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> GatewaySettings:
         """Read and validate every setting; raises ConfigError with a clear message."""
         env = env or Env()
         return cls(
-            bind=env.str("BIND", "127.0.0.1:8080"),
-            workers=env.int("GUNICORN_WORKERS", 2, minimum=1, maximum=64),
-            threads=env.int("GUNICORN_THREADS", 32, minimum=1, maximum=1024),
+            server=ServerSettings.from_env(env, bind="127.0.0.1:8080", threads=32, workers=2),
             replicas=parse_replicas(env.list("INFERENCE_REPLICAS")),
             connect_timeout_s=env.float("UPSTREAM_CONNECT_TIMEOUT_SECONDS", 1.0, minimum=0.05),
             read_timeout_s=env.float("UPSTREAM_READ_TIMEOUT_SECONDS", 300.0, minimum=1.0),
@@ -48,7 +43,6 @@ class GatewaySettings:
             ui_url=parse_ui_url(env.str("UI_URL", "")),
             limits=Limits.from_env(env),
             debug_tracebacks=env.bool("DEBUG_TRACEBACKS", False),
-            log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         )
 
 

@@ -77,7 +77,7 @@ def create_app() -> falcon.App:
     """gunicorn's app factory: read settings, start the service, return its WSGI app."""
     global _service
     settings = load_or_exit(InferenceSettings.from_env, "inference")
-    configure_logging(settings.log_level)
+    configure_logging(settings.server.log_level)
     _service = InferenceService(settings)
     _service.start()
     return _service.app

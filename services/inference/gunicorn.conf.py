@@ -1,23 +1,9 @@
-"""gunicorn settings for the inference service: one worker (sessions live in its memory), many threads.
+"""gunicorn settings for the inference service: one worker (sessions live in its memory), many threads."""
 
-Settings are validated here, in the master, so a bad environment stops the service at start
-with one clear line.
-"""
-
-from services.common.config import load_or_exit
-from services.common.gunicorn import common_settings
+from services.common.gunicorn import service_config
 from services.inference.settings import InferenceSettings
 
-_settings = load_or_exit(InferenceSettings.from_env, "inference")
-globals().update(
-    common_settings(
-        wsgi_app="services.inference.app:create_app()",
-        bind=_settings.bind,
-        workers=1,
-        threads=_settings.threads,
-        log_level=_settings.log_level,
-    )
-)
+globals().update(service_config("inference", InferenceSettings.from_env, "services.inference.app:create_app()"))
 
 
 def worker_exit(server, worker):

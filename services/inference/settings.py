@@ -6,7 +6,7 @@ import re
 import socket
 from dataclasses import dataclass
 
-from services.common.config import ConfigError, Env
+from services.common.config import ConfigError, Env, ServerSettings
 from services.common.params import SESSION_ID_PATTERN, Limits
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -16,8 +16,7 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 class InferenceSettings:
     """Everything the inference service reads from its environment."""
 
-    bind: str
-    threads: int
+    server: ServerSettings
     model: str
     initial_peers: tuple[str, ...]
     dht_prefix: str | None
@@ -33,7 +32,6 @@ class InferenceSettings:
     readiness_interval_s: float
     limits: Limits
     debug_tracebacks: bool
-    log_level: str
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> InferenceSettings:
@@ -42,9 +40,6 @@ class InferenceSettings:
         replica_id = env.str("REPLICA_ID", socket.gethostname())
         if not SESSION_ID_PATTERN.match(replica_id) or len(replica_id) > 63:
             raise ConfigError(f"REPLICA_ID must be up to 63 letters, digits, '.', '_' or '-', got {replica_id!r}")
-        bind = env.str("BIND", "127.0.0.1:8000")
-        if not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", bind):
-            raise ConfigError(f"BIND must be HOST:PORT, got {bind!r}")
         device = env.str("DEVICE", "cpu")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
             raise ConfigError(f"DEVICE must be cpu, cuda or cuda:N, got {device!r}")
@@ -53,8 +48,7 @@ class InferenceSettings:
             raise ConfigError("MODEL is required: a local model directory or a Hugging Face repo name")
         limits = Limits.from_env(env)
         return cls(
-            bind=bind,
-            threads=env.int("GUNICORN_THREADS", 32, minimum=1, maximum=1024),
+            server=ServerSettings.from_env(env, bind="127.0.0.1:8000", threads=32, workers=None),
             model=model,
             initial_peers=env.list("INITIAL_PEERS"),
             dht_prefix=env.str("DHT_PREFIX", "") or None,
@@ -70,5 +64,4 @@ class InferenceSettings:
             readiness_interval_s=env.float("READINESS_INTERVAL_SECONDS", 5.0, minimum=0.5),
             limits=limits,
             debug_tracebacks=env.bool("DEBUG_TRACEBACKS", False),
-            log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         )

@@ -79,5 +79,5 @@ def build_app(settings: UiSettings) -> falcon.App:
 def create_app() -> falcon.App:
     """gunicorn's app factory."""
     settings = load_or_exit(UiSettings.from_env, "ui")
-    configure_logging(settings.log_level)
+    configure_logging(settings.server.log_level)
     return build_app(settings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.config import ConfigError, Env
+from services.common.config import ConfigError, Env, ServerSettings
 
 
 def _unescape(value: str) -> str:
@@ -16,15 +16,12 @@ def _unescape(value: str) -> str:
 class UiSettings:
     """Everything the ui service reads from its environment."""
 
-    bind: str
-    workers: int
-    threads: int
+    server: ServerSettings
     api_base_url: str
     preamble: str
     separator: str
     stop: str
     session_max_length: int
-    log_level: str
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> UiSettings:
@@ -37,9 +34,7 @@ class UiSettings:
             )
         separator = _unescape(env.str("CHAT_SEPARATOR", "\\n\\n"))
         return cls(
-            bind=env.str("BIND", "127.0.0.1:8090"),
-            workers=env.int("GUNICORN_WORKERS", 2, minimum=1, maximum=64),
-            threads=env.int("GUNICORN_THREADS", 8, minimum=1, maximum=256),
+            server=ServerSettings.from_env(env, bind="127.0.0.1:8090", threads=8, workers=2),
             api_base_url=api_base_url,
             preamble=_unescape(
                 env.str("CHAT_PREAMBLE", "A human talks to a powerful AI that follows the human's instructions.")
@@ -47,5 +42,4 @@ class UiSettings:
             separator=separator,
             stop=_unescape(env.str("CHAT_STOP", "")) or separator,
             session_max_length=env.int("CHAT_SESSION_MAX_LENGTH", 1024, minimum=64, maximum=65_536),
-            log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         )

@@ -40,14 +40,28 @@ def test_defaults():
     assert settings.limits.max_length == 2048 and settings.replica_id == "inference-1"
 
 
-def test_gunicorn_refuses_to_start_with_a_bad_setting():
+@pytest.mark.parametrize(
+    ("service", "env", "message"),
+    [
+        ("inference", {"MODEL": "x", "MAX_SESSIONS": "-1"}, "MAX_SESSIONS must be >= 1, got -1"),
+        ("gateway", {}, "INFERENCE_REPLICAS is required"),
+        (
+            "gateway",
+            {"INFERENCE_REPLICAS": "inference-0=ftp://x"},
+            "INFERENCE_REPLICAS entry must be ID=http://HOST:PORT",
+        ),
+        ("ui", {"API_BASE_URL": "javascript:alert(1)"}, "API_BASE_URL must be empty"),
+        ("ui", {"GUNICORN_WORKERS": "0"}, "GUNICORN_WORKERS must be >= 1"),
+    ],
+)
+def test_gunicorn_refuses_to_start_with_a_bad_setting(service, env, message):
     result = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "--config", "services/inference/gunicorn.conf.py", "--check-config"],
+        [sys.executable, "-m", "gunicorn", "--config", f"services/{service}/gunicorn.conf.py", "--check-config"],
         cwd=REPO_ROOT,
-        env={"PATH": "/usr/bin:/bin", "MODEL": "x", "MAX_SESSIONS": "-1"},
+        env={"PATH": "/usr/bin:/bin", **env},
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode != 0
-    assert "inference: configuration error: MAX_SESSIONS must be >= 1, got -1" in result.stderr
+    assert f"{service}: configuration error: {message}" in result.stderr
