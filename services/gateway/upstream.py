@@ -22,12 +22,21 @@ class ReplicaUnreachable(Exception):
 
 
 class Upstream:
-    """Sends requests to replicas; connection failures become ReplicaUnreachable."""
+    """Sends requests to replicas (a keep-alive pool per replica); connection failures become
+    ReplicaUnreachable."""
 
     def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, pool_size: int) -> None:
-        self._http = urllib3.PoolManager(num_pools=64, maxsize=pool_size, block=False, retries=False)
+        self._pool_size = pool_size
+        self._pools: dict[str, urllib3.HTTPConnectionPool] = {}
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
+
+    def _pool(self, url: str) -> urllib3.HTTPConnectionPool:
+        pool = self._pools.get(url)
+        if pool is None:  # a race creates two pools once, harmlessly
+            pool = urllib3.connection_from_url(url, maxsize=self._pool_size, block=False, retries=False)
+            self._pools[url] = pool
+        return pool
 
     def request(
         self,
@@ -50,8 +59,8 @@ class Upstream:
             headers = {**(headers or {}), "Content-Type": "application/json"}
         started = time.perf_counter()
         try:
-            response = self._http.request(
-                method, url + path, fields=fields, body=body, headers=headers, timeout=timeout,
+            response = self._pool(url).request(
+                method, path, fields=fields, body=body, headers=headers, timeout=timeout,
                 preload_content=not stream, decode_content=decode_content, redirect=False,
             )  # fmt: skip
         except (NewConnectionError, ConnectTimeoutError) as error:
