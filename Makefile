@@ -7,9 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REQUIREMENTS := requirements/web.txt requirements/gateway.txt requirements/torch-cpu.txt requirements/petals.txt requirements/dev.txt
 
-CHROMIUM := /usr/bin/chromium
-
-.PHONY: setup browser run test lint format bench clean
+.PHONY: setup system-tools run test lint format bench clean
 
 setup: $(STAMP)
 
@@ -22,18 +20,16 @@ $(STAMP): $(REQUIREMENTS) services/swarm/p2pd.py
 	$(PY) -m services.swarm.p2pd
 	touch $@
 
-# Browser tests drive Debian's Chromium through Playwright (never `playwright install`:
-# it downloads browsers from the internet).
-browser: $(CHROMIUM)
-
-$(CHROMIUM):
-	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+# Debian packages the tests use: chromium (browser tests, driven by Playwright; never
+# `playwright install`, which downloads browsers) and prometheus (with promtool).
+system-tools:
+	@command -v chromium >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus; }
 
 run: $(STAMP)
 	$(PY) -m deploy.run_local
 
-test: $(STAMP) browser
+test: $(STAMP) system-tools
 	$(PY) -m pytest
 
 lint: $(STAMP)

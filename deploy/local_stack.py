@@ -74,6 +74,16 @@ class ServiceProcess:
             time.sleep(0.25)
         raise StartupError(f"{self.name} was not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
+    def start_ready(self, timeout: float = 120.0, path: str = "/readyz") -> ServiceProcess:
+        """Start and wait until ready; a service that fails to get ready is stopped again."""
+        self.start()
+        try:
+            self.wait_ready(timeout, path)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM the process group, SIGKILL after ``timeout``; returns the exit code."""
         if self.process is None:

@@ -85,13 +85,7 @@ def start_inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path, n
         replica_id=name,
         extra_env={"READINESS_INTERVAL_SECONDS": "1", **env},
     )
-    service.start()
-    try:
-        service.wait_ready(timeout=180)
-    except BaseException:
-        service.stop()
-        raise
-    return service
+    return service.start_ready(timeout=180)
 
 
 @pytest.fixture(scope="session")
@@ -111,13 +105,7 @@ def start_gateway(artifacts_dir: Path, replica_urls: dict[str, str], name: str, 
         name=name,
         extra_env={"REPLICA_POLL_INTERVAL_SECONDS": "0.5", **env},
     )
-    gateway.start()
-    try:
-        gateway.wait_ready(timeout=60)
-    except BaseException:
-        gateway.stop()
-        raise
-    return gateway
+    return gateway.start_ready(timeout=60)
 
 
 @pytest.fixture(scope="session")

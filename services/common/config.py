@@ -98,10 +98,12 @@ class ServerSettings:
     workers: int
     threads: int
     log_level: str
+    access_log: bool
 
     @classmethod
     def from_env(cls, env: Env, *, bind: str, threads: int, workers: int | None) -> ServerSettings:
-        """BIND, GUNICORN_WORKERS (unless ``workers`` is None: one worker, fixed), GUNICORN_THREADS, LOG_LEVEL."""
+        """BIND, GUNICORN_WORKERS (unless ``workers`` is None: one worker, fixed), GUNICORN_THREADS,
+        LOG_LEVEL, ACCESS_LOG."""
         address = env.str("BIND", bind)
         if not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", address):
             raise ConfigError(f"BIND must be HOST:PORT, got {address!r}")
@@ -110,6 +112,7 @@ class ServerSettings:
             workers=1 if workers is None else env.int("GUNICORN_WORKERS", workers, minimum=1, maximum=64),
             threads=env.int("GUNICORN_THREADS", threads, minimum=1, maximum=1024),
             log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+            access_log=env.bool("ACCESS_LOG", False),
         )
 
 

@@ -27,7 +27,7 @@ def service_config(service: str, load_settings: Callable[[], Any], wsgi_app: str
         "keepalive": 75,
         "loglevel": server.log_level,
         "errorlog": "-",
-        "accesslog": "-" if os.environ.get("ACCESS_LOG", "0") == "1" else None,
+        "accesslog": "-" if server.access_log else None,
         "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
     }
 

@@ -29,13 +29,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 def ui(artifacts_dir) -> Iterator[ServiceProcess]:
     service = ui_process(
         port=pick_free_port(), log_path=artifacts_dir / "logs" / "ui.log", extra_env={"CHAT_STOP": "\\n\\nHuman:"}
-    )
-    service.start()
-    try:
-        service.wait_ready(timeout=60)
-        yield service
-    finally:
-        service.stop()
+    ).start_ready(timeout=60)
+    yield service
+    service.stop()
 
 
 @pytest.fixture(scope="module")

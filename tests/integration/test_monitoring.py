@@ -1,0 +1,131 @@
+"""The shipped dashboard and alert rules use only exported metrics, and a real Prometheus gets data.
+
+The metric names come from the running services' /metrics (never a hand-written list); a real
+Prometheus (Debian's package) scrapes the gateway and an inference replica during a short
+generation run, and every dashboard panel's query must return data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from deploy.local_stack import REPO_ROOT, pick_free_port
+from tests.conftest import Api
+
+DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "petals-chat.json"
+RULES = REPO_ROOT / "deploy" / "prometheus" / "rules.yml"
+METRIC = re.compile(r"\bpetals_chat_[a-z_]+")
+
+
+def dashboard_queries() -> list[str]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [target["expr"] for panel in panels for target in panel["targets"]]
+
+
+def rule_queries() -> list[str]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule["expr"] for group in groups for rule in group["rules"]]
+
+
+def generate_traffic(api: Api, rounds: int = 3) -> None:
+    """Sessions opened, used, closed; one-off requests; an error: every metric gets samples."""
+    for index in range(rounds):
+        session_id = api.open_session(64)
+        assert api.generate(inputs=f"Traffic {index}", max_new_tokens=3, session_id=session_id)["ok"]
+        assert api.close_session(session_id) == {"ok": True}
+        assert api.generate(inputs="Hello", max_new_tokens=2)["ok"]
+        assert api.generate(inputs="Hi", max_new_tokens=1, session_id="inference-0.gone")["ok"] is False
+
+
+def exported_names(*base_urls: str) -> set[str]:
+    names = set()
+    for base_url in base_urls:
+        for family in text_string_to_metric_families(requests.get(f"{base_url}/metrics", timeout=10).text):
+            names.update(sample.name for sample in family.samples)
+    return names
+
+
+def test_every_metric_used_is_exported(gateway, inference):
+    generate_traffic(Api(gateway.base_url), rounds=1)
+    exported = exported_names(gateway.base_url, inference.base_url)
+    used = {name for query in dashboard_queries() + rule_queries() for name in METRIC.findall(query)}
+    assert used, "the dashboard and the rules use no metric?"
+    assert used <= exported, f"used but not exported: {sorted(used - exported)}"
+
+
+def test_promtool_accepts_the_rules():
+    result = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_is_well_formed():
+    dashboard = json.loads(DASHBOARD.read_text())
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids)) and dashboard["uid"] == "petals-chat"
+    for panel in dashboard["panels"]:
+        assert panel["targets"] and all(t["expr"] and t["refId"] for t in panel["targets"]), panel["title"]
+
+
+@pytest.fixture
+def prometheus(gateway, inference, tmp_path: Path):
+    """A real Prometheus scraping the gateway and the inference replica every second."""
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": [url.removeprefix("http://")]}]}
+            for job, url in (("gateway", gateway.base_url), ("inference", inference.base_url))
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = pick_free_port()
+    process = subprocess.Popen(
+        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"),
+    )  # fmt: skip
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def query(prometheus_url: str, expr: str) -> list:
+    response = requests.get(f"{prometheus_url}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert response["status"] == "success", (expr, response)
+    return response["data"]["result"]
+
+
+def test_a_real_prometheus_gets_data_for_every_panel(prometheus, gateway):
+    deadline = time.monotonic() + 60
+    while len(query_or_empty(prometheus, "up == 1")) < 2:
+        assert time.monotonic() < deadline, "Prometheus never scraped both targets"
+        time.sleep(0.5)
+    api = Api(gateway.base_url)
+    for _ in range(4):  # traffic across several scrapes, so that rate() has points
+        generate_traffic(api, rounds=1)
+        time.sleep(1.5)
+    time.sleep(2)
+    empty = [expr for expr in dashboard_queries() if not query(prometheus, expr.replace("$__rate_interval", "30s"))]
+    assert empty == [], f"panel queries without data: {empty}"
+    rules = requests.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"][0]["rules"]
+    assert {rule["name"] for rule in rules} == {"PetalsChatTokenLatencyHigh", "PetalsChatErrorRateHigh",
+                                                "PetalsChatNoReadyReplica"}  # fmt: skip
+    assert all(rule["health"] == "ok" for rule in rules), rules
+
+
+def query_or_empty(prometheus_url: str, expr: str) -> list:
+    try:
+        return query(prometheus_url, expr)
+    except requests.RequestException:
+        return []  # not listening yet
