@@ -1,0 +1,65 @@
+"""The Dockerfiles: hadolint-clean, consistent with the files CI installs, torch-free ui and gateway."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILES = [ROOT / "Dockerfile.cpu", ROOT / "Dockerfile.gpu"]
+HADOLINT = Path(sys.executable).with_name("hadolint")
+
+
+def test_hadolint_is_clean():
+    result = subprocess.run([HADOLINT, "--no-color", *DOCKERFILES], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_every_copied_path_exists(dockerfile: Path):
+    for line in dockerfile.read_text().splitlines():
+        if line.startswith("COPY ") and "--from=" not in line:
+            *sources, _ = line.split()[1:]
+            for source in sources:
+                assert (ROOT / source).exists(), f"{dockerfile.name}: {source} does not exist"
+
+
+def test_images_install_the_requirement_files_ci_installs():
+    makefile = (ROOT / "Makefile").read_text()
+    ci_files = set(re.findall(r"requirements/[\w-]+\.txt", makefile.split("REQUIREMENTS :=")[1].splitlines()[0]))
+    for dockerfile in DOCKERFILES:
+        used = set(re.findall(r"requirements/[\w-]+\.txt", dockerfile.read_text())) - {"requirements/torch-gpu.txt"}
+        assert used <= ci_files, f"{dockerfile.name} installs files CI never installs: {used - ci_files}"
+
+
+def stage(dockerfile: Path, name: str) -> str:
+    text = dockerfile.read_text()
+    match = re.search(rf"^FROM \S+ AS {name}\n(.*?)(?=^FROM |\Z)", text, re.MULTILINE | re.DOTALL)
+    assert match, f"{dockerfile.name} has no stage {name}"
+    return match.group(1)
+
+
+def test_ui_and_gateway_images_carry_no_torch():
+    deps = stage(DOCKERFILES[0], "web-deps")
+    assert "torch" not in deps and "petals" not in deps
+    for target in ("ui", "gateway"):
+        assert "--from=web-deps" in stage(DOCKERFILES[0], target)
+
+
+@pytest.mark.parametrize("module", ["services.ui.app", "services.gateway.app"])
+def test_ui_and_gateway_code_never_imports_torch(module: str):
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'petals', 'transformers', 'hivemind'):\n"
+        "            raise ImportError(f'{name} must not be imported here')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"import {module}\n"
+    )
+    result = subprocess.run([sys.executable, "-c", blocker], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
