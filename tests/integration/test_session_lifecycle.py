@@ -101,3 +101,18 @@ def test_concurrent_calls_on_one_session_never_interleave(api, oracle, decode):
     follow_up = api.generate(max_new_tokens=1, session_id=session_id)
     assert (results["long"]["outputs"] + follow_up["outputs"]) == expected.rstrip("\ufffd")
     api.close_session(session_id)
+
+
+def test_sigterm_closes_every_session(swarm, model_dir, artifacts_dir):
+    """A replica stopping (scale-down, rollout) closes its Petals sessions so the servers free their caches."""
+    service = start_inference(swarm, model_dir, artifacts_dir, "inference-shutdown")
+    api = Api(service.base_url)
+    sessions = [api.open_session(32) for _ in range(3)]
+    for session_id in sessions:
+        assert api.generate(inputs="Hi", max_new_tokens=1, session_id=session_id)["ok"]
+    started = time.monotonic()
+    assert service.stop() == 0  # SIGTERM: gunicorn exits cleanly
+    assert time.monotonic() - started < 20
+    log = service.log_path.read_text()
+    for session_id in sessions:
+        assert f"session {session_id} closed (shutdown)" in log
