@@ -8,7 +8,6 @@ stopped by that group's id: SIGTERM first (graceful: sessions are closed), SIGKI
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -224,18 +223,11 @@ class LocalStack:
         self.swarm.stop()
 
 
-def get_json(url: str, timeout: float = 60.0) -> dict:
-    """GET a URL and parse its JSON answer (for scripts and tests)."""
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
 __all__ = [
     "LocalStack",
     "ServiceProcess",
     "StartupError",
     "gateway_process",
-    "get_json",
     "inference_process",
     "pick_free_port",
     "ui_process",
