@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CHECKOV_STAMP := .venv-checkov/.installed
 REQUIREMENTS := requirements/web.txt requirements/gateway.txt requirements/torch-cpu.txt requirements/petals.txt requirements/dev.txt
 
 .PHONY: setup system-tools run test lint format bench clean
@@ -20,6 +21,12 @@ $(STAMP): $(REQUIREMENTS) services/swarm/p2pd.py
 	$(PY) -m services.swarm.p2pd
 	touch $@
 
+# checkov (security scan of the rendered chart and the Dockerfiles) lives in its own venv.
+$(CHECKOV_STAMP): requirements/checkov.txt
+	$(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/python -m pip install --quiet --no-deps -r requirements/checkov.txt
+	touch $@
+
 # Debian packages the tests use: chromium (browser tests, driven by Playwright; never
 # `playwright install`, which downloads browsers) and prometheus (with promtool).
 system-tools:
@@ -29,7 +36,7 @@ system-tools:
 run: $(STAMP)
 	$(PY) -m deploy.run_local
 
-test: $(STAMP) system-tools
+test: $(STAMP) $(CHECKOV_STAMP) system-tools
 	$(PY) -m pytest
 
 lint: $(STAMP)
@@ -44,4 +51,4 @@ bench: $(STAMP)
 	$(PY) -m bench.inference_latency
 
 clean:
-	rm -rf $(VENV) .cache test-artifacts
+	rm -rf $(VENV) .venv-checkov .cache test-artifacts

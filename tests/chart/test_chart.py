@@ -51,12 +51,6 @@ COMBOS = list(itertools.product(["cpu", "gpu"], [False, True], [False, True], [F
 COMBO_IDS = [f"{v}-ingress{int(i)}-monitoring{int(m)}-swarm{int(s)}" for v, i, m, s in COMBOS]
 
 
-@pytest.fixture(scope="module")
-def chart():
-    with helm_python.Chart.load(str(CHART)) as loaded:
-        yield loaded
-
-
 def render(chart, values: dict | None = None) -> list[dict]:
     """Every manifest of a render (NOTES.txt and disabled templates left out), parsed."""
     out = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
@@ -316,8 +310,17 @@ def test_network_policy_lets_only_gateway_pods_reach_inference(chart):
 def test_network_policy_metrics_peers_are_added_on_the_same_port(chart):
     peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
     docs = render(chart, {"networkPolicy": {"metricsFrom": [peer]}})
-    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    policy = find(docs, "NetworkPolicy", f"{FULLNAME}-inference")
     assert policy["spec"]["ingress"][1] == {"from": [peer], "ports": [{"protocol": "TCP", "port": 8080}]}
+
+
+def test_every_other_pod_opens_only_its_service_port(chart):
+    docs = render(chart, combo_values("cpu", True, True, True))
+    for tier, port in (("gateway", 8080), ("ui", 8080), ("swarm", 31337)):
+        policy = find(docs, "NetworkPolicy", f"{FULLNAME}-{tier}")
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": port}]}], tier
+    assert not [d for d in render(chart) if d["metadata"]["name"] == f"{FULLNAME}-swarm"]
 
 
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])

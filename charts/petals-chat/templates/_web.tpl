@@ -8,6 +8,7 @@ apiVersion: apps/v1
 kind: Deployment
 metadata:
   name: {{ include "petals-chat.fullname" $ctx }}-{{ .component }}
+  namespace: {{ $ctx.Release.Namespace }}
   labels:
     {{- include "petals-chat.componentLabels" (dict "ctx" $ctx "component" .component) | nindent 4 }}
 spec:
