@@ -27,6 +27,9 @@ def service_config(service: str, load_settings: Callable[[], Any], wsgi_app: str
         "keepalive": 75,
         "loglevel": server.log_level,
         "errorlog": "-",
+        # No gunicorn control socket: nothing uses it, and it wants a writable home directory
+        # (the images have none) and one fixed path shared by every master on a host.
+        "control_socket_disable": True,
         "accesslog": "-" if server.access_log else None,
         "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
     }
