@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.common.params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, Limits
+from services.common.params import MAX_SEED, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, Limits
+from services.gateway.openapi_openai import openai_paths, openai_schemas
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -17,6 +18,12 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _query(name: str, schema: dict[str, Any], required: bool, description: str) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
+
+
+def _sse_event(event: str, data_schema: str) -> dict[str, Any]:
+    """One Server-Sent Event as clients parse it: its name and its JSON ``data`` line."""
+    data = {"type": "string", "contentMediaType": "application/json", "contentSchema": _ref(data_schema)}
+    return {"type": "object", "required": ["event", "data"], "properties": {"event": {"const": event}, "data": data}}
 
 
 def _schemas(limits: Limits) -> dict[str, Any]:
@@ -37,6 +44,7 @@ def _schemas(limits: Limits) -> dict[str, Any]:
                 "top_k": {"type": "integer", "minimum": 1},
                 "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
                 "session_id": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"},
+                "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED, "description": "Reproducible sampling."},
                 "stop": {
                     "oneOf": [
                         {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
@@ -85,7 +93,8 @@ def _schemas(limits: Limits) -> dict[str, Any]:
             "properties": {
                 "ok": {"const": True},
                 "outputs": {"type": "string"},
-                "prompt_tokens": {"type": "integer", "minimum": 0},
+                "prompt_tokens": {"type": "integer", "minimum": 0, "description": "Sent through the swarm."},
+                "cached_tokens": {"type": "integer", "minimum": 0, "description": "Already held by the session."},
                 "generated_tokens": {"type": "integer", "minimum": 0},
                 "finish_reason": {"enum": ["length", "stop", "eos", "cancelled"]},
                 "stop_sequence": {"type": ["string", "null"]},
@@ -115,7 +124,8 @@ def build_openapi(limits: Limits) -> dict[str, Any]:
             "title": "Petals Chat API",
             "version": "1.0.0",
             "description": "LLM inference through a Petals swarm. v1 keeps the original Petals chat contract: "
-            "application errors are HTTP 200 with ok=false. v2 uses real HTTP status codes.",
+            "application errors are HTTP 200 with ok=false. v2 uses real HTTP status codes. /v1/* is "
+            "OpenAI-compatible (models, completions, chat completions) with OpenAI's error shape.",
         },
         "paths": {
             "/api/v1/generate": {
@@ -176,7 +186,14 @@ def build_openapi(limits: Limits) -> dict[str, Any]:
                             "description": "An event stream",
                             "content": {
                                 "text/event-stream": {
-                                    "schema": {"type": "string"},
+                                    # Each event (OpenAPI 3.1 has no itemSchema; 3.2 would name it so).
+                                    "schema": {
+                                        "oneOf": [
+                                            _sse_event("token", "TokenEvent"),
+                                            _sse_event("done", "DoneEvent"),
+                                            _sse_event("error", "Error"),
+                                        ]
+                                    },
                                     "x-events": {
                                         "token": _ref("TokenEvent"),
                                         "done": _ref("DoneEvent"),
@@ -217,6 +234,7 @@ def build_openapi(limits: Limits) -> dict[str, Any]:
                     },
                 }
             },
+            **openai_paths(),
             "/api/openapi.json": {
                 "get": {
                     "summary": "This document",
@@ -224,7 +242,7 @@ def build_openapi(limits: Limits) -> dict[str, Any]:
                 }
             },
         },
-        "components": {"schemas": _schemas(limits)},
+        "components": {"schemas": {**_schemas(limits), **openai_schemas(limits)}},
     }
 
 
