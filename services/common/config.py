@@ -38,6 +38,10 @@ class Env:
         value = self._raw(name)
         return default if value is None else value
 
+    def text(self, name: str, default: str) -> str:
+        """A text setting in which ``\\n`` stands for a newline (environment values rarely hold one)."""
+        return self.str(name, default).replace("\\n", "\n")
+
     def int(self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
         """An integer setting within [minimum, maximum]."""
         value = self._raw(name)

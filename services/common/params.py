@@ -57,9 +57,11 @@ class GenerateParams:
     max_new_tokens: int | None
     session_id: str | None
     stop: tuple[str, ...] = ()
+    seed: int | None = None
 
 
 MAX_STOP_SEQUENCES = 4
+MAX_SEED = 2**63 - 1
 MAX_STOP_CHARS = 64
 
 
@@ -216,6 +218,7 @@ def parse_generate(values: dict[str, Any], limits: Limits) -> GenerateParams:
         max_new_tokens=get_int(values, "max_new_tokens", minimum=1, maximum=limits.max_new_tokens),
         session_id=get_session_id(values, required=False),
         stop=get_stop(values),
+        seed=get_int(values, "seed", minimum=0, maximum=MAX_SEED),
     )
     if (params.max_length is None) == (params.max_new_tokens is None):
         raise InvalidParameter("Set exactly one of max_length or max_new_tokens")

@@ -55,7 +55,8 @@ class InferenceService:
         """Ready when the swarm serves every block; the load figures feed the gateway's routing."""
         ready, detail = self.model.readiness()
         load = {"active_sessions": len(self.store), "max_sessions": self.settings.max_sessions}
-        return ready, {"detail": detail, "replica_id": self.settings.replica_id, **load}
+        identity = {"replica_id": self.settings.replica_id, "model": self.settings.model_name}
+        return ready, {"detail": detail, **identity, **load}
 
     def start(self) -> None:
         """Start loading the model and reaping expired sessions."""

@@ -24,8 +24,16 @@ from typing import Any
 from services.common.errors import ApiError, InvalidParameter, SessionNotFound
 from services.common.params import GenerateParams, Limits
 from services.inference.decoding import IncrementalDecoder
-from services.inference.metrics import GENERATED_TOKENS, PROMPT_TOKENS, TIME_TO_FIRST_TOKEN, TOKEN_LATENCY
+from services.inference.metrics import (
+    CACHED_PROMPT_TOKENS,
+    CONVERSATION_LOOKUPS,
+    GENERATED_TOKENS,
+    PROMPT_TOKENS,
+    TIME_TO_FIRST_TOKEN,
+    TOKEN_LATENCY,
+)
 from services.inference.model import ModelHandle
+from services.inference.sampling import SeededSampler
 from services.inference.sessions import Session, SessionStore
 from services.inference.stopping import StopMatcher
 
@@ -52,7 +60,8 @@ class GenerationResult:
     """What one generate request produced."""
 
     text: str
-    prompt_tokens: int
+    prompt_tokens: int  # sent through the swarm by this request
+    cached_tokens: int  # already held by the session this request continued
     generated_tokens: int
     finish_reason: str  # "length", "stop" (a stop sequence), "eos" or "cancelled"
     stop_sequence: str | None
@@ -63,6 +72,7 @@ class GenerationResult:
         return {
             "outputs": self.text,
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "generated_tokens": self.generated_tokens,
             "finish_reason": self.finish_reason,
             "stop_sequence": self.stop_sequence,
@@ -90,6 +100,7 @@ class Generation:
         self._petals_session = petals_session
         self._decoder = decoder
         self._session = session
+        self._cached_tokens = session.token_count if session is not None else 0
         self._stops = StopMatcher(params.stop)
         self._cancelled = threading.Event()
         self._events: queue.Queue = queue.Queue()
@@ -158,14 +169,16 @@ class Generation:
 
     def _generate(self) -> None:
         import torch
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         model, params = self._generator.model, self._params
         inputs = torch.tensor([self._input_ids], dtype=torch.long, device=model.device) if self._input_ids else None
-        options: dict[str, Any] = {"max_new_tokens": self._new_tokens, "do_sample": params.do_sample}
+        options: dict[str, Any] = {"max_new_tokens": self._new_tokens, "do_sample": False}
         if params.do_sample:
-            options.update(temperature=params.temperature or 1.0, top_k=params.top_k, top_p=params.top_p)
+            sampler = SeededSampler(params.temperature, params.top_k, params.top_p, params.seed)
+            options["logits_processor"] = LogitsProcessorList([sampler])
         PROMPT_TOKENS.inc(len(self._input_ids))
+        CACHED_PROMPT_TOKENS.inc(self._cached_tokens)
         try:
             with torch.inference_mode():
                 model.generate(
@@ -189,6 +202,8 @@ class Generation:
         # The Petals session's state is now unknown: retire it, in the words the original client
         # matches, so that it reopens a session and replays the dialogue.
         self._generator.store.close(self._session.session_id, reason="failed")
+        if self._session.conversation:
+            return failure  # its client never saw a session id
         return SessionNotFound(self._session.session_id, detail=f"{failure.message}.")
 
     def _finish(self) -> GenerationResult:
@@ -204,6 +219,7 @@ class Generation:
         return GenerationResult(
             text="".join(self._pieces),
             prompt_tokens=len(self._input_ids),
+            cached_tokens=self._cached_tokens,
             generated_tokens=self._count,
             finish_reason=reason,
             stop_sequence=self._stops.matched,
@@ -213,8 +229,10 @@ class Generation:
     def _cleanup(self) -> None:
         if self._session is None:
             self._petals_session.close()
-        else:
-            self._generator.store.release(self._session)
+            return
+        if self._session.conversation and self._session.petals is not None:
+            self._session.text = self._generator.decode_all(self._session.petals.output_ids)
+        self._generator.store.release(self._session)
 
 
 class Generator:
@@ -233,22 +251,60 @@ class Generator:
     def tokenizer(self) -> Any:
         return self._model.tokenizer
 
-    def prepare(self, params: GenerateParams) -> Generation:
-        """Validate against the model and the session; raises ApiError before any output."""
+    def decode_all(self, token_ids: Any) -> str:
+        """The exact text of a session's tokens (``[1, n]`` tensor or None)."""
+        if token_ids is None:
+            return ""
+        return self.tokenizer.decode(token_ids[0].tolist(), clean_up_tokenization_spaces=False)
+
+    def prepare(self, params: GenerateParams, *, conversation: bool = False) -> Generation:
+        """Validate against the model and the session; raises ApiError before any output.
+
+        With ``conversation``, the request continues the conversation session whose text its
+        ``inputs`` extend (only the rest of the prompt goes through the swarm), or starts one.
+        """
         self._model.require_ready()
-        input_ids = self.tokenizer(params.inputs, add_special_tokens=False)["input_ids"] if params.inputs else []
+        if conversation:
+            return self._prepare_conversation(params)
+        input_ids = self._tokenize(params.inputs)
         if params.session_id is None:
             return self._prepare_once(params, input_ids)
         session = self.store.acquire(params.session_id)
+        return self._prepare_acquired(session, params, input_ids)
+
+    def generate(self, params: GenerateParams) -> GenerationResult:
+        """Generate for one request in the calling thread (the v1 API)."""
+        return self.prepare(params).run()
+
+    def _tokenize(self, text: str | None) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _prepare_acquired(self, session: Session, params: GenerateParams, input_ids: list[int]) -> Generation:
         try:
             return self._prepare_in_session(session, params, input_ids)
         except BaseException:
             self.store.release(session)
             raise
 
-    def generate(self, params: GenerateParams) -> GenerationResult:
-        """Generate for one request in the calling thread (the v1 API)."""
-        return self.prepare(params).run()
+    def _prepare_conversation(self, params: GenerateParams) -> Generation:
+        if params.session_id is not None or not params.inputs:
+            raise InvalidParameter("A conversation request needs inputs and no session_id")
+        session = self.store.acquire_conversation(params.inputs)
+        if session is not None:
+            input_ids = self._tokenize(params.inputs[len(session.text) :])
+            if self._fits(session, params, input_ids):
+                CONVERSATION_LOOKUPS.labels(result="hit").inc()
+                return self._prepare_acquired(session, params, input_ids)
+            self.store.release(session)
+        CONVERSATION_LOOKUPS.labels(result="miss").inc()
+        input_ids = self._tokenize(params.inputs)
+        needed = len(input_ids) + _new_token_budget(params, len(input_ids))
+        session = self.store.open(min(self._limits.max_length, needed + CONVERSATION_ROOM), conversation=True)
+        return self._prepare_acquired(self.store.acquire(session.session_id), params, input_ids)
+
+    def _fits(self, session: Session, params: GenerateParams, input_ids: list[int]) -> bool:
+        held = session.token_count + len(input_ids)
+        return params.max_length is None and held + (params.max_new_tokens or 0) <= session.max_length
 
     def _prepare_once(self, params: GenerateParams, input_ids: list[int]) -> Generation:
         if not input_ids:
@@ -278,6 +334,10 @@ class Generator:
         if session.decoder is None or input_ids:
             session.decoder = IncrementalDecoder(self.tokenizer, input_ids)
         return Generation(self, params, input_ids, new_tokens, session.petals, session.decoder, session)
+
+
+# Tokens a new conversation session reserves beyond its first request, for follow-up turns.
+CONVERSATION_ROOM = 512
 
 
 def _new_token_budget(params: GenerateParams, prefix_tokens: int) -> int:

@@ -18,6 +18,15 @@ TIME_TO_FIRST_TOKEN = Histogram(
     buckets=TOKEN_BUCKETS,
 )
 PROMPT_TOKENS = Counter("petals_chat_prompt_tokens", "Input tokens sent through the swarm.")
+CACHED_PROMPT_TOKENS = Counter(
+    "petals_chat_cached_prompt_tokens",
+    "Prompt tokens not sent through the swarm again because a conversation session already held them.",
+)
+CONVERSATION_LOOKUPS = Counter(
+    "petals_chat_conversation_lookups",
+    "Chat requests that continued a conversation session (hit) or started a new one (miss).",
+    ["result"],
+)
 GENERATED_TOKENS = Counter("petals_chat_generated_tokens", "Tokens generated.")
 ACTIVE_SESSIONS = Gauge(
     "petals_chat_active_sessions", "Inference sessions currently open on this replica.", multiprocess_mode="livesum"
@@ -26,7 +35,8 @@ SESSIONS_OPENED = Counter("petals_chat_sessions_opened", "Inference sessions ope
 SESSIONS_CLOSED = Counter(
     "petals_chat_sessions_closed",
     "Inference sessions closed, by reason: closed (by the client), expired (idle too long), "
-    "failed (the swarm broke it), shutdown (replica stopping).",
+    "failed (the swarm broke it), shutdown (replica stopping), evicted (an idle conversation session "
+    "made room for a new one).",
     ["reason"],
 )
 SWARM_READY = Gauge(

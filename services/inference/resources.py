@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import falcon
 
 from services.common.errors import ApiError
-from services.common.params import Limits, get_session_id, parse_generate, parse_open_session, read_values
+from services.common.params import Limits, get_bool, get_session_id, parse_generate, parse_open_session, read_values
 from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error, sse_event
 from services.inference.generation import GenerationResult, Generator, TokenEvent
 from services.inference.model import ModelHandle
@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 class GenerateResource:
     """``POST /api/v1/generate``: generate text, in a session or not."""
 
-    legacy_envelope = True
+    error_envelope = "v1"
 
     def __init__(self, generator: Generator, limits: Limits) -> None:
         self._generator = generator
@@ -37,6 +37,8 @@ class GenerateStreamResource:
 
     Errors found before generation starts get their real HTTP status; an error during the
     stream ends it with an ``error`` event. A client that disconnects stops the generation.
+    ``conversation=true`` (sent by the gateway's chat API) continues the conversation session
+    whose text the inputs extend, or starts one.
     """
 
     def __init__(self, generator: Generator, limits: Limits) -> None:
@@ -44,8 +46,9 @@ class GenerateStreamResource:
         self._limits = limits
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        params = parse_generate(read_values(req, self._limits), self._limits)
-        generation = self._generator.prepare(params)
+        values = read_values(req, self._limits)
+        params = parse_generate(values, self._limits)
+        generation = self._generator.prepare(params, conversation=get_bool(values, "conversation", default=False))
         resp.content_type = SSE_CONTENT_TYPE
         resp.set_headers(SSE_HEADERS)
         resp.stream = _sse_stream(generation.stream())
@@ -70,7 +73,7 @@ def _sse_stream(events: Iterator[TokenEvent | GenerationResult]) -> Iterator[byt
 class OpenSessionResource:
     """``GET /api/v1/open_inference_session?max_length=N``."""
 
-    legacy_envelope = True
+    error_envelope = "v1"
 
     def __init__(self, model: ModelHandle, store: SessionStore, limits: Limits) -> None:
         self._model = model
@@ -87,7 +90,7 @@ class OpenSessionResource:
 class CloseSessionResource:
     """``GET /api/v1/close_inference_session?session_id=...``."""
 
-    legacy_envelope = True
+    error_envelope = "v1"
 
     def __init__(self, store: SessionStore, limits: Limits) -> None:
         self._store = store

@@ -7,7 +7,11 @@ session's size. Rules:
 - one request at a time per session: a second concurrent request gets ``SessionBusy``;
 - idle sessions expire after the TTL (refreshed by every use); a reaper thread closes them so
   the servers free their caches;
-- at most ``max_sessions`` open; one more is refused with a clear error, others unharmed;
+- at most ``max_sessions`` open; one more is refused with a clear error, others unharmed
+  (a conversation session, which no client holds an id of, makes room by evicting the
+  least recently used idle conversation session);
+- conversation sessions are opened implicitly (the OpenAI-compatible chat API): a later
+  request whose prompt extends the exact text such a session holds continues it;
 - Petals sessions are always closed explicitly (left to the garbage collector they can
   deadlock the client), outside the store's lock, and all of them on shutdown.
 
@@ -44,6 +48,8 @@ class Session:
     last_used: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
     close_reason: str | None = None  # set when closed while a request was still using it
+    conversation: bool = False  # opened implicitly; matched by its text, not by its id
+    text: str = ""  # a conversation session's text (prompts and outputs) after its last request
 
     @property
     def token_count(self) -> int:
@@ -76,17 +82,23 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, max_length: int) -> Session:
+    def open(self, max_length: int, *, conversation: bool = False) -> Session:
         """Open a session reserving ``max_length`` tokens; TooManySessions at the limit."""
+        evicted = None
         with self._lock:
+            if len(self._sessions) >= self._max_sessions and conversation:
+                evicted = self._pop_least_recent_idle_conversation()
             if len(self._sessions) >= self._max_sessions:
                 raise TooManySessions(
                     f"This replica already holds its maximum of {self._max_sessions} sessions; "
                     "close unused sessions or retry shortly"
                 )
             session_id = f"{self._replica_id}.{secrets.token_urlsafe(16)}"
-            session = Session(session_id, max_length, self._open_petals_session(max_length), last_used=self._clock())
+            session = Session(session_id, max_length, self._open_petals_session(max_length), conversation=conversation)
+            session.last_used = self._clock()
             self._sessions[session_id] = session
+        if evicted is not None:
+            self._retire(evicted, "evicted")
         SESSIONS_OPENED.inc()
         ACTIVE_SESSIONS.inc()
         return session
@@ -100,6 +112,20 @@ class SessionStore:
             session.lock.release()
             raise SessionNotFound(session_id)
         return session
+
+    def acquire_conversation(self, prompt: str) -> Session | None:
+        """Exclusive use of the idle conversation session holding the longest prefix of ``prompt``."""
+        now = self._clock()
+        with self._lock:
+            candidates = [
+                s
+                for s in self._sessions.values()
+                if s.conversation and s.text and prompt.startswith(s.text) and not self._is_expired(s, now)
+            ]
+            for session in sorted(candidates, key=lambda s: len(s.text), reverse=True):
+                if session.close_reason is None and session.lock.acquire(blocking=False):
+                    return session
+        return None
 
     def release(self, session: Session) -> None:
         """End a request's use: refresh the expiry, or close it if closing was asked meanwhile."""
@@ -175,6 +201,14 @@ class SessionStore:
             session = None
         if session is None:
             raise SessionNotFound(session_id)
+        return session
+
+    def _pop_least_recent_idle_conversation(self) -> Session | None:
+        idle = [s for s in self._sessions.values() if s.conversation and not s.lock.locked()]
+        if not idle:
+            return None
+        session = min(idle, key=lambda s: s.last_used)
+        del self._sessions[session.session_id]
         return session
 
     def _is_expired(self, session: Session, now: float) -> bool:

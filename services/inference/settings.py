@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.common.config import ConfigError, Env, ServerSettings
 from services.common.params import SESSION_ID_PATTERN, Limits
@@ -18,6 +19,7 @@ class InferenceSettings:
 
     server: ServerSettings
     model: str
+    model_name: str
     initial_peers: tuple[str, ...]
     dht_prefix: str | None
     torch_dtype: str
@@ -50,6 +52,7 @@ class InferenceSettings:
         return cls(
             server=ServerSettings.from_env(env, bind="127.0.0.1:8000", threads=32, workers=None),
             model=model,
+            model_name=env.str("MODEL_NAME", "") or served_model_name(model),
             initial_peers=env.list("INITIAL_PEERS"),
             dht_prefix=env.str("DHT_PREFIX", "") or None,
             torch_dtype=env.choice("TORCH_DTYPE", "float32", DTYPES),
@@ -65,3 +68,9 @@ class InferenceSettings:
             limits=limits,
             debug_tracebacks=env.bool("DEBUG_TRACEBACKS", False),
         )
+
+
+def served_model_name(model: str) -> str:
+    """The public name of ``MODEL``: a local directory's name, or the Hugging Face repo name."""
+    path = Path(model)
+    return path.name if path.is_dir() else model

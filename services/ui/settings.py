@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common.chat import DEFAULT_PREAMBLE
 from services.common.config import ConfigError, Env, ServerSettings
-
-
-def _unescape(value: str) -> str:
-    """Environment values cannot hold newlines easily: accept ``\\n`` for one."""
-    return value.replace("\\n", "\n")
 
 
 @dataclass(frozen=True)
@@ -32,14 +28,12 @@ class UiSettings:
             raise ConfigError(
                 f"API_BASE_URL must be empty (same origin), a path or an http(s) URL, got {api_base_url!r}"
             )
-        separator = _unescape(env.str("CHAT_SEPARATOR", "\\n\\n"))
+        separator = env.text("CHAT_SEPARATOR", "\\n\\n")
         return cls(
             server=ServerSettings.from_env(env, bind="127.0.0.1:8090", threads=8, workers=2),
             api_base_url=api_base_url,
-            preamble=_unescape(
-                env.str("CHAT_PREAMBLE", "A human talks to a powerful AI that follows the human's instructions.")
-            ),
+            preamble=env.text("CHAT_PREAMBLE", DEFAULT_PREAMBLE),
             separator=separator,
-            stop=_unescape(env.str("CHAT_STOP", "")) or separator,
+            stop=env.text("CHAT_STOP", "") or separator,
             session_max_length=env.int("CHAT_SESSION_MAX_LENGTH", 1024, minimum=64, maximum=65_536),
         )

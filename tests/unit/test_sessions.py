@@ -82,3 +82,47 @@ def test_close_all(store):
     sessions = [store.open(16), store.open(16)]
     store.close_all()
     assert len(store) == 0 and all(s.petals is None for s in sessions)
+
+
+def conversation(store: SessionStore, text: str):
+    session = store.open(64, conversation=True)
+    session.text = text
+    return session
+
+
+def test_conversation_lookup_takes_the_longest_idle_prefix(store):
+    conversation(store, "Human: hi")
+    longer = conversation(store, "Human: hi\n\nAI: hello")
+    found = store.acquire_conversation("Human: hi\n\nAI: hello\n\nHuman: more")
+    assert found is longer
+    # Busy now: the next lookup falls back to the shorter prefix.
+    assert store.acquire_conversation("Human: hi\n\nAI: hello\n\nHuman: again").text == "Human: hi"
+
+
+def test_conversation_lookup_ignores_other_text_and_user_sessions(store):
+    store.open(64)  # a user's session, addressed by its id only
+    conversation(store, "Human: hi")
+    assert store.acquire_conversation("Human: bye") is None
+
+
+def test_conversation_lookup_skips_expired_sessions(store, clock):
+    conversation(store, "Human: hi")
+    clock.now = 11
+    assert store.acquire_conversation("Human: hi there") is None
+
+
+def test_new_conversation_evicts_the_least_recent_idle_one(store, clock):
+    oldest = conversation(store, "a")
+    clock.now = 1
+    conversation(store, "b")
+    clock.now = 2
+    conversation(store, "c")
+    assert oldest.petals is None and oldest.close_reason == "evicted"
+    assert len(store) == 2
+
+
+def test_a_user_session_does_not_evict_conversations(store):
+    conversation(store, "a")
+    conversation(store, "b")
+    with pytest.raises(TooManySessions):
+        store.open(16)
