@@ -8,6 +8,7 @@ weights in ``transformers``, in process.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,6 +115,12 @@ def gateway(inference: ServiceProcess, artifacts_dir: Path) -> Iterator[ServiceP
     service = start_gateway(artifacts_dir, {"inference-0": inference.base_url}, "gateway")
     yield service
     service.stop()
+
+
+def metric_value(metrics_text: str, name: str) -> float:
+    """One sample's value from Prometheus text (``name`` with its labels, if any); 0 if absent."""
+    match = re.search(rf"^{re.escape(name)} (\S+)$", metrics_text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
 
 
 class Api:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import falcon
 
-from services.common.errors import LegacyEnvelopeMiddleware, make_error_handlers
+from services.common.errors import ErrorEnvelopeMiddleware, make_error_handlers
 from services.common.metrics import MetricsResource, RequestMetricsMiddleware
 
 ReadinessCheck = Callable[[], tuple[bool, dict]]
@@ -38,7 +38,7 @@ class ReadinessResource:
 
 def create_app(*, readiness: ReadinessCheck, debug_tracebacks: bool, middleware: list | None = None) -> falcon.App:
     """A Falcon app with the shared middleware, error handlers and health/metrics routes."""
-    app = falcon.App(middleware=[RequestMetricsMiddleware(), LegacyEnvelopeMiddleware(), *(middleware or [])])
+    app = falcon.App(middleware=[RequestMetricsMiddleware(), ErrorEnvelopeMiddleware(), *(middleware or [])])
     app.req_options.strip_url_path_trailing_slash = True
     for exception, handler in make_error_handlers(debug_tracebacks):
         app.add_error_handler(exception, handler)

@@ -1,11 +1,14 @@
 """Public errors and how they are rendered.
 
 Every error a client may see is an ``ApiError`` (a ``falcon.HTTPError``) carrying a status,
-a stable machine-readable ``code`` and a human message. Two renderings exist:
+a stable machine-readable ``code`` and a human message. A resource picks how its errors are
+rendered with its ``error_envelope`` attribute:
 
-- the v1 API (the seed contract): HTTP 200 with ``{"ok": false, "traceback": message}``,
+- ``"v1"`` (the seed contract): HTTP 200 with ``{"ok": false, "traceback": message}``,
   because the original clients treat any non-2xx answer as a transport failure;
-- newer endpoints: the real status with ``{"ok": false, "error": {"code", "message"}}``.
+- ``"openai"`` (the OpenAI-compatible API): the real status with OpenAI's
+  ``{"error": {"message", "type", "param", "code"}}``, so its clients raise the right exception;
+- otherwise: the real status with ``{"ok": false, "error": {"code", "message"}}``.
 
 Unexpected exceptions are logged with their stack and answered with a generic message (and
 the stack only when the operator sets ``DEBUG_TRACEBACKS=1``): never a stack to the public.
@@ -38,10 +41,12 @@ class ApiError(falcon.HTTPError):
         headers: dict[str, str] | None = None,
         status: str | None = None,
         code: str | None = None,
+        param: str | None = None,
     ) -> None:
         self.error_code = code or self.error_code  # Falcon's HTTPError has a `code` of its own
         super().__init__(status or self.http_status, title=self.error_code, description=message, headers=headers)
         self.message = message
+        self.param = param  # the request parameter at fault, when there is one
 
     def __str__(self) -> str:
         return self.message
@@ -95,20 +100,22 @@ class TooManySessions(ServiceUnavailable):
     error_code = "too_many_sessions"
 
 
-class LegacyEnvelopeMiddleware:
-    """Marks requests routed to a v1 resource (``legacy_envelope = True``) for error rendering."""
+class ErrorEnvelopeMiddleware:
+    """Notes the matched resource's ``error_envelope`` for error rendering."""
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict) -> None:
-        req.context.legacy_envelope = bool(getattr(resource, "legacy_envelope", False))
+        req.context.error_envelope = getattr(resource, "error_envelope", "")
 
 
 def render_error(req: falcon.Request, resp: falcon.Response, error: ApiError) -> None:
     """Write ``error`` in the envelope that the matched endpoint uses."""
-    if req.context.get("legacy_envelope", False):
-        resp.status = falcon.HTTP_200
+    envelope = req.context.get("error_envelope", "")
+    resp.status = falcon.HTTP_200 if envelope == "v1" else error.status
+    if envelope == "v1":
         resp.media = {"ok": False, "traceback": error.message}
+    elif envelope == "openai":
+        resp.media = {"error": openai_error_body(error)}
     else:
-        resp.status = error.status
         resp.media = {"ok": False, "error": {"code": error.error_code, "message": error.message}}
     for name, value in (error.headers or {}).items():
         resp.set_header(name, value)
@@ -116,6 +123,15 @@ def render_error(req: falcon.Request, resp: falcon.Response, error: ApiError) ->
     resp.set_header(ERROR_CODE_HEADER, error.error_code)
     resp.set_header(ERROR_STATUS_HEADER, error.status.split()[0])
     resp.context.error_status = error.status
+
+
+def openai_error_body(error: ApiError) -> dict[str, Any]:
+    """An error as OpenAI's API writes it (``type`` is what its clients' docs refer to)."""
+    status = int(error.status.split()[0])
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 429:
+        kind = "rate_limit_error"
+    return {"message": error.message, "type": kind, "param": error.param, "code": error.error_code}
 
 
 def make_error_handlers(debug_tracebacks: bool):

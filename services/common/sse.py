@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"  # SSE is UTF-8; say so for clients that guess
@@ -17,3 +18,20 @@ def sse_event(event: str, data: dict[str, Any]) -> bytes:
 def sse_error(code: str, message: str) -> bytes:
     """The error event that ends a stream that had already started."""
     return sse_event("error", {"ok": False, "error": {"code": code, "message": message}})
+
+
+def parse_sse(chunks: Iterable[bytes]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event name, JSON data) for each message of a stream of SSE bytes, as they arrive."""
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        while b"\n\n" in buffer:
+            message, buffer = buffer.split(b"\n\n", 1)
+            event, data = "message", []
+            for line in message.decode("utf-8").split("\n"):
+                if line.startswith("event:"):
+                    event = line[len("event:") :].strip()
+                elif line.startswith("data:"):
+                    data.append(line[len("data:") :].strip())
+            if data:
+                yield event, json.loads("\n".join(data))

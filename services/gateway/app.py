@@ -11,6 +11,7 @@ import falcon
 from services.common.app import configure_logging
 from services.common.app import create_app as create_base_app
 from services.common.config import load_or_exit
+from services.gateway.openai_api import ChatCompletionsResource, CompletionsResource, ModelsResource
 from services.gateway.openapi import OpenApiResource
 from services.gateway.ratelimit import RateLimitMiddleware
 from services.gateway.replicas import ReplicaSet
@@ -55,6 +56,10 @@ def build_app(settings: GatewaySettings) -> tuple[falcon.App, ReplicaSet]:
     app.add_route("/api/v1/close_inference_session", CloseSessionResource(router, limits))
     app.add_route("/api/v2/generate_stream", GenerateStreamResource(router, limits))
     app.add_route("/api/openapi.json", OpenApiResource(limits))
+    app.add_route("/v1/models", ModelsResource(router))
+    app.add_route("/v1/completions", CompletionsResource(router, limits))
+    chat = ChatCompletionsResource(router, limits, settings.chat_template, settings.chat_stop)
+    app.add_route("/v1/chat/completions", chat)
     if settings.ui_url:
         app.add_sink(UiProxy(upstream, settings.ui_url), prefix=UI_PATHS)
     return app, replicas

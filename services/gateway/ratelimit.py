@@ -11,6 +11,7 @@ import falcon
 from services.common.errors import ApiError
 
 _MAX_CLIENTS = 100_000  # forget idle clients beyond this many
+_LIMITED_PREFIXES = ("/api/", "/v1/")  # the public API (its own API and the OpenAI-compatible one)
 
 
 class RateLimited(ApiError):
@@ -31,7 +32,7 @@ class RateLimitMiddleware:
         self._lock = threading.Lock()
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict) -> None:
-        if resource is None or not req.path.startswith("/api/") or req.method == "OPTIONS":
+        if resource is None or not req.path.startswith(_LIMITED_PREFIXES) or req.method == "OPTIONS":
             return
         wait = self._take(self._client(req), time.monotonic())
         if wait > 0:

@@ -5,11 +5,14 @@ No shared store: a session's id starts with the id of the replica that holds it
 New sessions go to the ready replica with the fewest open sessions (polled from the replicas'
 ``/readyz``, and counted up locally as this worker opens sessions, so a burst spreads before the
 next poll); session-less requests go to the ready replica with the fewest requests in flight from
-this worker. Ties rotate.
+this worker. Ties rotate. Chat conversations (the OpenAI-compatible API) go to the replica
+that rendezvous hashing picks for the conversation's opening messages, so that a follow-up
+finds the session that holds its beginning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -35,6 +38,7 @@ class Replica:
     active_sessions: int = 0
     max_sessions: int = 1
     detail: str = "not polled yet"
+    model: str = ""  # the model name the replica serves (from its /readyz)
     in_flight: int = 0  # requests this worker has sent and not yet seen answered
 
     @property
@@ -72,6 +76,7 @@ class ReplicaSet:
                 replica.active_sessions = int(body.get("active_sessions", 0))
                 replica.max_sessions = int(body.get("max_sessions", 1))
                 replica.detail = str(body.get("detail", ""))
+                replica.model = str(body.get("model", ""))
                 if body.get("replica_id") != replica.name:
                     replica.detail = f"answers as {body.get('replica_id')!r}, configured as {replica.name!r}"
             except (ReplicaUnreachable, ValueError) as error:
@@ -102,13 +107,22 @@ class ReplicaSet:
         ROUTING_DECISIONS.labels(decision="session", replica=name).inc()
         return replica
 
+    def models(self) -> list[str]:
+        """The model names the replicas reported (all replicas normally serve one model)."""
+        return sorted({replica.model for replica in self._replicas.values() if replica.model})
+
+    def by_affinity(self, key: str) -> list[Replica]:
+        """Ready replicas in an order fixed by ``key`` (rendezvous hashing): every gateway worker
+        sends the same conversation to the same replica while that replica stays ready."""
+        ready = self._ready("conversation")
+        ready.sort(key=lambda replica: hashlib.sha256(f"{replica.name}/{key}".encode()).digest(), reverse=True)
+        ROUTING_DECISIONS.labels(decision="conversation", replica=ready[0].name).inc()
+        return ready
+
     def least_loaded(self, decision: str) -> list[Replica]:
         """Ready replicas, best first: fewest sessions for ``new_session``, fewest requests in
         flight otherwise; ties rotate. ServiceUnavailable if none is ready."""
-        ready = [replica for replica in self._replicas.values() if replica.ready]
-        if not ready:
-            ROUTING_DECISIONS.labels(decision="no_ready_replica", replica="none").inc()
-            raise ServiceUnavailable("No inference replica is ready; retry in a few seconds")
+        ready = self._ready(decision)
         turn, names = next(self._turn), list(self._replicas)
 
         def load(replica: Replica) -> tuple[float, int]:
@@ -117,6 +131,13 @@ class ReplicaSet:
 
         ready.sort(key=load)
         ROUTING_DECISIONS.labels(decision=decision, replica=ready[0].name).inc()
+        return ready
+
+    def _ready(self, decision: str) -> list[Replica]:
+        ready = [replica for replica in self._replicas.values() if replica.ready]
+        if not ready:
+            ROUTING_DECISIONS.labels(decision="no_ready_replica", replica="none").inc()
+            raise ServiceUnavailable("No inference replica is ready; retry in a few seconds")
         return ready
 
     @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import falcon
 import urllib3
 
-from services.common.errors import ERROR_CODE_HEADER, ERROR_STATUS_HEADER, ServiceUnavailable, SessionNotFound
+from services.common.errors import ERROR_CODE_HEADER, ERROR_STATUS_HEADER, ApiError, ServiceUnavailable, SessionNotFound
 from services.common.params import (
     GenerateParams,
     Limits,
@@ -46,7 +47,15 @@ class Router:
 
     def to_least_loaded(self, decision: str, method: str, path: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
         """Call the least-loaded ready replica, moving on while replicas are down or full."""
-        candidates = self.replicas.least_loaded(decision)
+        return self._first_accepting(self.replicas.least_loaded(decision), decision, method, path, **kwargs)
+
+    def to_conversation(self, key: str, method: str, path: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
+        """Call the replica that holds (or will hold) the conversation ``key``, else the next one."""
+        return self._first_accepting(self.replicas.by_affinity(key), "conversation", method, path, **kwargs)
+
+    def _first_accepting(
+        self, candidates: list[Replica], decision: str, method: str, path: str, **kwargs: Any
+    ) -> urllib3.BaseHTTPResponse:
         for index, replica in enumerate(candidates):
             response = self._try(replica, method, path, **kwargs)
             last = index == len(candidates) - 1
@@ -89,7 +98,7 @@ def upstream_body(params: GenerateParams) -> dict[str, Any]:
 class GenerateResource:
     """``POST /api/v1/generate`` (seed contract)."""
 
-    legacy_envelope = True
+    error_envelope = "v1"
 
     def __init__(self, router: Router, limits: Limits) -> None:
         self._router = router
@@ -107,7 +116,7 @@ class GenerateResource:
 class OpenSessionResource:
     """``GET /api/v1/open_inference_session``: on the least-loaded ready replica."""
 
-    legacy_envelope = True
+    error_envelope = "v1"
 
     def __init__(self, router: Router, limits: Limits) -> None:
         self._router = router
@@ -122,7 +131,7 @@ class OpenSessionResource:
 class CloseSessionResource:
     """``GET /api/v1/close_inference_session``: on the replica holding the session."""
 
-    legacy_envelope = True
+    error_envelope = "v1"
 
     def __init__(self, router: Router, limits: Limits) -> None:
         self._router = router
@@ -157,20 +166,43 @@ class GenerateStreamResource:
         resp.stream = _relay_events(upstream, params.session_id)
 
 
-def _relay_events(upstream: urllib3.BaseHTTPResponse, session_id: str | None) -> Iterator[bytes]:
-    """Copy the replica's stream; if the replica dies mid-stream, end with an error event."""
+def upstream_chunks(upstream: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    """A streamed response's body as it comes; ReplicaUnreachable if the replica breaks off.
+
+    Closing the iterator early (the client went away) drops the connection, which stops the
+    generation on the replica.
+    """
     complete = False
     try:
-        chunks = upstream.read_chunked() if upstream.chunked else upstream.stream(1024)
-        yield from chunks
+        yield from upstream.read_chunked() if upstream.chunked else upstream.stream(1024)
         complete = True
-    except (urllib3.exceptions.HTTPError, OSError):
+    except (urllib3.exceptions.HTTPError, OSError) as error:
         logger.warning("stream from an inference replica broke off", exc_info=True)
+        raise ReplicaUnreachable("replica", "protocol", type(error).__name__) from error
+    finally:
+        if not complete:
+            upstream.close()
+        upstream.release_conn()
+
+
+def upstream_error(upstream: urllib3.BaseHTTPResponse) -> ApiError:
+    """A replica's error answer (standard envelope), to re-raise in this endpoint's envelope."""
+    try:
+        error = json.loads(upstream.data)["error"]
+        code, message = str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        code, message = "upstream_error", f"The inference replica answered HTTP {upstream.status}"
+    retry_after = upstream.headers.get("Retry-After")
+    headers = {"Retry-After": retry_after} if retry_after else None
+    return ApiError(message, status=falcon.code_to_http_status(upstream.status), code=code, headers=headers)
+
+
+def _relay_events(upstream: urllib3.BaseHTTPResponse, session_id: str | None) -> Iterator[bytes]:
+    """Copy the replica's stream; if the replica dies mid-stream, end with an error event."""
+    try:
+        yield from upstream_chunks(upstream)
+    except ReplicaUnreachable:
         if session_id:
             yield sse_error("session_not_found", f"Its inference replica is gone. {SessionNotFound(session_id)}")
         else:
             yield sse_error("upstream_error", "The inference replica stopped answering; retry")
-    finally:
-        if not complete:
-            upstream.close()  # the client left or the replica failed: drop the connection
-        upstream.release_conn()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
+from services.common.chat import DEFAULT_PREAMBLE
 from services.common.config import ConfigError, Env, ServerSettings
-from services.common.params import SESSION_ID_PATTERN, Limits
+from services.common.params import MAX_STOP_CHARS, SESSION_ID_PATTERN, Limits
+from services.gateway.chat_template import DEFAULT_CHAT_STOP, DEFAULT_CHAT_TEMPLATE, ChatTemplate
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,8 @@ class GatewaySettings:
     cors_allow_origins: tuple[str, ...]
     ui_url: str
     limits: Limits
+    chat_template: ChatTemplate
+    chat_stop: tuple[str, ...]
     debug_tracebacks: bool
 
     @classmethod
@@ -42,8 +47,32 @@ class GatewaySettings:
             cors_allow_origins=env.list("CORS_ALLOW_ORIGINS", ("*",)),
             ui_url=parse_ui_url(env.str("UI_URL", "")),
             limits=Limits.from_env(env),
+            chat_template=ChatTemplate(read_chat_template(env), env.text("CHAT_SYSTEM_PROMPT", DEFAULT_PREAMBLE)),
+            chat_stop=parse_chat_stop(env.text("CHAT_STOP", DEFAULT_CHAT_STOP)),
             debug_tracebacks=env.bool("DEBUG_TRACEBACKS", False),
         )
+
+
+def read_chat_template(env: Env) -> str:
+    """CHAT_TEMPLATE (Jinja2 source), or the file CHAT_TEMPLATE_FILE names, or the default."""
+    inline, path = env.str("CHAT_TEMPLATE", ""), env.str("CHAT_TEMPLATE_FILE", "")
+    if inline and path:
+        raise ConfigError("Set CHAT_TEMPLATE or CHAT_TEMPLATE_FILE, not both")
+    if not path:
+        return inline or DEFAULT_CHAT_TEMPLATE
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"CHAT_TEMPLATE_FILE {path!r} cannot be read: {error}") from None
+
+
+def parse_chat_stop(value: str) -> tuple[str, ...]:
+    """The chat API's default stop sequence (none when set to ``none``)."""
+    if value == "none":
+        return ()
+    if len(value) > MAX_STOP_CHARS:
+        raise ConfigError(f"CHAT_STOP must be at most {MAX_STOP_CHARS} characters, got {len(value)}")
+    return (value,)
 
 
 def parse_ui_url(value: str) -> str:

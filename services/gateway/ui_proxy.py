@@ -1,6 +1,6 @@
 """Forwarding of the chat page's paths to the ui service (what the Ingress does in Kubernetes).
 
-With ``UI_URL`` set, the gateway answers every path that is not its own (``/api/...``,
+With ``UI_URL`` set, the gateway answers every path that is not its own (``/api/...``, ``/v1/...``,
 ``/healthz``, ``/readyz``, ``/metrics``) from the ui service, so that ``make run`` serves the page
 and the API on one origin. Caching and compression headers pass through unchanged.
 """
@@ -12,7 +12,7 @@ import falcon
 from services.common.errors import ServiceUnavailable
 from services.gateway.upstream import ReplicaUnreachable, Upstream
 
-UI_PATHS = r"/(?!api/|healthz$|readyz$|metrics$)"
+UI_PATHS = r"/(?!api/|v1/|healthz$|readyz$|metrics$)"
 _REQUEST_HEADERS = ("Accept", "Accept-Encoding", "If-None-Match")
 _RESPONSE_HEADERS = ("Content-Encoding", "ETag", "Cache-Control", "Vary", "Last-Modified")
 

@@ -263,7 +263,8 @@ def test_gateway_env_and_ingress_routes(chart):
     (rule,) = ingress["spec"]["rules"]
     assert rule["host"] == "chat.example.com"
     routes = {p["path"]: (p["pathType"], p["backend"]["service"]["name"]) for p in rule["http"]["paths"]}
-    assert routes == {"/": ("Prefix", f"{FULLNAME}-ui"), "/api": ("Prefix", f"{FULLNAME}-gateway")}
+    gateway = ("Prefix", f"{FULLNAME}-gateway")
+    assert routes == {"/": ("Prefix", f"{FULLNAME}-ui"), "/api": gateway, "/v1": gateway}
     docs = render(chart, {"ingress": {"enabled": False}})
     env = container_env(find(docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"]["containers"][0])
     assert env["TRUST_PROXY_HEADERS"] == "0"
@@ -412,3 +413,15 @@ def test_notes_render(chart):
     notes = next(text for path, text in out.items() if path.endswith("NOTES.txt"))
     assert "chat.example.com" in notes
     assert f"{FULLNAME}-inference" in notes
+
+
+def test_gateway_chat_format_is_passed_only_when_set(chart):
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    docs = render(chart, {"gateway": {"chat": {"template": template, "stop": "\n\nUser:"}}})
+    env = container_env(find(docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"]["containers"][0])
+    assert env["CHAT_TEMPLATE"] == template and env["CHAT_STOP"] == "\n\nUser:"
+    assert "CHAT_SYSTEM_PROMPT" not in env
+    env = container_env(
+        find(render(chart, {}), "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"]["containers"][0]
+    )
+    assert not {"CHAT_TEMPLATE", "CHAT_STOP", "CHAT_SYSTEM_PROMPT"} & set(env)

@@ -21,6 +21,11 @@ EXAMPLES = {
     ("get", "/readyz"): {},
     ("get", "/metrics"): {},
     ("get", "/api/openapi.json"): {},
+    ("get", "/v1/models"): {},
+    ("post", "/v1/completions"): {"json": {"model": "<model>", "prompt": "Hello", "max_tokens": 2}},
+    ("post", "/v1/chat/completions"): {
+        "json": {"model": "<model>", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    },
 }
 
 
@@ -41,10 +46,11 @@ def sse_events(text: str) -> list[tuple[str, dict]]:
     return events
 
 
-def test_every_documented_operation_exists_and_answers_per_its_schema(gateway, document):
+def test_every_documented_operation_exists_and_answers_per_its_schema(gateway, document, model_dir):
     operations = {(m, p) for p, item in document["paths"].items() for m in item}
     assert operations == set(EXAMPLES), "keep the examples in step with the document"
-    for (method, path), kwargs in EXAMPLES.items():
+    for (method, path), example in EXAMPLES.items():
+        kwargs = json.loads(json.dumps(example).replace("<model>", model_dir.name))
         response = requests.request(method, gateway.base_url + path, timeout=60, **kwargs)
         spec = document["paths"][path][method]["responses"].get(str(response.status_code))
         assert spec, f"{method.upper()} {path} answered an undocumented {response.status_code}"
@@ -67,6 +73,18 @@ def test_documented_errors_match_the_schema(gateway, document):
         response = requests.post(f"{gateway.base_url}/api/v2/generate_stream", json=body, timeout=30)
         assert response.status_code == status
         validate(document, errors[str(status)]["content"]["application/json"]["schema"], response.json())
+
+
+def test_openai_errors_match_the_schema(gateway, document, model_dir):
+    errors = document["paths"]["/v1/chat/completions"]["post"]["responses"]
+    for body, status in [
+        ({"model": model_dir.name, "messages": "Hi"}, 400),
+        ({"model": "no-such-model", "messages": [{"role": "user", "content": "Hi"}]}, 404),
+    ]:
+        response = requests.post(f"{gateway.base_url}/v1/chat/completions", json=body, timeout=30)
+        assert response.status_code == status
+        validate(document, errors[str(status)]["content"]["application/json"]["schema"], response.json())
+        assert response.json()["error"]["param"] in ("messages", "model")
 
 
 def test_request_metrics_add_up_across_workers(gateway):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import Api, start_inference
+from tests.conftest import Api, metric_value, start_inference
 
 EXPIRED = re.compile(r"Session .+ expired")  # what the original chat client matches
 
@@ -27,11 +27,6 @@ def limited(swarm, model_dir, artifacts_dir):
     )
     yield Api(service.base_url)
     service.stop()
-
-
-def metric_value(metrics_text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", metrics_text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def test_idle_session_expires_and_use_refreshes_it(limited):

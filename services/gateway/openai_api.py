@@ -1,0 +1,273 @@
+"""The OpenAI-compatible API: ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``.
+
+Each request becomes one call to a replica's ``/api/v2/generate_stream``; its events are
+relayed as OpenAI's stream chunks (ending with ``data: [DONE]``) or gathered into one answer.
+``temperature`` 0 means greedy decoding. Chat requests carry ``conversation=true``: the
+replica continues the session that holds the conversation so far, when one does (see
+chat_template.py and services/inference/generation.py), and the conversation is routed by its
+opening messages so that follow-ups reach that replica.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import falcon
+import urllib3
+
+from services.common.errors import ApiError, ServiceUnavailable, openai_error_body
+from services.common.params import Limits, read_values
+from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, parse_sse
+from services.gateway.chat_template import ChatTemplate
+from services.gateway.openai_params import SamplingOptions, check_prompt_length, parse_chat, parse_completion
+from services.gateway.resources import Router, upstream_chunks, upstream_error
+from services.gateway.upstream import ReplicaUnreachable
+
+_FINISH_REASONS = {"stop": "stop", "eos": "stop", "length": "length"}
+_STREAM_ERROR_STATUS = {"unavailable": falcon.HTTP_503, "internal_error": falcon.HTTP_500}
+_STREAM_PATH = "/api/v2/generate_stream"
+
+
+class ModelNotFound(ApiError):
+    """The request names a model this deployment does not serve."""
+
+    http_status = falcon.HTTP_404
+    error_code = "model_not_found"
+
+
+class ModelsResource:
+    """``GET /v1/models``: the model the inference replicas serve."""
+
+    error_envelope = "openai"
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self._created = int(time.time())
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        models = [
+            {"id": name, "object": "model", "created": self._created, "owned_by": "petals"}
+            for name in self._router.replicas.models()
+        ]
+        resp.media = {"object": "list", "data": models}
+
+
+class CompletionsResource:
+    """``POST /v1/completions``: text completion of a prompt."""
+
+    error_envelope = "openai"
+
+    def __init__(self, router: Router, limits: Limits) -> None:
+        self._router = router
+        self._limits = limits
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        prompt, options = parse_completion(read_values(req, self._limits), self._limits)
+        generation = _start(self._router, self._limits, prompt, options, conversation_key=None)
+        _answer(resp, _CompletionShape(options), generation)
+
+
+class ChatCompletionsResource:
+    """``POST /v1/chat/completions``: the next assistant message of a conversation."""
+
+    error_envelope = "openai"
+
+    def __init__(self, router: Router, limits: Limits, template: ChatTemplate, default_stop: tuple[str, ...]) -> None:
+        self._router = router
+        self._limits = limits
+        self._template = template
+        self._default_stop = default_stop
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = read_values(req, self._limits)
+        messages, options = parse_chat(body, self._limits)
+        prompt = self._template.render(messages)
+        check_prompt_length(prompt, self._limits)
+        if "stop" not in body:
+            options = replace(options, stop=self._default_stop)
+        generation = _start(self._router, self._limits, prompt, options, conversation_key=_opening(messages))
+        _answer(resp, _ChatShape(options), generation)
+
+
+def _opening(messages: list[dict[str, str]]) -> str:
+    """The conversation's routing key: its messages up to the first user message."""
+    end = next((index for index, message in enumerate(messages) if message["role"] == "user"), len(messages) - 1)
+    return hashlib.sha256(json.dumps(messages[: end + 1]).encode()).hexdigest()
+
+
+def _start(
+    router: Router, limits: Limits, prompt: str, options: SamplingOptions, conversation_key: str | None
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Send the generation to a replica; the replica's events (errors before any are raised)."""
+    served = router.replicas.models()
+    if not served:
+        raise ServiceUnavailable("No inference replica has reported its model yet; retry in a few seconds")
+    if options.model not in served:
+        raise ModelNotFound(f"The model {options.model!r} does not exist here; use one of {served}", param="model")
+    body = _upstream_body(prompt, options, limits)
+    if conversation_key is None:
+        upstream = router.to_least_loaded("sessionless", "POST", _STREAM_PATH, json_body=body, stream=True)
+    else:
+        body["conversation"] = True
+        upstream = router.to_conversation(conversation_key, "POST", _STREAM_PATH, json_body=body, stream=True)
+    if upstream.status != 200:
+        error = upstream_error(upstream)
+        upstream.release_conn()
+        raise error
+    return _events(upstream)
+
+
+def _events(upstream: urllib3.BaseHTTPResponse) -> Iterator[tuple[str, dict[str, Any]]]:
+    chunks = upstream_chunks(upstream)
+    try:
+        yield from parse_sse(chunks)
+    finally:
+        chunks.close()  # closing early drops the connection: the replica stops generating
+
+
+def _upstream_body(prompt: str, options: SamplingOptions, limits: Limits) -> dict[str, Any]:
+    body: dict[str, Any] = {"inputs": prompt, "stop": list(options.stop), "do_sample": options.temperature > 0}
+    if options.max_tokens is None:
+        body["max_length"] = limits.max_length  # as many tokens as the context allows
+    else:
+        body["max_new_tokens"] = options.max_tokens
+    if options.temperature > 0:
+        body.update(temperature=options.temperature, top_p=options.top_p, seed=options.seed)
+    return body
+
+
+class _Shape:
+    """What differs between completion and chat answers: ids, object names and choices."""
+
+    id_prefix = ""
+    object_name = ""
+    chunk_object_name = ""
+
+    def __init__(self, options: SamplingOptions) -> None:
+        self.options = options
+        self.id = self.id_prefix + secrets.token_urlsafe(18)
+        self.created = int(time.time())
+
+    def envelope(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": object_name,
+            "created": self.created,
+            "model": self.options.model,
+            "choices": choices,
+        }
+
+    def choice(self, text: str, finish_reason: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def delta(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def opening_delta(self) -> dict[str, Any] | None:
+        return None
+
+
+class _CompletionShape(_Shape):
+    id_prefix = "cmpl-"
+    object_name = chunk_object_name = "text_completion"
+
+    def choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    def delta(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+        return self.choice(text or "", finish_reason)
+
+
+class _ChatShape(_Shape):
+    id_prefix = "chatcmpl-"
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
+
+    def choice(self, text: str, finish_reason: str) -> dict[str, Any]:
+        message = {"role": "assistant", "content": text}
+        return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+
+    def delta(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+        delta = {} if text is None else {"content": text}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    def opening_delta(self) -> dict[str, Any] | None:
+        return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+
+def _answer(resp: falcon.Response, shape: _Shape, events: Iterator[tuple[str, dict[str, Any]]]) -> None:
+    if shape.options.stream:
+        resp.content_type = SSE_CONTENT_TYPE
+        resp.set_headers(SSE_HEADERS)
+        resp.stream = _stream_chunks(shape, events)
+        return
+    try:
+        done = next((data for event, data in _checked(events) if event == "done"), None)
+    finally:
+        events.close()
+    if done is None:
+        raise ServiceUnavailable("The inference replica ended the answer early; retry")
+    answer = shape.envelope(shape.object_name, [shape.choice(done["outputs"], _finish_reason(done))])
+    resp.media = {**answer, "usage": _usage(done)}
+
+
+def _checked(events: Iterator[tuple[str, dict[str, Any]]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The replica's events; its error event, or its breaking off, raised as an ApiError."""
+    try:
+        for event, data in events:
+            if event == "error":
+                error = data.get("error", {})
+                code = str(error.get("code", "upstream_error"))
+                status = _STREAM_ERROR_STATUS.get(code, falcon.HTTP_502)
+                raise ApiError(str(error.get("message", "Generation failed")), status=status, code=code)
+            yield event, data
+    except ReplicaUnreachable as error:
+        raise ApiError("The inference replica stopped answering; retry", status=falcon.HTTP_502) from error
+
+
+def _stream_chunks(shape: _Shape, events: Iterator[tuple[str, dict[str, Any]]]) -> Iterator[bytes]:
+    """OpenAI's stream: a chunk per token, a last one with the finish reason, usage, [DONE]."""
+    extra = {"usage": None} if shape.options.include_usage else {}
+    opening = shape.opening_delta()
+    try:
+        if opening is not None:
+            yield _chunk({**shape.envelope(shape.chunk_object_name, [opening]), **extra})
+        for event, data in _checked(events):
+            if event == "token" and data["text"]:
+                yield _chunk({**shape.envelope(shape.chunk_object_name, [shape.delta(data["text"], None)]), **extra})
+            elif event == "done":
+                last = shape.delta(None, _finish_reason(data))
+                yield _chunk({**shape.envelope(shape.chunk_object_name, [last]), **extra})
+                if shape.options.include_usage:
+                    yield _chunk({**shape.envelope(shape.chunk_object_name, []), "usage": _usage(data)})
+        yield b"data: [DONE]\n\n"
+    except ApiError as error:
+        yield _chunk({"error": openai_error_body(error)})
+    finally:
+        events.close()  # a client that went away stops the generation
+
+
+def _chunk(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+
+
+def _finish_reason(done: dict[str, Any]) -> str:
+    return _FINISH_REASONS.get(done.get("finish_reason", ""), "stop")
+
+
+def _usage(done: dict[str, Any]) -> dict[str, Any]:
+    cached = int(done.get("cached_tokens", 0))
+    prompt = int(done["prompt_tokens"]) + cached
+    completion = int(done["generated_tokens"])
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }

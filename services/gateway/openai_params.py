@@ -1,0 +1,174 @@
+"""Validation of OpenAI-style request bodies (``/v1/completions``, ``/v1/chat/completions``).
+
+Bodies are JSON objects, checked field by field with OpenAI's types and ranges; each error
+names its field (OpenAI's ``param``). Options this service cannot honour (``n`` > 1,
+``logprobs``, tools, penalties) are refused clearly rather than silently ignored; unknown
+fields are ignored, as clients add new ones all the time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from services.common.errors import InvalidParameter, PayloadTooLarge
+from services.common.params import MAX_SEED, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, Limits
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_MESSAGES = 1024
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """What both endpoints accept besides the prompt."""
+
+    model: str
+    max_tokens: int | None  # None: as many as the context allows
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+    seed: int | None
+    stream: bool
+    include_usage: bool
+
+
+def parse_completion(body: dict[str, Any], limits: Limits) -> tuple[str, SamplingOptions]:
+    """``/v1/completions``: the prompt and the options."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise InvalidParameter("prompt must be a non-empty string (or a list of exactly one)", param="prompt")
+    _check_length("prompt", prompt, limits)
+    for name, allowed in (("echo", False), ("best_of", 1), ("suffix", None)):
+        if body.get(name) not in (None, allowed):
+            raise InvalidParameter(f"{name} is not supported; leave it out", param=name)
+    return prompt, _parse_options(body, limits, default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
+
+
+def parse_chat(body: dict[str, Any], limits: Limits) -> tuple[list[dict[str, str]], SamplingOptions]:
+    """``/v1/chat/completions``: the messages (roles normalised, content as text) and the options."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidParameter("messages must be a non-empty list of {role, content} objects", param="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise PayloadTooLarge(f"messages has {len(messages)} entries; the limit is {MAX_MESSAGES}", param="messages")
+    for name in ("tools", "functions", "tool_choice", "function_call"):
+        if body.get(name) not in (None, [], "none"):
+            raise InvalidParameter(f"{name} is not supported: this model has no tool calling", param=name)
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise InvalidParameter("response_format must be {'type': 'text'}", param="response_format")
+    parsed = [_parse_message(message, index) for index, message in enumerate(messages)]
+    _check_length("messages", "".join(message["content"] for message in parsed), limits)
+    return parsed, _parse_options(body, limits, default_max_tokens=None)
+
+
+def check_prompt_length(prompt: str, limits: Limits) -> None:
+    """A rendered chat prompt must fit the input limit too."""
+    _check_length("messages", prompt, limits)
+
+
+def _parse_message(message: Any, index: int) -> dict[str, str]:
+    param = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise InvalidParameter(f"{param} must be an object with role and content", param=param)
+    role = _ROLES.get(message.get("role"))  # type: ignore[arg-type]
+    if role is None:
+        raise InvalidParameter(
+            f"{param}.role must be one of system, developer, user or assistant, got {message.get('role')!r}",
+            param=f"{param}.role",
+        )
+    return {"role": role, "content": _message_text(message.get("content"), f"{param}.content")}
+
+
+def _message_text(content: Any, param: str) -> str:
+    """A message's content: a string, or a list of text parts (no images here)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text" for part in content):
+        texts = [part.get("text") for part in content]
+        if all(isinstance(text, str) for text in texts):
+            return "".join(texts)  # type: ignore[arg-type]
+    raise InvalidParameter(f"{param} must be a string or a list of text parts", param=param)
+
+
+def _parse_options(body: dict[str, Any], limits: Limits, *, default_max_tokens: int | None) -> SamplingOptions:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidParameter("model is required: one of the names GET /v1/models lists", param="model")
+    if _int(body, "n", 1, 128) not in (None, 1):
+        raise InvalidParameter("n must be 1: one choice per request", param="n")
+    for name in ("logprobs", "top_logprobs", "logit_bias"):
+        if body.get(name) not in (None, False, {}, 0):
+            raise InvalidParameter(f"{name} is not supported; leave it out", param=name)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name, -2.0, 2.0) not in (None, 0.0):
+            raise InvalidParameter(f"{name} is not supported; leave it out or set 0", param=name)
+    max_tokens = _int(body, "max_completion_tokens", 1, limits.max_new_tokens)
+    max_tokens = max_tokens if max_tokens is not None else _int(body, "max_tokens", 1, limits.max_new_tokens)
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise InvalidParameter("stream_options must be an object", param="stream_options")
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    top_p = _number(body, "top_p", 0.0, 1.0)
+    if top_p == 0.0:
+        raise InvalidParameter("top_p must be greater than 0", param="top_p")
+    return SamplingOptions(
+        model=model,
+        max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
+        temperature=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        stop=_stop(body.get("stop")),
+        seed=_int(body, "seed", 0, MAX_SEED),
+        stream=_bool(body, "stream"),
+        include_usage=_bool(stream_options, "include_usage"),
+    )
+
+
+def _int(body: dict[str, Any], name: str, minimum: int, maximum: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParameter(f"{name} must be an integer, got {type(value).__name__}", param=name)
+    if not minimum <= value <= maximum:
+        raise InvalidParameter(f"{name} must be between {minimum} and {maximum}, got {value}", param=name)
+    return value
+
+
+def _number(body: dict[str, Any], name: str, minimum: float, maximum: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidParameter(f"{name} must be a number, got {type(value).__name__}", param=name)
+    if not minimum <= value <= maximum:
+        raise InvalidParameter(f"{name} must be between {minimum} and {maximum}, got {value}", param=name)
+    return float(value)
+
+
+def _bool(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidParameter(f"{name} must be true or false, got {type(value).__name__}", param=name)
+    return bool(value)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    stops = [value] if isinstance(value, str) else value
+    if stops is None:
+        return ()
+    if not isinstance(stops, list) or len(stops) > MAX_STOP_SEQUENCES:
+        raise InvalidParameter(f"stop must be a string or a list of at most {MAX_STOP_SEQUENCES} strings", param="stop")
+    if not all(isinstance(stop, str) and 0 < len(stop) <= MAX_STOP_CHARS for stop in stops):
+        raise InvalidParameter(f"each stop sequence must be a string of 1-{MAX_STOP_CHARS} characters", param="stop")
+    return tuple(stops)
+
+
+def _check_length(param: str, text: str, limits: Limits) -> None:
+    if len(text) > limits.max_input_chars:
+        raise PayloadTooLarge(
+            f"{param} is {len(text)} characters long; the limit is {limits.max_input_chars}", param=param
+        )

@@ -1,0 +1,264 @@
+"""The OpenAI-compatible part of the OpenAPI document: ``/v1/models`` and the completions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.common.params import MAX_SEED, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, Limits
+from services.gateway.openai_params import COMPLETIONS_DEFAULT_MAX_TOKENS, MAX_MESSAGES
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def openai_schemas(limits: Limits) -> dict[str, Any]:
+    """Request, answer and error schemas of the OpenAI-compatible API."""
+    max_tokens = {"type": ["integer", "null"], "minimum": 1, "maximum": limits.max_new_tokens}
+    common = {
+        "model": {"type": "string", "minLength": 1, "description": "A name GET /v1/models lists."},
+        "max_tokens": max_tokens,
+        "temperature": {
+            "type": ["number", "null"],
+            "minimum": 0,
+            "maximum": 2,
+            "default": 1,
+            "description": "0 decodes greedily.",
+        },
+        "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1, "default": 1},
+        "stop": {
+            "oneOf": [
+                {"type": "null"},
+                {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                {
+                    "type": "array",
+                    "maxItems": MAX_STOP_SEQUENCES,
+                    "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                },
+            ]
+        },
+        "seed": {
+            "type": ["integer", "null"],
+            "minimum": 0,
+            "maximum": MAX_SEED,
+            "description": "Makes sampling reproducible.",
+        },
+        "n": {"enum": [1, None]},
+        "stream": {"type": ["boolean", "null"], "default": False},
+        "stream_options": {
+            "type": ["object", "null"],
+            "properties": {"include_usage": {"type": "boolean"}},
+        },
+        "user": {"type": "string"},
+    }
+    usage = {
+        "type": "object",
+        "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+        "properties": {
+            "prompt_tokens": {"type": "integer", "minimum": 0},
+            "completion_tokens": {"type": "integer", "minimum": 0},
+            "total_tokens": {"type": "integer", "minimum": 0},
+            "prompt_tokens_details": {
+                "type": "object",
+                "properties": {
+                    "cached_tokens": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": "Prompt tokens a continued conversation session already held.",
+                    }
+                },
+            },
+        },
+    }
+    finish_reason = {"enum": ["stop", "length"]}
+    envelope = {"id": {"type": "string"}, "created": {"type": "integer"}, "model": {"type": "string"}}
+    text_part = {
+        "type": "object",
+        "required": ["type", "text"],
+        "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    }
+    return {
+        "CompletionRequest": {
+            "type": "object",
+            "required": ["model", "prompt"],
+            "properties": {
+                **common,
+                "prompt": {
+                    "oneOf": [
+                        {"type": "string", "minLength": 1, "maxLength": limits.max_input_chars},
+                        {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string", "minLength": 1}},
+                    ]
+                },
+                "max_tokens": {**max_tokens, "default": COMPLETIONS_DEFAULT_MAX_TOKENS},
+            },
+        },
+        "ChatCompletionRequest": {
+            "type": "object",
+            "required": ["model", "messages"],
+            "properties": {
+                **common,
+                "messages": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_MESSAGES,
+                    "items": {
+                        "type": "object",
+                        "required": ["role", "content"],
+                        "properties": {
+                            "role": {"enum": ["system", "developer", "user", "assistant"]},
+                            "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}]},
+                        },
+                    },
+                },
+                "max_tokens": {**max_tokens, "description": "Default: as many as the context allows."},
+                "max_completion_tokens": max_tokens,
+            },
+        },
+        "Completion": {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices", "usage"],
+            "properties": {
+                **envelope,
+                "object": {"const": "text_completion"},
+                "choices": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["index", "text", "finish_reason"],
+                        "properties": {
+                            "index": {"const": 0},
+                            "text": {"type": "string"},
+                            "finish_reason": finish_reason,
+                        },
+                    },
+                },
+                "usage": usage,
+            },
+        },
+        "ChatCompletion": {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices", "usage"],
+            "properties": {
+                **envelope,
+                "object": {"const": "chat.completion"},
+                "choices": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["index", "message", "finish_reason"],
+                        "properties": {
+                            "index": {"const": 0},
+                            "message": {
+                                "type": "object",
+                                "required": ["role", "content"],
+                                "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
+                            },
+                            "finish_reason": finish_reason,
+                        },
+                    },
+                },
+                "usage": usage,
+            },
+        },
+        "ModelList": {
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {
+                "object": {"const": "list"},
+                "data": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["id", "object", "created", "owned_by"],
+                        "properties": {
+                            "id": {"type": "string"},
+                            "object": {"const": "model"},
+                            "created": {"type": "integer"},
+                            "owned_by": {"type": "string"},
+                        },
+                    },
+                },
+            },
+        },
+        "OpenAIError": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["message", "type", "param", "code"],
+                    "properties": {
+                        "message": {"type": "string"},
+                        "type": {"enum": ["invalid_request_error", "rate_limit_error", "server_error"]},
+                        "param": {"type": ["string", "null"]},
+                        "code": {"type": ["string", "null"]},
+                    },
+                }
+            },
+        },
+    }
+
+
+def openai_paths() -> dict[str, Any]:
+    """The three operations, with OpenAI's error shape for every failure."""
+    errors = {
+        str(code): {"description": text, "content": {"application/json": {"schema": _ref("OpenAIError")}}}
+        for code, text in [
+            (400, "Invalid request (the error names the parameter)"),
+            (404, "Unknown model"),
+            (413, "Body, prompt or messages too large"),
+            (429, "Rate limited (see Retry-After)"),
+            (502, "The swarm or a replica failed during generation; retry"),
+            (503, "No ready replica, model loading or swarm unreachable (see Retry-After)"),
+        ]
+    }
+    stream = (
+        "With `stream: true`, Server-Sent Events: `data: <chunk JSON>` per token, a last chunk with the "
+        "finish_reason, a usage chunk if `stream_options.include_usage`, then `data: [DONE]`. An error after "
+        'the stream started arrives as `data: {"error": ...}`.'
+    )
+    return {
+        "/v1/models": {
+            "get": {
+                "summary": "OpenAI-compatible: the served model",
+                "responses": {
+                    "200": {
+                        "description": "The model list",
+                        "content": {"application/json": {"schema": _ref("ModelList")}},
+                    },
+                    "429": errors["429"],
+                },
+            }
+        },
+        "/v1/completions": _generation(
+            "Completion", "CompletionRequest", "OpenAI-compatible text completion", stream, errors
+        ),
+        "/v1/chat/completions": _generation(
+            "ChatCompletion",
+            "ChatCompletionRequest",
+            "OpenAI-compatible chat completion (messages rendered with the configured chat template; a follow-up "
+            "that extends an earlier conversation continues its inference session)",
+            stream,
+            errors,
+        ),
+    }
+
+
+def _generation(answer: str, request: str, summary: str, stream: str, errors: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "description": stream,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
+            "responses": {
+                "200": {
+                    "description": "The answer (JSON), or its stream",
+                    "content": {
+                        "application/json": {"schema": _ref(answer)},
+                        "text/event-stream": {"schema": {"type": "string"}},
+                    },
+                },
+                **errors,
+            },
+        }
+    }

@@ -1,0 +1,105 @@
+"""Validation of OpenAI-style bodies and the chat template (no services needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.config import ConfigError
+from services.common.errors import InvalidParameter, PayloadTooLarge
+from services.common.params import Limits
+from services.gateway.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate
+from services.gateway.openai_params import parse_chat, parse_completion
+
+LIMITS = Limits(max_input_chars=100, max_new_tokens=50)
+
+
+def test_completion_defaults_follow_openai():
+    prompt, options = parse_completion({"model": "m", "prompt": ["Hi"]}, LIMITS)
+    assert prompt == "Hi"
+    assert (options.max_tokens, options.temperature, options.top_p, options.stream) == (16, 1.0, 1.0, False)
+
+
+def test_chat_accepts_text_parts_and_developer_role():
+    messages, options = parse_chat(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+            ],
+            "max_completion_tokens": 5,
+            "stop": "END",
+            "stream_options": {"include_usage": True},
+        },
+        LIMITS,
+    )
+    assert messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    assert (options.max_tokens, options.stop, options.include_usage) == (5, ("END",), True)
+    assert options.max_tokens == 5
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "Hi"}, "model"),
+        ({"model": "m", "prompt": ""}, "prompt"),
+        ({"model": "m", "prompt": "Hi", "max_tokens": 51}, "max_tokens"),
+        ({"model": "m", "prompt": "Hi", "max_tokens": True}, "max_tokens"),
+        ({"model": "m", "prompt": "Hi", "temperature": "hot"}, "temperature"),
+        ({"model": "m", "prompt": "Hi", "temperature": float("nan")}, "temperature"),
+        ({"model": "m", "prompt": "Hi", "seed": -1}, "seed"),
+        ({"model": "m", "prompt": "Hi", "stream": "yes"}, "stream"),
+        ({"model": "m", "prompt": "Hi", "echo": True}, "echo"),
+        ({"model": "m", "prompt": "Hi", "presence_penalty": 1.0}, "presence_penalty"),
+        ({"model": "m", "prompt": "Hi", "stop": [""]}, "stop"),
+    ],
+)
+def test_bad_completion_fields_are_named(body, param):
+    with pytest.raises(InvalidParameter) as raised:
+        parse_completion(body, LIMITS)
+    assert raised.value.param == param
+
+
+def test_too_long_prompt_is_413():
+    with pytest.raises(PayloadTooLarge):
+        parse_completion({"model": "m", "prompt": "x" * 101}, LIMITS)
+
+
+def test_tools_are_refused():
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]}
+    with pytest.raises(InvalidParameter, match="tool calling"):
+        parse_chat(body, LIMITS)
+
+
+def test_default_template_renders_the_chat_page_format():
+    template = ChatTemplate(DEFAULT_CHAT_TEMPLATE, default_system_prompt="Preamble.")
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": " Hello"},
+        {"role": "user", "content": "Bye"},
+    ]
+    assert template.render(messages) == "Preamble.\n\nHuman: Hi\n\nAI: Hello\n\nHuman: Bye\n\nAI:"
+    system = [{"role": "system", "content": "Own."}, {"role": "user", "content": "Hi"}]
+    assert template.render(system) == "Own.\n\nHuman: Hi\n\nAI:"
+
+
+def test_a_follow_up_prompt_extends_the_previous_prompt_plus_its_answer():
+    template = ChatTemplate(DEFAULT_CHAT_TEMPLATE)
+    first = [{"role": "user", "content": "Hi"}]
+    answer = " Hello there"
+    follow_up = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "More"}]
+    assert template.render(follow_up).startswith(template.render(first) + answer)
+
+
+def test_custom_template_and_its_errors():
+    template = ChatTemplate(
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system here') }}{% endif %}"
+        "<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    )
+    assert template.render([{"role": "user", "content": "Hi"}]) == "<user>Hi<assistant>"
+    with pytest.raises(InvalidParameter, match="no system here"):
+        template.render([{"role": "system", "content": "x"}])
+    with pytest.raises(ConfigError, match="not a valid Jinja2 template"):
+        ChatTemplate("{% for %}")
+    with pytest.raises(ConfigError, match="fails on a one-message chat"):
+        ChatTemplate("{{ undefined_variable }}")
