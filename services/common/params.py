@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,7 @@ def read_values(req: falcon.Request, limits: Limits) -> dict[str, Any]:
             req.bounded_stream.exhaust()  # read it, so the keep-alive connection stays usable
         raise PayloadTooLarge(f"Request body is {req.content_length} bytes; the limit is {limits.max_body_bytes}")
     values: dict[str, Any] = {}
+    _require_utf8(req.query_string, "Query string")
     for name, value in req.params.items():
         if isinstance(value, list):
             raise InvalidParameter(f"{name} is given more than once")
@@ -85,12 +87,11 @@ def read_values(req: falcon.Request, limits: Limits) -> dict[str, Any]:
 
 def _read_body(req: falcon.Request, limits: Limits) -> dict[str, Any]:
     media_type = (req.content_type or "").split(";")[0].strip().lower()
+    body = _read_raw_body(req, limits.max_body_bytes + 1)
     if media_type not in (_FORM, _JSON):
-        body = req.bounded_stream.read(limits.max_body_bytes + 1)
         if body.strip():
             raise InvalidParameter(f"Unsupported Content-Type {media_type or 'none'}: send JSON or a form")
         return {}
-    body = req.bounded_stream.read(limits.max_body_bytes + 1)
     if len(body) > limits.max_body_bytes:
         raise PayloadTooLarge(f"Request body is larger than the limit of {limits.max_body_bytes} bytes")
     if not body.strip():
@@ -100,6 +101,23 @@ def _read_body(req: falcon.Request, limits: Limits) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise InvalidParameter("Request body is not valid UTF-8") from None
     return _parse_json(text) if media_type == _JSON else _parse_form(text)
+
+
+def _read_raw_body(req: falcon.Request, size: int) -> bytes:
+    """Up to ``size`` bytes of the body, whether sent with a Content-Length or chunked."""
+    if req.content_length is None and req.env.get("wsgi.input_terminated"):
+        # Chunked: Falcon's bounded stream would read nothing; the server ends this stream at the body's end.
+        return req.stream.read(size)
+    return req.bounded_stream.read(size)
+
+
+def _require_utf8(encoded: str, what: str) -> None:
+    """Percent-encoded text must decode as UTF-8 (Falcon would silently put U+FFFD instead)."""
+    if "%" in encoded:
+        try:
+            urllib.parse.unquote_to_bytes(encoded).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidParameter(f"{what} is not valid UTF-8 once percent-decoded") from None
 
 
 def _parse_json(text: str) -> dict[str, Any]:
@@ -113,6 +131,7 @@ def _parse_json(text: str) -> dict[str, Any]:
 
 
 def _parse_form(text: str) -> dict[str, Any]:
+    _require_utf8(text, "Form body")
     values: dict[str, Any] = {}
     for name, value in falcon.uri.parse_query_string(text, keep_blank=False).items():
         if isinstance(value, list):
