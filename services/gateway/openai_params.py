@@ -74,7 +74,8 @@ def _parse_message(message: Any, index: int) -> dict[str, str]:
     param = f"messages[{index}]"
     if not isinstance(message, dict):
         raise InvalidParameter(f"{param} must be an object with role and content", param=param)
-    role = _ROLES.get(message.get("role"))  # type: ignore[arg-type]
+    name = message.get("role")
+    role = _ROLES.get(name) if isinstance(name, str) else None  # a list or an object is no role (nor hashable)
     if role is None:
         raise InvalidParameter(
             f"{param}.role must be one of system, developer, user or assistant, got {message.get('role')!r}",
