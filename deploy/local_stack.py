@@ -117,6 +117,9 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
         return None
 
 
+LOCAL_MODEL_NAME = "tiny-bloom"  # what `make run` serves the embedded model as (GET /v1/models)
+
+
 def inference_process(
     *,
     model_dir: Path,
@@ -191,6 +194,7 @@ class LocalStack:
                     port=self.public_port + 10 + index,
                     log_path=logs / f"inference-{index}.log",
                     replica_id=f"inference-{index}",
+                    extra_env={"MODEL_NAME": LOCAL_MODEL_NAME},
                 )
                 self.services.append(replica.start())
                 replicas[replica.name] = replica.base_url

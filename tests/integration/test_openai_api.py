@@ -11,6 +11,7 @@ import openai
 import pytest
 import requests
 
+from deploy.local_stack import gateway_process, pick_free_port
 from tests.conftest import Api, metric_value, start_gateway, start_inference
 
 CHAT_STOP = "\n\nHuman:"  # the gateway's default CHAT_STOP
@@ -234,5 +235,23 @@ def test_rate_limit_raises_rate_limit_error(replicas, artifacts_dir, model):
         with pytest.raises(openai.RateLimitError) as raised:
             limited.models.list()
         assert raised.value.status_code == 429 and raised.value.type == "rate_limit_error"
+    finally:
+        gateway.stop()
+
+
+def test_no_ready_replica_raises_server_error(artifacts_dir, model):
+    gateway = gateway_process(
+        replicas={"inference-9": f"http://127.0.0.1:{pick_free_port()}"},  # nothing listens there
+        port=pick_free_port(),
+        log_path=artifacts_dir / "logs" / "gateway-openai-alone.log",
+        name="gateway-openai-alone",
+    )
+    gateway.start_ready(timeout=60, path="/healthz")
+    try:
+        alone = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="x", max_retries=0, timeout=60)
+        assert alone.models.list().data == []
+        with pytest.raises(openai.InternalServerError, match="retry in a few seconds") as raised:
+            alone.completions.create(model=model, prompt="Hi", max_tokens=2)
+        assert raised.value.status_code == 503 and raised.value.response.headers["Retry-After"]
     finally:
         gateway.stop()
