@@ -1,0 +1,145 @@
+"""Helpers shared by the reliability tests: dedicated stacks, raw HTTP, process resource figures."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploy.local_stack import ServiceProcess
+from services.swarm.launcher import PrivateSwarm
+from tests.conftest import start_gateway, start_inference
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A gateway in front of its own inference replicas."""
+
+    gateway: ServiceProcess
+    replicas: tuple[ServiceProcess, ...]
+
+
+@contextmanager
+def dedicated_stack(
+    swarm: PrivateSwarm,
+    model_dir: Path,
+    artifacts_dir: Path,
+    name: str,
+    *,
+    replicas: int = 1,
+    shared_env: dict[str, str] | None = None,
+    inference_env: dict[str, str] | None = None,
+    gateway_env: dict[str, str] | None = None,
+) -> Iterator[Stack]:
+    """Start ``replicas`` inference services and a gateway (``shared_env`` goes to both, e.g. the
+    limits); stop them all on exit."""
+    with ExitStack() as stop:
+        started = []
+        for index in range(replicas):
+            env = {**(shared_env or {}), **(inference_env or {})}
+            service = start_inference(swarm, model_dir, artifacts_dir, f"{name}-inference-{index}", **env)
+            stop.callback(service.stop)
+            started.append(service)
+        urls = {service.name: service.base_url for service in started}
+        gateway = start_gateway(artifacts_dir, urls, f"{name}-gateway", **{**(shared_env or {}), **(gateway_env or {})})
+        stop.callback(gateway.stop)
+        yield Stack(gateway, tuple(started))
+
+
+def raw_request(port: int, data: bytes, *, timeout: float = 30.0) -> bytes:
+    """Send raw bytes on a new connection; returns everything the server sends until it closes
+    the connection (or until the end of the first response when it keeps it open)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        return read_response(sock)
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """Read one HTTP response with a Content-Length (or until the peer closes)."""
+    buffer = b""
+    while b"\r\n\r\n" not in buffer:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return buffer
+        buffer += chunk
+    head, _, body = buffer.partition(b"\r\n\r\n")
+    length = content_length(head)
+    while length is None or len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def content_length(head: bytes) -> int | None:
+    """The Content-Length of a response head, if it has one."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value.strip())
+    return None
+
+
+def status_of(response: bytes) -> int:
+    """The status code of a raw HTTP response (0 when there is none)."""
+    parts = response.split(b" ", 2)
+    return int(parts[1]) if len(parts) > 1 and parts[0].startswith(b"HTTP/") and parts[1].isdigit() else 0
+
+
+def body_of(response: bytes) -> bytes:
+    return response.partition(b"\r\n\r\n")[2]
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (e.g. a gunicorn master and its workers), from /proc."""
+    pids, index = [pid], 0
+    while index < len(pids):
+        for task in Path(f"/proc/{pids[index]}/task").glob("*"):
+            try:
+                pids.extend(int(child) for child in (task / "children").read_text().split())
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+        index += 1
+    return pids
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of one process (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"no VmRSS for process {pid}")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@dataclass(frozen=True)
+class Resources:
+    """RSS and open file descriptors of a process tree, per process."""
+
+    rss: dict[int, int]
+    fds: dict[int, int]
+
+    @classmethod
+    def of(cls, service: ServiceProcess) -> Resources:
+        assert service.process is not None
+        pids = process_tree(service.process.pid)
+        return cls({pid: rss_bytes(pid) for pid in pids}, {pid: open_fds(pid) for pid in pids})
+
+
+def wait_until(condition, timeout: float, interval: float = 0.25) -> bool:
+    """Poll ``condition()`` until it is true or ``timeout`` seconds pass; returns the last result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)

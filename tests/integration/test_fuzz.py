@@ -1,0 +1,138 @@
+"""Fuzzing the gateway from its own OpenAPI document (schemathesis), against real processes.
+
+Every operation the served document lists is exercised with schemathesis's coverage cases
+(boundary values, missing and wrong-typed parameters, unexpected methods) and with Hypothesis
+fuzzing of valid and invalid data. No answer may be a 5xx, and every answer must be documented:
+status code, content type and body schema. The gateway and its inference replica are dedicated
+to this module, with small limits so that the sessions the fuzzer opens stay few and cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from tests.helpers import Stack, dedicated_stack, wait_until
+
+LIMITS = {"MAX_LENGTH_LIMIT": "64", "MAX_NEW_TOKENS_LIMIT": "4", "MAX_INPUT_CHARS": "256", "MAX_BODY_BYTES": "4096"}
+SESSIONS = {"MAX_SESSIONS": "8", "SESSION_TTL_SECONDS": "5", "SESSION_REAPER_INTERVAL_SECONDS": "1"}
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+FUZZ_SETTINGS = settings(
+    max_examples=50, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_stack(swarm, model_dir, artifacts_dir) -> Iterator[Stack]:
+    with dedicated_stack(swarm, model_dir, artifacts_dir, "fuzz", shared_env=LIMITS, inference_env=SESSIONS) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzz_stack: Stack) -> schemathesis.BaseSchema:
+    """The document the gateway serves (not the one built in process)."""
+    return schemathesis.openapi.from_url(f"{fuzz_stack.gateway.base_url}/api/openapi.json", timeout=10)
+
+
+@pytest.fixture(scope="module")
+def operations(api_schema: schemathesis.BaseSchema) -> list[schemathesis.APIOperation]:
+    results = list(api_schema.get_all_operations())
+    errors = [result.err() for result in results if not isinstance(result, schemathesis.core.result.Ok)]
+    assert not errors, f"the served OpenAPI document has invalid operations: {errors}"
+    return [result.ok() for result in results]
+
+
+class Caller:
+    """Sends cases to the gateway and runs the checks on each answer; counts the calls."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.http = requests.Session()
+        self.calls = 0
+
+    def __call__(self, case: schemathesis.Case) -> None:
+        self.calls += 1
+        case.call_and_validate(base_url=self.base_url, session=self.http, checks=CHECKS, timeout=60)
+
+
+@pytest.fixture
+def call(fuzz_stack: Stack) -> Iterator[Caller]:
+    caller = Caller(fuzz_stack.gateway.base_url)
+    yield caller
+    print(f"{caller.calls} requests checked")
+
+
+def has_inputs(operation: schemathesis.APIOperation) -> bool:
+    return bool(list(operation.query) or list(operation.body) or list(operation.headers))
+
+
+def collect_failures(label: str, test: Callable[[], None], failures: list[str]) -> None:
+    """Run one operation's test; record its failure and go on with the other operations."""
+    try:
+        test()
+    except (Exception, BaseExceptionGroup) as error:  # a failed check (a FailureGroup) or a broken call
+        failures.append(f"{label}: {type(error).__name__}: {error}")
+
+
+def test_coverage_cases_answer_as_documented(api_schema, operations, call) -> None:
+    failures: list[str] = []
+    for operation in operations:
+        generation = api_schema.config.generation_for(operation=operation)
+        cases = api_schema.iter_coverage_cases(
+            operation, generation_modes=list(GenerationMode), generation_config=generation
+        )
+
+        def run_all(cases=cases) -> None:
+            for case in cases:
+                call(case)
+
+        collect_failures(operation.label, run_all, failures)
+    assert not failures, "\n\n".join(failures)
+    assert call.calls >= 10 * len(operations)
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda mode: mode.value)
+def test_fuzzed_requests_answer_as_documented(operations, call, mode: GenerationMode) -> None:
+    failures: list[str] = []
+    for operation in operations:
+        if mode is GenerationMode.NEGATIVE and not has_inputs(operation):
+            continue  # nothing to make invalid
+
+        @FUZZ_SETTINGS
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def fuzz(case: schemathesis.Case) -> None:
+            call(case)
+
+        collect_failures(operation.label, fuzz, failures)
+    assert not failures, "\n\n".join(failures)
+    assert call.calls >= len(operations)
+
+
+def test_the_fuzzed_stack_still_serves(fuzz_stack: Stack) -> None:
+    """After the fuzzing (and once its leftover sessions expired), a session works end to end."""
+    base, http = fuzz_stack.gateway.base_url, requests.Session()
+    opened: dict = {}
+
+    def open_session() -> bool:
+        opened.update(http.get(f"{base}/api/v1/open_inference_session", params={"max_length": 32}, timeout=60).json())
+        return opened["ok"]
+
+    assert wait_until(open_session, timeout=15, interval=1), opened
+    session_id = opened["session_id"]
+    generated = http.post(
+        f"{base}/api/v1/generate", data={"inputs": "Hello", "max_new_tokens": 2, "session_id": session_id}, timeout=60
+    )
+    assert generated.json()["ok"], generated.text
+    closed = http.get(f"{base}/api/v1/close_inference_session", params={"session_id": session_id}, timeout=60)
+    assert closed.json() == {"ok": True}
