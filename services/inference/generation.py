@@ -5,6 +5,13 @@ inference session), so greedy output is token-for-token what ``transformers`` pr
 process. A streamer observes each new token: it measures token latency, feeds the session's
 incremental decoder (only whole characters come out) and the stop-sequence matcher.
 
+When the swarm fails mid-generation beyond what Petals recovers by itself (a server that died
+leaves Petals 2.2 with "Broken input cache" on failover), the generation rebuilds its Petals
+session in place: a fresh session, into which every token the old one held and every token
+generated so far is replayed, then generation goes on where it stopped. The client sees a
+pause, not an error, and the output is what it would have been (greedy, or seeded sampling,
+whose generator carries on).
+
 A ``Generation`` is prepared synchronously (validation, session lease: errors are raised
 before any output) and then either run in the request's thread (v1: one JSON answer) or in a
 producer thread whose events the SSE endpoint streams. Cancelling it (a client that went away)
@@ -29,6 +36,7 @@ from services.inference.metrics import (
     CONVERSATION_LOOKUPS,
     GENERATED_TOKENS,
     PROMPT_TOKENS,
+    SESSION_REBUILDS,
     TIME_TO_FIRST_TOKEN,
     TOKEN_LATENCY,
 )
@@ -100,7 +108,11 @@ class Generation:
         self._petals_session = petals_session
         self._decoder = decoder
         self._session = session
-        self._cached_tokens = session.token_count if session is not None else 0
+        held = petals_session.output_ids
+        self._prefix_ids: list[int] = [] if held is None else held[0].tolist()  # held before this request
+        self._reserved = session.max_length if session is not None else len(input_ids) + new_tokens
+        self._cached_tokens = len(self._prefix_ids)
+        self._generated: list[int] = []
         self._stops = StopMatcher(params.stop)
         self._cancelled = threading.Event()
         self._events: queue.Queue = queue.Queue()
@@ -108,6 +120,7 @@ class Generation:
         self._seen_prompt = False
         self._pieces: list[str] = []
         self._started = self._last = time.perf_counter()
+        self._failure: Exception | None = None
 
     # transformers' streamer interface --------------------------------------------------
     def put(self, value: Any) -> None:
@@ -122,6 +135,7 @@ class Generation:
         self._last = now
         for token_id in value.reshape(-1).tolist():
             self._count += 1
+            self._generated.append(token_id)
             self._emit(self._stops.feed(self._decoder.push(token_id)))
 
     def end(self) -> None:
@@ -168,17 +182,39 @@ class Generation:
         self._events.put(TokenEvent(text, self._count))
 
     def _generate(self) -> None:
-        import torch
-        from transformers import LogitsProcessorList, StoppingCriteriaList
+        from transformers import LogitsProcessorList
 
-        model, params = self._generator.model, self._params
-        inputs = torch.tensor([self._input_ids], dtype=torch.long, device=model.device) if self._input_ids else None
-        options: dict[str, Any] = {"max_new_tokens": self._new_tokens, "do_sample": False}
-        if params.do_sample:
-            sampler = SeededSampler(params.temperature, params.top_k, params.top_p, params.seed)
-            options["logits_processor"] = LogitsProcessorList([sampler])
+        params = self._params
+        processors = LogitsProcessorList()
+        if params.do_sample:  # one sampler for the whole request: a rebuild continues its random stream
+            processors.append(SeededSampler(params.temperature, params.top_k, params.top_p, params.seed))
         PROMPT_TOKENS.inc(len(self._input_ids))
         CACHED_PROMPT_TOKENS.inc(self._cached_tokens)
+        try:
+            self._run_model(self._input_ids, processors)
+            for rebuild in range(1, MAX_REBUILDS + 1):
+                if self._failure is None:
+                    return
+                if self._cancelled.is_set() or not self._generator.swarm_ready():
+                    break
+                logger.warning("swarm failure (%r): rebuilding the session, attempt %d", self._failure, rebuild)
+                self._rebuild()
+                self._run_model(self._prefix_ids + self._input_ids + self._generated, processors)
+            if self._failure is not None:
+                raise self._swarm_failure(self._failure) from self._failure
+        finally:
+            GENERATED_TOKENS.inc(self._count)
+
+    def _run_model(self, token_ids: list[int], processors: Any) -> None:
+        """Generate the tokens still due after ``token_ids`` (new to the session); a swarm
+        failure is kept in ``_failure`` for the caller to recover from."""
+        import torch
+        from transformers import StoppingCriteriaList
+
+        model = self._generator.model
+        inputs = torch.tensor([token_ids], dtype=torch.long, device=model.device) if token_ids else None
+        self._failure = None
+        self._seen_prompt = False
         try:
             with torch.inference_mode():
                 model.generate(
@@ -186,14 +222,22 @@ class Generation:
                     session=self._petals_session,
                     streamer=self,
                     stopping_criteria=StoppingCriteriaList([self]),
+                    logits_processor=processors,
+                    max_new_tokens=self._new_tokens - self._count,
+                    do_sample=False,  # sampling, when asked for, is the SeededSampler's
                     pad_token_id=self._generator.tokenizer.pad_token_id,
-                    **options,
                 )
         except Exception as error:
-            logger.exception("generation failed in the swarm")
-            raise self._swarm_failure(error) from error
-        finally:
-            GENERATED_TOKENS.inc(self._count)
+            logger.warning("generation failed in the swarm", exc_info=True)
+            self._failure = error
+
+    def _rebuild(self) -> None:
+        """Swap in a fresh Petals session (the next ``_run_model`` replays every token)."""
+        broken, self._petals_session = self._petals_session, self._generator.open_petals_session(self._reserved)
+        if self._session is not None:
+            self._session.petals = self._petals_session
+        threading.Thread(target=_close_quietly, args=(broken,), name="close-broken", daemon=True).start()
+        SESSION_REBUILDS.inc()
 
     def _swarm_failure(self, error: Exception) -> ApiError:
         failure = SwarmFailure(f"The Petals swarm failed during generation ({type(error).__name__})")
@@ -250,6 +294,14 @@ class Generator:
     @property
     def tokenizer(self) -> Any:
         return self._model.tokenizer
+
+    def swarm_ready(self) -> bool:
+        """Whether the last route check found the swarm serving every block."""
+        return self._model.readiness()[0]
+
+    def open_petals_session(self, max_length: int) -> Any:
+        """A new Petals session reserving ``max_length`` tokens."""
+        return self._model.open_petals_session(max_length)
 
     def decode_all(self, token_ids: Any) -> str:
         """The exact text of a session's tokens (``[1, n]`` tensor or None)."""
@@ -317,7 +369,7 @@ class Generator:
                 f"the limit of {self._limits.max_length} tokens"
             )
         decoder = IncrementalDecoder(self.tokenizer, input_ids)
-        return Generation(self, params, input_ids, new_tokens, self._model.open_petals_session(total), decoder, None)
+        return Generation(self, params, input_ids, new_tokens, self.open_petals_session(total), decoder, None)
 
     def _prepare_in_session(self, session: Session, params: GenerateParams, input_ids: list[int]) -> Generation:
         held = session.token_count
@@ -334,6 +386,16 @@ class Generator:
         if session.decoder is None or input_ids:
             session.decoder = IncrementalDecoder(self.tokenizer, input_ids)
         return Generation(self, params, input_ids, new_tokens, session.petals, session.decoder, session)
+
+
+MAX_REBUILDS = 2  # in-place session rebuilds per request before the failure is reported
+
+
+def _close_quietly(petals_session: Any) -> None:
+    try:
+        petals_session.close()
+    except Exception:
+        logger.debug("closing a broken Petals session failed", exc_info=True)
 
 
 # Tokens a new conversation session reserves beyond its first request, for follow-up turns.

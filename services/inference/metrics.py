@@ -39,6 +39,10 @@ SESSIONS_CLOSED = Counter(
     "made room for a new one).",
     ["reason"],
 )
+SESSION_REBUILDS = Counter(
+    "petals_chat_session_rebuilds",
+    "Petals sessions rebuilt in place after a swarm failure (a fresh session with every token replayed).",
+)
 SWARM_READY = Gauge(
     "petals_chat_swarm_ready",
     "1 when the model is loaded and a route through the swarm serves every block, else 0.",

@@ -3,15 +3,18 @@
 Loading (tokenizer, embeddings and LM head, a DHT client joining the swarm) happens in a
 background thread so that ``/healthz`` answers at once; it retries until it succeeds, e.g.
 while the swarm is not up yet. A readiness thread then checks, every few seconds and without
-blocking requests, that a route through the swarm serves every block of the model.
+blocking requests, that a route through the swarm serves every block of the model and that its
+servers answer.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 from typing import Any
 
 from services.common.errors import ServiceUnavailable
@@ -20,6 +23,8 @@ from services.inference.settings import InferenceSettings
 
 logger = logging.getLogger(__name__)
 _LOAD_RETRY_S = (1.0, 2.0, 5.0, 10.0)
+_PING_TIMEOUT_S = 2.0
+_ROUTE_ATTEMPTS = 3  # routes tried per check when servers on them do not answer
 
 
 class ModelHandle:
@@ -107,10 +112,9 @@ class ModelHandle:
         logger.info("model loaded")
 
     def _check_route(self) -> None:
-        """Ask Petals for a route over all blocks; a check that hangs counts as not ready."""
+        """Probe a route over all blocks in the background; a check that hangs counts as not ready."""
         if self._route_check is None or self._route_check.done():
-            sequence_manager = self.model.transformer.h.sequence_manager
-            self._route_check = self._route_checker.submit(sequence_manager.make_sequence, mode="max_throughput")
+            self._route_check = self._route_checker.submit(self._probe_route)
         try:
             self._route_check.result(timeout=self._settings.readiness_interval_s)
         except FutureTimeout:
@@ -119,6 +123,27 @@ class ModelHandle:
             self._set_ready(False, f"no route through the swarm ({_short(error)})")
         else:
             self._set_ready(True, "ready")
+
+    def _probe_route(self) -> None:
+        """A route over every block whose servers all answer a ping.
+
+        The swarm's records outlive a crashed server by minutes, so a route alone proves little:
+        a server on it that does not answer is banned (Petals then routes around it) and another
+        route is tried.
+        """
+        from petals.utils.ping import ping_parallel
+
+        sequence_manager = self.model.transformer.h.sequence_manager
+        timeout = min(self._settings.readiness_interval_s, _PING_TIMEOUT_S)
+        for _ in range(_ROUTE_ATTEMPTS):
+            peers = list({span.peer_id for span in sequence_manager.make_sequence(mode="max_throughput")})
+            rtts = sequence_manager.dht.run_coroutine(partial(ping_parallel, peers, wait_timeout=timeout))
+            unreachable = [peer for peer, rtt in rtts.items() if math.isinf(rtt)]
+            if not unreachable:
+                return
+            for peer in unreachable:
+                sequence_manager.on_request_failure(peer)
+        raise RuntimeError(f"servers on the route do not answer ({len(unreachable)} unreachable)")
 
     def _set_ready(self, ready: bool, status: str) -> None:
         if ready != self._ready:

@@ -110,6 +110,11 @@ class SwarmServer:
                 raise SwarmError(f"{self.name} did not reach '{what}' in time; see {self.log_path}")
             time.sleep(0.1)
 
+    def kill(self) -> None:
+        """SIGKILL the server's process group at once (a crash, for fault tests)."""
+        _reap_group(self.process.pid)
+        self.process.wait(10)
+
     def stop(self, timeout: float) -> None:
         """SIGTERM the server's process group, SIGKILL it if it lingers."""
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
@@ -176,6 +181,19 @@ class PrivateSwarm:
             raise
         return self
 
+    def add_server(self, blocks: str, timeout: float = 180.0) -> SwarmServer:
+        """Start one more server in this swarm; returns once it serves its blocks."""
+        self.block_ranges.append(blocks)
+        self.ports.append(pick_free_port(self.host))
+        return self.restart(len(self.block_ranges) - 1, timeout)
+
+    def restart(self, index: int, timeout: float = 180.0) -> SwarmServer:
+        """(Re)start server ``index`` with its identity and port, so its multiaddr is unchanged."""
+        self.servers = [server for server in self.servers if server.process.poll() is None]
+        server = self._spawn(index, self.block_ranges[index], self.ports[index])
+        server.wait_until(server.started.is_set, "Started", time.monotonic() + timeout)
+        return server
+
     def _spawn(self, index: int, blocks: str, port: int) -> SwarmServer:
         command = server_command(
             str(self.model_dir),
@@ -184,7 +202,7 @@ class PrivateSwarm:
             host=self.host,
             port=port,
             identity_path=self.work_dir / f"server-{index}.id",
-            initial_peers=self.initial_peers,
+            initial_peers=self.initial_peers,  # the servers running now
         )
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         process = subprocess.Popen(
