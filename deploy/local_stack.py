@@ -84,14 +84,19 @@ class ServiceProcess:
         return self
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM the process group, SIGKILL after ``timeout``; returns the exit code."""
+        """SIGTERM gunicorn's master, SIGKILL the group after ``timeout``; returns the exit code.
+
+        Only the master gets SIGTERM, as in Kubernetes (PID 1 of the container): the workers'
+        own children (the Petals client's p2p daemon) must live until the workers have finished
+        their requests and closed their sessions.
+        """
         if self.process is None:
             return None
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        for kill, sig, wait in ((os.kill, signal.SIGTERM, timeout), (os.killpg, signal.SIGKILL, 5.0)):
             if self.process.poll() is not None:
                 break
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, sig)
+                kill(self.process.pid, sig)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(wait)
         with contextlib.suppress(ProcessLookupError, PermissionError):

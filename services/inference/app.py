@@ -67,8 +67,8 @@ class InferenceService:
         """Close every session (reason ``shutdown``) so the servers free their caches."""
         logger.info("shutting down: closing %d sessions", len(self.store))
         self.store.stop_reaper()
+        self.store.close_all("shutdown")  # while the swarm connection is still up
         self.model.stop()
-        self.store.close_all("shutdown")
 
 
 _service: InferenceService | None = None

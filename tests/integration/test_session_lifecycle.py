@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
 
 import pytest
+import requests
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from tests.conftest import Api, metric_value, start_inference
 
@@ -98,16 +102,40 @@ def test_concurrent_calls_on_one_session_never_interleave(api, oracle, decode):
     api.close_session(session_id)
 
 
-def test_sigterm_closes_every_session(swarm, model_dir, artifacts_dir):
-    """A replica stopping (scale-down, rollout) closes its Petals sessions so the servers free their caches."""
-    service = start_inference(swarm, model_dir, artifacts_dir, "inference-shutdown")
+def test_sigterm_drains_requests_and_closes_every_session(swarm, model_dir, artifacts_dir, tmp_path, oracle, decode):
+    """A replica stopping (scale-down, rollout) finishes the answers in progress, then closes its
+    Petals sessions (so the servers free their caches) and exits well within the grace period."""
+    metrics_dir = tmp_path / "metrics"  # the counters outlive the process there
+    metrics_dir.mkdir()
+    service = start_inference(
+        swarm, model_dir, artifacts_dir, "inference-shutdown", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir)
+    )
     api = Api(service.base_url)
     sessions = [api.open_session(32) for _ in range(3)]
     for session_id in sessions:
         assert api.generate(inputs="Hi", max_new_tokens=1, session_id=session_id)["ok"]
+    streaming, answer = threading.Event(), {}
+
+    def long_answer() -> None:
+        body = {"inputs": "A long answer", "max_new_tokens": 40}
+        with requests.post(f"{service.base_url}/api/v2/generate_stream", json=body, stream=True, timeout=60) as r:
+            for line in r.iter_lines(decode_unicode=True):
+                streaming.set()
+                if line.startswith("data: "):
+                    answer["last"] = json.loads(line.removeprefix("data: "))
+
+    reader = threading.Thread(target=long_answer)
+    reader.start()
+    assert streaming.wait(30)
     started = time.monotonic()
-    assert service.stop() == 0  # SIGTERM: gunicorn exits cleanly
-    assert time.monotonic() - started < 20
+    assert service.stop(timeout=60) == 0  # SIGTERM: gunicorn drains, then exits cleanly
+    assert time.monotonic() - started < 30  # the chart's grace period is 90 s
+    reader.join(10)
+    assert answer["last"]["ok"] and answer["last"]["outputs"] == decode(oracle("A long answer", 40))
     log = service.log_path.read_text()
     for session_id in sessions:
         assert f"session {session_id} closed (shutdown)" in log
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir))
+    closed = metric_value(generate_latest(registry).decode(), 'petals_chat_sessions_closed_total{reason="shutdown"}')
+    assert closed == len(sessions)
