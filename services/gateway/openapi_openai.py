@@ -70,8 +70,6 @@ def openai_schemas(limits: Limits) -> dict[str, Any]:
             },
         },
     }
-    finish_reason = {"enum": ["stop", "length"]}
-    envelope = {"id": {"type": "string"}, "created": {"type": "integer"}, "model": {"type": "string"}}
     text_part = {
         "type": "object",
         "required": ["type", "text"],
@@ -114,52 +112,17 @@ def openai_schemas(limits: Limits) -> dict[str, Any]:
                 "max_completion_tokens": max_tokens,
             },
         },
-        "Completion": {
-            "type": "object",
-            "required": ["id", "object", "created", "model", "choices", "usage"],
-            "properties": {
-                **envelope,
-                "object": {"const": "text_completion"},
-                "choices": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["index", "text", "finish_reason"],
-                        "properties": {
-                            "index": {"const": 0},
-                            "text": {"type": "string"},
-                            "finish_reason": finish_reason,
-                        },
-                    },
-                },
-                "usage": usage,
+        "Completion": _answer("text_completion", "text", {"type": "string"}),
+        "ChatCompletion": _answer(
+            "chat.completion",
+            "message",
+            {
+                "type": "object",
+                "required": ["role", "content"],
+                "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
             },
-        },
-        "ChatCompletion": {
-            "type": "object",
-            "required": ["id", "object", "created", "model", "choices", "usage"],
-            "properties": {
-                **envelope,
-                "object": {"const": "chat.completion"},
-                "choices": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["index", "message", "finish_reason"],
-                        "properties": {
-                            "index": {"const": 0},
-                            "message": {
-                                "type": "object",
-                                "required": ["role", "content"],
-                                "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
-                            },
-                            "finish_reason": finish_reason,
-                        },
-                    },
-                },
-                "usage": usage,
-            },
-        },
+        ),
+        "Usage": usage,
         "ModelList": {
             "type": "object",
             "required": ["object", "data"],
@@ -195,6 +158,27 @@ def openai_schemas(limits: Limits) -> dict[str, Any]:
                     },
                 }
             },
+        },
+    }
+
+
+def _answer(object_name: str, field: str, field_schema: dict[str, Any]) -> dict[str, Any]:
+    """A (non-streamed) completion: one choice carrying ``field``, and the usage."""
+    choice = {
+        "type": "object",
+        "required": ["index", field, "finish_reason"],
+        "properties": {"index": {"const": 0}, field: field_schema, "finish_reason": {"enum": ["stop", "length"]}},
+    }
+    return {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices", "usage"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": object_name},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "items": choice},
+            "usage": _ref("Usage"),
         },
     }
 
