@@ -20,7 +20,7 @@ def service_config(service: str, load_settings: Callable[[], Any], wsgi_app: str
         "wsgi_app": wsgi_app,
         "bind": server.bind,
         "workers": server.workers,
-        "worker_class": "gthread",
+        "worker_class": "services.common.gthread_worker.Worker",  # gthread, safe from idle/stalled clients
         "threads": server.threads,
         "timeout": 120,  # gthread heartbeats from its main loop: long generations do not trip it
         "graceful_timeout": 60,  # in-flight requests finish on SIGTERM (scale-down, rollout)
