@@ -127,6 +127,10 @@ def _parse_json(text: str) -> dict[str, Any]:
         raise InvalidParameter(f"Request body is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise InvalidParameter("JSON body must be an object of parameters")
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # an escape such as \ud800 that is not half of a pair
+        raise InvalidParameter("Request body has a lone surrogate escape (\\uD800-\\uDFFF): not valid text") from None
     return data
 
 
