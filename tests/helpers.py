@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from deploy.local_stack import ServiceProcess
 from services.swarm.launcher import PrivateSwarm
@@ -50,49 +52,51 @@ def dedicated_stack(
         yield Stack(gateway, tuple(started))
 
 
-def raw_request(port: int, data: bytes, *, timeout: float = 30.0) -> bytes:
-    """Send raw bytes on a new connection; returns everything the server sends until it closes
-    the connection (or until the end of the first response when it keeps it open)."""
+@dataclass(frozen=True)
+class RawResponse:
+    """An HTTP response read off a raw socket."""
+
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http_head(method: str, path: str, headers: list[tuple[str, str]] | None = None, *, close: bool = True) -> bytes:
+    """A request line and headers, exactly as given (plus Host, and Connection: close unless
+    ``close`` is false), ready to send."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{name}: {value}" for name, value in headers or [])]
+    lines += ["Connection: close"] if close else []
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def raw_exchange(port: int, data: bytes, *, timeout: float = 30.0) -> RawResponse:
+    """Send raw bytes on a new connection and read one response."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(data)
         return read_response(sock)
 
 
-def read_response(sock: socket.socket) -> bytes:
-    """Read one HTTP response with a Content-Length (or until the peer closes)."""
+def read_response(sock: socket.socket) -> RawResponse:
+    """Read one HTTP response: up to its Content-Length, or until the server closes."""
     buffer = b""
     while b"\r\n\r\n" not in buffer:
         chunk = sock.recv(65536)
         if not chunk:
-            return buffer
+            raise ConnectionError(f"the server closed the connection after {buffer!r}")
         buffer += chunk
     head, _, body = buffer.partition(b"\r\n\r\n")
-    length = content_length(head)
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (h.partition(":") for h in header_lines)}
+    length = int(headers["content-length"]) if "content-length" in headers else None
     while length is None or len(body) < length:
         chunk = sock.recv(65536)
         if not chunk:
             break
         body += chunk
-    return head + b"\r\n\r\n" + body
-
-
-def content_length(head: bytes) -> int | None:
-    """The Content-Length of a response head, if it has one."""
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return int(value.strip())
-    return None
-
-
-def status_of(response: bytes) -> int:
-    """The status code of a raw HTTP response (0 when there is none)."""
-    parts = response.split(b" ", 2)
-    return int(parts[1]) if len(parts) > 1 and parts[0].startswith(b"HTTP/") and parts[1].isdigit() else 0
-
-
-def body_of(response: bytes) -> bytes:
-    return response.partition(b"\r\n\r\n")[2]
+    return RawResponse(int(status_line.split()[1]), headers, body)
 
 
 def process_tree(pid: int) -> list[int]:
