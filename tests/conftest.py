@@ -50,6 +50,7 @@ def oracle(model_dir: Path, tokenizer):
     from transformers import BloomForCausalLM
 
     model = BloomForCausalLM.from_pretrained(model_dir).eval()
+    torch.set_num_threads(1)  # tiny model: with the services busy on the cores, 2 threads took 20x longer
 
     def generate(prompt: str | list[int], new_tokens: int) -> list[int]:
         if isinstance(prompt, str):
