@@ -213,12 +213,18 @@ class Generation:
 
         model = self._generator.model
         inputs = torch.tensor([token_ids], dtype=torch.long, device=model.device) if token_ids else None
+        # All ones, as the swarm attends to every token: left to transformers, a pad token among the
+        # inputs (typed as text, or generated earlier in the session) gets a 0, which Petals refuses.
+        held = self._petals_session.output_ids
+        length = (0 if held is None else held.shape[1]) + len(token_ids)
+        attention_mask = torch.ones((1, length), dtype=torch.long, device=model.device)
         self._failure = None
         self._seen_prompt = False
         try:
             with torch.inference_mode():
                 model.generate(
                     inputs,
+                    attention_mask=attention_mask,
                     session=self._petals_session,
                     streamer=self,
                     stopping_criteria=StoppingCriteriaList([self]),

@@ -85,3 +85,17 @@ def test_multibyte_text_one_token_per_call_equals_one_call(api, oracle, decode, 
         one_call = api.generate(inputs=prompt, max_new_tokens=len(ids))["outputs"]
         assert one_call == decode(ids)
         assert text == one_call.rstrip("\ufffd")
+
+
+def test_pad_token_in_the_inputs_is_attended_like_any_token(api, tokenizer):
+    """The pad token (typed as text here; a model may also generate it) is no mask: left to
+    transformers it got a 0 in the attention mask, which the Petals client refused (a 502)."""
+    prompt = f"Human: what does {tokenizer.pad_token} mean?\n\nAI:"
+    assert tokenizer.pad_token_id in tokenizer(prompt, add_special_tokens=False).input_ids
+    one_call = api.generate(inputs=prompt, max_new_tokens=8)
+    session_id = api.open_session(max_length=64)
+    pieces = [api.generate(inputs=prompt, max_new_tokens=1, session_id=session_id)]
+    pieces += [api.generate(max_new_tokens=1, session_id=session_id) for _ in range(7)]  # the pad token is held
+    api.close_session(session_id)
+    assert one_call["ok"] and all(piece["ok"] for piece in pieces), (one_call, pieces)
+    assert "".join(piece["outputs"] for piece in pieces) == one_call["outputs"].rstrip("\ufffd")
