@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CHECKOV_STAMP := .venv-checkov/.installed
 REQUIREMENTS := requirements/web.txt requirements/gateway.txt requirements/torch-cpu.txt requirements/petals.txt requirements/dev.txt
 
-.PHONY: setup system-tools run test lint format bench clean
+.PHONY: setup system-tools run test lint format bench bench-concurrency clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,9 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.inference_latency
+
+bench-concurrency: $(STAMP)
+	$(PY) -m bench.concurrency
 
 clean:
 	rm -rf $(VENV) .venv-checkov .cache test-artifacts

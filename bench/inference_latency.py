@@ -26,7 +26,6 @@ import itertools
 import json
 import logging
 import os
-import platform
 import signal
 import statistics
 import tempfile
@@ -41,6 +40,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import torch  # this and everything below is imported after HF_HUB_OFFLINE is set: the hub reads it at import
 
+from bench.common import exit_on_sigterm, machine_description
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port
 from services.inference import petals_compat
 from services.swarm.launcher import PrivateSwarm
@@ -181,7 +181,7 @@ def _ms(samples: list[float]) -> tuple[float, float]:
 
 def report(modes: dict[str, Samples], match: bool, tokens: int, rounds: int) -> None:
     """Print the machine facts, the comparison table and the verdicts against the targets."""
-    print(f"\nmachine: {os.cpu_count()} CPUs (nproc), Python {platform.python_version()}, torch {torch.__version__}")
+    print(f"\nmachine: {machine_description()}")
     print("swarm: 2 Petals servers (blocks 0:2, 2:4) on loopback; model: tiny BLOOM, 4 blocks, float32, CPU")
     print(f"workload: greedy, {tokens} tokens, {rounds} rounds, clients taking turns; figures in ms per token")
     rows = [("mode", "client", "n", "p50", "mean", "p50/raw", "+ms p50 vs raw", "+ms p50 vs inference")]
@@ -205,10 +205,6 @@ def report(modes: dict[str, Samples], match: bool, tokens: int, rounds: int) -> 
     print(f"one-request outputs of all three clients (greedy): {'MATCH' if match else 'MISMATCH'}")
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Start the swarm and the service, measure, report, stop everything."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -218,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tokens < 2 or args.rounds < 1:
         parser.error("--tokens must be at least 2 and --rounds at least 1")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecation noise
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # e.g. from `timeout`: still stop what we started
+    signal.signal(signal.SIGTERM, exit_on_sigterm)  # e.g. from `timeout`: still stop what we started
     model_dir = ensure_tiny_bloom()
     with tempfile.TemporaryDirectory(prefix="petals-chat-bench-") as work_dir:
         swarm = PrivateSwarm(model_dir, ["0:2", "2:4"], Path(work_dir) / "swarm", dht_prefix=DHT_PREFIX)

@@ -1,0 +1,522 @@
+"""Concurrent sessions: raw Petals client vs the inference service (v1 per token, v2 stream) vs the gateway.
+
+One run starts a private swarm on loopback (tiny offline BLOOM, 4 blocks, 2 servers "0:2" and
+"2:4"), timing each part's cold start to ready, then one inference service, one gateway and the
+ui (gunicorn), and the raw Petals client in this process. For each number of concurrent sessions
+(``--sessions``, default 1 4 16 32) and each of ``--rounds`` rounds, every client runs that many
+sessions at once, each generating ``--tokens`` tokens greedily from its own prompt; the clients take
+turns within a round, the order rotating from round to round so drift hits all alike. Clients:
+
+- ``raw``: the Petals client in this process, one thread per session, each with its own
+  ``InferenceSession`` and one ``model.generate`` call (as the service generates);
+- ``v1 per-token``: the inference service's v1 API, one HTTP request per token (open a session,
+  the prompt with max_new_tokens=1, then max_new_tokens=1 per request, close);
+- ``stream``: ``POST /api/v2/generate_stream`` on the inference service (one SSE request);
+- ``gateway stream``: the same through the gateway (one more hop).
+
+Per (client, N): aggregate tokens/s (all tokens / time from the common start to the last token),
+per-token latency p50/p99 (time between a session's consecutive tokens as its client sees them),
+time to first token, errors, the ratio to raw, and the CPU time per token of this process, the
+services and the swarm (from /proc, by process group), with the CPU that every other process of
+the machine used meanwhile (other people's work skews a run: this says how much). One unmeasured
+warm-up round runs first. Figures are printed, never asserted, against issue 6's target (below).
+Run: ``.venv/bin/python -m bench.concurrency [--tokens 32] [--sessions 1 4 16 32] [--rounds 3]
+[--clients raw v1 stream gateway] [--log-dir DIR]`` (or ``make bench-concurrency``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import exit_on_sigterm, load_average, machine_description
+from bench.inference_latency import DHT_PREFIX, RawClient, ServiceClient  # sets HF_HUB_OFFLINE first
+from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port, ui_process
+from services.common.sse import parse_sse
+from services.swarm.launcher import PrivateSwarm
+from services.swarm.tiny_bloom import ensure_tiny_bloom
+
+TARGET = (
+    "aggregate tokens/s with 16 and 32 sessions at least 0.9x the raw Petals client's under the same load, zero errors"
+)
+TARGET_SESSIONS = (16, 32)
+TARGET_RATIO = 0.9
+CLIENTS = {"raw": "raw", "v1": "v1 per-token", "stream": "stream", "gateway": "gateway stream"}  # option: name
+# Services sized for 32 concurrent sessions plus probes (the inference defaults are 50 sessions, 32 threads).
+INFERENCE_ENV = {"MAX_SESSIONS": "64", "GUNICORN_THREADS": "64"}
+GATEWAY_ENV = {"GUNICORN_THREADS": "64"}
+HTTP_TIMEOUT_S = 120.0
+CPU_SETS = {  # CPU time is summed over the live processes of these process groups
+    "bench": "this process (raw client, HTTP clients)",
+    "svc": "inference + gateway services",
+    "swarm": "the 2 Petals servers",
+}
+OTHERS = "others"  # every other process of the machine (other users' work, the kernel)
+SETTLE_S = 1.0  # pause between runs: one-off sessions finish closing on the servers
+SUBJECTS = ("The old sailor", "A curious child", "The night nurse", "My neighbour's cat", "The last train")
+PLACES = ("harbour", "library", "kitchen", "forest", "station", "market", "garden")
+
+
+def prompt_for(index: int) -> str:
+    """A different prompt for each session."""
+    subject, place = SUBJECTS[index % len(SUBJECTS)], PLACES[index // len(SUBJECTS) % len(PLACES)]
+    return f"Story {index}: {subject} walked into the quiet {place} and"
+
+
+@dataclass
+class SessionResult:
+    """What one session produced, with the moments its tokens arrived."""
+
+    start: float
+    token_times: list[float] = field(default_factory=list)
+    text: str = ""
+    error: str | None = None
+    end: float = 0.0  # the last token's arrival (or the failure)
+
+
+SessionFn = Callable[[str, int, list[float]], str]  # (prompt, tokens, token_times to append to) -> text
+
+
+def timed_session(run: SessionFn, prompt: str, tokens: int) -> SessionResult:
+    """Run one session, catching its failure as an error."""
+    result = SessionResult(start=time.perf_counter())
+    try:
+        result.text = run(prompt, tokens, result.token_times)
+    except Exception as error:
+        result.error = f"{type(error).__name__}: {error}"[:300]
+    result.end = result.token_times[-1] if result.token_times and result.error is None else time.perf_counter()
+    return result
+
+
+class TokenTimer:
+    """A transformers streamer that notes when each new token is produced (the prompt is skipped)."""
+
+    def __init__(self, token_times: list[float]) -> None:
+        self._times = token_times
+        self._seen_prompt = False
+
+    def put(self, value: Any) -> None:
+        if self._seen_prompt:
+            self._times.extend([time.perf_counter()] * value.numel())
+        self._seen_prompt = True
+
+    def end(self) -> None:
+        """Required by the streamer interface."""
+
+
+class ConcurrentRawClient(RawClient):
+    """The raw Petals client, one session per calling thread."""
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def session(self, prompt: str, tokens: int, token_times: list[float]) -> str:
+        """One InferenceSession and one generate call for ``tokens`` tokens, as the service runs it."""
+        import torch
+        from petals.client.inference_session import InferenceSession
+
+        ids = torch.tensor([self.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        session = InferenceSession(self.model.transformer.h.sequence_manager, max_length=ids.shape[1] + tokens)
+        try:
+            output = self._generate(ids, session=session, max_new_tokens=tokens, streamer=TokenTimer(token_times))
+        finally:
+            session.close()
+        new_ids = output[0, ids.shape[1] :].tolist()
+        return self.tokenizer.decode(new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+class V1Client(ServiceClient):
+    """The v1 API over one keep-alive connection, with session opening and closing."""
+
+    def open_session(self, max_length: int) -> str:
+        return self._call("GET", "open_inference_session", {"max_length": max_length})["session_id"]
+
+    def close_session(self, session_id: str) -> None:
+        self._call("GET", "close_inference_session", {"session_id": session_id})
+
+
+def v1_per_token_session(base_url: str, prompt_tokens: Callable[[str], int]) -> SessionFn:
+    """The seed UI's style: a session, then one v1 generate request per token."""
+
+    def run(prompt: str, tokens: int, token_times: list[float]) -> str:
+        client = V1Client(base_url, prompt_tokens(prompt))
+        try:
+            session_id = client.open_session(client.prompt_tokens + tokens)
+            pieces = []
+            for index in range(tokens):
+                fields = {"inputs": prompt} if index == 0 else {}
+                pieces.append(client.generate(max_new_tokens=1, session_id=session_id, **fields))
+                token_times.append(time.perf_counter())
+            client.close_session(session_id)
+            return "".join(pieces)
+        finally:
+            client.http.close()
+
+    return run
+
+
+def _response_chunks(response: http.client.HTTPResponse) -> Iterator[bytes]:
+    while chunk := response.read1(65536):
+        yield chunk
+
+
+def stream_session(base_url: str) -> SessionFn:
+    """One ``POST /api/v2/generate_stream`` for all tokens, read as Server-Sent Events."""
+    host, port = base_url.removeprefix("http://").split(":")
+
+    def run(prompt: str, tokens: int, token_times: list[float]) -> str:
+        connection = http.client.HTTPConnection(host, int(port), timeout=HTTP_TIMEOUT_S)
+        try:
+            body = json.dumps({"inputs": prompt, "max_new_tokens": tokens, "do_sample": False})
+            connection.request("POST", "/api/v2/generate_stream", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
+            for event, data in parse_sse(_response_chunks(response)):
+                if event == "token":
+                    token_times.append(time.perf_counter())
+                elif event == "done":
+                    return data["outputs"]
+                else:
+                    raise RuntimeError(f"{event} event: {data}")
+            raise RuntimeError("the stream ended without a done event")
+        finally:
+            connection.close()
+
+    return run
+
+
+def group_cpu_s(groups: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the live processes of each named set of process
+    groups, and by the whole machine (``OTHERS`` until ``measured_load`` subtracts the sets)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    owner = {pgid: name for name, pgids in groups.items() for pgid in pgids}
+    totals = dict.fromkeys(groups, 0.0)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # fields after the command name
+        except OSError:
+            continue  # the process has exited
+        if (name := owner.get(int(fields[2]))) is not None:  # pgrp
+            totals[name] += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    totals[OTHERS] = (user + nice + system + irq + softirq + steal) / ticks
+    return totals
+
+
+@dataclass
+class LoadResult:
+    """One run of N concurrent sessions of one client."""
+
+    sessions: list[SessionResult]
+    wall_s: float
+    cpu_s: dict[str, float] = field(default_factory=dict)  # process set -> CPU seconds used during the run
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s.token_times) for s in self.sessions if s.error is None)
+
+    @property
+    def errors(self) -> list[str]:
+        return [s.error for s in self.sessions if s.error is not None]
+
+
+def run_load(run: SessionFn, count: int, tokens: int, timeout_s: float) -> LoadResult:
+    """``count`` sessions started together (a barrier), each in its own thread; bounded by ``timeout_s``."""
+    barrier = threading.Barrier(count + 1)
+    results: list[SessionResult | None] = [None] * count
+
+    def worker(index: int) -> None:
+        barrier.wait()
+        results[index] = timed_session(run, prompt_for(index), tokens)
+
+    threads = [threading.Thread(target=worker, args=(i,), name=f"session-{i}", daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join(max(0.0, start + timeout_s - time.perf_counter()))
+    sessions = [r or SessionResult(start, error=f"no answer within {timeout_s:.0f} s") for r in results]
+    for session in sessions:
+        session.end = session.end or time.perf_counter()
+    return LoadResult(sessions, max(s.end for s in sessions) - start)
+
+
+Runs = dict[tuple[str, int], list[LoadResult]]  # (client, N) -> one result per round
+
+
+def measured_load(
+    run: SessionFn, count: int, tokens: int, timeout_s: float, groups: dict[str, list[int]]
+) -> LoadResult:
+    """``run_load`` with the CPU time each set of process groups used meanwhile."""
+    before = group_cpu_s(groups)
+    result = run_load(run, count, tokens, timeout_s)
+    result.cpu_s = {name: used - before[name] for name, used in group_cpu_s(groups).items()}
+    result.cpu_s[OTHERS] -= sum(used for name, used in result.cpu_s.items() if name != OTHERS)
+    return result
+
+
+def measure(clients: dict[str, SessionFn], args: argparse.Namespace, groups: dict[str, list[int]]) -> Runs:
+    """A warm-up round, then ``args.rounds`` rounds per session count, client order rotating."""
+    counts, tokens, rounds, timeout_s = args.sessions, args.tokens, args.rounds, args.run_timeout
+    names = list(clients)
+    warmup = min(4, max(counts))
+    for name in names:
+        run_load(clients[name], warmup, min(tokens, 8), timeout_s)
+    print(f"warm-up done ({warmup} sessions per client)", flush=True)
+    runs: Runs = {}
+    for count in counts:
+        for index in range(rounds):
+            shift = index % len(names)
+            for name in names[shift:] + names[:shift]:
+                time.sleep(SETTLE_S)
+                result = measured_load(clients[name], count, tokens, timeout_s, groups)
+                runs.setdefault((name, count), []).append(result)
+                print(f"  N={count:<3} round {index + 1}/{rounds} {name:<15} {result.tokens / result.wall_s:7.2f} "
+                      f"tokens/s, {len(result.errors)} errors, other processes used "
+                      f"{result.cpu_s[OTHERS] / result.wall_s:.2f} cores", flush=True)  # fmt: skip
+    return runs
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One table row: a client at one session count, over all rounds."""
+
+    tokens: int
+    wall_s: float
+    p50_ms: float
+    p99_ms: float
+    ttft_ms: float
+    errors: int
+    cpu_s: dict[str, float]
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    def cpu_ms_per_token(self, name: str) -> str:
+        return f"{self.cpu_s[name] * 1000 / self.tokens:.1f}" if self.tokens else "-"
+
+    @property
+    def others_cores(self) -> float:
+        """CPU cores other processes used on average meanwhile."""
+        return self.cpu_s[OTHERS] / self.wall_s if self.wall_s else 0.0
+
+
+def summarize(results: list[LoadResult]) -> Summary:
+    """Totals over rounds; latency percentiles over every gap between a session's tokens."""
+    sessions = [s for r in results for s in r.sessions if s.error is None and s.token_times]
+    gaps = [b - a for s in sessions for a, b in zip(s.token_times, s.token_times[1:], strict=False)]
+    first = [s.token_times[0] - s.start for s in sessions]
+    return Summary(
+        tokens=sum(r.tokens for r in results),
+        wall_s=sum(r.wall_s for r in results),
+        p50_ms=statistics.median(gaps) * 1000 if gaps else float("nan"),
+        p99_ms=_percentile(gaps, 99) * 1000,
+        ttft_ms=statistics.median(first) * 1000 if first else float("nan"),
+        errors=sum(len(r.errors) for r in results),
+        cpu_s={name: sum(r.cpu_s.get(name, 0.0) for r in results) for name in (*CPU_SETS, OTHERS)},
+    )
+
+
+def _percentile(samples: list[float], percent: int) -> float:
+    if len(samples) < 2:
+        return samples[0] if samples else float("nan")
+    return statistics.quantiles(samples, n=100, method="inclusive")[percent - 1]
+
+
+def _round_ratios(results: list[LoadResult], raw: list[LoadResult]) -> str:
+    ratios = [(r.tokens / r.wall_s) / (b.tokens / b.wall_s) for r, b in zip(results, raw, strict=True)]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) > 1 else f"{ratios[0]:.2f}"
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    """Right-aligned columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(*(cell.rjust(width) for cell, width in zip(row, widths, strict=True)), sep="  ")
+
+
+HEADER = ("N", "client", "tokens", "wall s", "tokens/s", "x raw", "x raw/round", "p50 ms", "p99 ms", "TTFT p50",
+          "errors", *(f"CPU {name}" for name in CPU_SETS), "others")  # fmt: skip
+
+
+def report(runs: Runs, counts: list[int], clients: list[str]) -> None:
+    """The throughput/latency table and the verdicts against the target."""
+    rows: list[tuple[str, ...]] = [HEADER]
+    verdicts = []
+    for count in counts:
+        raw = summarize(runs["raw", count])
+        for name in clients:
+            row = summarize(runs[name, count])
+            ratio = row.rate / raw.rate if raw.rate else float("nan")
+            rows.append((str(count), name, str(row.tokens), f"{row.wall_s:.1f}", f"{row.rate:.2f}", f"{ratio:.3f}",
+                         _round_ratios(runs[name, count], runs["raw", count]), f"{row.p50_ms:.1f}",
+                         f"{row.p99_ms:.1f}", f"{row.ttft_ms:.1f}", str(row.errors),
+                         *(row.cpu_ms_per_token(cpu) for cpu in CPU_SETS), f"{row.others_cores:.2f}"))  # fmt: skip
+            if count in TARGET_SESSIONS and name != "raw":
+                met = ratio >= TARGET_RATIO and row.errors == 0
+                verdicts.append(f"  N={count} {name}: {ratio:.3f}x raw, {row.errors} errors: {_verdict(met)}")
+    print_table(rows)
+    print("latencies in ms; CPU: ms of CPU time per generated token used by " + "; ".join(CPU_SETS.values()))
+    print("others: CPU cores used on average by every other process of the machine during the runs")
+    print(f"\ntarget (issue 6): {TARGET}")
+    print(*verdicts, sep="\n")
+    errors = sorted({e for r in runs.values() for result in r for e in result.errors})
+    if errors:
+        print("errors seen:", *errors[:5], sep="\n  ")
+
+
+def _verdict(met: bool) -> str:
+    return "MET" if met else "NOT MET"
+
+
+def report_outputs(runs: Runs, clients: list[str]) -> None:
+    """Greedy outputs against the raw client's for the same prompt (v1 may hold back an incomplete last character)."""
+    texts: dict[str, list[tuple[int, str]]] = {name: [] for name in clients}  # client -> (prompt index, text)
+    for (name, _), results in runs.items():
+        for result in results:
+            texts[name] += [(i, s.text) for i, s in enumerate(result.sessions) if s.error is None]
+    reference = dict(texts["raw"])
+    for name in clients[1:]:
+        compared = [(reference[i], text) for i, text in texts[name] if i in reference]
+        same = sum(raw == text or (name == "v1 per-token" and raw.startswith(text)) for raw, text in compared)
+        print(f"outputs equal to raw's (same prompt, greedy): {name}: {same}/{len(compared)} sessions")
+
+
+def timed(start: Callable[[], object]) -> float:
+    """Seconds ``start()`` took."""
+    began = time.perf_counter()
+    start()
+    return time.perf_counter() - began
+
+
+@dataclass
+class Stack:
+    """What one run starts: the swarm, the services, the raw client; stopped by ``stop``, whatever happened."""
+
+    model_dir: Path
+    logs: Path
+    swarm: PrivateSwarm | None = None
+    services: list[ServiceProcess] = field(default_factory=list)
+    raw: ConcurrentRawClient | None = None
+    cold_start_s: dict[str, float] = field(default_factory=dict)
+
+    def start(self) -> None:
+        """Start everything one after the other, timing each part's cold start to ready."""
+        self.swarm = PrivateSwarm(self.model_dir, ["0:2", "2:4"], self.logs / "swarm", dht_prefix=DHT_PREFIX)
+        self.cold_start_s["swarm (2 servers, to all Started)"] = timed(lambda: self.swarm.start(240))
+        inference = inference_process(
+            model_dir=self.model_dir,
+            initial_peers=self.swarm.initial_peers,
+            dht_prefix=DHT_PREFIX,
+            port=pick_free_port(),
+            log_path=self.logs / "inference.log",
+            extra_env=INFERENCE_ENV,
+        )
+        self.cold_start_s["inference (to /readyz 200)"] = self._timed_start(inference, 240)
+        replicas = {inference.name: inference.base_url}
+        gateway = gateway_process(
+            replicas=replicas, port=pick_free_port(), log_path=self.logs / "gateway.log", extra_env=GATEWAY_ENV
+        )
+        self.cold_start_s["gateway (to /readyz 200)"] = self._timed_start(gateway, 120)
+        ui = ui_process(port=pick_free_port(), log_path=self.logs / "ui.log")
+        self.cold_start_s["ui (to /readyz 200)"] = self._timed_start(ui, 120)
+        self.services.remove(ui)
+        ui.stop()  # not needed for the measurements
+        started = time.perf_counter()
+        self.raw = ConcurrentRawClient(self.model_dir, self.swarm.initial_peers)
+        self.cold_start_s["raw Petals client (in process, model loaded)"] = time.perf_counter() - started
+
+    def _timed_start(self, service: ServiceProcess, timeout_s: float) -> float:
+        """Start a service; seconds from process start to ``/readyz`` 200 (polled every 0.25 s)."""
+        self.services.append(service)
+        return timed(lambda: service.start_ready(timeout_s))
+
+    def session_functions(self) -> dict[str, SessionFn]:
+        inference, gateway = self.services
+        return {
+            "raw": self.raw.session,
+            "v1 per-token": v1_per_token_session(inference.base_url, self.raw.prompt_tokens),
+            "stream": stream_session(inference.base_url),
+            "gateway stream": stream_session(gateway.base_url),
+        }
+
+    def process_groups(self) -> dict[str, list[int]]:
+        """The process groups of each CPU_SETS entry."""
+        return {
+            "bench": [os.getpgid(0)],
+            "svc": [service.process.pid for service in self.services],
+            "swarm": [server.process.pid for server in self.swarm.servers],
+        }
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+        if self.raw is not None:
+            self.raw.close()
+        if self.swarm is not None:
+            self.swarm.stop()
+
+
+def print_header(args: argparse.Namespace) -> None:
+    print(f"\nmachine: {machine_description()}")
+    print("swarm: 2 Petals servers (blocks 0:2, 2:4) on loopback, --attn_cache_tokens 32768; "
+          "model: tiny BLOOM (4 blocks, hidden 64), float32, CPU")  # fmt: skip
+    print(f"services: inference {INFERENCE_ENV}, gateway {GATEWAY_ENV} (2 workers); HTTP clients: http.client")
+    print(f"workload: N concurrent sessions x {args.tokens} greedy tokens, different prompts, {args.rounds} "
+          f"rounds, client order rotating; load average at end {load_average()}")  # fmt: skip
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32, help="tokens each session generates (default 32)")
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16, 32], help="concurrent sessions")
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds per session count (default 3)")
+    parser.add_argument("--clients", nargs="+", choices=CLIENTS, default=list(CLIENTS), help="(raw always runs)")
+    parser.add_argument("--run-timeout", type=float, default=300.0, help="seconds one run may take (default 300)")
+    parser.add_argument("--log-dir", type=Path, help="keep the processes' logs here (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    if args.tokens < 2 or args.rounds < 1 or min(args.sessions) < 1 or max(args.sessions) > 32:
+        parser.error("--tokens must be at least 2, --rounds at least 1, --sessions between 1 and 32")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Start the swarm and the services (timing their cold starts), measure, report, stop everything."""
+    args = parse_args(argv)
+    clients = [name for key, name in CLIENTS.items() if key == "raw" or key in args.clients]
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecation noise
+    signal.signal(signal.SIGTERM, exit_on_sigterm)  # e.g. from `timeout`: still stop what we started
+    print(f"machine: {machine_description()}; load average at start {load_average()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="petals-chat-bench-") as work_dir:
+        stack = Stack(ensure_tiny_bloom(), args.log_dir or Path(work_dir))
+        try:
+            stack.start()
+            functions = stack.session_functions()
+            runs = measure({name: functions[name] for name in clients}, args, stack.process_groups())
+            print_header(args)
+            print("\ncold start to ready (s):")
+            print_table([(name, f"{seconds:.1f}") for name, seconds in stack.cold_start_s.items()])
+            print()
+            report(runs, args.sessions, clients)
+            report_outputs(runs, clients)
+        finally:
+            stack.stop()
+
+
+if __name__ == "__main__":
+    main()
