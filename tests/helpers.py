@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -126,8 +131,9 @@ def open_fds(pid: int) -> int:
 
 @dataclass(frozen=True)
 class Resources:
-    """RSS and open file descriptors of a process tree, per process."""
+    """Name (/proc/PID/comm), RSS and open file descriptors of each process of a process tree."""
 
+    names: dict[int, str]
     rss: dict[int, int]
     fds: dict[int, int]
 
@@ -135,7 +141,16 @@ class Resources:
     def of(cls, service: ServiceProcess) -> Resources:
         assert service.process is not None
         pids = process_tree(service.process.pid)
-        return cls({pid: rss_bytes(pid) for pid in pids}, {pid: open_fds(pid) for pid in pids})
+        names = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for pid in pids}
+        return cls(names, {pid: rss_bytes(pid) for pid in pids}, {pid: open_fds(pid) for pid in pids})
+
+    def describe(self, later: Resources) -> str:
+        """Each process's RSS (MiB) and FDs, here and in ``later``."""
+        return ", ".join(
+            f"{self.names[pid]}[{pid}] RSS {self.rss[pid] / 2**20:.1f}->{later.rss.get(pid, 0) / 2**20:.1f} MiB "
+            f"FDs {self.fds[pid]}->{later.fds.get(pid, 0)}"
+            for pid in self.rss
+        )
 
 
 def wait_until(condition, timeout: float, interval: float = 0.25) -> bool:
@@ -147,3 +162,52 @@ def wait_until(condition, timeout: float, interval: float = 0.25) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(interval)
+
+
+class SwarmProbe:
+    """A running ``tests.swarm_probe``: ``free()`` says how many cache tokens each server has free."""
+
+    def __init__(self, initial_peers: list[str], dht_prefix: str, blocks: int, log_path: Path) -> None:
+        command = [sys.executable, "-m", "tests.swarm_probe", "--dht-prefix", dht_prefix, "--blocks", str(blocks)]
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [*command, "--initial-peers", *initial_peers],
+                cwd=Path(__file__).resolve().parents[1],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                start_new_session=True,
+            )
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        assert json.loads(self._line(timeout=120)) == {"ready": True}
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line)
+
+    def _line(self, timeout: float) -> str:
+        try:
+            return self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"the swarm probe did not answer in {timeout} s") from None
+
+    def free(self) -> dict[str, int]:
+        """{server peer id: attention-cache tokens free}, asked now."""
+        assert self.process.stdin is not None
+        self.process.stdin.write("\n")
+        self.process.stdin.flush()
+        return json.loads(self._line(timeout=60))
+
+    def close(self) -> None:
+        """End the probe (its DHT node and p2p daemon with it)."""
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
