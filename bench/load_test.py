@@ -50,6 +50,7 @@ class LoadReport:
     """The outcome of a load run."""
 
     mode: str
+    tokens: int  # asked of each session
     runs: list[SessionRun]
     wall_s: float  # from the common start (every session open) to the last session's end
     open_s: float  # opening every session
@@ -85,7 +86,7 @@ class LoadReport:
 
     def summary(self) -> str:
         lines = [
-            f"{len(self.runs)} sessions x {max((r.tokens for r in self.runs), default=0)} tokens ({self.mode}): "
+            f"{len(self.runs)} sessions x {self.tokens} tokens ({self.mode}): "
             f"{len(self.errors)} errors, {len(self.mismatches)} mismatches",
             f"per-token latency p50 {self.percentile_ms(50):.1f} ms, p99 {self.percentile_ms(99):.1f} ms "
             f"(n={len(self.latencies)}, mean {1000 * statistics.fmean(self.latencies or [0]):.1f} ms)",
@@ -216,7 +217,7 @@ def run_load(
     started = time.perf_counter()
     for thread in threads:
         thread.join(max(0.0, deadline + 5 - time.monotonic()))
-    report = LoadReport(mode, runs, time.perf_counter() - started, started - opening)
+    report = LoadReport(mode, tokens, runs, time.perf_counter() - started, started - opening)
     for run, thread in zip(runs, threads, strict=True):
         if thread.is_alive():
             run.error = run.error or "still running at the time limit"
