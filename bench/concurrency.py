@@ -311,6 +311,11 @@ class Summary:
         return f"{self.cpu_s[name] * 1000 / self.tokens:.1f}" if self.tokens else "-"
 
     @property
+    def own_cpu_s_per_token(self) -> float:
+        """CPU per token of everything the benchmark runs (this process, the services, the swarm)."""
+        return sum(self.cpu_s[name] for name in CPU_SETS) / self.tokens if self.tokens else float("nan")
+
+    @property
     def others_cores(self) -> float:
         """CPU cores other processes used on average meanwhile."""
         return self.cpu_s[OTHERS] / self.wall_s if self.wall_s else 0.0
@@ -350,8 +355,16 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
         print(*(cell.rjust(width) for cell, width in zip(row, widths, strict=True)), sep="  ")
 
 
-HEADER = ("N", "client", "tokens", "wall s", "tokens/s", "x raw", "x raw/round", "p50 ms", "p99 ms", "TTFT p50",
-          "errors", *(f"CPU {name}" for name in CPU_SETS), "others")  # fmt: skip
+HEADER = ("N", "client", "tokens", "wall s", "tokens/s", "x raw", "x raw/round", "x raw/CPU", "p50 ms", "p99 ms",
+          "TTFT p50", "errors", *(f"CPU {name}" for name in CPU_SETS), "others")  # fmt: skip
+
+
+LEGEND = f"""\
+x raw/round: lowest-highest ratio of single rounds; p50, p99, TTFT p50 in ms
+CPU {"/".join(CPU_SETS)}: ms of CPU time per generated token used by {"; ".join(CPU_SETS.values())}
+others: CPU cores that every other process of the machine used on average meanwhile
+x raw/CPU: raw's CPU per token (bench + svc + swarm) / the client's: the tokens/s ratio on a CPU-bound machine
+  (N >= 4 here) had other processes left both alike"""
 
 
 def report(runs: Runs, counts: list[int], clients: list[str]) -> None:
@@ -363,16 +376,17 @@ def report(runs: Runs, counts: list[int], clients: list[str]) -> None:
         for name in clients:
             row = summarize(runs[name, count])
             ratio = row.rate / raw.rate if raw.rate else float("nan")
+            cpu_ratio = raw.own_cpu_s_per_token / row.own_cpu_s_per_token
             rows.append((str(count), name, str(row.tokens), f"{row.wall_s:.1f}", f"{row.rate:.2f}", f"{ratio:.3f}",
-                         _round_ratios(runs[name, count], runs["raw", count]), f"{row.p50_ms:.1f}",
+                         _round_ratios(runs[name, count], runs["raw", count]), f"{cpu_ratio:.3f}", f"{row.p50_ms:.1f}",
                          f"{row.p99_ms:.1f}", f"{row.ttft_ms:.1f}", str(row.errors),
                          *(row.cpu_ms_per_token(cpu) for cpu in CPU_SETS), f"{row.others_cores:.2f}"))  # fmt: skip
             if count in TARGET_SESSIONS and name != "raw":
                 met = ratio >= TARGET_RATIO and row.errors == 0
-                verdicts.append(f"  N={count} {name}: {ratio:.3f}x raw, {row.errors} errors: {_verdict(met)}")
+                verdicts.append(f"  N={count} {name}: {ratio:.3f}x raw, {row.errors} errors: {_verdict(met)} "
+                                f"(CPU-normalized: {cpu_ratio:.3f}x raw)")  # fmt: skip
     print_table(rows)
-    print("latencies in ms; CPU: ms of CPU time per generated token used by " + "; ".join(CPU_SETS.values()))
-    print("others: CPU cores used on average by every other process of the machine during the runs")
+    print(LEGEND)
     print(f"\ntarget (issue 6): {TARGET}")
     print(*verdicts, sep="\n")
     errors = sorted({e for r in runs.values() for result in r for e in result.errors})
