@@ -12,7 +12,7 @@ alike:
 - one request for N tokens: one generate call without a session; sample = total / tokens.
 
 One unmeasured warm-up round runs first. In this process the GC runs between timed calls, not
-inside them (as timeit does; also a Petals workaround, see ``collect_garbage``); the service runs
+inside them (as timeit does; also a Petals workaround); the service runs
 as deployed. Figures are printed, never asserted, against the target "the service adds under 5%
 (or under 3 ms) per token".
 Run: ``.venv/bin/python -m bench.inference_latency [--tokens 32] [--rounds 5]`` (or ``make bench``).

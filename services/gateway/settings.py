@@ -36,7 +36,7 @@ class GatewaySettings:
         """Read and validate every setting; raises ConfigError with a clear message."""
         env = env or Env()
         return cls(
-            server=ServerSettings.from_env(env, bind="127.0.0.1:8080", threads=32, workers=2),
+            server=ServerSettings.from_env(env, bind="127.0.0.1:8080", threads=64, workers=2),
             replicas=parse_replicas(env.list("INFERENCE_REPLICAS")),
             connect_timeout_s=env.float("UPSTREAM_CONNECT_TIMEOUT_SECONDS", 1.0, minimum=0.05),
             read_timeout_s=env.float("UPSTREAM_READ_TIMEOUT_SECONDS", 300.0, minimum=1.0),

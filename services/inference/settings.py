@@ -50,7 +50,7 @@ class InferenceSettings:
             raise ConfigError("MODEL is required: a local model directory or a Hugging Face repo name")
         limits = Limits.from_env(env)
         return cls(
-            server=ServerSettings.from_env(env, bind="127.0.0.1:8000", threads=32, workers=None),
+            server=ServerSettings.from_env(env, bind="127.0.0.1:8000", threads=128, workers=None),
             model=model,
             model_name=env.str("MODEL_NAME", "") or served_model_name(model),
             initial_peers=env.list("INITIAL_PEERS"),
