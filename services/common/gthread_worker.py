@@ -6,8 +6,9 @@ hundred connections that send nothing, or half a request line, tie up every thre
 on the gateway (2 workers x 32 threads), 200 connections that each sent a request line and
 stopped froze it for as long as they stayed open. Here a new connection waits in the worker's
 poller until it sends data (an idle one costs no thread and is closed after ``keepalive``
-seconds, like an idle kept-alive one), and a request head must then arrive within
-``HEAD_TIMEOUT_S``, or the connection's read side is shut down and gunicorn drops it.
+seconds, like an idle kept-alive one, or within seconds when the worker stops), and a request
+head must then arrive within ``HEAD_TIMEOUT_S``, or the connection's read side is shut down and
+gunicorn drops it.
 
 A client that trickles a request body still holds its thread while it does (gunicorn has no
 body deadline); a buffering proxy in front (the Ingress) is the defence against that.
@@ -63,7 +64,13 @@ class Worker(gthread.ThreadWorker):
         return super().handle_request(req, conn)
 
     def murder_pending(self) -> None:
-        """Called by the main loop about every second: also cut off overdue request heads."""
+        """Called by the main loop about every second: also cut off overdue request heads, and
+        when stopping, idle connections (else one idle client holds the worker for the whole
+        graceful timeout: measured 60 s)."""
+        if not self.alive:  # the same short linger gunicorn gives kept-alive connections
+            linger = time.monotonic() + gthread.STOP_KEEPALIVE_LINGER
+            for conn in self.pending_conns:
+                conn.timeout = min(conn.timeout, linger)
         super().murder_pending()
         now = time.monotonic()
         for conn, deadline in self._head_deadlines.copy().items():

@@ -146,6 +146,18 @@ def test_idle_connections_do_not_hold_up_others(target, normal_answer):
             sock.close()
 
 
+def test_idle_connections_do_not_delay_a_graceful_stop(inference, artifacts_dir):
+    gateway = start_gateway(artifacts_dir, {"inference-0": inference.base_url}, "gateway-abuse-stop")
+    idle = socket.create_connection(("127.0.0.1", gateway.port))
+    try:
+        started = time.monotonic()
+        assert gateway.stop(timeout=60) == 0
+        assert time.monotonic() - started < 10  # not the 60 s graceful timeout
+    finally:
+        idle.close()
+        gateway.stop()
+
+
 def test_stalled_request_heads_are_dropped(target, normal_answer):
     """Clients that send half a request and stop hold a thread for HEAD_TIMEOUT_S at most."""
     stalled = [socket.create_connection(("127.0.0.1", target.port), timeout=HEAD_TIMEOUT_S + 5) for _ in range(20)]
