@@ -136,7 +136,7 @@ def assert_quick_answers(target: ServiceProcess, normal_answer: Callable[[], str
 
 
 def test_idle_connections_do_not_hold_up_others(target, normal_answer):
-    """Many more connections that send nothing than the gateway has threads (2 x 32)."""
+    """More connections that send nothing than the gateway has request threads (2 workers x 64)."""
     idle = [socket.create_connection(("127.0.0.1", target.port)) for _ in range(300)]
     try:
         time.sleep(0.5)
