@@ -14,7 +14,8 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Generator, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -32,6 +33,7 @@ from services.gateway.upstream import ReplicaUnreachable
 _FINISH_REASONS = {"stop": "stop", "eos": "stop", "length": "length"}
 _STREAM_ERROR_STATUS = {"unavailable": falcon.HTTP_503, "internal_error": falcon.HTTP_500}
 _STREAM_PATH = "/api/v2/generate_stream"
+Events = Generator[tuple[str, dict[str, Any]], None, None]  # a replica's SSE events; close() drops the stream
 
 
 class ModelNotFound(ApiError):
@@ -103,7 +105,7 @@ def _opening(messages: list[dict[str, str]]) -> str:
 
 def _start(
     router: Router, limits: Limits, prompt: str, options: SamplingOptions, conversation_key: str | None
-) -> Iterator[tuple[str, dict[str, Any]]]:
+) -> Events:
     """Send the generation to a replica; the replica's events (errors before any are raised)."""
     served = router.replicas.models()
     if not served:
@@ -123,7 +125,7 @@ def _start(
     return _events(upstream)
 
 
-def _events(upstream: urllib3.BaseHTTPResponse) -> Iterator[tuple[str, dict[str, Any]]]:
+def _events(upstream: urllib3.BaseHTTPResponse) -> Events:
     chunks = upstream_chunks(upstream)
     try:
         yield from parse_sse(chunks)
@@ -142,7 +144,7 @@ def _upstream_body(prompt: str, options: SamplingOptions, limits: Limits) -> dic
     return body
 
 
-class _Shape:
+class _Shape(ABC):
     """What differs between completion and chat answers: ids, object names and choices."""
 
     id_prefix = ""
@@ -163,11 +165,13 @@ class _Shape:
             "choices": choices,
         }
 
+    @abstractmethod
     def choice(self, text: str, finish_reason: str) -> dict[str, Any]:
-        raise NotImplementedError
+        """The one choice of a whole answer."""
 
+    @abstractmethod
     def delta(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
-        raise NotImplementedError
+        """The one choice of a stream chunk (``text`` None: the last chunk)."""
 
     def opening_delta(self) -> dict[str, Any] | None:
         return None
@@ -201,7 +205,7 @@ class _ChatShape(_Shape):
         return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
 
-def _answer(resp: falcon.Response, shape: _Shape, events: Iterator[tuple[str, dict[str, Any]]]) -> None:
+def _answer(resp: falcon.Response, shape: _Shape, events: Events) -> None:
     if shape.options.stream:
         resp.content_type = SSE_CONTENT_TYPE
         resp.set_headers(SSE_HEADERS)
@@ -217,7 +221,7 @@ def _answer(resp: falcon.Response, shape: _Shape, events: Iterator[tuple[str, di
     resp.media = {**answer, "usage": _usage(done)}
 
 
-def _checked(events: Iterator[tuple[str, dict[str, Any]]]) -> Iterator[tuple[str, dict[str, Any]]]:
+def _checked(events: Events) -> Events:
     """The replica's events; its error event, or its breaking off, raised as an ApiError."""
     try:
         for event, data in events:
@@ -231,7 +235,7 @@ def _checked(events: Iterator[tuple[str, dict[str, Any]]]) -> Iterator[tuple[str
         raise ApiError("The inference replica stopped answering; retry", status=falcon.HTTP_502) from error
 
 
-def _stream_chunks(shape: _Shape, events: Iterator[tuple[str, dict[str, Any]]]) -> Iterator[bytes]:
+def _stream_chunks(shape: _Shape, events: Events) -> Iterator[bytes]:
     """OpenAI's stream: a chunk per token, a last one with the finish reason, usage, [DONE]."""
     extra = {"usage": None} if shape.options.include_usage else {}
     opening = shape.opening_delta()

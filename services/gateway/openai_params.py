@@ -61,12 +61,11 @@ def parse_chat(body: dict[str, Any], limits: Limits) -> tuple[list[dict[str, str
     if body.get("response_format") not in (None, {"type": "text"}):
         raise InvalidParameter("response_format must be {'type': 'text'}", param="response_format")
     parsed = [_parse_message(message, index) for index, message in enumerate(messages)]
-    _check_length("messages", "".join(message["content"] for message in parsed), limits)
     return parsed, _parse_options(body, limits, default_max_tokens=None)
 
 
 def check_prompt_length(prompt: str, limits: Limits) -> None:
-    """A rendered chat prompt must fit the input limit too."""
+    """A rendered chat prompt must fit the input limit (PayloadTooLarge otherwise)."""
     _check_length("messages", prompt, limits)
 
 
