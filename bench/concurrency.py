@@ -2,12 +2,13 @@
 
 One run starts a private swarm on loopback (tiny offline BLOOM, 4 blocks, 2 servers "0:2" and
 "2:4"), timing each part's cold start to ready, then one inference service, one gateway and the
-ui (gunicorn), and the raw Petals client in this process. For each number of concurrent sessions
+ui (gunicorn), and the raw Petals client in a process of its own (bench/raw_process.py: nothing
+else shares its interpreter, as for a user of the bare library). For each number of concurrent sessions
 (``--sessions``, default 1 4 16 32) and each of ``--rounds`` rounds, every client runs that many
 sessions at once, each generating ``--tokens`` tokens greedily from its own prompt; the clients take
 turns within a round, the order rotating from round to round so drift hits all alike. Clients:
 
-- ``raw``: the Petals client in this process, one thread per session, each with its own
+- ``raw``: the Petals client in its own process, one thread per session, each with its own
   ``InferenceSession`` and one ``model.generate`` call (as the service generates);
 - ``v1 per-token``: the inference service's v1 API, one HTTP request per token (open a session,
   the prompt with max_new_tokens=1, then max_new_tokens=1 per request, close);
@@ -37,12 +38,13 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.common import exit_on_sigterm, load_average, machine_description
 from bench.inference_latency import DHT_PREFIX, RawClient, ServiceClient  # sets HF_HUB_OFFLINE first
+from bench.raw_process import RawProcess
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port, ui_process
 from services.common.sse import parse_sse
 from services.swarm.launcher import PrivateSwarm
@@ -59,7 +61,7 @@ INFERENCE_ENV = {"MAX_SESSIONS": "64", "GUNICORN_THREADS": "64"}
 GATEWAY_ENV = {"GUNICORN_THREADS": "64"}
 HTTP_TIMEOUT_S = 120.0
 CPU_SETS = {  # CPU time is summed over the live processes of these process groups
-    "bench": "this process (raw client, HTTP clients)",
+    "bench": "this process and the raw client's (HTTP clients, raw Petals client)",
     "svc": "inference + gateway services",
     "swarm": "the 2 Petals servers",
 }
@@ -87,6 +89,7 @@ class SessionResult:
 
 
 SessionFn = Callable[[str, int, list[float]], str]  # (prompt, tokens, token_times to append to) -> text
+LoadFn = Callable[[int, int, float], "LoadResult"]  # (sessions, tokens, timeout_s) -> all sessions' results
 
 
 def timed_session(run: SessionFn, prompt: str, tokens: int) -> SessionResult:
@@ -117,10 +120,12 @@ class TokenTimer:
 
 
 class ConcurrentRawClient(RawClient):
-    """The raw Petals client, one session per calling thread."""
+    """The raw Petals client, one session per thread (it runs in a RawProcess)."""
 
-    def prompt_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    def load(self, count: int, tokens: int, timeout_s: float) -> dict[str, Any]:
+        """``run_load`` of ``count`` raw sessions, as JSON for the benchmark process."""
+        result = run_load(self.session, count, tokens, timeout_s)
+        return {"sessions": [asdict(session) for session in result.sessions], "wall_s": result.wall_s}
 
     def session(self, prompt: str, tokens: int, token_times: list[float]) -> str:
         """One InferenceSession and one generate call for ``tokens`` tokens, as the service runs it."""
@@ -258,24 +263,37 @@ def run_load(run: SessionFn, count: int, tokens: int, timeout_s: float) -> LoadR
 Runs = dict[tuple[str, int], list[LoadResult]]  # (client, N) -> one result per round
 
 
-def measured_load(
-    run: SessionFn, count: int, tokens: int, timeout_s: float, groups: dict[str, list[int]]
-) -> LoadResult:
-    """``run_load`` with the CPU time each set of process groups used meanwhile."""
+def raw_load(raw: RawProcess) -> LoadFn:
+    """Sessions of the raw client, run in its own process."""
+
+    def load(count: int, tokens: int, timeout_s: float) -> LoadResult:
+        reply = raw.load(count, tokens, timeout_s)
+        return LoadResult([SessionResult(**session) for session in reply["sessions"]], reply["wall_s"])
+
+    return load
+
+
+def threaded_load(run: SessionFn) -> LoadFn:
+    """Sessions of an HTTP client, one thread each in this process."""
+    return lambda count, tokens, timeout_s: run_load(run, count, tokens, timeout_s)
+
+
+def measured_load(load: LoadFn, count: int, tokens: int, timeout_s: float, groups: dict[str, list[int]]) -> LoadResult:
+    """``load`` with the CPU time each set of process groups used meanwhile."""
     before = group_cpu_s(groups)
-    result = run_load(run, count, tokens, timeout_s)
+    result = load(count, tokens, timeout_s)
     result.cpu_s = {name: used - before[name] for name, used in group_cpu_s(groups).items()}
     result.cpu_s[OTHERS] -= sum(used for name, used in result.cpu_s.items() if name != OTHERS)
     return result
 
 
-def measure(clients: dict[str, SessionFn], args: argparse.Namespace, groups: dict[str, list[int]]) -> Runs:
+def measure(clients: dict[str, LoadFn], args: argparse.Namespace, groups: dict[str, list[int]]) -> Runs:
     """A warm-up round, then ``args.rounds`` rounds per session count, client order rotating."""
     counts, tokens, rounds, timeout_s = args.sessions, args.tokens, args.rounds, args.run_timeout
     names = list(clients)
     warmup = min(4, max(counts))
     for name in names:
-        run_load(clients[name], warmup, min(tokens, 8), timeout_s)
+        clients[name](warmup, min(tokens, 8), timeout_s)
     print(f"warm-up done ({warmup} sessions per client)", flush=True)
     runs: Runs = {}
     for count in counts:
@@ -426,7 +444,7 @@ class Stack:
     logs: Path
     swarm: PrivateSwarm | None = None
     services: list[ServiceProcess] = field(default_factory=list)
-    raw: ConcurrentRawClient | None = None
+    raw: RawProcess | None = None
     cold_start_s: dict[str, float] = field(default_factory=dict)
 
     def start(self) -> None:
@@ -452,21 +470,26 @@ class Stack:
         self.services.remove(ui)
         ui.stop()  # not needed for the measurements
         started = time.perf_counter()
-        self.raw = ConcurrentRawClient(self.model_dir, self.swarm.initial_peers)
-        self.cold_start_s["raw Petals client (in process, model loaded)"] = time.perf_counter() - started
+        self.raw = RawProcess("bench.concurrency:ConcurrentRawClient", self.model_dir, self.swarm.initial_peers,
+                              self.logs / "raw-client.log")  # fmt: skip
+        self.cold_start_s["raw Petals client (own process, model loaded)"] = time.perf_counter() - started
 
     def _timed_start(self, service: ServiceProcess, timeout_s: float) -> float:
         """Start a service; seconds from process start to ``/readyz`` 200 (polled every 0.25 s)."""
         self.services.append(service)
         return timed(lambda: service.start_ready(timeout_s))
 
-    def session_functions(self) -> dict[str, SessionFn]:
+    def load_functions(self) -> dict[str, LoadFn]:
+        from transformers import AutoTokenizer
+
         inference, gateway = self.services
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        prompt_tokens = lambda prompt: len(tokenizer(prompt, add_special_tokens=False)["input_ids"])  # noqa: E731
         return {
-            "raw": self.raw.session,
-            "v1 per-token": v1_per_token_session(inference.base_url, self.raw.prompt_tokens),
-            "stream": stream_session(inference.base_url),
-            "gateway stream": stream_session(gateway.base_url),
+            "raw": raw_load(self.raw),
+            "v1 per-token": threaded_load(v1_per_token_session(inference.base_url, prompt_tokens)),
+            "stream": threaded_load(stream_session(inference.base_url)),
+            "gateway stream": threaded_load(stream_session(gateway.base_url)),
         }
 
     def process_groups(self) -> dict[str, list[int]]:
@@ -520,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
         stack = Stack(ensure_tiny_bloom(), args.log_dir or Path(work_dir))
         try:
             stack.start()
-            functions = stack.session_functions()
+            functions = stack.load_functions()
             runs = measure({name: functions[name] for name in clients}, args, stack.process_groups())
             print_header(args)
             print("\ncold start to ready (s):")

@@ -1,20 +1,18 @@
 """Per-token latency: raw Petals client vs the inference HTTP API vs the gateway in front of it.
 
 One run starts a private swarm on loopback (tiny offline BLOOM, 4 blocks, 2 servers "0:2" and
-"2:4"), one inference service and one gateway (gunicorn) on it, and the raw Petals client in this
-process on the same swarm. The same prompt is generated greedily in two modes, for ``--rounds``
-rounds, the three clients taking turns within each round (the order rotating) so drift hits all
-alike:
+"2:4"), one inference service and one gateway (gunicorn) on it, and the raw Petals client in a
+process of its own (bench/raw_process.py) on the same swarm. The same prompt is generated
+greedily in two modes, for ``--rounds`` rounds, the three clients taking turns within each round
+(the order rotating) so drift hits all alike:
 
 - one token per request (the seed UI style): open a session, send the prompt with
   max_new_tokens=1, then continue with max_new_tokens=1 up to ``--tokens`` tokens; each
   continuation call is one sample (steady-state per-token latency);
 - one request for N tokens: one generate call without a session; sample = total / tokens.
 
-One unmeasured warm-up round runs first. In this process the GC runs between timed calls, not
-inside them (as timeit does; also a Petals workaround); the service runs
-as deployed. Figures are printed, never asserted, against the target "the service adds under 5%
-(or under 3 ms) per token".
+One unmeasured warm-up round runs first; the services run as deployed. Figures are printed, never
+asserted, against the target "the service adds under 5% (or under 3 ms) per token".
 Run: ``.venv/bin/python -m bench.inference_latency [--tokens 32] [--rounds 5]`` (or ``make bench``).
 """
 
@@ -41,6 +39,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import torch  # this and everything below is imported after HF_HUB_OFFLINE is set: the hub reads it at import
 
 from bench.common import exit_on_sigterm, machine_description
+from bench.raw_process import RawProcess
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port
 from services.inference import petals_compat
 from services.swarm.launcher import PrivateSwarm
@@ -56,7 +55,7 @@ Samples = dict[str, list[float]]  # client -> seconds per token
 
 
 class RawClient:
-    """The Petals client in this process, generating exactly as the service does."""
+    """The Petals client, generating exactly as the service does (run in its own process: RawProcess)."""
 
     def __init__(self, model_dir: Path, peers: list[str]) -> None:
         from petals import AutoDistributedModelForCausalLM
@@ -69,6 +68,9 @@ class RawClient:
             model_dir, initial_peers=peers, dht_prefix=DHT_PREFIX, **CLIENT_OPTIONS
         )
         self.ids = torch.tensor([self.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]])
+
+    def prompt_tokens(self) -> int:
+        return self.ids.shape[1]
 
     def _generate(self, inputs: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
         with torch.inference_mode():
@@ -95,7 +97,7 @@ class RawClient:
         return elapsed, text, len(new_ids)
 
     def close(self) -> None:
-        """Leave the swarm (routing thread, DHT process) so this process can exit."""
+        """Leave the swarm (routing thread, DHT process) so the process can exit."""
         sequence_manager = self.model.transformer.h.sequence_manager
         sequence_manager.shutdown()
         sequence_manager.dht.shutdown()
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             services.append(inference.start())
             print("loading the raw client, starting the services...", flush=True)
-            raw = RawClient(model_dir, swarm.initial_peers)
+            raw = RawProcess("bench.inference_latency:RawClient", model_dir, swarm.initial_peers,
+                             Path(work_dir) / "raw-client.log")  # fmt: skip
             inference.wait_ready(180)
             gateway = gateway_process(
                 replicas={inference.name: inference.base_url},
@@ -241,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             services.append(gateway.start())
             gateway.wait_ready(60)
-            prompt_tokens = raw.ids.shape[1]
+            prompt_tokens = raw.prompt_tokens()
             clients = {
                 "raw": raw,
                 "inference": ServiceClient(inference.base_url, prompt_tokens),

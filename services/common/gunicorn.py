@@ -10,10 +10,20 @@ from typing import Any
 from services.common.config import ServerSettings, load_or_exit
 
 
-def service_config(service: str, load_settings: Callable[[], Any], wsgi_app: str) -> dict[str, Any]:
+def service_config(
+    service: str,
+    load_settings: Callable[[], Any],
+    wsgi_app: str,
+    worker_env: Callable[[Any], dict[str, str]] | None = None,
+) -> dict[str, Any]:
     """gunicorn settings of a service, its environment validated first (a config file does
-    ``globals().update(service_config(...))``): a bad value stops the master with one clear line."""
-    server: ServerSettings = load_or_exit(load_settings, service).server
+    ``globals().update(service_config(...))``): a bad value stops the master with one clear line.
+
+    ``worker_env(settings)`` names variables the workers must start with (set here, before they fork).
+    """
+    settings = load_or_exit(load_settings, service)
+    os.environ.update(worker_env(settings) if worker_env else {})
+    server: ServerSettings = settings.server
     if server.workers > 1:
         prepare_multiprocess_metrics()
     return {

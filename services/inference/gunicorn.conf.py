@@ -3,7 +3,16 @@
 from services.common.gunicorn import service_config
 from services.inference.settings import InferenceSettings
 
-globals().update(service_config("inference", InferenceSettings.from_env, "services.inference.app:create_app()"))
+
+def torch_environment(settings: InferenceSettings) -> dict[str, str]:
+    """torch sizes its intra-op pool once, when the worker imports it: set here, every thread of the
+    worker gets TORCH_THREADS (torch.set_num_threads from one thread would miss the request threads)."""
+    return {"OMP_NUM_THREADS": str(settings.torch_threads), "MKL_NUM_THREADS": str(settings.torch_threads)}
+
+
+globals().update(
+    service_config("inference", InferenceSettings.from_env, "services.inference.app:create_app()", torch_environment)
+)
 
 
 def worker_exit(server, worker):

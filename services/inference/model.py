@@ -93,7 +93,10 @@ class ModelHandle:
 
         petals_compat.install()
         settings = self._settings
-        logger.info("loading %s (dtype %s, device %s)", settings.model, settings.torch_dtype, settings.device)
+        logger.info(
+            "loading %s (dtype %s, device %s, %d torch threads)",
+            settings.model, settings.torch_dtype, settings.device, torch.get_num_threads(),
+        )  # fmt: skip
         tokenizer = AutoTokenizer.from_pretrained(settings.model)
         dtype = settings.torch_dtype if settings.torch_dtype == "auto" else getattr(torch, settings.torch_dtype)
         options: dict[str, Any] = {

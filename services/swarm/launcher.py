@@ -31,6 +31,10 @@ from typing import IO
 
 _MULTIADDR = re.compile(r"Running a server on \['(?P<addr>/ip4/[^']+/p2p/\w+)'")
 _STARTED = re.compile(r"\[INFO\] Started\s*$")
+# A Petals server is a dozen processes (8 connection-handler forks, the runtime, p2pd), each of which
+# would start torch with one intra-op thread per core: under load they spin against each other.
+# One thread each cut the swarm's CPU per token from 95-145 ms to 12-15 ms (README, Threads).
+SERVER_TORCH_THREADS = 1
 
 
 class SwarmError(RuntimeError):
@@ -149,6 +153,7 @@ class PrivateSwarm:
         dht_prefix: str = "petals-chat",
         host: str = "127.0.0.1",
         ports: Sequence[int] | None = None,
+        torch_threads: int = SERVER_TORCH_THREADS,
     ) -> None:
         if not block_ranges:
             raise ValueError("a swarm needs at least one server (one block range)")
@@ -158,6 +163,7 @@ class PrivateSwarm:
         self.dht_prefix = dht_prefix
         self.host = host
         self.ports = list(ports) if ports else [pick_free_port(host) for _ in block_ranges]
+        self.torch_threads = torch_threads
         self.servers: list[SwarmServer] = []
 
     @property
@@ -204,7 +210,9 @@ class PrivateSwarm:
             identity_path=self.work_dir / f"server-{index}.id",
             initial_peers=self.initial_peers,  # the servers running now
         )
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        threads = str(self.torch_threads)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads,
+               "MKL_NUM_THREADS": threads}  # fmt: skip
         process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
