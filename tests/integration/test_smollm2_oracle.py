@@ -1,0 +1,131 @@
+"""SmolLM2-135M-Instruct through a private swarm of two servers equals in-process ``transformers``.
+
+Greedy, float32, on ChatML prompts whose greedy margins are far above the swarm's float
+differences (about 6e-5 in the logits): the raw Petals client in one ``generate`` call and one
+token per call inside one inference session, then the inference service over HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.swarm.launcher import PrivateSwarm
+from services.swarm.smollm2 import ensure_smollm2
+from tests.conftest import Api, start_inference
+
+pytestmark = pytest.mark.integration
+DHT_PREFIX = "petals-chat-smollm2"
+NEW_TOKENS = 24
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea."]
+
+
+@pytest.fixture(scope="module")
+def smol_dir() -> Path:
+    return ensure_smollm2()
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer(smol_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smol_dir)
+
+
+def chatml(tokenizer, question: str) -> list[int]:
+    """The prompt's ids: the model's own chat template, default system prompt, assistant turn open."""
+    messages = [{"role": "user", "content": question}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+@pytest.fixture(scope="module")
+def smol_oracle(smol_dir: Path):
+    """In-process greedy generation: ``oracle(ids) -> new ids`` (up to and including ``<|im_end|>``)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(1)  # two threads on two busy cores ran 20x slower
+    model = LlamaForCausalLM.from_pretrained(smol_dir, torch_dtype=torch.float32).eval()
+
+    def generate(ids: list[int]) -> list[int]:
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
+        return out[0, len(ids) :].tolist()
+
+    return generate
+
+
+@pytest.fixture(scope="module")
+def smol_swarm(smol_dir: Path, artifacts_dir: Path) -> Iterator[PrivateSwarm]:
+    with PrivateSwarm(smol_dir, ["0:15", "15:30"], artifacts_dir / "smollm2-swarm", dht_prefix=DHT_PREFIX) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def client(smol_dir: Path, smol_swarm: PrivateSwarm):
+    """The raw Petals client (embeddings and the tied LM head here, the 30 blocks on the swarm)."""
+    import torch
+    from petals import AutoDistributedModelForCausalLM
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        smol_dir, initial_peers=smol_swarm.initial_peers, dht_prefix=DHT_PREFIX, torch_dtype=torch.float32
+    ).eval()
+    yield model
+    sequence_manager = model.transformer.h.sequence_manager
+    sequence_manager.shutdown()
+    sequence_manager.dht.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cases(smol_tokenizer, smol_oracle) -> dict[str, tuple[list[int], list[int]]]:
+    """question -> (prompt ids, the oracle's new ids)."""
+    prompts = {question: chatml(smol_tokenizer, question) for question in QUESTIONS}
+    return {question: (ids, smol_oracle(ids)) for question, ids in prompts.items()}
+
+
+def test_the_oracle_answers_sensibly(cases, smol_tokenizer):
+    _, france = cases[QUESTIONS[0]]
+    assert france[-1] == smol_tokenizer.eos_token_id
+    assert "Paris" in smol_tokenizer.decode(france, skip_special_tokens=True)
+    assert len(cases[QUESTIONS[1]][1]) == NEW_TOKENS  # the haiku runs to the limit: a long comparison
+
+
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_swarm_generate_equals_oracle(client, cases, question):
+    import torch
+
+    ids, expected = cases[question]
+    with torch.inference_mode():
+        out = client.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert out[0, len(ids) :].tolist() == expected
+
+
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_swarm_one_token_per_call_in_a_session_equals_oracle(client, cases, question):
+    import torch
+
+    ids, expected = cases[question]
+    generated: list[int] = []
+    with torch.inference_mode(), client.inference_session(max_length=len(ids) + NEW_TOKENS) as session:
+        out = client.generate(torch.tensor([ids]), max_new_tokens=1, do_sample=False, session=session)
+        generated.append(out[0, -1].item())
+        while len(generated) < len(expected):
+            out = client.generate(None, max_new_tokens=1, do_sample=False, session=session)
+            generated.append(out[0, -1].item())
+    assert generated == expected
+
+
+def test_inference_service_answers_the_france_question(smol_swarm, smol_dir, artifacts_dir, cases, smol_tokenizer):
+    """The service loads the Llama model through Petals' auto classes and stops at ``<|im_end|>``."""
+    ids, expected = cases[QUESTIONS[0]]
+    service = start_inference(smol_swarm, smol_dir, artifacts_dir, "inference-smollm2", DHT_PREFIX=DHT_PREFIX)
+    try:
+        body = Api(service.base_url).generate(inputs=smol_tokenizer.decode(ids), max_new_tokens=NEW_TOKENS)
+    finally:
+        service.stop()
+    answer = smol_tokenizer.decode(expected, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert body == {"ok": True, "outputs": answer}
+    assert "Paris" in answer
