@@ -89,7 +89,7 @@ class ModelHandle:
         from petals import AutoDistributedModelForCausalLM
         from transformers import AutoTokenizer
 
-        from services.inference import petals_compat
+        from services.inference import lm_head, petals_compat
 
         petals_compat.install()
         settings = self._settings
@@ -110,7 +110,10 @@ class ModelHandle:
         if settings.dht_prefix:
             options["dht_prefix"] = settings.dht_prefix
         model = AutoDistributedModelForCausalLM.from_pretrained(settings.model, **options)
-        self.tokenizer, self.model = tokenizer, model.to(settings.device).eval()
+        model = model.to(settings.device).eval()
+        if lm_head.install(model.lm_head, settings.torch_threads):
+            logger.info("LM head: one token's product split by rows over %d threads", settings.torch_threads)
+        self.tokenizer, self.model = tokenizer, model
         self._status = "model loaded; looking for a route through the swarm"
         logger.info("model loaded")
 
