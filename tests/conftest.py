@@ -7,6 +7,7 @@ weights in ``transformers``, in process.
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 from collections.abc import Iterator
@@ -67,6 +68,25 @@ def oracle(model_dir: Path, tokenizer):
 def decode(tokenizer):
     """The one-shot decode the API's outputs must equal."""
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+@pytest.fixture(scope="session")
+def decode_partial(tokenizer, decode):
+    """What a session shows of ``ids`` while it may go on: the one-shot decode, less the last
+    character if the tokens' bytes end in an incomplete UTF-8 sequence (a later token may complete it)."""
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+    alphabet = {char: byte for byte, char in bytes_to_unicode().items()}
+    special = set(tokenizer.all_special_ids)
+
+    def partial(ids: list[int]) -> str:
+        tokens = tokenizer.convert_ids_to_tokens([i for i in ids if i not in special])
+        data = bytes(alphabet[char] for token in tokens for char in token)
+        _, decodable = codecs.utf_8_decode(data, "replace", False)  # stops before an incomplete tail
+        text = decode(ids)
+        return text[:-1] if decodable < len(data) else text
+
+    return partial
 
 
 @pytest.fixture(scope="session")

@@ -334,6 +334,9 @@ class Generator:
         """Generate for one request in the calling thread (the v1 API)."""
         return self.prepare(params).run()
 
+    def _new_decoder(self) -> IncrementalDecoder:
+        return IncrementalDecoder(self._model.token_bytes)
+
     def _tokenize(self, text: str | None) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
@@ -374,8 +377,8 @@ class Generator:
                 f"The prompt ({len(input_ids)} tokens) plus {new_tokens} new tokens exceeds "
                 f"the limit of {self._limits.max_length} tokens"
             )
-        decoder = IncrementalDecoder(self.tokenizer, input_ids)
-        return Generation(self, params, input_ids, new_tokens, self.open_petals_session(total), decoder, None)
+        petals_session = self.open_petals_session(total)
+        return Generation(self, params, input_ids, new_tokens, petals_session, self._new_decoder(), None)
 
     def _prepare_in_session(self, session: Session, params: GenerateParams, input_ids: list[int]) -> Generation:
         held = session.token_count
@@ -389,8 +392,8 @@ class Generator:
                 f"with {len(input_ids)} new input tokens it has room for {max(room, 0)} more, not {new_tokens}. "
                 "Open a session with a larger max_length."
             )
-        if session.decoder is None or input_ids:
-            session.decoder = IncrementalDecoder(self.tokenizer, input_ids)
+        if session.decoder is None or input_ids:  # new inputs: what the last answer left incomplete is moot
+            session.decoder = self._new_decoder()
         return Generation(self, params, input_ids, new_tokens, session.petals, session.decoder, session)
 
 

@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any
 
 from services.common.errors import ServiceUnavailable
+from services.inference.decoding import TokenBytes
 from services.inference.metrics import SWARM_READY
 from services.inference.settings import InferenceSettings
 
@@ -34,6 +35,7 @@ class ModelHandle:
         self._settings = settings
         self.model: Any = None
         self.tokenizer: Any = None
+        self.token_bytes: TokenBytes | None = None
         self._status = "the model is loading"
         self._ready = False
         self._stopping = threading.Event()
@@ -95,6 +97,7 @@ class ModelHandle:
         settings = self._settings
         logger.info("loading %s (dtype %s, device %s)", settings.model, settings.torch_dtype, settings.device)
         tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        token_bytes = TokenBytes(tokenizer)  # before the swarm: an unsupported tokenizer fails at once
         dtype = settings.torch_dtype if settings.torch_dtype == "auto" else getattr(torch, settings.torch_dtype)
         options: dict[str, Any] = {
             "torch_dtype": dtype,
@@ -107,7 +110,7 @@ class ModelHandle:
         if settings.dht_prefix:
             options["dht_prefix"] = settings.dht_prefix
         model = AutoDistributedModelForCausalLM.from_pretrained(settings.model, **options)
-        self.tokenizer, self.model = tokenizer, model.to(settings.device).eval()
+        self.tokenizer, self.token_bytes, self.model = tokenizer, token_bytes, model.to(settings.device).eval()
         self._status = "model loaded; looking for a route through the swarm"
         logger.info("model loaded")
 

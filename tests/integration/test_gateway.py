@@ -57,7 +57,7 @@ def stream_events(base_url: str, body: dict, timeout: float = 60) -> tuple[int, 
     return response.status_code, events
 
 
-def test_sessions_route_to_their_replica_from_any_gateway(gateways, oracle, decode):
+def test_sessions_route_to_their_replica_from_any_gateway(gateways, oracle, decode_partial):
     a, b = (Api(g.base_url) for g in gateways)
     sessions = []
     for index in range(20):
@@ -67,7 +67,7 @@ def test_sessions_route_to_their_replica_from_any_gateway(gateways, oracle, deco
         part1 = first.generate(inputs=prompt, max_new_tokens=3, session_id=session_id)
         part2 = second.generate(max_new_tokens=3, session_id=session_id)
         assert part1["ok"] and part2["ok"], (part1, part2)
-        assert part1["outputs"] + part2["outputs"] == decode(oracle(prompt, 6)).rstrip("\ufffd")
+        assert part1["outputs"] + part2["outputs"] == decode_partial(oracle(prompt, 6))
         sessions.append(session_id)
     holders = {session_id.rpartition(".")[0] for session_id in sessions}
     assert holders == {"inference-1", "inference-2"}, "new sessions must spread over both replicas"
@@ -100,7 +100,7 @@ def test_stream_concatenates_to_the_v1_answer(gateways, oracle, decode):
     assert len(tokens) == 20 and len(done) == 1
     text = "".join(t["text"] for t in tokens)
     v1 = Api(gateways[0].base_url).generate(inputs=prompt, max_new_tokens=20)["outputs"]
-    assert text == done[0]["outputs"].rstrip("\ufffd") or text == done[0]["outputs"]
+    assert done[0]["outputs"] in (text, text + "\ufffd")  # done also releases an incomplete last character
     assert done[0]["outputs"] == v1 == decode(oracle(prompt, 20))
     assert done[0]["finish_reason"] == "length" and done[0]["seconds_per_token"] > 0
 
@@ -151,7 +151,7 @@ def test_busy_session_gets_409_and_a_disconnect_frees_it(gateways):
     assert api.close_session(session_id) == {"ok": True}
 
 
-def test_gateway_restart_loses_no_session(gateways, replicas, artifacts_dir, oracle, decode):
+def test_gateway_restart_loses_no_session(gateways, replicas, artifacts_dir, oracle, decode_partial):
     urls = {name: service.base_url for name, service in replicas.items()}
     first = start_gateway(artifacts_dir, urls, "gateway-restart-1")
     prompt = "Human: List the planets.\n\nAI:"
@@ -161,13 +161,13 @@ def test_gateway_restart_loses_no_session(gateways, replicas, artifacts_dir, ora
     second = start_gateway(artifacts_dir, urls, "gateway-restart-2")
     try:
         part2 = Api(second.base_url).generate(max_new_tokens=4, session_id=session_id)
-        assert part1["outputs"] + part2["outputs"] == decode(oracle(prompt, 8)).rstrip("\ufffd")
+        assert part1["outputs"] + part2["outputs"] == decode_partial(oracle(prompt, 8))
         assert Api(second.base_url).close_session(session_id) == {"ok": True}
     finally:
         second.stop()
 
 
-def test_adding_a_replica_misroutes_no_session(gateways, replicas, inference, artifacts_dir, oracle, decode):
+def test_adding_a_replica_misroutes_no_session(gateways, replicas, inference, artifacts_dir, oracle, decode_partial):
     old = Api(gateways[0].base_url)
     prompts = {old.open_session(64): f"Existing {i}:" for i in range(6)}
     for session_id, prompt in prompts.items():
@@ -179,7 +179,7 @@ def test_adding_a_replica_misroutes_no_session(gateways, replicas, inference, ar
         for session_id, prompt in prompts.items():
             body = new.generate(max_new_tokens=2, session_id=session_id)
             assert body["ok"], body
-            assert decode(oracle(prompt, 4)).rstrip("\ufffd").endswith(body["outputs"])
+            assert decode_partial(oracle(prompt, 4)).endswith(body["outputs"])
             assert new.close_session(session_id) == {"ok": True}
         holders = {new.open_session(16).rpartition(".")[0] for _ in range(6)}
         assert "inference-0" in holders, "the added replica takes new sessions"
