@@ -23,7 +23,8 @@ import falcon
 import urllib3
 
 from services.common.errors import ApiError, ServiceUnavailable, openai_error_body
-from services.common.params import Limits, read_values
+from services.common.params import GenerateParams, Limits, read_values
+from services.common.replica_request import ReplicaRequest
 from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, parse_sse
 from services.gateway.chat_template import ChatTemplate
 from services.gateway.openai_params import SamplingOptions, check_prompt_length, parse_chat, parse_completion
@@ -71,7 +72,7 @@ class CompletionsResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         prompt, options = parse_completion(read_values(req, self._limits), self._limits)
-        generation = _start(self._router, self._limits, prompt, options, conversation_key=None)
+        generation = _start(self._router, prompt, options, conversation_key=None)
         _answer(resp, _CompletionShape(options), generation)
 
 
@@ -93,7 +94,7 @@ class ChatCompletionsResource:
         check_prompt_length(prompt, self._limits)
         if "stop" not in body:
             options = replace(options, stop=self._default_stop)
-        generation = _start(self._router, self._limits, prompt, options, conversation_key=_opening(messages))
+        generation = _start(self._router, prompt, options, conversation_key=_opening(messages))
         _answer(resp, _ChatShape(options), generation)
 
 
@@ -103,20 +104,17 @@ def _opening(messages: list[dict[str, str]]) -> str:
     return hashlib.sha256(json.dumps(messages[: end + 1]).encode()).hexdigest()
 
 
-def _start(
-    router: Router, limits: Limits, prompt: str, options: SamplingOptions, conversation_key: str | None
-) -> Events:
+def _start(router: Router, prompt: str, options: SamplingOptions, conversation_key: str | None) -> Events:
     """Send the generation to a replica; the replica's events (errors before any are raised)."""
     served = router.replicas.models()
     if not served:
         raise ServiceUnavailable("No inference replica has reported its model yet; retry in a few seconds")
     if options.model not in served:
         raise ModelNotFound(f"The model {options.model!r} does not exist here; use one of {served}", param="model")
-    body = _upstream_body(prompt, options, limits)
+    body = _replica_request(prompt, options, conversation=conversation_key is not None).to_json()
     if conversation_key is None:
         upstream = router.to_least_loaded("sessionless", "POST", _STREAM_PATH, json_body=body, stream=True)
     else:
-        body["conversation"] = True
         upstream = router.to_conversation(conversation_key, "POST", _STREAM_PATH, json_body=body, stream=True)
     if upstream.status != 200:
         error = upstream_error(upstream)
@@ -133,15 +131,22 @@ def _events(upstream: urllib3.BaseHTTPResponse) -> Events:
         chunks.close()  # closing early drops the connection: the replica stops generating
 
 
-def _upstream_body(prompt: str, options: SamplingOptions, limits: Limits) -> dict[str, Any]:
-    body: dict[str, Any] = {"inputs": prompt, "stop": list(options.stop), "do_sample": options.temperature > 0}
-    if options.max_tokens is None:
-        body["max_length"] = limits.max_length  # as many tokens as the context allows
-    else:
-        body["max_new_tokens"] = options.max_tokens
-    if options.temperature > 0:
-        body.update(temperature=options.temperature, top_p=options.top_p, seed=options.seed)
-    return body
+def _replica_request(prompt: str, options: SamplingOptions, *, conversation: bool) -> ReplicaRequest:
+    sampling = options.temperature > 0  # 0: greedy
+    params = GenerateParams(
+        inputs=prompt,
+        do_sample=sampling,
+        temperature=options.temperature if sampling else None,
+        top_k=None,
+        top_p=options.top_p if sampling else None,
+        max_length=None,
+        max_new_tokens=options.max_tokens,
+        session_id=None,
+        stop=options.stop,
+        seed=options.seed if sampling else None,
+        model=options.model,
+    )
+    return ReplicaRequest(params, conversation=conversation, fill_context=options.max_tokens is None)
 
 
 class _Shape(ABC):

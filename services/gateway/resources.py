@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Iterator
@@ -13,13 +12,13 @@ import urllib3
 
 from services.common.errors import ERROR_CODE_HEADER, ERROR_STATUS_HEADER, ApiError, ServiceUnavailable, SessionNotFound
 from services.common.params import (
-    GenerateParams,
     Limits,
     get_session_id,
     parse_generate,
     parse_open_session,
     read_values,
 )
+from services.common.replica_request import ReplicaRequest
 from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error
 from services.gateway.replicas import Replica, ReplicaSet
 from services.gateway.upstream import ReplicaUnreachable, Upstream
@@ -88,13 +87,6 @@ def relay(resp: falcon.Response, upstream: urllib3.BaseHTTPResponse) -> None:
         resp.context.error_status = upstream.headers[ERROR_STATUS_HEADER]
 
 
-def upstream_body(params: GenerateParams) -> dict[str, Any]:
-    """The validated parameters, as the JSON body sent to a replica."""
-    body = {k: v for k, v in dataclasses.asdict(params).items() if v is not None}
-    body["stop"] = list(params.stop)
-    return body
-
-
 class GenerateResource:
     """``POST /api/v1/generate`` (seed contract)."""
 
@@ -106,7 +98,7 @@ class GenerateResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         params = parse_generate(read_values(req, self._limits), self._limits)
-        call = {"method": "POST", "path": "/api/v1/generate", "json_body": upstream_body(params)}
+        call = {"method": "POST", "path": "/api/v1/generate", "json_body": ReplicaRequest(params).to_json()}
         if params.session_id:
             relay(resp, self._router.to_session(params.session_id, **call))
         else:
@@ -152,7 +144,8 @@ class GenerateStreamResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         params = parse_generate(read_values(req, self._limits), self._limits)
-        call = {"method": "POST", "path": "/api/v2/generate_stream", "json_body": upstream_body(params), "stream": True}
+        body = ReplicaRequest(params).to_json()
+        call = {"method": "POST", "path": "/api/v2/generate_stream", "json_body": body, "stream": True}
         if params.session_id:
             upstream = self._router.to_session(params.session_id, **call)
         else:

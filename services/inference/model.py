@@ -17,7 +17,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
 from typing import Any
 
-from services.common.errors import ServiceUnavailable
+from services.common.errors import ModelNotFound, ServiceUnavailable
 from services.inference.decoding import TokenBytes
 from services.inference.metrics import SWARM_READY
 from services.inference.settings import InferenceSettings
@@ -63,6 +63,11 @@ class ModelHandle:
         """Raise ServiceUnavailable with the reason unless the model can serve now."""
         if not self._ready:
             raise ServiceUnavailable(f"Temporarily unavailable: {self._status}. Retry in a few seconds.")
+
+    def require_model(self, model: str | None) -> None:
+        """Raise ModelNotFound unless ``model`` is None or the model this replica serves."""
+        if model is not None and model != self._settings.model_name:
+            raise ModelNotFound(model, [self._settings.model_name], where="by this replica")
 
     def open_petals_session(self, max_length: int):
         """A new Petals inference session reserving ``max_length`` tokens of attention cache."""

@@ -13,6 +13,7 @@ import requests
 
 from deploy.local_stack import gateway_process, pick_free_port
 from tests.conftest import Api, metric_value, start_gateway, start_inference
+from tests.helpers import dedicated_stack
 
 CHAT_STOP = "\n\nHuman:"  # the gateway's default CHAT_STOP
 PREAMBLE = "A human talks to a powerful AI that follows the human's instructions."
@@ -165,6 +166,26 @@ def test_follow_up_turn_continues_the_session(client, v1, model, replicas, token
     assert v1.generate(inputs=first_prompt, **step)["outputs"] == reply
     assert v1.generate(inputs=rest, **step)["outputs"] == second.choices[0].message.content
     v1.close_session(session_id)
+
+
+def test_follow_up_with_the_clients_defaults_continues_the_session(swarm, model_dir, artifacts_dir, tokenizer, model):
+    """The official client sends no max_tokens by default: the gateway asks for as many tokens as
+    the context allows (capped by the replica's MAX_NEW_TOKENS_LIMIT) and the follow-up turn still
+    continues the conversation's session (it used to send max_length=<limit>, which never did)."""
+    limits = {"shared_env": {"MAX_LENGTH_LIMIT": "256"}, "inference_env": {"MAX_NEW_TOKENS_LIMIT": "16"}}
+    with dedicated_stack(swarm, model_dir, artifacts_dir, "openai-defaults", **limits) as stack:
+        client = openai.OpenAI(base_url=f"{stack.gateway.base_url}/v1", api_key="x", max_retries=0, timeout=60)
+        replica = {"replica": stack.replicas[0].base_url}
+        first_turn = [{"role": "user", "content": "Tell me about the swarm"}]
+        first = client.chat.completions.create(model=model, messages=first_turn, temperature=0)
+        reply = first.choices[0].message.content
+        follow_up = [*first_turn, {"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+        sent_before = total_metric(replica, "petals_chat_prompt_tokens_total")
+        second = client.chat.completions.create(model=model, messages=follow_up, temperature=0)
+        rest_tokens = len(tokenizer("\n\nHuman: And then?\n\nAI:", add_special_tokens=False).input_ids)
+        assert total_metric(replica, "petals_chat_prompt_tokens_total") - sent_before == rest_tokens
+        assert second.usage.prompt_tokens_details.cached_tokens == first.usage.total_tokens > 0
+        assert first.usage.completion_tokens == 16 and first.choices[0].finish_reason == "length"
 
 
 def test_edited_history_starts_a_new_session(client, v1, model):
