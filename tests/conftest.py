@@ -118,6 +118,20 @@ def inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path) -> Iter
     service.stop()
 
 
+CHATML_MODEL = "tiny-bloom-chatml"
+CHATML_DESCRIPTION = "Tiny BLOOM again, spoken to in ChatML <b>(a second model)</b>"
+
+
+@pytest.fixture(scope="session")
+def chatml_inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path) -> Iterator[ServiceProcess]:
+    """A second model on the test swarm: the same tiny BLOOM served as another model, in the ChatML
+    format, so that routing by model is seen for real (its description holds markup, kept as text)."""
+    service = start_inference(swarm, model_dir, artifacts_dir, "inference-chatml", MODEL_NAME=CHATML_MODEL,
+                              CHAT_FORMAT="chatml", MODEL_DESCRIPTION=CHATML_DESCRIPTION)  # fmt: skip
+    yield service
+    service.stop()
+
+
 def start_gateway(artifacts_dir: Path, replica_urls: dict[str, str], name: str, **env: str) -> ServiceProcess:
     """Start a gateway routing to the given replicas and wait until one of them is ready."""
     gateway = gateway_process(

@@ -258,7 +258,7 @@ class Generation:
         return SessionNotFound(self._session.session_id, detail=f"{failure.message}.")
 
     def _finish(self) -> GenerationResult:
-        if self._session is None:
+        if self._session is None or self._session.conversation:  # no later call goes on from here
             self._pieces.append(self._stops.feed(self._decoder.flush()))
         self._pieces.append(self._stops.finish())
         if self._stops.matched is not None:
