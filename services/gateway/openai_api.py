@@ -56,10 +56,10 @@ class ModelsResource:
 
     def _entry(self, card: ModelCard, default: bool) -> dict[str, Any]:
         """OpenAI's model object, plus the card (clients ignore fields they do not know)."""
+        entry = {"id": card.name, "object": "model", "created": self._created, "owned_by": "petals"}
         card_json = card.public_json()
-        del card_json["name"]
-        return {"id": card.name, "object": "model", "created": self._created, "owned_by": "petals",
-                "default": default, **card_json}  # fmt: skip
+        del card_json["name"]  # it is the id
+        return {**entry, "default": default, **card_json}
 
 
 class CompletionsResource:

@@ -246,7 +246,7 @@
         if (replayed || !(error.code === "session_not_found" || full)) throw error;
         // The session is gone (expired, replica lost) or too small: a new one, and replay.
         replayed = true;
-        if (full) state.sessionLength *= 2;
+        if (full) state.sessionLength = Math.min(2 * state.sessionLength, state.model.max_length);
         setSession(null);
       }
     }
