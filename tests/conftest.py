@@ -7,6 +7,7 @@ weights in ``transformers``, in process.
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 from collections.abc import Iterator
@@ -70,6 +71,25 @@ def decode(tokenizer):
 
 
 @pytest.fixture(scope="session")
+def decode_partial(tokenizer, decode):
+    """What a session shows of ``ids`` while it may go on: the one-shot decode, less the last
+    character if the tokens' bytes end in an incomplete UTF-8 sequence (a later token may complete it)."""
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+    alphabet = {char: byte for byte, char in bytes_to_unicode().items()}
+    special = set(tokenizer.all_special_ids)
+
+    def partial(ids: list[int]) -> str:
+        tokens = tokenizer.convert_ids_to_tokens([i for i in ids if i not in special])
+        data = bytes(alphabet[char] for token in tokens for char in token)
+        _, decodable = codecs.utf_8_decode(data, "replace", False)  # stops before an incomplete tail
+        text = decode(ids)
+        return text[:-1] if decodable < len(data) else text
+
+    return partial
+
+
+@pytest.fixture(scope="session")
 def swarm(model_dir: Path, artifacts_dir: Path) -> Iterator[PrivateSwarm]:
     """Two Petals servers splitting the four blocks: every request crosses both."""
     with PrivateSwarm(model_dir, ["0:2", "2:4"], artifacts_dir / "swarm", dht_prefix=DHT_PREFIX) as running:
@@ -94,6 +114,20 @@ def start_inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path, n
 def inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path) -> Iterator[ServiceProcess]:
     """The inference service with default settings."""
     service = start_inference(swarm, model_dir, artifacts_dir, "inference-0")
+    yield service
+    service.stop()
+
+
+CHATML_MODEL = "tiny-bloom-chatml"
+CHATML_DESCRIPTION = "Tiny BLOOM again, spoken to in ChatML <b>(a second model)</b>"
+
+
+@pytest.fixture(scope="session")
+def chatml_inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path) -> Iterator[ServiceProcess]:
+    """A second model on the test swarm: the same tiny BLOOM served as another model, in the ChatML
+    format, so that routing by model is seen for real (its description holds markup, kept as text)."""
+    service = start_inference(swarm, model_dir, artifacts_dir, "inference-chatml", MODEL_NAME=CHATML_MODEL,
+                              CHAT_FORMAT="chatml", MODEL_DESCRIPTION=CHATML_DESCRIPTION)  # fmt: skip
     yield service
     service.stop()
 

@@ -77,6 +77,27 @@ class SessionNotFound(ApiError):
         super().__init__(f"{detail} {message}".strip() if detail else message)
 
 
+class ModelNotFound(ApiError):
+    """The request names a model this deployment (or this replica) does not serve."""
+
+    http_status = falcon.HTTP_404
+    error_code = "model_not_found"
+
+    def __init__(self, model: str, served: list[str], where: str = "here") -> None:
+        listed = ", ".join(served) if served else "none yet"
+        super().__init__(f"The model {model!r} is not served {where}; served: {listed}", param="model")
+
+
+class ModelMismatch(InvalidParameter):
+    """A request names a model other than the one its session belongs to."""
+
+    error_code = "model_mismatch"
+
+    def __init__(self, session_id: str, session_model: str, model: str) -> None:
+        message = f"Session {session_id} belongs to the model {session_model!r}, not {model!r}"
+        super().__init__(f"{message}: open a session of {model!r} for it", param="model")
+
+
 class SessionBusy(ApiError):
     """Another request is already generating in this session."""
 

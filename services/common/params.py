@@ -20,6 +20,7 @@ from services.common.config import Env
 from services.common.errors import InvalidParameter, PayloadTooLarge
 
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 _FORM = "application/x-www-form-urlencoded"
 _JSON = "application/json"
 _DRAIN_FACTOR = 8  # oversized bodies up to 8x the limit are read and dropped before the 413
@@ -59,6 +60,7 @@ class GenerateParams:
     session_id: str | None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    model: str | None = None  # None: the default model (the gateway), or the one the replica serves
 
 
 MAX_STOP_SEQUENCES = 4
@@ -229,8 +231,21 @@ def get_stop(values: dict[str, Any]) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def parse_generate(values: dict[str, Any], limits: Limits) -> GenerateParams:
-    """Validate the parameters of ``POST /api/v1/generate``."""
+def get_model(values: dict[str, Any]) -> str | None:
+    """The optional ``model`` name (which one serves it is the gateway's to check)."""
+    value = values.get("model")
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not MODEL_NAME_PATTERN.match(value):
+        raise InvalidParameter(
+            f"model must be a model name (GET /v1/models lists them), got {_show(value)}", param="model"
+        )
+    return value
+
+
+def parse_generate(values: dict[str, Any], limits: Limits, *, fill_context: bool = False) -> GenerateParams:
+    """Validate the parameters of ``POST /api/v1/generate``; with ``fill_context`` (the gateway's
+    own requests) neither length may be set: as many tokens as the context allows."""
     params = GenerateParams(
         inputs=get_str(values, "inputs", max_chars=limits.max_input_chars),
         do_sample=get_bool(values, "do_sample", default=False),
@@ -242,8 +257,12 @@ def parse_generate(values: dict[str, Any], limits: Limits) -> GenerateParams:
         session_id=get_session_id(values, required=False),
         stop=get_stop(values),
         seed=get_int(values, "seed", minimum=0, maximum=MAX_SEED),
+        model=get_model(values),
     )
-    if (params.max_length is None) == (params.max_new_tokens is None):
+    lengths = (params.max_length is not None) + (params.max_new_tokens is not None)
+    if fill_context and lengths:
+        raise InvalidParameter("fill_context excludes max_length and max_new_tokens")
+    if not fill_context and lengths != 1:
         raise InvalidParameter("Set exactly one of max_length or max_new_tokens")
     if params.session_id is None and not params.inputs:
         raise InvalidParameter("inputs is required when no session_id is given")

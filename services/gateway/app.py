@@ -13,6 +13,7 @@ from services.common.app import create_app as create_base_app
 from services.common.config import load_or_exit
 from services.gateway.openai_api import ChatCompletionsResource, CompletionsResource, ModelsResource
 from services.gateway.openapi import OpenApiResource
+from services.gateway.poller import ReplicaPoller
 from services.gateway.ratelimit import RateLimitMiddleware
 from services.gateway.replicas import ReplicaSet
 from services.gateway.resources import (
@@ -27,14 +28,14 @@ from services.gateway.ui_proxy import UI_PATHS, UiProxy
 from services.gateway.upstream import Upstream
 
 
-def build_app(settings: GatewaySettings) -> tuple[falcon.App, ReplicaSet]:
-    """The gateway's WSGI app and its replica set (not yet polling)."""
+def build_app(settings: GatewaySettings) -> tuple[falcon.App, ReplicaPoller]:
+    """The gateway's WSGI app and the poller of its replicas (not started yet)."""
     upstream = Upstream(
         connect_timeout_s=settings.connect_timeout_s,
         read_timeout_s=settings.read_timeout_s,
         pool_size=settings.server.threads,
     )
-    replicas = ReplicaSet(settings.replicas, upstream, settings.poll_interval_s)
+    replicas = ReplicaSet(settings.replicas, settings.default_model)
     middleware: list = [falcon.CORSMiddleware(allow_origins="*" if "*" in settings.cors_allow_origins
                                               else list(settings.cors_allow_origins))]  # fmt: skip
     if settings.rate_limit_per_minute:
@@ -58,17 +59,16 @@ def build_app(settings: GatewaySettings) -> tuple[falcon.App, ReplicaSet]:
     app.add_route("/api/openapi.json", OpenApiResource(limits))
     app.add_route("/v1/models", ModelsResource(router))
     app.add_route("/v1/completions", CompletionsResource(router, limits))
-    chat = ChatCompletionsResource(router, limits, settings.chat_template, settings.chat_stop)
-    app.add_route("/v1/chat/completions", chat)
+    app.add_route("/v1/chat/completions", ChatCompletionsResource(router, limits))
     if settings.ui_url:
         app.add_sink(UiProxy(upstream, settings.ui_url), prefix=UI_PATHS)
-    return app, replicas
+    return app, ReplicaPoller(replicas, upstream, settings.poll_interval_s)
 
 
 def create_app() -> falcon.App:
     """gunicorn's app factory (runs in each worker): settings, replica polling, the app."""
     settings = load_or_exit(GatewaySettings.from_env, "gateway")
     configure_logging(settings.server.log_level)
-    app, replicas = build_app(settings)
-    replicas.start()
+    app, poller = build_app(settings)
+    poller.start()
     return app

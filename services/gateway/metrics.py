@@ -14,8 +14,9 @@ UPSTREAM_LATENCY = Histogram(
 )
 ROUTING_DECISIONS = Counter(
     "petals_chat_gateway_routing_decisions",
-    "Where requests were sent: new_session (least-loaded), session (the replica in its id), "
-    "sessionless (least-loaded), or why none: unknown_replica, replica_down, no_ready_replica.",
+    "Where requests were sent: new_session (least-loaded of the model), session (the replica in its id), "
+    "sessionless (least-loaded of the model), conversation (by affinity), or why none: unknown_replica, "
+    "replica_down, no_ready_replica, unknown_model, model_mismatch.",
     ["decision", "replica"],
 )
 UPSTREAM_ERRORS = Counter(

@@ -2,10 +2,11 @@
 
 Each request becomes one call to a replica's ``/api/v2/generate_stream``; its events are
 relayed as OpenAI's stream chunks (ending with ``data: [DONE]``) or gathered into one answer.
-``temperature`` 0 means greedy decoding. Chat requests carry ``conversation=true``: the
-replica continues the session that holds the conversation so far, when one does (see
-chat_template.py and services/inference/generation.py), and the conversation is routed by its
-opening messages so that follow-ups reach that replica.
+``temperature`` 0 means greedy decoding. Every request goes to a replica of the model it names;
+chat messages are rendered in that model's chat format (its card's, see services/common/chat.py).
+Chat requests are conversation requests: the replica continues the session that holds the
+conversation so far, when one does (see services/inference/generation.py), and the
+conversation is routed by its opening messages so that follow-ups reach that replica.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from typing import Any
 import falcon
 import urllib3
 
+from services.common.chat_template import compiled
 from services.common.errors import ApiError, ServiceUnavailable, openai_error_body
-from services.common.params import Limits, read_values
+from services.common.model_card import ModelCard
+from services.common.params import GenerateParams, Limits, read_values
+from services.common.replica_request import ReplicaRequest
 from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, parse_sse
-from services.gateway.chat_template import ChatTemplate
 from services.gateway.openai_params import SamplingOptions, check_prompt_length, parse_chat, parse_completion
 from services.gateway.resources import Router, upstream_chunks, upstream_error
 from services.gateway.upstream import ReplicaUnreachable
@@ -36,15 +39,8 @@ _STREAM_PATH = "/api/v2/generate_stream"
 Events = Generator[tuple[str, dict[str, Any]], None, None]  # a replica's SSE events; close() drops the stream
 
 
-class ModelNotFound(ApiError):
-    """The request names a model this deployment does not serve."""
-
-    http_status = falcon.HTTP_404
-    error_code = "model_not_found"
-
-
 class ModelsResource:
-    """``GET /v1/models``: the model the inference replicas serve."""
+    """``GET /v1/models``: every model the inference replicas serve, with its card (the default one first)."""
 
     error_envelope = "openai"
 
@@ -53,11 +49,17 @@ class ModelsResource:
         self._created = int(time.time())
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        models = [
-            {"id": name, "object": "model", "created": self._created, "owned_by": "petals"}
-            for name in self._router.replicas.models()
-        ]
-        resp.media = {"object": "list", "data": models}
+        replicas = self._router.replicas
+        default = replicas.default_model()
+        cards = sorted(replicas.cards(), key=lambda card: card.name != default)
+        resp.media = {"object": "list", "data": [self._entry(card, card.name == default) for card in cards]}
+
+    def _entry(self, card: ModelCard, default: bool) -> dict[str, Any]:
+        """OpenAI's model object, plus the card (clients ignore fields they do not know)."""
+        entry = {"id": card.name, "object": "model", "created": self._created, "owned_by": "petals"}
+        card_json = card.public_json()
+        del card_json["name"]  # it is the id
+        return {**entry, "default": default, **card_json}
 
 
 class CompletionsResource:
@@ -71,7 +73,7 @@ class CompletionsResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         prompt, options = parse_completion(read_values(req, self._limits), self._limits)
-        generation = _start(self._router, self._limits, prompt, options, conversation_key=None)
+        generation = _start(self._router, prompt, options, conversation_key=None)
         _answer(resp, _CompletionShape(options), generation)
 
 
@@ -80,20 +82,19 @@ class ChatCompletionsResource:
 
     error_envelope = "openai"
 
-    def __init__(self, router: Router, limits: Limits, template: ChatTemplate, default_stop: tuple[str, ...]) -> None:
+    def __init__(self, router: Router, limits: Limits) -> None:
         self._router = router
         self._limits = limits
-        self._template = template
-        self._default_stop = default_stop
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = read_values(req, self._limits)
         messages, options = parse_chat(body, self._limits)
-        prompt = self._template.render(messages)
+        card = self._router.replicas.resolve(options.model)
+        prompt = compiled(card.chat_template).render(messages, card.chat)  # the model's own format
         check_prompt_length(prompt, self._limits)
         if "stop" not in body:
-            options = replace(options, stop=self._default_stop)
-        generation = _start(self._router, self._limits, prompt, options, conversation_key=_opening(messages))
+            options = replace(options, stop=card.chat.stop)
+        generation = _start(self._router, prompt, options, conversation_key=_opening(messages))
         _answer(resp, _ChatShape(options), generation)
 
 
@@ -103,21 +104,15 @@ def _opening(messages: list[dict[str, str]]) -> str:
     return hashlib.sha256(json.dumps(messages[: end + 1]).encode()).hexdigest()
 
 
-def _start(
-    router: Router, limits: Limits, prompt: str, options: SamplingOptions, conversation_key: str | None
-) -> Events:
-    """Send the generation to a replica; the replica's events (errors before any are raised)."""
-    served = router.replicas.models()
-    if not served:
-        raise ServiceUnavailable("No inference replica has reported its model yet; retry in a few seconds")
-    if options.model not in served:
-        raise ModelNotFound(f"The model {options.model!r} does not exist here; use one of {served}", param="model")
-    body = _upstream_body(prompt, options, limits)
+def _start(router: Router, prompt: str, options: SamplingOptions, conversation_key: str | None) -> Events:
+    """Send the generation to a replica of its model; the replica's events (errors before any are raised)."""
+    model = router.replicas.resolve(options.model).name
+    body = _replica_request(prompt, options, conversation=conversation_key is not None).to_json()
+    call = {"json_body": body, "stream": True}
     if conversation_key is None:
-        upstream = router.to_least_loaded("sessionless", "POST", _STREAM_PATH, json_body=body, stream=True)
+        upstream = router.to_model(model, "sessionless", "POST", _STREAM_PATH, **call)
     else:
-        body["conversation"] = True
-        upstream = router.to_conversation(conversation_key, "POST", _STREAM_PATH, json_body=body, stream=True)
+        upstream = router.to_conversation(conversation_key, model, "POST", _STREAM_PATH, **call)
     if upstream.status != 200:
         error = upstream_error(upstream)
         upstream.release_conn()
@@ -133,15 +128,22 @@ def _events(upstream: urllib3.BaseHTTPResponse) -> Events:
         chunks.close()  # closing early drops the connection: the replica stops generating
 
 
-def _upstream_body(prompt: str, options: SamplingOptions, limits: Limits) -> dict[str, Any]:
-    body: dict[str, Any] = {"inputs": prompt, "stop": list(options.stop), "do_sample": options.temperature > 0}
-    if options.max_tokens is None:
-        body["max_length"] = limits.max_length  # as many tokens as the context allows
-    else:
-        body["max_new_tokens"] = options.max_tokens
-    if options.temperature > 0:
-        body.update(temperature=options.temperature, top_p=options.top_p, seed=options.seed)
-    return body
+def _replica_request(prompt: str, options: SamplingOptions, *, conversation: bool) -> ReplicaRequest:
+    sampling = options.temperature > 0  # 0: greedy
+    params = GenerateParams(
+        inputs=prompt,
+        do_sample=sampling,
+        temperature=options.temperature if sampling else None,
+        top_k=None,
+        top_p=options.top_p if sampling else None,
+        max_length=None,
+        max_new_tokens=options.max_tokens,
+        session_id=None,
+        stop=options.stop,
+        seed=options.seed if sampling else None,
+        model=options.model,
+    )
+    return ReplicaRequest(params, conversation=conversation, fill_context=options.max_tokens is None)
 
 
 class _Shape(ABC):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.common.params import MAX_SEED, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, Limits
+from services.common.params import MAX_SEED, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MODEL_NAME_PATTERN, Limits
 from services.gateway.openapi_openai import openai_paths, openai_schemas
 
 
@@ -26,6 +26,10 @@ def _sse_event(event: str, data_schema: str) -> dict[str, Any]:
     return {"type": "object", "required": ["event", "data"], "properties": {"event": {"const": event}, "data": data}}
 
 
+MODEL = {"type": "string", "pattern": MODEL_NAME_PATTERN.pattern}
+MODEL_DESCRIPTION = "The model (a name GET /v1/models lists); omitted: the default model, or the session's."
+
+
 def _schemas(limits: Limits) -> dict[str, Any]:
     error_envelope = {
         "type": "object",
@@ -45,6 +49,7 @@ def _schemas(limits: Limits) -> dict[str, Any]:
                 "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
                 "session_id": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"},
                 "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED, "description": "Reproducible sampling."},
+                "model": {**MODEL, "description": MODEL_DESCRIPTION + " With a session_id, it must be the session's."},
                 "stop": {
                     "oneOf": [
                         {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
@@ -110,8 +115,8 @@ def build_openapi(limits: Limits) -> dict[str, Any]:
     errors = {
         str(code): {"description": text, "content": _json(_ref("Error"))}
         for code, text in [
-            (400, "Invalid parameter"),
-            (404, "Unknown or expired session (its replica may be gone)"),
+            (400, "Invalid parameter (code model_mismatch: a model other than the session's)"),
+            (404, "Unknown or expired session (its replica may be gone), or unknown model (code model_not_found)"),
             (409, "The session is busy with another request"),
             (413, "Body or inputs too large"),
             (429, "Rate limited (see Retry-After)"),
@@ -125,7 +130,9 @@ def build_openapi(limits: Limits) -> dict[str, Any]:
             "version": "1.0.0",
             "description": "LLM inference through a Petals swarm. v1 keeps the original Petals chat contract: "
             "application errors are HTTP 200 with ok=false. v2 uses real HTTP status codes. /v1/* is "
-            "OpenAI-compatible (models, completions, chat completions) with OpenAI's error shape.",
+            "OpenAI-compatible (models, completions, chat completions) with OpenAI's error shape. Several models "
+            "may be served: every request may name its model (/v1/models lists them); one that names none gets "
+            "the default model, and a session stays on the model it was opened for.",
         },
         "paths": {
             "/api/v1/generate": {
@@ -153,6 +160,7 @@ def build_openapi(limits: Limits) -> dict[str, Any]:
                             True,
                             "Tokens the session can hold (prompts and generated text).",
                         ),
+                        _query("model", MODEL, False, "The session's model; omitted: the default model."),
                     ],
                     "responses": {
                         "200": {
@@ -165,7 +173,10 @@ def build_openapi(limits: Limits) -> dict[str, Any]:
             "/api/v1/close_inference_session": {
                 "get": {
                     "summary": "Close an inference session",
-                    "parameters": [_query("session_id", {"type": "string"}, True, "The session to close.")],
+                    "parameters": [
+                        _query("session_id", {"type": "string"}, True, "The session to close."),
+                        _query("model", MODEL, False, "Optional: must be the session's model."),
+                    ],
                     "responses": {
                         "200": {
                             "description": "ok=true, or ok=false",

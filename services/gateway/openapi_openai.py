@@ -16,7 +16,11 @@ def openai_schemas(limits: Limits) -> dict[str, Any]:
     """Request, answer and error schemas of the OpenAI-compatible API."""
     max_tokens = {"type": ["integer", "null"], "minimum": 1, "maximum": limits.max_new_tokens}
     common = {
-        "model": {"type": "string", "minLength": 1, "description": "A name GET /v1/models lists."},
+        "model": {
+            "type": "string",
+            "minLength": 1,
+            "description": "A name GET /v1/models lists; chat messages are written in its chat format.",
+        },
         "max_tokens": max_tokens,
         "temperature": {
             "type": ["number", "null"],
@@ -126,23 +130,10 @@ def openai_schemas(limits: Limits) -> dict[str, Any]:
         "ModelList": {
             "type": "object",
             "required": ["object", "data"],
-            "properties": {
-                "object": {"const": "list"},
-                "data": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["id", "object", "created", "owned_by"],
-                        "properties": {
-                            "id": {"type": "string"},
-                            "object": {"const": "model"},
-                            "created": {"type": "integer"},
-                            "owned_by": {"type": "string"},
-                        },
-                    },
-                },
-            },
+            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}},
         },
+        "Model": _model(),
+        "ChatFormat": _chat_format(),
         "OpenAIError": {
             "type": "object",
             "required": ["error"],
@@ -159,6 +150,54 @@ def openai_schemas(limits: Limits) -> dict[str, Any]:
                 }
             },
         },
+    }
+
+
+def _model() -> dict[str, Any]:
+    """OpenAI's model object plus the model card (OpenAI's clients ignore the fields they do not know)."""
+    defaults = {
+        "type": "object",
+        "required": ["do_sample", "temperature", "top_p", "max_new_tokens"],
+        "properties": {
+            "do_sample": {"type": "boolean"},
+            "temperature": {"type": "number", "exclusiveMinimum": 0},
+            "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            "max_new_tokens": {"type": "integer", "minimum": 1},
+        },
+        "description": "The chat page's initial generation settings for this model.",
+    }
+    return {
+        "type": "object",
+        "required": ["id", "object", "created", "owned_by", "default", "description", "chat", "defaults", "max_length"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "model"},
+            "created": {"type": "integer"},
+            "owned_by": {"type": "string"},
+            "default": {"type": "boolean", "description": "The model of requests that name none (listed first)."},
+            "description": {"type": "string", "description": "One line about the model (may be empty)."},
+            "chat": _ref("ChatFormat"),
+            "defaults": defaults,
+            "max_length": {"type": "integer", "minimum": 1, "description": "The most tokens a session may hold."},
+        },
+    }
+
+
+def _chat_format() -> dict[str, Any]:
+    """How the model's dialogue is written (services/common/chat.py)."""
+    text = {"type": "string"}
+    pieces = ["system_start", "system_end", "user_start", "user_end", "assistant_start", "assistant_end"]
+    return {
+        "type": "object",
+        "required": ["name", "system_prompt", *pieces, "stop", "end_of_turn"],
+        "properties": {
+            "name": {"type": "string", "description": "human-ai or chatml"},
+            "system_prompt": {"type": "string", "description": "The system message of a chat that has none."},
+            **{piece: text for piece in pieces},
+            "stop": {"type": "array", "items": {"type": "string", "minLength": 1}, "description": "Ends an answer."},
+            "end_of_turn": {"type": "string", "description": "The text the model's end-of-sequence token stands for."},
+        },
+        "description": "A turn is written <role>_start + content + <role>_end; the prompt ends with assistant_start.",
     }
 
 
@@ -189,7 +228,7 @@ def openai_paths() -> dict[str, Any]:
         str(code): {"description": text, "content": {"application/json": {"schema": _ref("OpenAIError")}}}
         for code, text in [
             (400, "Invalid request (the error names the parameter)"),
-            (404, "Unknown model"),
+            (404, "Unknown model (code model_not_found; the message lists the served ones)"),
             (413, "Body, prompt or messages too large"),
             (429, "Rate limited (see Retry-After)"),
             (502, "The swarm or a replica failed during generation; retry"),
@@ -204,7 +243,7 @@ def openai_paths() -> dict[str, Any]:
     return {
         "/v1/models": {
             "get": {
-                "summary": "OpenAI-compatible: the served model",
+                "summary": "OpenAI-compatible: every served model with its card, the default one first",
                 "responses": {
                     "200": {
                         "description": "The model list",
@@ -220,8 +259,9 @@ def openai_paths() -> dict[str, Any]:
         "/v1/chat/completions": _generation(
             "ChatCompletion",
             "ChatCompletionRequest",
-            "OpenAI-compatible chat completion (messages rendered with the configured chat template; a follow-up "
-            "that extends an earlier conversation continues its inference session)",
+            "OpenAI-compatible chat completion (messages written in the model's chat format, or with its "
+            "replica's chat template; a follow-up that extends an earlier conversation continues its inference "
+            "session)",
             stream,
             errors,
         ),

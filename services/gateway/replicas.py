@@ -1,31 +1,29 @@
-"""The inference replicas a gateway routes to, and how it chooses one.
+"""The inference replicas a gateway routes to, and how it chooses one (no I/O here: poller.py
+keeps each replica's state fresh from its ``/readyz``).
 
 No shared store: a session's id starts with the id of the replica that holds it
-(``inference-1.Xy...``), so any gateway replica, restarted or new, routes it by reading the id.
-New sessions go to the ready replica with the fewest open sessions (polled from the replicas'
-``/readyz``, and counted up locally as this worker opens sessions, so a burst spreads before the
-next poll); session-less requests go to the ready replica with the fewest requests in flight from
-this worker. Ties rotate. Chat conversations (the OpenAI-compatible API) go to the replica
-that rendezvous hashing picks for the conversation's opening messages, so that a follow-up
-finds the session that holds its beginning.
+(``inference-1.Xy...``), so any gateway replica, restarted or new, routes it by reading the id;
+the session stays on that replica, hence on its model. Every other request is for a model:
+the one it names, or the default one (``DEFAULT_MODEL``, else the model of the first replica in
+``INFERENCE_REPLICAS`` that reported one). Among the ready replicas serving it, new sessions go to
+the one with the fewest open sessions (polled, and counted up locally as this worker opens
+sessions, so a burst spreads before the next poll); session-less requests to the one with the
+fewest requests in flight from this worker. Ties rotate. Chat conversations (the OpenAI-compatible
+API) go to the replica that rendezvous hashing picks for the conversation's opening messages, so
+that a follow-up finds the session that holds its beginning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import json
-import logging
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from services.common.errors import ServiceUnavailable, SessionNotFound
+from services.common.errors import ModelMismatch, ModelNotFound, ServiceUnavailable, SessionNotFound
+from services.common.model_card import ModelCard
 from services.gateway.metrics import ROUTING_DECISIONS
-from services.gateway.upstream import ReplicaUnreachable, Upstream
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,8 +36,12 @@ class Replica:
     active_sessions: int = 0
     max_sessions: int = 1
     detail: str = "not polled yet"
-    model: str = ""  # the model name the replica serves (from its /readyz)
+    card: ModelCard | None = None  # the model it serves (from its /readyz)
     in_flight: int = 0  # requests this worker has sent and not yet seen answered
+
+    @property
+    def model(self) -> str | None:
+        return self.card.name if self.card else None
 
     @property
     def session_load(self) -> float:
@@ -49,81 +51,76 @@ class Replica:
 class ReplicaSet:
     """Configured replicas, their polled state, and the routing choices."""
 
-    def __init__(self, replicas: dict[str, str], upstream: Upstream, poll_interval_s: float) -> None:
-        self._replicas = {name: Replica(name, url) for name, url in replicas.items()}
-        self._upstream = upstream
-        self._poll_interval_s = poll_interval_s
+    def __init__(self, replicas: dict[str, str], default_model: str | None = None) -> None:
+        self.replicas = {name: Replica(name, url) for name, url in replicas.items()}
+        self._default_model = default_model
         self._turn = itertools.count()
-        self._stop = threading.Event()
-
-    def start(self) -> None:
-        """Poll every replica now, then in the background."""
-        self.poll()
-        threading.Thread(target=self._poll_forever, name="replica-poller", daemon=True).start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def poll(self) -> None:
-        """Refresh each replica's readiness and load from its /readyz."""
-        for replica in self._replicas.values():
-            try:
-                response = self._upstream.request(
-                    replica.name, replica.url, "GET", "/readyz", read_timeout_s=self._poll_interval_s
-                )
-                body = json.loads(response.data)
-                replica.ready = response.status == 200 and body.get("replica_id") == replica.name
-                replica.active_sessions = int(body.get("active_sessions", 0))
-                replica.max_sessions = int(body.get("max_sessions", 1))
-                replica.detail = str(body.get("detail", ""))
-                replica.model = str(body.get("model", ""))
-                if body.get("replica_id") != replica.name:
-                    replica.detail = f"answers as {body.get('replica_id')!r}, configured as {replica.name!r}"
-            except (ReplicaUnreachable, ValueError) as error:
-                replica.ready, replica.detail = False, f"unreachable ({error})"
-
-    def _poll_forever(self) -> None:
-        while not self._stop.wait(self._poll_interval_s):
-            try:
-                self.poll()
-            except Exception:
-                logger.exception("polling replicas failed")
 
     def status(self) -> dict[str, dict]:
         """Per-replica state for the gateway's /readyz."""
-        return {r.name: {"ready": r.ready, "active_sessions": r.active_sessions, "detail": r.detail}
-                for r in self._replicas.values()}  # fmt: skip
+        return {r.name: {"ready": r.ready, "model": r.model, "active_sessions": r.active_sessions, "detail": r.detail}
+                for r in self.replicas.values()}  # fmt: skip
 
     def any_ready(self) -> bool:
-        return any(replica.ready for replica in self._replicas.values())
+        return any(replica.ready for replica in self.replicas.values())
 
-    def for_session(self, session_id: str) -> Replica:
-        """The replica a session lives on, from its id; unknown replica: the session is gone."""
+    # models ---------------------------------------------------------------------------
+    def cards(self) -> list[ModelCard]:
+        """One card per served model, in the order of INFERENCE_REPLICAS (a model's first replica's)."""
+        cards: dict[str, ModelCard] = {}
+        for replica in self.replicas.values():
+            if replica.card is not None:
+                cards.setdefault(replica.card.name, replica.card)
+        return list(cards.values())
+
+    def default_model(self) -> str | None:
+        """DEFAULT_MODEL, else the first served model; None while no replica has reported one."""
+        cards = self.cards()
+        return self._default_model or (cards[0].name if cards else None)
+
+    def resolve(self, model: str | None) -> ModelCard:
+        """The card of ``model`` (None: the default model); ModelNotFound if no replica serves it."""
+        cards = {card.name: card for card in self.cards()}
+        if not cards:
+            raise ServiceUnavailable("No inference replica has reported its model yet; retry in a few seconds")
+        wanted = model or self.default_model()
+        if wanted not in cards:
+            ROUTING_DECISIONS.labels(decision="unknown_model", replica="none").inc()
+            if model is None:
+                raise ServiceUnavailable(f"No replica serves the default model {wanted!r} now; served: {list(cards)}")
+            raise ModelNotFound(model, list(cards))
+        return cards[wanted]
+
+    # choosing a replica ----------------------------------------------------------------
+    def for_session(self, session_id: str, model: str | None = None) -> Replica:
+        """The replica a session lives on, from its id; unknown replica: the session is gone.
+        A ``model`` given with the session must be the session's."""
         name = session_id.rpartition(".")[0]
-        replica = self._replicas.get(name)
+        replica = self.replicas.get(name)
         if replica is None:
             ROUTING_DECISIONS.labels(decision="unknown_replica", replica=name[:63] or "none").inc()
             raise SessionNotFound(session_id)
+        if model is not None:
+            self.resolve(model)  # an unknown model is that error first
+            if replica.model is not None and replica.model != model:
+                ROUTING_DECISIONS.labels(decision="model_mismatch", replica=name).inc()
+                raise ModelMismatch(session_id, replica.model, model)
         ROUTING_DECISIONS.labels(decision="session", replica=name).inc()
         return replica
 
-    def models(self) -> list[str]:
-        """The model names the replicas reported (all replicas normally serve one model)."""
-        return sorted({replica.model for replica in self._replicas.values() if replica.model})
-
-    def by_affinity(self, key: str) -> list[Replica]:
-        """Ready replicas in an order fixed by ``key`` (rendezvous hashing): every gateway worker
-        sends the same conversation to the same replica while that replica stays ready."""
-        ready = self._ready("conversation")
+    def by_affinity(self, key: str, model: str) -> list[Replica]:
+        """Ready replicas of ``model`` in an order fixed by ``key`` (rendezvous hashing): every
+        gateway worker sends the same conversation to the same replica while it stays ready."""
+        ready = self._ready("conversation", model)
         ready.sort(key=lambda replica: hashlib.sha256(f"{replica.name}/{key}".encode()).digest(), reverse=True)
         ROUTING_DECISIONS.labels(decision="conversation", replica=ready[0].name).inc()
         return ready
 
-    def least_loaded(self, decision: str) -> list[Replica]:
-        """Ready replicas, best first: fewest sessions for ``new_session``, fewest requests in
-        flight otherwise; ties rotate. ServiceUnavailable if none is ready."""
-        ready = self._ready(decision)
-        turn, names = next(self._turn), list(self._replicas)
+    def least_loaded(self, decision: str, model: str) -> list[Replica]:
+        """Ready replicas of ``model``, best first: fewest sessions for ``new_session``, fewest
+        requests in flight otherwise; ties rotate. ServiceUnavailable if none is ready."""
+        ready = self._ready(decision, model)
+        turn, names = next(self._turn), list(self.replicas)
 
         def load(replica: Replica) -> tuple[float, int]:
             rotation = (names.index(replica.name) - turn) % len(names)
@@ -133,13 +130,14 @@ class ReplicaSet:
         ROUTING_DECISIONS.labels(decision=decision, replica=ready[0].name).inc()
         return ready
 
-    def _ready(self, decision: str) -> list[Replica]:
-        ready = [replica for replica in self._replicas.values() if replica.ready]
+    def _ready(self, decision: str, model: str) -> list[Replica]:
+        ready = [replica for replica in self.replicas.values() if replica.ready and replica.model == model]
         if not ready:
             ROUTING_DECISIONS.labels(decision="no_ready_replica", replica="none").inc()
-            raise ServiceUnavailable("No inference replica is ready; retry in a few seconds")
+            raise ServiceUnavailable(f"No inference replica of {model} is ready; retry in a few seconds")
         return ready
 
+    # bookkeeping -----------------------------------------------------------------------
     @contextmanager
     def in_flight(self, replica: Replica) -> Iterator[None]:
         """Count a request to ``replica`` while it runs (session-less balancing)."""

@@ -15,11 +15,13 @@ from services.common.errors import ERROR_CODE_HEADER, ERROR_STATUS_HEADER, ApiEr
 from services.common.params import (
     GenerateParams,
     Limits,
+    get_model,
     get_session_id,
     parse_generate,
     parse_open_session,
     read_values,
 )
+from services.common.replica_request import ReplicaRequest
 from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error
 from services.gateway.replicas import Replica, ReplicaSet
 from services.gateway.upstream import ReplicaUnreachable, Upstream
@@ -35,9 +37,20 @@ class Router:
         self.replicas = replicas
         self.upstream = upstream
 
-    def to_session(self, session_id: str, method: str, path: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
+    def generate(self, params: GenerateParams, path: str, *, stream: bool = False) -> urllib3.BaseHTTPResponse:
+        """A v1 / v2 generation: to its session's replica, else to the least busy one of its model."""
+        if params.session_id:
+            body = ReplicaRequest(params).to_json()
+            return self.to_session(params.session_id, params.model, "POST", path, json_body=body, stream=stream)
+        model = self.replicas.resolve(params.model).name
+        body = ReplicaRequest(dataclasses.replace(params, model=model)).to_json()
+        return self.to_model(model, "sessionless", "POST", path, json_body=body, stream=stream)
+
+    def to_session(
+        self, session_id: str, model: str | None, method: str, path: str, **kwargs: Any
+    ) -> urllib3.BaseHTTPResponse:
         """Call the replica holding ``session_id``; a gone replica means a gone session."""
-        replica = self.replicas.for_session(session_id)
+        replica = self.replicas.for_session(session_id, model)
         try:
             return self.upstream.request(replica.name, replica.url, method, path, **kwargs)
         except ReplicaUnreachable as error:
@@ -45,13 +58,14 @@ class Router:
                 self.replicas.mark_down(replica, f"unreachable ({error})")
             raise SessionNotFound(session_id, detail="Its inference replica is gone.") from error
 
-    def to_least_loaded(self, decision: str, method: str, path: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
-        """Call the least-loaded ready replica, moving on while replicas are down or full."""
-        return self._first_accepting(self.replicas.least_loaded(decision), decision, method, path, **kwargs)
+    def to_model(self, model: str, decision: str, method: str, path: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
+        """Call the least-loaded ready replica of ``model``, moving on while replicas are down or full."""
+        return self._first_accepting(self.replicas.least_loaded(decision, model), decision, method, path, **kwargs)
 
-    def to_conversation(self, key: str, method: str, path: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
-        """Call the replica that holds (or will hold) the conversation ``key``, else the next one."""
-        return self._first_accepting(self.replicas.by_affinity(key), "conversation", method, path, **kwargs)
+    def to_conversation(self, key: str, model: str, method: str, path: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
+        """Call the replica of ``model`` that holds (or will hold) the conversation ``key``, else the next."""
+        candidates = self.replicas.by_affinity(key, model)
+        return self._first_accepting(candidates, "conversation", method, path, **kwargs)
 
     def _first_accepting(
         self, candidates: list[Replica], decision: str, method: str, path: str, **kwargs: Any
@@ -88,13 +102,6 @@ def relay(resp: falcon.Response, upstream: urllib3.BaseHTTPResponse) -> None:
         resp.context.error_status = upstream.headers[ERROR_STATUS_HEADER]
 
 
-def upstream_body(params: GenerateParams) -> dict[str, Any]:
-    """The validated parameters, as the JSON body sent to a replica."""
-    body = {k: v for k, v in dataclasses.asdict(params).items() if v is not None}
-    body["stop"] = list(params.stop)
-    return body
-
-
 class GenerateResource:
     """``POST /api/v1/generate`` (seed contract)."""
 
@@ -106,15 +113,11 @@ class GenerateResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         params = parse_generate(read_values(req, self._limits), self._limits)
-        call = {"method": "POST", "path": "/api/v1/generate", "json_body": upstream_body(params)}
-        if params.session_id:
-            relay(resp, self._router.to_session(params.session_id, **call))
-        else:
-            relay(resp, self._router.to_least_loaded("sessionless", **call))
+        relay(resp, self._router.generate(params, "/api/v1/generate"))
 
 
 class OpenSessionResource:
-    """``GET /api/v1/open_inference_session``: on the least-loaded ready replica."""
+    """``GET /api/v1/open_inference_session``: on the least-loaded ready replica of the model."""
 
     error_envelope = "v1"
 
@@ -123,9 +126,11 @@ class OpenSessionResource:
         self._limits = limits
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        max_length = parse_open_session(read_values(req, self._limits), self._limits)
-        path = "/api/v1/open_inference_session"
-        relay(resp, self._router.to_least_loaded("new_session", "GET", path, fields={"max_length": max_length}))
+        values = read_values(req, self._limits)
+        max_length = parse_open_session(values, self._limits)
+        model = self._router.replicas.resolve(get_model(values)).name
+        fields = {"max_length": max_length, "model": model}
+        relay(resp, self._router.to_model(model, "new_session", "GET", "/api/v1/open_inference_session", fields=fields))
 
 
 class CloseSessionResource:
@@ -138,9 +143,10 @@ class CloseSessionResource:
         self._limits = limits
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        session_id = get_session_id(read_values(req, self._limits), required=True)
-        path = "/api/v1/close_inference_session"
-        relay(resp, self._router.to_session(session_id, "GET", path, fields={"session_id": session_id}))
+        values = read_values(req, self._limits)
+        session_id = get_session_id(values, required=True)
+        path, fields = "/api/v1/close_inference_session", {"session_id": session_id}
+        relay(resp, self._router.to_session(session_id, get_model(values), "GET", path, fields=fields))
 
 
 class GenerateStreamResource:
@@ -152,11 +158,7 @@ class GenerateStreamResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         params = parse_generate(read_values(req, self._limits), self._limits)
-        call = {"method": "POST", "path": "/api/v2/generate_stream", "json_body": upstream_body(params), "stream": True}
-        if params.session_id:
-            upstream = self._router.to_session(params.session_id, **call)
-        else:
-            upstream = self._router.to_least_loaded("sessionless", **call)
+        upstream = self._router.generate(params, "/api/v2/generate_stream", stream=True)
         if upstream.status != 200:
             relay(resp, upstream)  # reads and caches the (small) error body
             upstream.release_conn()

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-from services.common.chat import DEFAULT_PREAMBLE
 from services.common.config import ConfigError, Env, ServerSettings
-from services.common.params import MAX_STOP_CHARS, SESSION_ID_PATTERN, Limits
-from services.gateway.chat_template import DEFAULT_CHAT_STOP, DEFAULT_CHAT_TEMPLATE, ChatTemplate
+from services.common.params import MODEL_NAME_PATTERN, SESSION_ID_PATTERN, Limits
 
 
 @dataclass(frozen=True)
@@ -27,8 +24,7 @@ class GatewaySettings:
     cors_allow_origins: tuple[str, ...]
     ui_url: str
     limits: Limits
-    chat_template: ChatTemplate
-    chat_stop: tuple[str, ...]
+    default_model: str | None  # None: the model of the first replica that reports one
     debug_tracebacks: bool
 
     @classmethod
@@ -47,32 +43,16 @@ class GatewaySettings:
             cors_allow_origins=env.list("CORS_ALLOW_ORIGINS", ("*",)),
             ui_url=parse_ui_url(env.str("UI_URL", "")),
             limits=Limits.from_env(env),
-            chat_template=ChatTemplate(read_chat_template(env), env.text("CHAT_SYSTEM_PROMPT", DEFAULT_PREAMBLE)),
-            chat_stop=parse_chat_stop(env.text("CHAT_STOP", DEFAULT_CHAT_STOP)),
+            default_model=parse_default_model(env.str("DEFAULT_MODEL", "")),
             debug_tracebacks=env.bool("DEBUG_TRACEBACKS", False),
         )
 
 
-def read_chat_template(env: Env) -> str:
-    """CHAT_TEMPLATE (Jinja2 source), or the file CHAT_TEMPLATE_FILE names, or the default."""
-    inline, path = env.str("CHAT_TEMPLATE", ""), env.str("CHAT_TEMPLATE_FILE", "")
-    if inline and path:
-        raise ConfigError("Set CHAT_TEMPLATE or CHAT_TEMPLATE_FILE, not both")
-    if not path:
-        return inline or DEFAULT_CHAT_TEMPLATE
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"CHAT_TEMPLATE_FILE {path!r} cannot be read: {error}") from None
-
-
-def parse_chat_stop(value: str) -> tuple[str, ...]:
-    """The chat API's default stop sequence (none when set to ``none``)."""
-    if value == "none":
-        return ()
-    if len(value) > MAX_STOP_CHARS:
-        raise ConfigError(f"CHAT_STOP must be at most {MAX_STOP_CHARS} characters, got {len(value)}")
-    return (value,)
+def parse_default_model(value: str) -> str | None:
+    """DEFAULT_MODEL: the model of requests that name none (empty: the first replica's)."""
+    if value and not MODEL_NAME_PATTERN.match(value):
+        raise ConfigError(f"DEFAULT_MODEL must be a model name (a replica's MODEL_NAME), got {value!r}")
+    return value or None
 
 
 def parse_ui_url(value: str) -> str:

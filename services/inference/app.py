@@ -13,6 +13,7 @@ import falcon
 from services.common.app import configure_logging
 from services.common.app import create_app as create_base_app
 from services.common.config import load_or_exit
+from services.common.model_card import ModelCard
 from services.inference.generation import Generator
 from services.inference.model import ModelHandle
 from services.inference.resources import (
@@ -39,6 +40,7 @@ class InferenceService:
             ttl_s=settings.session_ttl_s,
             max_sessions=settings.max_sessions,
         )
+        self._card: ModelCard | None = None
         self.app = self._build_app()
 
     def _build_app(self) -> falcon.App:
@@ -52,11 +54,18 @@ class InferenceService:
         return app
 
     def readiness(self) -> tuple[bool, dict]:
-        """Ready when the swarm serves every block; the load figures feed the gateway's routing."""
+        """Ready when the swarm serves every block; the load figures feed the gateway's routing, the
+        model card (once the tokenizer has told the chat format) its choice of model."""
         ready, detail = self.model.readiness()
         load = {"active_sessions": len(self.store), "max_sessions": self.settings.max_sessions}
+        card = self._model_card()
         identity = {"replica_id": self.settings.replica_id, "model": self.settings.model_name}
-        return ready, {"detail": detail, **identity, **load}
+        return ready, {"detail": detail, **identity, **load, "model_card": card.to_json() if card else None}
+
+    def _model_card(self) -> ModelCard | None:
+        if self._card is None and self.model.tokenizer is not None:
+            self._card = self.settings.model_card(self.settings.chat.resolve(self.model.tokenizer))
+        return self._card
 
     def start(self) -> None:
         """Start loading the model and reaping expired sessions."""

@@ -30,6 +30,7 @@ from typing import Any
 
 from services.common.errors import ApiError, InvalidParameter, SessionNotFound
 from services.common.params import GenerateParams, Limits
+from services.common.replica_request import ReplicaRequest
 from services.inference.decoding import IncrementalDecoder
 from services.inference.metrics import (
     CACHED_PROMPT_TOKENS,
@@ -260,7 +261,7 @@ class Generation:
         return SessionNotFound(self._session.session_id, detail=f"{failure.message}.")
 
     def _finish(self) -> GenerationResult:
-        if self._session is None:
+        if self._session is None or self._session.conversation:  # no later call goes on from here
             self._pieces.append(self._stops.feed(self._decoder.flush()))
         self._pieces.append(self._stops.finish())
         if self._stops.matched is not None:
@@ -318,73 +319,83 @@ class Generator:
             return ""
         return self.tokenizer.decode(token_ids[0].tolist(), clean_up_tokenization_spaces=False)
 
-    def prepare(self, params: GenerateParams, *, conversation: bool = False) -> Generation:
+    def prepare(self, request: ReplicaRequest) -> Generation:
         """Validate against the model and the session; raises ApiError before any output.
 
-        With ``conversation``, the request continues the conversation session whose text its
-        ``inputs`` extend (only the rest of the prompt goes through the swarm), or starts one.
+        A ``conversation`` request continues the conversation session whose text its ``inputs``
+        extend (only the rest of the prompt goes through the swarm), or starts one.
         """
+        self._model.require_model(request.model)
         self._model.require_ready()
-        if conversation:
-            return self._prepare_conversation(params)
+        if request.conversation:
+            return self._prepare_conversation(request)
+        params = request.params
         input_ids = self._tokenize(params.inputs)
         if params.session_id is None:
-            return self._prepare_once(params, input_ids)
+            return self._prepare_once(request, input_ids)
         session = self.store.acquire(params.session_id)
-        return self._prepare_acquired(session, params, input_ids)
+        return self._prepare_acquired(session, request, input_ids)
 
-    def generate(self, params: GenerateParams) -> GenerationResult:
+    def generate(self, request: ReplicaRequest) -> GenerationResult:
         """Generate for one request in the calling thread (the v1 API)."""
-        return self.prepare(params).run()
+        return self.prepare(request).run()
+
+    def _new_decoder(self) -> IncrementalDecoder:
+        return IncrementalDecoder(self._model.token_bytes)
 
     def _tokenize(self, text: str | None) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def _prepare_acquired(self, session: Session, params: GenerateParams, input_ids: list[int]) -> Generation:
+    def _prepare_acquired(self, session: Session, request: ReplicaRequest, input_ids: list[int]) -> Generation:
         try:
-            return self._prepare_in_session(session, params, input_ids)
+            return self._prepare_in_session(session, request, input_ids)
         except BaseException:
             self.store.release(session)
             raise
 
-    def _prepare_conversation(self, params: GenerateParams) -> Generation:
-        if params.session_id is not None or not params.inputs:
+    def _prepare_conversation(self, request: ReplicaRequest) -> Generation:
+        prompt = request.params.inputs
+        if request.params.session_id is not None or not prompt:
             raise InvalidParameter("A conversation request needs inputs and no session_id")
-        session = self.store.acquire_conversation(params.inputs)
+        session = self.store.acquire_conversation(prompt)
         if session is not None:
-            input_ids = self._tokenize(params.inputs[len(session.text) :])
-            if self._fits(session, params, input_ids):
+            input_ids = self._tokenize(prompt[len(session.text) :])
+            if self._fits(session, request, input_ids):
                 CONVERSATION_LOOKUPS.labels(result="hit").inc()
-                return self._prepare_acquired(session, params, input_ids)
+                return self._prepare_acquired(session, request, input_ids)
             self.store.release(session)
         CONVERSATION_LOOKUPS.labels(result="miss").inc()
-        input_ids = self._tokenize(params.inputs)
-        needed = len(input_ids) + _new_token_budget(params, len(input_ids))
+        input_ids = self._tokenize(prompt)
+        needed = len(input_ids) + self._budget(request, len(input_ids), self._limits.max_length)
         session = self.store.open(min(self._limits.max_length, needed + CONVERSATION_ROOM), conversation=True)
-        return self._prepare_acquired(self.store.acquire(session.session_id), params, input_ids)
+        return self._prepare_acquired(self.store.acquire(session.session_id), request, input_ids)
 
-    def _fits(self, session: Session, params: GenerateParams, input_ids: list[int]) -> bool:
+    def _fits(self, session: Session, request: ReplicaRequest, input_ids: list[int]) -> bool:
+        """Whether the session has room for the new inputs and the tokens the request asks for."""
         held = session.token_count + len(input_ids)
-        return params.max_length is None and held + (params.max_new_tokens or 0) <= session.max_length
+        try:
+            return held + self._budget(request, held, session.max_length) <= session.max_length
+        except InvalidParameter:  # no room at all
+            return False
 
-    def _prepare_once(self, params: GenerateParams, input_ids: list[int]) -> Generation:
+    def _prepare_once(self, request: ReplicaRequest, input_ids: list[int]) -> Generation:
         if not input_ids:
             raise InvalidParameter("inputs must contain at least one token")
-        new_tokens = _new_token_budget(params, len(input_ids))
+        new_tokens = self._budget(request, len(input_ids), self._limits.max_length)
         total = len(input_ids) + new_tokens
         if total > self._limits.max_length:
             raise InvalidParameter(
                 f"The prompt ({len(input_ids)} tokens) plus {new_tokens} new tokens exceeds "
                 f"the limit of {self._limits.max_length} tokens"
             )
-        decoder = IncrementalDecoder(self.tokenizer, input_ids)
-        return Generation(self, params, input_ids, new_tokens, self.open_petals_session(total), decoder, None)
+        petals_session = self.open_petals_session(total)
+        return Generation(self, request.params, input_ids, new_tokens, petals_session, self._new_decoder(), None)
 
-    def _prepare_in_session(self, session: Session, params: GenerateParams, input_ids: list[int]) -> Generation:
+    def _prepare_in_session(self, session: Session, request: ReplicaRequest, input_ids: list[int]) -> Generation:
         held = session.token_count
         if held == 0 and not input_ids:
             raise InvalidParameter(f"Session {session.session_id} holds no tokens yet: send inputs first")
-        new_tokens = _new_token_budget(params, held + len(input_ids))
+        new_tokens = self._budget(request, held + len(input_ids), session.max_length)
         room = session.max_length - held - len(input_ids)
         if new_tokens > room:
             raise InvalidParameter(
@@ -392,9 +403,24 @@ class Generator:
                 f"with {len(input_ids)} new input tokens it has room for {max(room, 0)} more, not {new_tokens}. "
                 "Open a session with a larger max_length."
             )
-        if session.decoder is None or input_ids:
-            session.decoder = IncrementalDecoder(self.tokenizer, input_ids)
-        return Generation(self, params, input_ids, new_tokens, session.petals, session.decoder, session)
+        if session.decoder is None or input_ids:  # new inputs: what the last answer left incomplete is moot
+            session.decoder = self._new_decoder()
+        return Generation(self, request.params, input_ids, new_tokens, session.petals, session.decoder, session)
+
+    def _budget(self, request: ReplicaRequest, prefix_tokens: int, capacity: int) -> int:
+        """How many tokens to generate after ``prefix_tokens``, in a context of ``capacity`` tokens:
+        max_new_tokens; or max_length minus the prefix; or (fill_context) what the context has left,
+        up to MAX_NEW_TOKENS_LIMIT."""
+        params = request.params
+        if params.max_new_tokens is not None:
+            return params.max_new_tokens
+        if request.fill_context:
+            budget, what = min(capacity - prefix_tokens, self._limits.max_new_tokens), f"the context of {capacity}"
+        else:
+            budget, what = params.max_length - prefix_tokens, f"max_length {params.max_length}"
+        if budget <= 0:
+            raise InvalidParameter(f"{what} leaves no room for new tokens after the {prefix_tokens}-token prefix")
+        return budget
 
 
 MAX_REBUILDS = 2  # in-place session rebuilds per request before the failure is reported
@@ -409,15 +435,3 @@ def _close_quietly(petals_session: Any) -> None:
 
 # Tokens a new conversation session reserves beyond its first request, for follow-up turns.
 CONVERSATION_ROOM = 512
-
-
-def _new_token_budget(params: GenerateParams, prefix_tokens: int) -> int:
-    """How many tokens to generate: max_new_tokens, or max_length minus the prefix."""
-    if params.max_new_tokens is not None:
-        return params.max_new_tokens
-    budget = params.max_length - prefix_tokens
-    if budget <= 0:
-        raise InvalidParameter(
-            f"max_length {params.max_length} leaves no room for new tokens after the {prefix_tokens}-token prefix"
-        )
-    return budget

@@ -17,7 +17,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
 from typing import Any
 
-from services.common.errors import ServiceUnavailable
+from services.common.errors import ModelNotFound, ServiceUnavailable
+from services.inference.decoding import TokenBytes
 from services.inference.metrics import SWARM_READY
 from services.inference.settings import InferenceSettings
 
@@ -34,6 +35,7 @@ class ModelHandle:
         self._settings = settings
         self.model: Any = None
         self.tokenizer: Any = None
+        self.token_bytes: TokenBytes | None = None
         self._status = "the model is loading"
         self._ready = False
         self._stopping = threading.Event()
@@ -61,6 +63,11 @@ class ModelHandle:
         """Raise ServiceUnavailable with the reason unless the model can serve now."""
         if not self._ready:
             raise ServiceUnavailable(f"Temporarily unavailable: {self._status}. Retry in a few seconds.")
+
+    def require_model(self, model: str | None) -> None:
+        """Raise ModelNotFound unless ``model`` is None or the model this replica serves."""
+        if model is not None and model != self._settings.model_name:
+            raise ModelNotFound(model, [self._settings.model_name], where="by this replica")
 
     def open_petals_session(self, max_length: int):
         """A new Petals inference session reserving ``max_length`` tokens of attention cache."""
@@ -98,6 +105,7 @@ class ModelHandle:
             settings.model, settings.torch_dtype, settings.device, torch.get_num_threads(),
         )  # fmt: skip
         tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        token_bytes = TokenBytes(tokenizer)  # before the swarm: an unsupported tokenizer fails at once
         dtype = settings.torch_dtype if settings.torch_dtype == "auto" else getattr(torch, settings.torch_dtype)
         options: dict[str, Any] = {
             "torch_dtype": dtype,
@@ -113,7 +121,7 @@ class ModelHandle:
         model = model.to(settings.device).eval()
         if lm_head.install(model.lm_head, settings.torch_threads):
             logger.info("LM head: one token's product split by rows over %d threads", settings.torch_threads)
-        self.tokenizer, self.model = tokenizer, model
+        self.tokenizer, self.token_bytes, self.model = tokenizer, token_bytes, model
         self._status = "model loaded; looking for a route through the swarm"
         logger.info("model loaded")
 

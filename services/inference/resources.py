@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import falcon
 
 from services.common.errors import ApiError
-from services.common.params import Limits, get_bool, get_session_id, parse_generate, parse_open_session, read_values
+from services.common.params import Limits, get_model, get_session_id, parse_open_session, read_values
+from services.common.replica_request import ReplicaRequest
 from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error, sse_event
 from services.inference.generation import GenerationResult, Generator, TokenEvent
 from services.inference.model import ModelHandle
@@ -27,8 +28,8 @@ class GenerateResource:
         self._limits = limits
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        params = parse_generate(read_values(req, self._limits), self._limits)
-        result = self._generator.generate(params)
+        request = ReplicaRequest.from_json(read_values(req, self._limits), self._limits)
+        result = self._generator.generate(request)
         resp.media = {"ok": True, "outputs": result.text}
 
 
@@ -37,8 +38,8 @@ class GenerateStreamResource:
 
     Errors found before generation starts get their real HTTP status; an error during the
     stream ends it with an ``error`` event. A client that disconnects stops the generation.
-    ``conversation=true`` (sent by the gateway's chat API) continues the conversation session
-    whose text the inputs extend, or starts one.
+    The body is a ReplicaRequest (the v1 parameters, and the gateway's ``model``,
+    ``conversation`` and ``fill_context``).
     """
 
     def __init__(self, generator: Generator, limits: Limits) -> None:
@@ -46,9 +47,8 @@ class GenerateStreamResource:
         self._limits = limits
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        values = read_values(req, self._limits)
-        params = parse_generate(values, self._limits)
-        generation = self._generator.prepare(params, conversation=get_bool(values, "conversation", default=False))
+        request = ReplicaRequest.from_json(read_values(req, self._limits), self._limits)
+        generation = self._generator.prepare(request)
         resp.content_type = SSE_CONTENT_TYPE
         resp.set_headers(SSE_HEADERS)
         resp.stream = _sse_stream(generation.stream())
@@ -81,7 +81,9 @@ class OpenSessionResource:
         self._limits = limits
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        max_length = parse_open_session(read_values(req, self._limits), self._limits)
+        values = read_values(req, self._limits)
+        max_length = parse_open_session(values, self._limits)
+        self._model.require_model(get_model(values))
         self._model.require_ready()
         session = self._store.open(max_length)
         resp.media = {"ok": True, "session_id": session.session_id}

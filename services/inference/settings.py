@@ -7,9 +7,12 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.chat import ChatFormat
 from services.common.config import ConfigError, Env, ServerSettings
 from services.common.cpus import available_cpus, cpu_has_native_bf16
-from services.common.params import SESSION_ID_PATTERN, Limits
+from services.common.model_card import ModelCard
+from services.common.params import MODEL_NAME_PATTERN, SESSION_ID_PATTERN, Limits
+from services.inference.chat_config import ChatSettings
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -21,6 +24,8 @@ class InferenceSettings:
     server: ServerSettings
     model: str
     model_name: str
+    model_description: str
+    chat: ChatSettings
     initial_peers: tuple[str, ...]
     dht_prefix: str | None
     torch_dtype: str
@@ -50,11 +55,16 @@ class InferenceSettings:
         model = env.str("MODEL", "")
         if not model:
             raise ConfigError("MODEL is required: a local model directory or a Hugging Face repo name")
+        model_name = env.str("MODEL_NAME", "") or served_model_name(model)
+        if not MODEL_NAME_PATTERN.match(model_name):
+            raise ConfigError(f"MODEL_NAME must be 1-128 letters, digits or '._:/-', got {model_name!r}")
         limits = Limits.from_env(env)
         return cls(
             server=ServerSettings.from_env(env, bind="127.0.0.1:8000", threads=128, workers=None),
             model=model,
-            model_name=env.str("MODEL_NAME", "") or served_model_name(model),
+            model_name=model_name,
+            model_description=env.str("MODEL_DESCRIPTION", ""),
+            chat=ChatSettings.from_env(env, limits),
             initial_peers=env.list("INITIAL_PEERS"),
             dht_prefix=env.str("DHT_PREFIX", "") or None,
             torch_dtype=env.choice("TORCH_DTYPE", default_dtype(device), DTYPES),
@@ -70,6 +80,13 @@ class InferenceSettings:
             readiness_interval_s=env.float("READINESS_INTERVAL_SECONDS", 5.0, minimum=0.5),
             limits=limits,
             debug_tracebacks=env.bool("DEBUG_TRACEBACKS", False),
+        )
+
+    def model_card(self, chat_format: ChatFormat) -> ModelCard:
+        """The card this replica publishes for its model, once its chat format is known."""
+        chat = self.chat
+        return ModelCard(
+            self.model_name, self.model_description, chat_format, chat.defaults, self.limits.max_length, chat.template
         )
 
 

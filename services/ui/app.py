@@ -65,9 +65,6 @@ def build_app(settings: UiSettings) -> falcon.App:
     assets = load_static()
     chat_config = {
         "apiBaseUrl": settings.api_base_url,
-        "preamble": settings.preamble,
-        "separator": settings.separator,
-        "stop": settings.stop,
         "sessionMaxLength": settings.session_max_length,
     }
     app = create_base_app(readiness=lambda: (True, {"detail": "ready"}), debug_tracebacks=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.chat import DEFAULT_PREAMBLE
 from services.common.config import ConfigError, Env, ServerSettings
 
 
@@ -14,9 +13,6 @@ class UiSettings:
 
     server: ServerSettings
     api_base_url: str
-    preamble: str
-    separator: str
-    stop: str
     session_max_length: int
 
     @classmethod
@@ -28,12 +24,8 @@ class UiSettings:
             raise ConfigError(
                 f"API_BASE_URL must be empty (same origin), a path or an http(s) URL, got {api_base_url!r}"
             )
-        separator = env.text("CHAT_SEPARATOR", "\\n\\n")
         return cls(
             server=ServerSettings.from_env(env, bind="127.0.0.1:8090", threads=8, workers=2),
             api_base_url=api_base_url,
-            preamble=env.text("CHAT_PREAMBLE", DEFAULT_PREAMBLE),
-            separator=separator,
-            stop=env.text("CHAT_STOP", "") or separator,
             session_max_length=env.int("CHAT_SESSION_MAX_LENGTH", 1024, minimum=64, maximum=65_536),
         )

@@ -415,13 +415,17 @@ def test_notes_render(chart):
     assert f"{FULLNAME}-inference" in notes
 
 
-def test_gateway_chat_format_is_passed_only_when_set(chart):
+def test_the_models_chat_configuration_goes_to_the_inference_replicas_only_when_set(chart):
     template = "{% for m in messages %}{{ m.content }}{% endfor %}"
-    docs = render(chart, {"gateway": {"chat": {"template": template, "stop": "\n\nUser:"}}})
-    env = container_env(find(docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"]["containers"][0])
-    assert env["CHAT_TEMPLATE"] == template and env["CHAT_STOP"] == "\n\nUser:"
-    assert "CHAT_SYSTEM_PROMPT" not in env
-    env = container_env(
-        find(render(chart, {}), "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"]["containers"][0]
-    )
-    assert not {"CHAT_TEMPLATE", "CHAT_STOP", "CHAT_SYSTEM_PROMPT"} & set(env)
+    chat = {"format": "chatml", "template": template, "stop": "\n\nUser:"}
+    docs = render(chart, {"model": {"chat": chat, "description": "A model."}, "gateway": {"defaultModel": "m"}})
+    env = container_env(inference_container(docs)[1])
+    assert env["CHAT_FORMAT"] == "chatml" and env["CHAT_TEMPLATE"] == template and env["CHAT_STOP"] == "\n\nUser:"
+    assert env["MODEL_DESCRIPTION"] == "A model." and "CHAT_SYSTEM_PROMPT" not in env
+    gateway = find(docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"]["containers"][0]
+    assert container_env(gateway)["DEFAULT_MODEL"] == "m"
+    defaults = render(chart, {})
+    env = container_env(inference_container(defaults)[1])
+    assert env["CHAT_FORMAT"] == "auto" and not {"CHAT_TEMPLATE", "CHAT_STOP", "CHAT_SYSTEM_PROMPT"} & set(env)
+    gateway = find(defaults, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"]["containers"][0]
+    assert "DEFAULT_MODEL" not in container_env(gateway)

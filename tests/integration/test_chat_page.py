@@ -15,11 +15,12 @@ import pytest
 import requests
 
 from deploy.local_stack import ServiceProcess, pick_free_port, ui_process
-from tests.conftest import start_gateway
+from tests.conftest import CHATML_DESCRIPTION, CHATML_MODEL, start_gateway
 
 PREAMBLE = "A human talks to a powerful AI that follows the human's instructions."
 SEP = "\n\n"
 STOP = "\n\nHuman:"
+CHATML_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]  # fmt: skip
@@ -27,17 +28,17 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 @pytest.fixture(scope="module")
 def ui(artifacts_dir) -> Iterator[ServiceProcess]:
-    service = ui_process(
-        port=pick_free_port(), log_path=artifacts_dir / "logs" / "ui.log", extra_env={"CHAT_STOP": "\\n\\nHuman:"}
-    ).start_ready(timeout=60)
+    service = ui_process(port=pick_free_port(), log_path=artifacts_dir / "logs" / "ui.log").start_ready(timeout=60)
     yield service
     service.stop()
 
 
 @pytest.fixture(scope="module")
-def site(inference, ui, artifacts_dir) -> Iterator[str]:
-    """The public entry point: a gateway serving the API and forwarding the page to the ui."""
-    gateway = start_gateway(artifacts_dir, {"inference-0": inference.base_url}, "gateway-site", UI_URL=ui.base_url)
+def site(inference, chatml_inference, ui, artifacts_dir) -> Iterator[str]:
+    """The public entry point: a gateway serving the API (two models, the first the default) and
+    forwarding the page to the ui."""
+    replicas = {"inference-0": inference.base_url, chatml_inference.name: chatml_inference.base_url}
+    gateway = start_gateway(artifacts_dir, replicas, "gateway-site", UI_URL=ui.base_url)
     yield gateway.base_url
     gateway.stop()
 
@@ -68,6 +69,7 @@ def page(browser, site):
     page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
     page.on("pageerror", lambda error: problems.append(str(error)))
     page.goto(site + "/")
+    page.wait_for_function("!document.getElementById('model').disabled")  # the models are in
     page.evaluate(
         "window.__updates = 0; new MutationObserver((m) => { window.__updates += m.length; })"
         ".observe(document.getElementById('dialogue'), {subtree: true, childList: true, characterData: true})"
@@ -94,12 +96,15 @@ def ai_texts(page) -> list[str]:
     return page.eval_on_selector_all(".turn.ai .text", "nodes => nodes.map(n => n.textContent)")
 
 
-def api_answers(site: str, turns: list[str], max_new_tokens: int) -> list[str]:
+def api_answers(
+    site: str, turns: list[str], max_new_tokens: int, model: str | None = None, stop: str = STOP
+) -> list[str]:
     """What the API returns, greedy, when ``turns`` are sent in turn into one fresh session."""
-    session_id = requests.get(f"{site}/api/v1/open_inference_session", params={"max_length": 1024}).json()["session_id"]
+    opened = requests.get(f"{site}/api/v1/open_inference_session", params={"max_length": 1024, "model": model})
+    session_id = opened.json()["session_id"]
     answers = []
     for inputs in turns:
-        body = {"inputs": inputs, "max_new_tokens": max_new_tokens, "stop": [STOP], "session_id": session_id}
+        body = {"inputs": inputs, "max_new_tokens": max_new_tokens, "stop": [stop], "session_id": session_id}
         response = requests.post(f"{site}/api/v2/generate_stream", json=body, timeout=60)
         last = response.content.decode("utf-8").strip().split("\n\n")[-1].splitlines()
         assert last[0] == "event: done", last
@@ -188,6 +193,49 @@ def test_errors_show_a_box_with_retry(page, site, inference):
     assert page.is_hidden("#error") and len(ai_texts(page)) == 1
 
 
+def test_the_model_picker_lists_the_models_and_a_switch_starts_a_new_chat(page, site):
+    options = page.eval_on_selector_all("#model option", "nodes => nodes.map(n => [n.value, n.textContent])")
+    default = options[0][0]
+    assert options == [[default, default], [CHATML_MODEL, CHATML_MODEL]] and page.input_value("#model") == default
+    send(page, "Hi")
+    wait_idle(page)
+    default_session = page.evaluate("document.body.dataset.sessionId")
+    page.select_option("#model", CHATML_MODEL)
+    assert ai_texts(page) == [] and page.evaluate("document.body.dataset.sessionId") == ""  # a new chat
+    assert page.inner_text("#model-description") == CHATML_DESCRIPTION  # markup in a card stays text
+    assert page.locator("#model-description b").count() == 0
+    send(page, "Hi")
+    wait_idle(page)
+    send(page, "And you?")
+    wait_idle(page)
+    session_id = page.evaluate("document.body.dataset.sessionId")
+    assert session_id.startswith("inference-chatml.") and not default_session.startswith("inference-chatml.")
+    # The page wrote the dialogue in the model's ChatML, then sent only the new turn.
+    turns = [f"{CHATML_SYSTEM}<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+             "<|im_end|>\n<|im_start|>user\nAnd you?<|im_end|>\n<|im_start|>assistant\n"]  # fmt: skip
+    assert ai_texts(page) == api_answers(site, turns, 24, model=CHATML_MODEL, stop="<|im_end|>")
+
+
+MARKUP = '<img src=x onerror="window.__injected = 1"><script>window.__injected = 2</script><b>bold</b>'
+
+
+def test_markup_in_messages_and_answers_is_shown_as_text(page):
+    send(page, MARKUP)
+    wait_idle(page)
+    assert page.inner_text(".turn.human .text") == MARKUP
+    events = "".join(f"event: token\ndata: {json.dumps({'text': part, 'generated_tokens': i + 1})}\n\n"
+                     for i, part in enumerate([MARKUP[:20], MARKUP[20:]]))  # fmt: skip
+    done = {"ok": True, "outputs": MARKUP, "finish_reason": "length", "stop_sequence": None}
+    page.route("**/api/v2/generate_stream", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream", body=events + f"event: done\ndata: {json.dumps(done)}\n\n",
+    ))  # fmt: skip
+    send(page, "Answer with markup")
+    wait_idle(page)
+    assert ai_texts(page)[-1] == MARKUP
+    assert page.locator("#dialogue img, #dialogue script, #dialogue b").count() == 0
+    assert page.evaluate("window.__injected") is None
+
+
 def test_shift_enter_inserts_a_newline_and_settings_persist(page, site):
     page.fill("#message", "line one")
     page.press("#message", "Shift+Enter")
@@ -204,7 +252,7 @@ def test_phone_sized_screen_and_labels(browser, site, artifacts_dir):
     page = context.new_page()
     page.goto(site + "/")
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
-    for label in ["Your message", "Temperature", "Top-p", "Max new tokens"]:
+    for label in ["Model", "Your message", "Temperature", "Top-p", "Max new tokens"]:
         assert page.get_by_label(label).count() == 1
     assert page.get_attribute("#dialogue", "aria-live") == "polite"
     page.screenshot(path=str(artifacts_dir / "screenshots" / "chat-phone.png"))

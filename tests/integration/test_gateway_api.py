@@ -13,8 +13,8 @@ from tests.conftest import Api, start_gateway
 
 # One valid example call per documented operation: (method, path, request kwargs).
 EXAMPLES = {
-    ("post", "/api/v1/generate"): {"data": {"inputs": "Hello", "max_new_tokens": "2"}},
-    ("get", "/api/v1/open_inference_session"): {"params": {"max_length": "32"}},
+    ("post", "/api/v1/generate"): {"data": {"inputs": "Hello", "max_new_tokens": "2", "model": "<model>"}},
+    ("get", "/api/v1/open_inference_session"): {"params": {"max_length": "32", "model": "<model>"}},
     ("get", "/api/v1/close_inference_session"): {"params": {"session_id": "inference-0.unknown"}},
     ("post", "/api/v2/generate_stream"): {"json": {"inputs": "Hello", "max_new_tokens": 3}},
     ("get", "/healthz"): {},
@@ -69,7 +69,11 @@ def test_every_documented_operation_exists_and_answers_per_its_schema(gateway, d
 
 def test_documented_errors_match_the_schema(gateway, document):
     errors = document["paths"]["/api/v2/generate_stream"]["post"]["responses"]
-    for body, status in [({"inputs": "Hi"}, 400), ({"inputs": "Hi", "max_new_tokens": 1, "session_id": "x.y"}, 404)]:
+    for body, status in [
+        ({"inputs": "Hi"}, 400),
+        ({"inputs": "Hi", "max_new_tokens": 1, "session_id": "x.y"}, 404),
+        ({"inputs": "Hi", "max_new_tokens": 1, "model": "no-such-model"}, 404),
+    ]:
         response = requests.post(f"{gateway.base_url}/api/v2/generate_stream", json=body, timeout=30)
         assert response.status_code == status
         validate(document, errors[str(status)]["content"]["application/json"]["schema"], response.json())

@@ -12,23 +12,26 @@ import pytest
 import requests
 
 from deploy.local_stack import gateway_process, pick_free_port
-from tests.conftest import Api, metric_value, start_gateway, start_inference
+from tests.conftest import CHATML_MODEL, Api, metric_value, start_gateway, start_inference
+from tests.helpers import dedicated_stack
 
-CHAT_STOP = "\n\nHuman:"  # the gateway's default CHAT_STOP
+CHAT_STOP = "\n\nHuman:"  # the human-ai chat format's stop sequence
 PREAMBLE = "A human talks to a powerful AI that follows the human's instructions."
 
 
 @pytest.fixture(scope="module")
 def replicas(inference, swarm, model_dir, artifacts_dir):
-    """inference-0 (shared) and a second replica started for this module: {id: base URL}."""
+    """Two replicas of the default model, inference-0 (shared) and one started for this module: {id: base URL}."""
     second = start_inference(swarm, model_dir, artifacts_dir, "openai-1")
     yield {"inference-0": inference.base_url, "openai-1": second.base_url}
     second.stop()
 
 
 @pytest.fixture(scope="module")
-def stack(replicas, artifacts_dir):
-    gateway = start_gateway(artifacts_dir, replicas, "gateway-openai")
+def stack(replicas, chatml_inference, artifacts_dir):
+    """A gateway in front of both, and of the replica of a second model (the ChatML one)."""
+    gateway = start_gateway(artifacts_dir, {**replicas, chatml_inference.name: chatml_inference.base_url},
+                            "gateway-openai")  # fmt: skip
     yield gateway
     gateway.stop()
 
@@ -53,8 +56,8 @@ def total_metric(replicas: dict[str, str], name: str) -> float:
     return sum(metric_value(requests.get(f"{url}/metrics", timeout=10).text, name) for url in replicas.values())
 
 
-def test_models_lists_the_served_model(client, model):
-    assert [entry.id for entry in client.models.list().data] == [model]
+def test_models_lists_the_served_models(client, model):
+    assert [entry.id for entry in client.models.list().data] == [model, CHATML_MODEL]
 
 
 def test_completion_greedy_equals_v1_and_the_oracle(client, v1, model, tokenizer, oracle, decode):
@@ -100,6 +103,20 @@ def test_chat_greedy_equals_v1_on_the_rendered_prompt(client, v1, model):
     assert answer.choices[0].message.content == legacy
     assert answer.choices[0].message.role == "assistant"
     assert answer.object == "chat.completion" and answer.id.startswith("chatcmpl-")
+
+
+def test_chat_is_rendered_in_the_routed_models_format(client, v1):
+    """The second model speaks ChatML: its chat prompt is ChatML (its system prompt when the chat
+    has none), its default stop <|im_end|>."""
+    user = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
+    for system, prompt in [
+        ([{"role": "system", "content": "You are terse."}], "<|im_start|>system\nYou are terse.<|im_end|>\n" + user),
+        ([], "<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n" + user),
+    ]:
+        messages = [*system, {"role": "user", "content": "Say hi"}]
+        answer = client.chat.completions.create(model=CHATML_MODEL, messages=messages, max_tokens=10, temperature=0)
+        legacy = v1.generate(inputs=prompt, max_new_tokens=10, do_sample=0, stop="<|im_end|>", model=CHATML_MODEL)
+        assert answer.choices[0].message.content == legacy["outputs"] and answer.model == CHATML_MODEL
 
 
 def test_chat_without_system_message_gets_the_preamble(client, v1, model):
@@ -165,6 +182,26 @@ def test_follow_up_turn_continues_the_session(client, v1, model, replicas, token
     assert v1.generate(inputs=first_prompt, **step)["outputs"] == reply
     assert v1.generate(inputs=rest, **step)["outputs"] == second.choices[0].message.content
     v1.close_session(session_id)
+
+
+def test_follow_up_with_the_clients_defaults_continues_the_session(swarm, model_dir, artifacts_dir, tokenizer, model):
+    """The official client sends no max_tokens by default: the gateway asks for as many tokens as
+    the context allows (capped by the replica's MAX_NEW_TOKENS_LIMIT) and the follow-up turn still
+    continues the conversation's session (it used to send max_length=<limit>, which never did)."""
+    limits = {"shared_env": {"MAX_LENGTH_LIMIT": "256"}, "inference_env": {"MAX_NEW_TOKENS_LIMIT": "16"}}
+    with dedicated_stack(swarm, model_dir, artifacts_dir, "openai-defaults", **limits) as stack:
+        client = openai.OpenAI(base_url=f"{stack.gateway.base_url}/v1", api_key="x", max_retries=0, timeout=60)
+        replica = {"replica": stack.replicas[0].base_url}
+        first_turn = [{"role": "user", "content": "Tell me about the swarm"}]
+        first = client.chat.completions.create(model=model, messages=first_turn, temperature=0)
+        reply = first.choices[0].message.content
+        follow_up = [*first_turn, {"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+        sent_before = total_metric(replica, "petals_chat_prompt_tokens_total")
+        second = client.chat.completions.create(model=model, messages=follow_up, temperature=0)
+        rest_tokens = len(tokenizer("\n\nHuman: And then?\n\nAI:", add_special_tokens=False).input_ids)
+        assert total_metric(replica, "petals_chat_prompt_tokens_total") - sent_before == rest_tokens
+        assert second.usage.prompt_tokens_details.cached_tokens == first.usage.total_tokens > 0
+        assert first.usage.completion_tokens == 16 and first.choices[0].finish_reason == "length"
 
 
 def test_edited_history_starts_a_new_session(client, v1, model):

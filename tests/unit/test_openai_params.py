@@ -1,13 +1,11 @@
-"""Validation of OpenAI-style bodies and the chat template (no services needed)."""
+"""Validation of OpenAI-style bodies (no services needed)."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.common.config import ConfigError
 from services.common.errors import InvalidParameter, PayloadTooLarge
 from services.common.params import Limits
-from services.gateway.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 from services.gateway.openai_params import parse_chat, parse_completion
 
 LIMITS = Limits(max_input_chars=100, max_new_tokens=50)
@@ -69,37 +67,3 @@ def test_tools_are_refused():
     body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]}
     with pytest.raises(InvalidParameter, match="tool calling"):
         parse_chat(body, LIMITS)
-
-
-def test_default_template_renders_the_chat_page_format():
-    template = ChatTemplate(DEFAULT_CHAT_TEMPLATE, default_system_prompt="Preamble.")
-    messages = [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": " Hello"},
-        {"role": "user", "content": "Bye"},
-    ]
-    assert template.render(messages) == "Preamble.\n\nHuman: Hi\n\nAI: Hello\n\nHuman: Bye\n\nAI:"
-    system = [{"role": "system", "content": "Own."}, {"role": "user", "content": "Hi"}]
-    assert template.render(system) == "Own.\n\nHuman: Hi\n\nAI:"
-
-
-def test_a_follow_up_prompt_extends_the_previous_prompt_plus_its_answer():
-    template = ChatTemplate(DEFAULT_CHAT_TEMPLATE)
-    first = [{"role": "user", "content": "Hi"}]
-    answer = " Hello there"
-    follow_up = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "More"}]
-    assert template.render(follow_up).startswith(template.render(first) + answer)
-
-
-def test_custom_template_and_its_errors():
-    template = ChatTemplate(
-        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system here') }}{% endif %}"
-        "<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
-    )
-    assert template.render([{"role": "user", "content": "Hi"}]) == "<user>Hi<assistant>"
-    with pytest.raises(InvalidParameter, match="no system here"):
-        template.render([{"role": "system", "content": "x"}])
-    with pytest.raises(ConfigError, match="not a valid Jinja2 template"):
-        ChatTemplate("{% for %}")
-    with pytest.raises(ConfigError, match="fails on a one-message chat"):
-        ChatTemplate("{{ undefined_variable }}")

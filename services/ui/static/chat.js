@@ -1,14 +1,17 @@
 // Petals Chat page: a dialogue streamed token by token from the gateway's SSE endpoint.
 //
-// One inference session per dialogue: the first request sends the whole transcript, later ones
-// only the new turn. When the gateway says the session expired (or its replica is gone), a new
-// session is opened and the dialogue replayed, once, without bothering the user.
+// The models come from the gateway's GET /v1/models, each with its card: description, chat format
+// (how turns are written, what ends an answer) and default settings. Switching models starts a new
+// chat. One inference session per dialogue: the first request sends the whole transcript, later
+// ones only the new turn. When the gateway says the session expired (or its replica is gone), a
+// new session is opened and the dialogue replayed, once, without bothering the user. Every text
+// from the user, the model or a model card is shown as text (textContent), never as markup.
 "use strict";
 
 (() => {
   const config = JSON.parse(document.getElementById("chat-config").textContent);
   const SETTINGS_KEY = "petals-chat-settings";
-  const DEFAULTS = { sampling: true, temperature: 0.75, top_p: 0.9, max_new_tokens: 256 };
+  const FALLBACK = { sampling: true, temperature: 0.75, top_p: 0.9, max_new_tokens: 256 };
   const SLOW_SECONDS_PER_TOKEN = 3;
 
   const $ = (id) => document.getElementById(id);
@@ -16,6 +19,7 @@
     dialogue: $("dialogue"), composer: $("composer"), message: $("message"), send: $("send"),
     stop: $("stop"), newChat: $("new-chat"), speed: $("speed"), slowHint: $("slow-hint"),
     error: $("error"), errorMessage: $("error-message"), retry: $("retry"), settings: $("settings"),
+    model: $("model"), modelDescription: $("model-description"),
   };
 
   class ApiError extends Error {
@@ -26,6 +30,8 @@
   }
 
   const state = {
+    models: new Map(), // id -> entry of GET /v1/models
+    model: null, // the chosen entry
     sessionId: null,
     sessionLength: config.sessionMaxLength,
     continuation: "", // what must precede the next turn in the current session
@@ -35,12 +41,18 @@
     dialogue: 0, // bumped by "New chat": late results of an older dialogue are dropped
   };
 
-  // ---- settings, kept across reloads ----------------------------------------------------
+  // ---- settings, kept across reloads (what the user never set: the model's defaults) ------
+  function defaults() {
+    const d = state.model?.defaults;
+    return d ? { sampling: d.do_sample, temperature: d.temperature, top_p: d.top_p, max_new_tokens: d.max_new_tokens }
+      : { ...FALLBACK };
+  }
+
   function loadSettings() {
     try {
-      return { ...DEFAULTS, ...JSON.parse(localStorage.getItem(SETTINGS_KEY) || "{}") };
+      return { ...defaults(), ...JSON.parse(localStorage.getItem(SETTINGS_KEY) || "{}") };
     } catch {
-      return { ...DEFAULTS };
+      return defaults();
     }
   }
 
@@ -54,7 +66,7 @@
       const input = ui.settings[name];
       const value = Number(input.value);
       const ok = input.value !== "" && Number.isFinite(value) && value >= Number(input.min) && value <= Number(input.max);
-      return ok ? value : DEFAULTS[name];
+      return ok ? value : defaults()[name];
     };
     return {
       sampling: ui.settings.sampling.checked,
@@ -69,8 +81,29 @@
   // ---- the API ---------------------------------------------------------------------------
   const api = (path) => config.apiBaseUrl + path;
 
+  async function loadModels() {
+    const response = await fetch(api("/v1/models"));
+    const body = await response.json().catch(() => ({}));
+    const models = Array.isArray(body.data) ? body.data : [];
+    if (!response.ok || !models.length) {
+      throw new ApiError("no_model", body.error?.message || "No model is available right now; retry in a few seconds.");
+    }
+    state.models = new Map(models.map((entry) => [entry.id, entry]));
+    ui.model.replaceChildren(...models.map((entry) => new Option(entry.id, entry.id, entry.default, entry.default)));
+    ui.model.disabled = false;
+    chooseModel(ui.model.value);
+  }
+
+  function chooseModel(id) {
+    state.model = state.models.get(id);
+    state.sessionLength = Math.min(config.sessionMaxLength, state.model.max_length);
+    ui.modelDescription.textContent = state.model.description;
+    showSettings(loadSettings());
+  }
+
   async function openSession(maxLength) {
-    const response = await fetch(api(`/api/v1/open_inference_session?max_length=${maxLength}`));
+    const query = `max_length=${maxLength}&model=${encodeURIComponent(state.model.id)}`;
+    const response = await fetch(api(`/api/v1/open_inference_session?${query}`));
     const body = await response.json();
     if (!body.ok) throw new ApiError("open_failed", body.traceback);
     return body.session_id;
@@ -133,10 +166,28 @@
     return event;
   }
 
-  // ---- the dialogue ----------------------------------------------------------------------
+  // ---- the dialogue, in the chosen model's chat format -------------------------------------
+  const chat = () => state.model.chat;
+
+  function turnText(turn) {
+    const f = chat();
+    return turn.role === "human" ? f.user_start + turn.text + f.user_end : f.assistant_start + turn.text + f.assistant_end;
+  }
+
+  // The whole dialogue (its last turn the user's), for a new session.
   function transcript() {
-    const lines = state.turns.map((turn) => (turn.role === "human" ? `Human: ${turn.text}` : `AI:${turn.text}`));
-    return [config.preamble, ...lines].join(config.separator) + config.separator + "AI:";
+    const f = chat();
+    const system = f.system_prompt ? f.system_start + f.system_prompt + f.system_end : "";
+    return system + state.turns.map(turnText).join("") + f.assistant_start;
+  }
+
+  // What must precede the next user message in the session: the end of the answer and the start of
+  // the user's turn, less what the model already said (the stop sequence, or its end-of-turn token).
+  function continuation(done) {
+    const f = chat();
+    const between = f.assistant_end + f.user_start;
+    const said = { stop: done.stop_sequence, eos: f.end_of_turn }[done.finish_reason] || "";
+    return said && between.startsWith(said) ? between.slice(said.length) : between;
   }
 
   function addTurn(role, text) {
@@ -171,9 +222,12 @@
         setSession(await openSession(state.sessionLength));
         inputs = transcript();
       } else {
-        inputs = `${state.continuation}Human: ${humanText}${config.separator}AI:`;
+        inputs = state.continuation + humanText + chat().user_end + chat().assistant_start;
       }
-      const body = { session_id: state.sessionId, inputs, max_new_tokens: settings.max_new_tokens, stop: [config.stop] };
+      const body = {
+        model: state.model.id, session_id: state.sessionId, inputs, max_new_tokens: settings.max_new_tokens,
+        stop: chat().stop,
+      };
       Object.assign(body, settings.sampling
         ? { do_sample: 1, temperature: settings.temperature, top_p: settings.top_p }
         : { do_sample: 0 });
@@ -185,14 +239,14 @@
           showSpeed(tokens, startedAt);
         });
         view.body.textContent = done.outputs;
-        state.continuation = done.finish_reason === "stop" ? "" : config.separator;
+        state.continuation = continuation(done);
         return done.outputs;
       } catch (error) {
         const full = error.code === "invalid_parameter" && /larger max_length/.test(error.message);
         if (replayed || !(error.code === "session_not_found" || full)) throw error;
         // The session is gone (expired, replica lost) or too small: a new one, and replay.
         replayed = true;
-        if (full) state.sessionLength *= 2;
+        if (full) state.sessionLength = Math.min(2 * state.sessionLength, state.model.max_length);
         setSession(null);
       }
     }
@@ -225,7 +279,7 @@
 
   function submit() {
     const text = ui.message.value.trim();
-    if (!text || ui.send.disabled) return;
+    if (!text || ui.send.disabled || !state.model) return;
     ui.message.value = "";
     state.turns.push({ role: "human", text });
     addTurn("human", text);
@@ -273,11 +327,12 @@
   });
 
   ui.retry.addEventListener("click", () => {
+    if (!state.model) return start();
     const text = lastHumanText();
     if (text !== null) answer(text);
   });
 
-  ui.newChat.addEventListener("click", () => {
+  function newChat() {
     state.stopped = true;
     state.controller?.abort();
     dropSession();
@@ -288,12 +343,25 @@
     ui.speed.hidden = ui.slowHint.hidden = true;
     hideError();
     ui.message.focus();
+  }
+
+  ui.newChat.addEventListener("click", newChat);
+
+  ui.model.addEventListener("change", () => {
+    newChat(); // a dialogue is written in one model's format: another model starts afresh
+    chooseModel(ui.model.value);
   });
 
   // Leaving the page frees the session's attention caches on the swarm at once.
   window.addEventListener("pagehide", () => dropSession());
 
+  function start() {
+    hideError();
+    loadModels().catch((error) => showError(error.message || String(error)));
+  }
+
   showSettings(loadSettings());
   setSession(null);
   ui.message.focus();
+  start();
 })();
