@@ -429,3 +429,28 @@ def test_the_models_chat_configuration_goes_to_the_inference_replicas_only_when_
     assert env["CHAT_FORMAT"] == "auto" and not {"CHAT_TEMPLATE", "CHAT_STOP", "CHAT_SYSTEM_PROMPT"} & set(env)
     gateway = find(defaults, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"]["containers"][0]
     assert "DEFAULT_MODEL" not in container_env(gateway)
+
+
+@pytest.mark.parametrize(
+    ("inference", "threads"),
+    [
+        ({}, "1"),  # the default request: cpu "1"
+        ({"resources": {"cpu": {"requests": {"cpu": "2500m"}, "limits": {"memory": "8Gi"}}}}, "3"),
+        ({"resources": {"cpu": {"requests": {"cpu": "1"}, "limits": {"cpu": 1.5, "memory": "8Gi"}}}}, "2"),
+        ({"torchThreads": 4}, "4"),
+        ({"variant": "gpu", "resources": {"gpu": {"requests": {"cpu": "6"}}}}, "6"),
+    ],
+    ids=["default", "request-millicores", "limit-wins", "override", "gpu-resources"],
+)
+def test_inference_torch_threads_follow_the_granted_cpus(chart, inference, threads):
+    env = container_env(inference_container(render(chart, {"inference": inference}))[1])
+    assert env["TORCH_THREADS"] == threads
+
+
+def test_every_swarm_server_process_runs_one_torch_thread_unless_set(chart):
+    for swarm, threads in ((SWARM_VALUES, "1"), (dict(SWARM_VALUES, torchThreads=2), "2")):
+        docs = render(chart, {"swarm": swarm, "model": {"dhtPrefix": "p"}})
+        for index in range(2):
+            server = find(docs, "StatefulSet", f"{FULLNAME}-swarm-{index}")["spec"]["template"]["spec"]
+            env = container_env(server["containers"][0])
+            assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == threads

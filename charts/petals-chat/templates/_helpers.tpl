@@ -161,3 +161,16 @@ INFERENCE_REPLICAS of the gateway: "<pod>=http://<pod>.<headless service>.<names
 {{- end }}
 {{- join " " $entries }}
 {{- end }}
+
+{{/*
+CPUs a resources block grants, rounded up, at least 1: the cpu limit, else the request, else 1.
+Accepts "500m", "2", 2 or 1.5.
+*/}}
+{{- define "petals-chat.grantedCpus" -}}
+{{- $cpu := toString (coalesce (dig "limits" "cpu" "" .) (dig "requests" "cpu" "" .) "1") -}}
+{{- if hasSuffix "m" $cpu -}}
+{{- max 1 (div (add (atoi (trimSuffix "m" $cpu)) 999) 1000) -}}
+{{- else -}}
+{{- max 1 (int (ceil (float64 $cpu))) -}}
+{{- end -}}
+{{- end }}
