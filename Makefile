@@ -51,6 +51,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.inference_latency
+	$(PY) -m bench.lm_head
 
 bench-concurrency: $(STAMP)
 	$(PY) -m bench.concurrency

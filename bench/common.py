@@ -1,10 +1,43 @@
-"""Helpers shared by the benchmarks: the machine's description and signal handling."""
+"""Helpers shared by the benchmarks: the models they run, the machine's description, signal handling."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+from services.swarm.smollm2 import ensure_smollm2
+from services.swarm.tiny_bloom import ensure_tiny_bloom
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """An embedded model a benchmark can run, and how its private swarm splits it."""
+
+    name: str
+    build: Callable[[], Path]
+    blocks: tuple[str, ...]  # one block range per Petals server
+    description: str
+
+
+BENCH_MODELS = {
+    model.name: model
+    for model in (
+        BenchModel("tiny-bloom", ensure_tiny_bloom, ("0:2", "2:4"), "tiny BLOOM (4 blocks, hidden 64, random weights)"),
+        BenchModel(
+            "smollm2-135m-instruct", ensure_smollm2, ("0:15", "15:30"), "SmolLM2-135M-Instruct (30 Llama blocks, GQA)"
+        ),
+    )
+}
+
+
+def add_models_argument(parser: argparse.ArgumentParser, default: tuple[str, ...] = tuple(BENCH_MODELS)) -> None:
+    """``--models``: which embedded models to measure, one after the other (each on a swarm of its own)."""
+    parser.add_argument("--models", nargs="+", choices=BENCH_MODELS, default=list(default),
+                        help=f"models to measure (default: {' '.join(default)})")  # fmt: skip
 
 
 def _proc_field(path: str, name: str) -> str | None:

@@ -1,9 +1,10 @@
 """Concurrent sessions: raw Petals client vs the inference service (v1 per token, v2 stream) vs the gateway.
 
-One run starts a private swarm on loopback (tiny offline BLOOM, 4 blocks, 2 servers "0:2" and
-"2:4"), timing each part's cold start to ready, then one inference service, one gateway and the
-ui (gunicorn), and the raw Petals client in a process of its own (bench/raw_process.py: nothing
-else shares its interpreter, as for a user of the bare library). For each number of concurrent sessions
+For each model (``--models``: the offline tiny BLOOM, 2 servers "0:2" and "2:4", and SmolLM2-135M,
+2 servers "0:15" and "15:30"), one run starts a private swarm on loopback, timing each part's cold
+start to ready, then one inference service, one gateway and the ui (gunicorn), and the raw Petals
+client in a process of its own (bench/raw_process.py: nothing else shares its interpreter, as for a
+user of the bare library). For each number of concurrent sessions
 (``--sessions``, default 1 4 16 32) and each of ``--rounds`` rounds, every client runs that many
 sessions at once, each generating ``--tokens`` tokens greedily from its own prompt; the clients take
 turns within a round, the order rotating from round to round so drift hits all alike. Clients:
@@ -42,13 +43,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import exit_on_sigterm, load_average, machine_description
+from bench.common import (
+    BENCH_MODELS,
+    BenchModel,
+    add_models_argument,
+    exit_on_sigterm,
+    load_average,
+    machine_description,
+)
 from bench.inference_latency import DHT_PREFIX, RawClient, ServiceClient  # sets HF_HUB_OFFLINE first
 from bench.raw_process import RawProcess
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port, ui_process
 from services.common.sse import parse_sse
 from services.swarm.launcher import PrivateSwarm
-from services.swarm.tiny_bloom import ensure_tiny_bloom
 
 TARGETS = (  # issue 16's, printed with a verdict each, never asserted
     "16 and 32 sessions: every client at least 100 tokens/s and 0.95x the raw client, zero errors",
@@ -447,8 +454,9 @@ def timed(start: Callable[[], object]) -> float:
 class Stack:
     """What one run starts: the swarm, the services, the raw client; stopped by ``stop``, whatever happened."""
 
-    model_dir: Path
+    model: BenchModel
     logs: Path
+    model_dir: Path | None = None
     swarm: PrivateSwarm | None = None
     services: list[ServiceProcess] = field(default_factory=list)
     raw: RawProcess | None = None
@@ -456,7 +464,8 @@ class Stack:
 
     def start(self) -> None:
         """Start everything one after the other, timing each part's cold start to ready."""
-        self.swarm = PrivateSwarm(self.model_dir, ["0:2", "2:4"], self.logs / "swarm", dht_prefix=DHT_PREFIX)
+        self.model_dir = self.model.build()
+        self.swarm = PrivateSwarm(self.model_dir, self.model.blocks, self.logs / "swarm", dht_prefix=DHT_PREFIX)
         self.cold_start_s["swarm (2 servers, to all Started)"] = timed(lambda: self.swarm.start(240))
         inference = inference_process(
             model_dir=self.model_dir,
@@ -516,10 +525,10 @@ class Stack:
             self.swarm.stop()
 
 
-def print_header(args: argparse.Namespace) -> None:
-    print(f"\nmachine: {machine_description()}")
-    print("swarm: 2 Petals servers (blocks 0:2, 2:4) on loopback, --attn_cache_tokens 32768; "
-          "model: tiny BLOOM (4 blocks, hidden 64), float32, CPU")  # fmt: skip
+def print_header(args: argparse.Namespace, model: BenchModel) -> None:
+    print(f"\n=== {model.name}\nmachine: {machine_description()}")
+    print(f"swarm: {len(model.blocks)} Petals servers (blocks {', '.join(model.blocks)}) on loopback, "
+          f"--attn_cache_tokens 32768; model: {model.description}, float32, CPU")  # fmt: skip
     print(f"services: inference {INFERENCE_ENV}, gateway {GATEWAY_ENV} (2 workers); HTTP clients: http.client")
     print(f"workload: N concurrent sessions x {args.tokens} greedy tokens, different prompts, {args.rounds} "
           f"rounds, client order rotating; load average at end {load_average()}")  # fmt: skip
@@ -533,6 +542,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", nargs="+", choices=CLIENTS, default=list(CLIENTS), help="(raw always runs)")
     parser.add_argument("--run-timeout", type=float, default=300.0, help="seconds one run may take (default 300)")
     parser.add_argument("--log-dir", type=Path, help="keep the processes' logs here (default: a temporary directory)")
+    add_models_argument(parser)
     args = parser.parse_args(argv)
     if args.tokens < 2 or args.rounds < 1 or min(args.sessions) < 1 or max(args.sessions) > 32:
         parser.error("--tokens must be at least 2, --rounds at least 1, --sessions between 1 and 32")
@@ -546,13 +556,20 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecation noise
     signal.signal(signal.SIGTERM, exit_on_sigterm)  # e.g. from `timeout`: still stop what we started
     print(f"machine: {machine_description()}; load average at start {load_average()}", flush=True)
+    for name in args.models:
+        print(f"\n=== {name}", flush=True)
+        measure_model(BENCH_MODELS[name], clients, args)
+
+
+def measure_model(model: BenchModel, clients: list[str], args: argparse.Namespace) -> None:
+    """One model's whole run: its own swarm and services, the measurements, the report."""
     with tempfile.TemporaryDirectory(prefix="petals-chat-bench-") as work_dir:
-        stack = Stack(ensure_tiny_bloom(), args.log_dir or Path(work_dir))
+        stack = Stack(model, (args.log_dir or Path(work_dir)) / model.name)
         try:
             stack.start()
             functions = stack.load_functions()
             runs = measure({name: functions[name] for name in clients}, args, stack.process_groups())
-            print_header(args)
+            print_header(args, model)
             print("\ncold start to ready (s):")
             print_table([(name, f"{seconds:.1f}") for name, seconds in stack.cold_start_s.items()])
             print()

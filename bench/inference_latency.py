@@ -1,8 +1,9 @@
 """Per-token latency: raw Petals client vs the inference HTTP API vs the gateway in front of it.
 
-One run starts a private swarm on loopback (tiny offline BLOOM, 4 blocks, 2 servers "0:2" and
-"2:4"), one inference service and one gateway (gunicorn) on it, and the raw Petals client in a
-process of its own (bench/raw_process.py) on the same swarm. The same prompt is generated
+For each model (``--models``: the offline tiny BLOOM on 2 servers "0:2" and "2:4", SmolLM2-135M on
+"0:15" and "15:30"), one run starts a private swarm on loopback, one inference service and one
+gateway (gunicorn) on it, and the raw Petals client in a process of its own
+(bench/raw_process.py) on the same swarm. The same prompt is generated
 greedily in two modes, for ``--rounds`` rounds, the three clients taking turns within each round
 (the order rotating) so drift hits all alike:
 
@@ -38,12 +39,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import torch  # this and everything below is imported after HF_HUB_OFFLINE is set: the hub reads it at import
 
-from bench.common import exit_on_sigterm, machine_description
+from bench.common import BENCH_MODELS, BenchModel, add_models_argument, exit_on_sigterm, machine_description
 from bench.raw_process import RawProcess
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port
 from services.inference import petals_compat
 from services.swarm.launcher import PrivateSwarm
-from services.swarm.tiny_bloom import ensure_tiny_bloom
 
 PROMPT = "The quick brown fox jumps over the lazy dog, and then"
 DHT_PREFIX = "petals-chat-bench"
@@ -181,10 +181,11 @@ def _ms(samples: list[float]) -> tuple[float, float]:
     return statistics.median(samples) * 1000, statistics.fmean(samples) * 1000
 
 
-def report(modes: dict[str, Samples], match: bool, tokens: int, rounds: int) -> None:
+def report(model: BenchModel, modes: dict[str, Samples], match: bool, tokens: int, rounds: int) -> None:
     """Print the machine facts, the comparison table and the verdicts against the targets."""
-    print(f"\nmachine: {machine_description()}")
-    print("swarm: 2 Petals servers (blocks 0:2, 2:4) on loopback; model: tiny BLOOM, 4 blocks, float32, CPU")
+    print(f"\n=== {model.name}\nmachine: {machine_description()}")
+    print(f"swarm: {len(model.blocks)} Petals servers (blocks {', '.join(model.blocks)}) on loopback; "
+          f"model: {model.description}, float32, CPU")  # fmt: skip
     print(f"workload: greedy, {tokens} tokens, {rounds} rounds, clients taking turns; figures in ms per token")
     rows = [("mode", "client", "n", "p50", "mean", "p50/raw", "+ms p50 vs raw", "+ms p50 vs inference")]
     verdicts = []
@@ -212,14 +213,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32, help="tokens generated per measurement (default 32)")
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds (default 5)")
+    add_models_argument(parser)
     args = parser.parse_args(argv)
     if args.tokens < 2 or args.rounds < 1:
         parser.error("--tokens must be at least 2 and --rounds at least 1")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecation noise
     signal.signal(signal.SIGTERM, exit_on_sigterm)  # e.g. from `timeout`: still stop what we started
-    model_dir = ensure_tiny_bloom()
+    for name in args.models:
+        measure_model(BENCH_MODELS[name], args)
+
+
+def measure_model(model: BenchModel, args: argparse.Namespace) -> None:
+    """One model's run: its own swarm, service, gateway and raw client; measure, report, stop."""
+    model_dir = model.build()
     with tempfile.TemporaryDirectory(prefix="petals-chat-bench-") as work_dir:
-        swarm = PrivateSwarm(model_dir, ["0:2", "2:4"], Path(work_dir) / "swarm", dht_prefix=DHT_PREFIX)
+        swarm = PrivateSwarm(model_dir, model.blocks, Path(work_dir) / "swarm", dht_prefix=DHT_PREFIX)
         services: list[ServiceProcess] = []
         raw = None
         try:
@@ -252,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
             }
             per_call, one_shot, match = measure(clients, args.tokens, args.rounds)
             modes = {"a: 1 token/request": per_call, f"b: 1 request/{args.tokens} tokens": one_shot}
-            report(modes, match, args.tokens, args.rounds)
+            report(model, modes, match, args.tokens, args.rounds)
         finally:
             for service in reversed(services):
                 service.stop()
