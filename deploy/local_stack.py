@@ -2,7 +2,8 @@
 
 Used by ``make run`` (deploy/run_local.py) and by the integration tests, so both exercise
 the same processes the same way. Every process is started in its own process group and
-stopped by that group's id: SIGTERM first (graceful: sessions are closed), SIGKILL after.
+stopped by that group's id: SIGTERM first (graceful: sessions are closed), SIGKILL after. Each
+group also dies with the process that started it, even SIGKILLed (services/common/lifeline.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.lifeline import kill_group, spawn
 from services.swarm.launcher import PrivateSwarm, pick_free_port
 from services.swarm.tiny_bloom import ensure_tiny_bloom
 
@@ -50,14 +52,13 @@ class ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its whole life
         env = {**os.environ, **self.env, "BIND": f"{self.host}:{self.port}", "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(
+        self.process = spawn(
             [sys.executable, "-m", "gunicorn", "--config", self.config],
             cwd=REPO_ROOT,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            start_new_session=True,
         )
         log.close()
         return self
@@ -99,8 +100,7 @@ class ServiceProcess:
                 kill(self.process.pid, sig)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(wait)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)  # stragglers of the group
+        kill_group(self.process.pid)  # stragglers of the group
         return self.process.returncode
 
     def log_tail(self, lines: int = 40) -> str:

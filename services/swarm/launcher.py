@@ -6,7 +6,8 @@ server's multiaddr. Readiness comes from the servers themselves: each one prints
 multiaddr when its DHT node is up and ``Started`` once its blocks are loaded and announced.
 
 Every server runs in its own process group (the server forks workers and a p2pd daemon), so
-``stop()`` ends everything it started by process-group id, and nothing else.
+``stop()`` ends everything it started by process-group id, and nothing else; and each group
+dies with the process that started it, even SIGKILLed (services/common/lifeline.py).
 
 CLI (used by ``make run`` through deploy/run_local.py, handy on its own too):
 ``python -m services.swarm.launcher --blocks 0:2 2:4`` runs until Ctrl-C.
@@ -28,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+from services.common.lifeline import kill_group, spawn
 
 _MULTIADDR = re.compile(r"Running a server on \['(?P<addr>/ip4/[^']+/p2p/\w+)'")
 _STARTED = re.compile(r"\[INFO\] Started\s*$")
@@ -116,7 +119,7 @@ class SwarmServer:
 
     def kill(self) -> None:
         """SIGKILL the server's process group at once (a crash, for fault tests)."""
-        _reap_group(self.process.pid)
+        kill_group(self.process.pid)
         self.process.wait(10)
 
     def stop(self, timeout: float) -> None:
@@ -132,13 +135,7 @@ class SwarmServer:
                 self.process.wait(wait)
             except subprocess.TimeoutExpired:
                 continue
-        _reap_group(self.process.pid)
-
-
-def _reap_group(pgid: int) -> None:
-    """Make sure no process of a server's group (workers, p2pd) outlives the server."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
+        kill_group(self.process.pid)  # no process of the group (workers, p2pd) outlives the server
 
 
 class PrivateSwarm:
@@ -213,7 +210,7 @@ class PrivateSwarm:
         threads = str(self.torch_threads)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads,
                "MKL_NUM_THREADS": threads}  # fmt: skip
-        process = subprocess.Popen(
+        process = spawn(
             command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -221,7 +218,6 @@ class PrivateSwarm:
             text=True,
             errors="replace",
             env=env,
-            start_new_session=True,
         )
         server = SwarmServer(f"petals server {index} (blocks {blocks})", process, self.work_dir / f"server-{index}.log")
         threading.Thread(target=server.follow_log, args=(process.stdout,), daemon=True).start()

@@ -1,4 +1,12 @@
-"""``make run``'s runner brings up swarm + services and answers the curl shown in the README."""
+"""``make run``'s runner brings up swarm + services and answers the curl shown in the README; and
+however it is stopped (Ctrl-C with SIGINT ignored at its start, SIGTERM with its stdout's reader
+gone, SIGKILL), no process it started is left behind.
+
+"Every process it started" is read from /proc while the stack is up: the runner's descendants,
+and every member of the sessions its children lead (each server and service has a session of
+its own, so a process orphaned by a dead parent is still found). Whatever the outcome, each test
+ends by SIGKILLing whatever of that set still runs, so a failing test leaves nothing behind.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +18,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy.local_stack import REPO_ROOT, pick_free_port
+from tests.helpers import wait_until
+
+STOP_TIMEOUT_S = 60  # a clean stop: SIGTERM, the services' and servers' grace periods, SIGKILL
+DIE_WITH_RUNNER_S = 30  # a SIGKILLed runner: everything it started is gone within this
 
 
 def readme_curl_commands() -> list[str]:
@@ -32,10 +47,99 @@ def answer_is_ok(output: str) -> bool:
     return answer.get("ok") is True or bool(answer.get("choices"))
 
 
-def test_local_runner_answers_the_readme_curl(artifacts_dir: Path):
+@dataclass(frozen=True)
+class Proc:
+    """One process as /proc shows it; ``start`` (boot ticks) tells it apart from a later one with its PID."""
+
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    start: int
+    state: str
+    cmdline: str
+
+
+def read_proc(pid: int) -> Proc | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm)"; comm may hold spaces
+    return Proc(pid, int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]), fields[0], cmdline.strip())
+
+
+def process_table() -> dict[int, Proc]:
+    procs = (read_proc(int(entry.name)) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+    return {proc.pid: proc for proc in procs if proc is not None}
+
+
+def started_by(runner_pid: int) -> dict[int, Proc]:
+    """Every process ``runner_pid`` started: its descendants and the members of its children's sessions."""
+    table = process_table()
+    found, index = [runner_pid], 0
+    while index < len(found):
+        found += [proc.pid for proc in table.values() if proc.ppid == found[index] and proc.pid not in found]
+        index += 1
+    sessions = {table[pid].sid for pid in found[1:] if pid in table} - {table[runner_pid].sid}
+    pids = set(found[1:]) | {proc.pid for proc in table.values() if proc.sid in sessions}
+    return {pid: table[pid] for pid in pids if pid in table}
+
+
+def still_running(recorded: dict[int, Proc]) -> list[Proc]:
+    """The recorded processes that still run (a zombie has ended; a reused PID is someone else)."""
+    alive = []
+    for proc in recorded.values():
+        now = read_proc(proc.pid)
+        if now is not None and now.start == proc.start and now.state not in "ZX":
+            alive.append(now)
+    return alive
+
+
+def kill_all(recorded: dict[int, Proc]) -> None:
+    """SIGKILL every recorded process that still runs, and its group."""
+    for proc in still_running(recorded):
+        for kill, target in ((os.killpg, proc.pgid), (os.kill, proc.pid)):
+            with suppress(ProcessLookupError, PermissionError):
+                kill(target, signal.SIGKILL)
+
+
+def describe(procs: list[Proc]) -> str:
+    return "\n".join(f"  {proc.pid} (group {proc.pgid}, {proc.state}): {proc.cmdline[:120]}" for proc in procs)
+
+
+@dataclass
+class Runner:
+    process: subprocess.Popen
+    port: int
+    output: str = ""
+    recorded: dict[int, Proc] = field(default_factory=dict)
+
+    def record(self) -> dict[int, Proc]:
+        """Add what the runner has started by now to the processes the test must see gone."""
+        self.recorded.update(started_by(self.process.pid))
+        return self.recorded
+
+    def assert_all_gone(self, timeout: float) -> None:
+        assert wait_until(lambda: not still_running(self.recorded), timeout), (
+            f"still running {timeout} s after the stop:\n{describe(still_running(self.recorded))}"
+        )
+
+
+@contextmanager
+def local_runner(
+    state_dir: Path, *, replicas: int = 2, preexec_fn: Callable[[], None] | None = None
+) -> Iterator[Runner]:
+    """``python -m deploy.run_local`` on free ports, up; on the way out, nothing it started survives."""
     port = pick_free_port()
-    env = {**os.environ, "PUBLIC_PORT": str(port), "LOCAL_STATE_DIR": str(artifacts_dir / "run-local")}
-    runner = subprocess.Popen(
+    env = {
+        **os.environ,
+        "PUBLIC_PORT": str(port),
+        "LOCAL_STATE_DIR": str(state_dir),
+        "INFERENCE_REPLICAS_LOCAL": str(replicas),
+    }
+    process = subprocess.Popen(
         [sys.executable, "-m", "deploy.run_local"],
         cwd=REPO_ROOT,
         env=env,
@@ -43,23 +147,78 @@ def test_local_runner_answers_the_readme_curl(artifacts_dir: Path):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=preexec_fn,  # a signal disposition, set in the child before exec
     )
+    runner = Runner(process, port)
     try:
-        output = ""
         deadline = time.monotonic() + 240
-        while "Press Ctrl-C to stop." not in output:
-            line = runner.stdout.readline()
-            assert line or runner.poll() is None, f"runner exited early:\n{output}"
-            output += line
-            assert time.monotonic() < deadline, f"runner not up in time:\n{output}"
-        assert f"http://127.0.0.1:{port}/api/v1/" in output
+        while "Press Ctrl-C to stop." not in runner.output:
+            line = process.stdout.readline()
+            assert line or process.poll() is None, f"runner exited early:\n{runner.output}"
+            runner.output += line
+            assert time.monotonic() < deadline, f"runner not up in time:\n{runner.output}"
+        assert f"http://127.0.0.1:{port}/api/v1/" in runner.output
+        recorded = runner.record()
+        commands = [proc.cmdline for proc in recorded.values()]
+        servers = len(os.environ.get("LOCAL_SWARM_BLOCKS", "0:2 2:4").split())
+        # What the runner starts: the Petals servers with their forks and p2pd, replicas + ui + gateway
+        # under gunicorn (master and workers; each inference worker with its own p2pd), the watchdog.
+        assert sum("petals.cli.run_server" in command for command in commands) > servers, describe(recorded.values())
+        assert sum("gunicorn" in command for command in commands) > replicas + 2, describe(recorded.values())
+        assert sum("p2pd" in command for command in commands) >= servers + replicas, describe(recorded.values())
+        assert any("services.common.lifeline" in command for command in commands), describe(recorded.values())
+        yield runner
+    finally:
+        if process.poll() is None:
+            runner.record()
+            process.kill()
+        process.wait(10)
+        leftovers = still_running(runner.recorded)
+        kill_all(runner.recorded)
+        if process.stdout is not None:
+            process.stdout.close()
+    assert not leftovers, f"left running after the test:\n{describe(leftovers)}"
+
+
+def test_local_runner_answers_the_readme_curl(artifacts_dir: Path):
+    with local_runner(artifacts_dir / "run-local") as runner:
         commands = readme_curl_commands()
         assert commands, "the README example has no curl command"
         for command in commands:
-            command = command.replace("127.0.0.1:5000", f"127.0.0.1:{port}")
+            command = command.replace("127.0.0.1:5000", f"127.0.0.1:{runner.port}")
             result = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=60, check=True)
             assert answer_is_ok(result.stdout), result.stdout
-    finally:
-        os.killpg(runner.pid, signal.SIGINT)  # what Ctrl-C does
-        runner.wait(60)
-    assert runner.returncode == 0
+        runner.record()
+        os.killpg(runner.process.pid, signal.SIGINT)  # what Ctrl-C does
+        assert runner.process.wait(STOP_TIMEOUT_S) == 0, runner.output
+        runner.assert_all_gone(10)
+
+
+def test_ctrl_c_stops_a_runner_started_with_sigint_ignored(artifacts_dir: Path):
+    """`make run &` from a script: the runner inherits SIGINT ignored; a Ctrl-C must still stop it all."""
+    with local_runner(
+        artifacts_dir / "run-local-sigint", replicas=1, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ) as runner:
+        runner.record()
+        os.killpg(runner.process.pid, signal.SIGINT)
+        assert runner.process.wait(STOP_TIMEOUT_S) == 0, runner.output
+        runner.assert_all_gone(10)
+
+
+def test_sigterm_stops_everything_when_nobody_reads_the_output(artifacts_dir: Path):
+    """The reader of the runner's stdout is gone: "Stopping..." cannot be written, the clean-up still runs."""
+    with local_runner(artifacts_dir / "run-local-pipe", replicas=1) as runner:
+        runner.record()
+        runner.process.stdout.close()  # the only reader of the pipe
+        runner.process.terminate()
+        assert runner.process.wait(STOP_TIMEOUT_S) == 0
+        runner.assert_all_gone(10)
+
+
+def test_a_sigkilled_runner_takes_everything_it_started_with_it(artifacts_dir: Path):
+    """A supervisor's timeout: the runner gets SIGKILL and has no chance to stop anything itself."""
+    with local_runner(artifacts_dir / "run-local-sigkill", replicas=1) as runner:
+        runner.record()
+        runner.process.kill()
+        runner.process.wait(10)
+        runner.assert_all_gone(DIE_WITH_RUNNER_S)
