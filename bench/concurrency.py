@@ -55,7 +55,7 @@ from bench.inference_latency import DHT_PREFIX, RawClient, ServiceClient  # sets
 from bench.raw_process import RawProcess
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port, ui_process
 from services.common.sse import parse_sse
-from services.swarm.launcher import PrivateSwarm
+from services.swarm.launcher import SERVER_TORCH_THREADS, PrivateSwarm
 
 TARGETS = (  # issue 16's, printed with a verdict each, never asserted
     "16 and 32 sessions: every client at least 100 tokens/s and 0.95x the raw client, zero errors",
@@ -456,6 +456,7 @@ class Stack:
 
     model: BenchModel
     logs: Path
+    server_threads: int | None = SERVER_TORCH_THREADS
     model_dir: Path | None = None
     swarm: PrivateSwarm | None = None
     services: list[ServiceProcess] = field(default_factory=list)
@@ -465,7 +466,8 @@ class Stack:
     def start(self) -> None:
         """Start everything one after the other, timing each part's cold start to ready."""
         self.model_dir = self.model.build()
-        self.swarm = PrivateSwarm(self.model_dir, self.model.blocks, self.logs / "swarm", dht_prefix=DHT_PREFIX)
+        self.swarm = PrivateSwarm(self.model_dir, self.model.blocks, self.logs / "swarm", dht_prefix=DHT_PREFIX,
+                                  torch_threads=self.server_threads)  # fmt: skip
         self.cold_start_s["swarm (2 servers, to all Started)"] = timed(lambda: self.swarm.start(240))
         inference = inference_process(
             model_dir=self.model_dir,
@@ -525,10 +527,11 @@ class Stack:
             self.swarm.stop()
 
 
-def print_header(args: argparse.Namespace, model: BenchModel) -> None:
+def print_header(args: argparse.Namespace, model: BenchModel, server_threads: int | None) -> None:
     print(f"\n=== {model.name}\nmachine: {machine_description()}")
     print(f"swarm: {len(model.blocks)} Petals servers (blocks {', '.join(model.blocks)}) on loopback, "
-          f"--attn_cache_tokens 32768; model: {model.description}, float32, CPU")  # fmt: skip
+          f"--attn_cache_tokens 32768, torch threads per server process: {server_threads or 'torch default'}; "
+          f"model: {model.description}, float32, CPU")  # fmt: skip
     print(f"services: inference {INFERENCE_ENV}, gateway {GATEWAY_ENV} (2 workers); HTTP clients: http.client")
     print(f"workload: N concurrent sessions x {args.tokens} greedy tokens, different prompts, {args.rounds} "
           f"rounds, client order rotating; load average at end {load_average()}")  # fmt: skip
@@ -543,6 +546,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-timeout", type=float, default=300.0, help="seconds one run may take (default 300)")
     parser.add_argument("--log-dir", type=Path, help="keep the processes' logs here (default: a temporary directory)")
     add_models_argument(parser)
+    parser.add_argument("--server-threads", type=int, nargs="+", default=[SERVER_TORCH_THREADS],
+                        help="torch threads of every Petals server process, one whole run each; 0: torch's "
+                        f"default, one per core, as before issue 16 (default {SERVER_TORCH_THREADS})")  # fmt: skip
     args = parser.parse_args(argv)
     if args.tokens < 2 or args.rounds < 1 or min(args.sessions) < 1 or max(args.sessions) > 32:
         parser.error("--tokens must be at least 2, --rounds at least 1, --sessions between 1 and 32")
@@ -557,19 +563,21 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, exit_on_sigterm)  # e.g. from `timeout`: still stop what we started
     print(f"machine: {machine_description()}; load average at start {load_average()}", flush=True)
     for name in args.models:
-        print(f"\n=== {name}", flush=True)
-        measure_model(BENCH_MODELS[name], clients, args)
+        for threads in args.server_threads:
+            print(f"\n=== {name}, server threads {threads or 'torch default'}", flush=True)
+            measure_model(BENCH_MODELS[name], threads or None, clients, args)
 
 
-def measure_model(model: BenchModel, clients: list[str], args: argparse.Namespace) -> None:
+def measure_model(model: BenchModel, server_threads: int | None, clients: list[str], args: argparse.Namespace) -> None:
     """One model's whole run: its own swarm and services, the measurements, the report."""
     with tempfile.TemporaryDirectory(prefix="petals-chat-bench-") as work_dir:
-        stack = Stack(model, (args.log_dir or Path(work_dir)) / model.name)
+        logs = (args.log_dir or Path(work_dir)) / f"{model.name}-threads-{server_threads or 'default'}"
+        stack = Stack(model, logs, server_threads)
         try:
             stack.start()
             functions = stack.load_functions()
             runs = measure({name: functions[name] for name in clients}, args, stack.process_groups())
-            print_header(args, model)
+            print_header(args, model, server_threads)
             print("\ncold start to ready (s):")
             print_table([(name, f"{seconds:.1f}") for name, seconds in stack.cold_start_s.items()])
             print()

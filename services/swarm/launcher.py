@@ -150,7 +150,7 @@ class PrivateSwarm:
         dht_prefix: str = "petals-chat",
         host: str = "127.0.0.1",
         ports: Sequence[int] | None = None,
-        torch_threads: int = SERVER_TORCH_THREADS,
+        torch_threads: int | None = SERVER_TORCH_THREADS,  # None: torch's default (one per core)
     ) -> None:
         if not block_ranges:
             raise ValueError("a swarm needs at least one server (one block range)")
@@ -207,9 +207,9 @@ class PrivateSwarm:
             identity_path=self.work_dir / f"server-{index}.id",
             initial_peers=self.initial_peers,  # the servers running now
         )
-        threads = str(self.torch_threads)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads,
-               "MKL_NUM_THREADS": threads}  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        if self.torch_threads is not None:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.torch_threads)
         process = spawn(
             command,
             stdout=subprocess.PIPE,
