@@ -1,5 +1,9 @@
 """The local all-in-one stack: a private swarm on loopback plus the services under gunicorn.
 
+It serves several models (``LocalModel``; ``make run``: SmolLM2-135M-Instruct, the default, and
+the tiny BLOOM) from one private swarm: each model's Petals servers under its own DHT prefix in
+one DHT, and inference replicas per model behind one gateway.
+
 Used by ``make run`` (deploy/run_local.py) and by the integration tests, so both exercise
 the same processes the same way. Every process is started in its own process group and
 stopped by that group's id: SIGTERM first (graceful: sessions are closed), SIGKILL after. Each
@@ -16,11 +20,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.lifeline import kill_group, spawn
-from services.swarm.launcher import PrivateSwarm, pick_free_port
+from services.swarm.launcher import PrivateSwarm, SwarmModel, pick_free_port
+from services.swarm.smollm2 import ensure_smollm2
 from services.swarm.tiny_bloom import ensure_tiny_bloom
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +128,37 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
         return None
 
 
-LOCAL_MODEL_NAME = "tiny-bloom"  # what `make run` serves the embedded model as (GET /v1/models)
+@dataclass(frozen=True)
+class LocalModel:
+    """A model of the local stack: its public name and card line, its DHT prefix, one block range
+    per Petals server, and how to build (or find cached) its directory."""
+
+    name: str  # the replicas' MODEL_NAME (GET /v1/models, the requests' model)
+    description: str  # the replicas' MODEL_DESCRIPTION (under the chat page's picker)
+    dht_prefix: str
+    block_ranges: tuple[str, ...]
+    build: Callable[[], Path] = field(repr=False, compare=False)
+    setting: str = ""  # the local runner's setting of its block ranges (LOCAL_SWARM_BLOCKS_<KEY>)
+
+
+SMOLLM2 = LocalModel(
+    name="smollm2-135m-instruct",
+    description="SmolLM2 135M Instruct: a small real chat model (Apache-2.0)",
+    dht_prefix="petals-chat-smollm2",
+    block_ranges=("0:15", "15:30"),
+    build=ensure_smollm2,
+    setting="LOCAL_SWARM_BLOCKS_SMOLLM2",
+)
+TINY_BLOOM = LocalModel(
+    name="tiny-bloom",
+    description="Tiny BLOOM: 4 random-weight blocks, gibberish by design (the exact-output tests' model)",
+    dht_prefix="petals-chat",
+    block_ranges=("0:2", "2:4"),
+    build=ensure_tiny_bloom,
+    setting="LOCAL_SWARM_BLOCKS_TINY_BLOOM",
+)
+LOCAL_MODELS = {model.name: model for model in (SMOLLM2, TINY_BLOOM)}  # what the local stack can serve
+DEFAULT_LOCAL_MODELS = (SMOLLM2, TINY_BLOOM)  # what `make run` serves; the first is the default model
 
 
 def inference_process(
@@ -166,23 +202,30 @@ def ui_process(*, port: int, log_path: Path, extra_env: dict[str, str] | None = 
 
 
 class LocalStack:
-    """Private swarm + inference replicas + gateway, started and stopped together."""
+    """Private swarm + inference replicas + gateway, started and stopped together.
+
+    Every model of ``models`` gets its Petals servers (one per block range) in the one swarm and
+    ``inference_replicas`` replicas (``inference-<model>-<n>``); the first model is the gateway's
+    ``DEFAULT_MODEL``, so the chat page opens with it.
+    """
 
     def __init__(
         self,
         *,
         public_port: int = 5000,
-        block_ranges: tuple[str, ...] = ("0:2", "2:4"),
-        inference_replicas: int = 2,
+        models: Sequence[LocalModel] = DEFAULT_LOCAL_MODELS,
+        inference_replicas: int = 1,
         state_dir: Path = DEFAULT_STATE_DIR,
-        dht_prefix: str = "petals-chat",
     ) -> None:
+        if not models:
+            raise ValueError("the local stack needs at least one model")
         self.public_port = public_port
+        self.models = list(models)
         self.inference_replicas = inference_replicas
         self.state_dir = Path(state_dir)
-        self.dht_prefix = dht_prefix
-        self.model_dir = ensure_tiny_bloom()
-        self.swarm = PrivateSwarm(self.model_dir, block_ranges, self.state_dir / "swarm", dht_prefix=dht_prefix)
+        self.model_dirs = {model.name: model.build() for model in self.models}
+        swarm_models = [SwarmModel(self.model_dirs[m.name], m.block_ranges, m.dht_prefix) for m in self.models]
+        self.swarm = PrivateSwarm.of_models(swarm_models, self.state_dir / "swarm")
         self.services: list[ServiceProcess] = []
 
     def start(self, timeout: float = 240.0) -> LocalStack:
@@ -191,18 +234,20 @@ class LocalStack:
         try:
             self.swarm.start(timeout)
             replicas = {}
-            for index in range(self.inference_replicas):
-                replica = inference_process(
-                    model_dir=self.model_dir,
-                    initial_peers=self.swarm.initial_peers,
-                    dht_prefix=self.dht_prefix,
-                    port=self.public_port + 10 + index,
-                    log_path=logs / f"inference-{index}.log",
-                    replica_id=f"inference-{index}",
-                    extra_env={"MODEL_NAME": LOCAL_MODEL_NAME},
-                )
-                self.services.append(replica.start())
-                replicas[replica.name] = replica.base_url
+            for model in self.models:
+                for index in range(self.inference_replicas):
+                    replica_id = f"inference-{model.name}-{index}"
+                    replica = inference_process(
+                        model_dir=self.model_dirs[model.name],
+                        initial_peers=self.swarm.initial_peers,
+                        dht_prefix=model.dht_prefix,
+                        port=self.public_port + 10 + len(replicas),
+                        log_path=logs / f"{replica_id}.log",
+                        replica_id=replica_id,
+                        extra_env={"MODEL_NAME": model.name, "MODEL_DESCRIPTION": model.description},
+                    )
+                    self.services.append(replica.start())
+                    replicas[replica.name] = replica.base_url
             ui = ui_process(port=self.public_port + 9, log_path=logs / "ui.log")
             self.services.append(ui.start())
             for service in self.services:
@@ -211,7 +256,7 @@ class LocalStack:
                 replicas=replicas,
                 port=self.public_port,
                 log_path=logs / "gateway.log",
-                extra_env={"UI_URL": ui.base_url},
+                extra_env={"UI_URL": ui.base_url, "DEFAULT_MODEL": self.models[0].name},
             )
             self.services.append(gateway.start())
             gateway.wait_ready(timeout)
@@ -233,6 +278,11 @@ class LocalStack:
 
 
 __all__ = [
+    "DEFAULT_LOCAL_MODELS",
+    "LOCAL_MODELS",
+    "SMOLLM2",
+    "TINY_BLOOM",
+    "LocalModel",
     "LocalStack",
     "ServiceProcess",
     "StartupError",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from services.swarm.tiny_bloom import ensure_tiny_bloom
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 DHT_PREFIX = "petals-chat-test"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +34,18 @@ def artifacts_dir() -> Path:
     """Where logs and screenshots of this test run are kept."""
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless Chromium driven by Playwright (which never downloads a browser here)."""
+    os.environ.setdefault("PLAYWRIGHT_BROWSERS_PATH", tempfile.mkdtemp(prefix="pw-"))
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,12 @@
 """Start and stop a private Petals swarm on loopback.
 
-A swarm is N ``petals.cli.run_server`` processes, each serving a block range of one model.
-The first server creates the swarm (``--new_swarm``); the others join it through the first
-server's multiaddr. Readiness comes from the servers themselves: each one prints its
-multiaddr when its DHT node is up and ``Started`` once its blocks are loaded and announced.
+A swarm is N ``petals.cli.run_server`` processes, each serving a block range of one model; it
+may hold several models (``SwarmModel``: a directory, a DHT prefix, one block range per server),
+as the public swarm does: one DHT, each model's blocks announced under its own prefix. The
+first server creates the swarm (``--new_swarm``); the others, of whichever model, join it
+through the first server's multiaddr. Readiness comes from the servers themselves: each one
+prints its multiaddr when its DHT node is up and ``Started`` once its blocks are loaded and
+announced.
 
 Every server runs in its own process group (the server forks workers and a p2pd daemon), so
 ``stop()`` ends everything it started by process-group id, and nothing else; and each group
@@ -138,8 +141,26 @@ class SwarmServer:
         kill_group(self.process.pid)  # no process of the group (workers, p2pd) outlives the server
 
 
+@dataclass(frozen=True)
+class SwarmModel:
+    """One model of a swarm: its directory, its DHT prefix, and one block range per server."""
+
+    model_dir: Path
+    block_ranges: tuple[str, ...]
+    dht_prefix: str = "petals-chat"
+
+    def __post_init__(self) -> None:
+        if not self.block_ranges:
+            raise ValueError(f"model {self.dht_prefix!r} needs at least one server (one block range)")
+
+
 class PrivateSwarm:
-    """A private Petals swarm on loopback; use as a context manager or call start/stop."""
+    """A private Petals swarm on loopback; use as a context manager or call start/stop.
+
+    ``PrivateSwarm(model_dir, block_ranges, work_dir, dht_prefix=...)`` serves one model;
+    ``PrivateSwarm.of_models([SwarmModel(...), ...], work_dir)`` several, in one DHT. Servers are
+    numbered across all models, in order (``server-N.log``, ``server-N.id`` in ``work_dir``).
+    """
 
     def __init__(
         self,
@@ -151,17 +172,48 @@ class PrivateSwarm:
         host: str = "127.0.0.1",
         ports: Sequence[int] | None = None,
         torch_threads: int | None = SERVER_TORCH_THREADS,  # None: torch's default (one per core)
+        more_models: Sequence[SwarmModel] = (),
     ) -> None:
         if not block_ranges:
             raise ValueError("a swarm needs at least one server (one block range)")
-        self.model_dir = Path(model_dir)
-        self.block_ranges = list(block_ranges)
+        self.models = [SwarmModel(Path(model_dir), tuple(block_ranges), dht_prefix), *more_models]
+        prefixes = [model.dht_prefix for model in self.models]
+        if len(set(prefixes)) != len(prefixes):
+            raise ValueError(f"each model of a swarm needs its own DHT prefix, got {prefixes}")
+        # One entry per server, in start order: (its model, its block range).
+        self.plan = [(model, blocks) for model in self.models for blocks in model.block_ranges]
         self.work_dir = Path(work_dir)
-        self.dht_prefix = dht_prefix
         self.host = host
-        self.ports = list(ports) if ports else [pick_free_port(host) for _ in block_ranges]
+        self.ports = list(ports) if ports else [pick_free_port(host) for _ in self.plan]
+        if len(self.ports) != len(self.plan):
+            raise ValueError(f"{len(self.plan)} servers but {len(self.ports)} ports")
         self.torch_threads = torch_threads
         self.servers: list[SwarmServer] = []
+
+    @classmethod
+    def of_models(cls, models: Sequence[SwarmModel], work_dir: Path, **options) -> PrivateSwarm:
+        """A swarm of several models in one DHT; ``options`` as for the constructor (``ports``: one
+        per server, all models' servers in order)."""
+        if not models:
+            raise ValueError("a swarm needs at least one model")
+        first, *others = models
+        return cls(first.model_dir, first.block_ranges, work_dir, dht_prefix=first.dht_prefix, more_models=others,
+                   **options)  # fmt: skip
+
+    @property
+    def model_dir(self) -> Path:
+        """The first model's directory (the only one of a one-model swarm)."""
+        return self.models[0].model_dir
+
+    @property
+    def dht_prefix(self) -> str:
+        """The first model's DHT prefix (the only one of a one-model swarm)."""
+        return self.models[0].dht_prefix
+
+    @property
+    def block_ranges(self) -> list[str]:
+        """Every server's block range, in start order."""
+        return [blocks for _, blocks in self.plan]
 
     @property
     def initial_peers(self) -> list[str]:
@@ -173,8 +225,8 @@ class PrivateSwarm:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + timeout
         try:
-            for index, (blocks, port) in enumerate(zip(self.block_ranges, self.ports, strict=True)):
-                server = self._spawn(index, blocks, port)
+            for index in range(len(self.plan)):
+                server = self._spawn(index)
                 if index == 0:
                     server.wait_until(lambda s=server: s.multiaddr is not None, "its multiaddr", deadline)
             for server in self.servers:
@@ -184,26 +236,28 @@ class PrivateSwarm:
             raise
         return self
 
-    def add_server(self, blocks: str, timeout: float = 180.0) -> SwarmServer:
-        """Start one more server in this swarm; returns once it serves its blocks."""
-        self.block_ranges.append(blocks)
+    def add_server(self, blocks: str, timeout: float = 180.0, model: SwarmModel | None = None) -> SwarmServer:
+        """Start one more server in this swarm (of ``model``, default the first); returns once it
+        serves its blocks."""
+        self.plan.append((model or self.models[0], blocks))
         self.ports.append(pick_free_port(self.host))
-        return self.restart(len(self.block_ranges) - 1, timeout)
+        return self.restart(len(self.plan) - 1, timeout)
 
     def restart(self, index: int, timeout: float = 180.0) -> SwarmServer:
         """(Re)start server ``index`` with its identity and port, so its multiaddr is unchanged."""
         self.servers = [server for server in self.servers if server.process.poll() is None]
-        server = self._spawn(index, self.block_ranges[index], self.ports[index])
+        server = self._spawn(index)
         server.wait_until(server.started.is_set, "Started", time.monotonic() + timeout)
         return server
 
-    def _spawn(self, index: int, blocks: str, port: int) -> SwarmServer:
+    def _spawn(self, index: int) -> SwarmServer:
+        model, blocks = self.plan[index]
         command = server_command(
-            str(self.model_dir),
+            str(model.model_dir),
             block_indices=blocks,
-            dht_prefix=self.dht_prefix,
+            dht_prefix=model.dht_prefix,
             host=self.host,
-            port=port,
+            port=self.ports[index],
             identity_path=self.work_dir / f"server-{index}.id",
             initial_peers=self.initial_peers,  # the servers running now
         )
@@ -219,7 +273,8 @@ class PrivateSwarm:
             errors="replace",
             env=env,
         )
-        server = SwarmServer(f"petals server {index} (blocks {blocks})", process, self.work_dir / f"server-{index}.log")
+        what = f"blocks {blocks}" if len(self.models) == 1 else f"{model.dht_prefix} blocks {blocks}"
+        server = SwarmServer(f"petals server {index} ({what})", process, self.work_dir / f"server-{index}.log")
         threading.Thread(target=server.follow_log, args=(process.stdout,), daemon=True).start()
         self.servers.append(server)
         return server

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +19,6 @@ PREAMBLE = "A human talks to a powerful AI that follows the human's instructions
 SEP = "\n\n"
 STOP = "\n\nHuman:"
 CHATML_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +36,6 @@ def site(inference, chatml_inference, ui, artifacts_dir) -> Iterator[str]:
     gateway = start_gateway(artifacts_dir, replicas, "gateway-site", UI_URL=ui.base_url)
     yield gateway.base_url
     gateway.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    os.environ.setdefault("PLAYWRIGHT_BROWSERS_PATH", tempfile.mkdtemp(prefix="pw-"))  # never downloads
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture

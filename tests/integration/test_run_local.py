@@ -1,4 +1,5 @@
-"""``make run``'s runner brings up swarm + services and answers the curl shown in the README; and
+"""``make run``'s runner brings up swarm + services (both models, SmolLM2 the default), answers the
+curls shown in the README and, in the chat page as it opens, the real model's answer; and
 however it is stopped (Ctrl-C with SIGINT ignored at its start, SIGTERM with its stdout's reader
 gone, SIGKILL), no process it started is left behind.
 
@@ -23,8 +24,10 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy.local_stack import REPO_ROOT, pick_free_port
+from deploy.local_stack import LOCAL_MODELS, REPO_ROOT, SMOLLM2, TINY_BLOOM, pick_free_port
 from tests.helpers import wait_until
+
+FRANCE = "What is the capital of France?"
 
 STOP_TIMEOUT_S = 60  # a clean stop: SIGTERM, the services' and servers' grace periods, SIGKILL
 DIE_WITH_RUNNER_S = 30  # a SIGKILLed runner: everything it started is gone within this
@@ -45,6 +48,47 @@ def answer_is_ok(output: str) -> bool:
         return last[0] == "event: done" and json.loads(last[1].removeprefix("data: "))["ok"] is True
     answer = json.loads(output)
     return answer.get("ok") is True or bool(answer.get("choices"))
+
+
+def answer_text(output: str) -> str:
+    """The generated text of an answer that ``answer_is_ok``."""
+    if output.startswith("event:"):
+        return json.loads(output.strip().split("\n\n")[-1].splitlines()[1].removeprefix("data: "))["outputs"]
+    answer = json.loads(output)
+    return answer["choices"][0]["message"]["content"] if "choices" in answer else answer["outputs"]
+
+
+def check_the_chat_page(browser, url: str, screenshot: Path) -> None:
+    """The page opens with SmolLM2 and answers the France question (greedy) with Paris, then a second
+    turn in the same session with text; the screenshot is the README's."""
+    context = browser.new_context(viewport={"width": 1000, "height": 800})
+    context.add_init_script(
+        "localStorage.setItem('petals-chat-settings', JSON.stringify({sampling: false, max_new_tokens: 64}))"
+    )
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        page.goto(url + "/")
+        page.wait_for_function("!document.getElementById('model').disabled")
+        assert page.input_value("#model") == SMOLLM2.name
+        assert page.inner_text("#model-description") == SMOLLM2.description
+        answers = []
+        for question in (FRANCE, "Write a haiku about the sea."):
+            page.fill("#message", question)
+            page.press("#message", "Enter")
+            page.wait_for_selector("#stop:not([hidden])")
+            page.wait_for_function("!document.getElementById('send').disabled", timeout=120_000)
+            answers = page.eval_on_selector_all(".turn.ai .text", "nodes => nodes.map(n => n.textContent)")
+        assert page.is_hidden("#error"), page.inner_text("#error")
+        assert len(answers) == 2 and "Paris" in answers[0], answers
+        assert answers[1].strip() and "\ufffd" not in "".join(answers), answers
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot), full_page=True)
+    finally:
+        context.close()
+    assert errors == [], f"console errors: {errors}"
 
 
 @dataclass(frozen=True)
@@ -129,15 +173,17 @@ class Runner:
 
 @contextmanager
 def local_runner(
-    state_dir: Path, *, replicas: int = 2, preexec_fn: Callable[[], None] | None = None
+    state_dir: Path, *, models: tuple[str, ...] = tuple(LOCAL_MODELS), preexec_fn: Callable[[], None] | None = None
 ) -> Iterator[Runner]:
-    """``python -m deploy.run_local`` on free ports, up; on the way out, nothing it started survives."""
+    """``python -m deploy.run_local`` on free ports serving ``models`` (one replica each), up; on the
+    way out, nothing it started survives."""
     port = pick_free_port()
     env = {
         **os.environ,
         "PUBLIC_PORT": str(port),
         "LOCAL_STATE_DIR": str(state_dir),
-        "INFERENCE_REPLICAS_LOCAL": str(replicas),
+        "LOCAL_MODELS": " ".join(models),
+        "INFERENCE_REPLICAS_LOCAL": "1",
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "deploy.run_local"],
@@ -160,7 +206,8 @@ def local_runner(
         assert f"http://127.0.0.1:{port}/api/v1/" in runner.output
         recorded = runner.record()
         commands = [proc.cmdline for proc in recorded.values()]
-        servers = len(os.environ.get("LOCAL_SWARM_BLOCKS", "0:2 2:4").split())
+        servers = sum(len(LOCAL_MODELS[name].block_ranges) for name in models)
+        replicas = len(models)
         # What the runner starts: the Petals servers with their forks and p2pd, replicas + ui + gateway
         # under gunicorn (master and workers; each inference worker with its own p2pd), the watchdog.
         assert sum("petals.cli.run_server" in command for command in commands) > servers, describe(recorded.values())
@@ -180,7 +227,7 @@ def local_runner(
     assert not leftovers, f"left running after the test:\n{describe(leftovers)}"
 
 
-def test_local_runner_answers_the_readme_curl(artifacts_dir: Path):
+def test_local_runner_answers_the_readme_curl(artifacts_dir: Path, browser):
     with local_runner(artifacts_dir / "run-local") as runner:
         commands = readme_curl_commands()
         assert commands, "the README example has no curl command"
@@ -188,6 +235,11 @@ def test_local_runner_answers_the_readme_curl(artifacts_dir: Path):
             command = command.replace("127.0.0.1:5000", f"127.0.0.1:{runner.port}")
             result = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=60, check=True)
             assert answer_is_ok(result.stdout), result.stdout
+            if FRANCE in command:  # SmolLM2, greedy: v1 with model=..., the v2 stream, OpenAI chat
+                assert "Paris" in answer_text(result.stdout), (command, result.stdout)
+        assert sum(FRANCE in command and SMOLLM2.name in command for command in commands) == 3, commands
+        url = f"http://127.0.0.1:{runner.port}"
+        check_the_chat_page(browser, url, artifacts_dir / "screenshots" / "chat-smollm2.png")
         runner.record()
         os.killpg(runner.process.pid, signal.SIGINT)  # what Ctrl-C does
         assert runner.process.wait(STOP_TIMEOUT_S) == 0, runner.output
@@ -197,7 +249,9 @@ def test_local_runner_answers_the_readme_curl(artifacts_dir: Path):
 def test_ctrl_c_stops_a_runner_started_with_sigint_ignored(artifacts_dir: Path):
     """`make run &` from a script: the runner inherits SIGINT ignored; a Ctrl-C must still stop it all."""
     with local_runner(
-        artifacts_dir / "run-local-sigint", replicas=1, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)
+        artifacts_dir / "run-local-sigint",
+        models=(TINY_BLOOM.name,),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     ) as runner:
         runner.record()
         os.killpg(runner.process.pid, signal.SIGINT)
@@ -207,7 +261,7 @@ def test_ctrl_c_stops_a_runner_started_with_sigint_ignored(artifacts_dir: Path):
 
 def test_sigterm_stops_everything_when_nobody_reads_the_output(artifacts_dir: Path):
     """The reader of the runner's stdout is gone: "Stopping..." cannot be written, the clean-up still runs."""
-    with local_runner(artifacts_dir / "run-local-pipe", replicas=1) as runner:
+    with local_runner(artifacts_dir / "run-local-pipe", models=(TINY_BLOOM.name,)) as runner:
         runner.record()
         runner.process.stdout.close()  # the only reader of the pipe
         runner.process.terminate()
@@ -217,7 +271,7 @@ def test_sigterm_stops_everything_when_nobody_reads_the_output(artifacts_dir: Pa
 
 def test_a_sigkilled_runner_takes_everything_it_started_with_it(artifacts_dir: Path):
     """A supervisor's timeout: the runner gets SIGKILL and has no chance to stop anything itself."""
-    with local_runner(artifacts_dir / "run-local-sigkill", replicas=1) as runner:
+    with local_runner(artifacts_dir / "run-local-sigkill", models=(TINY_BLOOM.name,)) as runner:
         runner.record()
         runner.process.kill()
         runner.process.wait(10)

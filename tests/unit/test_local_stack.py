@@ -1,0 +1,72 @@
+"""The local stack's composition, without starting anything: a swarm of several models, the runner's settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deploy.local_stack import SMOLLM2, TINY_BLOOM
+from deploy.run_local import _models
+from services.common.config import ConfigError, Env
+from services.swarm.launcher import PrivateSwarm, SwarmModel
+
+
+def test_a_swarm_of_several_models_numbers_their_servers_in_order(tmp_path: Path):
+    smol = SwarmModel(Path("/m/smol"), ("0:15", "15:30"), "prefix-smol")
+    bloom = SwarmModel(Path("/m/bloom"), ("0:2", "2:4"), "prefix-bloom")
+    swarm = PrivateSwarm.of_models([smol, bloom], tmp_path, ports=[1001, 1002, 1003, 1004])
+    assert swarm.plan == [(smol, "0:15"), (smol, "15:30"), (bloom, "0:2"), (bloom, "2:4")]
+    assert swarm.block_ranges == ["0:15", "15:30", "0:2", "2:4"] and swarm.ports == [1001, 1002, 1003, 1004]
+    assert swarm.model_dir == Path("/m/smol") and swarm.dht_prefix == "prefix-smol"  # the first model's
+    assert swarm.initial_peers == [] and swarm.servers == []  # nothing started
+
+
+def test_a_one_model_swarm_keeps_its_constructor(tmp_path: Path):
+    swarm = PrivateSwarm(Path("/m/bloom"), ["0:2", "2:4"], tmp_path, dht_prefix="p")
+    assert swarm.models == [SwarmModel(Path("/m/bloom"), ("0:2", "2:4"), "p")]
+    assert swarm.block_ranges == ["0:2", "2:4"] and len(swarm.ports) == 2
+
+
+@pytest.mark.parametrize(
+    ("models", "options", "message"),
+    [
+        ([], {}, "at least one model"),
+        ([SwarmModel(Path("/a"), ("0:2",), "p"), SwarmModel(Path("/b"), ("0:2",), "p")], {}, "its own DHT prefix"),
+        ([SwarmModel(Path("/a"), ("0:2", "2:4"), "p")], {"ports": [1001]}, "2 servers but 1 ports"),
+    ],
+)
+def test_bad_swarms_are_refused(tmp_path: Path, models, options, message):
+    with pytest.raises(ValueError, match=message):
+        PrivateSwarm.of_models(models, tmp_path, **options)
+    with pytest.raises(ValueError, match="at least one server"):
+        SwarmModel(Path("/a"), (), "p")
+
+
+def test_the_runner_serves_smollm2_first_then_tiny_bloom_by_default():
+    models = _models(Env({}))
+    assert [model.name for model in models] == ["smollm2-135m-instruct", "tiny-bloom"]
+    assert models == (SMOLLM2, TINY_BLOOM) and SMOLLM2.block_ranges == ("0:15", "15:30")
+    assert len({model.dht_prefix for model in models}) == 2
+
+
+def test_the_runners_models_and_their_block_ranges_are_settings():
+    env = Env({"LOCAL_MODELS": "tiny-bloom", "LOCAL_SWARM_BLOCKS_TINY_BLOOM": "0:4"})
+    (model,) = _models(env)
+    assert model.name == "tiny-bloom" and model.block_ranges == ("0:4",)
+    env = Env({"LOCAL_SWARM_BLOCKS_SMOLLM2": "0:10,10:20 20:30"})
+    assert _models(env)[0].block_ranges == ("0:10", "10:20", "20:30")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LOCAL_MODELS": "gpt-5"}, "LOCAL_MODELS must list distinct models of smollm2-135m-instruct, tiny-bloom"),
+        ({"LOCAL_MODELS": "tiny-bloom tiny-bloom"}, "LOCAL_MODELS must list distinct models"),
+        ({"LOCAL_SWARM_BLOCKS_SMOLLM2": "all"}, "LOCAL_SWARM_BLOCKS_SMOLLM2 must be block ranges like 0:2 2:4"),
+        ({"LOCAL_SWARM_BLOCKS": "0:2 2:4"}, "LOCAL_SWARM_BLOCKS is replaced by one setting per model"),
+    ],
+)
+def test_bad_runner_settings_are_one_clear_line(env, message):
+    with pytest.raises(ConfigError, match=message):
+        _models(Env(env))
