@@ -42,11 +42,13 @@ def readme_curl_commands() -> list[str]:
 
 def answer_is_ok(output: str) -> bool:
     """A JSON answer with ok=true, an event stream whose last event is a successful ``done``,
-    or an OpenAI-style completion."""
+    an OpenAI-style completion, or the model list of ``make run``."""
     if output.startswith("event:"):
         last = output.strip().split("\n\n")[-1].splitlines()
         return last[0] == "event: done" and json.loads(last[1].removeprefix("data: "))["ok"] is True
     answer = json.loads(output)
+    if answer.get("object") == "list":  # GET /v1/models: both models, the default first
+        return [model["id"] for model in answer["data"]] == list(LOCAL_MODELS)
     return answer.get("ok") is True or bool(answer.get("choices"))
 
 
