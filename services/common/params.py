@@ -61,11 +61,13 @@ class GenerateParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     model: str | None = None  # None: the default model (the gateway), or the one the replica serves
+    repetition_penalty: float | None = None  # transformers' RepetitionPenaltyLogitsProcessor; None or 1: off
 
 
 MAX_STOP_SEQUENCES = 4
 MAX_SEED = 2**63 - 1
 MAX_STOP_CHARS = 64
+MAX_REPETITION_PENALTY = 10.0
 
 
 def read_values(req: falcon.Request, limits: Limits) -> dict[str, Any]:
@@ -258,6 +260,7 @@ def parse_generate(values: dict[str, Any], limits: Limits, *, fill_context: bool
         stop=get_stop(values),
         seed=get_int(values, "seed", minimum=0, maximum=MAX_SEED),
         model=get_model(values),
+        repetition_penalty=get_float(values, "repetition_penalty", above=0.0, maximum=MAX_REPETITION_PENALTY),
     )
     lengths = (params.max_length is not None) + (params.max_new_tokens is not None)
     if fill_context and lengths:

@@ -142,6 +142,7 @@ def _replica_request(prompt: str, options: SamplingOptions, *, conversation: boo
         stop=options.stop,
         seed=options.seed if sampling else None,
         model=options.model,
+        repetition_penalty=options.repetition_penalty,
     )
     return ReplicaRequest(params, conversation=conversation, fill_context=options.max_tokens is None)
 
