@@ -263,5 +263,5 @@ class OpenApiResource:
     def __init__(self, limits: Limits) -> None:
         self._document = build_openapi(limits)
 
-    def on_get(self, req, resp) -> None:
+    async def on_get(self, req, resp) -> None:
         resp.media = self._document
