@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CHECKOV_STAMP := .venv-checkov/.installed
 REQUIREMENTS := requirements/web.txt requirements/gateway.txt requirements/torch-cpu.txt requirements/petals.txt requirements/dev.txt
 
-.PHONY: setup system-tools run test lint format bench bench-concurrency clean
+.PHONY: setup system-tools run test lint format bench bench-concurrency bench-websocket clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,9 @@ bench: $(STAMP)
 
 bench-concurrency: $(STAMP)
 	$(PY) -m bench.concurrency
+
+bench-websocket: $(STAMP)
+	$(PY) -m bench.websocket_gateway
 
 clean:
 	rm -rf $(VENV) .venv-checkov .cache test-artifacts

@@ -62,19 +62,21 @@ def tokenizer(model_dir: Path):
 
 @pytest.fixture(scope="session")
 def oracle(model_dir: Path, tokenizer):
-    """In-process greedy generation on the same weights: ``oracle(prompt or ids, n) -> new token ids``."""
+    """In-process greedy generation on the same weights: ``oracle(prompt or ids, n, **settings) -> new token ids``."""
     import torch
     from transformers import BloomForCausalLM
 
     model = BloomForCausalLM.from_pretrained(model_dir).eval()
     torch.set_num_threads(1)  # tiny model: with the services busy on the cores, 2 threads took 20x longer
 
-    def generate(prompt: str | list[int], new_tokens: int) -> list[int]:
+    def generate(prompt: str | list[int], new_tokens: int, **kwargs) -> list[int]:
+        """``kwargs``: more of transformers' generation settings (e.g. repetition_penalty)."""
         if isinstance(prompt, str):
             prompt = tokenizer(prompt, add_special_tokens=False).input_ids
         ids = torch.tensor([prompt])
         with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                 **kwargs)  # fmt: skip
         return out[0, ids.shape[1] :].tolist()
 
     return generate

@@ -10,9 +10,10 @@ import logging
 from collections.abc import Callable
 
 import falcon
+import falcon.asgi
 
 from services.common.errors import ErrorEnvelopeMiddleware, make_error_handlers
-from services.common.metrics import MetricsResource, RequestMetricsMiddleware
+from services.common.metrics import AsyncMetricsResource, MetricsResource, RequestMetricsMiddleware
 
 ReadinessCheck = Callable[[], tuple[bool, dict]]
 
@@ -36,6 +37,20 @@ class ReadinessResource:
         resp.media = {"ok": ready, **info}
 
 
+class AsyncHealthResource:
+    """``GET /healthz`` in an ASGI app."""
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.media = {"ok": True}
+
+
+class AsyncReadinessResource(ReadinessResource):
+    """``GET /readyz`` in an ASGI app (the check reads state, it does no I/O)."""
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:  # type: ignore[override]
+        super().on_get(req, resp)
+
+
 def create_app(*, readiness: ReadinessCheck, debug_tracebacks: bool, middleware: list | None = None) -> falcon.App:
     """A Falcon app with the shared middleware, error handlers and health/metrics routes."""
     app = falcon.App(middleware=[RequestMetricsMiddleware(), ErrorEnvelopeMiddleware(), *(middleware or [])])
@@ -45,6 +60,27 @@ def create_app(*, readiness: ReadinessCheck, debug_tracebacks: bool, middleware:
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadinessResource(readiness))
     app.add_route("/metrics", MetricsResource())
+    return app
+
+
+def create_asgi_app(
+    *,
+    readiness: ReadinessCheck,
+    debug_tracebacks: bool,
+    middleware: list | None = None,
+    request_type: type[falcon.asgi.Request] = falcon.asgi.Request,
+) -> falcon.asgi.App:
+    """``create_app`` for an ASGI app (the gateway: an event loop serves every connection)."""
+    app = falcon.asgi.App(
+        middleware=[RequestMetricsMiddleware(), ErrorEnvelopeMiddleware(), *(middleware or [])],
+        request_type=request_type,
+    )
+    app.req_options.strip_url_path_trailing_slash = True
+    for exception, handler in make_error_handlers(debug_tracebacks, asgi=True):
+        app.add_error_handler(exception, handler)
+    app.add_route("/healthz", AsyncHealthResource())
+    app.add_route("/readyz", AsyncReadinessResource(readiness))
+    app.add_route("/metrics", AsyncMetricsResource())
     return app
 
 

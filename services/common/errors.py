@@ -127,6 +127,9 @@ class ErrorEnvelopeMiddleware:
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict) -> None:
         req.context.error_envelope = getattr(resource, "error_envelope", "")
 
+    async def process_resource_async(self, req: Any, resp: Any, resource: Any, params: dict) -> None:
+        self.process_resource(req, resp, resource, params)
+
 
 def render_error(req: falcon.Request, resp: falcon.Response, error: ApiError) -> None:
     """Write ``error`` in the envelope that the matched endpoint uses."""
@@ -155,8 +158,9 @@ def openai_error_body(error: ApiError) -> dict[str, Any]:
     return {"message": error.message, "type": kind, "param": error.param, "code": error.error_code}
 
 
-def make_error_handlers(debug_tracebacks: bool):
-    """Falcon error handlers for ApiError, Falcon's own HTTP errors and anything unexpected."""
+def make_error_handlers(debug_tracebacks: bool, *, asgi: bool = False):
+    """Falcon error handlers for ApiError, Falcon's own HTTP errors and anything unexpected
+    (coroutines for an ASGI app: Falcon requires them there)."""
 
     def handle_api_error(req: falcon.Request, resp: falcon.Response, error: ApiError, params: dict) -> None:
         render_error(req, resp, error)
@@ -174,7 +178,24 @@ def make_error_handlers(debug_tracebacks: bool):
             message += "\n" + "".join(traceback.format_exception(error))
         render_error(req, resp, ApiError(message, status=falcon.HTTP_500, code="internal_error"))
 
-    return [(Exception, handle_unexpected), (falcon.HTTPError, handle_http_error), (ApiError, handle_api_error)]
+    handlers = [(Exception, handle_unexpected), (falcon.HTTPError, handle_http_error), (ApiError, handle_api_error)]
+    return [(exception, _asgi_handler(handler)) for exception, handler in handlers] if asgi else handlers
+
+
+def _asgi_handler(handler):
+    """An ASGI error handler doing what ``handler`` does; on a WebSocket (an error before or during
+    the handshake) it closes the connection as Falcon does, with 3000 + the HTTP status."""
+
+    async def handle(req: Any, resp: Any, error: Exception, params: dict, ws: Any = None) -> None:
+        if ws is not None:
+            status = error.status if isinstance(error, falcon.HTTPError) else falcon.HTTP_500
+            if not isinstance(error, falcon.HTTPError):
+                logger.error("unhandled error on WebSocket %s", req.path, exc_info=error)
+            await ws.close(3000 + int(str(status).split()[0]))
+            return
+        handler(req, resp, error, params)
+
+    return handle
 
 
 def _slug(title: str) -> str:

@@ -9,30 +9,36 @@ from typing import Any
 
 from services.common.config import ServerSettings, load_or_exit
 
+GTHREAD_WORKER = "services.common.gthread_worker.Worker"  # gthread, safe from idle/stalled clients
+
 
 def service_config(
     service: str,
     load_settings: Callable[[], Any],
     wsgi_app: str,
     worker_env: Callable[[Any], dict[str, str]] | None = None,
+    worker_class: str = GTHREAD_WORKER,
 ) -> dict[str, Any]:
     """gunicorn settings of a service, its environment validated first (a config file does
     ``globals().update(service_config(...))``): a bad value stops the master with one clear line.
 
     ``worker_env(settings)`` names variables the workers must start with (set here, before they fork).
+    ``worker_class``: the threaded worker (WSGI apps), or an event-loop worker (the gateway's ASGI app;
+    it has no request threads).
     """
     settings = load_or_exit(load_settings, service)
     os.environ.update(worker_env(settings) if worker_env else {})
     server: ServerSettings = settings.server
     if server.workers > 1:
         prepare_multiprocess_metrics()
+    threads = {"threads": server.threads} if worker_class == GTHREAD_WORKER else {}
     return {
         "wsgi_app": wsgi_app,
         "bind": server.bind,
         "workers": server.workers,
-        "worker_class": "services.common.gthread_worker.Worker",  # gthread, safe from idle/stalled clients
-        "threads": server.threads,
-        "timeout": 120,  # gthread heartbeats from its main loop: long generations do not trip it
+        "worker_class": worker_class,
+        **threads,
+        "timeout": 120,  # both workers heartbeat from their main loop: long generations do not trip it
         "graceful_timeout": 60,  # in-flight requests finish on SIGTERM (scale-down, rollout)
         "keepalive": 75,
         "loglevel": server.log_level,

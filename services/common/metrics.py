@@ -49,11 +49,26 @@ class RequestMetricsMiddleware:
         if started is not None:
             REQUEST_DURATION.labels(endpoint=endpoint).observe(time.perf_counter() - started)
 
+    async def process_request_async(self, req, resp) -> None:
+        self.process_request(req, resp)
+
+    async def process_response_async(self, req, resp, resource, req_succeeded: bool) -> None:
+        self.process_response(req, resp, resource, req_succeeded)
+
 
 class MetricsResource:
     """``GET /metrics``: the Prometheus text exposition."""
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = CONTENT_TYPE_LATEST
+        resp.data = generate_latest(_registry())
+
+
+class AsyncMetricsResource:
+    """``GET /metrics`` in an ASGI app. (Reading the multiprocess files takes a few ms; a scrape
+    every few seconds may hold the event loop that long.)"""
+
+    async def on_get(self, req, resp) -> None:
         resp.content_type = CONTENT_TYPE_LATEST
         resp.data = generate_latest(_registry())
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import falcon
+import falcon.asgi
 
 from services.common.config import Env
 from services.common.errors import InvalidParameter, PayloadTooLarge
@@ -61,35 +62,57 @@ class GenerateParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     model: str | None = None  # None: the default model (the gateway), or the one the replica serves
+    repetition_penalty: float | None = None  # transformers' RepetitionPenaltyLogitsProcessor; None or 1: off
 
 
 MAX_STOP_SEQUENCES = 4
 MAX_SEED = 2**63 - 1
 MAX_STOP_CHARS = 64
+MAX_REPETITION_PENALTY = 10.0
 
 
 def read_values(req: falcon.Request, limits: Limits) -> dict[str, Any]:
-    """Merge query-string and body parameters; a name given twice is an error."""
-    if req.content_length is not None and req.content_length > limits.max_body_bytes:
+    """Merge query-string and body parameters; a name given twice is an error (WSGI apps)."""
+    if _declared_too_large(req, limits):
         if req.content_length <= _DRAIN_FACTOR * limits.max_body_bytes:
             req.bounded_stream.exhaust()  # read it, so the keep-alive connection stays usable
-        raise PayloadTooLarge(f"Request body is {req.content_length} bytes; the limit is {limits.max_body_bytes}")
+        raise _too_large(req, limits)
+    return _merge(req, _read_raw_body(req, limits.max_body_bytes + 1), limits)
+
+
+async def read_values_async(req: falcon.asgi.Request, limits: Limits) -> dict[str, Any]:
+    """``read_values`` for ASGI apps (the gateway): the body is read without blocking."""
+    if _declared_too_large(req, limits):
+        if req.content_length <= _DRAIN_FACTOR * limits.max_body_bytes:
+            await req.stream.exhaust()
+        raise _too_large(req, limits)
+    return _merge(req, await req.stream.read(limits.max_body_bytes + 1), limits)
+
+
+def _declared_too_large(req: falcon.Request | falcon.asgi.Request, limits: Limits) -> bool:
+    return req.content_length is not None and req.content_length > limits.max_body_bytes
+
+
+def _too_large(req: falcon.Request | falcon.asgi.Request, limits: Limits) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body is {req.content_length} bytes; the limit is {limits.max_body_bytes}")
+
+
+def _merge(req: falcon.Request | falcon.asgi.Request, body: bytes, limits: Limits) -> dict[str, Any]:
     values: dict[str, Any] = {}
     _require_utf8(req.query_string, "Query string")
     for name, value in req.params.items():
         if isinstance(value, list):
             raise InvalidParameter(f"{name} is given more than once")
         values[name] = value
-    for name, value in _read_body(req, limits).items():
+    for name, value in _parse_body(req.content_type, body, limits).items():
         if name in values:
             raise InvalidParameter(f"{name} is given both in the query string and in the body")
         values[name] = value
     return values
 
 
-def _read_body(req: falcon.Request, limits: Limits) -> dict[str, Any]:
-    media_type = (req.content_type or "").split(";")[0].strip().lower()
-    body = _read_raw_body(req, limits.max_body_bytes + 1)
+def _parse_body(content_type: str | None, body: bytes, limits: Limits) -> dict[str, Any]:
+    media_type = (content_type or "").split(";")[0].strip().lower()
     if media_type not in (_FORM, _JSON):
         if body.strip():
             raise InvalidParameter(f"Unsupported Content-Type {media_type or 'none'}: send JSON or a form")
@@ -258,6 +281,7 @@ def parse_generate(values: dict[str, Any], limits: Limits, *, fill_context: bool
         stop=get_stop(values),
         seed=get_int(values, "seed", minimum=0, maximum=MAX_SEED),
         model=get_model(values),
+        repetition_penalty=get_float(values, "repetition_penalty", above=0.0, maximum=MAX_REPETITION_PENALTY),
     )
     lengths = (params.max_length is not None) + (params.max_new_tokens is not None)
     if fill_context and lengths:

@@ -8,7 +8,11 @@ v1 ``generate`` parameters (so a v1 call sent straight to a replica is one too) 
 - ``conversation``: continue the conversation session whose text ``inputs`` extends, or start one
   (the OpenAI chat API; see services/inference/generation.py);
 - ``fill_context``: generate as many tokens as the context allows (up to the replica's
-  ``MAX_NEW_TOKENS_LIMIT``), instead of ``max_new_tokens`` or ``max_length``.
+  ``MAX_NEW_TOKENS_LIMIT``), instead of ``max_new_tokens`` or ``max_length``;
+- ``stop_token`` and ``replace_last_token`` (the WebSocket API's ``extra_stop_sequences``, see
+  services/gateway/websocket.py): text that must be exactly one token of the model (else the
+  request is refused); with ``replace_last_token`` the session's last token is replaced by that
+  one before this request's inputs, so the session goes on as if it had generated it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.params import GenerateParams, Limits, get_bool, parse_generate
+from services.common.errors import InvalidParameter
+from services.common.params import MAX_STOP_CHARS, GenerateParams, Limits, get_bool, get_str, parse_generate
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,8 @@ class ReplicaRequest:
     params: GenerateParams
     conversation: bool = False
     fill_context: bool = False
+    stop_token: str | None = None  # must be exactly one token (validated by the replica)
+    replace_last_token: str | None = None  # one token that replaces the session's last one first
 
     @property
     def model(self) -> str | None:
@@ -37,14 +44,20 @@ class ReplicaRequest:
         """The JSON body sent to a replica."""
         body = {name: value for name, value in dataclasses.asdict(self.params).items() if value is not None}
         body["stop"] = list(self.params.stop)
-        return {**body, "conversation": self.conversation, "fill_context": self.fill_context}
+        tokens = {name: getattr(self, name) for name in ("stop_token", "replace_last_token") if getattr(self, name)}
+        return {**body, "conversation": self.conversation, "fill_context": self.fill_context, **tokens}
 
     @classmethod
     def from_json(cls, values: dict[str, Any], limits: Limits) -> ReplicaRequest:
         """Validate a replica's request body (query, form or JSON values); InvalidParameter otherwise."""
         fill_context = get_bool(values, "fill_context", default=False)
-        return cls(
+        request = cls(
             params=parse_generate(values, limits, fill_context=fill_context),
             conversation=get_bool(values, "conversation", default=False),
             fill_context=fill_context,
+            stop_token=get_str(values, "stop_token", max_chars=MAX_STOP_CHARS) or None,
+            replace_last_token=get_str(values, "replace_last_token", max_chars=MAX_STOP_CHARS) or None,
         )
+        if request.replace_last_token is not None and request.params.session_id is None:
+            raise InvalidParameter("replace_last_token needs a session_id")
+        return request

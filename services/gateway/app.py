@@ -1,15 +1,17 @@
 """The API gateway: the public API, validated at the edge, routed to inference replicas.
 
 Stateless: any number of gateway replicas and gunicorn workers serve the same sessions,
-because a session's id names the replica that holds it (see replicas.py).
+because a session's id names the replica that holds it (see replicas.py). An ASGI app (Falcon's)
+on an event loop per worker (gunicorn with Uvicorn workers, see worker.py): an open connection, a
+relayed stream or an idle WebSocket costs no thread.
 """
 
 from __future__ import annotations
 
 import falcon
+import falcon.asgi
 
-from services.common.app import configure_logging
-from services.common.app import create_app as create_base_app
+from services.common.app import configure_logging, create_asgi_app
 from services.common.config import load_or_exit
 from services.gateway.openai_api import ChatCompletionsResource, CompletionsResource, ModelsResource
 from services.gateway.openapi import OpenApiResource
@@ -21,54 +23,71 @@ from services.gateway.resources import (
     GenerateResource,
     GenerateStreamResource,
     OpenSessionResource,
+    Request,
     Router,
 )
 from services.gateway.settings import GatewaySettings
 from services.gateway.ui_proxy import UI_PATHS, UiProxy
 from services.gateway.upstream import Upstream
+from services.gateway.websocket import GenerateSocketResource
 
 
-def build_app(settings: GatewaySettings) -> tuple[falcon.App, ReplicaPoller]:
-    """The gateway's WSGI app and the poller of its replicas (not started yet)."""
-    upstream = Upstream(
-        connect_timeout_s=settings.connect_timeout_s,
-        read_timeout_s=settings.read_timeout_s,
-        pool_size=settings.server.threads,
-    )
+class Lifespan:
+    """Falcon middleware for the ASGI lifespan: each worker opens its HTTP client and starts polling
+    the replicas when it starts (before it serves), and stops both when it stops."""
+
+    def __init__(self, upstream: Upstream, poller: ReplicaPoller) -> None:
+        self._upstream = upstream
+        self._poller = poller
+
+    async def process_startup(self, scope: dict, event: dict) -> None:
+        await self._upstream.start()
+        await self._poller.start()
+
+    async def process_shutdown(self, scope: dict, event: dict) -> None:
+        await self._poller.stop()
+        await self._upstream.close()
+
+
+def build_app(settings: GatewaySettings) -> falcon.asgi.App:
+    """The gateway's ASGI app (its lifespan starts the replica polling)."""
+    upstream = Upstream(connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s)
     replicas = ReplicaSet(settings.replicas, settings.default_model)
-    middleware: list = [falcon.CORSMiddleware(allow_origins="*" if "*" in settings.cors_allow_origins
-                                              else list(settings.cors_allow_origins))]  # fmt: skip
+    poller = ReplicaPoller(replicas, upstream, settings.poll_interval_s)
+    origins = "*" if "*" in settings.cors_allow_origins else list(settings.cors_allow_origins)
+    middleware: list = [Lifespan(upstream, poller), falcon.CORSMiddleware(allow_origins=origins)]
+    rate_limit = None
     if settings.rate_limit_per_minute:
-        middleware.append(
-            RateLimitMiddleware(
-                per_minute=settings.rate_limit_per_minute,
-                burst=settings.rate_limit_burst,
-                trust_proxy_headers=settings.trust_proxy_headers,
-            )
+        rate_limit = RateLimitMiddleware(
+            per_minute=settings.rate_limit_per_minute,
+            burst=settings.rate_limit_burst,
+            trust_proxy_headers=settings.trust_proxy_headers,
         )
+        middleware.append(rate_limit)
 
     def readiness() -> tuple[bool, dict]:
         return replicas.any_ready(), {"replicas": replicas.status()}
 
-    app = create_base_app(readiness=readiness, debug_tracebacks=settings.debug_tracebacks, middleware=middleware)
+    app = create_asgi_app(readiness=readiness, debug_tracebacks=settings.debug_tracebacks, middleware=middleware,
+                          request_type=Request)  # fmt: skip
+    app.ws_options.max_receive_queue = 0  # each connection reads its messages itself (no extra task)
     router, limits = Router(replicas, upstream), settings.limits
     app.add_route("/api/v1/generate", GenerateResource(router, limits))
     app.add_route("/api/v1/open_inference_session", OpenSessionResource(router, limits))
     app.add_route("/api/v1/close_inference_session", CloseSessionResource(router, limits))
     app.add_route("/api/v2/generate_stream", GenerateStreamResource(router, limits))
+    app.add_route("/api/v2/generate", GenerateSocketResource(router, settings, rate_limit))
     app.add_route("/api/openapi.json", OpenApiResource(limits))
     app.add_route("/v1/models", ModelsResource(router))
     app.add_route("/v1/completions", CompletionsResource(router, limits))
     app.add_route("/v1/chat/completions", ChatCompletionsResource(router, limits))
     if settings.ui_url:
         app.add_sink(UiProxy(upstream, settings.ui_url), prefix=UI_PATHS)
-    return app, ReplicaPoller(replicas, upstream, settings.poll_interval_s)
+    return app
 
 
-def create_app() -> falcon.App:
-    """gunicorn's app factory (runs in each worker): settings, replica polling, the app."""
+def create_app() -> falcon.asgi.App:
+    """gunicorn's app factory (runs in each worker): settings, then the app."""
     settings = load_or_exit(GatewaySettings.from_env, "gateway")
     configure_logging(settings.server.log_level)
-    app, poller = build_app(settings)
-    poller.start()
-    return app
+    return build_app(settings)

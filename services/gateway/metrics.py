@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.metrics import REQUEST_BUCKETS
 
@@ -23,4 +23,9 @@ UPSTREAM_ERRORS = Counter(
     "petals_chat_gateway_upstream_errors",
     "Failed calls to inference replicas, by kind: connect (refused, unreachable), timeout, protocol.",
     ["replica", "kind"],
+)
+WEBSOCKET_CONNECTIONS = Gauge(
+    "petals_chat_gateway_websocket_connections",
+    "WebSocket connections open now (/api/v2/generate), over the live gateway workers.",
+    multiprocess_mode="livesum",
 )

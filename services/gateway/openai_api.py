@@ -16,27 +16,27 @@ import json
 import secrets
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 import falcon
-import urllib3
+import falcon.asgi
 
 from services.common.chat_template import compiled
 from services.common.errors import ApiError, ServiceUnavailable, openai_error_body
 from services.common.model_card import ModelCard
-from services.common.params import GenerateParams, Limits, read_values
+from services.common.params import GenerateParams, Limits, read_values_async
 from services.common.replica_request import ReplicaRequest
-from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, parse_sse
+from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, parse_sse_async
 from services.gateway.openai_params import SamplingOptions, check_prompt_length, parse_chat, parse_completion
-from services.gateway.resources import Router, upstream_chunks, upstream_error
-from services.gateway.upstream import ReplicaUnreachable
+from services.gateway.resources import ClientStream, Request, Router, read_answer, relayed_chunks, upstream_error
+from services.gateway.upstream import ReplicaUnreachable, Stream
 
 _FINISH_REASONS = {"stop": "stop", "eos": "stop", "length": "length"}
 _STREAM_ERROR_STATUS = {"unavailable": falcon.HTTP_503, "internal_error": falcon.HTTP_500}
 _STREAM_PATH = "/api/v2/generate_stream"
-Events = Generator[tuple[str, dict[str, Any]], None, None]  # a replica's SSE events; close() drops the stream
+Events = AsyncGenerator[tuple[str, dict[str, Any]], None]  # a replica's SSE events; aclose() drops the stream
 
 
 class ModelsResource:
@@ -48,7 +48,7 @@ class ModelsResource:
         self._router = router
         self._created = int(time.time())
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req: Request, resp: falcon.asgi.Response) -> None:
         replicas = self._router.replicas
         default = replicas.default_model()
         cards = sorted(replicas.cards(), key=lambda card: card.name != default)
@@ -71,10 +71,10 @@ class CompletionsResource:
         self._router = router
         self._limits = limits
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        prompt, options = parse_completion(read_values(req, self._limits), self._limits)
-        generation = _start(self._router, prompt, options, conversation_key=None)
-        _answer(resp, _CompletionShape(options), generation)
+    async def on_post(self, req: Request, resp: falcon.asgi.Response) -> None:
+        prompt, options = parse_completion(await read_values_async(req, self._limits), self._limits)
+        generation = await _start(self._router, prompt, options, conversation_key=None)
+        await _answer(req, resp, _CompletionShape(options), generation)
 
 
 class ChatCompletionsResource:
@@ -86,16 +86,16 @@ class ChatCompletionsResource:
         self._router = router
         self._limits = limits
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body = read_values(req, self._limits)
+    async def on_post(self, req: Request, resp: falcon.asgi.Response) -> None:
+        body = await read_values_async(req, self._limits)
         messages, options = parse_chat(body, self._limits)
         card = self._router.replicas.resolve(options.model)
         prompt = compiled(card.chat_template).render(messages, card.chat)  # the model's own format
         check_prompt_length(prompt, self._limits)
         if "stop" not in body:
             options = replace(options, stop=card.chat.stop)
-        generation = _start(self._router, prompt, options, conversation_key=_opening(messages))
-        _answer(resp, _ChatShape(options), generation)
+        generation = await _start(self._router, prompt, options, conversation_key=_opening(messages))
+        await _answer(req, resp, _ChatShape(options), generation)
 
 
 def _opening(messages: list[dict[str, str]]) -> str:
@@ -104,28 +104,26 @@ def _opening(messages: list[dict[str, str]]) -> str:
     return hashlib.sha256(json.dumps(messages[: end + 1]).encode()).hexdigest()
 
 
-def _start(router: Router, prompt: str, options: SamplingOptions, conversation_key: str | None) -> Events:
+async def _start(router: Router, prompt: str, options: SamplingOptions, conversation_key: str | None) -> Events:
     """Send the generation to a replica of its model; the replica's events (errors before any are raised)."""
     model = router.replicas.resolve(options.model).name
     body = _replica_request(prompt, options, conversation=conversation_key is not None).to_json()
-    call = {"json_body": body, "stream": True}
     if conversation_key is None:
-        upstream = router.to_model(model, "sessionless", "POST", _STREAM_PATH, **call)
+        upstream = await router.to_model(model, "sessionless", "POST", _STREAM_PATH, json_body=body)
     else:
-        upstream = router.to_conversation(conversation_key, model, "POST", _STREAM_PATH, **call)
+        upstream = await router.to_conversation(conversation_key, model, "POST", _STREAM_PATH, json_body=body)
     if upstream.status != 200:
-        error = upstream_error(upstream)
-        upstream.release_conn()
-        raise error
+        raise upstream_error(await read_answer(upstream))
     return _events(upstream)
 
 
-def _events(upstream: urllib3.BaseHTTPResponse) -> Events:
-    chunks = upstream_chunks(upstream)
+async def _events(upstream: Stream) -> Events:
+    chunks = relayed_chunks(upstream)
     try:
-        yield from parse_sse(chunks)
+        async for event in parse_sse_async(chunks):
+            yield event
     finally:
-        chunks.close()  # closing early drops the connection: the replica stops generating
+        await chunks.aclose()  # closing early drops the connection: the replica stops generating
 
 
 def _replica_request(prompt: str, options: SamplingOptions, *, conversation: bool) -> ReplicaRequest:
@@ -142,6 +140,7 @@ def _replica_request(prompt: str, options: SamplingOptions, *, conversation: boo
         stop=options.stop,
         seed=options.seed if sampling else None,
         model=options.model,
+        repetition_penalty=options.repetition_penalty,
     )
     return ReplicaRequest(params, conversation=conversation, fill_context=options.max_tokens is None)
 
@@ -207,26 +206,30 @@ class _ChatShape(_Shape):
         return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
 
-def _answer(resp: falcon.Response, shape: _Shape, events: Events) -> None:
+async def _answer(req: Request, resp: falcon.asgi.Response, shape: _Shape, events: Events) -> None:
     if shape.options.stream:
         resp.content_type = SSE_CONTENT_TYPE
         resp.set_headers(SSE_HEADERS)
-        resp.stream = _stream_chunks(shape, events)
+        resp.stream = ClientStream(req, _stream_chunks(shape, events))
         return
+    done = None
     try:
-        done = next((data for event, data in _checked(events) if event == "done"), None)
+        async for event, data in _checked(events):
+            if event == "done":
+                done = data
+                break
     finally:
-        events.close()
+        await events.aclose()
     if done is None:
         raise ServiceUnavailable("The inference replica ended the answer early; retry")
     answer = shape.envelope(shape.object_name, [shape.choice(done["outputs"], _finish_reason(done))])
     resp.media = {**answer, "usage": _usage(done)}
 
 
-def _checked(events: Events) -> Events:
+async def _checked(events: Events) -> Events:
     """The replica's events; its error event, or its breaking off, raised as an ApiError."""
     try:
-        for event, data in events:
+        async for event, data in events:
             if event == "error":
                 error = data.get("error", {})
                 code = str(error.get("code", "upstream_error"))
@@ -237,14 +240,14 @@ def _checked(events: Events) -> Events:
         raise ApiError("The inference replica stopped answering; retry", status=falcon.HTTP_502) from error
 
 
-def _stream_chunks(shape: _Shape, events: Events) -> Iterator[bytes]:
+async def _stream_chunks(shape: _Shape, events: Events) -> AsyncIterator[bytes]:
     """OpenAI's stream: a chunk per token, a last one with the finish reason, usage, [DONE]."""
     extra = {"usage": None} if shape.options.include_usage else {}
     opening = shape.opening_delta()
     try:
         if opening is not None:
             yield _chunk({**shape.envelope(shape.chunk_object_name, [opening]), **extra})
-        for event, data in _checked(events):
+        async for event, data in _checked(events):
             if event == "token" and data["text"]:
                 yield _chunk({**shape.envelope(shape.chunk_object_name, [shape.delta(data["text"], None)]), **extra})
             elif event == "done":
@@ -256,7 +259,7 @@ def _stream_chunks(shape: _Shape, events: Events) -> Iterator[bytes]:
     except ApiError as error:
         yield _chunk({"error": openai_error_body(error)})
     finally:
-        events.close()  # a client that went away stops the generation
+        await events.aclose()  # a client that went away stops the generation
 
 
 def _chunk(data: dict[str, Any]) -> bytes:

@@ -2,8 +2,9 @@
 
 Bodies are JSON objects, checked field by field with OpenAI's types and ranges; each error
 names its field (OpenAI's ``param``). Options this service cannot honour (``n`` > 1,
-``logprobs``, tools, penalties) are refused clearly rather than silently ignored; unknown
-fields are ignored, as clients add new ones all the time.
+``logprobs``, tools, presence and frequency penalties) are refused clearly rather than silently
+ignored; ``repetition_penalty`` (vLLM's extension, the v1 parameter) is accepted; unknown fields
+are ignored, as clients add new ones all the time.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.errors import InvalidParameter, PayloadTooLarge
-from services.common.params import MAX_SEED, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, Limits
+from services.common.params import MAX_REPETITION_PENALTY, MAX_SEED, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, Limits
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_MESSAGES = 1024
@@ -32,6 +33,7 @@ class SamplingOptions:
     seed: int | None
     stream: bool
     include_usage: bool
+    repetition_penalty: float | None = None  # vLLM's extension (the v1 parameter); None: off
 
 
 def parse_completion(body: dict[str, Any], limits: Limits) -> tuple[str, SamplingOptions]:
@@ -115,6 +117,9 @@ def _parse_options(body: dict[str, Any], limits: Limits, *, default_max_tokens: 
     top_p = _number(body, "top_p", 0.0, 1.0)
     if top_p == 0.0:
         raise InvalidParameter("top_p must be greater than 0", param="top_p")
+    repetition_penalty = _number(body, "repetition_penalty", 0.0, MAX_REPETITION_PENALTY)
+    if repetition_penalty == 0.0:
+        raise InvalidParameter("repetition_penalty must be greater than 0 (1: no penalty)", param="repetition_penalty")
     return SamplingOptions(
         model=model,
         max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
@@ -124,6 +129,7 @@ def _parse_options(body: dict[str, Any], limits: Limits, *, default_max_tokens: 
         seed=_int(body, "seed", 0, MAX_SEED),
         stream=_bool(body, "stream"),
         include_usage=_bool(stream_options, "include_usage"),
+        repetition_penalty=repetition_penalty,
     )
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.common.params import MAX_SEED, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MODEL_NAME_PATTERN, Limits
+from services.common.params import (
+    MAX_REPETITION_PENALTY,
+    MAX_SEED,
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    MODEL_NAME_PATTERN,
+    Limits,
+)
 from services.gateway.openapi_openai import openai_paths, openai_schemas
 
 
@@ -36,31 +43,38 @@ def _schemas(limits: Limits) -> dict[str, Any]:
         "required": ["ok", "traceback"],
         "properties": {"ok": {"const": False}, "traceback": {"type": "string", "description": "A clear message."}},
     }
+    generate_parameters = {
+        "inputs": {"type": "string", "maxLength": limits.max_input_chars},
+        "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": limits.max_new_tokens},
+        "max_length": {"type": "integer", "minimum": 1, "maximum": limits.max_length},
+        "do_sample": {"type": ["integer", "boolean"], "enum": [0, 1, True, False], "default": 0},
+        "temperature": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
+        "top_k": {"type": "integer", "minimum": 1},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "session_id": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"},
+        "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED, "description": "Reproducible sampling."},
+        "repetition_penalty": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": MAX_REPETITION_PENALTY,
+            "description": "transformers' repetition penalty over every token of the session (1: none).",
+        },
+        "model": {**MODEL, "description": MODEL_DESCRIPTION + " With a session_id, it must be the session's."},
+        "stop": {
+            "oneOf": [
+                {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                {
+                    "type": "array",
+                    "maxItems": MAX_STOP_SEQUENCES,
+                    "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                },
+            ]
+        },
+    }
     return {
         "GenerateRequest": {
             "type": "object",
-            "properties": {
-                "inputs": {"type": "string", "maxLength": limits.max_input_chars},
-                "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": limits.max_new_tokens},
-                "max_length": {"type": "integer", "minimum": 1, "maximum": limits.max_length},
-                "do_sample": {"type": ["integer", "boolean"], "enum": [0, 1, True, False], "default": 0},
-                "temperature": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
-                "top_k": {"type": "integer", "minimum": 1},
-                "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-                "session_id": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"},
-                "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED, "description": "Reproducible sampling."},
-                "model": {**MODEL, "description": MODEL_DESCRIPTION + " With a session_id, it must be the session's."},
-                "stop": {
-                    "oneOf": [
-                        {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
-                        {
-                            "type": "array",
-                            "maxItems": MAX_STOP_SEQUENCES,
-                            "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
-                        },
-                    ]
-                },
-            },
+            "properties": generate_parameters,
             "description": "Exactly one of max_new_tokens and max_length. inputs is required without session_id.",
         },
         "GenerateOk": {
@@ -91,6 +105,46 @@ def _schemas(limits: Limits) -> dict[str, Any]:
             "type": "object",
             "required": ["text", "generated_tokens"],
             "properties": {"text": {"type": "string"}, "generated_tokens": {"type": "integer", "minimum": 1}},
+        },
+        "SocketOpen": {
+            "type": "object",
+            "required": ["type", "max_length"],
+            "properties": {
+                "type": {"const": "open_inference_session"},
+                "model": {**MODEL, "description": "The session's model; omitted: the default model."},
+                "max_length": {"type": "integer", "minimum": 1, "maximum": limits.max_length},
+            },
+            "description": "The first message of a connection: opens its inference session.",
+        },
+        "SocketGenerate": {
+            "type": "object",
+            "required": ["type"],
+            "properties": {
+                "type": {"const": "generate"},
+                **{name: schema for name, schema in generate_parameters.items() if name not in ("session_id", "stop")},
+                "stop_sequence": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                "extra_stop_sequences": {
+                    "type": "array",
+                    "maxItems": MAX_STOP_SEQUENCES,
+                    "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                    "description": "Need stop_sequence to be exactly one token; ending on one of them continues "
+                    "the session as if stop_sequence had been generated.",
+                },
+            },
+            "description": "v1's parameters in the connection's session (inputs optional after the first). With "
+            "stop_sequence, max_new_tokens are generated at a time and each step is answered until the text "
+            "ends with stop_sequence or an extra one, or the session is full.",
+        },
+        "SocketAnswer": {
+            "type": "object",
+            "required": ["ok"],
+            "properties": {
+                "ok": {"const": True},
+                "outputs": {"type": "string", "description": "New text (includes the stop sequence)."},
+                "stop": {"type": "boolean", "description": "The answer's last message."},
+                "token_count": {"type": "integer", "minimum": 0, "description": "Tokens in this message."},
+            },
+            "description": '{"ok": true} answers open_inference_session; the others answer generate.',
         },
         "DoneEvent": {
             "type": "object",
@@ -217,6 +271,29 @@ def build_openapi(limits: Limits) -> dict[str, Any]:
                     },
                 }
             },
+            "/api/v2/generate": {
+                "get": {
+                    "summary": "The WebSocket API (chat.petals.dev's protocol); OpenAPI cannot describe it fully",
+                    "description": "Connect with a WebSocket (ws:// or wss://). JSON text messages: first "
+                    'SocketOpen, answered {"ok": true}; then SocketGenerate messages, each answered by one or '
+                    "more SocketAnswer messages, the last with stop=true. Errors: V1Error messages "
+                    '({"ok": false, "traceback"}). One inference session per connection, closed with it. '
+                    "OpenAPI 3.1 has no way to describe a WebSocket conversation: the messages are in x-websocket "
+                    "and the whole protocol (step rule, errors, close codes, limits) in the README's API reference. "
+                    "A plain HTTP GET is answered 426.",
+                    "responses": {
+                        "101": {"description": "Switching Protocols: the WebSocket conversation begins"},
+                        "426": {
+                            "description": "Upgrade Required: not a WebSocket handshake",
+                            "content": _json(_ref("Error")),
+                        },
+                    },
+                    "x-websocket": {
+                        "client-messages": {"oneOf": [_ref("SocketOpen"), _ref("SocketGenerate")]},
+                        "server-messages": {"oneOf": [_ref("SocketAnswer"), _ref("V1Error")]},
+                    },
+                }
+            },
             "/healthz": {
                 "get": {
                     "summary": "Liveness",
@@ -263,5 +340,5 @@ class OpenApiResource:
     def __init__(self, limits: Limits) -> None:
         self._document = build_openapi(limits)
 
-    def on_get(self, req, resp) -> None:
+    async def on_get(self, req, resp) -> None:
         resp.media = self._document

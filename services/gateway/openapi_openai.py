@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.common.params import MAX_SEED, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, Limits
+from services.common.params import MAX_REPETITION_PENALTY, MAX_SEED, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, Limits
 from services.gateway.openai_params import COMPLETIONS_DEFAULT_MAX_TOKENS, MAX_MESSAGES
 
 
@@ -30,6 +30,12 @@ def openai_schemas(limits: Limits) -> dict[str, Any]:
             "description": "0 decodes greedily.",
         },
         "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1, "default": 1},
+        "repetition_penalty": {
+            "type": ["number", "null"],
+            "exclusiveMinimum": 0,
+            "maximum": MAX_REPETITION_PENALTY,
+            "description": "vLLM's extension: transformers' repetition penalty (1: none).",
+        },
         "stop": {
             "oneOf": [
                 {"type": "null"},

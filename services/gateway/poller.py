@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
-import threading
 
 from services.common.model_card import ModelCard
 from services.gateway.replicas import Replica, ReplicaSet
@@ -14,37 +15,43 @@ logger = logging.getLogger(__name__)
 
 
 class ReplicaPoller:
-    """Polls every replica of a ReplicaSet: readiness, load and model card."""
+    """Polls every replica of a ReplicaSet: readiness, load and model card (a task on the worker's loop)."""
 
     def __init__(self, replicas: ReplicaSet, upstream: Upstream, interval_s: float) -> None:
         self._replicas = replicas
         self._upstream = upstream
         self._interval_s = interval_s
-        self._stop = threading.Event()
+        self._task: asyncio.Task | None = None
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Poll every replica now, then in the background."""
-        self.poll()
-        threading.Thread(target=self._poll_forever, name="replica-poller", daemon=True).start()
+        await self.poll()
+        self._task = asyncio.create_task(self._poll_forever(), name="replica-poller")
 
-    def stop(self) -> None:
-        self._stop.set()
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
-    def poll(self) -> None:
-        """Refresh each replica's state from its /readyz."""
-        for replica in self._replicas.replicas.values():
+    async def poll(self) -> None:
+        """Refresh each replica's state from its /readyz (all at once)."""
+        await asyncio.gather(*(self._poll_one(replica) for replica in self._replicas.replicas.values()))
+
+    async def _poll_one(self, replica: Replica) -> None:
+        try:
+            answer = await self._upstream.request(
+                replica.name, replica.url, "GET", "/readyz", read_timeout_s=self._interval_s
+            )
+            update(replica, answer.status, json.loads(answer.data))
+        except (ReplicaUnreachable, ValueError, TypeError) as error:
+            replica.ready, replica.detail = False, f"unreachable or unreadable ({error})"
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
             try:
-                response = self._upstream.request(
-                    replica.name, replica.url, "GET", "/readyz", read_timeout_s=self._interval_s
-                )
-                update(replica, response.status, json.loads(response.data))
-            except (ReplicaUnreachable, ValueError, TypeError) as error:
-                replica.ready, replica.detail = False, f"unreachable or unreadable ({error})"
-
-    def _poll_forever(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            try:
-                self.poll()
+                await self.poll()
             except Exception:
                 logger.exception("polling replicas failed")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from typing import Any
 
 import falcon
 
@@ -31,9 +32,19 @@ class RateLimitMiddleware:
         self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last update)
         self._lock = threading.Lock()
 
-    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict) -> None:
+    async def process_resource_async(self, req: Any, resp: Any, resource: object, params: dict) -> None:
         if resource is None or not req.path.startswith(_LIMITED_PREFIXES) or req.method == "OPTIONS":
             return
+        self.check(req)
+
+    async def process_resource_ws(self, req: Any, ws: Any, resource: object, params: dict) -> None:
+        """Opening a WebSocket counts as a request (a refused one gets HTTP 403)."""
+        if resource is not None:
+            self.check(req)
+
+    def check(self, req: Any) -> None:
+        """Count one API request of ``req``'s client (also each WebSocket message that generates);
+        RateLimited if its rate is spent."""
         wait = self._take(self._client(req), time.monotonic())
         if wait > 0:
             retry_after = math.ceil(wait)
@@ -42,7 +53,7 @@ class RateLimitMiddleware:
                 headers={"Retry-After": str(retry_after)},
             )
 
-    def _client(self, req: falcon.Request) -> str:
+    def _client(self, req: Any) -> str:
         if self._trust_proxy_headers and req.access_route:
             return req.access_route[0]
         return req.remote_addr or "unknown"

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import falcon
-import urllib3
+import falcon.asgi
 
 from services.common.errors import ERROR_CODE_HEADER, ERROR_STATUS_HEADER, ApiError, ServiceUnavailable, SessionNotFound
 from services.common.params import (
@@ -19,15 +21,24 @@ from services.common.params import (
     get_session_id,
     parse_generate,
     parse_open_session,
-    read_values,
+    read_values_async,
 )
 from services.common.replica_request import ReplicaRequest
 from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error
 from services.gateway.replicas import Replica, ReplicaSet
-from services.gateway.upstream import ReplicaUnreachable, Upstream
+from services.gateway.upstream import Answer, ReplicaUnreachable, Stream, Upstream
 
 logger = logging.getLogger(__name__)
 _RETRY_ELSEWHERE = {"too_many_sessions", "unavailable"}  # another replica may accept
+
+
+class Request(falcon.asgi.Request):
+    """Falcon's ASGI request, keeping the ASGI ``receive`` callable: a relayed stream watches it
+    for the client going away (the server's ``send`` does nothing once it has)."""
+
+    def __init__(self, scope: dict, receive: Callable[[], Coroutine[Any, Any, dict]], *args: Any, **kwargs: Any):
+        super().__init__(scope, receive, *args, **kwargs)
+        self.asgi_receive = receive
 
 
 class Router:
@@ -37,52 +48,54 @@ class Router:
         self.replicas = replicas
         self.upstream = upstream
 
-    def generate(self, params: GenerateParams, path: str, *, stream: bool = False) -> urllib3.BaseHTTPResponse:
+    async def generate(self, params: GenerateParams, path: str) -> Stream:
         """A v1 / v2 generation: to its session's replica, else to the least busy one of its model."""
         if params.session_id:
             body = ReplicaRequest(params).to_json()
-            return self.to_session(params.session_id, params.model, "POST", path, json_body=body, stream=stream)
+            return await self.to_session(params.session_id, params.model, "POST", path, json_body=body)
         model = self.replicas.resolve(params.model).name
         body = ReplicaRequest(dataclasses.replace(params, model=model)).to_json()
-        return self.to_model(model, "sessionless", "POST", path, json_body=body, stream=stream)
+        return await self.to_model(model, "sessionless", "POST", path, json_body=body)
 
-    def to_session(
-        self, session_id: str, model: str | None, method: str, path: str, **kwargs: Any
-    ) -> urllib3.BaseHTTPResponse:
+    async def to_session(self, session_id: str, model: str | None, method: str, path: str, **kwargs: Any) -> Stream:
         """Call the replica holding ``session_id``; a gone replica means a gone session."""
         replica = self.replicas.for_session(session_id, model)
         try:
-            return self.upstream.request(replica.name, replica.url, method, path, **kwargs)
+            return await self.upstream.stream(replica.name, replica.url, method, path, **kwargs)
         except ReplicaUnreachable as error:
             if error.kind == "connect":
                 self.replicas.mark_down(replica, f"unreachable ({error})")
             raise SessionNotFound(session_id, detail="Its inference replica is gone.") from error
 
-    def to_model(self, model: str, decision: str, method: str, path: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
+    async def to_model(self, model: str, decision: str, method: str, path: str, **kwargs: Any) -> Stream:
         """Call the least-loaded ready replica of ``model``, moving on while replicas are down or full."""
-        return self._first_accepting(self.replicas.least_loaded(decision, model), decision, method, path, **kwargs)
+        candidates = self.replicas.least_loaded(decision, model)
+        return await self._first_accepting(candidates, decision, method, path, **kwargs)
 
-    def to_conversation(self, key: str, model: str, method: str, path: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
+    async def to_conversation(self, key: str, model: str, method: str, path: str, **kwargs: Any) -> Stream:
         """Call the replica of ``model`` that holds (or will hold) the conversation ``key``, else the next."""
         candidates = self.replicas.by_affinity(key, model)
-        return self._first_accepting(candidates, "conversation", method, path, **kwargs)
+        return await self._first_accepting(candidates, "conversation", method, path, **kwargs)
 
-    def _first_accepting(
+    async def _first_accepting(
         self, candidates: list[Replica], decision: str, method: str, path: str, **kwargs: Any
-    ) -> urllib3.BaseHTTPResponse:
+    ) -> Stream:
         for index, replica in enumerate(candidates):
-            response = self._try(replica, method, path, **kwargs)
-            last = index == len(candidates) - 1
-            if response is not None and (last or response.headers.get(ERROR_CODE_HEADER) not in _RETRY_ELSEWHERE):
-                if decision == "new_session" and ERROR_CODE_HEADER not in response.headers:
-                    self.replicas.session_opened(replica)
-                return response
+            response = await self._try(replica, method, path, **kwargs)
+            if response is None:
+                continue
+            if index < len(candidates) - 1 and response.headers.get(ERROR_CODE_HEADER) in _RETRY_ELSEWHERE:
+                response.close()
+                continue
+            if decision == "new_session" and ERROR_CODE_HEADER not in response.headers:
+                self.replicas.session_opened(replica)
+            return response
         raise ServiceUnavailable("No inference replica could take the request; retry in a few seconds")
 
-    def _try(self, replica: Replica, method: str, path: str, **kwargs: Any) -> urllib3.BaseHTTPResponse | None:
+    async def _try(self, replica: Replica, method: str, path: str, **kwargs: Any) -> Stream | None:
         try:
             with self.replicas.in_flight(replica):
-                return self.upstream.request(replica.name, replica.url, method, path, **kwargs)
+                return await self.upstream.stream(replica.name, replica.url, method, path, **kwargs)
         except ReplicaUnreachable as error:
             if error.kind != "connect":
                 raise ServiceUnavailable(f"Inference replica {replica.name} failed ({error.kind})") from error
@@ -90,7 +103,15 @@ class Router:
             return None
 
 
-def relay(resp: falcon.Response, upstream: urllib3.BaseHTTPResponse) -> None:
+async def read_answer(upstream: Stream) -> Answer:
+    """A replica's whole answer; breaking off while sending it is a 503."""
+    try:
+        return await upstream.read()
+    except ReplicaUnreachable as error:
+        raise ServiceUnavailable(f"Inference replica {error.replica} failed ({error.kind})") from error
+
+
+def relay(resp: falcon.asgi.Response, upstream: Answer) -> None:
     """Answer with a replica's (already read) response."""
     resp.status = upstream.status
     resp.content_type = upstream.headers.get("Content-Type", falcon.MEDIA_JSON)
@@ -111,9 +132,9 @@ class GenerateResource:
         self._router = router
         self._limits = limits
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        params = parse_generate(read_values(req, self._limits), self._limits)
-        relay(resp, self._router.generate(params, "/api/v1/generate"))
+    async def on_post(self, req: Request, resp: falcon.asgi.Response) -> None:
+        params = parse_generate(await read_values_async(req, self._limits), self._limits)
+        relay(resp, await read_answer(await self._router.generate(params, "/api/v1/generate")))
 
 
 class OpenSessionResource:
@@ -125,12 +146,13 @@ class OpenSessionResource:
         self._router = router
         self._limits = limits
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        values = read_values(req, self._limits)
+    async def on_get(self, req: Request, resp: falcon.asgi.Response) -> None:
+        values = await read_values_async(req, self._limits)
         max_length = parse_open_session(values, self._limits)
         model = self._router.replicas.resolve(get_model(values)).name
         fields = {"max_length": max_length, "model": model}
-        relay(resp, self._router.to_model(model, "new_session", "GET", "/api/v1/open_inference_session", fields=fields))
+        path = "/api/v1/open_inference_session"
+        relay(resp, await read_answer(await self._router.to_model(model, "new_session", "GET", path, fields=fields)))
 
 
 class CloseSessionResource:
@@ -142,11 +164,12 @@ class CloseSessionResource:
         self._router = router
         self._limits = limits
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        values = read_values(req, self._limits)
+    async def on_get(self, req: Request, resp: falcon.asgi.Response) -> None:
+        values = await read_values_async(req, self._limits)
         session_id = get_session_id(values, required=True)
         path, fields = "/api/v1/close_inference_session", {"session_id": session_id}
-        relay(resp, self._router.to_session(session_id, get_model(values), "GET", path, fields=fields))
+        upstream = await self._router.to_session(session_id, get_model(values), "GET", path, fields=fields)
+        relay(resp, await read_answer(upstream))
 
 
 class GenerateStreamResource:
@@ -156,38 +179,61 @@ class GenerateStreamResource:
         self._router = router
         self._limits = limits
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        params = parse_generate(read_values(req, self._limits), self._limits)
-        upstream = self._router.generate(params, "/api/v2/generate_stream", stream=True)
+    async def on_post(self, req: Request, resp: falcon.asgi.Response) -> None:
+        params = parse_generate(await read_values_async(req, self._limits), self._limits)
+        upstream = await self._router.generate(params, "/api/v2/generate_stream")
         if upstream.status != 200:
-            relay(resp, upstream)  # reads and caches the (small) error body
-            upstream.release_conn()
+            relay(resp, await read_answer(upstream))  # the (small) error body
             return
         resp.content_type = SSE_CONTENT_TYPE
         resp.set_headers(SSE_HEADERS)
-        resp.stream = _relay_events(upstream, params.session_id)
+        resp.stream = ClientStream(req, _relay_events(upstream, params.session_id))
 
 
-def upstream_chunks(upstream: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
-    """A streamed response's body as it comes; ReplicaUnreachable if the replica breaks off.
+class ClientStream:
+    """A response body relayed to a client (``resp.stream``) that ends as soon as the client has gone
+    (the server's ``send`` silently does nothing then) and, when Falcon closes it, closes what it
+    relays: the replica's stream, so that the replica stops generating."""
 
-    Closing the iterator early (the client went away) drops the connection, which stops the
-    generation on the replica.
-    """
-    complete = False
+    def __init__(self, req: Request, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+        self._watcher = asyncio.ensure_future(_until_disconnected(req.asgi_receive))
+
+    def __aiter__(self) -> ClientStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._watcher.done():
+            raise StopAsyncIteration  # the client went away
+        return await self._chunks.__anext__()
+
+    async def close(self) -> None:
+        self._watcher.cancel()
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def _until_disconnected(receive: Callable[[], Coroutine[Any, Any, dict]]) -> None:
+    """Returns when the client has disconnected (the request body has been read by then)."""
+    with contextlib.suppress(Exception):
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+
+async def relayed_chunks(upstream: Stream) -> AsyncIterator[bytes]:
+    """A streamed answer's body as it comes, closed in the end (early: the replica stops generating)."""
     try:
-        yield from upstream.read_chunked() if upstream.chunked else upstream.stream(1024)
-        complete = True
-    except (urllib3.exceptions.HTTPError, OSError) as error:
+        async for chunk in upstream.chunks():
+            yield chunk
+    except ReplicaUnreachable:
         logger.warning("stream from an inference replica broke off", exc_info=True)
-        raise ReplicaUnreachable("replica", "protocol", type(error).__name__) from error
+        raise
     finally:
-        if not complete:
-            upstream.close()
-        upstream.release_conn()
+        upstream.close()
 
 
-def upstream_error(upstream: urllib3.BaseHTTPResponse) -> ApiError:
+def upstream_error(upstream: Answer) -> ApiError:
     """A replica's error answer (standard envelope), to re-raise in this endpoint's envelope."""
     try:
         error = json.loads(upstream.data)["error"]
@@ -199,12 +245,16 @@ def upstream_error(upstream: urllib3.BaseHTTPResponse) -> ApiError:
     return ApiError(message, status=falcon.code_to_http_status(upstream.status), code=code, headers=headers)
 
 
-def _relay_events(upstream: urllib3.BaseHTTPResponse, session_id: str | None) -> Iterator[bytes]:
+async def _relay_events(upstream: Stream, session_id: str | None) -> AsyncIterator[bytes]:
     """Copy the replica's stream; if the replica dies mid-stream, end with an error event."""
+    chunks = relayed_chunks(upstream)
     try:
-        yield from upstream_chunks(upstream)
+        async for chunk in chunks:
+            yield chunk
     except ReplicaUnreachable:
         if session_id:
             yield sse_error("session_not_found", f"Its inference replica is gone. {SessionNotFound(session_id)}")
         else:
             yield sse_error("upstream_error", "The inference replica stopped answering; retry")
+    finally:
+        await chunks.aclose()

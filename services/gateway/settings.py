@@ -26,13 +26,16 @@ class GatewaySettings:
     limits: Limits
     default_model: str | None  # None: the model of the first replica that reports one
     debug_tracebacks: bool
+    ws_idle_timeout_s: float  # a WebSocket with no message (and no answer running) this long is closed
+    ws_max_message_bytes: int  # larger messages get an error answer; over 4x, the connection is closed
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> GatewaySettings:
         """Read and validate every setting; raises ConfigError with a clear message."""
         env = env or Env()
+        limits = Limits.from_env(env)
         return cls(
-            server=ServerSettings.from_env(env, bind="127.0.0.1:8080", threads=64, workers=2),
+            server=ServerSettings.from_env(env, bind="127.0.0.1:8080", threads=1, workers=2),
             replicas=parse_replicas(env.list("INFERENCE_REPLICAS")),
             connect_timeout_s=env.float("UPSTREAM_CONNECT_TIMEOUT_SECONDS", 1.0, minimum=0.05),
             read_timeout_s=env.float("UPSTREAM_READ_TIMEOUT_SECONDS", 300.0, minimum=1.0),
@@ -42,9 +45,11 @@ class GatewaySettings:
             trust_proxy_headers=env.bool("TRUST_PROXY_HEADERS", False),
             cors_allow_origins=env.list("CORS_ALLOW_ORIGINS", ("*",)),
             ui_url=parse_ui_url(env.str("UI_URL", "")),
-            limits=Limits.from_env(env),
+            limits=limits,
             default_model=parse_default_model(env.str("DEFAULT_MODEL", "")),
             debug_tracebacks=env.bool("DEBUG_TRACEBACKS", False),
+            ws_idle_timeout_s=env.float("WS_IDLE_TIMEOUT_SECONDS", 240.0, minimum=1.0),
+            ws_max_message_bytes=env.int("WS_MAX_MESSAGE_BYTES", limits.max_body_bytes, minimum=1024),
         )
 
 

@@ -8,6 +8,7 @@ and the API on one origin. Caching and compression headers pass through unchange
 from __future__ import annotations
 
 import falcon
+import falcon.asgi
 
 from services.common.errors import ServiceUnavailable
 from services.gateway.upstream import ReplicaUnreachable, Upstream
@@ -24,14 +25,12 @@ class UiProxy:
         self._upstream = upstream
         self._ui_url = ui_url
 
-    def __call__(self, req: falcon.Request, resp: falcon.Response, **params: str) -> None:
+    async def __call__(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, **params: str) -> None:
         if req.method not in ("GET", "HEAD"):
             raise falcon.HTTPMethodNotAllowed(["GET", "HEAD"])
         headers = {name: req.get_header(name) for name in _REQUEST_HEADERS if req.get_header(name)}
         try:
-            page = self._upstream.request(
-                "ui", self._ui_url, req.method, req.relative_uri, headers=headers, decode_content=False
-            )
+            page = await self._upstream.request("ui", self._ui_url, req.method, req.relative_uri, headers=headers)
         except ReplicaUnreachable as error:
             raise ServiceUnavailable("The chat page is temporarily unavailable; retry in a few seconds") from error
         resp.status = page.status

@@ -1,13 +1,20 @@
-"""HTTP calls from the gateway to inference replicas (one connection pool per worker)."""
+"""HTTP calls from the gateway to inference replicas and the ui, on the worker's event loop.
+
+One aiohttp session per gateway worker (a keep-alive pool per replica, no limit on connections:
+every relayed stream holds one while it runs). A call either reads the whole answer (``Answer``)
+or leaves the body to be relayed as it comes (``Stream``, closed by whoever relays it; closing it
+before the end drops the connection, which stops the generation on the replica). Connection
+failures become ``ReplicaUnreachable``.
+"""
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-import urllib3
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError, ReadTimeoutError
+import aiohttp
 
 from services.gateway.metrics import UPSTREAM_ERRORS, UPSTREAM_LATENCY
 
@@ -21,24 +28,75 @@ class ReplicaUnreachable(Exception):
         self.kind = kind
 
 
-class Upstream:
-    """Sends requests to replicas (a keep-alive pool per replica); connection failures become
-    ReplicaUnreachable."""
+@dataclass(frozen=True)
+class Answer:
+    """A replica's whole answer."""
 
-    def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, pool_size: int) -> None:
-        self._pool_size = pool_size
-        self._pools: dict[str, urllib3.HTTPConnectionPool] = {}
+    status: int
+    headers: Mapping[str, str]  # case-insensitive
+    data: bytes
+
+
+class Stream:
+    """A replica's answer whose body is read as it comes; ``close()`` it in any case."""
+
+    def __init__(self, replica: str, response: aiohttp.ClientResponse) -> None:
+        self._replica = replica
+        self._response = response
+        self.status: int = response.status
+        self.headers: Mapping[str, str] = response.headers
+
+    async def read(self) -> Answer:
+        """The whole (small) body, e.g. an error answer; the connection goes back to the pool."""
+        try:
+            return Answer(self.status, self.headers, await self._response.read())
+        except (TimeoutError, aiohttp.ClientError) as error:
+            raise _failed(self._replica, "protocol", error) from error
+        finally:
+            self._response.release()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; ReplicaUnreachable if the replica breaks off."""
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError) as error:
+            raise _failed(self._replica, "protocol", error) from error
+
+    def close(self) -> None:
+        """Done with it: a body read to its end returns the connection to the pool, any other is
+        dropped (the replica sees its client leave)."""
+        if self._response.content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
+
+
+class Upstream:
+    """Sends requests to replicas; ``start()`` it on the worker's event loop first."""
+
+    def __init__(self, *, connect_timeout_s: float, read_timeout_s: float) -> None:
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
+        self._session: aiohttp.ClientSession | None = None
 
-    def _pool(self, url: str) -> urllib3.HTTPConnectionPool:
-        pool = self._pools.get(url)
-        if pool is None:  # a race creates two pools once, harmlessly
-            pool = urllib3.connection_from_url(url, maxsize=self._pool_size, block=False, retries=False)
-            self._pools[url] = pool
-        return pool
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=30)
+        # No Accept-Encoding of its own (the ui's answers are relayed as they come, compressed only
+        # when the client asked for it) and no decompression.
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, skip_auto_headers=("Accept-Encoding", "User-Agent")
+        )
 
-    def request(
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def request(self, replica: str, url: str, method: str, path: str, **kwargs: Any) -> Answer:
+        """One call, its answer read whole."""
+        return await (await self.stream(replica, url, method, path, **kwargs)).read()
+
+    async def stream(
         self,
         replica: str,
         url: str,
@@ -48,31 +106,28 @@ class Upstream:
         fields: dict[str, Any] | None = None,
         json_body: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
-        stream: bool = False,
-        decode_content: bool = True,
         read_timeout_s: float | None = None,
-    ) -> urllib3.BaseHTTPResponse:
-        """One call; with ``stream`` the body is left unread for relaying."""
-        timeout = urllib3.Timeout(connect=self._connect_timeout_s, read=read_timeout_s or self._read_timeout_s)
-        body = json.dumps(json_body).encode() if json_body is not None else None
-        if body is not None:
-            headers = {**(headers or {}), "Content-Type": "application/json"}
+    ) -> Stream:
+        """One call whose body is left unread for relaying (``fields``: the query string)."""
+        assert self._session is not None, "Upstream.start() first"
+        timeout = aiohttp.ClientTimeout(sock_connect=self._connect_timeout_s,
+                                        sock_read=read_timeout_s or self._read_timeout_s)  # fmt: skip
         started = time.perf_counter()
         try:
-            response = self._pool(url).request(
-                method, path, fields=fields, body=body, headers=headers, timeout=timeout,
-                preload_content=not stream, decode_content=decode_content, redirect=False,
+            response = await self._session.request(
+                method, url + path, params=fields, json=json_body, headers=headers, timeout=timeout,
+                allow_redirects=False,
             )  # fmt: skip
-        except (NewConnectionError, ConnectTimeoutError) as error:
-            raise self._failed(replica, "connect", error) from error
-        except ReadTimeoutError as error:
-            raise self._failed(replica, "timeout", error) from error
-        except (ProtocolError, urllib3.exceptions.HTTPError) as error:
-            raise self._failed(replica, "protocol", error) from error
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+            raise _failed(replica, "connect", error) from error
+        except (TimeoutError, aiohttp.ServerTimeoutError) as error:
+            raise _failed(replica, "timeout", error) from error
+        except aiohttp.ClientError as error:
+            raise _failed(replica, "protocol", error) from error
         UPSTREAM_LATENCY.labels(replica=replica, endpoint=path).observe(time.perf_counter() - started)
-        return response
+        return Stream(replica, response)
 
-    @staticmethod
-    def _failed(replica: str, kind: str, error: Exception) -> ReplicaUnreachable:
-        UPSTREAM_ERRORS.labels(replica=replica, kind=kind).inc()
-        return ReplicaUnreachable(replica, kind, type(error).__name__)
+
+def _failed(replica: str, kind: str, error: BaseException) -> ReplicaUnreachable:
+    UPSTREAM_ERRORS.labels(replica=replica, kind=kind).inc()
+    return ReplicaUnreachable(replica, kind, type(error).__name__)

@@ -183,10 +183,14 @@ class Generation:
         self._events.put(TokenEvent(text, self._count))
 
     def _generate(self) -> None:
-        from transformers import LogitsProcessorList
+        from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
         params = self._params
         processors = LogitsProcessorList()
+        if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
+            # Before sampling, as transformers orders it; the tokens it penalises are every token the
+            # session holds (Petals passes them all to transformers), not only this request's.
+            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
         if params.do_sample:  # one sampler for the whole request: a rebuild continues its random stream
             processors.append(SeededSampler(params.temperature, params.top_k, params.top_p, params.seed))
         PROMPT_TOKENS.inc(len(self._input_ids))
@@ -331,6 +335,8 @@ class Generator:
             return self._prepare_conversation(request)
         params = request.params
         input_ids = self._tokenize(params.inputs)
+        if request.stop_token is not None:
+            self._one_token(request.stop_token, "stop_sequence")
         if params.session_id is None:
             return self._prepare_once(request, input_ids)
         session = self.store.acquire(params.session_id)
@@ -403,9 +409,33 @@ class Generator:
                 f"with {len(input_ids)} new input tokens it has room for {max(room, 0)} more, not {new_tokens}. "
                 "Open a session with a larger max_length."
             )
-        if session.decoder is None or input_ids:  # new inputs: what the last answer left incomplete is moot
-            session.decoder = self._new_decoder()
+        if request.replace_last_token is not None:
+            self._replace_last_token(session, request.replace_last_token)
+        if session.decoder is None or input_ids or request.replace_last_token is not None:
+            session.decoder = self._new_decoder()  # new inputs: what the last answer left incomplete is moot
         return Generation(self, request.params, input_ids, new_tokens, session.petals, session.decoder, session)
+
+    def _one_token(self, text: str, what: str) -> int:
+        """The id of ``text``, which must be exactly one token of the model."""
+        ids = self._tokenize(text)
+        if len(ids) != 1:
+            raise InvalidParameter(
+                f"extra_stop_sequences require {what} to be exactly one token of the model; "
+                f"{text!r} is {len(ids)} tokens"
+            )
+        return ids[0]
+
+    def _replace_last_token(self, session: Session, text: str) -> None:
+        """Make the session go on as if its last token had been ``text``'s one token. Petals has not
+        sent a session's last token through the swarm yet (the next ``generate`` call does), so the
+        servers' caches stay valid."""
+        token = self._one_token(text, "stop_sequence")
+        held = session.petals.output_ids
+        if held is None or held.shape[1] == 0:
+            raise InvalidParameter(f"Session {session.session_id} holds no token to replace")
+        replaced = held.clone()
+        replaced[0, -1] = token
+        session.petals.output_ids = replaced
 
     def _budget(self, request: ReplicaRequest, prefix_tokens: int, capacity: int) -> int:
         """How many tokens to generate after ``prefix_tokens``, in a context of ``capacity`` tokens:

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from deploy.local_stack import ServiceProcess
-from services.common.gthread_worker import HEAD_TIMEOUT_S
+from services.gateway.http_protocol import HEAD_TIMEOUT_S
 from tests.conftest import start_gateway
 from tests.helpers import RawResponse, http_head, raw_exchange, read_response
 
@@ -136,7 +136,8 @@ def assert_quick_answers(target: ServiceProcess, normal_answer: Callable[[], str
 
 
 def test_idle_connections_do_not_hold_up_others(target, normal_answer):
-    """More connections that send nothing than the gateway has request threads (2 workers x 64)."""
+    """Hundreds of connections that send nothing (the gateway's event loop holds them for the price of
+    a socket each; they once tied up every request thread)."""
     idle = [socket.create_connection(("127.0.0.1", target.port)) for _ in range(300)]
     try:
         time.sleep(0.5)
@@ -159,7 +160,7 @@ def test_idle_connections_do_not_delay_a_graceful_stop(inference, artifacts_dir)
 
 
 def test_stalled_request_heads_are_dropped(target, normal_answer):
-    """Clients that send half a request and stop hold a thread for HEAD_TIMEOUT_S at most."""
+    """Clients that send half a request and stop are dropped after HEAD_TIMEOUT_S."""
     stalled = [socket.create_connection(("127.0.0.1", target.port), timeout=HEAD_TIMEOUT_S + 5) for _ in range(20)]
     try:
         for sock in stalled:
@@ -248,7 +249,7 @@ def test_raw_non_ascii_in_the_request_line(target, normal_answer):
     response = raw_exchange(
         target.port, b"GET /api/v1/open_inference_session?max_length=\xff HTTP/1.1\r\nHost: x\r\n\r\n"
     )
-    assert response.status == 400 and b"Invalid" in response.body  # gunicorn's own answer
+    assert response.status == 400 and b"Invalid" in response.body  # the HTTP server's own answer
     normal_answer()
 
 

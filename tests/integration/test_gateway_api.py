@@ -8,6 +8,8 @@ import jsonschema
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from tests.conftest import Api, start_gateway
 
@@ -17,6 +19,7 @@ EXAMPLES = {
     ("get", "/api/v1/open_inference_session"): {"params": {"max_length": "32", "model": "<model>"}},
     ("get", "/api/v1/close_inference_session"): {"params": {"session_id": "inference-0.unknown"}},
     ("post", "/api/v2/generate_stream"): {"json": {"inputs": "Hello", "max_new_tokens": 3}},
+    ("get", "/api/v2/generate"): {},  # plain HTTP: 426 (the WebSocket conversation: test_the_websocket_messages_...)
     ("get", "/healthz"): {},
     ("get", "/readyz"): {},
     ("get", "/metrics"): {},
@@ -65,6 +68,30 @@ def test_every_documented_operation_exists_and_answers_per_its_schema(gateway, d
                 validate(document, content["x-events"][event], data)
         else:
             assert response.text
+
+
+def test_the_websocket_messages_match_the_document(gateway, document):
+    """OpenAPI cannot describe a WebSocket conversation; the document names its messages in x-websocket."""
+    described = document["paths"]["/api/v2/generate"]["get"]["x-websocket"]
+    url = f"ws://127.0.0.1:{gateway.port}/api/v2/generate"
+    sent = [
+        {"type": "open_inference_session", "max_length": 32},
+        {"type": "generate", "inputs": "Hello", "max_new_tokens": 1, "stop_sequence": "\x00", "top_k": 5},
+        {"type": "generate", "max_new_tokens": 0},
+    ]
+    with connect(url, proxy=None) as ws:
+        received = []
+        for message in sent:
+            if message["max_new_tokens" if "max_new_tokens" in message else "type"]:  # the last one is invalid
+                validate(document, described["client-messages"], message)
+            ws.send(json.dumps(message))
+            while True:
+                received.append(json.loads(ws.recv(timeout=60)))
+                if not received[-1]["ok"] or received[-1].get("stop", True):
+                    break
+    assert received[0] == {"ok": True} and received[-1]["ok"] is False and len(received) >= 4
+    for message in received:
+        validate(document, described["server-messages"], message)
 
 
 def test_documented_errors_match_the_schema(gateway, document):
@@ -131,6 +158,9 @@ def test_rate_limit(inference, artifacts_dir):
         assert "Too many requests" in answers[3].json()["traceback"] and answers[3].headers["Retry-After"]
         streamed = requests.post(f"{limited.base_url}/api/v2/generate_stream", json={}, timeout=10)
         assert streamed.status_code == 429
+        with pytest.raises(InvalidStatus) as refused:  # opening a WebSocket counts too
+            connect(f"ws://127.0.0.1:{limited.port}/api/v2/generate", proxy=None)
+        assert refused.value.response.status_code == 403
         assert requests.get(f"{limited.base_url}/healthz", timeout=10).status_code == 200  # not limited
     finally:
         limited.stop()

@@ -67,3 +67,13 @@ def test_tools_are_refused():
     body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]}
     with pytest.raises(InvalidParameter, match="tool calling"):
         parse_chat(body, LIMITS)
+
+
+def test_repetition_penalty_is_accepted_within_its_range():
+    body = {"model": "m", "prompt": "Hi", "repetition_penalty": 1.3}
+    assert parse_completion(body, Limits())[1].repetition_penalty == 1.3
+    assert parse_completion({"model": "m", "prompt": "Hi"}, Limits())[1].repetition_penalty is None
+    for bad in (0, -1, 11, "1.2", True):
+        with pytest.raises(InvalidParameter) as refused:
+            parse_completion({**body, "repetition_penalty": bad}, Limits())
+        assert refused.value.param == "repetition_penalty"

@@ -25,6 +25,8 @@ def params(**overrides) -> GenerateParams:
         ReplicaRequest(params()),
         ReplicaRequest(params(max_new_tokens=None), conversation=True, fill_context=True),
         ReplicaRequest(params(max_new_tokens=None, max_length=64, session_id="inference-0.abc", model=None)),
+        ReplicaRequest(params(repetition_penalty=1.3)),
+        ReplicaRequest(params(session_id="inference-0.abc"), stop_token="</s>", replace_last_token="\n"),
     ],
 )
 def test_json_round_trip(request_):
@@ -42,3 +44,16 @@ def test_fill_context_excludes_the_lengths():
         ReplicaRequest.from_json({"inputs": "Hi", "max_new_tokens": 2, "fill_context": True}, LIMITS)
     with pytest.raises(InvalidParameter, match="exactly one of max_length or max_new_tokens"):
         ReplicaRequest.from_json({"inputs": "Hi"}, LIMITS)
+
+
+def test_repetition_penalty_is_validated():
+    parsed = ReplicaRequest.from_json({"inputs": "Hi", "max_new_tokens": 2, "repetition_penalty": "1.2"}, LIMITS)
+    assert parsed.params.repetition_penalty == 1.2
+    for bad in (0, -1, 10.5, "x", float("nan")):
+        with pytest.raises(InvalidParameter, match="repetition_penalty"):
+            ReplicaRequest.from_json({"inputs": "Hi", "max_new_tokens": 2, "repetition_penalty": bad}, LIMITS)
+
+
+def test_replacing_the_last_token_needs_a_session():
+    with pytest.raises(InvalidParameter, match="replace_last_token needs a session_id"):
+        ReplicaRequest.from_json({"inputs": "Hi", "max_new_tokens": 2, "replace_last_token": "x"}, LIMITS)

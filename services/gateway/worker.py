@@ -1,0 +1,41 @@
+"""The gateway's gunicorn worker: Uvicorn's (an asyncio event loop, uvloop), serving the ASGI app.
+
+Every connection, idle or streaming, plain HTTP or WebSocket, is a socket on the loop, not a
+thread. HTTP is parsed by httptools with gunicorn's bounds on request heads (http_protocol.py),
+WebSockets by the websockets library, without per-message compression (its zlib contexts cost
+hundreds of KiB per connection) and with a transport limit of 4x ``WS_MAX_MESSAGE_BYTES``: a
+larger message closes the connection (code 1009); a smaller one over the limit gets an error
+answer from the app (websocket.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn_worker import UvicornWorker
+
+from services.common.config import load_or_exit
+from services.gateway.http_protocol import HttpProtocol
+from services.gateway.settings import GatewaySettings
+
+WS_TRANSPORT_FACTOR = 4
+
+
+class Worker(UvicornWorker):
+    """``uvicorn_worker.UvicornWorker`` with the gateway's protocol settings."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        settings = load_or_exit(GatewaySettings.from_env, "gateway")
+        self.CONFIG_KWARGS = {
+            "loop": "uvloop",
+            "http": HttpProtocol,
+            "ws": "websockets-sansio",
+            "ws_max_size": WS_TRANSPORT_FACTOR * settings.ws_max_message_bytes,
+            "ws_per_message_deflate": False,
+            "ws_ping_interval": 20.0,  # a peer that vanished without closing is found within ~40 s
+            "ws_ping_timeout": 20.0,
+            "lifespan": "on",
+            "proxy_headers": False,  # clients are told apart by TRUST_PROXY_HEADERS, the app's own setting
+            "server_header": False,
+        }
+        super().__init__(*args, **kwargs)
