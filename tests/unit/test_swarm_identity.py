@@ -12,7 +12,7 @@ from services.common import swarm_identity
 from services.common.config import ConfigError
 from services.common.swarm_identity import IdentityError
 from services.inference.settings import resolve_initial_peers
-from services.swarm.serve import resolve_args
+from services.swarm.serve import initial_peers, resolve_args, wait_for_a_peer
 
 SEED = b"0123456789abcdef-a-test-seed"
 
@@ -103,3 +103,20 @@ def test_inference_initial_peers(tmp_path):
     assert resolve_initial_peers(peers[1:], "") == peers[1:]
     with pytest.raises(ConfigError, match=r"INITIAL_PEERS: .*SWARM_SEED_FILE"):
         resolve_initial_peers(peers, "")
+
+
+def test_a_joining_server_waits_for_an_initial_peer():
+    import socket
+
+    args = ["m", "--initial_peers", "/dns4/localhost/tcp/1/p2p/Qm", "/ip4/127.0.0.1/tcp/2/p2p/Qm", "--x", "y"]
+    assert initial_peers(args) == args[2:4]
+    assert initial_peers(["m", "--new_swarm"]) == []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert wait_for_a_peer([f"/ip4/127.0.0.1/tcp/{port}/p2p/Qm"], 5) is True
+    lines = []
+    assert wait_for_a_peer([f"/ip4/127.0.0.1/tcp/{port}/p2p/Qm"], 0.5, lines.append) is False  # closed now
+    assert "no initial peer answered" in lines[-1]
+    assert wait_for_a_peer(["/unix/sock"], 0) is True  # nothing to wait for
