@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CHECKOV_STAMP := .venv-checkov/.installed
 REQUIREMENTS := requirements/web.txt requirements/gateway.txt requirements/torch-cpu.txt requirements/petals.txt requirements/dev.txt
 
-.PHONY: setup system-tools run test lint format bench bench-concurrency bench-websocket clean
+.PHONY: setup system-tools deploy-tools images test-deploy run test lint format bench bench-concurrency bench-websocket clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,25 @@ $(CHECKOV_STAMP): requirements/checkov.txt
 system-tools:
 	@command -v chromium >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus; }
+
+# Debian packages the deployment test uses: podman with runc (crun fails on this kernel's cgroup v1
+# hybrid mode), netavark, aardvark-dns and iptables (the test's container network and its DNS),
+# conmon, catatonit (the pods' infra containers), buildah and debootstrap (the image builds).
+DEPLOY_PACKAGES := podman runc netavark aardvark-dns iptables conmon catatonit buildah debootstrap
+deploy-tools:
+	@dpkg -s $(DEPLOY_PACKAGES) >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEPLOY_PACKAGES); }
+
+# The CPU images, built for real with buildah (scripts/build_images.sh: cached in .cache/images).
+# A local torch CPU wheel folder is used when this machine has one.
+WHEELS_DIR ?= $(wildcard /opt/wheels)
+images: $(STAMP) deploy-tools
+	WHEELS_DIR=$(WHEELS_DIR) scripts/build_images.sh ui gateway inference swarm
+
+# The deployment test: every pod of the default chart, run from those images under podman
+# (tests/deploy, README "Deployment test"). Not part of `make test`: building the images takes long.
+test-deploy: images
+	RUN_DEPLOY_TESTS=1 $(PY) -m pytest tests/deploy -p no:cacheprovider -v
 
 run: $(STAMP)
 	$(PY) -m deploy.run_local

@@ -1,30 +1,38 @@
 #!/usr/bin/env bash
-# Build the CPU images from Dockerfile.cpu for real, without a Docker daemon and without
-# pulling a base image: buildah (vfs storage, chroot isolation) on a local Debian bookworm
-# base made by debootstrap.
+# Build the images from Dockerfile.cpu (and Dockerfile.gpu) for real, without a Docker daemon and
+# without pulling a base image: buildah (overlay storage, chroot isolation) on a local Debian
+# bookworm base made by debootstrap.
 #
 # The local base is Debian bookworm's own python3 (3.11.2), not Docker Hub's
-# python:3.11.7-slim-bookworm that Dockerfile.cpu pins: base images can't be pulled here, and
+# python:3.11.7-slim-bookworm that the Dockerfiles pin: base images can't be pulled here, and
 # the 3.11.2/3.11.7 difference is acceptable for the local build (same minor version, same
 # Debian release; the pinned requirement files install the same wheels on both).
 #
-# Everything is cached under .cache/images/ (gitignored): the debootstrap rootfs tarball and
-# buildah's storage. Re-running is cheap: the base is made once, buildah reuses layers.
-# Disk: vfs stores every layer as a full copy. ui + gateway take about 2.3 GB under
-# .cache/images; the inference image (1.84 GB) took about 31 GB of storage on its own (remove it
-# with `buildah ... rmi petals-chat-inference && buildah ... rmi --prune`).
+# The inference and swarm images embed the default models: before building them, the project's
+# offline builders stage them in .cache/image-models (python -m services.swarm.image_models,
+# with the project's .venv: `make setup`).
+#
+# Everything is cached under .cache/images/ (gitignored): the debootstrap rootfs tarball (one
+# base for every image) and buildah's storage. Re-running is cheap: the base is made once,
+# buildah reuses layers. Images are tagged localhost/petals-chat-<target>:latest and :<chart
+# appVersion> (what the chart's default image references resolve to).
+# Disk: overlay storage keeps each layer once (STORAGE_DRIVER=vfs copies every layer in full:
+# the CPU inference image alone took about 31 GB of vfs storage).
 set -euo pipefail
 
 usage() {
     cat <<'EOF'
 Usage: scripts/build_images.sh [-h] [TARGET...]
 
-Builds petals-chat-<TARGET> from Dockerfile.cpu with buildah for each TARGET
-(ui, gateway, inference, swarm; default: ui gateway), on a local Debian bookworm
-base made by debootstrap. Installs buildah and debootstrap (apt-get) if missing.
+Builds petals-chat-<TARGET> with buildah for each TARGET: ui, gateway, inference, swarm
+(Dockerfile.cpu), inference-gpu, swarm-gpu (Dockerfile.gpu); default: ui gateway. On a
+local Debian bookworm base made by debootstrap. Installs buildah and debootstrap (apt-get)
+if missing. Prints each image's size at the end.
 
 Environment:
   IMAGES_CACHE     cache directory (default: <repo>/.cache/images)
+  STORAGE_DRIVER   buildah storage driver: overlay (default) or vfs
+  PYTHON           python that stages the embedded models (default: <repo>/.venv/bin/python)
   DEBIAN_MIRROR    mirror for debootstrap (default: first bookworm mirror in apt's sources)
   TORCH_INDEX_URL  passed as a build arg when set (the inference/swarm torch index)
   WHEELS_DIR       a host folder of wheels, mounted for RUN steps and given to pip as
@@ -33,7 +41,8 @@ Environment:
   EXTRA_BUILD_ARGS more arguments for `buildah bud` (word-split)
 
 Use the images with the same storage, e.g.:
-  buildah --root .cache/images/storage --runroot .cache/images/run --storage-driver vfs images
+  buildah --root .cache/images/storage-overlay --runroot .cache/images/run --storage-driver overlay images
+  podman  --root .cache/images/storage-overlay --runroot .cache/images/run --storage-driver overlay images
 EOF
 }
 
@@ -51,7 +60,7 @@ if [[ ${#TARGETS[@]} -eq 0 ]]; then
 fi
 for t in "${TARGETS[@]}"; do
     case "$t" in
-        ui | gateway | inference | swarm) ;;
+        ui | gateway | inference | swarm | inference-gpu | swarm-gpu) ;;
         *)
             echo "unknown target: $t" >&2
             usage >&2
@@ -77,7 +86,9 @@ if [[ ${#missing[@]} -gt 0 ]]; then
 fi
 
 mkdir -p "$CACHE"
-BUILDAH=(buildah --root "$CACHE/storage" --runroot "$CACHE/run" --storage-driver vfs)
+DRIVER="${STORAGE_DRIVER:-overlay}"
+BUILDAH=(buildah --root "$CACHE/storage-$DRIVER" --runroot "$CACHE/run" --storage-driver "$DRIVER")
+APP_VERSION="$(awk -F'"' '/^appVersion:/ {print $2}' "$ROOT/charts/petals-chat/Chart.yaml")"
 
 # ---- local base: debootstrap rootfs -> tarball -> FROM scratch image -------------------------
 mirror() {
@@ -131,6 +142,10 @@ printf '[global]\ncert = /host-ca.crt\n' >"$CACHE/pip.conf"
 MOUNTS=(-v "$HOST_CA:/host-ca.crt:ro" -v "$CACHE/pip.conf:/etc/pip.conf:ro")
 if [[ -n "${WHEELS_DIR:-}" ]]; then
     printf 'find-links = /host-wheels\n' >>"$CACHE/pip.conf"
+    # torch comes from the wheels folder: an index that has nothing (no folder per project)
+    # instead of PyTorch's CPU index, which pip would otherwise retry for minutes where it
+    # can't be reached.
+    TORCH_INDEX_URL="${TORCH_INDEX_URL:-file:///host-wheels}"
     MOUNTS+=(-v "$(cd "$WHEELS_DIR" && pwd):/host-wheels:ro")
 fi
 
@@ -143,11 +158,30 @@ extra=(${EXTRA_BUILD_ARGS:-})
 
 cd "$ROOT"
 for t in "${TARGETS[@]}"; do
-    log "building petals-chat-$t"
+    case "$t" in
+        inference* | swarm*)
+            log "staging the embedded models in .cache/image-models"
+            "${PYTHON:-$ROOT/.venv/bin/python}" -m services.swarm.image_models >&2
+            break
+            ;;
+    esac
+done
+for t in "${TARGETS[@]}"; do
+    dockerfile=Dockerfile.cpu
+    target="$t"
+    if [[ "$t" == *-gpu ]]; then
+        dockerfile=Dockerfile.gpu
+        target="${t%-gpu}"
+    fi
+    log "building petals-chat-$t ($dockerfile, target $target)"
     start=$SECONDS
     "${BUILDAH[@]}" bud --pull=never --isolation chroot --layers \
         "${MOUNTS[@]}" "${build_args[@]}" "${extra[@]}" \
-        -f Dockerfile.cpu --target "$t" -t "petals-chat-$t" . >&2
+        -f "$dockerfile" --target "$target" -t "petals-chat-$t" -t "petals-chat-$t:$APP_VERSION" . >&2
     log "built petals-chat-$t in $((SECONDS - start)) s"
 done
 "${BUILDAH[@]}" images >&2
+for t in "${TARGETS[@]}"; do
+    # bytes of the image's layers as stored (uncompressed), as `buildah images` rounds them
+    log "size petals-chat-$t: $("${BUILDAH[@]}" images --format '{{.Size}}' "localhost/petals-chat-$t:latest" | head -n1)"
+done

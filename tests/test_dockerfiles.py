@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from services.swarm.image_models import IMAGE_DIR, STAGE_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = [ROOT / "Dockerfile.cpu", ROOT / "Dockerfile.gpu"]
 HADOLINT = Path(sys.executable).with_name("hadolint")
@@ -19,13 +21,29 @@ def test_hadolint_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# Made before the build by `python -m services.swarm.image_models` (scripts/build_images.sh), not in git.
+STAGED_MODELS = STAGE_DIR.relative_to(ROOT).as_posix() + "/"
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_every_copied_path_exists(dockerfile: Path):
     for line in dockerfile.read_text().splitlines():
         if line.startswith("COPY ") and "--from=" not in line:
             *sources, _ = line.split()[1:]
             for source in sources:
+                if source == STAGED_MODELS:
+                    continue
                 assert (ROOT / source).exists(), f"{dockerfile.name}: {source} does not exist"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_inference_and_swarm_images_embed_the_staged_models(dockerfile: Path):
+    for target in ("inference", "swarm"):
+        assert f"COPY {STAGED_MODELS} {IMAGE_DIR}/\n" in stage(dockerfile, target), f"{dockerfile.name}: {target}"
+    assert 'ENTRYPOINT ["python", "-m", "services.swarm.serve"]' in stage(dockerfile, "swarm")
+    if dockerfile.name == "Dockerfile.cpu":
+        for target in ("ui", "gateway"):
+            assert IMAGE_DIR not in stage(dockerfile, target)
 
 
 def test_images_install_the_requirement_files_ci_installs():

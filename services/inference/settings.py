@@ -12,6 +12,7 @@ from services.common.config import ConfigError, Env, ServerSettings
 from services.common.cpus import available_cpus, cpu_has_native_bf16
 from services.common.model_card import ModelCard
 from services.common.params import MODEL_NAME_PATTERN, SESSION_ID_PATTERN, Limits
+from services.common.swarm_identity import DERIVED, IdentityError, read_seed, resolve_multiaddr
 from services.inference.chat_config import ChatSettings
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -65,7 +66,7 @@ class InferenceSettings:
             model_name=model_name,
             model_description=env.str("MODEL_DESCRIPTION", ""),
             chat=ChatSettings.from_env(env, limits),
-            initial_peers=env.list("INITIAL_PEERS"),
+            initial_peers=resolve_initial_peers(env.list("INITIAL_PEERS"), env.str("SWARM_SEED_FILE", "")),
             dht_prefix=env.str("DHT_PREFIX", "") or None,
             torch_dtype=env.choice("TORCH_DTYPE", default_dtype(device), DTYPES),
             torch_threads=env.int("TORCH_THREADS", available_cpus(), minimum=1, maximum=1024),
@@ -97,6 +98,20 @@ def default_dtype(device: str) -> str:
     LM head of a BLOOM-176B-shaped model then takes 1.7x as long as in float32 (bench/lm_head.py).
     """
     return "bfloat16" if device != "cpu" or cpu_has_native_bf16() else "float32"
+
+
+def resolve_initial_peers(peers: tuple[str, ...], seed_file: str) -> tuple[str, ...]:
+    """INITIAL_PEERS with each ``/p2p/derived:<label>`` replaced by the peer id derived from SWARM_SEED_FILE.
+
+    The chart's private swarm names its bootstrap servers this way (services/common/swarm_identity.py).
+    """
+    if not any(DERIVED in peer for peer in peers):
+        return peers
+    try:
+        seed = read_seed(seed_file) if seed_file else None
+        return tuple(resolve_multiaddr(peer, seed) for peer in peers)
+    except IdentityError as error:
+        raise ConfigError(f"INITIAL_PEERS: {error}") from None
 
 
 def served_model_name(model: str) -> str:

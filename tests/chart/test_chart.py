@@ -3,8 +3,10 @@ manifest validated against the Kubernetes 1.30 schemas with kubernetes-validate.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
+import math
 from pathlib import Path
 
 import helm_python
@@ -19,17 +21,18 @@ NAMESPACE = "llm"
 FULLNAME = f"{RELEASE}-petals-chat"
 KUBE_VERSION = "1.30"
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
-SWARM_VALUES = {
-    "enabled": True,
-    "servers": ["0:12", "12:24"],
-    "bootstrapPeer": f"/dns4/{FULLNAME}-swarm-0-0.{FULLNAME}-swarm.{NAMESPACE}.svc.cluster.local/tcp/31337/p2p/QmPeer",
-    "identitySecret": "swarm-identity",
+# The default models (values.yaml): key -> (name, inference replicas, private servers' block ranges).
+DEFAULT_MODELS = {
+    "smollm2": ("smollm2-135m-instruct", 2, ["0:15", "15:30"]),
+    "tiny-bloom": ("tiny-bloom", 1, ["0:4"]),
 }
+SWARM_SERVERS = sum(len(servers) for _, _, servers in DEFAULT_MODELS.values())
 
 
 def combo_values(variant: str, ingress: bool, monitoring: bool, swarm: bool) -> dict:
     values: dict = {
         "inference": {"variant": variant},
+        "swarm": {"enabled": swarm, "variant": variant},
         "ingress": {
             "enabled": ingress,
             "className": "nginx",
@@ -41,9 +44,6 @@ def combo_values(variant: str, ingress: bool, monitoring: bool, swarm: bool) -> 
             "dashboard": {"enabled": monitoring},
         },
     }
-    if swarm:
-        values["swarm"] = dict(SWARM_VALUES, variant=variant)
-        values["model"] = {"dhtPrefix": "bloom-560m-chat"}
     return values
 
 
@@ -90,7 +90,8 @@ def test_render_matrix_is_valid_kubernetes_1_30(chart, variant, ingress, monitor
     assert ({"ServiceMonitor", "PrometheusRule"} <= kinds) == monitoring
     assert ("ConfigMap" in kinds) == monitoring
     swarm_sets = [d for d in docs if d["kind"] == "StatefulSet" and "-swarm-" in d["metadata"]["name"]]
-    assert len(swarm_sets) == (2 if swarm else 0)
+    assert len(swarm_sets) == (SWARM_SERVERS if swarm else 0)
+    assert ("Secret" in kinds) == swarm
     for doc in docs:
         assert doc.get("apiVersion") and doc.get("kind") and doc["metadata"].get("name"), doc
         if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
@@ -122,15 +123,20 @@ def test_helm_lint_is_clean(values):
     assert not result["errors"], result["errors"]
 
 
-def inference_container(docs: list[dict]) -> tuple[dict, dict]:
-    sts = find(docs, "StatefulSet", f"{FULLNAME}-inference")
+def inference_container(docs: list[dict], key: str = "smollm2") -> tuple[dict, dict]:
+    sts = find(docs, "StatefulSet", f"{FULLNAME}-inference-{key}")
     pod = sts["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     return pod, container
 
 
+# A model that sets no resources of its own: the inference block's per-variant defaults apply.
+HUB_MODEL = {"name": "bigscience/bloom-560m", "key": "bloom-560m", "path": "bigscience/bloom-560m"}
+
+
 def test_gpu_variant_switches_image_resources_scheduling_and_device(chart):
-    pod, container = inference_container(render(chart, {"inference": {"variant": "gpu"}}))
+    docs = render(chart, {"models": [HUB_MODEL], "inference": {"variant": "gpu"}})
+    pod, container = inference_container(docs, "bloom-560m")
     assert container["image"] == "petals-chat-inference-gpu:0.1.0"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["resources"]["requests"]["memory"] == "8Gi"  # inference.resources.gpu
@@ -140,7 +146,9 @@ def test_gpu_variant_switches_image_resources_scheduling_and_device(chart):
 
 
 def test_cpu_variant_has_no_gpu_anything(chart):
-    pod, container = inference_container(render(chart, {"inference": {"variant": "cpu"}}))
+    pod, container = inference_container(
+        render(chart, {"models": [HUB_MODEL], "inference": {"variant": "cpu"}}), "bloom-560m"
+    )
     assert container["image"] == "petals-chat-inference:0.1.0"
     assert "nvidia.com/gpu" not in json.dumps(container["resources"])
     assert container["resources"]["requests"]["memory"] == "4Gi"  # inference.resources.cpu
@@ -184,8 +192,18 @@ def test_image_registry_tag_and_pull_policy(chart):
         ({"inference": {"replicas": 1.5}}, "at '/inference/replicas': got number, want integer"),
         ({"inference": {"replicas": "2"}}, "at '/inference/replicas': got string, want integer"),
         ({"image": {"pullPolicy": "Sometimes"}}, "at '/image/pullPolicy': value must be one of"),
-        ({"model": {"name": ""}}, "at '/model/name': minLength: got 0, want 1"),
-        ({"model": {"name": None}}, "missing property 'name'"),
+        ({"models": []}, "at '/models': minItems: got 0, want 1"),
+        ({"models": [{"name": "m"}]}, "missing property 'path'"),
+        ({"models": [{"name": "m", "path": ""}]}, "at '/models/0/path': minLength: got 0, want 1"),
+        ({"models": [{"name": "a b", "path": "p"}]}, "at '/models/0/name': 'a b' does not match pattern"),
+        (
+            {"models": [{"name": "m", "path": "p", "key": "Not_DNS"}]},
+            "at '/models/0/key': 'Not_DNS' does not match pattern",
+        ),
+        ({"models": [{"name": "m", "path": "p", "inference": {"variant": "tpu"}}]}, "at '/models/0/inference/variant'"),
+        ({"models": [{"name": "m", "path": "p", "inference": {"replicas": 0}}]}, "at '/models/0/inference/replicas'"),
+        ({"models": [{"name": "m", "path": "p", "swarm": {"servers": ["0-4"]}}]}, "at '/models/0/swarm/servers/0'"),
+        ({"model": {"name": "m"}}, "additional properties 'model' not allowed"),
         ({"inference": {"sessionTtlSeconds": 0}}, "at '/inference/sessionTtlSeconds': minimum"),
         ({"inference": {"sessionTtlSeconds": -30}}, "at '/inference/sessionTtlSeconds': minimum"),
         ({"replicaCount": 3}, "additional properties 'replicaCount' not allowed"),
@@ -200,18 +218,15 @@ def test_schema_rejects_bad_values_with_a_clear_message(chart, values, message):
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"swarm": {"enabled": True}}, "swarm.enabled needs model.dhtPrefix"),
-        ({"swarm": {"enabled": True}, "model": {"dhtPrefix": "p"}}, "swarm.enabled needs swarm.bootstrapPeer"),
-        (
-            {
-                "swarm": {"enabled": True, "servers": ["0:1", "1:2"]},
-                "model": {"dhtPrefix": "p", "initialPeers": ["/a"]},
-            },
-            "set swarm.bootstrapPeer",
-        ),
+        ({"models": [HUB_MODEL, dict(HUB_MODEL, name="other")]}, 'key "bloom-560m" is used by two models'),
+        ({"models": [HUB_MODEL, dict(HUB_MODEL, key="b")]}, 'name "bigscience/bloom-560m" is used by two models'),
+        ({"models": [{"name": "m", "path": "/models/m"}]}, "the local path /models/m needs a dhtPrefix"),
+        ({"models": [{"name": "---", "path": "p"}]}, "set models[0].key"),
+        ({"gateway": {"defaultModel": "gpt-5"}}, 'gateway.defaultModel "gpt-5" is none of the models'),
+        ({"fullnameOverride": "x" * 40}, "is longer than 52 characters"),
     ],
 )
-def test_swarm_without_its_required_values_fails_clearly(chart, values, message):
+def test_models_that_cannot_work_fail_clearly(chart, values, message):
     with pytest.raises(helm_python.HelmRenderError) as info:
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
     assert message in str(info.value)
@@ -219,24 +234,28 @@ def test_swarm_without_its_required_values_fails_clearly(chart, values, message)
 
 @pytest.mark.parametrize("replicas", [1, 3])
 def test_gateway_routes_to_exactly_the_statefulset_pods(chart, replicas):
-    docs = render(chart, {"inference": {"replicas": replicas}})
-    sts = find(docs, "StatefulSet", f"{FULLNAME}-inference")
+    models = [dict(HUB_MODEL, key="a", inference={"replicas": replicas}), dict(HUB_MODEL, name="b", key="b")]
+    docs = render(chart, {"models": models, "inference": {"replicas": 2}})
     headless = find(docs, "Service", f"{FULLNAME}-inference")
-    assert sts["spec"]["replicas"] == replicas
-    assert sts["spec"]["podManagementPolicy"] == "Parallel"
-    assert sts["spec"]["serviceName"] == headless["metadata"]["name"]
     assert headless["spec"]["clusterIP"] == "None"
-    assert headless["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    pods = []
+    for key, count in (("a", replicas), ("b", 2)):  # b: the inference block's default replicas
+        sts = find(docs, "StatefulSet", f"{FULLNAME}-inference-{key}")
+        assert sts["spec"]["replicas"] == count
+        assert sts["spec"]["podManagementPolicy"] == "Parallel"
+        assert sts["spec"]["serviceName"] == headless["metadata"]["name"]
+        assert headless["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+        pods += [f"{sts['metadata']['name']}-{i}" for i in range(count)]
 
     gateway = find(docs, "Deployment", f"{FULLNAME}-gateway")
     env = container_env(gateway["spec"]["template"]["spec"]["containers"][0])
     entries = dict(entry.split("=", 1) for entry in env["INFERENCE_REPLICAS"].split(" "))
-    pods = [f"{sts['metadata']['name']}-{i}" for i in range(replicas)]
     assert list(entries) == pods
     for pod in pods:
-        assert entries[pod] == f"http://{pod}.{sts['spec']['serviceName']}.{NAMESPACE}.svc.cluster.local:8080"
+        assert entries[pod] == f"http://{pod}.{FULLNAME}-inference.{NAMESPACE}.svc.cluster.local:8080"
+    assert env["DEFAULT_MODEL"] == "bigscience/bloom-560m"  # the first model
 
-    _, container = inference_container(docs)
+    _, container = inference_container(docs, "a")
     inference_env = container_env(container)
     assert inference_env["REPLICA_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert inference_env["BIND"] == "0.0.0.0:8080"
@@ -292,8 +311,9 @@ def test_network_policy_lets_only_gateway_pods_reach_inference(chart):
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
     labels = {
         tier: find(docs, kind, f"{FULLNAME}-{tier}")["spec"]["template"]["metadata"]["labels"]
-        for tier, kind in (("inference", "StatefulSet"), ("gateway", "Deployment"), ("ui", "Deployment"))
+        for tier, kind in (("inference-smollm2", "StatefulSet"), ("gateway", "Deployment"), ("ui", "Deployment"))
     }
+    labels["inference"] = labels.pop("inference-smollm2")
     applying = [p for p in policies if labels_match(p["spec"]["podSelector"], labels["inference"])]
     assert len(applying) == 1
     spec = applying[0]["spec"]
@@ -321,14 +341,15 @@ def test_every_other_pod_opens_only_its_service_port(chart):
         policy = find(docs, "NetworkPolicy", f"{FULLNAME}-{tier}")
         assert policy["spec"]["policyTypes"] == ["Ingress"]
         assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": port}]}], tier
-    assert not [d for d in render(chart) if d["metadata"]["name"] == f"{FULLNAME}-swarm"]
+    docs = render(chart, {"swarm": {"enabled": False}})
+    assert not [d for d in docs if d["metadata"]["name"] == f"{FULLNAME}-swarm"]
 
 
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
 def test_every_container_runs_restricted(chart, variant):
     docs = render(chart, combo_values(variant, True, True, True))
     specs = pod_specs(docs)
-    assert len(specs) == 5  # inference, gateway, ui, 2 swarm servers
+    assert len(specs) == len(DEFAULT_MODELS) + 2 + SWARM_SERVERS  # inference per model, gateway, ui, servers
     for name, pod in specs:
         assert pod["securityContext"]["runAsNonRoot"] is True, name
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
@@ -378,34 +399,169 @@ def test_chart_files_are_the_deploy_files():
             assert path.resolve() == (ROOT / source).resolve()
 
 
-def test_private_swarm_servers_and_inference_peers(chart):
-    docs = render(chart, combo_values("cpu", False, False, True))
-    first = find(docs, "StatefulSet", f"{FULLNAME}-swarm-0")["spec"]["template"]["spec"]["containers"][0]
-    second = find(docs, "StatefulSet", f"{FULLNAME}-swarm-1")["spec"]["template"]["spec"]["containers"][0]
-    assert first["image"] == "petals-chat-swarm:0.1.0"
-    assert first["command"] == ["python", "-m", "petals.cli.run_server"]
-    common = ["bigscience/bloom-560m", "--dht_prefix", "bloom-560m-chat", "--host_maddrs", "/ip4/0.0.0.0/tcp/31337"]
-    assert first["args"][:5] == common == second["args"][:5]
-    assert first["args"][first["args"].index("--block_indices") + 1] == "0:12"
-    assert second["args"][second["args"].index("--block_indices") + 1] == "12:24"
-    assert first["args"][-1] == "--new_swarm"
-    assert second["args"][-2:] == ["--initial_peers", SWARM_VALUES["bootstrapPeer"]]
-    assert "--new_swarm" not in second["args"]
-    assert first["args"][first["args"].index("--identity_path") + 1] == "/var/run/petals-identity/identity"
-    assert second["args"][second["args"].index("--identity_path") + 1] == "/tmp/identity"
-    _, inference = inference_container(docs)
-    env = container_env(inference)
-    assert env["INITIAL_PEERS"] == SWARM_VALUES["bootstrapPeer"]
-    assert env["DHT_PREFIX"] == "bloom-560m-chat"
-    docs = render(
-        chart, {"model": {"initialPeers": ["/ip4/10.0.0.1/tcp/31337/p2p/QmA", "/ip4/10.0.0.2/tcp/1/p2p/QmB"]}}
-    )
-    env = container_env(inference_container(docs)[1])
-    assert env["INITIAL_PEERS"] == "/ip4/10.0.0.1/tcp/31337/p2p/QmA /ip4/10.0.0.2/tcp/1/p2p/QmB"
-    swarm_gpu = render(chart, combo_values("gpu", False, False, True))
-    server = find(swarm_gpu, "StatefulSet", f"{FULLNAME}-swarm-1")["spec"]["template"]["spec"]["containers"][0]
-    assert server["image"] == "petals-chat-swarm-gpu:0.1.0"
+def server_container(docs: list[dict], key: str, index: int) -> dict:
+    return find(docs, "StatefulSet", f"{FULLNAME}-swarm-{key}-{index}")["spec"]["template"]["spec"]["containers"][0]
+
+
+def arg(container: dict, flag: str) -> str:
+    return container["args"][container["args"].index(flag) + 1]
+
+
+def test_private_swarm_bootstraps_from_derived_identities(chart):
+    """Server 0 of each model starts the swarm with the identity derived from the seed; the model's other
+    servers and its inference replicas reach it by DNS name and derived peer id: nothing copied by hand."""
+    docs = render(chart)
+    secret = find(docs, "Secret", f"{FULLNAME}-swarm-seed")
+    assert len(base64.b64decode(secret["data"]["seed"])) >= 16
+    for key, (name, _, servers) in DEFAULT_MODELS.items():
+        bootstrap = (
+            f"/dns4/{FULLNAME}-swarm-{key}-0-0.{FULLNAME}-swarm.{NAMESPACE}.svc.cluster.local"
+            f"/tcp/31337/p2p/derived:{key}"
+        )
+        for index, blocks in enumerate(servers):
+            server = server_container(docs, key, index)
+            assert server["image"] == "petals-chat-swarm:0.1.0"
+            assert server["command"] == ["python", "-m", "services.swarm.serve"]
+            assert server["args"][0] == f"/models/{name}"
+            assert arg(server, "--dht_prefix") == name
+            assert arg(server, "--block_indices") == blocks
+            assert arg(server, "--device") == "cpu"
+            env = container_env(server)
+            assert env["SWARM_SEED_FILE"] == "/var/run/petals-swarm/seed"
+            assert env["HF_HUB_OFFLINE"] == "1" and env["OMP_NUM_THREADS"] == "1"
+            if index == 0:
+                assert arg(server, "--identity_path") == f"derived:{key}"
+                assert server["args"][-1] == "--new_swarm"
+            else:
+                assert arg(server, "--identity_path") == "/tmp/identity"
+                assert server["args"][-2:] == ["--initial_peers", bootstrap]
+                assert "--new_swarm" not in server["args"]
+        _, inference = inference_container(docs, key)
+        env = container_env(inference)
+        assert env["INITIAL_PEERS"] == bootstrap
+        assert env["DHT_PREFIX"] == name
+        assert env["SWARM_SEED_FILE"] == "/var/run/petals-swarm/seed"
+    for name, pod in pod_specs(docs):
+        if "-swarm-" in name or "-inference-" in name:
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            assert volumes["swarm-seed"]["secret"]["secretName"] == secret["metadata"]["name"], name
+            mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+            assert mounts["swarm-seed"] == {
+                "name": "swarm-seed",
+                "mountPath": "/var/run/petals-swarm",
+                "readOnly": True,
+            }
+
+
+def test_derived_peer_ids_are_what_the_bootstrap_server_gets(chart, tmp_path):
+    """The chart's syntax through the code the images run: server 0's identity file and the replicas'
+    INITIAL_PEERS name the same peer id (the one p2pd computes: tests/unit/test_swarm_identity.py)."""
+    from services.common import swarm_identity
+    from services.inference.settings import resolve_initial_peers
+    from services.swarm.serve import resolve_args
+
+    docs = render(chart)
+    seed_file = tmp_path / "seed"
+    seed_file.write_bytes(base64.b64decode(find(docs, "Secret", f"{FULLNAME}-swarm-seed")["data"]["seed"]))
+    seed = swarm_identity.read_seed(seed_file)
+    for key in DEFAULT_MODELS:
+        args = resolve_args(server_container(docs, key, 0)["args"], str(seed_file), tmp_path)
+        identity = Path(arg({"args": args}, "--identity_path"))
+        assert identity.read_bytes() == swarm_identity.identity_file_bytes(seed, key)
+        (peers,) = resolve_initial_peers(
+            (container_env(inference_container(docs, key)[1])["INITIAL_PEERS"],), str(seed_file)
+        )
+        assert peers.endswith("/p2p/" + swarm_identity.peer_id(seed, key))
+    args = resolve_args(server_container(docs, "smollm2", 1)["args"], str(seed_file), tmp_path)
+    assert arg({"args": args}, "--initial_peers").endswith("/p2p/" + swarm_identity.peer_id(seed, "smollm2"))
+
+
+def test_an_existing_seed_secret_replaces_the_generated_one(chart):
+    docs = render(chart, {"swarm": {"seedSecret": "my-seed"}})
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    for name, pod in pod_specs(docs):
+        if "-swarm-" in name or "-inference-" in name:
+            assert {v["name"]: v for v in pod["volumes"]}["swarm-seed"]["secret"]["secretName"] == "my-seed"
+
+
+def test_the_default_install_is_self_contained(chart):
+    """No values: every model is embedded in the images, served offline by its own private servers."""
+    from services.swarm.image_models import EMBEDDED, IMAGE_DIR
+
+    docs = render(chart)
+    for key, (name, replicas, servers) in DEFAULT_MODELS.items():
+        assert name in EMBEDDED
+        sts = find(docs, "StatefulSet", f"{FULLNAME}-inference-{key}")
+        assert sts["spec"]["replicas"] == replicas
+        env = container_env(sts["spec"]["template"]["spec"]["containers"][0])
+        assert env["MODEL"] == f"{IMAGE_DIR}/{name}" and env["MODEL_NAME"] == name
+        assert env["HF_HUB_OFFLINE"] == "1"
+        assert len([d for d in docs if d["metadata"]["name"].startswith(f"{FULLNAME}-swarm-{key}-")]) == len(servers)
+    assert container_env(inference_container(docs, "smollm2")[1])["CHAT_FORMAT"] == "chatml"
+    gateway = find(docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"]["containers"][0]
+    assert container_env(gateway)["DEFAULT_MODEL"] == "smollm2-135m-instruct"
+
+
+def test_public_swarm_and_external_swarm_are_one_value_away(chart):
+    docs = render(chart, {"models": [HUB_MODEL]})
+    assert not [d for d in docs if d["kind"] == "Secret" or "-swarm" in d["metadata"]["name"]]
+    env = container_env(inference_container(docs, "bloom-560m")[1])
+    assert env["MODEL"] == "bigscience/bloom-560m"
+    assert not {"INITIAL_PEERS", "DHT_PREFIX", "SWARM_SEED_FILE", "HF_HUB_OFFLINE"} & set(env)  # public swarm
+    peers = ["/ip4/10.0.0.1/tcp/31337/p2p/QmA", "/ip4/10.0.0.2/tcp/1/p2p/QmB"]
+    model = dict(HUB_MODEL, initialPeers=peers, swarm={"servers": ["0:24"]})  # initialPeers win over servers
+    docs = render(chart, {"models": [model]})
+    assert not [d for d in docs if "-swarm" in d["metadata"]["name"]]
+    env = container_env(inference_container(docs, "bloom-560m")[1])
+    assert env["INITIAL_PEERS"] == " ".join(peers) and "SWARM_SEED_FILE" not in env
+    docs = render(chart, {"swarm": {"enabled": False}})  # the embedded models, no private servers
+    assert not [d for d in docs if "-swarm" in d["metadata"]["name"]]
+    assert "INITIAL_PEERS" not in container_env(inference_container(docs)[1])
+
+
+def test_each_model_has_its_own_variant_resources_and_servers(chart):
+    gpu_resources = {"requests": {"cpu": "2", "memory": "20Gi"}, "limits": {"memory": "40Gi"}}
+    models = [
+        {"name": "small", "path": "org/small", "dhtPrefix": "small", "swarm": {"servers": ["0:4"]}},
+        {
+            "name": "org/Big-Model.v2",
+            "path": "org/big",
+            "inference": {"replicas": 3, "variant": "gpu", "resources": gpu_resources},
+            "swarm": {"servers": ["0:40", "40:80"], "variant": "gpu", "attnCacheTokens": 1000000},
+            "chat": {"format": "chatml", "systemPrompt": "Be brief."},
+        },
+    ]
+    docs = render(chart, {"models": models, "gateway": {"defaultModel": "org/Big-Model.v2"}})
+    small_pod, small = inference_container(docs, "small")
+    big_pod, big = inference_container(docs, "org-big-model-v2")
+    assert small["image"] == "petals-chat-inference:0.1.0" and "nodeSelector" not in small_pod
+    assert small["resources"]["requests"]["memory"] == "4Gi"  # inference.resources.cpu
+    assert big["image"] == "petals-chat-inference-gpu:0.1.0"
+    assert big["resources"] == {
+        "requests": gpu_resources["requests"],
+        "limits": {"memory": "40Gi", "nvidia.com/gpu": 1},
+    }
+    assert big_pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert container_env(big)["DEVICE"] == "cuda" and container_env(small)["DEVICE"] == "cpu"
+    assert container_env(big)["DHT_PREFIX"] == "org-big-model-v2"  # the key, with private servers
+    assert container_env(big)["CHAT_SYSTEM_PROMPT"] == "Be brief."
+    assert find(docs, "StatefulSet", f"{FULLNAME}-inference-org-big-model-v2")["spec"]["replicas"] == 3
+    server = server_container(docs, "org-big-model-v2", 1)
+    assert server["image"] == "petals-chat-swarm-gpu:0.1.0" and arg(server, "--device") == "cuda"
+    assert arg(server, "--attn_cache_tokens") == "1000000"
     assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in json.dumps(server_container(docs, "small", 0)["resources"])
+    gateway = find(docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"]["containers"][0]
+    env = container_env(gateway)
+    assert env["DEFAULT_MODEL"] == "org/Big-Model.v2"
+    assert len(env["INFERENCE_REPLICAS"].split(" ")) == 2 + 3
+    for key in ("small", "org-big-model-v2"):
+        pdb = find(docs, "PodDisruptionBudget", f"{FULLNAME}-inference-{key}")
+        labels = find(docs, "StatefulSet", f"{FULLNAME}-inference-{key}")["spec"]["template"]["metadata"]["labels"]
+        assert labels_match(pdb["spec"]["selector"], labels)
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) not in CRD_KINDS:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
 
 
 def test_notes_render(chart):
@@ -415,42 +571,36 @@ def test_notes_render(chart):
     assert f"{FULLNAME}-inference" in notes
 
 
-def test_the_models_chat_configuration_goes_to_the_inference_replicas_only_when_set(chart):
+def test_the_models_chat_configuration_goes_to_its_inference_replicas_only_when_set(chart):
     template = "{% for m in messages %}{{ m.content }}{% endfor %}"
     chat = {"format": "chatml", "template": template, "stop": "\n\nUser:"}
-    docs = render(chart, {"model": {"chat": chat, "description": "A model."}, "gateway": {"defaultModel": "m"}})
-    env = container_env(inference_container(docs)[1])
+    model = dict(HUB_MODEL, key="m", chat=chat, description="A model.")
+    docs = render(chart, {"models": [model, dict(HUB_MODEL, name="plain", key="plain")]})
+    env = container_env(inference_container(docs, "m")[1])
     assert env["CHAT_FORMAT"] == "chatml" and env["CHAT_TEMPLATE"] == template and env["CHAT_STOP"] == "\n\nUser:"
     assert env["MODEL_DESCRIPTION"] == "A model." and "CHAT_SYSTEM_PROMPT" not in env
-    gateway = find(docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"]["containers"][0]
-    assert container_env(gateway)["DEFAULT_MODEL"] == "m"
-    defaults = render(chart, {})
-    env = container_env(inference_container(defaults)[1])
+    env = container_env(inference_container(docs, "plain")[1])
     assert env["CHAT_FORMAT"] == "auto" and not {"CHAT_TEMPLATE", "CHAT_STOP", "CHAT_SYSTEM_PROMPT"} & set(env)
-    gateway = find(defaults, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"]["containers"][0]
-    assert "DEFAULT_MODEL" not in container_env(gateway)
 
 
-@pytest.mark.parametrize(
-    ("inference", "threads"),
-    [
-        ({}, "1"),  # the default request: cpu "1"
-        ({"resources": {"cpu": {"requests": {"cpu": "2500m"}, "limits": {"memory": "8Gi"}}}}, "3"),
-        ({"resources": {"cpu": {"requests": {"cpu": "1"}, "limits": {"cpu": 1.5, "memory": "8Gi"}}}}, "2"),
-        ({"torchThreads": 4}, "4"),
-        ({"variant": "gpu", "resources": {"gpu": {"requests": {"cpu": "6"}}}}, "6"),
-    ],
-    ids=["default", "request-millicores", "limit-wins", "override", "gpu-resources"],
-)
-def test_inference_torch_threads_follow_the_granted_cpus(chart, inference, threads):
-    env = container_env(inference_container(render(chart, {"inference": inference}))[1])
-    assert env["TORCH_THREADS"] == threads
+def granted_cpus(resources: dict) -> str:
+    """What the chart should render: the cpu limit, else the request, rounded up, at least 1."""
+    cpu = str(resources.get("limits", {}).get("cpu") or resources.get("requests", {}).get("cpu") or "1")
+    cores = int(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    return str(max(1, math.ceil(cores)))
 
 
-def test_every_swarm_server_process_runs_one_torch_thread_unless_set(chart):
-    for swarm, threads in ((SWARM_VALUES, "1"), (dict(SWARM_VALUES, torchThreads=2), "2")):
-        docs = render(chart, {"swarm": swarm, "model": {"dhtPrefix": "p"}})
-        for index in range(2):
-            server = find(docs, "StatefulSet", f"{FULLNAME}-swarm-{index}")["spec"]["template"]["spec"]
-            env = container_env(server["containers"][0])
-            assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == threads
+def test_torch_threads_follow_the_granted_cpus_and_the_servers_run_one():
+    """TORCH_THREADS from each model's inference cpu limit, else request, rounded up; servers OMP_NUM_THREADS=1."""
+    with helm_python.Chart.load(str(CHART)) as loaded:
+        defaults = render(loaded)
+        custom = render(loaded, {"inference": {"torchThreads": 4}, "swarm": {"torchThreads": 2}})
+    for docs, inference, server in ((defaults, None, "1"), (custom, "4", "2")):
+        for sts in (d for d in docs if d["kind"] == "StatefulSet"):
+            container = sts["spec"]["template"]["spec"]["containers"][0]
+            env = container_env(container)
+            if "-swarm-" in sts["metadata"]["name"]:
+                assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == server
+            else:
+                assert env["TORCH_THREADS"] == (inference or granted_cpus(container["resources"]))
+    assert granted_cpus({"requests": {"cpu": "2500m"}}) == "3" and granted_cpus({"limits": {"cpu": 1.5}}) == "2"

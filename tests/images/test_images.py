@@ -1,7 +1,7 @@
 """The CPU images build for real and their services answer HTTP from inside the image.
 
 scripts/build_images.sh builds ``petals-chat-ui`` and ``petals-chat-gateway`` from Dockerfile.cpu
-with buildah (vfs storage, chroot isolation) on a local debootstrap Debian base. Each image is then
+with buildah (overlay storage, chroot isolation) on a local debootstrap Debian base. Each image is then
 started with ``buildah from`` + ``buildah run``: a small probe inside the container starts the
 image's gunicorn on a loopback port and GETs the given paths (chroot isolation shares the host's
 network, the probe keeps the server's whole life inside the one ``buildah run``).
@@ -25,7 +25,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "build_images.sh"
 CACHE = ROOT / ".cache" / "images"
-BUILDAH = ["buildah", "--root", str(CACHE / "storage"), "--runroot", str(CACHE / "run"), "--storage-driver", "vfs"]
+BUILDAH = [
+    "buildah", "--root", str(CACHE / "storage-overlay"), "--runroot", str(CACHE / "run"), "--storage-driver", "overlay",
+]  # fmt: skip
 
 pytestmark = [
     pytest.mark.slow,

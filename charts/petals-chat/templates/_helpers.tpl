@@ -139,25 +139,117 @@ livenessProbe:
 {{- end }}
 
 {{/*
-The swarm's INITIAL_PEERS for the inference replicas (space separated).
+The models, with every default applied, as a JSON list (use: include "petals-chat.models" . | fromJsonArray).
+Each entry: name, key, path, description, dhtPrefix, torchDtype, hfHubOffline, chat, the resource names
+(inferenceName, swarmName), inference {replicas, variant, resources, extraEnv, pods: [{name, url}]}, private
+(whether it has private servers), swarm {servers, variant, resources, attnCacheTokens, bootstrapHost}, and
+initialPeers (the INITIAL_PEERS of its replicas, space separated; empty: the public swarm).
 */}}
-{{- define "petals-chat.initialPeers" -}}
-{{- if .Values.model.initialPeers }}
-{{- join " " .Values.model.initialPeers }}
-{{- else if .Values.swarm.enabled }}
-{{- required "swarm.enabled needs swarm.bootstrapPeer (the first server's full multiaddr, see values.yaml) or model.initialPeers" .Values.swarm.bootstrapPeer }}
+{{- define "petals-chat.models" -}}
+{{- $fullname := include "petals-chat.fullname" . }}
+{{- $namespace := .Release.Namespace }}
+{{- $out := list }}
+{{- $keys := dict }}
+{{- $names := dict }}
+{{- range $i, $m := .Values.models }}
+{{- $key := $m.key | default (regexReplaceAll "[^a-z0-9]+" (lower $m.name) "-" | trunc 20 | trimAll "-") }}
+{{- if not $key }}
+{{- fail (printf "models[%d]: no DNS label can be derived from name %q: set models[%d].key" $i $m.name $i) }}
+{{- end }}
+{{- if hasKey $keys $key }}
+{{- fail (printf "models[%d]: key %q is used by two models: set models[].key" $i $key) }}
+{{- end }}
+{{- if hasKey $names $m.name }}
+{{- fail (printf "models[%d]: name %q is used by two models" $i $m.name) }}
+{{- end }}
+{{- $_ := set $keys $key true }}
+{{- $_ := set $names $m.name true }}
+{{- $inf := $m.inference | default dict }}
+{{- $variant := $inf.variant | default $.Values.inference.variant }}
+{{- $resources := deepCopy ($inf.resources | default (index $.Values.inference.resources $variant)) }}
+{{- $sw := $m.swarm | default dict }}
+{{- $servers := $sw.servers | default list }}
+{{- $private := and $.Values.swarm.enabled (gt (len $servers) 0) (empty $m.initialPeers) }}
+{{- $swarmVariant := $sw.variant | default $.Values.swarm.variant }}
+{{- $inferenceName := printf "%s-inference-%s" $fullname $key }}
+{{- $swarmName := printf "%s-swarm-%s" $fullname $key }}
+{{- $statefulSets := list $inferenceName }}
+{{- if $private }}
+{{- $statefulSets = append $statefulSets (printf "%s-%d" $swarmName (sub (len $servers) 1)) }}
+{{- end }}
+{{- range $name := $statefulSets }}
+{{- if gt (len $name) 52 }}
+{{- fail (printf "models[%d]: the StatefulSet name %q is longer than 52 characters: use a shorter models[%d].key or fullnameOverride" $i $name $i) }}
+{{- end }}
+{{- end }}
+{{- $dhtPrefix := $m.dhtPrefix | default (ternary $key "" $private) }}
+{{- if and (hasPrefix "/" $m.path) (not $dhtPrefix) }}
+{{- fail (printf "models[%d]: the local path %s needs a dhtPrefix (Petals derives none from a path)" $i $m.path) }}
+{{- end }}
+{{- $bootstrapHost := printf "%s-0-0.%s-swarm.%s.svc.cluster.local" $swarmName $fullname $namespace }}
+{{- $initialPeers := "" }}
+{{- if $m.initialPeers }}
+{{- $initialPeers = join " " $m.initialPeers }}
+{{- else if $private }}
+{{- $initialPeers = printf "/dns4/%s/tcp/31337/p2p/derived:%s" $bootstrapHost $key }}
+{{- end }}
+{{- $pods := list }}
+{{- range $r := until (int ($inf.replicas | default $.Values.inference.replicas)) }}
+{{- $pod := printf "%s-%d" $inferenceName $r }}
+{{- $pods = append $pods (dict "name" $pod "url" (printf "http://%s.%s-inference.%s.svc.cluster.local:8080" $pod $fullname $namespace)) }}
+{{- end }}
+{{- $out = append $out (dict
+    "name" $m.name "key" $key "path" $m.path "description" ($m.description | default "")
+    "dhtPrefix" $dhtPrefix "torchDtype" ($m.torchDtype | default "float32") "hfHubOffline" ($m.hfHubOffline | default false)
+    "chat" ($m.chat | default dict) "inferenceName" $inferenceName "swarmName" $swarmName
+    "inference" (dict "replicas" (len $pods) "variant" $variant "resources" $resources "extraEnv" ($inf.extraEnv | default list) "pods" $pods)
+    "private" $private "initialPeers" $initialPeers
+    "swarm" (dict "servers" $servers "variant" $swarmVariant "bootstrapHost" $bootstrapHost
+      "resources" (deepCopy ($sw.resources | default (index $.Values.swarm.resources $swarmVariant)))
+      "attnCacheTokens" ($sw.attnCacheTokens | default $.Values.swarm.attnCacheTokens))) }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}
+
+{{/*
+Whether any model has private servers ("true" or empty).
+*/}}
+{{- define "petals-chat.privateSwarm" -}}
+{{- range $m := include "petals-chat.models" . | fromJsonArray }}
+{{- if $m.private }}true{{ end }}
 {{- end }}
 {{- end }}
 
 {{/*
-INFERENCE_REPLICAS of the gateway: "<pod>=http://<pod>.<headless service>.<namespace>.svc.cluster.local:8080 ...".
+Name of the Secret holding the private swarm's seed.
+*/}}
+{{- define "petals-chat.seedSecretName" -}}
+{{- .Values.swarm.seedSecret | default (printf "%s-swarm-seed" (include "petals-chat.fullname" .)) }}
+{{- end }}
+
+{{/*
+Resources of a container with its variant: (dict "resources" $r "gpu" true): nvidia.com/gpu: 1 added for a gpu.
+*/}}
+{{- define "petals-chat.variantResources" -}}
+{{- $resources := deepCopy .resources }}
+{{- if .gpu }}
+{{- $limits := default dict $resources.limits }}
+{{- $_ := set $limits "nvidia.com/gpu" 1 }}
+{{- $_ := set $resources "limits" $limits }}
+{{- end }}
+{{- toYaml $resources }}
+{{- end }}
+
+{{/*
+INFERENCE_REPLICAS of the gateway: "<pod>=http://<pod>.<headless service>.<namespace>.svc.cluster.local:8080 ..."
+for every replica of every model.
 */}}
 {{- define "petals-chat.inferenceReplicas" -}}
-{{- $fullname := include "petals-chat.fullname" . }}
 {{- $entries := list }}
-{{- range $i := until (int .Values.inference.replicas) }}
-{{- $pod := printf "%s-inference-%d" $fullname $i }}
-{{- $entries = append $entries (printf "%s=http://%s.%s-inference.%s.svc.cluster.local:8080" $pod $pod $fullname $.Release.Namespace) }}
+{{- range $m := include "petals-chat.models" . | fromJsonArray }}
+{{- range $pod := $m.inference.pods }}
+{{- $entries = append $entries (printf "%s=%s" $pod.name $pod.url) }}
+{{- end }}
 {{- end }}
 {{- join " " $entries }}
 {{- end }}
@@ -173,4 +265,19 @@ Accepts "500m", "2", 2 or 1.5.
 {{- else -}}
 {{- max 1 (int (ceil (float64 $cpu))) -}}
 {{- end -}}
+{{- end }}
+
+{{/*
+DEFAULT_MODEL of the gateway: gateway.defaultModel (one of the models' names) or the first model's name.
+*/}}
+{{- define "petals-chat.defaultModel" -}}
+{{- $names := list }}
+{{- range $m := .Values.models }}
+{{- $names = append $names $m.name }}
+{{- end }}
+{{- $default := .Values.gateway.defaultModel | default (first $names) }}
+{{- if not (has $default $names) }}
+{{- fail (printf "gateway.defaultModel %q is none of the models (%s)" $default (join ", " $names)) }}
+{{- end }}
+{{- $default }}
 {{- end }}

@@ -1,0 +1,241 @@
+"""The default chart, run for real: every pod of `helm template` with no values, from the images
+scripts/build_images.sh built, under podman, as Kubernetes would run them (deploy/pod_harness.py).
+
+Then, through the gateway: a chat answer from the embedded SmolLM2 ("Paris" at temperature 0, the
+OpenAI API), a v1 session continued without inputs, a v2 stream to the other model (tiny BLOOM),
+the model list; the inference replicas' /metrics; the pods' security settings seen from inside;
+a graceful stop within each pod's grace period.
+
+Needs root, podman and the built images: `make test-deploy` installs the tools, builds the images and
+runs this module (about 15 minutes from a cold cache, see README). Skipped without RUN_DEPLOY_TESTS=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from deploy.pod_harness import HarnessError, PodHarness, render_chart, summary
+
+ROOT = Path(__file__).resolve().parents[2]
+RELEASE, NAMESPACE = "chat", "llm"
+FULLNAME = f"{RELEASE}-petals-chat"
+IMAGES = ["petals-chat-ui", "petals-chat-gateway", "petals-chat-inference", "petals-chat-swarm"]
+READY_TIMEOUT_S = float(os.environ.get("DEPLOY_READY_TIMEOUT", "1200"))
+
+pytestmark = [
+    pytest.mark.timeout(3000),
+    pytest.mark.skipif(os.environ.get("RUN_DEPLOY_TESTS") != "1", reason="runs the chart's pods: make test-deploy"),
+    pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() != 0, reason="podman as root is needed"),
+    pytest.mark.skipif(shutil.which("podman") is None, reason="no podman: make test-deploy installs it"),
+]
+
+ARTIFACTS = ROOT / "test-artifacts" / "deploy"
+
+
+def http(method: str, url: str, body: dict | None = None, timeout: float = 300) -> tuple[int, str]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def get_json(url: str, body: dict | None = None) -> dict:
+    status, text = http("POST" if body is not None else "GET", url, body)
+    assert status == 200, f"{url}: {status} {text[:500]}"
+    return json.loads(text)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The default chart's pods, all ready; removed afterwards (also on failure)."""
+    docs = render_chart(release=RELEASE, namespace=NAMESPACE)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    harness = PodHarness(docs, namespace=NAMESPACE)
+    for image in IMAGES:
+        found = harness.podman("image", "exists", f"localhost/{image}:0.1.0", check=False)
+        assert found.returncode == 0, f"{image}:0.1.0 is not built: run scripts/build_images.sh (make test-deploy)"
+    started = time.monotonic()
+    try:
+        harness.plan()
+        harness.start()
+        try:
+            harness.ready_s = harness.wait_ready(READY_TIMEOUT_S)
+        finally:
+            (ARTIFACTS / "events.txt").write_text("\n".join(harness.events) + "\n" + summary(harness.pods) + "\n")
+        print(f"\nall {len(harness.pods)} pods ready {harness.ready_s:.0f} s after start\n{summary(harness.pods)}")
+        yield harness
+    finally:
+        for pod in harness.pods:
+            for c in pod.containers:
+                (ARTIFACTS / f"{c.podman_name}.log").write_text(harness.logs(c, 400))
+        harness.remove()
+        print(f"harness ran {time.monotonic() - started:.0f} s")
+
+
+def gateway(cluster: PodHarness, index: int = 0) -> str:
+    return cluster.url(f"{FULLNAME}-gateway-{index}")
+
+
+def test_every_pod_of_the_default_chart_runs_and_is_ready(cluster):
+    owners = {p.owner for p in cluster.pods}
+    assert owners == {
+        f"Deployment/{FULLNAME}-gateway", f"Deployment/{FULLNAME}-ui",
+        f"StatefulSet/{FULLNAME}-inference-smollm2", f"StatefulSet/{FULLNAME}-inference-tiny-bloom",
+        f"StatefulSet/{FULLNAME}-swarm-smollm2-0", f"StatefulSet/{FULLNAME}-swarm-smollm2-1",
+        f"StatefulSet/{FULLNAME}-swarm-tiny-bloom-0",
+    }  # fmt: skip
+    assert len(cluster.pods) == 2 + 2 + 2 + 1 + 3  # HPA minReplicas for the web tiers, the StatefulSets' replicas
+    assert all(p.ready for p in cluster.pods), summary(cluster.pods)
+    containers = [c for p in cluster.pods for c in p.containers]
+    assert [c.restarts for c in containers] == [0] * len(containers), cluster.events  # servers wait for server 0
+
+
+def test_the_gateway_routes_to_every_replica_of_both_models(cluster):
+    for index in (0, 1):
+        ready = get_json(gateway(cluster, index) + "/readyz")
+        text = json.dumps(ready)
+        for pod in [
+            f"{FULLNAME}-inference-smollm2-0",
+            f"{FULLNAME}-inference-smollm2-1",
+            f"{FULLNAME}-inference-tiny-bloom-0",
+        ]:
+            assert pod in text, ready
+    models = get_json(gateway(cluster) + "/v1/models")
+    names = [m["id"] for m in models["data"]]
+    assert names[0] == "smollm2-135m-instruct" and set(names) == {"smollm2-135m-instruct", "tiny-bloom"}, models
+
+
+def test_smollm2_answers_paris_through_the_openai_api(cluster):
+    body = {
+        "model": "smollm2-135m-instruct",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "temperature": 0,
+        "max_tokens": 20,
+    }
+    answer = get_json(gateway(cluster) + "/v1/chat/completions", body)
+    text = answer["choices"][0]["message"]["content"]
+    assert "Paris" in text, answer
+    (ARTIFACTS / "france.json").write_text(json.dumps(answer, indent=2))
+
+
+def test_a_v1_session_continues_without_inputs_on_its_replica(cluster):
+    base = gateway(cluster, 1) + "/api/v1"
+    opened = get_json(base + "/open_inference_session?max_length=256")  # no model: DEFAULT_MODEL, SmolLM2
+    assert opened["ok"], opened
+    session = opened["session_id"]
+    assert session.startswith(f"{FULLNAME}-inference-smollm2-"), session
+    prompt = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    first = get_json(base + "/generate", {"inputs": prompt, "max_new_tokens": 4, "session_id": session})
+    rest = get_json(base + "/generate", {"max_new_tokens": 6, "session_id": session})  # no inputs: continue
+    assert first["ok"] and rest["ok"], (first, rest)
+    assert "Paris" in first["outputs"] + rest["outputs"], (first, rest)
+    assert get_json(base + f"/close_inference_session?session_id={session}")["ok"]
+    gone = get_json(base + "/generate", {"max_new_tokens": 1, "session_id": session})
+    assert not gone["ok"] and f"Session {session} expired or does not exist" in gone["traceback"]
+
+
+def test_a_v2_stream_reaches_the_other_model(cluster):
+    body = {"model": "tiny-bloom", "inputs": "Hello", "max_new_tokens": 5, "do_sample": 0}
+    status, text = http("POST", gateway(cluster) + "/api/v2/generate_stream", body)
+    assert status == 200, text[:500]
+    done = [json.loads(line[len("data: ") :]) for line in text.splitlines() if line.startswith("data: ")][-1]
+    assert done["ok"] and done["generated_tokens"] == 5, text[-500:]
+
+
+def test_the_inference_replicas_export_metrics(cluster):
+    generated = {}
+    for pod in cluster.pods:
+        if "-inference-" in pod.name:
+            status, text = http("GET", cluster.url(pod.name) + "/metrics")
+            assert status == 200 and "petals_chat_token_latency_seconds_bucket" in text, pod.name
+            lines = [line for line in text.splitlines() if line.startswith("petals_chat_generated_tokens_total")]
+            generated[pod.name] = sum(float(line.split()[-1]) for line in lines)
+    assert generated[f"{FULLNAME}-inference-tiny-bloom-0"] >= 5, generated
+    # the France answer (8 tokens) and the v1 session (4 + the rest of the answer)
+    assert sum(v for k, v in generated.items() if "smollm2" in k) >= 12, generated
+
+
+def test_the_ui_serves_the_chat_page(cluster):
+    for index in (0, 1):
+        status, text = http("GET", cluster.url(f"{FULLNAME}-ui-{index}") + "/")
+        assert status == 200 and "Petals Chat" in text
+
+
+INSIDE = r"""
+import json, os
+out = {"uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups())}
+status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\t" in line)
+out |= {k: status[k].strip() for k in ("CapEff", "CapBnd", "NoNewPrivs", "Seccomp")}
+try:
+    open("/root-write-test", "w")
+    out["root_writable"] = True
+except OSError:
+    out["root_writable"] = False
+open("/tmp/write-test", "w").write("x")
+for path in ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory.max"):
+    if os.path.exists(path):
+        out["memory_limit"] = open(path).read().strip()
+models = "/models"
+if os.path.isdir(models):
+    weights = {d: os.path.join(models, d, "model.safetensors") for d in sorted(os.listdir(models))}
+    out["models"] = {d: len(open(path, "rb").read(1 << 20)) for d, path in weights.items()}
+seed = "/var/run/petals-swarm/seed"
+if os.path.exists(seed):
+    out["seed_bytes"] = len(open(seed, "rb").read())
+print(json.dumps(out))
+"""
+
+
+def test_security_context_memory_and_volumes_are_honoured_inside(cluster):
+    for pod in cluster.pods:
+        for c in pod.containers:
+            result = cluster.exec(c.podman_name, "python", "-c", INSIDE)
+            assert result.returncode == 0, (c.podman_name, result.stderr[-1000:])
+            seen = json.loads(result.stdout.strip().splitlines()[-1])
+            assert (seen["uid"], seen["gid"]) == (10001, 10001), (c.podman_name, seen)
+            assert 10001 in seen["groups"], seen  # fsGroup
+            assert seen["CapEff"] == seen["CapBnd"] == "0000000000000000", (c.podman_name, seen)
+            assert seen["NoNewPrivs"] == "1" and seen["Seccomp"] == "2", (c.podman_name, seen)
+            assert seen["root_writable"] is False, c.podman_name
+            limit = c.args[c.args.index("--memory") + 1]
+            assert seen.get("memory_limit") == limit, (c.podman_name, seen)
+            if "-inference-" in pod.name or "-swarm-" in pod.name:
+                assert sorted(seen["models"]) == ["smollm2-135m-instruct", "tiny-bloom"], seen
+                assert all(seen["models"].values()), seen  # uid 10001 reads the weights
+                assert seen["seed_bytes"] >= 16, seen
+
+
+def test_every_pod_stops_gracefully_within_its_grace_period(cluster):
+    """Last: SIGTERM to every pod (podman pod stop with the pod's terminationGracePeriodSeconds)."""
+    started = time.monotonic()
+    states = cluster.stop()
+    took = time.monotonic() - started
+    (ARTIFACTS / "stop.json").write_text(json.dumps({"seconds": took, "states": states}, indent=2))
+    for name, state in states.items():
+        assert state["Status"] in ("exited", "stopped"), (name, state)
+        assert not state["OOMKilled"], (name, state)
+        assert state["ExitCode"] != 137, f"{name} was killed after its grace period: {state}"
+
+
+def test_harness_refuses_what_it_cannot_honour():
+    docs = render_chart(release=RELEASE, namespace=NAMESPACE)
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    sts["spec"]["template"]["spec"]["containers"][0]["env"].append(
+        {"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}
+    )
+    with PodHarness(docs, namespace=NAMESPACE) as harness, pytest.raises(HarnessError, match="not supported"):
+        harness.plan()
