@@ -11,10 +11,13 @@ not bandwidth-bound.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
+T = TypeVar("T")
 MIN_WEIGHT_BYTES = 64 * 2**20  # below this the stock product is as fast and splitting costs more
 
 
@@ -23,21 +26,29 @@ def _one_intra_op_thread() -> None:
     torch.get_num_threads()  # the thread's first torch call: it now keeps 1 whatever the default becomes
 
 
+def _in_a_new_thread(call: Callable[[], T]) -> T:
+    """``call()`` run in a thread started for it (torch's thread default applies there)."""
+    results: list[T] = []
+    thread = threading.Thread(target=lambda: results.append(call()))
+    thread.start()
+    thread.join()
+    return results[0]
+
+
 def _single_threaded_pool(threads: int) -> ThreadPoolExecutor:
     """``threads`` worker threads whose torch runs on one intra-op thread each.
 
     ``torch.set_num_threads`` changes the calling thread and the default that threads take at
     their first torch call; so each worker sets 1 and makes that first call as it starts, then
-    the default is put back for the rest of the process from a throwaway thread.
+    the default the process had is put back from a throwaway thread.
     """
+    default = _in_a_new_thread(torch.get_num_threads)
     started = threading.Barrier(threads + 1)
     pool = ThreadPoolExecutor(threads, thread_name_prefix="lm-head", initializer=_one_intra_op_thread)
     for _ in range(threads):
         pool.submit(started.wait)
     started.wait()
-    restore = threading.Thread(target=torch.set_num_threads, args=(threads,))
-    restore.start()
-    restore.join()
+    _in_a_new_thread(lambda: torch.set_num_threads(default))
     return pool
 
 

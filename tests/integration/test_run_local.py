@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -91,6 +92,23 @@ def check_the_chat_page(browser, url: str, screenshot: Path) -> None:
     finally:
         context.close()
     assert errors == [], f"console errors: {errors}"
+
+
+def free_port_block(size: int = 16) -> int:
+    """A port whose next ``size`` ports are free too: the runner puts the ui at +9, replicas at +10..."""
+    while True:
+        port = pick_free_port()
+        if port + size < 65536 and all(_port_is_free(port + offset) for offset in range(size)):
+            return port
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -179,7 +197,7 @@ def local_runner(
 ) -> Iterator[Runner]:
     """``python -m deploy.run_local`` on free ports serving ``models`` (one replica each), up; on the
     way out, nothing it started survives."""
-    port = pick_free_port()
+    port = free_port_block()
     env = {
         **os.environ,
         "PUBLIC_PORT": str(port),
