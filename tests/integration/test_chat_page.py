@@ -13,7 +13,8 @@ import pytest
 import requests
 
 from deploy.local_stack import ServiceProcess, pick_free_port, ui_process
-from tests.conftest import CHATML_DESCRIPTION, CHATML_MODEL, start_gateway
+from tests.client import Api
+from tests.helpers import CHATML_DESCRIPTION, CHATML_MODEL, start_gateway
 
 PREAMBLE = "A human talks to a powerful AI that follows the human's instructions."
 SEP = "\n\n"
@@ -84,16 +85,15 @@ def api_answers(
     site: str, turns: list[str], max_new_tokens: int, model: str | None = None, stop: str = STOP
 ) -> list[str]:
     """What the API returns, greedy, when ``turns`` are sent in turn into one fresh session."""
-    opened = requests.get(f"{site}/api/v1/open_inference_session", params={"max_length": 1024, "model": model})
-    session_id = opened.json()["session_id"]
+    api = Api(site)
+    session_id = api.open_session(1024, **({"model": model} if model else {}))
     answers = []
     for inputs in turns:
         body = {"inputs": inputs, "max_new_tokens": max_new_tokens, "stop": [stop], "session_id": session_id}
-        response = requests.post(f"{site}/api/v2/generate_stream", json=body, timeout=60)
-        last = response.content.decode("utf-8").strip().split("\n\n")[-1].splitlines()
-        assert last[0] == "event: done", last
-        answers.append(json.loads(last[1].removeprefix("data: "))["outputs"])
-    requests.get(f"{site}/api/v1/close_inference_session", params={"session_id": session_id})
+        _, events = api.stream(body)
+        assert events[-1][0] == "done", events[-1]
+        answers.append(events[-1][1]["outputs"])
+    api.close_session(session_id)
     return answers
 
 

@@ -12,7 +12,8 @@ import requests
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from tests.conftest import Api, metric_value, start_inference
+from tests.client import Api
+from tests.helpers import metric_value, start_inference
 
 EXPIRED = re.compile(r"Session .+ expired")  # what the original chat client matches
 
@@ -57,7 +58,7 @@ def test_reaper_closes_expired_sessions(limited):
 
 def test_session_limit_refuses_clearly_and_spares_existing_sessions(limited):
     sessions = [limited.open_session(32) for _ in range(3)]
-    extra = limited.http.get(f"{limited.base_url}/api/v1/open_inference_session", params={"max_length": 32}).json()
+    extra = requests.get(f"{limited.base_url}/api/v1/open_inference_session", params={"max_length": 32}).json()
     assert extra["ok"] is False
     assert "maximum of 3 sessions" in extra["traceback"]
     for session_id in sessions:
