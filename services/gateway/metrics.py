@@ -8,8 +8,7 @@ from services.common.metrics import REQUEST_BUCKETS
 
 UPSTREAM_LATENCY = Histogram(
     "petals_chat_gateway_upstream_duration_seconds",
-    "Time until an inference replica answered (headers; streams are timed to their first byte), by replica "
-    "and route.",
+    "Time until an inference replica answered (headers; streams are timed to their first byte), by replica and route.",
     ["replica", "endpoint"],
     buckets=REQUEST_BUCKETS,
 )
