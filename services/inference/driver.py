@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from services.common.errors import ApiError
 from services.inference.metrics import SESSION_REBUILDS
-from services.inference.sessions import held_token_ids
-from services.inference.swarm_model import TokensCallback
+from services.inference.sessions import OneOffLease, SessionLease, held_token_ids
+from services.inference.swarm_model import SwarmModel, TokensCallback
 
 logger = logging.getLogger(__name__)
 
@@ -32,40 +32,15 @@ class SwarmFailure(ApiError):
     error_code = "swarm_error"
 
 
-class Swarm(Protocol):
-    """What the driver needs of the model (``swarm_model.SwarmModel``, or a fake in the tests)."""
-
-    def swarm_ready(self) -> bool: ...
-
-    def open_petals_session(self, max_length: int) -> Any: ...
-
-    def generate(
-        self,
-        petals_session: Any,
-        token_ids: list[int],
-        max_new_tokens: int,
-        processors: Any,
-        on_tokens: TokensCallback,
-        should_stop: Callable[[], bool],
-    ) -> None: ...
-
-
-class Lease(Protocol):
-    """What the driver needs of a session lease (``sessions.SessionLease`` or ``OneOffLease``)."""
-
-    @property
-    def petals(self) -> Any: ...
-
-    @property
-    def max_length(self) -> int: ...
-
-    def replace_petals(self, petals_session: Any) -> Any: ...
-
-
 class SwarmDriver:
-    """Generates a request's tokens in a lease's Petals session, rebuilding it when the swarm fails."""
+    """Generates a request's tokens in a lease's Petals session, rebuilding it when the swarm fails.
 
-    def __init__(self, swarm: Swarm, lease: Lease, processors: Any, should_stop: Callable[[], bool]) -> None:
+    Of the model it uses ``generate``, ``swarm_ready`` and ``open_petals_session`` (the unit tests
+    pass a fake with just those)."""
+
+    def __init__(
+        self, swarm: SwarmModel, lease: SessionLease | OneOffLease, processors: Any, should_stop: Callable[[], bool]
+    ) -> None:
         self._swarm = swarm
         self._lease = lease
         self._processors = processors
