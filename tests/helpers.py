@@ -28,7 +28,9 @@ CHATML_DESCRIPTION = "Tiny BLOOM again, spoken to in ChatML <b>(a second model)<
 
 
 def start_inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path, name: str, **env: str) -> ServiceProcess:
-    """Start an inference service on the test swarm and wait until it is ready."""
+    """Start an inference service on the test swarm and wait until it is ready. Its client-side layers
+    run in float32, the oracle's dtype: on a CPU with AMX the default would be bfloat16, whose greedy
+    tokens drift from the float32 oracle's (``env`` may say otherwise)."""
     service = inference_process(
         model_dir=model_dir,
         initial_peers=swarm.initial_peers,
@@ -36,7 +38,7 @@ def start_inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path, n
         port=pick_free_port(),
         log_path=artifacts_dir / "logs" / f"{name}.log",
         replica_id=name,
-        extra_env={"READINESS_INTERVAL_SECONDS": "1", **env},
+        extra_env={"READINESS_INTERVAL_SECONDS": "1", "TORCH_DTYPE": "float32", **env},
     )
     return service.start_ready(timeout=180)
 
