@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
@@ -160,6 +161,22 @@ def test_expired_session_is_recovered_silently(page, site):
     first, second = ai_texts(page)
     transcript = f"{PREAMBLE}{SEP}Human: Hi{SEP}AI:{first}{SEP}Human: Are you still there?{SEP}AI:"
     assert [second] == api_answers(site, [transcript], 24)  # the dialogue was replayed into a new session
+
+
+def test_a_full_session_is_grown_on_its_error_code(page):
+    """On ``session_full`` (whatever the message says) the page opens a session twice as large
+    (up to the model's limit) and replays the dialogue into it, showing no error."""
+    opened: list[str] = []
+    page.on("request", lambda request: opened.append(request.url) if "open_inference_session" in request.url else None)
+    full = json.dumps({"ok": False, "error": {"code": "session_full", "message": "No room left"}})
+    page.expected_statuses.add(400)
+    page.route("**/api/v2/generate_stream", lambda route: route.fulfill(
+        status=400, content_type="application/json", body=full), times=1)  # fmt: skip
+    send(page, "Hi")
+    wait_idle(page)
+    assert page.is_hidden("#error") and len(ai_texts(page)) == 1
+    lengths = [parse_qs(urlsplit(url).query)["max_length"] for url in opened]
+    assert lengths == [["1024"], ["2048"]]  # CHAT_SESSION_MAX_LENGTH's default, then doubled (the limit)
 
 
 def test_errors_show_a_box_with_retry(page, site, inference):
