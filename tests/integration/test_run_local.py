@@ -57,7 +57,7 @@ def answer_is_ok(output: str) -> bool:
 def answer_text(output: str) -> str:
     """The generated text of an answer that ``answer_is_ok``."""
     if output.startswith("event:"):
-        return json.loads(output.strip().split("\n\n")[-1].splitlines()[1].removeprefix("data: "))["outputs"]
+        return list(parse_sse([output.encode()]))[-1][1]["outputs"]
     answer = json.loads(output)
     return answer["choices"][0]["message"]["content"] if "choices" in answer else answer["outputs"]
 

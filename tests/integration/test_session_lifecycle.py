@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -118,12 +117,10 @@ def test_sigterm_drains_requests_and_closes_every_session(swarm, model_dir, arti
     streaming, answer = threading.Event(), {}
 
     def long_answer() -> None:
-        body = {"inputs": "A long answer", "max_new_tokens": 40}
-        with requests.post(f"{service.base_url}/api/v2/generate_stream", json=body, stream=True, timeout=60) as r:
-            for line in r.iter_lines(decode_unicode=True):
-                streaming.set()
-                if line.startswith("data: "):
-                    answer["last"] = json.loads(line.removeprefix("data: "))
+        _, events = Api(service.base_url).events({"inputs": "A long answer", "max_new_tokens": 40})
+        for _, data in events:
+            streaming.set()
+            answer["last"] = data
 
     reader = threading.Thread(target=long_answer)
     reader.start()
