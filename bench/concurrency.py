@@ -29,8 +29,6 @@ Run: ``.venv/bin/python -m bench.concurrency [--tokens 32] [--sessions 1 4 16 32
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
 import signal
 import statistics
@@ -38,7 +36,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,8 +52,8 @@ from bench.common import (
 from bench.inference_latency import DHT_PREFIX, RawClient, ServiceClient  # sets HF_HUB_OFFLINE first
 from bench.raw_process import RawProcess
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port, ui_process
-from services.common.sse import parse_sse
 from services.swarm.launcher import SERVER_TORCH_THREADS, PrivateSwarm
+from tests.client import Api
 
 TARGETS = (  # issue 16's, printed with a verdict each, never asserted
     "16 and 32 sessions: every client at least 100 tokens/s and 0.95x the raw client, zero errors",
@@ -65,9 +63,10 @@ TARGET_SESSIONS = (16, 32)
 TARGET_RATE, TARGET_RATIO = 100.0, 0.95
 SINGLE_SESSION_LIMITS = {"gateway stream": 1.05, "v1 per-token": 1.10}  # client: max time per token / raw's
 CLIENTS = {"raw": "raw", "v1": "v1 per-token", "stream": "stream", "gateway": "gateway stream"}  # option: name
-# Services sized for 32 concurrent sessions plus probes (the inference defaults are 50 sessions, 32 threads).
+# The inference service sized for 32 concurrent sessions plus probes (its defaults: 50 sessions, 128 request
+# threads); the gateway's Uvicorn workers have no request threads to size.
 INFERENCE_ENV = {"MAX_SESSIONS": "64", "GUNICORN_THREADS": "64"}
-GATEWAY_ENV = {"GUNICORN_THREADS": "64"}
+GATEWAY_ENV: dict[str, str] = {}
 HTTP_TIMEOUT_S = 120.0
 CPU_SETS = {  # CPU time is summed over the live processes of these process groups
     "bench": "this process and the raw client's (HTTP clients, raw Petals client)",
@@ -151,54 +150,36 @@ class ConcurrentRawClient(RawClient):
         return self.tokenizer.decode(new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-class V1Client(ServiceClient):
-    """The v1 API over one keep-alive connection, with session opening and closing."""
-
-    def open_session(self, max_length: int) -> str:
-        return self._call("GET", "open_inference_session", {"max_length": max_length})["session_id"]
-
-    def close_session(self, session_id: str) -> None:
-        self._call("GET", "close_inference_session", {"session_id": session_id})
-
-
 def v1_per_token_session(base_url: str, prompt_tokens: Callable[[str], int]) -> SessionFn:
     """The seed UI's style: a session, then one v1 generate request per token."""
 
     def run(prompt: str, tokens: int, token_times: list[float]) -> str:
-        client = V1Client(base_url, prompt_tokens(prompt))
+        client = ServiceClient(base_url, prompt_tokens(prompt))
         try:
-            session_id = client.open_session(client.prompt_tokens + tokens)
+            session_id = client.api.open_session(client.prompt_tokens + tokens)
             pieces = []
             for index in range(tokens):
                 fields = {"inputs": prompt} if index == 0 else {}
                 pieces.append(client.generate(max_new_tokens=1, session_id=session_id, **fields))
                 token_times.append(time.perf_counter())
-            client.close_session(session_id)
+            client.api.close_session(session_id)
             return "".join(pieces)
         finally:
-            client.http.close()
+            client.api.close()
 
     return run
 
 
-def _response_chunks(response: http.client.HTTPResponse) -> Iterator[bytes]:
-    while chunk := response.read1(65536):
-        yield chunk
-
-
 def stream_session(base_url: str) -> SessionFn:
     """One ``POST /api/v2/generate_stream`` for all tokens, read as Server-Sent Events."""
-    host, port = base_url.removeprefix("http://").split(":")
 
     def run(prompt: str, tokens: int, token_times: list[float]) -> str:
-        connection = http.client.HTTPConnection(host, int(port), timeout=HTTP_TIMEOUT_S)
+        api = Api(base_url, timeout_s=HTTP_TIMEOUT_S)
         try:
-            body = json.dumps({"inputs": prompt, "max_new_tokens": tokens, "do_sample": False})
-            connection.request("POST", "/api/v2/generate_stream", body, {"Content-Type": "application/json"})
-            response = connection.getresponse()
-            if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
-            for event, data in parse_sse(_response_chunks(response)):
+            status, events = api.events({"inputs": prompt, "max_new_tokens": tokens, "do_sample": False})
+            for event, data in events:
+                if status != 200:
+                    raise RuntimeError(f"HTTP {status}: {data}")
                 if event == "token":
                     token_times.append(time.perf_counter())
                 elif event == "done":
@@ -207,7 +188,7 @@ def stream_session(base_url: str) -> SessionFn:
                     raise RuntimeError(f"{event} event: {data}")
             raise RuntimeError("the stream ended without a done event")
         finally:
-            connection.close()
+            api.close()
 
     return run
 

@@ -20,16 +20,13 @@ Run: ``.venv/bin/python -m bench.inference_latency [--tokens 32] [--rounds 5]`` 
 from __future__ import annotations
 
 import argparse
-import http.client
 import itertools
-import json
 import logging
 import os
 import signal
 import statistics
 import tempfile
 import time
-import urllib.parse
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +41,7 @@ from bench.raw_process import RawProcess
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port
 from services.inference import petals_compat
 from services.swarm.launcher import PrivateSwarm
+from tests.client import Api
 
 PROMPT = "The quick brown fox jumps over the lazy dog, and then"
 DHT_PREFIX = "petals-chat-bench"
@@ -104,44 +102,26 @@ class RawClient:
 
 
 class ServiceClient:
-    """The v1 HTTP API (of the inference service or the gateway) over one keep-alive connection.
-
-    Uses the standard library's http.client: a lean client, so the figures show what the service
-    adds rather than what a heavier HTTP library costs on the client side (about 1.2 ms per call
-    for ``requests`` on this machine).
-    """
+    """The v1 HTTP API (of the inference service or the gateway) through the tests' lean client
+    (tests/client.py: the standard library's http.client, so the figures show what the service adds)."""
 
     def __init__(self, base_url: str, prompt_tokens: int) -> None:
-        host, port = base_url.removeprefix("http://").split(":")
-        self.http = http.client.HTTPConnection(host, int(port), timeout=120)
+        self.api = Api(base_url, timeout_s=120)
         self.prompt_tokens = prompt_tokens
-
-    def _call(self, method: str, endpoint: str, fields: dict[str, Any]) -> dict[str, Any]:
-        query = urllib.parse.urlencode(fields)
-        if method == "GET":
-            self.http.request("GET", f"/api/v1/{endpoint}?{query}")
-        else:
-            form = {"Content-Type": "application/x-www-form-urlencoded"}
-            self.http.request("POST", f"/api/v1/{endpoint}", body=query, headers=form)
-        body = json.loads(self.http.getresponse().read())
-        if not body.get("ok"):
-            raise RuntimeError(f"{endpoint} failed: {body}")
-        return body
 
     def generate(self, **fields: Any) -> str:
         """POST generate (greedy) and return the new text."""
-        return self._call("POST", "generate", {"do_sample": 0, **fields})["outputs"]
+        return self.api.call("POST", "generate", {"do_sample": 0, **fields})["outputs"]
 
     def per_token_calls(self, tokens: int) -> list[float]:
         """Mode a: seconds of each max_new_tokens=1 request after the prompt's."""
-        fields = {"max_length": self.prompt_tokens + tokens}
-        session_id = self._call("GET", "open_inference_session", fields)["session_id"]
+        session_id = self.api.open_session(self.prompt_tokens + tokens)
         try:
             self.generate(inputs=PROMPT, max_new_tokens=1, session_id=session_id)
             step = lambda: self.generate(max_new_tokens=1, session_id=session_id)  # noqa: E731
             return [_timed(step) for _ in range(tokens - 1)]
         finally:
-            self._call("GET", "close_inference_session", {"session_id": session_id})
+            self.api.close_session(session_id)
 
     def one_request(self, tokens: int) -> tuple[float, str, int]:
         """Mode b: (seconds, new text, -1: tokens unknown) of one generate request without a session."""

@@ -15,22 +15,17 @@ Run: ``python -m bench.load_test --gateway http://127.0.0.1:5000 [--sessions 32]
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import statistics
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.client import Api, CallFailed
+
 MODES = ("per-token", "one-call")
 Expected = Callable[[str, int], str]
-
-
-class CallFailed(Exception):
-    """A request failed: ``ok: false``, a non-200 status or a broken connection."""
 
 
 @dataclass
@@ -96,36 +91,6 @@ class LoadReport:
         return "\n".join(lines + [f"error: {error}" for error in self.errors[:5]])
 
 
-class V1Client:
-    """The v1 API over one keep-alive connection (the standard library's lean http.client)."""
-
-    def __init__(self, base_url: str, timeout_s: float) -> None:
-        parsed = urllib.parse.urlsplit(base_url)
-        self.http = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port or 80, timeout=timeout_s)
-
-    def call(self, method: str, endpoint: str, fields: dict[str, Any]) -> dict[str, Any]:
-        """One request; returns the body of an ``ok: true`` answer, raises CallFailed otherwise."""
-        query = urllib.parse.urlencode(fields)
-        try:
-            if method == "GET":
-                self.http.request("GET", f"/api/v1/{endpoint}?{query}")
-            else:
-                form = {"Content-Type": "application/x-www-form-urlencoded"}
-                self.http.request("POST", f"/api/v1/{endpoint}", body=query, headers=form)
-            response = self.http.getresponse()
-            status, body = response.status, response.read()
-        except (OSError, http.client.HTTPException) as error:
-            self.http.close()
-            raise CallFailed(f"{endpoint}: {type(error).__name__}: {error}") from error
-        answer = json.loads(body) if status == 200 else {}
-        if not answer.get("ok"):
-            raise CallFailed(f"{endpoint}: HTTP {status}: {answer.get('traceback') or body[:200]!r}")
-        return answer
-
-    def close(self) -> None:
-        self.http.close()
-
-
 def prompts(count: int) -> list[str]:
     """A different prompt per session."""
     return [f"Session {index}: a story about the number {index * 7919 % 1000}." for index in range(count)]
@@ -139,7 +104,7 @@ class Session:
         self.tokens = tokens
         self.mode = mode
         self.max_length = max_length
-        self.client = V1Client(base_url, timeout_s=min(120.0, timeout_s))
+        self.client = Api(base_url, timeout_s=min(120.0, timeout_s))
 
     def __call__(self, start: threading.Barrier, deadline: float) -> None:
         try:

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import websockets
 from websockets.asyncio.client import ClientConnection
 
 from bench.common import load_average
@@ -44,6 +43,7 @@ from deploy.local_stack import ServiceProcess, gateway_process, inference_proces
 from services.common.sse import parse_sse_async
 from services.swarm.launcher import PrivateSwarm
 from services.swarm.tiny_bloom import ensure_tiny_bloom
+from tests.client import ask_async, connect_ws_async
 from tests.helpers import process_tree, rss_bytes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -113,16 +113,6 @@ def proc_cpu_s(pids: list[int]) -> float:
     return total
 
 
-async def ws_connect(port: int) -> ClientConnection:
-    return await websockets.connect(f"ws://127.0.0.1:{port}/api/v2/generate", compression=None, proxy=None,
-                                    ping_interval=None, open_timeout=60, max_size=None)  # fmt: skip
-
-
-async def ws_ask(ws: ClientConnection, message: dict) -> dict:
-    await ws.send(json.dumps(message))
-    return json.loads(await ws.recv())
-
-
 async def gathered(count: int, limit: int, make: Callable[[int], Awaitable[Any]]) -> list[Any]:
     """``make(i)`` for i < count, at most ``limit`` at once; exceptions returned, not raised."""
     gate = asyncio.Semaphore(limit)
@@ -141,12 +131,12 @@ async def many_connections(stack: Stack, count: int) -> None:
     before = gateway_rss(gateway)
     idle_count = count // 2
     started = time.perf_counter()
-    idle = await gathered(idle_count, 200, lambda i: ws_connect(port))
+    idle = await gathered(idle_count, 200, lambda i: connect_ws_async(port))
     rss_idle = gateway_rss(gateway)
 
     async def with_session(index: int) -> ClientConnection:
-        ws = await ws_connect(port)
-        answer = await ws_ask(ws, {"type": "open_inference_session", "max_length": 32})
+        ws = await connect_ws_async(port)
+        answer = await ask_async(ws, {"type": "open_inference_session", "max_length": 32})
         if not answer.get("ok"):
             raise RuntimeError(answer)
         return ws
@@ -208,12 +198,12 @@ async def sse_text(http: aiohttp.ClientSession, base_url: str, body: dict) -> tu
 
 
 async def ws_text(port: int, prompt: str, tokens: int) -> str:
-    ws = await ws_connect(port)
+    ws = await connect_ws_async(port)
     try:
-        opened = await ws_ask(ws, {"type": "open_inference_session", "max_length": 64})
+        opened = await ask_async(ws, {"type": "open_inference_session", "max_length": 64})
         if not opened.get("ok"):
             raise RuntimeError(opened)
-        answer = await ws_ask(ws, {"type": "generate", "inputs": prompt, "max_new_tokens": tokens})
+        answer = await ask_async(ws, {"type": "generate", "inputs": prompt, "max_new_tokens": tokens})
         if not answer.get("ok"):
             raise RuntimeError(answer)
         return answer["outputs"]

@@ -1,5 +1,8 @@
 """Shared fixtures: the offline model, one real private swarm per test run, the oracle, services.
 
+Helper functions live in tests/helpers.py and the API client in tests/client.py (pytest advises
+against importing from conftest).
+
 Integration tests run against real processes on loopback: a Petals swarm of two servers that
 split the model's blocks, and the inference service under gunicorn. The oracle is the same
 weights in ``transformers``, in process.
@@ -9,21 +12,20 @@ from __future__ import annotations
 
 import codecs
 import os
-import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
-from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port
+from deploy.local_stack import ServiceProcess
 from services.swarm.launcher import PrivateSwarm
 from services.swarm.tiny_bloom import ensure_tiny_bloom
+from tests.client import Api
+from tests.helpers import CHATML_DESCRIPTION, CHATML_MODEL, DHT_PREFIX, start_gateway, start_inference
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-DHT_PREFIX = "petals-chat-test"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]  # fmt: skip
@@ -114,30 +116,12 @@ def swarm(model_dir: Path, artifacts_dir: Path) -> Iterator[PrivateSwarm]:
         yield running
 
 
-def start_inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path, name: str, **env: str) -> ServiceProcess:
-    """Start an inference service on the test swarm and wait until it is ready."""
-    service = inference_process(
-        model_dir=model_dir,
-        initial_peers=swarm.initial_peers,
-        dht_prefix=DHT_PREFIX,
-        port=pick_free_port(),
-        log_path=artifacts_dir / "logs" / f"{name}.log",
-        replica_id=name,
-        extra_env={"READINESS_INTERVAL_SECONDS": "1", **env},
-    )
-    return service.start_ready(timeout=180)
-
-
 @pytest.fixture(scope="session")
 def inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path) -> Iterator[ServiceProcess]:
     """The inference service with default settings."""
     service = start_inference(swarm, model_dir, artifacts_dir, "inference-0")
     yield service
     service.stop()
-
-
-CHATML_MODEL = "tiny-bloom-chatml"
-CHATML_DESCRIPTION = "Tiny BLOOM again, spoken to in ChatML <b>(a second model)</b>"
 
 
 @pytest.fixture(scope="session")
@@ -150,18 +134,6 @@ def chatml_inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path) 
     service.stop()
 
 
-def start_gateway(artifacts_dir: Path, replica_urls: dict[str, str], name: str, **env: str) -> ServiceProcess:
-    """Start a gateway routing to the given replicas and wait until one of them is ready."""
-    gateway = gateway_process(
-        replicas=replica_urls,
-        port=pick_free_port(),
-        log_path=artifacts_dir / "logs" / f"{name}.log",
-        name=name,
-        extra_env={"REPLICA_POLL_INTERVAL_SECONDS": "0.5", **env},
-    )
-    return gateway.start_ready(timeout=60)
-
-
 @pytest.fixture(scope="session")
 def gateway(inference: ServiceProcess, artifacts_dir: Path) -> Iterator[ServiceProcess]:
     """A gateway (two workers) in front of the shared inference service."""
@@ -170,38 +142,7 @@ def gateway(inference: ServiceProcess, artifacts_dir: Path) -> Iterator[ServiceP
     service.stop()
 
 
-def metric_value(metrics_text: str, name: str) -> float:
-    """One sample's value from Prometheus text (``name`` with its labels, if any); 0 if absent."""
-    match = re.search(rf"^{re.escape(name)} (\S+)$", metrics_text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
-
-
-class Api:
-    """A tiny client for the v1 API (real HTTP)."""
-
-    def __init__(self, base_url: str) -> None:
-        self.base_url = base_url
-        self.http = requests.Session()
-
-    def generate(self, **params) -> dict:
-        response = self.http.post(f"{self.base_url}/api/v1/generate", data=params, timeout=60)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def open_session(self, max_length: int) -> str:
-        body = self.http.get(f"{self.base_url}/api/v1/open_inference_session", params={"max_length": max_length}).json()
-        assert body["ok"], body
-        return body["session_id"]
-
-    def close_session(self, session_id: str) -> dict:
-        return self.http.get(
-            f"{self.base_url}/api/v1/close_inference_session", params={"session_id": session_id}
-        ).json()
-
-    def metrics(self) -> str:
-        return self.http.get(f"{self.base_url}/metrics", timeout=10).text
-
-
 @pytest.fixture(scope="session")
 def api(inference: ServiceProcess) -> Api:
+    """The v1 client of the shared inference service."""
     return Api(inference.base_url)

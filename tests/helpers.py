@@ -1,10 +1,12 @@
-"""Helpers shared by the reliability tests: dedicated stacks, raw HTTP, process resource figures."""
+"""Helpers shared by the tests (and some benchmarks): services on the test swarm, dedicated stacks,
+metrics text, raw HTTP, process resource figures, polling. Fixtures stay in conftest.py."""
 
 from __future__ import annotations
 
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -17,9 +19,46 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploy.local_stack import ServiceProcess
+from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port
 from services.swarm.launcher import PrivateSwarm
-from tests.conftest import start_gateway, start_inference
+
+DHT_PREFIX = "petals-chat-test"
+CHATML_MODEL = "tiny-bloom-chatml"
+CHATML_DESCRIPTION = "Tiny BLOOM again, spoken to in ChatML <b>(a second model)</b>"
+
+
+def start_inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path, name: str, **env: str) -> ServiceProcess:
+    """Start an inference service on the test swarm and wait until it is ready. Its client-side layers
+    run in float32, the oracle's dtype: on a CPU with AMX the default would be bfloat16, whose greedy
+    tokens drift from the float32 oracle's (``env`` may say otherwise)."""
+    service = inference_process(
+        model_dir=model_dir,
+        initial_peers=swarm.initial_peers,
+        dht_prefix=DHT_PREFIX,
+        port=pick_free_port(),
+        log_path=artifacts_dir / "logs" / f"{name}.log",
+        replica_id=name,
+        extra_env={"READINESS_INTERVAL_SECONDS": "1", "TORCH_DTYPE": "float32", **env},
+    )
+    return service.start_ready(timeout=180)
+
+
+def start_gateway(artifacts_dir: Path, replica_urls: dict[str, str], name: str, **env: str) -> ServiceProcess:
+    """Start a gateway routing to the given replicas and wait until one of them is ready."""
+    gateway = gateway_process(
+        replicas=replica_urls,
+        port=pick_free_port(),
+        log_path=artifacts_dir / "logs" / f"{name}.log",
+        name=name,
+        extra_env={"REPLICA_POLL_INTERVAL_SECONDS": "0.5", **env},
+    )
+    return gateway.start_ready(timeout=60)
+
+
+def metric_value(metrics_text: str, name: str) -> float:
+    """One sample's value from Prometheus text (``name`` with its labels, if any); 0 if absent."""
+    match = re.search(rf"^{re.escape(name)} (\S+)$", metrics_text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
 
 
 @dataclass(frozen=True)

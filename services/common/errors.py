@@ -98,6 +98,12 @@ class ModelMismatch(InvalidParameter):
         super().__init__(f"{message}: open a session of {model!r} for it", param="model")
 
 
+class SessionFull(InvalidParameter):
+    """The session has no room for the request's inputs and new tokens (the client may open a larger one)."""
+
+    error_code = "session_full"
+
+
 class SessionBusy(ApiError):
     """Another request is already generating in this session."""
 

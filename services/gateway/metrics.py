@@ -8,7 +8,7 @@ from services.common.metrics import REQUEST_BUCKETS
 
 UPSTREAM_LATENCY = Histogram(
     "petals_chat_gateway_upstream_duration_seconds",
-    "Time until an inference replica answered (headers; streams are timed to their first byte).",
+    "Time until an inference replica answered (headers; streams are timed to their first byte), by replica and route.",
     ["replica", "endpoint"],
     buckets=REQUEST_BUCKETS,
 )
@@ -23,6 +23,16 @@ UPSTREAM_ERRORS = Counter(
     "petals_chat_gateway_upstream_errors",
     "Failed calls to inference replicas, by kind: connect (refused, unreachable), timeout, protocol.",
     ["replica", "kind"],
+)
+UI_LATENCY = Histogram(
+    "petals_chat_gateway_ui_duration_seconds",
+    "Time until the ui service answered a forwarded page or asset request.",
+    buckets=REQUEST_BUCKETS,
+)
+UI_ERRORS = Counter(
+    "petals_chat_gateway_ui_errors",
+    "Failed calls to the ui service, by kind: connect (refused, unreachable), timeout, protocol.",
+    ["kind"],
 )
 WEBSOCKET_CONNECTIONS = Gauge(
     "petals_chat_gateway_websocket_connections",

@@ -169,7 +169,7 @@ def build_openapi(limits: Limits) -> dict[str, Any]:
     errors = {
         str(code): {"description": text, "content": _json(_ref("Error"))}
         for code, text in [
-            (400, "Invalid parameter (code model_mismatch: a model other than the session's)"),
+            (400, "Invalid parameter (code model_mismatch: not the session's model; session_full: no room left)"),
             (404, "Unknown or expired session (its replica may be gone), or unknown model (code model_not_found)"),
             (409, "The session is busy with another request"),
             (413, "Body or inputs too large"),

@@ -98,7 +98,7 @@ class ReplicaSet:
         name = session_id.rpartition(".")[0]
         replica = self.replicas.get(name)
         if replica is None:
-            ROUTING_DECISIONS.labels(decision="unknown_replica", replica=name[:63] or "none").inc()
+            ROUTING_DECISIONS.labels(decision="unknown_replica", replica="none").inc()  # the name is the client's
             raise SessionNotFound(session_id)
         if model is not None:
             self.resolve(model)  # an unknown model is that error first

@@ -11,7 +11,7 @@ import falcon
 import falcon.asgi
 
 from services.common.errors import ServiceUnavailable
-from services.gateway.upstream import ReplicaUnreachable, Upstream
+from services.gateway.upstream import ReplicaUnreachable, UiCall, Upstream
 
 UI_PATHS = r"/(?!api/|v1/|healthz$|readyz$|metrics$)"
 _REQUEST_HEADERS = ("Accept", "Accept-Encoding", "If-None-Match")
@@ -30,7 +30,9 @@ class UiProxy:
             raise falcon.HTTPMethodNotAllowed(["GET", "HEAD"])
         headers = {name: req.get_header(name) for name in _REQUEST_HEADERS if req.get_header(name)}
         try:
-            page = await self._upstream.request("ui", self._ui_url, req.method, req.relative_uri, headers=headers)
+            page = await self._upstream.request(
+                "ui", self._ui_url, req.method, req.relative_uri, headers=headers, metrics=UiCall()
+            )
         except ReplicaUnreachable as error:
             raise ServiceUnavailable("The chat page is temporarily unavailable; retry in a few seconds") from error
         resp.status = page.status

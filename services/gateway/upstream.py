@@ -4,7 +4,9 @@ One aiohttp session per gateway worker (a keep-alive pool per replica, no limit 
 every relayed stream holds one while it runs). A call either reads the whole answer (``Answer``)
 or leaves the body to be relayed as it comes (``Stream``, closed by whoever relays it; closing it
 before the end drops the connection, which stops the generation on the replica). Connection
-failures become ``ReplicaUnreachable``.
+failures become ``ReplicaUnreachable``. Each call is counted by its ``CallMetrics``: a replica's
+by replica and route (the replicas' routes are fixed paths, never a client's URL), the ui's in
+metrics of its own.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
-from services.gateway.metrics import UPSTREAM_ERRORS, UPSTREAM_LATENCY
+from services.gateway.metrics import UI_ERRORS, UI_LATENCY, UPSTREAM_ERRORS, UPSTREAM_LATENCY
 
 
 class ReplicaUnreachable(Exception):
@@ -26,6 +28,38 @@ class ReplicaUnreachable(Exception):
         super().__init__(f"{replica}: {kind} ({detail})")
         self.replica = replica
         self.kind = kind
+
+
+class CallMetrics(Protocol):
+    """Where a call's latency and failures are counted."""
+
+    def observe(self, seconds: float) -> None: ...
+
+    def failed(self, kind: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ReplicaCall:
+    """A call to an inference replica, on one of its routes."""
+
+    replica: str
+    route: str
+
+    def observe(self, seconds: float) -> None:
+        UPSTREAM_LATENCY.labels(replica=self.replica, endpoint=self.route).observe(seconds)
+
+    def failed(self, kind: str) -> None:
+        UPSTREAM_ERRORS.labels(replica=self.replica, kind=kind).inc()
+
+
+class UiCall:
+    """A page or asset request forwarded to the ui service (whatever its path)."""
+
+    def observe(self, seconds: float) -> None:
+        UI_LATENCY.observe(seconds)
+
+    def failed(self, kind: str) -> None:
+        UI_ERRORS.labels(kind=kind).inc()
 
 
 @dataclass(frozen=True)
@@ -40,8 +74,9 @@ class Answer:
 class Stream:
     """A replica's answer whose body is read as it comes; ``close()`` it in any case."""
 
-    def __init__(self, replica: str, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, replica: str, response: aiohttp.ClientResponse, metrics: CallMetrics) -> None:
         self._replica = replica
+        self._metrics = metrics
         self._response = response
         self.status: int = response.status
         self.headers: Mapping[str, str] = response.headers
@@ -51,7 +86,7 @@ class Stream:
         try:
             return Answer(self.status, self.headers, await self._response.read())
         except (TimeoutError, aiohttp.ClientError) as error:
-            raise _failed(self._replica, "protocol", error) from error
+            raise _failed(self._replica, self._metrics, "protocol", error) from error
         finally:
             self._response.release()
 
@@ -61,7 +96,7 @@ class Stream:
             async for chunk in self._response.content.iter_any():
                 yield chunk
         except (TimeoutError, aiohttp.ClientError) as error:
-            raise _failed(self._replica, "protocol", error) from error
+            raise _failed(self._replica, self._metrics, "protocol", error) from error
 
     def close(self) -> None:
         """Done with it: a body read to its end returns the connection to the pool, any other is
@@ -107,8 +142,11 @@ class Upstream:
         json_body: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
         read_timeout_s: float | None = None,
+        metrics: CallMetrics | None = None,
     ) -> Stream:
-        """One call whose body is left unread for relaying (``fields``: the query string)."""
+        """One call whose body is left unread for relaying (``fields``: the query string); counted as
+        a call to ``replica`` on the route ``path`` unless ``metrics`` says otherwise."""
+        metrics = metrics or ReplicaCall(replica, path)
         assert self._session is not None, "Upstream.start() first"
         timeout = aiohttp.ClientTimeout(sock_connect=self._connect_timeout_s,
                                         sock_read=read_timeout_s or self._read_timeout_s)  # fmt: skip
@@ -119,15 +157,15 @@ class Upstream:
                 allow_redirects=False,
             )  # fmt: skip
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
-            raise _failed(replica, "connect", error) from error
+            raise _failed(replica, metrics, "connect", error) from error
         except (TimeoutError, aiohttp.ServerTimeoutError) as error:
-            raise _failed(replica, "timeout", error) from error
+            raise _failed(replica, metrics, "timeout", error) from error
         except aiohttp.ClientError as error:
-            raise _failed(replica, "protocol", error) from error
-        UPSTREAM_LATENCY.labels(replica=replica, endpoint=path).observe(time.perf_counter() - started)
-        return Stream(replica, response)
+            raise _failed(replica, metrics, "protocol", error) from error
+        metrics.observe(time.perf_counter() - started)
+        return Stream(replica, response, metrics)
 
 
-def _failed(replica: str, kind: str, error: BaseException) -> ReplicaUnreachable:
-    UPSTREAM_ERRORS.labels(replica=replica, kind=kind).inc()
+def _failed(replica: str, metrics: CallMetrics, kind: str, error: BaseException) -> ReplicaUnreachable:
+    metrics.failed(kind)
     return ReplicaUnreachable(replica, kind, type(error).__name__)

@@ -14,7 +14,7 @@ from services.common.app import configure_logging
 from services.common.app import create_app as create_base_app
 from services.common.config import load_or_exit
 from services.common.model_card import ModelCard
-from services.inference.generation import Generator
+from services.inference.generator import Generator
 from services.inference.model import ModelHandle
 from services.inference.resources import (
     CloseSessionResource,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import Counter, Gauge, Histogram
 
 # From tens of milliseconds per token (a local swarm) to several seconds (the public swarm).
@@ -48,3 +50,25 @@ SWARM_READY = Gauge(
     "1 when the model is loaded and a route through the swarm serves every block, else 0.",
     multiprocess_mode="livemax",
 )
+
+
+class TokenTimer:
+    """Times a generation's steps into the token-latency and time-to-first-token histograms."""
+
+    def __init__(self) -> None:
+        self._started = self._last = time.perf_counter()
+        self._steps = 0
+
+    def step(self) -> None:
+        """A step of generation has just produced its tokens."""
+        now = time.perf_counter()
+        TOKEN_LATENCY.observe(now - self._last)
+        if self._steps == 0:
+            TIME_TO_FIRST_TOKEN.observe(now - self._started)
+        self._steps += 1
+        self._last = now
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the generation started."""
+        return time.perf_counter() - self._started

@@ -11,7 +11,8 @@ from services.common.errors import ApiError
 from services.common.params import Limits, get_model, get_session_id, parse_open_session, read_values
 from services.common.replica_request import ReplicaRequest
 from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error, sse_event
-from services.inference.generation import GenerationResult, Generator, TokenEvent
+from services.inference.generation import GenerationResult, TokenEvent
+from services.inference.generator import Generator
 from services.inference.model import ModelHandle
 from services.inference.sessions import SessionStore
 

@@ -15,6 +15,10 @@ session's size. Rules:
 - Petals sessions are always closed explicitly (left to the garbage collector they can
   deadlock the client), outside the store's lock, and all of them on shutdown.
 
+A request holds a session through a ``SessionLease``: the only way generation changes a session
+(its Petals session after a rebuild, its text, its retirement). ``OneOffLease`` gives a request
+without a session the same interface over a Petals session of its own.
+
 Session ids are ``<replica id>.<random token>``: the gateway routes by the replica part.
 """
 
@@ -24,9 +28,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,8 +57,120 @@ class Session:
     @property
     def token_count(self) -> int:
         """Tokens the session holds so far (prompts and generated tokens)."""
-        output_ids = self.petals.output_ids
-        return 0 if output_ids is None else int(output_ids.shape[1])
+        return held_token_count(self.petals)
+
+
+def held_token_count(petals_session: Any) -> int:
+    """Tokens a Petals session holds (its ``output_ids``: a ``[1, n]`` tensor, or None)."""
+    output_ids = petals_session.output_ids
+    return 0 if output_ids is None else int(output_ids.shape[1])
+
+
+def held_token_ids(petals_session: Any) -> list[int]:
+    """The ids of the tokens a Petals session holds."""
+    output_ids = petals_session.output_ids
+    return [] if output_ids is None else output_ids[0].tolist()
+
+
+class SessionLease:
+    """One request's exclusive use of a stored session; ``release`` (or leaving a ``with``) ends it."""
+
+    def __init__(self, store: SessionStore, session: Session) -> None:
+        self._store = store
+        self._session = session
+
+    def __enter__(self) -> SessionLease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    @property
+    def session_id(self) -> str:
+        return self._session.session_id
+
+    @property
+    def max_length(self) -> int:
+        return self._session.max_length
+
+    @property
+    def conversation(self) -> bool:
+        """Opened implicitly: its client holds no id, and its text is what a later request matches."""
+        return self._session.conversation
+
+    @property
+    def resumable(self) -> bool:
+        """Whether a later request may go on from where this one stops (its client holds the id)."""
+        return not self._session.conversation
+
+    @property
+    def petals(self) -> Any:
+        return self._session.petals
+
+    @property
+    def text(self) -> str:
+        return self._session.text
+
+    @property
+    def decoder(self) -> IncrementalDecoder | None:
+        """The decoder that carries an incomplete character from one request to the next."""
+        return self._session.decoder
+
+    @decoder.setter
+    def decoder(self, decoder: IncrementalDecoder) -> None:
+        self._session.decoder = decoder
+
+    @property
+    def token_count(self) -> int:
+        return self._session.token_count
+
+    def replace_petals(self, petals_session: Any) -> Any:
+        """Put a fresh Petals session in place (a rebuild); returns the old one, for the caller to close."""
+        old, self._session.petals = self._session.petals, petals_session
+        return old
+
+    def record_text(self, text: str) -> None:
+        """Remember a conversation session's whole text, for the next request to match."""
+        self._session.text = text
+
+    def retire(self, reason: str) -> None:
+        """Close the session for good (``reason`` as the metrics say) once this lease is released."""
+        self._store.close(self._session.session_id, reason=reason)
+
+    def release(self) -> None:
+        """End the request's use: the expiry restarts, or a close asked meanwhile happens now."""
+        self._store.release(self._session)
+
+
+class OneOffLease:
+    """A lease's interface over a request's own Petals session (no session id); released, it closes."""
+
+    session_id = None
+    conversation = False
+    resumable = False
+    decoder = None
+    text = ""
+
+    def __init__(self, petals_session: Any, max_length: int) -> None:
+        self.petals = petals_session
+        self.max_length = max_length
+
+    @property
+    def token_count(self) -> int:
+        return held_token_count(self.petals)
+
+    def replace_petals(self, petals_session: Any) -> Any:
+        old, self.petals = self.petals, petals_session
+        return old
+
+    def record_text(self, text: str) -> None:
+        """Nothing to remember: no later request can continue."""
+
+    def retire(self, reason: str) -> None:
+        """Nothing to retire: ``release`` closes the Petals session anyway."""
+
+    def release(self) -> None:
+        self.petals.close()
 
 
 class SessionStore:
@@ -103,17 +218,17 @@ class SessionStore:
         ACTIVE_SESSIONS.inc()
         return session
 
-    def acquire(self, session_id: str) -> Session:
-        """Exclusive use of a session for one request; pair with ``release``."""
+    def acquire(self, session_id: str) -> SessionLease:
+        """Exclusive use of a session for one request, until the lease is released."""
         session = self._get_live(session_id)
         if not session.lock.acquire(blocking=False):
             raise SessionBusy(f"Session {session_id} is busy with another request; retry when it has finished")
         if session.close_reason is not None:
             session.lock.release()
             raise SessionNotFound(session_id)
-        return session
+        return SessionLease(self, session)
 
-    def acquire_conversation(self, prompt: str) -> Session | None:
+    def acquire_conversation(self, prompt: str) -> SessionLease | None:
         """Exclusive use of the idle conversation session holding the longest prefix of ``prompt``."""
         now = self._clock()
         with self._lock:
@@ -124,25 +239,17 @@ class SessionStore:
             ]
             for session in sorted(candidates, key=lambda s: len(s.text), reverse=True):
                 if session.close_reason is None and session.lock.acquire(blocking=False):
-                    return session
+                    return SessionLease(self, session)
         return None
 
     def release(self, session: Session) -> None:
-        """End a request's use: refresh the expiry, or close it if closing was asked meanwhile."""
+        """End a request's use (``SessionLease.release``): refresh the expiry, or close it if closing
+        was asked meanwhile."""
         session.last_used = self._clock()
         reason = session.close_reason
         session.lock.release()
         if reason is not None:
             self._retire(session, reason)
-
-    @contextmanager
-    def lease(self, session_id: str) -> Iterator[Session]:
-        """``acquire`` and ``release`` around a block."""
-        session = self.acquire(session_id)
-        try:
-            yield session
-        finally:
-            self.release(session)
 
     def close(self, session_id: str, reason: str = "closed") -> None:
         """Close a session now, or as soon as the request using it finishes."""

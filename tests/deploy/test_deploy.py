@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from deploy.pod_harness import HarnessError, PodHarness, render_chart, summary
+from services.common.sse import parse_sse
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASE, NAMESPACE = "chat", "llm"
@@ -152,7 +153,7 @@ def test_a_v2_stream_reaches_the_other_model(cluster):
     body = {"model": "tiny-bloom", "inputs": "Hello", "max_new_tokens": 5, "do_sample": 0}
     status, text = http("POST", gateway(cluster) + "/api/v2/generate_stream", body)
     assert status == 200, text[:500]
-    done = [json.loads(line[len("data: ") :]) for line in text.splitlines() if line.startswith("data: ")][-1]
+    done = list(parse_sse([text.encode()]))[-1][1]
     assert done["ok"] and done["generated_tokens"] == 5, text[-500:]
 
 

@@ -15,8 +15,7 @@ import requests
 
 from deploy.local_stack import ServiceProcess
 from services.gateway.http_protocol import HEAD_TIMEOUT_S
-from tests.conftest import start_gateway
-from tests.helpers import RawResponse, http_head, raw_exchange, read_response
+from tests.helpers import RawResponse, http_head, raw_exchange, read_response, start_gateway
 
 LIMIT = 4096  # the gateway's MAX_BODY_BYTES here
 JSON = ("Content-Type", "application/json")

@@ -79,7 +79,7 @@ def test_generate_rejects_bad_input(api, name, request_kwargs, fragment):
     kwargs = dict(request_kwargs)
     if "form" in kwargs:
         kwargs["data"] = kwargs.pop("form")
-    response = api.http.post(f"{api.base_url}/api/v1/generate", timeout=30, **kwargs)
+    response = requests.post(f"{api.base_url}/api/v1/generate", timeout=30, **kwargs)
     assert_clean_error(response, fragment)
 
 
@@ -94,7 +94,7 @@ SESSION_CASES = [
 
 @pytest.mark.parametrize(("name", "endpoint", "params", "fragment"), SESSION_CASES, ids=[c[0] for c in SESSION_CASES])
 def test_session_endpoints_reject_bad_input(api, name, endpoint, params, fragment):
-    response = api.http.get(f"{api.base_url}/api/v1/{endpoint}", params=params, timeout=30)
+    response = requests.get(f"{api.base_url}/api/v1/{endpoint}", params=params, timeout=30)
     assert_clean_error(response, fragment)
 
 
@@ -107,7 +107,7 @@ def test_session_too_small_for_the_request(api):
 
 
 def test_wrong_method_and_unknown_path(api):
-    wrong_method = api.http.get(f"{api.base_url}/api/v1/generate", timeout=10)
+    wrong_method = requests.get(f"{api.base_url}/api/v1/generate", timeout=10)
     assert wrong_method.status_code == 200 and wrong_method.json()["ok"] is False
-    missing = api.http.get(f"{api.base_url}/api/v1/nothing-here", timeout=10)
+    missing = requests.get(f"{api.base_url}/api/v1/nothing-here", timeout=10)
     assert missing.status_code == 404 and missing.json()["ok"] is False

@@ -8,12 +8,14 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
 
 from deploy.local_stack import ServiceProcess, pick_free_port, ui_process
-from tests.conftest import CHATML_DESCRIPTION, CHATML_MODEL, start_gateway
+from tests.client import Api
+from tests.helpers import CHATML_DESCRIPTION, CHATML_MODEL, start_gateway
 
 PREAMBLE = "A human talks to a powerful AI that follows the human's instructions."
 SEP = "\n\n"
@@ -84,16 +86,15 @@ def api_answers(
     site: str, turns: list[str], max_new_tokens: int, model: str | None = None, stop: str = STOP
 ) -> list[str]:
     """What the API returns, greedy, when ``turns`` are sent in turn into one fresh session."""
-    opened = requests.get(f"{site}/api/v1/open_inference_session", params={"max_length": 1024, "model": model})
-    session_id = opened.json()["session_id"]
+    api = Api(site)
+    session_id = api.open_session(1024, **({"model": model} if model else {}))
     answers = []
     for inputs in turns:
         body = {"inputs": inputs, "max_new_tokens": max_new_tokens, "stop": [stop], "session_id": session_id}
-        response = requests.post(f"{site}/api/v2/generate_stream", json=body, timeout=60)
-        last = response.content.decode("utf-8").strip().split("\n\n")[-1].splitlines()
-        assert last[0] == "event: done", last
-        answers.append(json.loads(last[1].removeprefix("data: "))["outputs"])
-    requests.get(f"{site}/api/v1/close_inference_session", params={"session_id": session_id})
+        _, events = api.stream(body)
+        assert events[-1][0] == "done", events[-1]
+        answers.append(events[-1][1]["outputs"])
+    api.close_session(session_id)
     return answers
 
 
@@ -160,6 +161,22 @@ def test_expired_session_is_recovered_silently(page, site):
     first, second = ai_texts(page)
     transcript = f"{PREAMBLE}{SEP}Human: Hi{SEP}AI:{first}{SEP}Human: Are you still there?{SEP}AI:"
     assert [second] == api_answers(site, [transcript], 24)  # the dialogue was replayed into a new session
+
+
+def test_a_full_session_is_grown_on_its_error_code(page):
+    """On ``session_full`` (whatever the message says) the page opens a session twice as large
+    (up to the model's limit) and replays the dialogue into it, showing no error."""
+    opened: list[str] = []
+    page.on("request", lambda request: opened.append(request.url) if "open_inference_session" in request.url else None)
+    full = json.dumps({"ok": False, "error": {"code": "session_full", "message": "No room left"}})
+    page.expected_statuses.add(400)
+    page.route("**/api/v2/generate_stream", lambda route: route.fulfill(
+        status=400, content_type="application/json", body=full), times=1)  # fmt: skip
+    send(page, "Hi")
+    wait_idle(page)
+    assert page.is_hidden("#error") and len(ai_texts(page)) == 1
+    lengths = [parse_qs(urlsplit(url).query)["max_length"] for url in opened]
+    assert lengths == [["1024"], ["2048"]]  # CHAT_SESSION_MAX_LENGTH's default, then doubled (the limit)
 
 
 def test_errors_show_a_box_with_retry(page, site, inference):

@@ -6,7 +6,6 @@ gunicorn workers each). The destructive test (killing a replica) runs last.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 
@@ -14,7 +13,8 @@ import pytest
 import requests
 
 from deploy.local_stack import ServiceProcess
-from tests.conftest import CHATML_DESCRIPTION, CHATML_MODEL, Api, start_gateway, start_inference
+from tests.client import Api
+from tests.helpers import CHATML_DESCRIPTION, CHATML_MODEL, start_gateway, start_inference
 
 
 @pytest.fixture(scope="module")
@@ -42,21 +42,6 @@ def gateways(replicas, chatml_inference, artifacts_dir) -> Iterator[list[Service
     finally:
         for gateway in started:
             gateway.stop()
-
-
-def stream_events(base_url: str, body: dict, timeout: float = 60) -> tuple[int, list[tuple[str, dict]]]:
-    """POST to the SSE endpoint; returns (status, [(event, data), ...]) or (status, [("json", body)])."""
-    response = requests.post(f"{base_url}/api/v2/generate_stream", json=body, stream=True, timeout=timeout)
-    if response.headers.get("Content-Type", "").startswith("application/json"):
-        return response.status_code, [("json", response.json())]
-    events, event = [], None
-    for raw in response.iter_lines():
-        line = raw.decode("utf-8")
-        if line.startswith("event: "):
-            event = line[len("event: ") :]
-        elif line.startswith("data: "):
-            events.append((event, json.loads(line[len("data: ") :])))
-    return response.status_code, events
 
 
 def test_sessions_route_to_their_replica_from_any_gateway(gateways, oracle, decode_partial):
@@ -95,7 +80,7 @@ def replica_request_count(service: ServiceProcess) -> float:
 
 def test_stream_concatenates_to_the_v1_answer(gateways, oracle, decode):
     prompt = "A human talks to a powerful AI"
-    status, events = stream_events(gateways[1].base_url, {"inputs": prompt, "max_new_tokens": 20})
+    status, events = Api(gateways[1].base_url).stream({"inputs": prompt, "max_new_tokens": 20})
     assert status == 200
     tokens = [data for event, data in events if event == "token"]
     done = [data for event, data in events if event == "done"]
@@ -111,7 +96,7 @@ def test_stream_stops_at_a_stop_sequence(gateways, oracle, decode):
     prompt = "Human: Hi! Can you tell me what Petals is?\n\nAI:"
     full = decode(oracle(prompt, 30))
     stop = next(full[i : i + 2] for i in range(3, len(full) - 2) if "\ufffd" not in full[i : i + 2])
-    status, events = stream_events(gateways[0].base_url, {"inputs": prompt, "max_new_tokens": 30, "stop": [stop]})
+    status, events = Api(gateways[0].base_url).stream({"inputs": prompt, "max_new_tokens": 30, "stop": [stop]})
     done = events[-1][1]
     assert status == 200 and events[-1][0] == "done"
     assert done["finish_reason"] == "stop" and done["stop_sequence"] == stop
@@ -121,11 +106,11 @@ def test_stream_stops_at_a_stop_sequence(gateways, oracle, decode):
 
 def test_stream_errors_use_real_status_codes(gateways):
     base = gateways[0].base_url
-    assert stream_events(base, {"inputs": "Hi", "max_new_tokens": 0})[0] == 400
-    assert stream_events(base, {"inputs": "Hi", "max_new_tokens": 1, "session_id": "inference-1.gone"})[0] == 404
-    assert stream_events(base, {"inputs": "Hi", "max_new_tokens": 1, "session_id": "inference-7.x"})[0] == 404
-    assert stream_events(base, {"inputs": "x" * 20_000, "max_new_tokens": 1})[0] == 413
-    status, events = stream_events(base, {"max_new_tokens": 1})
+    assert Api(base).stream({"inputs": "Hi", "max_new_tokens": 0})[0] == 400
+    assert Api(base).stream({"inputs": "Hi", "max_new_tokens": 1, "session_id": "inference-1.gone"})[0] == 404
+    assert Api(base).stream({"inputs": "Hi", "max_new_tokens": 1, "session_id": "inference-7.x"})[0] == 404
+    assert Api(base).stream({"inputs": "x" * 20_000, "max_new_tokens": 1})[0] == 413
+    status, events = Api(base).stream({"max_new_tokens": 1})
     assert status == 400 and events[0][1]["error"]["code"] == "invalid_parameter"
 
 
@@ -140,7 +125,7 @@ def test_busy_session_gets_409_and_a_disconnect_frees_it(gateways):
     )
     lines = long.iter_lines()
     assert next(lines).startswith(b"event: token")  # generating now
-    status, events = stream_events(gateways[1].base_url, {"max_new_tokens": 1, "session_id": session_id})
+    status, events = Api(gateways[1].base_url).stream({"max_new_tokens": 1, "session_id": session_id})
     assert status == 409 and events[0][1]["error"]["code"] == "session_busy"
     long.close()  # the client goes away mid-stream
     deadline = time.monotonic() + 10
@@ -164,7 +149,7 @@ def test_requests_are_routed_by_model(gateways, replicas, chatml_inference, mode
     assert requests.post(f"{base}/api/v1/generate", json=sent, timeout=60).json()["outputs"] == expected
     assert api.generate(inputs=prompt, max_new_tokens=4, model=model_dir.name)["outputs"] == expected
     assert api.generate(inputs=prompt, max_new_tokens=4)["outputs"] == expected  # the default model
-    status, events = stream_events(base, sent)
+    status, events = Api(base).stream(sent)
     assert status == 200 and events[-1][1]["outputs"] == expected
     after = {name: replica_request_count(service) for name, service in every.items()}
     assert after["chatml"] - before["chatml"] == 2  # v1 twice (the stream is counted on its own endpoint)
@@ -180,7 +165,7 @@ def test_a_session_stays_on_its_model(gateways):
     assert api.generate(max_new_tokens=1, session_id=session_id, model=CHATML_MODEL)["ok"]
     other = api.generate(max_new_tokens=1, session_id=session_id, model=api_default_model(base))
     assert other["ok"] is False and f"belongs to the model '{CHATML_MODEL}'" in other["traceback"]
-    status, events = stream_events(base, {"max_new_tokens": 1, "session_id": session_id, "model": "tiny-bloom-x"})
+    status, events = Api(base).stream({"max_new_tokens": 1, "session_id": session_id, "model": "tiny-bloom-x"})
     assert status == 404 and events[0][1]["error"]["code"] == "model_not_found"
     assert api.close_session(session_id) == {"ok": True}
 
@@ -197,7 +182,7 @@ def test_unknown_model_lists_the_served_ones(gateways, model_dir):
     assert body == {"ok": False, "traceback": f"The model 'gpt-4' is not served here; {served}"}
     opened = requests.get(f"{base}/api/v1/open_inference_session", params={"max_length": 8, "model": "gpt-4"}).json()
     assert opened["ok"] is False and served in opened["traceback"]
-    status, events = stream_events(base, {"inputs": "Hi", "max_new_tokens": 1, "model": "gpt-4"})
+    status, events = Api(base).stream({"inputs": "Hi", "max_new_tokens": 1, "model": "gpt-4"})
     assert status == 404 and events[0][1]["error"] == {"code": "model_not_found", "message": body["traceback"]}
 
 

@@ -9,9 +9,10 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
-from websockets.sync.client import connect
 
-from tests.conftest import Api, start_gateway
+from services.common.sse import parse_sse
+from tests.client import Api, connect_ws
+from tests.helpers import start_gateway
 
 # One valid example call per documented operation: (method, path, request kwargs).
 EXAMPLES = {
@@ -41,14 +42,6 @@ def validate(document: dict, schema: dict, instance) -> None:
     jsonschema.validate(instance, {**schema, "components": document["components"]})
 
 
-def sse_events(text: str) -> list[tuple[str, dict]]:
-    events = []
-    for block in text.strip().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines())
-        events.append((fields["event"], json.loads(fields["data"])))
-    return events
-
-
 def test_every_documented_operation_exists_and_answers_per_its_schema(gateway, document, model_dir):
     operations = {(m, p) for p, item in document["paths"].items() for m in item}
     assert operations == set(EXAMPLES), "keep the examples in step with the document"
@@ -62,7 +55,7 @@ def test_every_documented_operation_exists_and_answers_per_its_schema(gateway, d
         if media_type == "application/json":
             validate(document, content["schema"], response.json())
         elif media_type == "text/event-stream":
-            events = sse_events(response.content.decode("utf-8"))
+            events = list(parse_sse([response.content]))
             assert [e for e, _ in events][-1] == "done"
             for event, data in events:
                 validate(document, content["x-events"][event], data)
@@ -73,13 +66,12 @@ def test_every_documented_operation_exists_and_answers_per_its_schema(gateway, d
 def test_the_websocket_messages_match_the_document(gateway, document):
     """OpenAPI cannot describe a WebSocket conversation; the document names its messages in x-websocket."""
     described = document["paths"]["/api/v2/generate"]["get"]["x-websocket"]
-    url = f"ws://127.0.0.1:{gateway.port}/api/v2/generate"
     sent = [
         {"type": "open_inference_session", "max_length": 32},
         {"type": "generate", "inputs": "Hello", "max_new_tokens": 1, "stop_sequence": "\x00", "top_k": 5},
         {"type": "generate", "max_new_tokens": 0},
     ]
-    with connect(url, proxy=None) as ws:
+    with connect_ws(gateway.port) as ws:
         received = []
         for message in sent:
             if message["max_new_tokens" if "max_new_tokens" in message else "type"]:  # the last one is invalid
@@ -159,7 +151,7 @@ def test_rate_limit(inference, artifacts_dir):
         streamed = requests.post(f"{limited.base_url}/api/v2/generate_stream", json={}, timeout=10)
         assert streamed.status_code == 429
         with pytest.raises(InvalidStatus) as refused:  # opening a WebSocket counts too
-            connect(f"ws://127.0.0.1:{limited.port}/api/v2/generate", proxy=None)
+            connect_ws(limited.port)
         assert refused.value.response.status_code == 403
         assert requests.get(f"{limited.base_url}/healthz", timeout=10).status_code == 200  # not limited
     finally:

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from bench.load_test import V1Client
-from tests.conftest import DHT_PREFIX, metric_value
-from tests.helpers import Resources, Stack, SwarmProbe, dedicated_stack, wait_until
+from tests.client import Api
+from tests.helpers import DHT_PREFIX, Resources, Stack, SwarmProbe, dedicated_stack, metric_value, wait_until
 
 CYCLES, WARM_UP, THREADS = 1000, 50, 8  # 8 clients: ~20 % more cycles/s than 4 on 2 cores
 FD_TOLERANCE = 5
@@ -52,7 +51,7 @@ def run_cycles(base_url: str, first: int, count: int) -> None:
     """``count`` open / generate 1-2 tokens / close cycles, spread over THREADS keep-alive clients."""
 
     def worker(indices: range) -> None:
-        client = V1Client(base_url, timeout_s=60)
+        client = Api(base_url, timeout_s=60)
         try:
             for index in indices:
                 session_id = client.call("GET", "open_inference_session", {"max_length": 16})["session_id"]
@@ -75,7 +74,7 @@ def all_free(probe: SwarmProbe, baseline: dict[str, int]) -> bool:
 
 def test_the_probe_sees_an_open_session(leak_stack: Stack, probe: SwarmProbe) -> None:
     """The cache figure is live: a session that has run a step holds cache on every server."""
-    client = V1Client(leak_stack.gateway.base_url, timeout_s=60)
+    client = Api(leak_stack.gateway.base_url, timeout_s=60)
     baseline = probe.free()
     session_id = client.call("GET", "open_inference_session", {"max_length": 64})["session_id"]
     client.call("POST", "generate", {"inputs": "Hello", "max_new_tokens": 1, "session_id": session_id})

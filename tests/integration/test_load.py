@@ -8,12 +8,11 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
 
-from bench.load_test import Expected, V1Client, prompts, run_load
+from bench.load_test import Expected, prompts, run_load
 from deploy.local_stack import ServiceProcess
-from tests.conftest import start_gateway, start_inference
-from tests.helpers import Stack, dedicated_stack
+from tests.client import Api
+from tests.helpers import Stack, dedicated_stack, start_gateway, start_inference
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +64,7 @@ def small_replica(swarm, model_dir, artifacts_dir) -> Iterator[Stack]:
 
 
 def open_session(base_url: str) -> dict:
-    response = requests.get(f"{base_url}/api/v1/open_inference_session", params={"max_length": 32}, timeout=60)
-    assert response.status_code == 200, response.text
-    return response.json()
+    return Api(base_url).answer("GET", "open_inference_session", {"max_length": 32})
 
 
 def test_burst_beyond_the_session_limit(small_replica, expected):
@@ -84,15 +81,15 @@ def test_burst_beyond_the_session_limit(small_replica, expected):
         texts = list(pool.map(lambda pair: generate_in(base, *pair), zip(admitted, prompts(MAX_SESSIONS), strict=True)))
     assert texts == [expected(prompt, 8) for prompt in prompts(MAX_SESSIONS)]
     for session_id in admitted:
-        V1Client(base, 30).call("GET", "close_inference_session", {"session_id": session_id})
+        Api(base, 30).call("GET", "close_inference_session", {"session_id": session_id})
     reopened = open_session(base)  # room again
     assert reopened["ok"], reopened
-    V1Client(base, 30).call("GET", "close_inference_session", {"session_id": reopened["session_id"]})
+    Api(base, 30).call("GET", "close_inference_session", {"session_id": reopened["session_id"]})
 
 
 def generate_in(base_url: str, session_id: str, prompt: str) -> str:
     """Eight greedy tokens in the session, one request per token."""
-    client, text = V1Client(base_url, 60), ""
+    client, text = Api(base_url, 60), ""
     for index in range(8):
         fields = {"max_new_tokens": 1, "do_sample": 0, "session_id": session_id}
         text += client.call("POST", "generate", {**fields, **({"inputs": prompt} if index == 0 else {})})["outputs"]

@@ -19,7 +19,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.local_stack import REPO_ROOT, pick_free_port
-from tests.conftest import Api
+from tests.client import Api
 
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "petals-chat.json"
 RULES = REPO_ROOT / "deploy" / "prometheus" / "rules.yml"

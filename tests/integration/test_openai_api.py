@@ -12,8 +12,8 @@ import pytest
 import requests
 
 from deploy.local_stack import gateway_process, pick_free_port
-from tests.conftest import CHATML_MODEL, Api, metric_value, start_gateway, start_inference
-from tests.helpers import dedicated_stack
+from tests.client import Api
+from tests.helpers import CHATML_MODEL, dedicated_stack, metric_value, start_gateway, start_inference
 
 CHAT_STOP = "\n\nHuman:"  # the human-ai chat format's stop sequence
 PREAMBLE = "A human talks to a powerful AI that follows the human's instructions."

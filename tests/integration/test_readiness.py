@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 
+import requests
+
 from deploy.local_stack import http_status, inference_process, pick_free_port
 from services.swarm.launcher import PrivateSwarm
-from tests.conftest import Api
+from tests.client import Api
 
 PREFIX = "petals-chat-readiness"
 
@@ -30,7 +32,7 @@ def test_not_ready_until_the_swarm_is_reachable(model_dir, artifacts_dir):
         service.wait_ready(timeout=60, path="/healthz")  # alive at once
         api = Api(service.base_url)
         for _ in range(10):
-            readiness = api.http.get(f"{service.base_url}/readyz", timeout=5)
+            readiness = requests.get(f"{service.base_url}/readyz", timeout=5)
             assert readiness.status_code == 503
             assert readiness.json()["ok"] is False and readiness.json()["detail"]
             time.sleep(0.5)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy.local_stack import LOCAL_MODELS, REPO_ROOT, SMOLLM2, TINY_BLOOM, pick_free_port
+from services.common.sse import parse_sse
 from tests.helpers import wait_until
 
 FRANCE = "What is the capital of France?"
@@ -45,8 +46,8 @@ def answer_is_ok(output: str) -> bool:
     """A JSON answer with ok=true, an event stream whose last event is a successful ``done``,
     an OpenAI-style completion, or the model list of ``make run``."""
     if output.startswith("event:"):
-        last = output.strip().split("\n\n")[-1].splitlines()
-        return last[0] == "event: done" and json.loads(last[1].removeprefix("data: "))["ok"] is True
+        event, data = list(parse_sse([output.encode()]))[-1]
+        return event == "done" and data["ok"] is True
     answer = json.loads(output)
     if answer.get("object") == "list":  # GET /v1/models: both models, the default first
         return [model["id"] for model in answer["data"]] == list(LOCAL_MODELS)
@@ -56,7 +57,7 @@ def answer_is_ok(output: str) -> bool:
 def answer_text(output: str) -> str:
     """The generated text of an answer that ``answer_is_ok``."""
     if output.startswith("event:"):
-        return json.loads(output.strip().split("\n\n")[-1].splitlines()[1].removeprefix("data: "))["outputs"]
+        return list(parse_sse([output.encode()]))[-1][1]["outputs"]
     answer = json.loads(output)
     return answer["choices"][0]["message"]["content"] if "choices" in answer else answer["outputs"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -12,7 +11,8 @@ import requests
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from tests.conftest import Api, metric_value, start_inference
+from tests.client import Api
+from tests.helpers import metric_value, start_inference
 
 EXPIRED = re.compile(r"Session .+ expired")  # what the original chat client matches
 
@@ -57,7 +57,7 @@ def test_reaper_closes_expired_sessions(limited):
 
 def test_session_limit_refuses_clearly_and_spares_existing_sessions(limited):
     sessions = [limited.open_session(32) for _ in range(3)]
-    extra = limited.http.get(f"{limited.base_url}/api/v1/open_inference_session", params={"max_length": 32}).json()
+    extra = requests.get(f"{limited.base_url}/api/v1/open_inference_session", params={"max_length": 32}).json()
     assert extra["ok"] is False
     assert "maximum of 3 sessions" in extra["traceback"]
     for session_id in sessions:
@@ -117,12 +117,10 @@ def test_sigterm_drains_requests_and_closes_every_session(swarm, model_dir, arti
     streaming, answer = threading.Event(), {}
 
     def long_answer() -> None:
-        body = {"inputs": "A long answer", "max_new_tokens": 40}
-        with requests.post(f"{service.base_url}/api/v2/generate_stream", json=body, stream=True, timeout=60) as r:
-            for line in r.iter_lines(decode_unicode=True):
-                streaming.set()
-                if line.startswith("data: "):
-                    answer["last"] = json.loads(line.removeprefix("data: "))
+        _, events = Api(service.base_url).events({"inputs": "A long answer", "max_new_tokens": 40})
+        for _, data in events:
+            streaming.set()
+            answer["last"] = data
 
     reader = threading.Thread(target=long_answer)
     reader.start()

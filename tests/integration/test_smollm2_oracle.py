@@ -14,7 +14,8 @@ import pytest
 
 from services.swarm.launcher import PrivateSwarm
 from services.swarm.smollm2 import ensure_smollm2
-from tests.conftest import Api, start_inference
+from tests.client import Api
+from tests.helpers import start_inference
 
 pytestmark = pytest.mark.integration
 DHT_PREFIX = "petals-chat-smollm2"

@@ -10,14 +10,14 @@ address: the service recovers by itself.
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 import requests
 
 from services.swarm.launcher import PrivateSwarm
-from tests.conftest import Api, metric_value, start_inference
+from tests.client import Api
+from tests.helpers import metric_value, start_inference
 
 PROMPT = "Petals servers come and go, and the chat"
 DHT_PREFIX = "petals-chat-faults"
@@ -42,23 +42,6 @@ def service(fault_swarm, model_dir, artifacts_dir):
     )
     yield service
     service.stop()
-
-
-def stream_tokens(url: str, body: dict, on_token) -> dict:
-    """POST to the SSE endpoint; call ``on_token(count)`` per token; return the final event."""
-    with requests.post(f"{url}/api/v2/generate_stream", json=body, stream=True, timeout=180) as response:
-        assert response.status_code == 200, response.text
-        event = None
-        for line in response.iter_lines(decode_unicode=True):
-            if line.startswith("event: "):
-                event = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                data = json.loads(line.removeprefix("data: "))
-                if event == "token":
-                    on_token(data["generated_tokens"])
-                else:
-                    return {"event": event, **data}
-    raise AssertionError("the stream ended without a done or error event")
 
 
 def wait_for(condition, timeout: float, what: str) -> float:
@@ -87,7 +70,7 @@ def test_session_survives_its_server_dying_mid_answer(fault_swarm, service, orac
             server_a.kill()
 
     body = {"session_id": session_id, "max_new_tokens": 40}
-    done = stream_tokens(service.base_url, body, kill_a_after_five_tokens)
+    done = Api(service.base_url, timeout_s=180).stream_text(body, kill_a_after_five_tokens)
     assert done["event"] == "done", done
     assert server_a.process.poll() is not None, "server A was killed mid-answer"
     assert first + done["outputs"] == decode(oracle(PROMPT, 44))

@@ -16,11 +16,10 @@ from collections.abc import Iterator
 import pytest
 import requests
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import ClientConnection
 
-from tests.conftest import DHT_PREFIX, Api, metric_value
-from tests.helpers import Stack, SwarmProbe, dedicated_stack, wait_until
-from tests.integration.test_gateway import stream_events
+from tests.client import Api, answers, ask, connect_ws
+from tests.helpers import DHT_PREFIX, Stack, SwarmProbe, dedicated_stack, metric_value, start_gateway, wait_until
 
 IDLE_TIMEOUT_S = 3
 MESSAGE_LIMIT = 4096
@@ -41,26 +40,8 @@ def probe(swarm, model_dir, artifacts_dir) -> Iterator[SwarmProbe]:
     running.close()
 
 
-def ws_url(stack: Stack) -> str:
-    return f"ws://127.0.0.1:{stack.gateway.port}/api/v2/generate"
-
-
 def open_socket(stack: Stack, **kwargs) -> ClientConnection:
-    return connect(ws_url(stack), proxy=None, compression=None, open_timeout=10, **kwargs)
-
-
-def ask(ws: ClientConnection, message: dict | str, timeout: float = 60) -> dict:
-    ws.send(message if isinstance(message, str) else json.dumps(message))
-    return json.loads(ws.recv(timeout=timeout))
-
-
-def answers(ws: ClientConnection, timeout: float = 120) -> list[dict]:
-    """Messages until one with stop: true (or an error)."""
-    received = []
-    while True:
-        received.append(json.loads(ws.recv(timeout=timeout)))
-        if not received[-1]["ok"] or received[-1]["stop"]:
-            return received
+    return connect_ws(stack.gateway.port, **kwargs)
 
 
 def opened(stack: Stack, max_length: int = 256, **kwargs) -> ClientConnection:
@@ -114,7 +95,7 @@ def test_greedy_text_equals_v1_v2_and_the_oracle(stack, oracle, decode_partial):
     v1 = api.generate(inputs=prompt, max_new_tokens=n, session_id=session_id)["outputs"]
     api.close_session(session_id)
     session_id = api.open_session(256)
-    status, events = stream_events(stack.gateway.base_url, {"inputs": prompt, "max_new_tokens": n,
+    status, events = Api(stack.gateway.base_url).stream({"inputs": prompt, "max_new_tokens": n,
                                                              "session_id": session_id})  # fmt: skip
     api.close_session(session_id)
     assert status == 200 and events[-1][0] == "done"
@@ -288,16 +269,13 @@ def test_plain_http_gets_upgrade_required(stack):
 
 
 def test_origins_follow_cors_allow_origins(inference, artifacts_dir):
-    from tests.conftest import start_gateway
-
     gateway = start_gateway(artifacts_dir, {"inference-0": inference.base_url}, "gateway-ws-origins",
                             CORS_ALLOW_ORIGINS="https://chat.example")  # fmt: skip
     try:
-        url = f"ws://127.0.0.1:{gateway.port}/api/v2/generate"
-        with connect(url, proxy=None, origin="https://chat.example") as ws:
+        with connect_ws(gateway.port, origin="https://chat.example") as ws:
             assert ask(ws, {"type": "open_inference_session", "max_length": 8}) == {"ok": True}
         with pytest.raises(InvalidStatus) as refused:
-            connect(url, proxy=None, origin="https://evil.example")
+            connect_ws(gateway.port, origin="https://evil.example")
         assert refused.value.response.status_code == 403
     finally:
         gateway.stop()

@@ -5,25 +5,8 @@ from __future__ import annotations
 import pytest
 
 from services.common.errors import SessionBusy, SessionNotFound, TooManySessions
-from services.inference.sessions import SessionStore
-
-
-class FakePetalsSession:
-    def __init__(self, max_length: int) -> None:
-        self.max_length = max_length
-        self.output_ids = None
-        self.closed = False
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from services.inference.sessions import OneOffLease, SessionStore
+from tests.unit.fakes import Clock, FakePetalsSession
 
 
 @pytest.fixture
@@ -44,35 +27,35 @@ def test_limit_refuses_the_extra_session_and_keeps_the_others(store):
     first, second = store.open(16), store.open(16)
     with pytest.raises(TooManySessions, match="maximum of 2 sessions"):
         store.open(16)
-    with store.lease(first.session_id), store.lease(second.session_id):
+    with store.acquire(first.session_id), store.acquire(second.session_id):
         pass
 
 
 def test_concurrent_lease_is_refused(store):
     session = store.open(16)
-    with store.lease(session.session_id), pytest.raises(SessionBusy), store.lease(session.session_id):
+    with store.acquire(session.session_id), pytest.raises(SessionBusy), store.acquire(session.session_id):
         pass
 
 
 def test_expiry_is_refreshed_by_use_and_reaped(store, clock):
     used, idle = store.open(16), store.open(16)
     clock.now = 8
-    with store.lease(used.session_id):
+    with store.acquire(used.session_id):
         pass
     clock.now = 12
     assert store.reap_expired() == 1
     assert idle.petals is None  # closed
-    with store.lease(used.session_id):
+    with store.acquire(used.session_id):
         pass
     clock.now = 30
-    with pytest.raises(SessionNotFound, match="expired or does not exist"), store.lease(used.session_id):
+    with pytest.raises(SessionNotFound, match="expired or does not exist"), store.acquire(used.session_id):
         pass
 
 
 def test_close_while_in_use_waits_for_the_request(store):
     session = store.open(16)
     petals = session.petals
-    with store.lease(session.session_id):
+    with store.acquire(session.session_id):
         store.close(session.session_id)
         assert not petals.closed  # the running request keeps it
     assert petals.closed
@@ -82,6 +65,48 @@ def test_close_all(store):
     sessions = [store.open(16), store.open(16)]
     store.close_all()
     assert len(store) == 0 and all(s.petals is None for s in sessions)
+
+
+def test_a_lease_replaces_the_petals_session_in_place(store):
+    session = store.open(16)
+    with store.acquire(session.session_id) as lease:
+        old = lease.replace_petals(FakePetalsSession(16))
+        assert old is not session.petals and lease.petals is session.petals
+    assert not old.closed  # the caller closes what it replaced
+
+
+def test_a_retired_lease_closes_on_release_and_the_session_is_gone(store):
+    session = store.open(16)
+    petals = session.petals
+    lease = store.acquire(session.session_id)
+    lease.retire("failed")
+    assert not petals.closed and session.close_reason == "failed"
+    lease.release()
+    assert petals.closed
+    with pytest.raises(SessionNotFound):
+        store.acquire(session.session_id)
+
+
+def test_a_lease_records_the_text_a_conversation_is_matched_by(store):
+    session = store.open(64, conversation=True)
+    with store.acquire(session.session_id) as lease:
+        assert lease.conversation and not lease.resumable
+        lease.record_text("Human: hi")
+    assert store.acquire_conversation("Human: hi\n\nAI:").session_id == session.session_id
+
+
+def test_a_user_session_lease_is_resumable(store):
+    with store.acquire(store.open(16).session_id) as lease:
+        assert lease.resumable and not lease.conversation and lease.max_length == 16 and lease.token_count == 0
+
+
+def test_a_one_off_lease_closes_its_petals_session_on_release():
+    lease = OneOffLease(FakePetalsSession(8), 8)
+    lease.retire("failed")  # nothing to retire
+    assert not lease.petals.closed and not lease.resumable
+    first = lease.replace_petals(FakePetalsSession(8))
+    lease.release()
+    assert lease.petals.closed and not first.closed
 
 
 def conversation(store: SessionStore, text: str):
@@ -94,7 +119,7 @@ def test_conversation_lookup_takes_the_longest_idle_prefix(store):
     conversation(store, "Human: hi")
     longer = conversation(store, "Human: hi\n\nAI: hello")
     found = store.acquire_conversation("Human: hi\n\nAI: hello\n\nHuman: more")
-    assert found is longer
+    assert found.session_id == longer.session_id
     # Busy now: the next lookup falls back to the shorter prefix.
     assert store.acquire_conversation("Human: hi\n\nAI: hello\n\nHuman: again").text == "Human: hi"
 

@@ -242,7 +242,7 @@
         state.continuation = continuation(done);
         return done.outputs;
       } catch (error) {
-        const full = error.code === "invalid_parameter" && /larger max_length/.test(error.message);
+        const full = error.code === "session_full";
         if (replayed || !(error.code === "session_not_found" || full)) throw error;
         // The session is gone (expired, replica lost) or too small: a new one, and replay.
         replayed = true;

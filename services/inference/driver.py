@@ -1,0 +1,92 @@
+"""Drives one generation through the swarm, rebuilding its Petals session after a swarm failure.
+
+When the swarm fails mid-generation beyond what Petals recovers by itself (a server that died
+leaves Petals 2.2 with "Broken input cache" on failover), the driver rebuilds the Petals session
+in place: a fresh session, into which every token the old one held and every token generated so
+far is replayed, then generation goes on where it stopped. The client sees a pause, not an
+error, and the output is what it would have been (greedy, or seeded sampling, whose generator
+carries on). Up to ``MAX_REBUILDS`` per request, and only while the swarm is ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from services.common.errors import ApiError
+from services.inference.metrics import SESSION_REBUILDS
+from services.inference.sessions import OneOffLease, SessionLease, held_token_ids
+from services.inference.swarm_model import SwarmModel, TokensCallback
+
+logger = logging.getLogger(__name__)
+
+MAX_REBUILDS = 2  # in-place session rebuilds per request before the failure is reported
+
+
+class SwarmFailure(ApiError):
+    """The swarm could not complete a generation step."""
+
+    http_status = "502 Bad Gateway"
+    error_code = "swarm_error"
+
+
+class SwarmDriver:
+    """Generates a request's tokens in a lease's Petals session, rebuilding it when the swarm fails.
+
+    Of the model it uses ``generate``, ``swarm_ready`` and ``open_petals_session`` (the unit tests
+    pass a fake with just those)."""
+
+    def __init__(
+        self, swarm: SwarmModel, lease: SessionLease | OneOffLease, processors: Any, should_stop: Callable[[], bool]
+    ) -> None:
+        self._swarm = swarm
+        self._lease = lease
+        self._processors = processors
+        self._should_stop = should_stop
+        self._prefix_ids = held_token_ids(lease.petals)  # held before this request
+        self.generated: list[int] = []
+
+    def run(self, input_ids: list[int], new_tokens: int, on_tokens: TokensCallback) -> None:
+        """Generate up to ``new_tokens`` after ``input_ids``, passing each step's ids to ``on_tokens``;
+        raises SwarmFailure once no rebuild can help."""
+        failure = self._attempt(input_ids, new_tokens, on_tokens)
+        for rebuild in range(1, MAX_REBUILDS + 1):
+            if failure is None:
+                return
+            if self._should_stop() or not self._swarm.swarm_ready():
+                break
+            logger.warning("swarm failure (%r): rebuilding the session, attempt %d", failure, rebuild)
+            self._rebuild()
+            failure = self._attempt(self._prefix_ids + input_ids + self.generated, new_tokens, on_tokens)
+        if failure is not None:
+            raise SwarmFailure(f"The Petals swarm failed during generation ({type(failure).__name__})") from failure
+
+    def _attempt(self, token_ids: list[int], new_tokens: int, on_tokens: TokensCallback) -> Exception | None:
+        """One ``generate`` call for the tokens still due; the swarm's failure is returned, not raised."""
+
+        def record(ids: list[int]) -> None:
+            self.generated.extend(ids)
+            on_tokens(ids)
+
+        due = new_tokens - len(self.generated)
+        try:
+            self._swarm.generate(self._lease.petals, token_ids, due, self._processors, record, self._should_stop)
+        except Exception as error:
+            logger.warning("generation failed in the swarm", exc_info=True)
+            return error
+        return None
+
+    def _rebuild(self) -> None:
+        """Swap in a fresh Petals session (the next attempt replays every token) and close the broken one."""
+        broken = self._lease.replace_petals(self._swarm.open_petals_session(self._lease.max_length))
+        threading.Thread(target=_close_quietly, args=(broken,), name="close-broken", daemon=True).start()
+        SESSION_REBUILDS.inc()
+
+
+def _close_quietly(petals_session: Any) -> None:
+    try:
+        petals_session.close()
+    except Exception:
+        logger.debug("closing a broken Petals session failed", exc_info=True)

@@ -1,0 +1,62 @@
+"""The swarm driver with a fake model: the tokens due, and rebuilds that replay every token."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.inference.driver import MAX_REBUILDS, SwarmDriver, SwarmFailure
+from services.inference.sessions import OneOffLease
+from tests.helpers import wait_until
+from tests.unit.fakes import FakePetalsSession, FakeSwarm, oracle
+
+PROMPT = [10, 20, 30]
+
+
+def drive(swarm: FakeSwarm, lease: OneOffLease, new_tokens: int = 6, prompt: list[int] = PROMPT) -> list[int]:
+    got: list[int] = []
+    SwarmDriver(swarm, lease, None, lambda: False).run(prompt, new_tokens, got.extend)
+    return got
+
+
+def one_off(max_length: int = 16) -> OneOffLease:
+    return OneOffLease(FakePetalsSession(max_length), max_length)
+
+
+def test_without_failures_one_call_generates_the_tokens_due():
+    swarm, lease = FakeSwarm(), one_off()
+    assert drive(swarm, lease) == oracle(PROMPT, 6)
+    assert swarm.sent == [PROMPT] and not swarm.opened
+
+
+def test_a_failure_rebuilds_the_session_and_replays_every_token():
+    held = FakePetalsSession(32)
+    held.ids = [1, 2]  # what the session held before this request
+    lease = OneOffLease(held, 32)
+    swarm = FakeSwarm({0: 2})  # the first call fails after 2 tokens
+    assert drive(swarm, lease) == oracle([1, 2, *PROMPT], 6)  # as if nothing had failed
+    first_two = oracle([1, 2, *PROMPT], 2)
+    assert swarm.sent == [PROMPT, [1, 2, *PROMPT, *first_two]]
+    assert lease.petals is swarm.opened[0] and swarm.opened[0].max_length == 32
+    assert wait_until(lambda: held.closed, timeout=5)  # the broken session is closed aside
+
+
+def test_failures_beyond_the_rebuilds_are_reported_with_their_cause():
+    swarm = FakeSwarm({call: 0 for call in range(MAX_REBUILDS + 1)})
+    with pytest.raises(SwarmFailure, match=r"failed during generation \(RuntimeError\)") as raised:
+        drive(swarm, one_off())
+    assert isinstance(raised.value.__cause__, RuntimeError) and len(swarm.opened) == MAX_REBUILDS
+
+
+def test_no_rebuild_while_the_swarm_is_not_ready():
+    swarm = FakeSwarm({0: 1}, ready=False)
+    with pytest.raises(SwarmFailure):
+        drive(swarm, one_off())
+    assert not swarm.opened
+
+
+def test_no_rebuild_once_the_generation_should_stop():
+    swarm = FakeSwarm({0: 0})
+    driver = SwarmDriver(swarm, one_off(), None, lambda: True)  # e.g. its client went away
+    with pytest.raises(SwarmFailure):
+        driver.run(PROMPT, 6, lambda ids: None)
+    assert not swarm.opened

@@ -1,0 +1,81 @@
+"""A generation end to end with a fake model and the real session store: events, results, failures."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.errors import SessionNotFound
+from services.common.params import GenerateParams
+from services.inference.decoding import IncrementalDecoder
+from services.inference.driver import MAX_REBUILDS, SwarmFailure
+from services.inference.generation import Generation, GenerationResult, TokenEvent
+from services.inference.sessions import OneOffLease, SessionStore
+from tests.unit.fakes import TOKEN_BYTES, FakePetalsSession, FakeSwarm, oracle
+
+PROMPT = [ord(char) for char in "Hi"]
+ALWAYS_FAILING = {call: 0 for call in range(MAX_REBUILDS + 1)}
+
+
+def params(stop: tuple[str, ...] = ()) -> GenerateParams:
+    return GenerateParams(None, False, None, None, None, None, 4, None, stop=stop)
+
+
+def generation(swarm: FakeSwarm, lease, new_tokens: int = 4, stop: tuple[str, ...] = ()) -> Generation:
+    return Generation(swarm, lease, params(stop), PROMPT, new_tokens, IncrementalDecoder(TOKEN_BYTES))
+
+
+@pytest.fixture
+def store() -> SessionStore:
+    return SessionStore(FakePetalsSession, replica_id="inference-0", ttl_s=60, max_sessions=4)
+
+
+def expected_text(new_tokens: int) -> str:
+    return "".join(map(chr, oracle(PROMPT, new_tokens)))
+
+
+def test_a_stream_yields_each_token_then_the_result_and_closes_a_one_off_session():
+    lease = OneOffLease(FakePetalsSession(8), 8)
+    events = list(generation(FakeSwarm({0: 1}), lease).stream())  # one rebuild on the way
+    tokens, result = events[:-1], events[-1]
+    assert [event.generated_tokens for event in tokens] == [1, 2, 3, 4]
+    assert all(isinstance(event, TokenEvent) for event in tokens) and isinstance(result, GenerationResult)
+    assert result.text == "".join(event.text for event in tokens) == expected_text(4)
+    assert (result.finish_reason, result.prompt_tokens, result.cached_tokens) == ("length", 2, 0)
+    assert lease.petals.closed
+
+
+def test_a_stop_sequence_ends_the_generation_early():
+    stop = expected_text(4)[2]
+    result = generation(FakeSwarm(), OneOffLease(FakePetalsSession(8), 8), stop=(stop,)).run()
+    assert (result.text, result.finish_reason, result.stop_sequence) == (expected_text(2), "stop", stop)
+    assert result.generated_tokens == 3
+
+
+def test_a_broken_user_session_is_retired_with_the_expired_answer(store):
+    session = store.open(16)
+    swarm = FakeSwarm(ALWAYS_FAILING)
+    with pytest.raises(SessionNotFound, match=r"failed during generation.*expired or does not exist"):
+        generation(swarm, store.acquire(session.session_id)).run()
+    assert session.close_reason == "failed" and len(store) == 0
+
+
+def test_a_broken_one_off_generation_reports_the_swarm_failure():
+    lease = OneOffLease(FakePetalsSession(8), 8)
+    with pytest.raises(SwarmFailure):
+        generation(FakeSwarm(ALWAYS_FAILING), lease).run()
+    assert lease.petals.closed
+
+
+def test_a_conversation_session_records_its_text_and_stays_open(store):
+    session = store.open(16, conversation=True)
+    result = generation(FakeSwarm(), store.acquire(session.session_id)).run()
+    assert session.text == "Hi" + result.text and len(store) == 1
+    assert store.acquire_conversation("Hi" + result.text + "!").session_id == session.session_id
+
+
+def test_a_user_session_keeps_its_tokens_for_the_next_request(store):
+    session = store.open(16)
+    generation(FakeSwarm(), store.acquire(session.session_id), new_tokens=2).run()
+    assert len(session.petals.ids) == 4  # the prompt and 2 tokens
+    follow_up = generation(FakeSwarm(), store.acquire(session.session_id), new_tokens=2)
+    assert follow_up.run().cached_tokens == 4
