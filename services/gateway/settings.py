@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from services.common.config import ConfigError, Env, ServerSettings
 from services.common.params import MODEL_NAME_PATTERN, SESSION_ID_PATTERN, Limits
-from services.gateway.auth import ApiKeys
+from services.gateway.api_keys import ApiKeys
 
 
 @dataclass(frozen=True)

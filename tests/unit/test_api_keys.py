@@ -9,8 +9,9 @@ import re
 import pytest
 
 from services.common.config import ConfigError, Env
-from services.gateway import auth
-from services.gateway.auth import ApiKeys, ClientIdentity, RedactKeys, client_address
+from services.gateway import api_keys
+from services.gateway.api_keys import ApiKeys
+from services.gateway.auth import ClientIdentity, RedactKeys, client_address
 from services.gateway.settings import GatewaySettings
 
 ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdef"
@@ -72,7 +73,7 @@ def test_every_key_is_compared_in_constant_time(monkeypatch):
         compared.append(b)
         return a == b
 
-    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    monkeypatch.setattr(api_keys.hmac, "compare_digest", spy)
     loaded = keys(API_KEYS=f"alice:{ALICE} bob:{BOB}")
     assert loaded.identify(ALICE) == "alice"
     assert compared == [ALICE.encode(), BOB.encode()]  # no early exit on the match
