@@ -162,6 +162,15 @@ def test_health_readiness_and_metrics_need_no_key(gateway):
         assert requests.get(gateway + path, timeout=10).status_code == 200, path
 
 
+def test_the_openapi_document_says_keys_are_needed(gateway):
+    document = requests.get(f"{gateway}/api/openapi.json", timeout=10).json()
+    assert document["security"] == [{"bearer": []}, {"apiKeyHeader": []}]
+    assert document["components"]["securitySchemes"]["bearer"] == {
+        "type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"
+    }  # fmt: skip
+    assert document["paths"]["/api/openapi.json"]["get"]["security"] == []
+
+
 def test_requests_are_counted_per_key_id_and_keys_never_logged(stack, gateway):
     def count(key_id: str) -> float:
         text = requests.get(f"{gateway}/metrics", timeout=10).text
