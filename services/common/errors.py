@@ -127,6 +127,20 @@ class TooManySessions(ServiceUnavailable):
     error_code = "too_many_sessions"
 
 
+class Unauthorized(ApiError):
+    """API keys are on and the request brought none, or one that is not configured."""
+
+    http_status = falcon.HTTP_401
+    error_code = "invalid_api_key"
+
+
+class SessionQuotaExceeded(ApiError):
+    """The client already holds its quota of sessions on the replica, all of them busy."""
+
+    http_status = falcon.HTTP_429
+    error_code = "session_quota"
+
+
 class ErrorEnvelopeMiddleware:
     """Notes the matched resource's ``error_envelope`` for error rendering."""
 

@@ -12,17 +12,33 @@ v1 ``generate`` parameters (so a v1 call sent straight to a replica is one too) 
 - ``stop_token`` and ``replace_last_token`` (the WebSocket API's ``extra_stop_sequences``, see
   services/gateway/websocket.py): text that must be exactly one token of the model (else the
   request is refused); with ``replace_last_token`` the session's last token is replaced by that
-  one before this request's inputs, so the session goes on as if it had generated it.
+  one before this request's inputs, so the session goes on as if it had generated it;
+- ``client``: who the gateway serves this request for (``key:<id>`` or ``ip:<address>``), so that a
+  session the request opens counts toward that client's quota (services/inference/sessions.py).
+  ``open_inference_session`` carries it as a parameter too (``get_client``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from services.common.errors import InvalidParameter
 from services.common.params import MAX_STOP_CHARS, GenerateParams, Limits, get_bool, get_str, parse_generate
+
+CLIENT_PATTERN = re.compile(r"^(key|ip):[A-Za-z0-9_.:%-]{1,64}$")
+
+
+def get_client(values: dict[str, Any]) -> str | None:
+    """The ``client`` the gateway names (``key:<id>`` or ``ip:<address>``), or None."""
+    client = values.get("client")
+    if client is None or client == "":
+        return None
+    if not isinstance(client, str) or not CLIENT_PATTERN.match(client):
+        raise InvalidParameter("client must be key:<id> or ip:<address>")
+    return client
 
 
 @dataclass(frozen=True)
@@ -34,6 +50,7 @@ class ReplicaRequest:
     fill_context: bool = False
     stop_token: str | None = None  # must be exactly one token (validated by the replica)
     replace_last_token: str | None = None  # one token that replaces the session's last one first
+    client: str | None = None  # whose quota a session opened for this request counts toward
 
     @property
     def model(self) -> str | None:
@@ -44,7 +61,8 @@ class ReplicaRequest:
         """The JSON body sent to a replica."""
         body = {name: value for name, value in dataclasses.asdict(self.params).items() if value is not None}
         body["stop"] = list(self.params.stop)
-        tokens = {name: getattr(self, name) for name in ("stop_token", "replace_last_token") if getattr(self, name)}
+        names = ("stop_token", "replace_last_token", "client")
+        tokens = {name: getattr(self, name) for name in names if getattr(self, name)}
         return {**body, "conversation": self.conversation, "fill_context": self.fill_context, **tokens}
 
     @classmethod
@@ -57,6 +75,7 @@ class ReplicaRequest:
             fill_context=fill_context,
             stop_token=get_str(values, "stop_token", max_chars=MAX_STOP_CHARS) or None,
             replace_last_token=get_str(values, "replace_last_token", max_chars=MAX_STOP_CHARS) or None,
+            client=get_client(values),
         )
         if request.replace_last_token is not None and request.params.session_id is None:
             raise InvalidParameter("replace_last_token needs a session_id")

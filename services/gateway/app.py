@@ -13,6 +13,8 @@ import falcon.asgi
 
 from services.common.app import configure_logging, create_asgi_app
 from services.common.config import load_or_exit
+from services.common.errors import Unauthorized
+from services.gateway.auth import ClientMiddleware, handle_unauthorized, redact_server_logs
 from services.gateway.openai_api import ChatCompletionsResource, CompletionsResource, ModelsResource
 from services.gateway.openapi import OpenApiResource
 from services.gateway.poller import ReplicaPoller
@@ -55,13 +57,15 @@ def build_app(settings: GatewaySettings) -> falcon.asgi.App:
     replicas = ReplicaSet(settings.replicas, settings.default_model)
     poller = ReplicaPoller(replicas, upstream, settings.poll_interval_s)
     origins = "*" if "*" in settings.cors_allow_origins else list(settings.cors_allow_origins)
-    middleware: list = [Lifespan(upstream, poller), falcon.CORSMiddleware(allow_origins=origins)]
+    clients = ClientMiddleware(settings.api_keys, anonymous=bool(settings.anonymous_rate_limit_per_minute),
+                               trust_proxy_headers=settings.trust_proxy_headers)  # fmt: skip
+    middleware: list = [Lifespan(upstream, poller), falcon.CORSMiddleware(allow_origins=origins), clients]
     rate_limit = None
-    if settings.rate_limit_per_minute:
+    if settings.rate_limit_per_minute or settings.anonymous_rate_limit_per_minute:
         rate_limit = RateLimitMiddleware(
             per_minute=settings.rate_limit_per_minute,
             burst=settings.rate_limit_burst,
-            trust_proxy_headers=settings.trust_proxy_headers,
+            anonymous_per_minute=settings.anonymous_rate_limit_per_minute or None,
         )
         middleware.append(rate_limit)
 
@@ -70,6 +74,7 @@ def build_app(settings: GatewaySettings) -> falcon.asgi.App:
 
     app = create_asgi_app(readiness=readiness, debug_tracebacks=settings.debug_tracebacks, middleware=middleware,
                           request_type=Request)  # fmt: skip
+    app.add_error_handler(Unauthorized, handle_unauthorized)
     app.ws_options.max_receive_queue = 0  # each connection reads its messages itself (no extra task)
     router, limits = Router(replicas, upstream), settings.limits
     app.add_route("/api/v1/generate", GenerateResource(router, limits))
@@ -77,7 +82,7 @@ def build_app(settings: GatewaySettings) -> falcon.asgi.App:
     app.add_route("/api/v1/close_inference_session", CloseSessionResource(router, limits))
     app.add_route("/api/v2/generate_stream", GenerateStreamResource(router, limits))
     app.add_route("/api/v2/generate", GenerateSocketResource(router, settings, rate_limit))
-    app.add_route("/api/openapi.json", OpenApiResource(limits))
+    app.add_route("/api/openapi.json", OpenApiResource(limits, api_keys=bool(settings.api_keys)))
     app.add_route("/v1/models", ModelsResource(router))
     app.add_route("/v1/completions", CompletionsResource(router, limits))
     app.add_route("/v1/chat/completions", ChatCompletionsResource(router, limits))
@@ -90,4 +95,5 @@ def create_app() -> falcon.asgi.App:
     """gunicorn's app factory (runs in each worker): settings, then the app."""
     settings = load_or_exit(GatewaySettings.from_env, "gateway")
     configure_logging(settings.server.log_level)
+    redact_server_logs()
     return build_app(settings)

@@ -39,3 +39,9 @@ WEBSOCKET_CONNECTIONS = Gauge(
     "WebSocket connections open now (/api/v2/generate), over the live gateway workers.",
     multiprocess_mode="livesum",
 )
+CLIENT_REQUESTS = Counter(
+    "petals_chat_gateway_client_requests",
+    "API requests (and WebSocket messages) by API key id (a configured id; anonymous: no key, or keys off; "
+    "refused: a missing or wrong key) and semantic status.",
+    ["key_id", "status"],
+)

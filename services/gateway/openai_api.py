@@ -94,7 +94,8 @@ class ChatCompletionsResource:
         check_prompt_length(prompt, self._limits)
         if "stop" not in body:
             options = replace(options, stop=card.chat.stop)
-        generation = await _start(self._router, prompt, options, conversation_key=_opening(messages))
+        key, client = _opening(messages), req.context.client.name  # a new conversation session counts toward its quota
+        generation = await _start(self._router, prompt, options, conversation_key=key, client=client)
         await _answer(req, resp, _ChatShape(options), generation)
 
 
@@ -104,10 +105,12 @@ def _opening(messages: list[dict[str, str]]) -> str:
     return hashlib.sha256(json.dumps(messages[: end + 1]).encode()).hexdigest()
 
 
-async def _start(router: Router, prompt: str, options: SamplingOptions, conversation_key: str | None) -> Events:
+async def _start(
+    router: Router, prompt: str, options: SamplingOptions, conversation_key: str | None, client: str | None = None
+) -> Events:
     """Send the generation to a replica of its model; the replica's events (errors before any are raised)."""
     model = router.replicas.resolve(options.model).name
-    body = _replica_request(prompt, options, conversation=conversation_key is not None).to_json()
+    body = _replica_request(prompt, options, conversation=conversation_key is not None, client=client).to_json()
     if conversation_key is None:
         upstream = await router.to_model(model, "sessionless", "POST", _STREAM_PATH, json_body=body)
     else:
@@ -126,7 +129,9 @@ async def _events(upstream: Stream) -> Events:
         await chunks.aclose()  # closing early drops the connection: the replica stops generating
 
 
-def _replica_request(prompt: str, options: SamplingOptions, *, conversation: bool) -> ReplicaRequest:
+def _replica_request(
+    prompt: str, options: SamplingOptions, *, conversation: bool, client: str | None = None
+) -> ReplicaRequest:
     sampling = options.temperature > 0  # 0: greedy
     params = GenerateParams(
         inputs=prompt,
@@ -142,7 +147,8 @@ def _replica_request(prompt: str, options: SamplingOptions, *, conversation: boo
         model=options.model,
         repetition_penalty=options.repetition_penalty,
     )
-    return ReplicaRequest(params, conversation=conversation, fill_context=options.max_tokens is None)
+    fill_context = options.max_tokens is None
+    return ReplicaRequest(params, conversation=conversation, fill_context=fill_context, client=client)
 
 
 class _Shape(ABC):

@@ -163,8 +163,24 @@ def _schemas(limits: Limits) -> dict[str, Any]:
     }
 
 
-def build_openapi(limits: Limits) -> dict[str, Any]:
-    """The document; limits are the ones the gateway enforces."""
+def build_openapi(limits: Limits, *, api_keys: bool = False) -> dict[str, Any]:
+    """The document; limits are the ones the gateway enforces (``api_keys``: it requires keys)."""
+    document = _document(limits)
+    return _with_api_keys(document) if api_keys else document
+
+
+def _with_api_keys(document: dict[str, Any]) -> dict[str, Any]:
+    """Every operation needs a key (Bearer, or X-API-Key), except this document's own."""
+    document["components"]["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},
+        "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    }
+    document["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
+    document["paths"]["/api/openapi.json"]["get"]["security"] = []
+    return document
+
+
+def _document(limits: Limits) -> dict[str, Any]:
     v1_answer = {"oneOf": [_ref("GenerateOk"), _ref("V1Error")]}
     errors = {
         str(code): {"description": text, "content": _json(_ref("Error"))}
@@ -337,8 +353,8 @@ def build_openapi(limits: Limits) -> dict[str, Any]:
 class OpenApiResource:
     """``GET /api/openapi.json``."""
 
-    def __init__(self, limits: Limits) -> None:
-        self._document = build_openapi(limits)
+    def __init__(self, limits: Limits, *, api_keys: bool = False) -> None:
+        self._document = build_openapi(limits, api_keys=api_keys)
 
     async def on_get(self, req, resp) -> None:
         resp.media = self._document

@@ -1,4 +1,9 @@
-"""A per-client rate limit for the public API (token bucket, per gateway worker, off by default)."""
+"""A per-client rate limit for the public API (token bucket, per gateway worker, off by default).
+
+Clients are told apart by ``req.context.client`` (services/gateway/auth.py): per API key id when
+keys are on, else per address. Anonymous clients of a deployment with keys (when it lets them in)
+have a rate of their own.
+"""
 
 from __future__ import annotations
 
@@ -23,12 +28,12 @@ class RateLimited(ApiError):
 
 
 class RateLimitMiddleware:
-    """Allows ``per_minute`` API requests per client, with bursts of ``burst``."""
+    """Allows ``per_minute`` API requests per client (``anonymous_per_minute`` for clients without a
+    key when keys are on; 0: unlimited), with bursts of ``burst``."""
 
-    def __init__(self, *, per_minute: int, burst: int, trust_proxy_headers: bool) -> None:
-        self._rate = per_minute / 60.0
+    def __init__(self, *, per_minute: int, burst: int, anonymous_per_minute: int | None = None) -> None:
+        self._rates = {True: per_minute / 60.0, False: (anonymous_per_minute or per_minute) / 60.0}
         self._burst = float(burst)
-        self._trust_proxy_headers = trust_proxy_headers
         self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last update)
         self._lock = threading.Lock()
 
@@ -45,7 +50,9 @@ class RateLimitMiddleware:
     def check(self, req: Any) -> None:
         """Count one API request of ``req``'s client (also each WebSocket message that generates);
         RateLimited if its rate is spent."""
-        wait = self._take(self._client(req), time.monotonic())
+        client = req.context.client  # set by ClientMiddleware (services/gateway/auth.py), which runs first
+        rate = self._rates[client.key_id is not None]
+        wait = self._take(client.name, rate, time.monotonic()) if rate else 0.0
         if wait > 0:
             retry_after = math.ceil(wait)
             raise RateLimited(
@@ -53,19 +60,14 @@ class RateLimitMiddleware:
                 headers={"Retry-After": str(retry_after)},
             )
 
-    def _client(self, req: Any) -> str:
-        if self._trust_proxy_headers and req.access_route:
-            return req.access_route[0]
-        return req.remote_addr or "unknown"
-
-    def _take(self, client: str, now: float) -> float:
+    def _take(self, client: str, rate: float, now: float) -> float:
         """Spend one token; returns 0, or the seconds until a token is available."""
         with self._lock:
             tokens, last = self._buckets.get(client, (self._burst, now))
-            tokens = min(self._burst, tokens + (now - last) * self._rate)
+            tokens = min(self._burst, tokens + (now - last) * rate)
             if tokens < 1:
                 self._buckets[client] = (tokens, now)
-                return (1 - tokens) / self._rate
+                return (1 - tokens) / rate
             if len(self._buckets) >= _MAX_CLIENTS and client not in self._buckets:
                 self._buckets.clear()
             self._buckets[client] = (tokens - 1, now)

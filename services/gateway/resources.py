@@ -150,7 +150,7 @@ class OpenSessionResource:
         values = await read_values_async(req, self._limits)
         max_length = parse_open_session(values, self._limits)
         model = self._router.replicas.resolve(get_model(values)).name
-        fields = {"max_length": max_length, "model": model}
+        fields = {"max_length": max_length, "model": model, "client": req.context.client.name}  # its quota
         path = "/api/v1/open_inference_session"
         relay(resp, await read_answer(await self._router.to_model(model, "new_session", "GET", path, fields=fields)))
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from services.common.config import ConfigError, Env, ServerSettings
 from services.common.params import MODEL_NAME_PATTERN, SESSION_ID_PATTERN, Limits
+from services.gateway.api_keys import ApiKeys
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class GatewaySettings:
     rate_limit_per_minute: int
     rate_limit_burst: int
     trust_proxy_headers: bool
+    api_keys: ApiKeys  # empty: keys are off
+    anonymous_rate_limit_per_minute: int  # with keys: > 0 lets clients without a key in, at this rate
     cors_allow_origins: tuple[str, ...]
     ui_url: str
     limits: Limits
@@ -34,6 +37,7 @@ class GatewaySettings:
         """Read and validate every setting; raises ConfigError with a clear message."""
         env = env or Env()
         limits = Limits.from_env(env)
+        api_keys = ApiKeys.from_env(env)
         return cls(
             server=ServerSettings.from_env(env, bind="127.0.0.1:8080", threads=1, workers=2),
             replicas=parse_replicas(env.list("INFERENCE_REPLICAS")),
@@ -43,6 +47,8 @@ class GatewaySettings:
             rate_limit_per_minute=env.int("RATE_LIMIT_PER_MINUTE", 0, minimum=0),
             rate_limit_burst=env.int("RATE_LIMIT_BURST", 20, minimum=1),
             trust_proxy_headers=env.bool("TRUST_PROXY_HEADERS", False),
+            api_keys=api_keys,
+            anonymous_rate_limit_per_minute=anonymous_rate(env, api_keys),
             cors_allow_origins=env.list("CORS_ALLOW_ORIGINS", ("*",)),
             ui_url=parse_ui_url(env.str("UI_URL", "")),
             limits=limits,
@@ -51,6 +57,14 @@ class GatewaySettings:
             ws_idle_timeout_s=env.float("WS_IDLE_TIMEOUT_SECONDS", 240.0, minimum=1.0),
             ws_max_message_bytes=env.int("WS_MAX_MESSAGE_BYTES", limits.max_body_bytes, minimum=1024),
         )
+
+
+def anonymous_rate(env: Env, api_keys: ApiKeys) -> int:
+    """ANONYMOUS_RATE_LIMIT_PER_MINUTE: only meaningful with keys (without, every client is anonymous)."""
+    rate = env.int("ANONYMOUS_RATE_LIMIT_PER_MINUTE", 0, minimum=0)
+    if rate and not api_keys:
+        raise ConfigError("ANONYMOUS_RATE_LIMIT_PER_MINUTE needs API_KEYS or API_KEYS_FILE; else RATE_LIMIT_PER_MINUTE")
+    return rate
 
 
 def parse_default_model(value: str) -> str | None:

@@ -30,11 +30,11 @@ import falcon
 import falcon.asgi
 from falcon.errors import PayloadTypeError, WebSocketDisconnected
 
-from services.common.errors import ERROR_CODE_HEADER, ApiError, ServiceUnavailable, SessionNotFound
+from services.common.errors import ERROR_CODE_HEADER, ERROR_STATUS_HEADER, ApiError, ServiceUnavailable, SessionNotFound
 from services.common.metrics import REQUEST_DURATION, REQUESTS
 from services.common.replica_request import ReplicaRequest
 from services.common.sse import parse_sse_async
-from services.gateway.metrics import WEBSOCKET_CONNECTIONS
+from services.gateway.metrics import CLIENT_REQUESTS, WEBSOCKET_CONNECTIONS
 from services.gateway.ratelimit import RateLimitMiddleware
 from services.gateway.resources import Request, Router, read_answer, relayed_chunks, upstream_error
 from services.gateway.settings import GatewaySettings
@@ -178,12 +178,13 @@ class _Connection:
             raise ApiError("This connection already holds a session: open another connection for another session")
         request = parse_open(message, self._limits)
         model = self._router.replicas.resolve(request.model).name
-        fields = {"max_length": request.max_length, "model": model}
+        fields = {"max_length": request.max_length, "model": model, "client": self._req.context.client.name}
         path = "/api/v1/open_inference_session"
         answer = await read_answer(await self._router.to_model(model, "new_session", "GET", path, fields=fields))
         body = _json(answer.data)
         if not body.get("ok"):
-            raise ApiError(str(body.get("traceback", "The session could not be opened")),
+            status = falcon.code_to_http_status(answer.headers.get(ERROR_STATUS_HEADER, "400"))
+            raise ApiError(str(body.get("traceback", "The session could not be opened")), status=status,
                            code=answer.headers.get(ERROR_CODE_HEADER))  # fmt: skip
         self._session_id, self._max_length = str(body["session_id"]), request.max_length
         await self._send({"ok": True})
@@ -269,10 +270,11 @@ class _Connection:
             text = f"Internal error (incident {incident}); the operators can find it in the logs."
         await self._send({"ok": False, "traceback": text})
 
-    @staticmethod
-    def _count(status: str, started: float) -> None:
-        REQUESTS.labels(endpoint=ENDPOINT, status=str(status).split()[0]).inc()
+    def _count(self, status: str, started: float) -> None:
+        code = str(status).split()[0]
+        REQUESTS.labels(endpoint=ENDPOINT, status=code).inc()
         REQUEST_DURATION.labels(endpoint=ENDPOINT).observe(time.perf_counter() - started)
+        CLIENT_REQUESTS.labels(key_id=self._req.context.client.label, status=code).inc()
 
 
 def _json(data: bytes) -> dict[str, Any]:

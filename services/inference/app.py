@@ -39,6 +39,7 @@ class InferenceService:
             replica_id=settings.replica_id,
             ttl_s=settings.session_ttl_s,
             max_sessions=settings.max_sessions,
+            max_sessions_per_client=settings.max_sessions_per_client,
         )
         self._card: ModelCard | None = None
         self.app = self._build_app()

@@ -76,7 +76,8 @@ class Generator:
         CONVERSATION_LOOKUPS.labels(result="miss").inc()
         input_ids = self._tokenize(prompt)
         needed = len(input_ids) + self._budget(request, len(input_ids), self._limits.max_length)
-        session = self._store.open(min(self._limits.max_length, needed + CONVERSATION_ROOM), conversation=True)
+        size = min(self._limits.max_length, needed + CONVERSATION_ROOM)
+        session = self._store.open(size, conversation=True, client=request.client)
         return self._prepare_leased(self._store.acquire(session.session_id), request, input_ids)
 
     def _fits(self, lease: SessionLease, request: ReplicaRequest, input_ids: list[int]) -> bool:

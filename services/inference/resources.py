@@ -9,7 +9,7 @@ import falcon
 
 from services.common.errors import ApiError
 from services.common.params import Limits, get_model, get_session_id, parse_open_session, read_values
-from services.common.replica_request import ReplicaRequest
+from services.common.replica_request import ReplicaRequest, get_client
 from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error, sse_event
 from services.inference.generation import GenerationResult, TokenEvent
 from services.inference.generator import Generator
@@ -86,7 +86,7 @@ class OpenSessionResource:
         max_length = parse_open_session(values, self._limits)
         self._model.require_model(get_model(values))
         self._model.require_ready()
-        session = self._store.open(max_length)
+        session = self._store.open(max_length, client=get_client(values))
         resp.media = {"ok": True, "session_id": session.session_id}
 
 

@@ -10,6 +10,10 @@ session's size. Rules:
 - at most ``max_sessions`` open; one more is refused with a clear error, others unharmed
   (a conversation session, which no client holds an id of, makes room by evicting the
   least recently used idle conversation session);
+- a client (the ``client`` the gateway names: an API key id or an address) holds at most
+  ``max_sessions_per_client`` sessions (0: no quota); a client at its quota that opens one more
+  gets room by closing its own least recently used idle session (reason ``quota``), so a user who
+  reloads the chat page is never stuck; if all of them are busy, ``SessionQuotaExceeded`` (429);
 - conversation sessions are opened implicitly (the OpenAI-compatible chat API): a later
   request whose prompt extends the exact text such a session holds continues it;
 - Petals sessions are always closed explicitly (left to the garbage collector they can
@@ -33,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common.errors import SessionBusy, SessionNotFound, TooManySessions
+from services.common.errors import SessionBusy, SessionNotFound, SessionQuotaExceeded, TooManySessions
 from services.inference.decoding import IncrementalDecoder
 from services.inference.metrics import ACTIVE_SESSIONS, SESSIONS_CLOSED, SESSIONS_OPENED
 
@@ -53,6 +57,7 @@ class Session:
     close_reason: str | None = None  # set when closed while a request was still using it
     conversation: bool = False  # opened implicitly; matched by its text, not by its id
     text: str = ""  # a conversation session's text (prompts and outputs) after its last request
+    client: str | None = None  # whose quota it counts toward (None: nobody's)
 
     @property
     def token_count(self) -> int:
@@ -183,12 +188,14 @@ class SessionStore:
         replica_id: str,
         ttl_s: float,
         max_sessions: int,
+        max_sessions_per_client: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._open_petals_session = open_petals_session
         self._replica_id = replica_id
         self._ttl_s = ttl_s
         self._max_sessions = max_sessions
+        self._max_per_client = max_sessions_per_client
         self._clock = clock
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
@@ -197,23 +204,30 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, max_length: int, *, conversation: bool = False) -> Session:
-        """Open a session reserving ``max_length`` tokens; TooManySessions at the limit."""
-        evicted = None
-        with self._lock:
-            if len(self._sessions) >= self._max_sessions and conversation:
-                evicted = self._pop_least_recent_idle_conversation()
-            if len(self._sessions) >= self._max_sessions:
-                raise TooManySessions(
-                    f"This replica already holds its maximum of {self._max_sessions} sessions; "
-                    "close unused sessions or retry shortly"
-                )
-            session_id = f"{self._replica_id}.{secrets.token_urlsafe(16)}"
-            session = Session(session_id, max_length, self._open_petals_session(max_length), conversation=conversation)
-            session.last_used = self._clock()
-            self._sessions[session_id] = session
-        if evicted is not None:
-            self._retire(evicted, "evicted")
+    def open(self, max_length: int, *, conversation: bool = False, client: str | None = None) -> Session:
+        """Open a session reserving ``max_length`` tokens (for ``client``'s quota); TooManySessions at
+        the limit, SessionQuotaExceeded when the client's quota is full of busy sessions."""
+        evicted, over_quota = None, None
+        try:
+            with self._lock:
+                if client is not None and self._max_per_client:
+                    over_quota = self._pop_for_quota(client)
+                if len(self._sessions) >= self._max_sessions and conversation:
+                    evicted = self._pop_least_recent_idle_conversation()
+                if len(self._sessions) >= self._max_sessions:
+                    raise TooManySessions(
+                        f"This replica already holds its maximum of {self._max_sessions} sessions; "
+                        "close unused sessions or retry shortly"
+                    )
+                session_id = f"{self._replica_id}.{secrets.token_urlsafe(16)}"
+                petals = self._open_petals_session(max_length)
+                session = Session(session_id, max_length, petals, conversation=conversation, client=client)
+                session.last_used = self._clock()
+                self._sessions[session_id] = session
+        finally:  # what was taken out to make room is closed, whatever happened next
+            for taken, reason in ((over_quota, "quota"), (evicted, "evicted")):
+                if taken is not None:
+                    self._retire(taken, reason)
         SESSIONS_OPENED.inc()
         ACTIVE_SESSIONS.inc()
         return session
@@ -308,6 +322,22 @@ class SessionStore:
             session = None
         if session is None:
             raise SessionNotFound(session_id)
+        return session
+
+    def _pop_for_quota(self, client: str) -> Session | None:
+        """Below its quota: None; at it, its least recently used idle session (removed), to close."""
+        owned = [s for s in self._sessions.values() if s.client == client]
+        if len(owned) < self._max_per_client:
+            return None
+        idle = [s for s in owned if not s.lock.locked()]
+        if not idle:
+            raise SessionQuotaExceeded(
+                f"This client already holds its quota of {self._max_per_client} sessions, all busy "
+                "generating; close one or retry when one has finished",
+                headers={"Retry-After": "5"},
+            )
+        session = min(idle, key=lambda s: s.last_used)
+        del self._sessions[session.session_id]
         return session
 
     def _pop_least_recent_idle_conversation(self) -> Session | None:

@@ -38,6 +38,7 @@ def combo_values(variant: str, ingress: bool, monitoring: bool, swarm: bool) -> 
             "className": "nginx",
             "tls": [{"secretName": "t", "hosts": ["chat.example.com"]}],
         },
+        "gateway": {"apiKeys": {"enabled": ingress, "keys": ["ops:ops-key-0123456789abcdef"]}},  # a public deployment
         "monitoring": {
             "serviceMonitor": {"enabled": monitoring},
             "prometheusRule": {"enabled": monitoring},
@@ -91,7 +92,7 @@ def test_render_matrix_is_valid_kubernetes_1_30(chart, variant, ingress, monitor
     assert ("ConfigMap" in kinds) == monitoring
     swarm_sets = [d for d in docs if d["kind"] == "StatefulSet" and "-swarm-" in d["metadata"]["name"]]
     assert len(swarm_sets) == (SWARM_SERVERS if swarm else 0)
-    assert ("Secret" in kinds) == swarm
+    assert ("Secret" in kinds) == (swarm or ingress)  # the swarm's seed, the API keys (on with the Ingress here)
     for doc in docs:
         assert doc.get("apiVersion") and doc.get("kind") and doc["metadata"].get("name"), doc
         if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:

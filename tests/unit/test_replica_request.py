@@ -27,6 +27,8 @@ def params(**overrides) -> GenerateParams:
         ReplicaRequest(params(max_new_tokens=None, max_length=64, session_id="inference-0.abc", model=None)),
         ReplicaRequest(params(repetition_penalty=1.3)),
         ReplicaRequest(params(session_id="inference-0.abc"), stop_token="</s>", replace_last_token="\n"),
+        ReplicaRequest(params(), conversation=True, client="key:alice"),
+        ReplicaRequest(params(), conversation=True, client="ip:::1"),
     ],
 )
 def test_json_round_trip(request_):
@@ -57,3 +59,9 @@ def test_repetition_penalty_is_validated():
 def test_replacing_the_last_token_needs_a_session():
     with pytest.raises(InvalidParameter, match="replace_last_token needs a session_id"):
         ReplicaRequest.from_json({"inputs": "Hi", "max_new_tokens": 2, "replace_last_token": "x"}, LIMITS)
+
+
+@pytest.mark.parametrize("client", ["alice", "key:", "ip:1.2.3.4 x", "key:" + "a" * 65, 7])
+def test_a_client_is_key_or_ip(client):
+    with pytest.raises(InvalidParameter, match="client must be key:<id> or ip:<address>"):
+        ReplicaRequest.from_json({"inputs": "Hi", "max_new_tokens": 1, "client": client}, LIMITS)

@@ -281,3 +281,10 @@ DEFAULT_MODEL of the gateway: gateway.defaultModel (one of the models' names) or
 {{- end }}
 {{- $default }}
 {{- end }}
+
+{{/*
+Name of the Secret holding the gateway's API keys (key "keys": one id:key line each).
+*/}}
+{{- define "petals-chat.apiKeysSecretName" -}}
+{{- .Values.gateway.apiKeys.existingSecret | default (printf "%s-api-keys" (include "petals-chat.fullname" .)) }}
+{{- end }}

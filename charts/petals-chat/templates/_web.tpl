@@ -1,5 +1,6 @@
 {{/*
-Deployment of a stateless web tier: (dict "ctx" $ "component" "gateway" "values" .Values.gateway "env" <yaml list>).
+Deployment of a stateless web tier: (dict "ctx" $ "component" "gateway" "values" .Values.gateway "env" <yaml list>
+"mounts" <yaml list of extra volumeMounts> "volumes" <yaml list of extra volumes>; both optional).
 */}}
 {{- define "petals-chat.webDeployment" -}}
 {{- $ctx := .ctx }}
@@ -76,6 +77,9 @@ spec:
             # prometheus-client's multiprocess files (PROMETHEUS_MULTIPROC_DIR): the directory must exist.
             - name: metrics
               mountPath: /tmp/metrics
+            {{- with .mounts }}
+            {{- . | nindent 12 }}
+            {{- end }}
       volumes:
         - name: tmp
           emptyDir:
@@ -83,4 +87,7 @@ spec:
         - name: metrics
           emptyDir:
             sizeLimit: 64Mi
+        {{- with .volumes }}
+        {{- . | nindent 8 }}
+        {{- end }}
 {{- end }}

@@ -5,12 +5,16 @@
 // chat. One inference session per dialogue: the first request sends the whole transcript, later
 // ones only the new turn. When the gateway says the session expired (or its replica is gone), a
 // new session is opened and the dialogue replayed, once, without bothering the user. Every text
-// from the user, the model or a model card is shown as text (textContent), never as markup.
+// from the user, the model or a model card is shown as text (textContent), never as markup. When
+// the gateway wants an API key (401), the page asks for one, keeps it in localStorage and sends it
+// with every request (Authorization: Bearer).
 "use strict";
 
 (() => {
   const config = JSON.parse(document.getElementById("chat-config").textContent);
   const SETTINGS_KEY = "petals-chat-settings";
+  const API_KEY_KEY = "petals-chat-api-key";
+  const UNAUTHORIZED = "invalid_api_key";
   const FALLBACK = { sampling: true, temperature: 0.75, top_p: 0.9, max_new_tokens: 256 };
   const SLOW_SECONDS_PER_TOKEN = 3;
 
@@ -20,6 +24,7 @@
     stop: $("stop"), newChat: $("new-chat"), speed: $("speed"), slowHint: $("slow-hint"),
     error: $("error"), errorMessage: $("error-message"), retry: $("retry"), settings: $("settings"),
     model: $("model"), modelDescription: $("model-description"),
+    keyForm: $("key-form"), keyMessage: $("key-message"), apiKey: $("api-key"),
   };
 
   class ApiError extends Error {
@@ -81,10 +86,17 @@
   // ---- the API ---------------------------------------------------------------------------
   const api = (path) => config.apiBaseUrl + path;
 
+  // The API key the user entered (none: the API is open, or not asked for yet).
+  function authHeaders() {
+    const key = localStorage.getItem(API_KEY_KEY);
+    return key ? { Authorization: `Bearer ${key}` } : {};
+  }
+
   async function loadModels() {
-    const response = await fetch(api("/v1/models"));
+    const response = await fetch(api("/v1/models"), { headers: authHeaders() });
     const body = await response.json().catch(() => ({}));
     const models = Array.isArray(body.data) ? body.data : [];
+    if (response.status === 401) throw new ApiError(UNAUTHORIZED, body.error?.message || "This chat needs an API key.");
     if (!response.ok || !models.length) {
       throw new ApiError("no_model", body.error?.message || "No model is available right now; retry in a few seconds.");
     }
@@ -103,16 +115,17 @@
 
   async function openSession(maxLength) {
     const query = `max_length=${maxLength}&model=${encodeURIComponent(state.model.id)}`;
-    const response = await fetch(api(`/api/v1/open_inference_session?${query}`));
+    const response = await fetch(api(`/api/v1/open_inference_session?${query}`), { headers: authHeaders() });
     const body = await response.json();
-    if (!body.ok) throw new ApiError("open_failed", body.traceback);
+    // v1 answers errors with HTTP 200; its header names the error (e.g. the key, or the session quota).
+    if (!body.ok) throw new ApiError(response.headers.get("X-Petals-Chat-Error") || "open_failed", body.traceback);
     return body.session_id;
   }
 
   function closeSession(sessionId) {
     // keepalive: the request completes even when the page is going away.
     const url = api(`/api/v1/close_inference_session?session_id=${encodeURIComponent(sessionId)}`);
-    if (sessionId) fetch(url, { keepalive: true }).catch(() => {});
+    if (sessionId) fetch(url, { keepalive: true, headers: authHeaders() }).catch(() => {});
   }
 
   function setSession(sessionId) {
@@ -130,7 +143,7 @@
     state.controller = new AbortController();
     const response = await fetch(api("/api/v2/generate_stream"), {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify(body),
       signal: state.controller.signal,
     });
@@ -270,6 +283,7 @@
         view.item.remove();
         dropSession(); // its state is unknown now: the retry replays into a new one
         showError(error.message || String(error));
+        if (error.code === UNAUTHORIZED) askForKey(error.message);
       }
     } finally {
       view.item.classList.remove("streaming");
@@ -300,6 +314,14 @@
 
   function hideError() {
     ui.error.hidden = true;
+  }
+
+  // The gateway wants a key (none was sent, or it is not valid): ask for one.
+  function askForKey(message) {
+    localStorage.removeItem(API_KEY_KEY);
+    ui.keyMessage.textContent = message;
+    ui.keyForm.hidden = false;
+    ui.apiKey.focus();
   }
 
   function lastHumanText() {
@@ -347,6 +369,17 @@
 
   ui.newChat.addEventListener("click", newChat);
 
+  ui.keyForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const key = ui.apiKey.value.trim();
+    if (!key) return;
+    localStorage.setItem(API_KEY_KEY, key);
+    ui.apiKey.value = "";
+    ui.keyForm.hidden = true;
+    if (!state.model) start();
+    else if (!ui.error.hidden) ui.retry.click(); // the message the key was missing for, again
+  });
+
   ui.model.addEventListener("change", () => {
     newChat(); // a dialogue is written in one model's format: another model starts afresh
     chooseModel(ui.model.value);
@@ -357,7 +390,10 @@
 
   function start() {
     hideError();
-    loadModels().catch((error) => showError(error.message || String(error)));
+    loadModels().catch((error) => {
+      if (error.code === UNAUTHORIZED) askForKey(error.message);
+      else showError(error.message || String(error));
+    });
   }
 
   showSettings(loadSettings());

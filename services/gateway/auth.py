@@ -1,0 +1,139 @@
+"""API keys (optional) and who a request's client is.
+
+Keys are off unless the operator lists some (``API_KEYS`` and/or ``API_KEYS_FILE``: ``id:key``
+entries). With keys on, every API route (v1, v2 and its WebSocket, the OpenAI-compatible ``/v1``)
+needs one: ``Authorization: Bearer <key>`` (what the OpenAI clients send), ``X-API-Key: <key>``, or,
+on the WebSocket handshake only (a browser's WebSocket cannot set headers), ``?api_key=<key>``.
+A key is compared with every configured key in constant time; only its id is ever named (logs,
+metrics, rate limits, session quotas). ``ANONYMOUS_RATE_LIMIT_PER_MINUTE`` > 0 lets requests that
+bring no key in too, as anonymous clients told apart by address, at that rate (a wrong key is
+refused all the same).
+
+Every request gets a ``ClientIdentity`` (``req.context.client``): its key id, or its address
+(``X-Forwarded-For``'s last entry, the one the trusted Ingress added, with ``TRUST_PROXY_HEADERS``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from services.common.errors import Unauthorized, render_error
+from services.gateway.api_keys import ANONYMOUS, REFUSED, ApiKeys
+from services.gateway.metrics import CLIENT_REQUESTS
+
+API_PREFIXES = ("/api/v1/", "/api/v2/", "/v1/")
+KEY_QUERY_PARAM = "api_key"
+POLICY_VIOLATION = 1008  # WebSocket close code after a refused key
+_REDACT = re.compile(rf"({KEY_QUERY_PARAM}=)[^&\s\"']*")
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    """Who sent a request: a key id (keys on), else an address."""
+
+    key_id: str | None
+    address: str
+
+    @property
+    def name(self) -> str:
+        """The client as rate limits and session quotas count it."""
+        return f"key:{self.key_id}" if self.key_id else f"ip:{self.address}"
+
+    @property
+    def label(self) -> str:
+        """The bounded metric label: a configured key id, or ``anonymous``."""
+        return self.key_id or ANONYMOUS
+
+
+def client_address(req: Any, trust_proxy_headers: bool) -> str:
+    """The client's address: behind the trusted Ingress, the last ``X-Forwarded-For`` entry (the one
+    the Ingress added; earlier ones are the client's to write), else the peer's."""
+    if trust_proxy_headers:
+        forwarded = (req.get_header("X-Forwarded-For") or "").rsplit(",", 1)[-1].strip()
+        try:
+            return str(ipaddress.ip_address(forwarded))
+        except ValueError:
+            pass
+    return req.remote_addr or "unknown"
+
+
+def presented_key(req: Any, *, websocket: bool) -> str | None:
+    """The key a request brings: Bearer, X-API-Key or (WebSocket handshakes only) ``api_key``."""
+    scheme, _, value = (req.get_header("Authorization") or "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    key = req.get_header("X-API-Key")
+    if key:
+        return key.strip()
+    return req.get_param(KEY_QUERY_PARAM) if websocket else None
+
+
+class ClientMiddleware:
+    """Identifies every API request's client and, with keys on, refuses a missing or wrong key
+    (401 in the route's error envelope; on the WebSocket an error message, then close 1008).
+    Counts API requests per key id."""
+
+    def __init__(self, keys: ApiKeys, *, anonymous: bool, trust_proxy_headers: bool) -> None:
+        self._keys = keys
+        self._anonymous = anonymous or not keys
+        self._trust_proxy_headers = trust_proxy_headers
+
+    async def process_resource_async(self, req: Any, resp: Any, resource: object, params: dict) -> None:
+        if resource is not None and req.method != "OPTIONS":  # a CORS preflight carries no key
+            self._identify(req, websocket=False, api=req.path.startswith(API_PREFIXES))
+
+    async def process_resource_ws(self, req: Any, ws: Any, resource: object, params: dict) -> None:
+        if resource is not None:
+            self._identify(req, websocket=True, api=True)
+
+    async def process_response_async(self, req: Any, resp: Any, resource: object, req_succeeded: bool) -> None:
+        if req.context.get("api_request"):
+            status = resp.context.get("error_status") or resp.status
+            CLIENT_REQUESTS.labels(key_id=req.context.client.label, status=str(status).split()[0]).inc()
+
+    def _identify(self, req: Any, *, websocket: bool, api: bool) -> None:
+        """Set ``req.context.client``; on an API route with keys on, check the key."""
+        address = client_address(req, self._trust_proxy_headers)
+        key_id = None
+        if api and self._keys:
+            key = presented_key(req, websocket=websocket)
+            key_id = self._keys.identify(key) if key else None
+            if key_id is None and (key or not self._anonymous):
+                CLIENT_REQUESTS.labels(key_id=REFUSED, status="401").inc()
+                reason = "The API key is not valid" if key else "This API needs a key"
+                raise Unauthorized(
+                    f"{reason}: send it as 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
+                )
+        req.context.client = ClientIdentity(key_id, address)
+        req.context.api_request = api and not websocket  # a WebSocket's messages are counted by the connection
+
+
+async def handle_unauthorized(req: Any, resp: Any, error: Unauthorized, params: dict, ws: Any = None) -> None:
+    """Falcon error handler of Unauthorized: the route's envelope, or on a WebSocket the API's own
+    error message (which a browser can read, unlike a refused handshake's status), then close 1008."""
+    if ws is None:
+        render_error(req, resp, error)
+        return
+    await ws.accept()
+    await ws.send_media({"ok": False, "traceback": error.message})
+    await ws.close(POLICY_VIOLATION)
+
+
+class RedactKeys(logging.Filter):
+    """Removes ``api_key=`` values from log lines (Uvicorn logs each WebSocket handshake's query)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if KEY_QUERY_PARAM in message:
+            record.msg, record.args = _REDACT.sub(r"\1[redacted]", message), ()
+        return True
+
+
+def redact_server_logs() -> None:
+    """Install RedactKeys on the loggers of the server (Uvicorn, gunicorn)."""
+    for name in ("uvicorn.error", "uvicorn.access", "gunicorn.error", "gunicorn.access"):
+        logging.getLogger(name).addFilter(RedactKeys())

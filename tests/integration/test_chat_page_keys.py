@@ -1,0 +1,115 @@
+"""The chat page in a real headless Chromium when the gateway wants API keys, and under a session quota.
+
+The stack: the test swarm, an inference replica with a quota of one session per client, a gateway
+with keys that forwards the page to the ui. The page asks for a key once, keeps it in localStorage
+and sends it with every request; two tabs of one user (one key, so one client) take turns in the
+single session the quota allows, each recovering its dialogue without an error.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from deploy.local_stack import ServiceProcess, pick_free_port, ui_process
+from tests.helpers import dedicated_stack
+
+KEY = "page-user-key-3b9d27c51e08"
+PREAMBLE = "A human talks to a powerful AI that follows the human's instructions."
+
+
+@pytest.fixture(scope="module")
+def ui(artifacts_dir) -> Iterator[ServiceProcess]:
+    service = ui_process(port=pick_free_port(), log_path=artifacts_dir / "logs" / "ui-keys.log").start_ready(timeout=60)
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="module")
+def site(swarm, model_dir, artifacts_dir, ui) -> Iterator[str]:
+    with dedicated_stack(swarm, model_dir, artifacts_dir, "page-keys", inference_env={"MAX_SESSIONS_PER_CLIENT": "1"},
+                         gateway_env={"API_KEYS": f"user:{KEY}", "UI_URL": ui.base_url}) as stack:  # fmt: skip
+        yield stack.gateway.base_url
+
+
+@pytest.fixture
+def context(browser):
+    """A fresh browser profile (empty localStorage) with greedy settings; console errors other than
+    the statuses the page is meant to meet (401: no key yet; 404: a session the quota closed, which the
+    page replays) are asserted absent at the end."""
+    context = browser.new_context(viewport={"width": 1000, "height": 800})
+    context.add_init_script(
+        "if (!localStorage.getItem('petals-chat-settings'))"
+        " localStorage.setItem('petals-chat-settings', JSON.stringify({sampling: false, max_new_tokens: 12}))"
+    )
+    context.problems = []
+    yield context
+    context.close()
+    unexpected = [p for p in context.problems if not any(f"status of {s} " in p for s in (401, 404))]
+    assert unexpected == [], f"console errors: {unexpected}"
+
+
+def new_page(context, site: str):
+    page = context.new_page()
+    page.on("console", lambda message: context.problems.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: context.problems.append(str(error)))
+    page.goto(site + "/")
+    return page
+
+
+def enter_key(page, key: str) -> None:
+    page.wait_for_selector("#key-form:not([hidden])")
+    page.fill("#api-key", key)
+    page.press("#api-key", "Enter")
+
+
+def chat(page, text: str) -> str:
+    page.fill("#message", text)
+    page.press("#message", "Enter")
+    page.wait_for_function("!document.getElementById('send').disabled && !document.querySelector('.streaming')",
+                           timeout=60_000)  # fmt: skip
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    return page.eval_on_selector_all(".turn.ai .text", "nodes => nodes.map(n => n.textContent)")[-1]
+
+
+def api_answer(site: str, inputs: str) -> str:
+    """The greedy answer of the API to the page's first request, with the key."""
+    body = {"inputs": inputs, "max_new_tokens": 12, "stop": ["\n\nHuman:"], "do_sample": 0}
+    response = requests.post(f"{site}/api/v2/generate_stream", json=body, timeout=60,
+                             headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    last = response.content.decode().strip().split("\n\n")[-1].splitlines()
+    return json.loads(last[1].removeprefix("data: "))["outputs"]
+
+
+def test_the_page_asks_for_a_key_once_and_sends_it(context, site):
+    page = new_page(context, site)
+    enter_key(page, "not-the-key-0123456789")
+    page.wait_for_function("document.getElementById('key-message').textContent.includes('not valid')")
+    assert page.is_disabled("#model") and page.evaluate("localStorage.getItem('petals-chat-api-key')") is None
+    enter_key(page, KEY)
+    page.wait_for_function("!document.getElementById('model').disabled")
+    assert page.is_hidden("#key-form")
+    answer = chat(page, "Hello!")
+    assert answer == api_answer(site, f"{PREAMBLE}\n\nHuman: Hello!\n\nAI:")
+    page.reload()  # the key is remembered: no question this time
+    page.wait_for_function("!document.getElementById('model').disabled")
+    assert page.is_hidden("#key-form")
+    assert chat(page, "Hello!") == answer
+
+
+def test_two_tabs_of_one_client_share_a_one_session_quota_without_errors(context, site):
+    first = new_page(context, site)
+    enter_key(first, KEY)
+    first.wait_for_function("!document.getElementById('model').disabled")
+    second = new_page(context, site)  # the same profile: the key is already there
+    second.wait_for_function("!document.getElementById('model').disabled")
+    chat(first, "Hello!")
+    first_session = first.evaluate("document.body.dataset.sessionId")
+    chat(second, "Hi there!")  # the quota: the first tab's idle session is closed for this one
+    assert chat(first, "How are you?")  # its session expired: a new one, the dialogue replayed, no error
+    assert first.evaluate("document.body.dataset.sessionId") != first_session
+    assert len(first.query_selector_all(".turn.ai")) == 2
+    assert chat(second, "And you?")  # and back again

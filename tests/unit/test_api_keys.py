@@ -1,0 +1,104 @@
+"""API keys: their configuration (one-line errors that never show a key), the constant-time lookup,
+client addresses and the log redaction."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+
+from services.common.config import ConfigError, Env
+from services.gateway import api_keys
+from services.gateway.api_keys import ApiKeys
+from services.gateway.auth import ClientIdentity, RedactKeys, client_address
+from services.gateway.settings import GatewaySettings
+
+ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdef"
+REPLICAS = {"INFERENCE_REPLICAS": "inference-0=http://127.0.0.1:1"}
+
+
+def keys(**env: str) -> ApiKeys:
+    return ApiKeys.from_env(Env(env))
+
+
+def test_keys_are_off_by_default():
+    assert not keys() and GatewaySettings.from_env(Env(REPLICAS)).api_keys.ids == ()
+
+
+def test_keys_from_the_environment_and_a_file(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text(f"# comment\n\nbob:{BOB}\n")
+    loaded = keys(API_KEYS=f"alice:{ALICE}", API_KEYS_FILE=str(path))
+    assert loaded.ids == ("alice", "bob")
+    assert (loaded.identify(ALICE), loaded.identify(BOB), loaded.identify(ALICE[:-1]), loaded.identify("")) == (
+        "alice", "bob", None, None
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (ALICE, "API_KEYS entry 1 must be ID:KEY"),
+        ("alice:short", "entry 1 (id 'alice'): the key must be 16-256 printable ASCII"),
+        (f"alice:{ALICE} alice:{BOB}", "entry 2: the id 'alice' is reserved or given twice"),
+        (f"anonymous:{ALICE}", "the id 'anonymous' is reserved"),
+        (f"a:{ALICE} b:{ALICE}", "entry 2 (id 'b'): the same key is given to another id"),
+        (f"bad id:{ALICE}", "entry 1 must be ID:KEY"),
+    ],
+)
+def test_bad_entries_are_one_line_errors_without_the_key(value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+        keys(API_KEYS=value)
+    assert ALICE not in str(caught.value) and "short" not in str(caught.value).replace("'alice'", "")
+    assert "\n" not in str(caught.value)
+
+
+def test_unreadable_key_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"API_KEYS_FILE .* cannot be read"):
+        keys(API_KEYS_FILE=str(tmp_path / "missing"))
+
+
+def test_anonymous_rate_needs_keys():
+    with pytest.raises(ConfigError, match="ANONYMOUS_RATE_LIMIT_PER_MINUTE needs API_KEYS"):
+        GatewaySettings.from_env(Env({**REPLICAS, "ANONYMOUS_RATE_LIMIT_PER_MINUTE": "5"}))
+    env = {**REPLICAS, "ANONYMOUS_RATE_LIMIT_PER_MINUTE": "5", "API_KEYS": f"alice:{ALICE}"}
+    assert GatewaySettings.from_env(Env(env)).anonymous_rate_limit_per_minute == 5
+
+
+def test_every_key_is_compared_in_constant_time(monkeypatch):
+    compared = []
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append(b)
+        return a == b
+
+    monkeypatch.setattr(api_keys.hmac, "compare_digest", spy)
+    loaded = keys(API_KEYS=f"alice:{ALICE} bob:{BOB}")
+    assert loaded.identify(ALICE) == "alice"
+    assert compared == [ALICE.encode(), BOB.encode()]  # no early exit on the match
+
+
+class FakeRequest:
+    def __init__(self, remote_addr: str, forwarded: str | None) -> None:
+        self.remote_addr = remote_addr
+        self._forwarded = forwarded
+
+    def get_header(self, name: str) -> str | None:
+        return self._forwarded if name == "X-Forwarded-For" else None
+
+
+def test_client_address_trusts_only_the_entry_the_ingress_added():
+    spoofed = FakeRequest("10.0.0.9", "1.2.3.4, 203.0.113.7")
+    assert client_address(spoofed, trust_proxy_headers=True) == "203.0.113.7"
+    assert client_address(spoofed, trust_proxy_headers=False) == "10.0.0.9"
+    assert client_address(FakeRequest("10.0.0.9", "not an address"), trust_proxy_headers=True) == "10.0.0.9"
+    assert ClientIdentity("alice", "10.0.0.9").name == "key:alice"
+    assert (ClientIdentity(None, "::1").name, ClientIdentity(None, "::1").label) == ("ip:::1", "anonymous")
+
+
+def test_query_keys_are_redacted_from_log_lines():
+    record = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, '%s - "WebSocket %s" [accepted]',
+                               ("127.0.0.1:5", f"/api/v2/generate?api_key={ALICE}&x=1"), None)  # fmt: skip
+    assert RedactKeys().filter(record)
+    assert ALICE not in record.getMessage() and "api_key=[redacted]&x=1" in record.getMessage()
