@@ -35,8 +35,9 @@ class CallFailed(Exception):
 class Api:
     """The v1 API and the SSE stream of a service (an inference replica or the gateway)."""
 
-    def __init__(self, base_url: str, timeout_s: float = 60.0) -> None:
+    def __init__(self, base_url: str, timeout_s: float = 60.0, headers: dict[str, str] | None = None) -> None:
         self.base_url = base_url
+        self._headers = headers or {}  # sent with every request (e.g. an API key)
         parsed = urllib.parse.urlsplit(base_url)
         self._address = (parsed.hostname or "127.0.0.1", parsed.port or 80)
         self._timeout_s = timeout_s
@@ -122,6 +123,7 @@ class Api:
             self._local.connection = None
 
     def _send(self, method: str, path: str, body: bytes | None, headers: dict) -> http.client.HTTPResponse:
+        headers = {**self._headers, **headers}
         connection, reused = self._connection()
         try:
             connection.request(method, path, body=body, headers=headers)
@@ -151,13 +153,13 @@ def _chunks(response: http.client.HTTPResponse) -> Iterator[bytes]:
 
 
 # The WebSocket API ------------------------------------------------------------------------
-def ws_url(port: int) -> str:
-    return f"ws://127.0.0.1:{port}/api/v2/generate"
+def ws_url(port: int, query: str = "") -> str:
+    return f"ws://127.0.0.1:{port}/api/v2/generate{query}"
 
 
-def connect_ws(port: int, **kwargs: Any) -> ClientConnection:
-    """A blocking connection to the gateway's WebSocket API."""
-    return connect(ws_url(port), proxy=None, compression=None, open_timeout=10, **kwargs)
+def connect_ws(port: int, query: str = "", **kwargs: Any) -> ClientConnection:
+    """A blocking connection to the gateway's WebSocket API (``query``: e.g. ``?api_key=...``)."""
+    return connect(ws_url(port, query), proxy=None, compression=None, open_timeout=10, **kwargs)
 
 
 def ask(ws: ClientConnection, message: dict | str, timeout: float = 60) -> dict:

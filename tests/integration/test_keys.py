@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import threading
+import urllib.parse
 from collections.abc import Iterator
 
 import openai
 import pytest
 import requests
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import ClientConnection
 
 from deploy.local_stack import ServiceProcess
+from tests.client import Api, ask, connect_ws
 from tests.helpers import Stack, dedicated_stack, metric_value, start_gateway, wait_until
 
 ALICE, BOB = "alice-secret-key-7f3c9a21d4", "bob-secret-key-5e8b02c6f1a9"
@@ -66,25 +68,16 @@ def open_session(base_url: str, headers: dict[str, str] | None = None, max_lengt
 
 
 def session_of(base_url: str, key: str | None, max_length: int = 64) -> str:
-    body = open_session(base_url, bearer(key) if key else None, max_length).json()
-    assert body["ok"], body
-    return body["session_id"]
+    return Api(base_url, headers=bearer(key) if key else None).open_session(max_length)
 
 
 def generate(base_url: str, session_id: str, key: str | None) -> dict:
-    body = {"session_id": session_id, "inputs": "Hi", "max_new_tokens": 1}
-    return requests.post(f"{base_url}/api/v1/generate", json=body, headers=bearer(key) if key else None,
-                         timeout=60).json()  # fmt: skip
+    return Api(base_url, headers=bearer(key) if key else None).generate(session_id=session_id, inputs="Hi",
+                                                                        max_new_tokens=1)  # fmt: skip
 
 
 def ws_connect(base_url: str, query: str = "", **kwargs) -> ClientConnection:
-    url = base_url.replace("http://", "ws://") + "/api/v2/generate" + query
-    return connect(url, proxy=None, compression=None, open_timeout=10, **kwargs)
-
-
-def ask(ws: ClientConnection, message: dict) -> dict:
-    ws.send(json.dumps(message))
-    return json.loads(ws.recv(timeout=60))
+    return connect_ws(urllib.parse.urlsplit(base_url).port, query, **kwargs)
 
 
 def openai_client(base_url: str, key: str) -> openai.OpenAI:

@@ -6,7 +6,7 @@ import pytest
 
 from services.common.errors import SessionNotFound, SessionQuotaExceeded
 from services.inference.sessions import SessionStore
-from tests.unit.test_sessions import Clock, FakePetalsSession
+from tests.unit.fakes import Clock, FakePetalsSession
 
 
 @pytest.fixture
@@ -29,14 +29,14 @@ def test_a_client_at_its_quota_gets_room_from_its_oldest_idle_session(store, clo
     oldest = open_at(store, clock, 1, "ip:10.0.0.1")
     newer = open_at(store, clock, 2, "ip:10.0.0.1")
     clock.now = 3
-    with store.lease(oldest.session_id):  # used last: now newer is the least recently used
+    with store.acquire(oldest.session_id):  # used last: now newer is the least recently used
         pass
     third = open_at(store, clock, 4, "ip:10.0.0.1")
     assert newer.petals is None  # closed on the swarm
     with pytest.raises(SessionNotFound, match=f"Session {newer.session_id} expired"):
         store.acquire(newer.session_id)
     for kept in (oldest, third):
-        with store.lease(kept.session_id):
+        with store.acquire(kept.session_id):
             pass
     assert len(store) == 2
 
@@ -44,10 +44,10 @@ def test_a_client_at_its_quota_gets_room_from_its_oldest_idle_session(store, clo
 def test_busy_sessions_are_never_taken_and_all_busy_is_429(store, clock):
     first = open_at(store, clock, 1, "key:alice")
     second = open_at(store, clock, 2, "key:alice")
-    with store.lease(first.session_id):
+    with store.acquire(first.session_id):
         third = open_at(store, clock, 3, "key:alice")  # the idle one (second) makes room
         assert second.petals is None and first.petals is not None
-        with store.lease(third.session_id), pytest.raises(SessionQuotaExceeded, match="quota of 2 sessions, all busy"):
+        with store.acquire(third.session_id), pytest.raises(SessionQuotaExceeded, match="quota of 2 sessions, all busy"):
             store.open(16, client="key:alice")
     assert SessionQuotaExceeded.http_status.startswith("429")
 
