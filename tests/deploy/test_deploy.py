@@ -193,6 +193,11 @@ models = "/models"
 if os.path.isdir(models):
     weights = {d: os.path.join(models, d, "model.safetensors") for d in sorted(os.listdir(models))}
     out["models"] = {d: len(open(path, "rb").read(1 << 20)) for d, path in weights.items()}
+# host bytecode and caches kept out by .dockerignore (the images never write bytecode: PYTHONDONTWRITEBYTECODE)
+out["app_junk"] = [
+    os.path.join(d, n) for d, dirs, files in os.walk("/app") for n in dirs + files
+    if n in ("__pycache__", ".pytest_cache", ".ruff_cache", ".venv", ".git") or n.endswith((".pyc", ".pyo"))
+]
 seed = "/var/run/petals-swarm/seed"
 if os.path.exists(seed):
     out["seed_bytes"] = len(open(seed, "rb").read())
@@ -211,6 +216,7 @@ def test_security_context_memory_and_volumes_are_honoured_inside(cluster):
             assert seen["CapEff"] == seen["CapBnd"] == "0000000000000000", (c.podman_name, seen)
             assert seen["NoNewPrivs"] == "1" and seen["Seccomp"] == "2", (c.podman_name, seen)
             assert seen["root_writable"] is False, c.podman_name
+            assert seen["app_junk"] == [], (c.podman_name, seen["app_junk"][:10])
             limit = c.args[c.args.index("--memory") + 1]
             assert seen.get("memory_limit") == limit, (c.podman_name, seen)
             if "-inference-" in pod.name or "-swarm-" in pod.name:
