@@ -212,7 +212,9 @@ print(json.dumps(out))
 def test_security_context_memory_and_volumes_are_honoured_inside(cluster):
     for pod in cluster.pods:
         for c in pod.containers:
-            result = cluster.exec(c.podman_name, "python", "-c", INSIDE)
+            # Seen once (2026-12-02): the probe had printed its answer, but podman exec did not return within
+            # 60 s while an image build (the GPU images) wrote a multi-GB layer to the same image store.
+            result = cluster.exec(c.podman_name, "python", "-c", INSIDE, timeout=600)
             assert result.returncode == 0, (c.podman_name, result.stderr[-1000:])
             seen = json.loads(result.stdout.strip().splitlines()[-1])
             assert (seen["uid"], seen["gid"]) == (10001, 10001), (c.podman_name, seen)
