@@ -8,7 +8,8 @@ a graceful stop within each pod's grace period; then a re-deploy of every pod fr
 that keeps the first render's seed Secret (what `helm upgrade` renders): ready again, the same swarm.
 
 Needs root, podman and the built images: `make test-deploy` installs the tools, builds the images and
-runs this module (about 15 minutes from a cold cache, see README). Skipped without RUN_DEPLOY_TESTS=1.
+runs this module (about 25 minutes from nothing on this project's machine, see README).
+Skipped without RUN_DEPLOY_TESTS=1.
 """
 
 from __future__ import annotations
@@ -291,6 +292,16 @@ def test_a_redeploy_with_the_kept_seed_comes_back_ready_as_the_same_swarm(cluste
                 "temperature": 0,
                 "max_tokens": 20,
             }
+            # The pods are ready, but the gateway learns its replicas' readiness by polling them (every 2 s):
+            # ask once it sees every replica ready (seen: a 503 when asked the moment the last one turned ready).
+            deadline = time.monotonic() + 60
+            while True:
+                status, text = http("GET", again.url(f"{FULLNAME}-gateway-0") + "/readyz")
+                replicas = json.loads(text).get("replicas", {}) if status == 200 else {}
+                if replicas and all(r["ready"] for r in replicas.values()):
+                    break
+                assert time.monotonic() < deadline, f"the gateway never saw every replica ready: {text[:1000]}"
+                time.sleep(1)
             answer = get_json(again.url(f"{FULLNAME}-gateway-0") + "/v1/chat/completions", body)
             assert "Paris" in answer["choices"][0]["message"]["content"], answer
         finally:
