@@ -35,9 +35,10 @@ Environment:
   PYTHON           python that stages the embedded models (default: <repo>/.venv/bin/python)
   DEBIAN_MIRROR    mirror for debootstrap (default: first bookworm mirror in apt's sources)
   TORCH_INDEX_URL  passed as a build arg when set (the inference/swarm torch index)
-  WHEELS_DIR       a host folder of wheels, mounted for RUN steps and given to pip as
-                   find-links (e.g. /opt/wheels, which holds torch 2.13.0+cpu on this
-                   machine, when PyTorch's CPU index can't be reached)
+  WHEELS_DIR       a host folder of wheels, mounted for the CPU targets' RUN steps and
+                   given to pip as find-links (e.g. /opt/wheels, which holds torch
+                   2.13.0+cpu on this machine, when PyTorch's CPU index can't be reached);
+                   never used by the GPU targets (they take PyPI's CUDA torch)
   EXTRA_BUILD_ARGS more arguments for `buildah bud` (word-split)
 
 Use the images with the same storage, e.g.:
@@ -137,9 +138,14 @@ fi
 # Mounted for RUN steps only, never part of an image: the bundle at /host-ca.crt and a pip.conf
 # that points pip at it (Dockerfile.cpu declares no PIP_CERT arg, so a build arg would not reach
 # pip; a mounted /etc/pip.conf does).
+# WHEELS_DIR is for the CPU targets only: its torch is the CPU wheel (2.13.0+cpu), and
+# `torch==2.13.0` would accept that local version, so a GPU build given those find-links would
+# quietly install CPU torch. The GPU targets get no wheels folder and no torch index: PyPI's torch.
 HOST_CA="${HOST_CA:-/etc/ssl/certs/ca-certificates.crt}"
 printf '[global]\ncert = /host-ca.crt\n' >"$CACHE/pip.conf"
+cp "$CACHE/pip.conf" "$CACHE/pip-gpu.conf"
 MOUNTS=(-v "$HOST_CA:/host-ca.crt:ro" -v "$CACHE/pip.conf:/etc/pip.conf:ro")
+GPU_MOUNTS=(-v "$HOST_CA:/host-ca.crt:ro" -v "$CACHE/pip-gpu.conf:/etc/pip.conf:ro")
 if [[ -n "${WHEELS_DIR:-}" ]]; then
     printf 'find-links = /host-wheels\n' >>"$CACHE/pip.conf"
     # torch comes from the wheels folder: an index that has nothing (no folder per project)
@@ -150,6 +156,7 @@ if [[ -n "${WHEELS_DIR:-}" ]]; then
 fi
 
 build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
+gpu_build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
 if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
     build_args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
 fi
@@ -169,14 +176,18 @@ done
 for t in "${TARGETS[@]}"; do
     dockerfile=Dockerfile.cpu
     target="$t"
+    mounts=("${MOUNTS[@]}")
+    args=("${build_args[@]}")
     if [[ "$t" == *-gpu ]]; then
         dockerfile=Dockerfile.gpu
         target="${t%-gpu}"
+        mounts=("${GPU_MOUNTS[@]}")
+        args=("${gpu_build_args[@]}")
     fi
     log "building petals-chat-$t ($dockerfile, target $target)"
     start=$SECONDS
     "${BUILDAH[@]}" bud --pull=never --isolation chroot --layers \
-        "${MOUNTS[@]}" "${build_args[@]}" "${extra[@]}" \
+        "${mounts[@]}" "${args[@]}" "${extra[@]}" \
         -f "$dockerfile" --target "$target" -t "petals-chat-$t" -t "petals-chat-$t:$APP_VERSION" . >&2
     log "built petals-chat-$t in $((SECONDS - start)) s"
 done

@@ -81,3 +81,28 @@ def test_ui_and_gateway_code_never_imports_torch(module: str):
     )
     result = subprocess.run([sys.executable, "-c", blocker], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_build_context_keeps_host_state_out():
+    """.dockerignore (read by docker build and by buildah bud in scripts/build_images.sh): host
+    bytecode, tool caches, venvs, the image cache, git and test output never reach an image; the
+    staged models (the one thing under .cache the Dockerfiles COPY) do."""
+    patterns = [
+        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip() and line[0] != "#"
+    ]
+    for junk in [".git", ".venv", ".venv-*", "test-artifacts", "**/__pycache__", "**/*.py[cod]"]:
+        assert junk in patterns, junk
+    for cache in [".pytest_cache", ".ruff_cache"]:
+        assert f"**/{cache}" in patterns, cache
+    assert patterns.index(".cache/*") < patterns.index("!" + STAGED_MODELS.rstrip("/"))
+
+
+def test_gpu_builds_never_use_the_cpu_wheels_folder():
+    """WHEELS_DIR holds torch 2.13.0+cpu, which `torch==2.13.0` accepts: the GPU targets get neither
+    that folder nor its find-links (scripts/build_images.sh)."""
+    script = (ROOT / "scripts" / "build_images.sh").read_text()
+    gpu_mounts = re.search(r"^GPU_MOUNTS=\((.*)\)$", script, re.MULTILINE)[1]
+    assert "host-wheels" not in gpu_mounts and "pip-gpu.conf" in gpu_mounts
+    assert script.index('cp "$CACHE/pip.conf" "$CACHE/pip-gpu.conf"') < script.index("find-links = /host-wheels")
+    gpu_branch = script[script.index('if [[ "$t" == *-gpu ]]; then') :].split("fi\n", 1)[0]
+    assert 'mounts=("${GPU_MOUNTS[@]}")' in gpu_branch and 'args=("${gpu_build_args[@]}")' in gpu_branch

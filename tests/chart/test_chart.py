@@ -485,6 +485,50 @@ def test_an_existing_seed_secret_replaces_the_generated_one(chart):
             assert {v["name"]: v for v in pod["volumes"]}["swarm-seed"]["secret"]["secretName"] == "my-seed"
 
 
+def test_a_re_render_changes_no_pod_and_only_a_new_seed_would(chart):
+    """What an upgrade or a re-install renders. The seed lives only in the Secret: no pod template
+    carries it, so a second render (a new random seed, as `helm template` makes with no `lookup`)
+    renders the very same pods, and so does a render that names the first render's Secret as
+    swarm.seedSecret (what `helm upgrade` renders: `lookup` hands back the kept seed, the Secret is
+    unchanged, no pod rolls). Whether a cluster's `lookup` finds the Secret is not provable here."""
+    first, second = render(chart), render(chart)
+    kept = render(chart, {"swarm": {"seedSecret": f"{FULLNAME}-swarm-seed"}})
+    seed = find(first, "Secret", f"{FULLNAME}-swarm-seed")["data"]["seed"]
+    assert find(second, "Secret", f"{FULLNAME}-swarm-seed")["data"]["seed"] != seed  # random per render
+    assert seed not in json.dumps([d for d in first if d["kind"] != "Secret"])
+    assert not [d for d in kept if d["kind"] == "Secret"]
+    assert pod_specs(first) == pod_specs(second) == pod_specs(kept)
+    templates = [
+        {d["metadata"]["name"]: d["spec"]["template"] for d in docs if d["kind"] in ("Deployment", "StatefulSet")}
+        for docs in (first, second, kept)
+    ]
+    assert templates[0] == templates[1] == templates[2]
+
+
+@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+def test_swarm_and_inference_caches_live_in_an_emptydir_under_tmp(chart, variant):
+    """HF_HOME (hub downloads) and PETALS_CACHE (Petals' block cache and its lock) of every inference
+    replica and swarm server are under /tmp, an emptyDir: the root filesystem is read-only and
+    uid 10001 has no writable home."""
+    docs = render(chart, combo_values(variant, False, False, True))
+    checked = 0
+    for name, pod in pod_specs(docs):
+        if "-swarm-" not in name and "-inference-" not in name:
+            continue
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        container = pod["containers"][0]
+        env = container_env(container)
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        for var in ("HF_HOME", "PETALS_CACHE"):
+            path = env[var]
+            assert path.startswith("/tmp/"), (name, var, path)
+            mount = max((m for m in mounts if path == m or path.startswith(m.rstrip("/") + "/")), key=len)
+            assert mount == "/tmp" and "emptyDir" in volumes[mounts[mount]], (name, var, mount)
+            assert not volumes[mounts[mount]]["emptyDir"].get("medium"), name  # node disk, not RAM
+        checked += 1
+    assert checked == len(DEFAULT_MODELS) + SWARM_SERVERS
+
+
 def test_the_default_install_is_self_contained(chart):
     """No values: every model is embedded in the images, served offline by its own private servers."""
     from services.swarm.image_models import EMBEDDED, IMAGE_DIR

@@ -67,12 +67,54 @@ print("PROBE " + json.dumps(out), flush=True)
 """
 
 
+# Host state planted in the build context before the build: what a developer's runs leave behind
+# (this machine's environment sets PYTHONDONTWRITEBYTECODE, so its own runs write no bytecode).
+# .dockerignore must keep every one of them out of the images.
+PLANTED = [
+    "services/__pycache__/planted.cpython-311.pyc",
+    "services/common/__pycache__/planted.cpython-311.pyc",
+    "services/ui/planted.pyc",
+    "services/gateway/.pytest_cache/planted",
+    "services/common/.ruff_cache/planted",
+    "services/.venv/planted",
+]
+
+
 @pytest.fixture(scope="module")
 def built_images() -> None:
-    result = subprocess.run(
-        ["bash", str(SCRIPT), "ui", "gateway"], cwd=ROOT, capture_output=True, text=True, timeout=2100
-    )
+    planted = [ROOT / path for path in PLANTED if not (ROOT / path).exists()]
+    made_dirs = []
+    try:
+        for path in planted:
+            for parent in reversed(path.parents):
+                if not parent.exists():
+                    parent.mkdir()
+                    made_dirs.append(parent)
+            path.write_bytes(b"host junk")
+        result = subprocess.run(
+            ["bash", str(SCRIPT), "ui", "gateway"], cwd=ROOT, capture_output=True, text=True, timeout=2100
+        )
+    finally:
+        for path in planted:
+            path.unlink(missing_ok=True)
+        for folder in reversed(made_dirs):
+            shutil.rmtree(folder, ignore_errors=True)
     assert result.returncode == 0, f"build failed ({result.returncode}):\n{result.stderr[-6000:]}"
+
+
+@pytest.mark.parametrize("image", ["petals-chat-ui", "petals-chat-gateway"])
+def test_host_bytecode_and_caches_stay_out_of_the_image(built_images: None, image: str) -> None:
+    name = f"look-{image}-{uuid.uuid4().hex[:8]}"
+    subprocess.run([*BUILDAH, "from", "--pull-never", "--name", name, image], check=True, capture_output=True)
+    try:
+        mounted = subprocess.run([*BUILDAH, "mount", name], check=True, capture_output=True, text=True)
+        mount = Path(mounted.stdout.strip())
+        app = [p.relative_to(mount / "app").as_posix() for p in (mount / "app").rglob("*")]
+    finally:
+        subprocess.run([*BUILDAH, "rm", name], capture_output=True)
+    assert any(p.startswith("services/common/") for p in app), app
+    junk = [p for p in app if "planted" in p or p.endswith((".pyc", "__pycache__", ".pytest_cache", ".ruff_cache"))]
+    assert junk == [], junk
 
 
 def free_port() -> int:
