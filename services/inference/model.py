@@ -143,7 +143,10 @@ class ModelHandle:
 
         The swarm's records outlive a crashed server by minutes, so a route alone proves little:
         a server on it that does not answer is banned (Petals then routes around it) and another
-        route is tried.
+        route is tried. A server that answers has its failure streak cleared, as Petals does after
+        a successful request: its next ban is the short first one again, not one doubled by every
+        ping that a busy moment made late (the only holder of a block, banned for many minutes,
+        would keep the replica unready long after it recovered).
         """
         from petals.utils.ping import ping_parallel
 
@@ -153,6 +156,8 @@ class ModelHandle:
             peers = list({span.peer_id for span in sequence_manager.make_sequence(mode="max_throughput")})
             rtts = sequence_manager.dht.run_coroutine(partial(ping_parallel, peers, wait_timeout=timeout))
             unreachable = [peer for peer, rtt in rtts.items() if math.isinf(rtt)]
+            for peer in rtts.keys() - unreachable:
+                sequence_manager.on_request_success(peer)
             if not unreachable:
                 return
             for peer in unreachable:
