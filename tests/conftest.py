@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.local_stack import ServiceProcess
+from deploy.local_stack import ServiceProcess, pick_free_port, ui_process
 from services.swarm.launcher import PrivateSwarm
 from services.swarm.tiny_bloom import ensure_tiny_bloom
 from tests.client import Api
@@ -138,6 +138,14 @@ def chatml_inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path) 
 def gateway(inference: ServiceProcess, artifacts_dir: Path) -> Iterator[ServiceProcess]:
     """A gateway (two workers) in front of the shared inference service."""
     service = start_gateway(artifacts_dir, {"inference-0": inference.base_url}, "gateway")
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def ui(artifacts_dir: Path) -> Iterator[ServiceProcess]:
+    """The ui service (stateless: the chat pages' tests share it behind their gateways)."""
+    service = ui_process(port=pick_free_port(), log_path=artifacts_dir / "logs" / "ui.log").start_ready(timeout=60)
     yield service
     service.stop()
 

@@ -13,21 +13,13 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from deploy.local_stack import ServiceProcess, pick_free_port, ui_process
+from services.common.chat import DEFAULT_PREAMBLE as PREAMBLE
 from tests.client import Api
 from tests.helpers import CHATML_DESCRIPTION, CHATML_MODEL, start_gateway
 
-PREAMBLE = "A human talks to a powerful AI that follows the human's instructions."
 SEP = "\n\n"
 STOP = "\n\nHuman:"
 CHATML_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n"
-
-
-@pytest.fixture(scope="module")
-def ui(artifacts_dir) -> Iterator[ServiceProcess]:
-    service = ui_process(port=pick_free_port(), log_path=artifacts_dir / "logs" / "ui.log").start_ready(timeout=60)
-    yield service
-    service.stop()
 
 
 @pytest.fixture(scope="module")

@@ -8,24 +8,15 @@ single session the quota allows, each recovering its dialogue without an error.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 import pytest
-import requests
 
-from deploy.local_stack import ServiceProcess, pick_free_port, ui_process
+from services.common.chat import DEFAULT_PREAMBLE as PREAMBLE
+from tests.client import Api
 from tests.helpers import dedicated_stack
 
 KEY = "page-user-key-3b9d27c51e08"
-PREAMBLE = "A human talks to a powerful AI that follows the human's instructions."
-
-
-@pytest.fixture(scope="module")
-def ui(artifacts_dir) -> Iterator[ServiceProcess]:
-    service = ui_process(port=pick_free_port(), log_path=artifacts_dir / "logs" / "ui-keys.log").start_ready(timeout=60)
-    yield service
-    service.stop()
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +69,7 @@ def chat(page, text: str) -> str:
 def api_answer(site: str, inputs: str) -> str:
     """The greedy answer of the API to the page's first request, with the key."""
     body = {"inputs": inputs, "max_new_tokens": 12, "stop": ["\n\nHuman:"], "do_sample": 0}
-    response = requests.post(f"{site}/api/v2/generate_stream", json=body, timeout=60,
-                             headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
-    last = response.content.decode().strip().split("\n\n")[-1].splitlines()
-    return json.loads(last[1].removeprefix("data: "))["outputs"]
+    return Api(site, headers={"Authorization": f"Bearer {KEY}"}).stream_text(body)["outputs"]
 
 
 def test_the_page_asks_for_a_key_once_and_sends_it(context, site):

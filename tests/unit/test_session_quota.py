@@ -47,7 +47,10 @@ def test_busy_sessions_are_never_taken_and_all_busy_is_429(store, clock):
     with store.acquire(first.session_id):
         third = open_at(store, clock, 3, "key:alice")  # the idle one (second) makes room
         assert second.petals is None and first.petals is not None
-        with store.acquire(third.session_id), pytest.raises(SessionQuotaExceeded, match="quota of 2 sessions, all busy"):
+        with (
+            store.acquire(third.session_id),
+            pytest.raises(SessionQuotaExceeded, match="quota of 2 sessions, all busy"),
+        ):
             store.open(16, client="key:alice")
     assert SessionQuotaExceeded.http_status.startswith("429")
 
