@@ -17,8 +17,8 @@ from typing import Any
 
 from services.common.errors import ApiError
 from services.inference.metrics import SESSION_REBUILDS
+from services.inference.petals_model import PetalsModel, TokensCallback
 from services.inference.sessions import OneOffLease, SessionLease, held_token_ids
-from services.inference.swarm_model import SwarmModel, TokensCallback
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class SwarmDriver:
     pass a fake with just those)."""
 
     def __init__(
-        self, swarm: SwarmModel, lease: SessionLease | OneOffLease, processors: Any, should_stop: Callable[[], bool]
+        self, swarm: PetalsModel, lease: SessionLease | OneOffLease, processors: Any, should_stop: Callable[[], bool]
     ) -> None:
         self._swarm = swarm
         self._lease = lease

@@ -21,8 +21,8 @@ from services.common.params import GenerateParams
 from services.inference.decoding import IncrementalDecoder
 from services.inference.driver import SwarmDriver, SwarmFailure
 from services.inference.metrics import CACHED_PROMPT_TOKENS, GENERATED_TOKENS, PROMPT_TOKENS, TokenTimer
+from services.inference.petals_model import PetalsModel
 from services.inference.sessions import OneOffLease, SessionLease, held_token_ids
-from services.inference.swarm_model import SwarmModel
 from services.inference.token_text import TokenText
 
 
@@ -64,7 +64,7 @@ class Generation:
 
     def __init__(
         self,
-        swarm: SwarmModel,
+        swarm: PetalsModel,
         lease: SessionLease | OneOffLease,
         params: GenerateParams,
         input_ids: list[int],

@@ -14,8 +14,8 @@ from services.inference.decoding import IncrementalDecoder
 from services.inference.generation import Generation, GenerationResult
 from services.inference.metrics import CONVERSATION_LOOKUPS
 from services.inference.model import ModelHandle
+from services.inference.petals_model import PetalsModel
 from services.inference.sessions import OneOffLease, SessionLease, SessionStore
-from services.inference.swarm_model import SwarmModel
 
 
 class Generator:
@@ -23,7 +23,7 @@ class Generator:
 
     def __init__(self, model: ModelHandle, store: SessionStore, limits: Limits) -> None:
         self._model = model
-        self._swarm = SwarmModel(model)
+        self._swarm = PetalsModel(model)
         self._store = store
         self._limits = limits
 

@@ -60,7 +60,7 @@ def oracle(prompt: list[int], new_tokens: int) -> list[int]:
 
 
 class FakeSwarm:
-    """A model behind the ``SwarmModel`` interface: ``next_token`` one step at a time; the calls
+    """A model behind the ``PetalsModel`` interface: ``next_token`` one step at a time; the calls
     named in ``failures`` (call number -> tokens generated before it fails) raise as a broken server does."""
 
     def __init__(self, failures: dict[int, int] | None = None, *, ready: bool = True) -> None:

@@ -19,7 +19,7 @@ from services.inference.sessions import held_token_count
 TokensCallback = Callable[[list[int]], None]
 
 
-class SwarmModel:
+class PetalsModel:
     """Generates through the swarm with the loaded model; reports readiness and opens Petals sessions."""
 
     def __init__(self, model: ModelHandle) -> None:
