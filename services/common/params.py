@@ -217,6 +217,8 @@ def get_int(values: dict[str, Any], name: str, bounds: Range) -> int | None:
     value = values.get(name)
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON's 1.0 is an integer too (JSON Schema says so)
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise InvalidParameter(f"{name} must be an integer, got {_show(value)}")
     try:

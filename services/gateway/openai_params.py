@@ -149,6 +149,8 @@ def _int(body: dict[str, Any], name: str, bounds: Range) -> int | None:
     value = body.get(name)
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON's 1.0 is an integer too (JSON Schema says so)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidParameter(f"{name} must be an integer, got {type(value).__name__}", param=name)
     _check_range(name, value, bounds)

@@ -286,7 +286,14 @@ def _generation(answer: str, request: str, summary: str, stream: str, errors: di
                     "description": "The answer (JSON), or its stream",
                     "content": {
                         "application/json": {"schema": _ref(answer)},
-                        "text/event-stream": {"schema": {"type": "string"}},
+                        # Each event: a JSON chunk in its data line, then data: [DONE].
+                        "text/event-stream": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["data"],
+                                "properties": {"data": {"type": "string"}},
+                            }
+                        },
                     },
                 },
                 **errors,
