@@ -60,13 +60,13 @@ run: $(STAMP)
 test: $(STAMP) $(CHECKOV_STAMP) system-tools
 	$(PY) -m pytest
 
-# The long fuzzing run (README "Fuzzing"): 500 Hypothesis examples per operation and mode (over
+# The long fuzzing run (README "Fuzzing"): up to 1,000 Hypothesis examples per operation and mode (over
 # 10,000 requests) and 400 WebSocket connections; `make test` runs 50 and 40.
-FUZZ_EXAMPLES ?= 500
+FUZZ_EXAMPLES ?= 1000
 WS_FUZZ_EXAMPLES ?= 400
 fuzz: $(STAMP)
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) WS_FUZZ_EXAMPLES=$(WS_FUZZ_EXAMPLES) FUZZ_CLI_EXAMPLES=100 \
-		$(PY) -m pytest -s -p no:cacheprovider tests/integration/test_fuzz.py tests/integration/test_websocket_fuzz.py
+		$(PY) -m pytest -s -p no:cacheprovider --timeout 3600 tests/integration/test_fuzz.py tests/integration/test_websocket_fuzz.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
