@@ -55,7 +55,7 @@ def openai_schemas(limits: Limits, model: dict[str, Any]) -> dict[str, Any]:
             "type": ["object", "null"],
             "properties": {"include_usage": {"type": "boolean"}},
         },
-        "user": {"type": "string"},
+        "user": {"description": "Ignored, whatever its value."},
     }
     usage = {
         "type": "object",
