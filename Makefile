@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CHECKOV_STAMP := .venv-checkov/.installed
 REQUIREMENTS := requirements/web.txt requirements/gateway.txt requirements/torch-cpu.txt requirements/petals.txt requirements/dev.txt
 
-.PHONY: setup system-tools deploy-tools images test-deploy run test lint format bench bench-concurrency bench-websocket clean
+.PHONY: setup system-tools deploy-tools images test-deploy run test fuzz lint format bench bench-concurrency bench-websocket bench-memory clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,14 @@ run: $(STAMP)
 test: $(STAMP) $(CHECKOV_STAMP) system-tools
 	$(PY) -m pytest
 
+# The long fuzzing run (README "Fuzzing"): up to 1,000 Hypothesis examples per operation and mode (over
+# 10,000 requests) and 400 WebSocket connections; `make test` runs 50 and 40.
+FUZZ_EXAMPLES ?= 1000
+WS_FUZZ_EXAMPLES ?= 400
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) WS_FUZZ_EXAMPLES=$(WS_FUZZ_EXAMPLES) FUZZ_CLI_EXAMPLES=100 \
+		$(PY) -m pytest -s -p no:cacheprovider --timeout 3600 tests/integration/test_fuzz.py tests/integration/test_websocket_fuzz.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -77,6 +85,11 @@ bench-concurrency: $(STAMP)
 
 bench-websocket: $(STAMP)
 	$(PY) -m bench.websocket_gateway
+
+# RSS of every process over 5,000 session cycles of SmolLM2 (README "Memory over long runs");
+# BENCH_MEMORY_ARGS=--trace adds tracemalloc's view of the inference worker.
+bench-memory: $(STAMP)
+	$(PY) -m bench.memory $(BENCH_MEMORY_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-checkov .cache test-artifacts

@@ -153,20 +153,22 @@ class ErrorEnvelopeMiddleware:
 
 def render_error(req: falcon.Request, resp: falcon.Response, error: ApiError) -> None:
     """Write ``error`` in the envelope that the matched endpoint uses."""
-    envelope = req.context.get("error_envelope", "")
-    resp.status = falcon.HTTP_200 if envelope == "v1" else error.status
-    if envelope == "v1":
-        resp.media = {"ok": False, "traceback": error.message}
-    elif envelope == "openai":
-        resp.media = {"error": openai_error_body(error)}
-    else:
-        resp.media = {"ok": False, "error": {"code": error.error_code, "message": error.message}}
+    resp.status, resp.media = error_body(req.context.get("error_envelope", ""), error)
     for name, value in (error.headers or {}).items():
         resp.set_header(name, value)
     # Let the gateway act on errors, and count them, without parsing text.
     resp.set_header(ERROR_CODE_HEADER, error.error_code)
     resp.set_header(ERROR_STATUS_HEADER, error.status.split()[0])
     resp.context.error_status = error.status
+
+
+def error_body(envelope: str, error: ApiError) -> tuple[str, dict[str, Any]]:
+    """The HTTP status and JSON body of ``error`` in ``envelope`` (``"v1"``, ``"openai"`` or ``""``)."""
+    if envelope == "v1":
+        return falcon.HTTP_200, {"ok": False, "traceback": error.message}
+    if envelope == "openai":
+        return error.status, {"error": openai_error_body(error)}
+    return error.status, {"ok": False, "error": {"code": error.error_code, "message": error.message}}
 
 
 def openai_error_body(error: ApiError) -> dict[str, Any]:
@@ -198,8 +200,20 @@ def make_error_handlers(debug_tracebacks: bool, *, asgi: bool = False):
             message += "\n" + "".join(traceback.format_exception(error))
         render_error(req, resp, ApiError(message, status=falcon.HTTP_500, code="internal_error"))
 
+    def handle_bad_body(req: falcon.Request, resp: falcon.Response, error: Exception, params: dict) -> None:
+        render_error(req, resp, ApiError(f"Malformed chunked request body: {error}", status=falcon.HTTP_400))
+
     handlers = [(Exception, handle_unexpected), (falcon.HTTPError, handle_http_error), (ApiError, handle_api_error)]
-    return [(exception, _asgi_handler(handler)) for exception, handler in handlers] if asgi else handlers
+    if asgi:
+        return [(exception, _asgi_handler(handler)) for exception, handler in handlers]
+    return [*handlers, *((exception, handle_bad_body) for exception in _wsgi_body_errors())]
+
+
+def _wsgi_body_errors() -> tuple[type[Exception], ...]:
+    """gunicorn's errors for a malformed chunked body, raised while the app reads it: the client's fault."""
+    from gunicorn.http.errors import ChunkMissingTerminator, InvalidChunkExtension, InvalidChunkSize
+
+    return InvalidChunkSize, ChunkMissingTerminator, InvalidChunkExtension
 
 
 def _asgi_handler(handler):

@@ -12,21 +12,61 @@ gunicorn drops it.
 
 A client that trickles a request body still holds its thread while it does (gunicorn has no
 body deadline); a buffering proxy in front (the Ingress) is the defence against that.
+
+A request gunicorn refuses by itself (a malformed request line or header, a head over the limits)
+is answered in the API's JSON error shape (services/common/protocol_errors.py) instead of
+gunicorn's HTML page: gunicorn still picks the status and the message, and logs it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import html
 import selectors
 import socket
+import threading
 import time
 from functools import partial
 from typing import Any
 
+from gunicorn import util
 from gunicorn.workers import gthread
 
+from services.common.protocol_errors import PEEK_BYTES, error_response
+
 HEAD_TIMEOUT_S = 5.0
+
+
+class _ErrorPage:
+    """Stands in for the client socket in gunicorn's ``handle_error``: keeps the page it writes."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.data = b""
+
+    def sendall(self, data: bytes) -> None:
+        self.data += data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def status_and_message(self) -> tuple[int, str]:
+        """The status of gunicorn's page and its message (the text after the title)."""
+        head, _, page = self.data.decode("latin-1").partition("\r\n\r\n")
+        status = int(head.split()[1]) if head.startswith("HTTP/") else 500
+        message = html.unescape(page.partition("</h1>")[2].partition("</body>")[0]).strip()
+        return status, message or page.partition("<title>")[2].partition("</title>")[0]
+
+
+def peek_path(sock: socket.socket) -> str | None:
+    """The path of the request line waiting on ``sock``, if it is there to be seen (not consumed)."""
+    try:
+        start = sock.recv(PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return None
+    target = start.split(b" ", 2)[1] if start.count(b" ") else b""
+    return target.partition(b"?")[0].decode("latin-1") or None
 
 
 class Worker(gthread.ThreadWorker):
@@ -35,6 +75,7 @@ class Worker(gthread.ThreadWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_deadlines: dict[gthread.TConn, float] = {}  # connections reading a request head
+        self._request = threading.local()  # .path: the path peeked at, for handle_error
 
     def accept(self, listener: socket.socket) -> None:
         """Park a new connection in the poller until it sends something (gunicorn's own path
@@ -54,6 +95,7 @@ class Worker(gthread.ThreadWorker):
     def handle(self, conn: gthread.TConn) -> Any:
         """Serve one request, with a deadline on reading its head."""
         self._head_deadlines[conn] = time.monotonic() + HEAD_TIMEOUT_S
+        self._request.path = peek_path(conn.sock)
         try:
             return super().handle(conn)
         finally:
@@ -62,6 +104,15 @@ class Worker(gthread.ThreadWorker):
     def handle_request(self, req: Any, conn: gthread.TConn) -> Any:
         self._head_deadlines.pop(conn, None)  # the head is complete
         return super().handle_request(req, conn)
+
+    def handle_error(self, req: Any, client: socket.socket, addr: Any, exc: BaseException) -> None:
+        """gunicorn's status, message and log line for a refused request, answered as JSON."""
+        page = _ErrorPage(client)
+        super().handle_error(req, page, addr, exc)
+        status, message = page.status_and_message()
+        path = getattr(req, "path", None) or getattr(self._request, "path", None)
+        with contextlib.suppress(OSError):
+            util.write_nonblock(client, error_response(status, message, path))
 
     def murder_pending(self) -> None:
         """Called by the main loop about every second: also cut off overdue request heads, and

@@ -28,6 +28,20 @@ _DRAIN_FACTOR = 8  # oversized bodies up to 8x the limit are read and dropped be
 
 
 @dataclass(frozen=True)
+class Range:
+    """A number's accepted range: the validation and the OpenAPI document both read it, so each
+    bound is written once."""
+
+    minimum: float
+    maximum: float
+    exclusive_minimum: bool = False
+
+    def schema(self) -> dict[str, float]:
+        """Its JSON Schema keywords."""
+        return {("exclusiveMinimum" if self.exclusive_minimum else "minimum"): self.minimum, "maximum": self.maximum}
+
+
+@dataclass(frozen=True)
 class Limits:
     """Operator-set bounds on what one request may ask for."""
 
@@ -45,6 +59,14 @@ class Limits:
             max_length=env.int("MAX_LENGTH_LIMIT", cls.max_length, minimum=2, maximum=65_536),
             max_new_tokens=env.int("MAX_NEW_TOKENS_LIMIT", cls.max_new_tokens, minimum=1, maximum=65_536),
         )
+
+    @property
+    def max_length_range(self) -> Range:
+        return Range(1, self.max_length)
+
+    @property
+    def max_new_tokens_range(self) -> Range:
+        return Range(1, self.max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -69,6 +91,13 @@ MAX_STOP_SEQUENCES = 4
 MAX_SEED = 2**63 - 1
 MAX_STOP_CHARS = 64
 MAX_REPETITION_PENALTY = 10.0
+# Floors on temperature and repetition_penalty: logits divided by a tiny one overflow to inf (the
+# swarm's sampling then fails: found by fuzzing with 5e-324).
+TEMPERATURE = Range(0.01, 100.0)
+TOP_K = Range(1, 1_000_000)
+TOP_P = Range(0.0, 1.0, exclusive_minimum=True)
+SEED = Range(0, MAX_SEED)
+REPETITION_PENALTY = Range(0.01, MAX_REPETITION_PENALTY)
 
 
 def read_values(req: falcon.Request, limits: Limits) -> dict[str, Any]:
@@ -183,24 +212,26 @@ def get_bool(values: dict[str, Any], name: str, default: bool) -> bool:
     raise InvalidParameter(f"{name} must be 0 or 1, got {_show(value)}")
 
 
-def get_int(values: dict[str, Any], name: str, *, minimum: int, maximum: int) -> int | None:
-    """An integer in [minimum, maximum], or None when absent."""
+def get_int(values: dict[str, Any], name: str, bounds: Range) -> int | None:
+    """An integer in ``bounds`` (inclusive), or None when absent."""
     value = values.get(name)
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON's 1.0 is an integer too (JSON Schema says so)
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise InvalidParameter(f"{name} must be an integer, got {_show(value)}")
     try:
         number = int(value.strip()) if isinstance(value, str) else value
     except ValueError:
         raise InvalidParameter(f"{name} must be an integer, got {_show(value)}") from None
-    if not minimum <= number <= maximum:
-        raise InvalidParameter(f"{name} must be between {minimum} and {maximum}, got {number}")
+    if not bounds.minimum <= number <= bounds.maximum:
+        raise InvalidParameter(f"{name} must be between {bounds.minimum} and {bounds.maximum}, got {number}")
     return number
 
 
-def get_float(values: dict[str, Any], name: str, *, above: float, maximum: float) -> float | None:
-    """A finite float in (above, maximum], or None when absent."""
+def get_float(values: dict[str, Any], name: str, bounds: Range) -> float | None:
+    """A finite float in ``bounds``, or None when absent."""
     value = values.get(name)
     if value is None:
         return None
@@ -210,8 +241,10 @@ def get_float(values: dict[str, Any], name: str, *, above: float, maximum: float
         number = float(value)
     except ValueError:
         raise InvalidParameter(f"{name} must be a number, got {_show(value)}") from None
-    if not math.isfinite(number) or not above < number <= maximum:
-        raise InvalidParameter(f"{name} must be greater than {above} and at most {maximum}, got {_show(value)}")
+    above = number > bounds.minimum if bounds.exclusive_minimum else number >= bounds.minimum
+    if not math.isfinite(number) or not above or number > bounds.maximum:
+        low = f"{'greater than' if bounds.exclusive_minimum else 'at least'} {bounds.minimum}"
+        raise InvalidParameter(f"{name} must be {low} and at most {bounds.maximum}, got {_show(value)}")
     return number
 
 
@@ -272,16 +305,16 @@ def parse_generate(values: dict[str, Any], limits: Limits, *, fill_context: bool
     params = GenerateParams(
         inputs=get_str(values, "inputs", max_chars=limits.max_input_chars),
         do_sample=get_bool(values, "do_sample", default=False),
-        temperature=get_float(values, "temperature", above=0.0, maximum=100.0),
-        top_k=get_int(values, "top_k", minimum=1, maximum=1_000_000),
-        top_p=get_float(values, "top_p", above=0.0, maximum=1.0),
-        max_length=get_int(values, "max_length", minimum=1, maximum=limits.max_length),
-        max_new_tokens=get_int(values, "max_new_tokens", minimum=1, maximum=limits.max_new_tokens),
+        temperature=get_float(values, "temperature", TEMPERATURE),
+        top_k=get_int(values, "top_k", TOP_K),
+        top_p=get_float(values, "top_p", TOP_P),
+        max_length=get_int(values, "max_length", limits.max_length_range),
+        max_new_tokens=get_int(values, "max_new_tokens", limits.max_new_tokens_range),
         session_id=get_session_id(values, required=False),
         stop=get_stop(values),
-        seed=get_int(values, "seed", minimum=0, maximum=MAX_SEED),
+        seed=get_int(values, "seed", SEED),
         model=get_model(values),
-        repetition_penalty=get_float(values, "repetition_penalty", above=0.0, maximum=MAX_REPETITION_PENALTY),
+        repetition_penalty=get_float(values, "repetition_penalty", REPETITION_PENALTY),
     )
     lengths = (params.max_length is not None) + (params.max_new_tokens is not None)
     if fill_context and lengths:
@@ -295,7 +328,7 @@ def parse_generate(values: dict[str, Any], limits: Limits, *, fill_context: bool
 
 def parse_open_session(values: dict[str, Any], limits: Limits) -> int:
     """Validate ``open_inference_session``: returns the session's max_length."""
-    max_length = get_int(values, "max_length", minimum=1, maximum=limits.max_length)
+    max_length = get_int(values, "max_length", limits.max_length_range)
     if max_length is None:
         raise InvalidParameter("max_length is required: the most tokens the session will hold")
     return max_length

@@ -82,7 +82,7 @@ def build_app(settings: GatewaySettings) -> falcon.asgi.App:
     app.add_route("/api/v1/close_inference_session", CloseSessionResource(router, limits))
     app.add_route("/api/v2/generate_stream", GenerateStreamResource(router, limits))
     app.add_route("/api/v2/generate", GenerateSocketResource(router, settings, rate_limit))
-    app.add_route("/api/openapi.json", OpenApiResource(limits, api_keys=bool(settings.api_keys)))
+    app.add_route("/api/openapi.json", OpenApiResource(limits, replicas, api_keys=bool(settings.api_keys)))
     app.add_route("/v1/models", ModelsResource(router))
     app.add_route("/v1/completions", CompletionsResource(router, limits))
     app.add_route("/v1/chat/completions", ChatCompletionsResource(router, limits))

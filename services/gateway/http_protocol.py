@@ -12,14 +12,27 @@ complete within ``HEAD_TIMEOUT_S`` seconds of its first byte is dropped, and a n
 that sends nothing is closed after the keep-alive time, like an idle kept-alive one. And the app
 is handed a request as soon as its head is complete, so that it can refuse a body declared too
 large before any of it arrives.
+
+Every answer the server gives by itself is JSON in the route's error shape
+(services/common/protocol_errors.py), not uvicorn's plain text: a request httptools cannot
+parse (bad request line, header or chunked encoding: 400), a head over the limits (414, 431),
+and a refused WebSocket handshake (``WebSocketProtocol``: a bad upgrade request, 400 or 426; the
+app closing before accepting, 403).
 """
 
 from __future__ import annotations
 
 import asyncio
+from http import HTTPStatus
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.datastructures import Headers
+from websockets.http11 import Response
+from websockets.server import ServerProtocol
+
+from services.common.protocol_errors import PEEK_BYTES, error_json, error_response
 
 MAX_REQUEST_LINE = 4094  # gunicorn's limit_request_line default (the URL's bytes here)
 MAX_HEADER_FIELDS = 100  # gunicorn's limit_request_fields default
@@ -43,6 +56,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._url_bytes = 0
         self._header_fields = 0
+        self._url_start = b""  # the URL's first bytes: its path picks the error shape
         self._refusal: _Refused | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -58,11 +72,13 @@ class HttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._url_bytes = self._header_fields = 0
+        self._url_start = b""
         self._cancel_head_timer()
         self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_overdue)
 
     def on_url(self, url: bytes) -> None:
         self._url_bytes += len(url)
+        self._url_start += url[: max(PEEK_BYTES - len(self._url_start), 0)]
         if self._url_bytes > MAX_REQUEST_LINE:
             self._refuse(414, f"Request line too long: the URL may have at most {MAX_REQUEST_LINE} bytes")
         super().on_url(url)
@@ -77,6 +93,8 @@ class HttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()
+        if self.parser.get_http_version() not in ("1.0", "1.1"):  # HTTP/0.9's "GET /": the app takes none
+            self._refuse(400, "Invalid HTTP version: HTTP/1.0 or HTTP/1.1 requests only")
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope and cycle.more_body:
@@ -87,16 +105,11 @@ class HttpProtocol(HttpToolsProtocol):
 
     # answers ------------------------------------------------------------------------
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to a request it cannot parse; a refusal of ours has its own status."""
+        """uvicorn's answer to a request it cannot parse, and ours to a head over the limits, as JSON."""
         refusal, self._refusal = self._refusal, None
-        if refusal is None:
-            super().send_400_response(msg)
-            return
-        body = str(refusal).encode("ascii")
-        content = [STATUS_LINE[refusal.status]]
-        content += [b"content-type: text/plain; charset=utf-8\r\n", b"content-length: %d\r\n" % len(body)]
-        content += [b"connection: close\r\n", b"\r\n", body]
-        self.transport.write(b"".join(content))
+        status, message = (refusal.status, str(refusal)) if refusal else (400, msg)
+        path = self._url_start.partition(b"?")[0].decode("latin-1") or None
+        self.transport.write(error_response(status, message, path))
         self.transport.close()
 
     def _refuse(self, status: int, message: str) -> None:
@@ -112,3 +125,25 @@ class HttpProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+
+
+class _JsonRefusals(ServerProtocol):
+    """websockets' server side whose handshake refusals carry a JSON body (the default error shape)."""
+
+    def reject(self, status: Any, text: str) -> Response:
+        response = super().reject(status, text)
+        code = HTTPStatus(status).value
+        _, headers, body = error_json(code, text or "WebSocket connection refused", None)
+        kept = [(name, value) for name, value in response.headers.raw_items() if name.lower() not in _REPLACED]
+        return Response(code, HTTPStatus(code).phrase, Headers([*kept, *headers]), body)
+
+
+_REPLACED = {"content-type", "content-length"}
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O WebSocket protocol, refusing handshakes with JSON."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conn.__class__ = _JsonRefusals  # uvicorn builds a plain ServerProtocol; this only adds reject()

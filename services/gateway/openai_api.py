@@ -26,6 +26,7 @@ import falcon.asgi
 from services.common.chat_template import compiled
 from services.common.errors import ApiError, ServiceUnavailable, openai_error_body
 from services.common.model_card import ModelCard
+from services.common.params import TEMPERATURE as SAMPLING_TEMPERATURE
 from services.common.params import GenerateParams, Limits, read_values_async
 from services.common.replica_request import ReplicaRequest
 from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, parse_sse_async
@@ -132,7 +133,7 @@ async def _events(upstream: Stream) -> Events:
 def _replica_request(
     prompt: str, options: SamplingOptions, *, conversation: bool, client: str | None = None
 ) -> ReplicaRequest:
-    sampling = options.temperature > 0  # 0: greedy
+    sampling = options.temperature >= SAMPLING_TEMPERATURE.minimum  # 0 (or below v1's floor): greedy
     params = GenerateParams(
         inputs=prompt,
         do_sample=sampling,

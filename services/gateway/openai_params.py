@@ -14,10 +14,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.errors import InvalidParameter, PayloadTooLarge
-from services.common.params import MAX_REPETITION_PENALTY, MAX_SEED, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, Limits
+from services.common.params import (
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    REPETITION_PENALTY,
+    SEED,
+    TOP_P,
+    Limits,
+    Range,
+)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_MESSAGES = 1024
+TEMPERATURE = Range(0.0, 2.0)  # OpenAI's (below v1's floor: greedy); top_p, seed and repetition_penalty are v1's
+PENALTY = Range(-2.0, 2.0)  # presence and frequency penalties (only 0 is accepted)
+N = Range(1, 128)
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -47,7 +58,12 @@ def parse_completion(body: dict[str, Any], limits: Limits) -> tuple[str, Samplin
     for name, allowed in (("echo", False), ("best_of", 1), ("suffix", None)):
         if body.get(name) not in (None, allowed):
             raise InvalidParameter(f"{name} is not supported; leave it out", param=name)
-    return prompt, _parse_options(body, limits, default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
+    return prompt, _parse_options(body, limits, default_max_tokens=completions_default_max_tokens(limits))
+
+
+def completions_default_max_tokens(limits: Limits) -> int:
+    """OpenAI's default for /v1/completions, within the limit."""
+    return min(COMPLETIONS_DEFAULT_MAX_TOKENS, limits.max_new_tokens)
 
 
 def parse_chat(body: dict[str, Any], limits: Limits) -> tuple[list[dict[str, str]], SamplingOptions]:
@@ -100,59 +116,62 @@ def _parse_options(body: dict[str, Any], limits: Limits, *, default_max_tokens: 
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidParameter("model is required: one of the names GET /v1/models lists", param="model")
-    if _int(body, "n", 1, 128) not in (None, 1):
+    if _int(body, "n", N) not in (None, 1):
         raise InvalidParameter("n must be 1: one choice per request", param="n")
     for name in ("logprobs", "top_logprobs", "logit_bias"):
         if body.get(name) not in (None, False, {}, 0):
             raise InvalidParameter(f"{name} is not supported; leave it out", param=name)
     for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, -2.0, 2.0) not in (None, 0.0):
+        if _number(body, name, PENALTY) not in (None, 0.0):
             raise InvalidParameter(f"{name} is not supported; leave it out or set 0", param=name)
-    max_tokens = _int(body, "max_completion_tokens", 1, limits.max_new_tokens)
-    max_tokens = max_tokens if max_tokens is not None else _int(body, "max_tokens", 1, limits.max_new_tokens)
+    max_tokens = _int(body, "max_completion_tokens", limits.max_new_tokens_range)
+    max_tokens = max_tokens if max_tokens is not None else _int(body, "max_tokens", limits.max_new_tokens_range)
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise InvalidParameter("stream_options must be an object", param="stream_options")
-    temperature = _number(body, "temperature", 0.0, 2.0)
-    top_p = _number(body, "top_p", 0.0, 1.0)
-    if top_p == 0.0:
-        raise InvalidParameter("top_p must be greater than 0", param="top_p")
-    repetition_penalty = _number(body, "repetition_penalty", 0.0, MAX_REPETITION_PENALTY)
-    if repetition_penalty == 0.0:
-        raise InvalidParameter("repetition_penalty must be greater than 0 (1: no penalty)", param="repetition_penalty")
+    temperature = _number(body, "temperature", TEMPERATURE)
+    top_p = _number(body, "top_p", TOP_P)
+    repetition_penalty = _number(body, "repetition_penalty", REPETITION_PENALTY)
     return SamplingOptions(
         model=model,
         max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
         temperature=1.0 if temperature is None else temperature,
         top_p=1.0 if top_p is None else top_p,
         stop=_stop(body.get("stop")),
-        seed=_int(body, "seed", 0, MAX_SEED),
+        seed=_int(body, "seed", SEED),
         stream=_bool(body, "stream"),
         include_usage=_bool(stream_options, "include_usage"),
         repetition_penalty=repetition_penalty,
     )
 
 
-def _int(body: dict[str, Any], name: str, minimum: int, maximum: int) -> int | None:
+def _int(body: dict[str, Any], name: str, bounds: Range) -> int | None:
     value = body.get(name)
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON's 1.0 is an integer too (JSON Schema says so)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidParameter(f"{name} must be an integer, got {type(value).__name__}", param=name)
-    if not minimum <= value <= maximum:
-        raise InvalidParameter(f"{name} must be between {minimum} and {maximum}, got {value}", param=name)
+    _check_range(name, value, bounds)
     return value
 
 
-def _number(body: dict[str, Any], name: str, minimum: float, maximum: float) -> float | None:
+def _number(body: dict[str, Any], name: str, bounds: Range) -> float | None:
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise InvalidParameter(f"{name} must be a number, got {type(value).__name__}", param=name)
-    if not minimum <= value <= maximum:
-        raise InvalidParameter(f"{name} must be between {minimum} and {maximum}, got {value}", param=name)
+    _check_range(name, value, bounds)
     return float(value)
+
+
+def _check_range(name: str, value: float, bounds: Range) -> None:
+    if not bounds.minimum <= value <= bounds.maximum:
+        raise InvalidParameter(f"{name} must be between {bounds.minimum} and {bounds.maximum}, got {value}", param=name)
+    if bounds.exclusive_minimum and value == bounds.minimum:
+        raise InvalidParameter(f"{name} must be greater than {bounds.minimum:g}", param=name)
 
 
 def _bool(body: dict[str, Any], name: str) -> bool:

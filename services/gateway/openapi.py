@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from services.common.params import (
-    MAX_REPETITION_PENALTY,
-    MAX_SEED,
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,
     MODEL_NAME_PATTERN,
+    REPETITION_PENALTY,
+    SEED,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
     Limits,
 )
 from services.gateway.openapi_openai import openai_paths, openai_schemas
+from services.gateway.replicas import ReplicaSet
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -33,11 +38,25 @@ def _sse_event(event: str, data_schema: str) -> dict[str, Any]:
     return {"type": "object", "required": ["event", "data"], "properties": {"event": {"const": event}, "data": data}}
 
 
-MODEL = {"type": "string", "pattern": MODEL_NAME_PATTERN.pattern}
+def model_schema(models: Sequence[str]) -> dict[str, Any]:
+    """A model name: one of ``models`` (those served when the document was asked for), if any is known."""
+    return {"type": "string", "pattern": MODEL_NAME_PATTERN.pattern, **({"enum": list(models)} if models else {})}
+
+
+# What validation requires of a generate request beyond each field's own schema.
+ONE_LENGTH = {
+    "oneOf": [
+        {"required": ["max_new_tokens"], "not": {"required": ["max_length"]}},
+        {"required": ["max_length"], "not": {"required": ["max_new_tokens"]}},
+    ]
+}
+INPUTS_OR_SESSION = {
+    "anyOf": [{"required": ["session_id"]}, {"required": ["inputs"], "properties": {"inputs": {"minLength": 1}}}]
+}
 MODEL_DESCRIPTION = "The model (a name GET /v1/models lists); omitted: the default model, or the session's."
 
 
-def _schemas(limits: Limits) -> dict[str, Any]:
+def _schemas(limits: Limits, model: dict[str, Any]) -> dict[str, Any]:
     error_envelope = {
         "type": "object",
         "required": ["ok", "traceback"],
@@ -45,21 +64,20 @@ def _schemas(limits: Limits) -> dict[str, Any]:
     }
     generate_parameters = {
         "inputs": {"type": "string", "maxLength": limits.max_input_chars},
-        "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": limits.max_new_tokens},
-        "max_length": {"type": "integer", "minimum": 1, "maximum": limits.max_length},
+        "max_new_tokens": {"type": "integer", **limits.max_new_tokens_range.schema()},
+        "max_length": {"type": "integer", **limits.max_length_range.schema()},
         "do_sample": {"type": ["integer", "boolean"], "enum": [0, 1, True, False], "default": 0},
-        "temperature": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
-        "top_k": {"type": "integer", "minimum": 1},
-        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "temperature": {"type": "number", **TEMPERATURE.schema()},
+        "top_k": {"type": "integer", **TOP_K.schema()},
+        "top_p": {"type": "number", **TOP_P.schema()},
         "session_id": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"},
-        "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED, "description": "Reproducible sampling."},
+        "seed": {"type": "integer", **SEED.schema(), "description": "Reproducible sampling."},
         "repetition_penalty": {
             "type": "number",
-            "exclusiveMinimum": 0,
-            "maximum": MAX_REPETITION_PENALTY,
+            **REPETITION_PENALTY.schema(),
             "description": "transformers' repetition penalty over every token of the session (1: none).",
         },
-        "model": {**MODEL, "description": MODEL_DESCRIPTION + " With a session_id, it must be the session's."},
+        "model": {**model, "description": MODEL_DESCRIPTION + " With a session_id, it must be the session's."},
         "stop": {
             "oneOf": [
                 {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
@@ -75,6 +93,7 @@ def _schemas(limits: Limits) -> dict[str, Any]:
         "GenerateRequest": {
             "type": "object",
             "properties": generate_parameters,
+            "allOf": [ONE_LENGTH, INPUTS_OR_SESSION],
             "description": "Exactly one of max_new_tokens and max_length. inputs is required without session_id.",
         },
         "GenerateOk": {
@@ -111,8 +130,8 @@ def _schemas(limits: Limits) -> dict[str, Any]:
             "required": ["type", "max_length"],
             "properties": {
                 "type": {"const": "open_inference_session"},
-                "model": {**MODEL, "description": "The session's model; omitted: the default model."},
-                "max_length": {"type": "integer", "minimum": 1, "maximum": limits.max_length},
+                "model": {**model, "description": "The session's model; omitted: the default model."},
+                "max_length": {"type": "integer", **limits.max_length_range.schema()},
             },
             "description": "The first message of a connection: opens its inference session.",
         },
@@ -163,9 +182,10 @@ def _schemas(limits: Limits) -> dict[str, Any]:
     }
 
 
-def build_openapi(limits: Limits, *, api_keys: bool = False) -> dict[str, Any]:
-    """The document; limits are the ones the gateway enforces (``api_keys``: it requires keys)."""
-    document = _document(limits)
+def build_openapi(limits: Limits, models: Sequence[str] = (), *, api_keys: bool = False) -> dict[str, Any]:
+    """The document; limits are the ones the gateway enforces, ``models`` the ones served now
+    (``api_keys``: it requires keys)."""
+    document = _document(limits, models)
     return _with_api_keys(document) if api_keys else document
 
 
@@ -180,7 +200,8 @@ def _with_api_keys(document: dict[str, Any]) -> dict[str, Any]:
     return document
 
 
-def _document(limits: Limits) -> dict[str, Any]:
+def _document(limits: Limits, models: Sequence[str]) -> dict[str, Any]:
+    model = model_schema(models)
     v1_answer = {"oneOf": [_ref("GenerateOk"), _ref("V1Error")]}
     errors = {
         str(code): {"description": text, "content": _json(_ref("Error"))}
@@ -226,11 +247,11 @@ def _document(limits: Limits) -> dict[str, Any]:
                     "parameters": [
                         _query(
                             "max_length",
-                            {"type": "integer", "minimum": 1, "maximum": limits.max_length},
+                            {"type": "integer", **limits.max_length_range.schema()},
                             True,
                             "Tokens the session can hold (prompts and generated text).",
                         ),
-                        _query("model", MODEL, False, "The session's model; omitted: the default model."),
+                        _query("model", model, False, "The session's model; omitted: the default model."),
                     ],
                     "responses": {
                         "200": {
@@ -245,7 +266,7 @@ def _document(limits: Limits) -> dict[str, Any]:
                     "summary": "Close an inference session",
                     "parameters": [
                         _query("session_id", {"type": "string"}, True, "The session to close."),
-                        _query("model", MODEL, False, "Optional: must be the session's model."),
+                        _query("model", model, False, "Optional: must be the session's model."),
                     ],
                     "responses": {
                         "200": {
@@ -346,15 +367,23 @@ def _document(limits: Limits) -> dict[str, Any]:
                 }
             },
         },
-        "components": {"schemas": {**_schemas(limits), **openai_schemas(limits)}},
+        "components": {"schemas": {**_schemas(limits, model), **openai_schemas(limits, model)}},
     }
 
 
 class OpenApiResource:
-    """``GET /api/openapi.json``."""
+    """``GET /api/openapi.json``: built again when the models served change."""
 
-    def __init__(self, limits: Limits, *, api_keys: bool = False) -> None:
-        self._document = build_openapi(limits, api_keys=api_keys)
+    def __init__(self, limits: Limits, replicas: ReplicaSet, *, api_keys: bool = False) -> None:
+        self._limits = limits
+        self._replicas = replicas
+        self._api_keys = api_keys
+        self._documents: dict[tuple[str, ...], dict[str, Any]] = {}
 
     async def on_get(self, req, resp) -> None:
-        resp.media = self._document
+        models = tuple(sorted(card.name for card in self._replicas.cards()))
+        if models not in self._documents:
+            self._documents = {
+                models: build_openapi(self._limits, models, api_keys=self._api_keys)
+            }  # only the latest is kept
+        resp.media = self._documents[models]

@@ -4,36 +4,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.common.params import MAX_REPETITION_PENALTY, MAX_SEED, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, Limits
-from services.gateway.openai_params import COMPLETIONS_DEFAULT_MAX_TOKENS, MAX_MESSAGES
+from services.common.params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, REPETITION_PENALTY, SEED, TOP_P, Limits
+from services.gateway.openai_params import MAX_MESSAGES, TEMPERATURE, completions_default_max_tokens
 
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def openai_schemas(limits: Limits) -> dict[str, Any]:
+def openai_schemas(limits: Limits, model: dict[str, Any]) -> dict[str, Any]:
     """Request, answer and error schemas of the OpenAI-compatible API."""
-    max_tokens = {"type": ["integer", "null"], "minimum": 1, "maximum": limits.max_new_tokens}
+    max_tokens = {"type": ["integer", "null"], **limits.max_new_tokens_range.schema()}
     common = {
         "model": {
-            "type": "string",
-            "minLength": 1,
+            **model,
             "description": "A name GET /v1/models lists; chat messages are written in its chat format.",
         },
         "max_tokens": max_tokens,
         "temperature": {
             "type": ["number", "null"],
-            "minimum": 0,
-            "maximum": 2,
+            **TEMPERATURE.schema(),
             "default": 1,
-            "description": "0 decodes greedily.",
+            "description": "0 (or below 0.01) decodes greedily.",
         },
-        "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1, "default": 1},
+        "top_p": {"type": ["number", "null"], **TOP_P.schema(), "default": 1},
         "repetition_penalty": {
             "type": ["number", "null"],
-            "exclusiveMinimum": 0,
-            "maximum": MAX_REPETITION_PENALTY,
+            **REPETITION_PENALTY.schema(),
             "description": "vLLM's extension: transformers' repetition penalty (1: none).",
         },
         "stop": {
@@ -49,8 +46,7 @@ def openai_schemas(limits: Limits) -> dict[str, Any]:
         },
         "seed": {
             "type": ["integer", "null"],
-            "minimum": 0,
-            "maximum": MAX_SEED,
+            **SEED.schema(),
             "description": "Makes sampling reproducible.",
         },
         "n": {"enum": [1, None]},
@@ -59,7 +55,7 @@ def openai_schemas(limits: Limits) -> dict[str, Any]:
             "type": ["object", "null"],
             "properties": {"include_usage": {"type": "boolean"}},
         },
-        "user": {"type": "string"},
+        "user": {"description": "Ignored, whatever its value."},
     }
     usage = {
         "type": "object",
@@ -94,10 +90,15 @@ def openai_schemas(limits: Limits) -> dict[str, Any]:
                 "prompt": {
                     "oneOf": [
                         {"type": "string", "minLength": 1, "maxLength": limits.max_input_chars},
-                        {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string", "minLength": 1}},
+                        {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": 1,
+                            "items": {"type": "string", "minLength": 1, "maxLength": limits.max_input_chars},
+                        },
                     ]
                 },
-                "max_tokens": {**max_tokens, "default": COMPLETIONS_DEFAULT_MAX_TOKENS},
+                "max_tokens": {**max_tokens, "default": completions_default_max_tokens(limits)},
             },
         },
         "ChatCompletionRequest": {
@@ -285,7 +286,14 @@ def _generation(answer: str, request: str, summary: str, stream: str, errors: di
                     "description": "The answer (JSON), or its stream",
                     "content": {
                         "application/json": {"schema": _ref(answer)},
-                        "text/event-stream": {"schema": {"type": "string"}},
+                        # Each event: a JSON chunk in its data line, then data: [DONE].
+                        "text/event-stream": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["data"],
+                                "properties": {"data": {"type": "string"}},
+                            }
+                        },
                     },
                 },
                 **errors,

@@ -15,7 +15,7 @@ from typing import Any
 from uvicorn_worker import UvicornWorker
 
 from services.common.config import load_or_exit
-from services.gateway.http_protocol import HttpProtocol
+from services.gateway.http_protocol import HttpProtocol, WebSocketProtocol
 from services.gateway.settings import GatewaySettings
 
 WS_TRANSPORT_FACTOR = 4
@@ -29,7 +29,7 @@ class Worker(UvicornWorker):
         self.CONFIG_KWARGS = {
             "loop": "uvloop",
             "http": HttpProtocol,
-            "ws": "websockets-sansio",
+            "ws": WebSocketProtocol,  # uvicorn's "websockets-sansio", refusing handshakes with JSON
             "ws_max_size": WS_TRANSPORT_FACTOR * settings.ws_max_message_bytes,
             "ws_per_message_deflate": False,
             "ws_ping_interval": 20.0,  # a peer that vanished without closing is found within ~40 s

@@ -20,3 +20,10 @@ def worker_exit(server, worker):
     from services.inference.app import shutdown
 
     shutdown()
+
+
+def post_worker_init(worker):
+    """The memory-tracing debug hook (services/common/memtrace.py): does nothing unless TRACEMALLOC_DIR is set."""
+    from services.common import memtrace
+
+    memtrace.install()

@@ -23,8 +23,16 @@ GENERATE_CASES = [
     ("max_length negative", {"form": {"inputs": "Hi", "max_length": "-5"}}, "max_length must be between 1 and"),
     ("max_length too large", {"form": {"inputs": "Hi", "max_length": "999999"}}, "max_length must be between 1 and"),
     ("max_length below prompt", {"form": {"inputs": "Hello there", "max_length": "1"}}, "leaves no room"),
-    ("temperature zero", {"form": {**OK_BASE, "do_sample": "1", "temperature": "0"}}, "temperature must be greater"),
-    ("temperature nan", {"form": {**OK_BASE, "do_sample": "1", "temperature": "nan"}}, "temperature must be greater"),
+    (
+        "temperature zero",
+        {"form": {**OK_BASE, "do_sample": "1", "temperature": "0"}},
+        "temperature must be at least 0.01",
+    ),
+    (
+        "temperature nan",
+        {"form": {**OK_BASE, "do_sample": "1", "temperature": "nan"}},
+        "temperature must be at least 0.01",
+    ),
     ("temperature text", {"form": {**OK_BASE, "temperature": "hot"}}, "temperature must be a number"),
     ("top_p above one", {"form": {**OK_BASE, "top_p": "1.5"}}, "top_p must be greater than 0.0 and at most 1.0"),
     ("top_p zero", {"form": {**OK_BASE, "top_p": "0"}}, "top_p must be greater than 0.0"),
