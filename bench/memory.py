@@ -23,16 +23,15 @@ import tempfile
 import time
 import tracemalloc
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import BENCH_MODELS, exit_on_sigterm, load_average, machine_description
-from bench.load_test import V1Client
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port
 from services.common import memtrace
 from services.swarm.launcher import PrivateSwarm
+from tests.client import session_cycles
 from tests.helpers import process_tree, rss_bytes, wait_until
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,24 +53,6 @@ class Watched:
                 comm = Path(f"/proc/{pid}/comm").read_text().strip()
                 figures[f"{label}/{comm}[{pid}]"] = rss_bytes(pid)
         return figures
-
-
-def run_cycles(base_url: str, first: int, count: int, threads: int) -> None:
-    """``count`` open / generate 1-2 tokens / close cycles, spread over ``threads`` keep-alive clients."""
-
-    def worker(indices: range) -> None:
-        client = V1Client(base_url, timeout_s=120)
-        try:
-            for index in indices:
-                session_id = client.call("GET", "open_inference_session", {"max_length": 32})["session_id"]
-                fields = {"inputs": f"Cycle {index}", "do_sample": 0, "session_id": session_id}
-                client.call("POST", "generate", {**fields, "max_new_tokens": 1 + index % 2})
-                client.call("GET", "close_inference_session", {"session_id": session_id})
-        finally:
-            client.close()
-
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(worker, [range(first + t, first + count, threads) for t in range(threads)]))
 
 
 @contextmanager
@@ -143,7 +124,7 @@ def measure(args: argparse.Namespace, logs: Path) -> None:
         trace_dir.mkdir(parents=True, exist_ok=True)
     with stack(args.model, logs, trace_dir) as (gateway, watched):
         worker_pid = process_tree(watched.groups["inference"])[1]
-        run_cycles(gateway.base_url, 0, args.warm_up, args.threads)
+        session_cycles(gateway.base_url, 0, args.warm_up, args.threads, max_length=32, timeout_s=120)
         time.sleep(2)
         if trace_dir:
             os.kill(worker_pid, signal.SIGUSR2)  # the first one starts tracing
@@ -152,7 +133,7 @@ def measure(args: argparse.Namespace, logs: Path) -> None:
         samples, started, done = [(0, watched.rss())], time.monotonic(), 0
         while done < args.cycles:
             chunk = min(args.every, args.cycles - done)
-            run_cycles(gateway.base_url, args.warm_up + done, chunk, args.threads)
+            session_cycles(gateway.base_url, args.warm_up + done, chunk, args.threads, max_length=32, timeout_s=120)
             done += chunk
             time.sleep(2)  # let closed connections and sessions settle
             samples.append((done, watched.rss()))

@@ -14,6 +14,7 @@ import json
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection as AsyncConnection
@@ -145,6 +146,27 @@ class Api:
             return connection, True
         self._local.connection = http.client.HTTPConnection(*self._address, timeout=self._timeout_s)
         return self._local.connection, False
+
+
+def session_cycles(
+    base_url: str, first: int, count: int, threads: int, max_length: int, timeout_s: float = 60.0
+) -> None:
+    """Cycles ``first`` to ``first + count``: open a session, generate 1 or 2 tokens greedily (odd and
+    even cycles), close it; spread over ``threads`` keep-alive clients (the leak test, bench.memory)."""
+
+    def worker(indices: range) -> None:
+        client = Api(base_url, timeout_s=timeout_s)
+        try:
+            for index in indices:
+                session_id = client.open_session(max_length)
+                fields = {"inputs": f"Cycle {index}", "do_sample": 0, "session_id": session_id}
+                client.call("POST", "generate", {**fields, "max_new_tokens": 1 + index % 2})
+                client.call("GET", "close_inference_session", {"session_id": session_id})
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(worker, [range(first + t, first + count, threads) for t in range(threads)]))
 
 
 def _chunks(response: http.client.HTTPResponse) -> Iterator[bytes]:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.client import Api
+from tests.client import Api, session_cycles
 from tests.helpers import DHT_PREFIX, Resources, Stack, SwarmProbe, dedicated_stack, metric_value, wait_until
 
 CYCLES, WARM_UP, THREADS = 1000, 50, 8  # 8 clients: ~20 % more cycles/s than 4 on 2 cores
@@ -47,24 +46,6 @@ def probe(swarm, model_dir: Path, artifacts_dir: Path) -> Iterator[SwarmProbe]:
     running.close()
 
 
-def run_cycles(base_url: str, first: int, count: int) -> None:
-    """``count`` open / generate 1-2 tokens / close cycles, spread over THREADS keep-alive clients."""
-
-    def worker(indices: range) -> None:
-        client = Api(base_url, timeout_s=60)
-        try:
-            for index in indices:
-                session_id = client.call("GET", "open_inference_session", {"max_length": 16})["session_id"]
-                fields = {"inputs": f"Cycle {index}", "do_sample": 0, "session_id": session_id}
-                client.call("POST", "generate", {**fields, "max_new_tokens": 1 + index % 2})  # 1 or 2 steps
-                client.call("GET", "close_inference_session", {"session_id": session_id})
-        finally:
-            client.close()
-
-    with ThreadPoolExecutor(THREADS) as pool:
-        list(pool.map(worker, [range(first + t, first + count, THREADS) for t in range(THREADS)]))
-
-
 def all_free(probe: SwarmProbe, baseline: dict[str, int]) -> bool:
     """Every server has at least as much cache free as in ``baseline`` (a session left open
     earlier by another test may expire meanwhile and free more)."""
@@ -87,13 +68,13 @@ def test_the_probe_sees_an_open_session(leak_stack: Stack, probe: SwarmProbe) ->
 
 def test_a_thousand_session_cycles_leak_nothing(leak_stack: Stack, probe: SwarmProbe) -> None:
     gateway, (inference,) = leak_stack.gateway, leak_stack.replicas
-    run_cycles(gateway.base_url, 0, WARM_UP)
+    session_cycles(gateway.base_url, 0, WARM_UP, THREADS, max_length=16)
     time.sleep(2)  # let closed connections and sessions settle
     free_cache = probe.free()
     before = {"gateway": Resources.of(gateway), "inference": Resources.of(inference)}
 
     started = time.monotonic()
-    run_cycles(gateway.base_url, WARM_UP, CYCLES)
+    session_cycles(gateway.base_url, WARM_UP, CYCLES, THREADS, max_length=16)
     elapsed = time.monotonic() - started
     time.sleep(2)
     after = {name: Resources.of(service) for name, service in (("gateway", gateway), ("inference", inference))}
