@@ -52,6 +52,7 @@ from bench.common import (
 from bench.inference_latency import DHT_PREFIX, RawClient, ServiceClient  # sets HF_HUB_OFFLINE first
 from bench.raw_process import RawProcess
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port, ui_process
+from services.inference.settings import default_dtype
 from services.swarm.launcher import SERVER_TORCH_THREADS, PrivateSwarm
 from tests.client import Api
 
@@ -512,7 +513,8 @@ def print_header(args: argparse.Namespace, model: BenchModel, server_threads: in
     print(f"\n=== {model.name}\nmachine: {machine_description()}")
     print(f"swarm: {len(model.blocks)} Petals servers (blocks {', '.join(model.blocks)}) on loopback, "
           f"--attn_cache_tokens 32768, torch threads per server process: {server_threads or 'torch default'}; "
-          f"model: {model.description}, float32, CPU")  # fmt: skip
+          f"model: {model.description}, float32 on the servers, CPU; client-side layers (raw and "
+          f"inference alike): {default_dtype('cpu')}")  # fmt: skip
     print(f"services: inference {INFERENCE_ENV}, gateway {GATEWAY_ENV} (2 workers); HTTP clients: http.client")
     print(f"workload: N concurrent sessions x {args.tokens} greedy tokens, different prompts, {args.rounds} "
           f"rounds, client order rotating; load average at end {load_average()}")  # fmt: skip

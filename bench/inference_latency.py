@@ -40,6 +40,7 @@ from bench.common import BENCH_MODELS, BenchModel, add_models_argument, exit_on_
 from bench.raw_process import RawProcess
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port
 from services.inference import petals_compat
+from services.inference.settings import default_dtype
 from services.swarm.launcher import PrivateSwarm
 from tests.client import Api
 
@@ -62,8 +63,11 @@ class RawClient:
         logging.getLogger("petals.client").setLevel(logging.WARNING)  # no "Route found" line per session
         petals_compat.install()  # as the service does: without it the client can deadlock (see the module)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        # The service's default dtype for this CPU (bfloat16 where it has AMX, else float32), so that
+        # both compute the same logits and their outputs can be compared token for token.
+        dtype = getattr(torch, default_dtype("cpu"))
         self.model = AutoDistributedModelForCausalLM.from_pretrained(
-            model_dir, initial_peers=peers, dht_prefix=DHT_PREFIX, **CLIENT_OPTIONS
+            model_dir, initial_peers=peers, dht_prefix=DHT_PREFIX, torch_dtype=dtype, **CLIENT_OPTIONS
         )
         self.ids = torch.tensor([self.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]])
 
