@@ -1,9 +1,16 @@
-"""The model as generation sees it: Petals' ``generate`` over one Petals session, in plain token ids.
+"""The model as generation sees it: one Petals session stepped token by token, in plain token ids.
 
-Petals' ``generate`` is Hugging Face's decoding on top of a remote inference session, so greedy
-output is token-for-token what ``transformers`` produces in process. Everything torch and
-transformers take (tensors, the streamer and stopping-criteria interfaces, logits processors) stays
-in this module; the rest of generation deals in lists of ids and callbacks.
+Each step sends the new tokens through the swarm (the session's servers keep the attention
+caches), applies the client's head to the last position only, lets the request's logits
+processors shape the scores and takes the best token: greedy decoding as ``transformers``
+does it, so output is token-for-token what the model produces in process. This loop replaces
+Petals' ``generate`` (Hugging Face's), whose per-call set-up (generation config copied and
+validated, keyword arguments inspected, processors built) cost about 1 ms of CPU per request: a
+third of what one-token-per-request (v1) clients paid over the raw client. The session's state
+is Petals' own: ``output_ids`` holds every token, the last of them not yet sent (the next step
+sends it), so a session stepped here and one stepped by ``generate`` are interchangeable.
+Everything torch and transformers take stays in this module; the rest of generation deals in
+lists of ids and callbacks.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from typing import Any
 from services.common.params import GenerateParams
 from services.inference.model import ModelHandle
 from services.inference.sampling import SeededSampler
-from services.inference.sessions import held_token_count
+from services.inference.sessions import held_token_ids
 
 TokensCallback = Callable[[list[int]], None]
 
@@ -60,50 +67,38 @@ class PetalsModel:
         should_stop: Callable[[], bool],
     ) -> None:
         """Send ``token_ids`` (new to the session) and generate up to ``max_new_tokens`` after them,
-        calling ``on_tokens`` with each step's ids; raises whatever the swarm raised."""
+        calling ``on_tokens`` with each step's ids; stops after an end-of-sequence token or once
+        ``should_stop()``; raises whatever the swarm raised (the session then holds what it held)."""
         import torch
-        from transformers import StoppingCriteriaList
 
         model = self._model.model
-        inputs = torch.tensor([token_ids], dtype=torch.long, device=model.device) if token_ids else None
-        # All ones, as the swarm attends to every token: left to transformers, a pad token among the
-        # inputs (typed as text, or generated earlier in the session) gets a 0, which Petals refuses.
-        length = held_token_count(petals_session) + len(token_ids)
-        attention_mask = torch.ones((1, length), dtype=torch.long, device=model.device)
-        hooks = _Hooks(on_tokens, should_stop)
-        with torch.inference_mode():
-            model.generate(
-                inputs,
-                attention_mask=attention_mask,
-                session=petals_session,
-                streamer=hooks,
-                stopping_criteria=StoppingCriteriaList([hooks]),
-                logits_processor=processors,
-                # given, it spares transformers re-deriving and comparing it from the model config on
-                # every call (~1-2 ms of a one-token request: what v1 per-token mode paid over raw)
-                generation_config=model.generation_config,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,  # sampling, when asked for, is the SeededSampler's
-                pad_token_id=self._model.tokenizer.pad_token_id,
-            )
+        held = held_token_ids(petals_session)
+        sequence = held + token_ids
+        feed = sequence[len(held) - 1 :] if held else token_ids  # the session's last token was never sent
+        end_ids = _end_of_sequence_ids(model.generation_config)
+        with torch.inference_mode(), model.use_session(petals_session):
+            for _ in range(max_new_tokens):
+                scores = _next_token_scores(model, feed)
+                if processors:
+                    scores = processors(torch.tensor([sequence]), scores)
+                token = int(scores.argmax(-1))
+                sequence.append(token)
+                on_tokens([token])
+                if token in end_ids or should_stop():
+                    break
+                feed = [token]
+        petals_session.output_ids = torch.tensor([sequence])
 
 
-class _Hooks:
-    """transformers' streamer (prompt first, then each step's tokens) and stopping criterion."""
+def _next_token_scores(model: Any, feed: list[int]) -> Any:
+    """One step through the swarm: the float32 scores ``[1, vocabulary]`` of the token after ``feed``."""
+    import torch
 
-    def __init__(self, on_tokens: TokensCallback, should_stop: Callable[[], bool]) -> None:
-        self._on_tokens = on_tokens
-        self._should_stop = should_stop
-        self._seen_prompt = False
+    hidden = model.base_model(input_ids=torch.tensor([feed])).last_hidden_state
+    return model.get_output_embeddings()(hidden[:, -1:])[:, -1].float()  # the head on the last position only
 
-    def put(self, value: Any) -> None:
-        if not self._seen_prompt:
-            self._seen_prompt = True
-            return
-        self._on_tokens(value.reshape(-1).tolist())
 
-    def end(self) -> None:
-        """Required by the streamer interface."""
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
-        return self._should_stop()
+def _end_of_sequence_ids(generation_config: Any) -> frozenset[int]:
+    """The tokens after which the model's generation config ends generation."""
+    ids = generation_config.eos_token_id
+    return frozenset() if ids is None else frozenset([ids] if isinstance(ids, int) else ids)
