@@ -5,7 +5,9 @@ hidden): the whole weight is read once per token, so the step cannot beat ``weig
 memory bandwidth``. One run measures, side by side: the read bandwidth (a multi-threaded sum
 over the weight itself, the best of several passes), then one token through Petals' ``LMHead`` in
 float32 with the service's default thread count and with one thread, in bfloat16, and through
-the inference service's row-split head (services/inference/lm_head.py, what it runs on a CPU).
+the inference service's row-split head (services/inference/lm_head.py, what it runs on a CPU in
+float32). The target is judged on the head the service runs by default on this CPU (its
+``default_dtype``: bfloat16 where the CPU has AMX, else float32).
 Default shape: BLOOM-176B's head (250,880 x 14,336: 14.4 GB in float32), which needs about 15 GB
 of free memory; ``--vocab``/``--hidden`` make it smaller.
 Figures are printed, never asserted, against the target "within 1.2x of the bound".
@@ -108,11 +110,18 @@ def main(argv: list[str] | None = None) -> None:
         bound = size / bandwidth
         print(f"{name:>8} {dtype:>9} {count:>7} {bound:8.3f} {best:7.3f} {median:8.3f} {size / median / 1e9:6.1f} "
               f"{median / bound:7.2f}")  # fmt: skip
-    service = rows[-1]
+    service = service_row(rows, default_dtype("cpu"), threads)
     ratio = service[4] / (service[5] / bandwidth)
     verdict = "MET" if ratio <= TARGET_RATIO else "NOT MET"
-    print(f"target: the service's head ({service[0]}, {service[1]}, {threads} threads) within {TARGET_RATIO}x of "
-          f"the bound: {ratio:.2f}x, {verdict}")  # fmt: skip
+    print(f"target: the head the service runs on this CPU ({service[0]}, {service[1]}, {service[2]} threads) "
+          f"within {TARGET_RATIO}x of the bound: {ratio:.2f}x, {verdict}")  # fmt: skip
+
+
+def service_row(rows: list[tuple[str, str, int, float, float, float]], dtype: str, threads: int) -> tuple:
+    """The measured head the inference service runs by default here: its dtype for this CPU, the
+    row split where it installs one (float32), else Petals' head, on its thread count."""
+    candidates = [row for row in rows if row[1] == dtype and row[2] == threads]
+    return next((row for row in candidates if row[0] == "service"), candidates[0])
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ def _schemas(limits: Limits, model: dict[str, Any]) -> dict[str, Any]:
                 "prompt_tokens": {"type": "integer", "minimum": 0, "description": "Sent through the swarm."},
                 "cached_tokens": {"type": "integer", "minimum": 0, "description": "Already held by the session."},
                 "generated_tokens": {"type": "integer", "minimum": 0},
-                "finish_reason": {"enum": ["length", "stop", "eos", "cancelled"]},
+                "finish_reason": {"enum": ["length", "stop", "eos"]},
                 "stop_sequence": {"type": ["string", "null"]},
                 "seconds_per_token": {"type": ["number", "null"]},
             },

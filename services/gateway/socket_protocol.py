@@ -131,7 +131,7 @@ class Answer:
             stop_sequence is None
             or self.text.endswith(stop_sequence)
             or self.ended_by_extra
-            or done.get("finish_reason") in ("eos", "cancelled")
+            or done.get("finish_reason") == "eos"
             or generated == 0
             or not self._room_for_a_step()
         )

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import closing
 from typing import Any
 
 from services.common.errors import ApiError
 from services.inference.metrics import SESSION_REBUILDS
-from services.inference.petals_model import PetalsModel, TokensCallback
+from services.inference.petals_model import PetalsModel
 from services.inference.sessions import OneOffLease, SessionLease, held_token_ids
 
 logger = logging.getLogger(__name__)
@@ -38,45 +39,35 @@ class SwarmDriver:
     Of the model it uses ``generate``, ``swarm_ready`` and ``open_petals_session`` (the unit tests
     pass a fake with just those)."""
 
-    def __init__(
-        self, swarm: PetalsModel, lease: SessionLease | OneOffLease, processors: Any, should_stop: Callable[[], bool]
-    ) -> None:
+    def __init__(self, swarm: PetalsModel, lease: SessionLease | OneOffLease, processors: Any) -> None:
         self._swarm = swarm
         self._lease = lease
         self._processors = processors
-        self._should_stop = should_stop
         self._prefix_ids = held_token_ids(lease.petals)  # held before this request
         self.generated: list[int] = []
 
-    def run(self, input_ids: list[int], new_tokens: int, on_tokens: TokensCallback) -> None:
-        """Generate up to ``new_tokens`` after ``input_ids``, passing each step's ids to ``on_tokens``;
-        raises SwarmFailure once no rebuild can help."""
-        failure = self._attempt(input_ids, new_tokens, on_tokens)
-        for rebuild in range(1, MAX_REBUILDS + 1):
-            if failure is None:
+    def tokens(self, input_ids: list[int], new_tokens: int) -> Iterator[int]:
+        """Yield up to ``new_tokens`` token ids generated after ``input_ids``; raises SwarmFailure once
+        no rebuild can help. Closing it stops the model at once."""
+        token_ids, failure = input_ids, None
+        for attempt in range(MAX_REBUILDS + 1):
+            if failure is not None:
+                logger.warning("swarm failure (%r): rebuilding the session, attempt %d", failure, attempt)
+                self._rebuild()
+                token_ids = self._prefix_ids + input_ids + self.generated
+            try:
+                due = new_tokens - len(self.generated)
+                with closing(self._swarm.generate(self._lease.petals, token_ids, due, self._processors)) as steps:
+                    for token in steps:
+                        self.generated.append(token)
+                        yield token
                 return
-            if self._should_stop() or not self._swarm.swarm_ready():
+            except Exception as error:
+                logger.warning("generation failed in the swarm", exc_info=True)
+                failure = error
+            if not self._swarm.swarm_ready():
                 break
-            logger.warning("swarm failure (%r): rebuilding the session, attempt %d", failure, rebuild)
-            self._rebuild()
-            failure = self._attempt(self._prefix_ids + input_ids + self.generated, new_tokens, on_tokens)
-        if failure is not None:
-            raise SwarmFailure(f"The Petals swarm failed during generation ({type(failure).__name__})") from failure
-
-    def _attempt(self, token_ids: list[int], new_tokens: int, on_tokens: TokensCallback) -> Exception | None:
-        """One ``generate`` call for the tokens still due; the swarm's failure is returned, not raised."""
-
-        def record(ids: list[int]) -> None:
-            self.generated.extend(ids)
-            on_tokens(ids)
-
-        due = new_tokens - len(self.generated)
-        try:
-            self._swarm.generate(self._lease.petals, token_ids, due, self._processors, record, self._should_stop)
-        except Exception as error:
-            logger.warning("generation failed in the swarm", exc_info=True)
-            return error
-        return None
+        raise SwarmFailure(f"The Petals swarm failed during generation ({type(failure).__name__})") from failure
 
     def _rebuild(self) -> None:
         """Swap in a fresh Petals session (the next attempt replays every token) and close the broken one."""

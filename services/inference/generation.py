@@ -1,18 +1,18 @@
-"""One generation, run in the request's thread (v1: one JSON answer) or in a producer thread.
+"""One generation, run in the request's own thread: one JSON answer (v1) or a stream of events.
 
 A ``Generation`` is prepared by ``generator.Generator`` (validation, session lease: errors are
 raised before any output). Its parts: ``SwarmDriver`` produces the tokens (and rebuilds the
 Petals session after a swarm failure), ``TokenText`` turns them into text and decides when a stop
 sequence ends it, ``TokenTimer`` times them, and the lease is the only way to the session. The
-SSE endpoint streams the producer thread's events; cancelling (a client that went away) stops the
-model at the next token and releases the session.
+SSE endpoint writes the events as they come, so the client paces the model; closing the stream
+(a client that went away) stops the model at once and releases the session. No thread, no queue
+between the model and the socket: under load they cost the replica CPU on every token.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,7 @@ class GenerationResult:
     prompt_tokens: int  # sent through the swarm by this request
     cached_tokens: int  # already held by the session this request continued
     generated_tokens: int
-    finish_reason: str  # "length", "stop" (a stop sequence), "eos" or "cancelled"
+    finish_reason: str  # "length", "stop" (a stop sequence) or "eos"
     stop_sequence: str | None
     seconds: float
 
@@ -60,7 +60,7 @@ class GenerationResult:
 
 
 class Generation:
-    """One prepared generation; run it inline with ``run`` or in a thread with ``stream``."""
+    """One prepared generation; ``run`` it for the whole result or ``stream`` its events."""
 
     def __init__(
         self,
@@ -77,55 +77,36 @@ class Generation:
         self._new_tokens = new_tokens
         self._cached_tokens = lease.token_count
         self._text = TokenText(decoder, params.stop)
-        self._cancelled = threading.Event()
-        self._driver = SwarmDriver(swarm, lease, swarm.logits_processors(params), self._should_stop)
-        self._events: queue.Queue[TokenEvent | GenerationResult | Exception] = queue.Queue()
+        self._driver = SwarmDriver(swarm, lease, swarm.logits_processors(params))
         self._timer = TokenTimer()
 
     def run(self) -> GenerationResult:
-        """Generate in the calling thread; return the whole result."""
-        try:
-            self._generate()
-            return self._finish()
-        finally:
-            self._cleanup()
+        """Generate to the end; return the whole result."""
+        for event in self.stream():
+            if isinstance(event, GenerationResult):
+                return event
+        raise AssertionError("a stream always ends with its result")
 
     def stream(self) -> Iterator[TokenEvent | GenerationResult]:
-        """Generate in a producer thread; yield token events, then the result."""
-        threading.Thread(target=self._produce, name="generation", daemon=True).start()
+        """Yield each token's event, then the result, once the session is released (the client may
+        use it again at once). Closing it early stops the model and releases the session."""
         try:
-            while True:
-                event = self._events.get()
-                if isinstance(event, Exception):
-                    raise event
-                yield event
-                if isinstance(event, GenerationResult):
-                    return
-        finally:
-            self._cancelled.set()  # the consumer left (done, or the client disconnected)
-
-    def _produce(self) -> None:
-        try:
-            self._generate()
-            self._events.put(self._finish())
-        except Exception as error:
-            self._events.put(error)
+            yield from self._token_events()
+            result = self._finish()
         finally:
             self._cleanup()
+        yield result
 
-    def _should_stop(self) -> bool:
-        return self._cancelled.is_set() or self._text.stopped
-
-    def _on_tokens(self, token_ids: list[int]) -> None:
-        self._timer.step()
-        for token_id in token_ids:
-            self._events.put(TokenEvent(self._text.push(token_id), self._text.count))
-
-    def _generate(self) -> None:
+    def _token_events(self) -> Iterator[TokenEvent]:
         PROMPT_TOKENS.inc(len(self._input_ids))
         CACHED_PROMPT_TOKENS.inc(self._cached_tokens)
         try:
-            self._driver.run(self._input_ids, self._new_tokens, self._on_tokens)
+            with closing(self._driver.tokens(self._input_ids, self._new_tokens)) as tokens:
+                for token_id in tokens:
+                    self._timer.step()
+                    yield TokenEvent(self._text.push(token_id), self._text.count)
+                    if self._text.stopped:
+                        return
         except SwarmFailure as failure:
             raise self._failed(failure) from failure.__cause__
         finally:
@@ -147,7 +128,7 @@ class Generation:
             prompt_tokens=len(self._input_ids),
             cached_tokens=self._cached_tokens,
             generated_tokens=self._text.count,
-            finish_reason=self._text.finish_reason(cancelled=self._cancelled.is_set(), new_tokens=self._new_tokens),
+            finish_reason=self._text.finish_reason(new_tokens=self._new_tokens),
             stop_sequence=self._text.stop_sequence,
             seconds=self._timer.elapsed,
         )

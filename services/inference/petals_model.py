@@ -6,24 +6,23 @@ processors shape the scores and takes the best token: greedy decoding as ``trans
 does it, so output is token-for-token what the model produces in process. This loop replaces
 Petals' ``generate`` (Hugging Face's), whose per-call set-up (generation config copied and
 validated, keyword arguments inspected, processors built) cost about 1 ms of CPU per request: a
-third of what one-token-per-request (v1) clients paid over the raw client. The session's state
+third of what one-token-per-request (v1) clients paid over the raw client. It is an iterator, so
+generation runs in the request's own thread, paced by its client, and stops when closed. The session's state
 is Petals' own: ``output_ids`` holds every token, the last of them not yet sent (the next step
 sends it), so a session stepped here and one stepped by ``generate`` are interchangeable.
 Everything torch and transformers take stays in this module; the rest of generation deals in
-lists of ids and callbacks.
+lists and iterators of token ids.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 from services.common.params import GenerateParams
 from services.inference.model import ModelHandle
 from services.inference.sampling import SeededSampler
 from services.inference.sessions import held_token_ids
-
-TokensCallback = Callable[[list[int]], None]
 
 
 class PetalsModel:
@@ -58,17 +57,11 @@ class PetalsModel:
         return processors
 
     def generate(
-        self,
-        petals_session: Any,
-        token_ids: list[int],
-        max_new_tokens: int,
-        processors: Any,
-        on_tokens: TokensCallback,
-        should_stop: Callable[[], bool],
-    ) -> None:
-        """Send ``token_ids`` (new to the session) and generate up to ``max_new_tokens`` after them,
-        calling ``on_tokens`` with each step's ids; stops after an end-of-sequence token or once
-        ``should_stop()``; raises whatever the swarm raised (the session then holds what it held)."""
+        self, petals_session: Any, token_ids: list[int], max_new_tokens: int, processors: Any
+    ) -> Iterator[int]:
+        """Send ``token_ids`` (new to the session), then yield up to ``max_new_tokens`` generated token
+        ids, the last an end-of-sequence token if one comes. Closed early (a stop sequence, a client
+        gone), the session holds what was generated so far. Raises whatever the swarm raised."""
         import torch
 
         model = self._model.model
@@ -76,18 +69,20 @@ class PetalsModel:
         sequence = held + token_ids
         feed = sequence[len(held) - 1 :] if held else token_ids  # the session's last token was never sent
         end_ids = _end_of_sequence_ids(model.generation_config)
-        with torch.inference_mode(), model.use_session(petals_session):
+        try:
             for _ in range(max_new_tokens):
-                scores = _next_token_scores(model, feed)
-                if processors:
-                    scores = processors(torch.tensor([sequence]), scores)
+                with torch.inference_mode(), model.use_session(petals_session):  # per step: nothing spans a yield
+                    scores = _next_token_scores(model, feed)
+                    if processors:
+                        scores = processors(torch.tensor([sequence]), scores)
                 token = int(scores.argmax(-1))
                 sequence.append(token)
-                on_tokens([token])
-                if token in end_ids or should_stop():
-                    break
+                yield token
+                if token in end_ids:
+                    return
                 feed = [token]
-        petals_session.output_ids = torch.tensor([sequence])
+        finally:
+            petals_session.output_ids = torch.tensor([sequence])
 
 
 def _next_token_scores(model: Any, feed: list[int]) -> Any:

@@ -52,12 +52,10 @@ class TokenText:
         piece = self._stops.feed(self._decoder.flush()) if flush else ""
         return self._release(piece + self._stops.finish())
 
-    def finish_reason(self, *, cancelled: bool, new_tokens: int) -> str:
-        """``stop`` (a stop sequence), ``cancelled``, ``length`` (all ``new_tokens``) or ``eos``."""
+    def finish_reason(self, *, new_tokens: int) -> str:
+        """``stop`` (a stop sequence), ``length`` (all ``new_tokens``) or ``eos``."""
         if self.stopped:
             return "stop"
-        if cancelled:
-            return "cancelled"
         return "length" if self.count >= new_tokens else "eos"
 
     def _release(self, piece: str) -> str:

@@ -78,7 +78,23 @@ class Caller:
         self.calls += 1
         response = case.call(base_url=self.base_url, session=self.http, timeout=60)
         self.statuses[case.operation.label, response.status_code] += 1
-        case.validate_response(response, checks=CHECKS)
+        try:
+            case.validate_response(response, checks=CHECKS)
+        finally:
+            self._close_opened_session(case, response)
+
+    def _close_opened_session(self, case: schemathesis.Case, response: schemathesis.Response) -> None:
+        """Close a session the case opened: a full replica would refuse the next cases' (503), how
+        many at once depending on the machine's speed, not on the API."""
+        if case.operation.label != "GET /api/v1/open_inference_session" or response.status_code != 200:
+            return
+        try:
+            body = response.json()
+        except ValueError:
+            return  # not an opened session (the checks judge the answer)
+        if isinstance(body, dict) and isinstance(body.get("session_id"), str):
+            close = f"{self.base_url}/api/v1/close_inference_session"
+            self.http.get(close, params={"session_id": body["session_id"]}, timeout=60)
 
     def report(self) -> str:
         operations = sorted({operation for operation, _ in self.statuses})

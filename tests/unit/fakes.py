@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 E_ACUTE = (200, 201)  # the two tokens whose bytes make "é"
@@ -83,14 +83,8 @@ class FakeSwarm:
         return "".join(map(chr, token_ids))
 
     def generate(
-        self,
-        petals_session: FakePetalsSession,
-        token_ids: list[int],
-        max_new_tokens: int,
-        processors: Any,
-        on_tokens: Callable[[list[int]], None],
-        should_stop: Callable[[], bool],
-    ) -> None:
+        self, petals_session: FakePetalsSession, token_ids: list[int], max_new_tokens: int, processors: Any
+    ) -> Iterator[int]:
         fail_after = self.failures.get(len(self.sent))
         self.sent.append(list(token_ids))
         petals_session.ids.extend(token_ids)
@@ -98,6 +92,4 @@ class FakeSwarm:
             if step == fail_after:
                 raise RuntimeError("Broken input cache")
             petals_session.ids.append(next_token(petals_session.ids))
-            on_tokens([petals_session.ids[-1]])
-            if should_stop():
-                return
+            yield petals_session.ids[-1]

@@ -13,9 +13,7 @@ PROMPT = [10, 20, 30]
 
 
 def drive(swarm: FakeSwarm, lease: OneOffLease, new_tokens: int = 6, prompt: list[int] = PROMPT) -> list[int]:
-    got: list[int] = []
-    SwarmDriver(swarm, lease, None, lambda: False).run(prompt, new_tokens, got.extend)
-    return got
+    return list(SwarmDriver(swarm, lease, None).tokens(prompt, new_tokens))
 
 
 def one_off(max_length: int = 16) -> OneOffLease:
@@ -54,9 +52,10 @@ def test_no_rebuild_while_the_swarm_is_not_ready():
     assert not swarm.opened
 
 
-def test_no_rebuild_once_the_generation_should_stop():
-    swarm = FakeSwarm({0: 0})
-    driver = SwarmDriver(swarm, one_off(), None, lambda: True)  # e.g. its client went away
-    with pytest.raises(SwarmFailure):
-        driver.run(PROMPT, 6, lambda ids: None)
-    assert not swarm.opened
+def test_closing_the_tokens_stops_the_model_at_once():
+    swarm, lease = FakeSwarm(), one_off()
+    tokens = SwarmDriver(swarm, lease, None).tokens(PROMPT, 6)
+    first_two = [next(tokens), next(tokens)]
+    tokens.close()  # e.g. its client went away
+    assert first_two == oracle(PROMPT, 2)
+    assert lease.petals.ids == PROMPT + first_two and swarm.sent == [PROMPT] and not swarm.opened

@@ -79,3 +79,22 @@ def test_a_user_session_keeps_its_tokens_for_the_next_request(store):
     assert len(session.petals.ids) == 4  # the prompt and 2 tokens
     follow_up = generation(FakeSwarm(), store.acquire(session.session_id), new_tokens=2)
     assert follow_up.run().cached_tokens == 4
+
+
+def test_the_result_comes_once_the_session_is_released(store):
+    session = store.open(16)
+    lease = store.acquire(session.session_id)
+    for event in generation(FakeSwarm(), lease).stream():
+        if isinstance(event, GenerationResult):
+            store.acquire(session.session_id).release()  # not busy: its client may go on at once
+            return
+    raise AssertionError("no result")
+
+
+def test_closing_a_stream_early_stops_the_model_and_releases_the_session(store):
+    session = store.open(16)
+    events = generation(FakeSwarm(), store.acquire(session.session_id)).stream()
+    first = next(events)
+    events.close()  # its client went away
+    assert first.generated_tokens == 1 and len(session.petals.ids) == len(PROMPT) + 1
+    store.acquire(session.session_id).release()

@@ -35,7 +35,7 @@ def test_a_stop_sequence_is_held_back_cut_and_stops():
     pieces = [text.push(i) for i in ids("Hi\n\nHuman: more")]
     assert "".join(pieces) == "Hi" and text.stopped and text.stop_sequence == "\n\nHuman:"
     assert text.finish(flush=True) == "" and text.text == "Hi"
-    assert text.finish_reason(cancelled=False, new_tokens=99) == "stop"
+    assert text.finish_reason(new_tokens=99) == "stop"
 
 
 def test_text_that_only_began_a_stop_sequence_is_released_at_the_end():
@@ -48,6 +48,5 @@ def test_finish_reasons():
     text = text_of()
     for i in ids("abc"):
         text.push(i)
-    assert text.finish_reason(cancelled=False, new_tokens=3) == "length"
-    assert text.finish_reason(cancelled=False, new_tokens=4) == "eos"
-    assert text.finish_reason(cancelled=True, new_tokens=4) == "cancelled"
+    assert text.finish_reason(new_tokens=3) == "length"
+    assert text.finish_reason(new_tokens=4) == "eos"
