@@ -4,9 +4,9 @@ A client step of a large model is one matrix-vector product with the LM head (vo
 hidden): the whole weight is read once per token, so the step cannot beat ``weight bytes /
 memory bandwidth``. One run measures, side by side: the read bandwidth (a multi-threaded sum
 over the weight itself, the best of several passes), then one token through Petals' ``LMHead`` in
-float32 with the service's default thread count and with one thread, in bfloat16, and through
-the inference service's row-split head (services/inference/lm_head.py, what it runs on a CPU in
-float32). The target is judged on the head the service runs by default on this CPU (its
+bfloat16 and in float32 with the service's default thread count (float32 also with one thread), and through
+the inference service's one-token heads (services/inference/lm_head.py: ``torch.mv`` in bfloat16,
+the row split in float32). The target is judged on the head the service runs by default on this CPU (its
 ``default_dtype``: bfloat16 where the CPU has AMX, else float32).
 Default shape: BLOOM-176B's head (250,880 x 14,336: 14.4 GB in float32), which needs about 15 GB
 of free memory; ``--vocab``/``--hidden`` make it smaller.
@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     head = petals_lm_head(weight)
     rows.append(("petals", "bfloat16", threads, *best_and_median(step_timer(head, args.hidden, threads),
                  args.repeats), weight.numel() * 2))  # fmt: skip
+    if service_lm_head.install(head, threads):
+        timing = best_and_median(step_timer(head, args.hidden, threads), args.repeats)
+        rows.append(("service", "bfloat16", threads, *timing, weight.numel() * 2))
     del head, weight
 
     weight = filled(args.vocab, args.hidden, torch.float32)

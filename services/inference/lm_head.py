@@ -1,11 +1,17 @@
-"""A faster CPU LM head for one token: the matrix-vector product split by rows over threads.
+"""A faster CPU LM head for one token: the matrix-vector product, done as one.
 
 A client step ends with ``logits = weight @ hidden`` over the whole vocabulary; for a large model
-the weight is gigabytes and the step is bound by memory bandwidth. torch's own product (MKL's
-sgemv) with two intra-op threads reads about 25-28 GB/s on this project's machine, while two
-threads that each multiply half of the rows on one intra-op thread read about 45-51 GB/s
-(bench/lm_head.py). Prompts (several tokens) stay on the stock path, a matrix product that is
-not bandwidth-bound.
+the weight is gigabytes and the step is bound by memory bandwidth (bench/lm_head.py measures it).
+
+- bfloat16 (the default on a CPU with AMX): Petals' head multiplies a ``[1, hidden]`` matrix,
+  which torch runs on a path that reads 11 GB/s; ``torch.mv`` on the same weight reads 29 GB/s,
+  at this machine's bandwidth, with the same logits bit for bit (BLOOM-176B's head: 0.25 s
+  against 0.65 s per token; SmolLM2's: 1.3 ms against 2.1 ms).
+- float32: one token's product split by rows over threads of one intra-op thread each. On an AMD
+  EPYC machine two such threads read 45-51 GB/s where MKL's sgemv on two threads read 25-28 (on
+  a quiet machine; loaded, it lost); on an Intel Xeon both read 33 GB/s.
+
+Prompts (several tokens) stay on the stock path, a matrix product that is not bandwidth-bound.
 """
 
 from __future__ import annotations
@@ -57,39 +63,62 @@ def _product(weight: torch.Tensor, vector: torch.Tensor, out: torch.Tensor) -> N
         torch.mv(weight, vector, out=out)
 
 
-class RowSplitLMHead:
-    """Replaces ``lm_head.forward``: one token's logits from ``threads`` row blocks computed at once."""
+class OneTokenLMHead:
+    """Replaces ``lm_head.forward``: one token's logits by ``_product``; anything else the stock way."""
 
-    def __init__(self, lm_head: torch.nn.Module, threads: int) -> None:
+    def __init__(self, lm_head: torch.nn.Module) -> None:
         self._stock_forward = lm_head.forward
         self._lm_head = lm_head
-        rows = lm_head.weight.shape[0]
-        step = -(-rows // threads)
-        self._blocks = [(start, min(start + step, rows)) for start in range(0, rows, step)]
-        self._pool = _single_threaded_pool(threads)
 
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weight = self._lm_head.weight
         if hidden_states.shape[:-1].numel() != 1 or torch.is_grad_enabled():
             return self._stock_forward(hidden_states)
-        vector = hidden_states.reshape(-1).to(weight.dtype)
+        logits = self._product(weight, hidden_states.reshape(-1).to(weight.dtype))
+        return logits.view(*hidden_states.shape[:-1], -1)
+
+    def _product(self, weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        return torch.mv(weight, vector)
+
+    def close(self) -> None:
+        """Release what the head holds (nothing here)."""
+
+
+class RowSplitLMHead(OneTokenLMHead):
+    """One token's logits from ``threads`` row blocks computed at once."""
+
+    def __init__(self, lm_head: torch.nn.Module, threads: int) -> None:
+        super().__init__(lm_head)
+        rows = lm_head.weight.shape[0]
+        step = -(-rows // threads)
+        self._blocks = [(start, min(start + step, rows)) for start in range(0, rows, step)]
+        self._pool = _single_threaded_pool(threads)
+
+    def _product(self, weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
         logits = torch.empty(weight.shape[0], dtype=weight.dtype)
         blocks = [
             self._pool.submit(_product, weight[start:end], vector, logits[start:end]) for start, end in self._blocks
         ]
         for block in blocks:
             block.result()  # waits; re-raises a failure
-        return logits.view(*hidden_states.shape[:-1], -1)
+        return logits
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
 
 
-def install(lm_head: torch.nn.Module, threads: int) -> RowSplitLMHead | None:
-    """Use the row-split forward on a CPU float32 head large enough to gain; None when it would not."""
+def install(lm_head: torch.nn.Module, threads: int) -> OneTokenLMHead | None:
+    """The one-token forward for a CPU head where it gains: ``torch.mv`` for a bfloat16 head that
+    Petals multiplies natively (not in its float32 chunks, as on a CPU without AVX-512), the row
+    split for a float32 head large enough; None elsewhere."""
     weight = lm_head.weight
+    if weight.device.type != "cpu":
+        return None
+    if weight.dtype == torch.bfloat16 and not getattr(lm_head, "use_chunked_forward", False):
+        lm_head.forward = OneTokenLMHead(lm_head)
+        return lm_head.forward
     big_enough = weight.numel() * weight.element_size() >= MIN_WEIGHT_BYTES
-    if threads < 2 or weight.device.type != "cpu" or weight.dtype != torch.float32 or not big_enough:
+    if threads < 2 or weight.dtype != torch.float32 or not big_enough:
         return None
     lm_head.forward = RowSplitLMHead(lm_head, threads)
     return lm_head.forward

@@ -119,8 +119,8 @@ class ModelHandle:
             options["dht_prefix"] = settings.dht_prefix
         model = AutoDistributedModelForCausalLM.from_pretrained(settings.model, **options)
         model = model.to(settings.device).eval()
-        if lm_head.install(model.lm_head, settings.torch_threads):
-            logger.info("LM head: one token's product split by rows over %d threads", settings.torch_threads)
+        if head := lm_head.install(model.lm_head, settings.torch_threads):
+            logger.info("LM head: one token's product by %s", type(head).__name__)
         self.tokenizer, self.token_bytes, self.model = tokenizer, token_bytes, model
         self._status = "model loaded; looking for a route through the swarm"
         logger.info("model loaded")

@@ -1,4 +1,4 @@
-"""The row-split CPU LM head gives the stock head's logits and leaves torch's threads as they were."""
+"""The one-token CPU LM heads give the stock head's logits; the row split leaves torch's threads as they were."""
 
 from __future__ import annotations
 
@@ -56,13 +56,34 @@ def test_prompts_and_autograd_take_the_stock_path(small_threshold):
     split.close()
 
 
+def test_a_bfloat16_heads_one_token_logits_are_the_stock_heads_bit_for_bit():
+    head = Head(torch.randn(5003, 96).to(torch.bfloat16))
+    hidden = torch.randn(1, 1, 96).to(torch.bfloat16)
+    with torch.inference_mode():
+        expected = head(hidden)
+        one_token = lm_head.install(head, threads=2)
+        logits = head.forward(hidden)
+    assert isinstance(one_token, lm_head.OneTokenLMHead) and not isinstance(one_token, lm_head.RowSplitLMHead)
+    assert logits.shape == expected.shape == (1, 1, 5003) and logits.dtype == torch.bfloat16
+    assert torch.equal(logits, expected)
+
+
+def chunked(head: Head) -> Head:
+    head.use_chunked_forward = True  # Petals' head on a CPU without AVX-512: bfloat16 in float32 chunks
+    return head
+
+
 @pytest.mark.parametrize(
-    ("weight", "threads"),
-    [(torch.zeros(10, 4), 2), (torch.zeros(2**20, 32, dtype=torch.bfloat16), 2), (torch.zeros(2**20, 32), 1)],
-    ids=["too small", "bfloat16", "one thread"],
+    ("head", "threads"),
+    [
+        (Head(torch.zeros(10, 4)), 2),
+        (chunked(Head(torch.zeros(64, 32, dtype=torch.bfloat16))), 2),
+        (Head(torch.zeros(2**20, 32)), 1),
+    ],
+    ids=["too small", "bfloat16 in chunks", "one thread"],
 )
-def test_install_declines_where_it_would_not_gain(weight, threads):
-    assert lm_head.install(Head(weight), threads) is None
+def test_install_declines_where_it_would_not_gain(head, threads):
+    assert lm_head.install(head, threads) is None
 
 
 def test_the_pool_leaves_the_default_thread_count_alone(small_threshold):
