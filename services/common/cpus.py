@@ -39,8 +39,9 @@ def available_cpus() -> int:
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether the CPU multiplies bfloat16 matrices natively (Intel AMX).
 
-    AVX512-BF16 alone is not enough: on this project's AMD EPYC it has it, and a bfloat16 LM head
-    still took 1.7x as long as float32 (bench/lm_head.py).
+    AVX512-BF16 alone was not enough for Petals' own head: on an AMD EPYC that has it, its bfloat16
+    LM head took 1.7x as long as float32 (bench/lm_head.py; the service's ``torch.mv`` head, which
+    is 3x faster than Petals' on an AMX Xeon, was not measured there).
     """
     try:
         flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")

@@ -24,7 +24,10 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
-MIN_WEIGHT_BYTES = 64 * 2**20  # below this the stock product is as fast and splitting costs more
+# Below this the stock product is fast enough, and torch.mv's or the row split's threads cost more
+# than they save: with mv on the tiny BLOOM's 32 MB head, v1 one-token-per-request clients at one
+# session reached 0.87x the raw client's tokens/s, against 0.92x without (bench/concurrency.py).
+MIN_WEIGHT_BYTES = 64 * 2**20
 
 
 def _one_intra_op_thread() -> None:
@@ -108,17 +111,16 @@ class RowSplitLMHead(OneTokenLMHead):
 
 
 def install(lm_head: torch.nn.Module, threads: int) -> OneTokenLMHead | None:
-    """The one-token forward for a CPU head where it gains: ``torch.mv`` for a bfloat16 head that
-    Petals multiplies natively (not in its float32 chunks, as on a CPU without AVX-512), the row
-    split for a float32 head large enough; None elsewhere."""
+    """The one-token forward for a CPU head of ``MIN_WEIGHT_BYTES`` or more: ``torch.mv`` for a
+    bfloat16 head that Petals multiplies natively (not in its float32 chunks, as on a CPU without
+    AVX-512), the row split for a float32 head; None elsewhere."""
     weight = lm_head.weight
-    if weight.device.type != "cpu":
+    if weight.device.type != "cpu" or weight.numel() * weight.element_size() < MIN_WEIGHT_BYTES:
         return None
     if weight.dtype == torch.bfloat16 and not getattr(lm_head, "use_chunked_forward", False):
         lm_head.forward = OneTokenLMHead(lm_head)
         return lm_head.forward
-    big_enough = weight.numel() * weight.element_size() >= MIN_WEIGHT_BYTES
-    if threads < 2 or weight.dtype != torch.float32 or not big_enough:
+    if threads < 2 or weight.dtype != torch.float32:
         return None
     lm_head.forward = RowSplitLMHead(lm_head, threads)
     return lm_head.forward

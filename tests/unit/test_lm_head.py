@@ -56,7 +56,7 @@ def test_prompts_and_autograd_take_the_stock_path(small_threshold):
     split.close()
 
 
-def test_a_bfloat16_heads_one_token_logits_are_the_stock_heads_bit_for_bit():
+def test_a_bfloat16_heads_one_token_logits_are_the_stock_heads_bit_for_bit(small_threshold):
     head = Head(torch.randn(5003, 96).to(torch.bfloat16))
     hidden = torch.randn(1, 1, 96).to(torch.bfloat16)
     with torch.inference_mode():
@@ -77,10 +77,11 @@ def chunked(head: Head) -> Head:
     ("head", "threads"),
     [
         (Head(torch.zeros(10, 4)), 2),
-        (chunked(Head(torch.zeros(64, 32, dtype=torch.bfloat16))), 2),
+        (Head(torch.zeros(2**16, 32, dtype=torch.bfloat16)), 2),
+        (chunked(Head(torch.zeros(2**20, 32, dtype=torch.bfloat16))), 2),
         (Head(torch.zeros(2**20, 32)), 1),
     ],
-    ids=["too small", "bfloat16 in chunks", "one thread"],
+    ids=["too small", "bfloat16 too small", "bfloat16 in chunks", "one thread"],
 )
 def test_install_declines_where_it_would_not_gain(head, threads):
     assert lm_head.install(head, threads) is None
