@@ -169,7 +169,8 @@ def report(model: BenchModel, modes: dict[str, Samples], match: bool, tokens: in
     """Print the machine facts, the comparison table and the verdicts against the targets."""
     print(f"\n=== {model.name}\nmachine: {machine_description()}")
     print(f"swarm: {len(model.blocks)} Petals servers (blocks {', '.join(model.blocks)}) on loopback; "
-          f"model: {model.description}, float32, CPU")  # fmt: skip
+          f"model: {model.description}, float32 on the servers, CPU; client-side layers (raw and inference "
+          f"alike): {default_dtype('cpu')}")  # fmt: skip
     print(f"workload: greedy, {tokens} tokens, {rounds} rounds, clients taking turns; figures in ms per token")
     rows = [("mode", "client", "n", "p50", "mean", "p50/raw", "+ms p50 vs raw", "+ms p50 vs inference")]
     verdicts = []

@@ -98,7 +98,7 @@ def default_dtype(device: str) -> str:
 
     On an AMX Xeon the service's bfloat16 LM head of a BLOOM-176B-shaped model takes 0.27 s per
     token against 0.43 s in float32, in half the memory; on a CPU without native bfloat16 matrix
-    units Petals' bfloat16 head took 1.7x as long as float32 (bench/lm_head.py).
+    units bfloat16 was not found faster (bench/lm_head.py).
     """
     return "bfloat16" if device != "cpu" or cpu_has_native_bf16() else "float32"
 
