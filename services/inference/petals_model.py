@@ -74,7 +74,7 @@ class PetalsModel:
                 with torch.inference_mode(), model.use_session(petals_session):  # per step: nothing spans a yield
                     scores = _next_token_scores(model, feed)
                     if processors:
-                        scores = processors(torch.tensor([sequence]), scores)
+                        scores = processors(torch.tensor([sequence], device=scores.device), scores)
                 token = int(scores.argmax(-1))
                 sequence.append(token)
                 yield token
@@ -82,14 +82,14 @@ class PetalsModel:
                     return
                 feed = [token]
         finally:
-            petals_session.output_ids = torch.tensor([sequence])
+            petals_session.output_ids = torch.tensor([sequence], device=model.device)
 
 
 def _next_token_scores(model: Any, feed: list[int]) -> Any:
     """One step through the swarm: the float32 scores ``[1, vocabulary]`` of the token after ``feed``."""
     import torch
 
-    hidden = model.base_model(input_ids=torch.tensor([feed])).last_hidden_state
+    hidden = model.base_model(input_ids=torch.tensor([feed], device=model.device)).last_hidden_state
     # The head on the last position only, as a [1, hidden] matrix: a [1, 1, hidden] view of a longer
     # sequence keeps its strides, and torch's bfloat16 product then takes a path 40x slower.
     return model.get_output_embeddings()(hidden[:, -1]).float()
