@@ -5,8 +5,9 @@ the weight is gigabytes and the step is bound by memory bandwidth (bench/lm_head
 
 - bfloat16 (the default on a CPU with AMX): Petals' head multiplies a ``[1, hidden]`` matrix,
   which torch runs on a path that reads 11 GB/s; ``torch.mv`` on the same weight reads 29 GB/s,
-  at this machine's bandwidth, with the same logits bit for bit (BLOOM-176B's head: 0.25 s
-  against 0.65 s per token; SmolLM2's: 1.3 ms against 2.1 ms).
+  at this machine's bandwidth, with the same logits bit for bit (BLOOM-176B's head: 0.26 s
+  against 0.87 s per token). Heads under ``MIN_WEIGHT_BYTES`` (the tiny BLOOM's, SmolLM2's) keep
+  the stock path: in a tight loop mv was faster on them too, but in the replica its threads cost more.
 - float32: one token's product split by rows over threads of one intra-op thread each. On an AMD
   EPYC machine two such threads read 45-51 GB/s where MKL's sgemv on two threads read 25-28 (on
   a quiet machine; loaded, it lost); on an Intel Xeon both read 33 GB/s.

@@ -7,9 +7,10 @@ does it, so output is token-for-token what the model produces in process. This l
 Petals' ``generate`` (Hugging Face's), whose per-call set-up (generation config copied and
 validated, keyword arguments inspected, processors built) cost about 1 ms of CPU per request: a
 third of what one-token-per-request (v1) clients paid over the raw client. It is an iterator, so
-generation runs in the request's own thread, paced by its client, and stops when closed. The session's state
-is Petals' own: ``output_ids`` holds every token, the last of them not yet sent (the next step
-sends it), so a session stepped here and one stepped by ``generate`` are interchangeable.
+generation runs in the request's own thread, paced by its client, and stops when closed. The
+session's state is Petals' own: ``output_ids`` holds every token, the last of them not yet sent
+(the next step sends it), so a session stepped here and one stepped by ``generate`` are
+interchangeable.
 Everything torch and transformers take stays in this module; the rest of generation deals in
 lists and iterators of token ids.
 """
