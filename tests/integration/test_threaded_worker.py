@@ -1,0 +1,111 @@
+"""The threaded worker's keep-alive fast path (services/common/gthread_worker.py), on a real
+gunicorn: the ui service, one worker, debug logs. A kept-alive connection's next request is
+served by the thread that answered the last one when it comes at once, by gunicorn's poller
+when it comes later; either way every answer is right, and a stop is not held up.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from deploy.local_stack import ServiceProcess, pick_free_port, ui_process
+from services.common.gthread_worker import NEXT_REQUEST_WAIT_S
+
+SAME_THREAD = "serving the next request of"
+
+
+@pytest.fixture(scope="module")
+def ui_debug(artifacts_dir) -> Iterator[ServiceProcess]:
+    env = {"LOG_LEVEL": "debug", "GUNICORN_WORKERS": "1", "GUNICORN_THREADS": "8"}
+    log_path = artifacts_dir / "logs" / "ui-threaded-worker.log"
+    service = ui_process(port=pick_free_port(), log_path=log_path, extra_env=env).start_ready(timeout=60)
+    yield service
+    service.stop()
+
+
+def same_thread_count(service: ServiceProcess) -> int:
+    return service.log_path.read_text(errors="replace").count(SAME_THREAD)
+
+
+def get_many(service: ServiceProcess, count: int, pause_s: float) -> list[tuple[int, bytes]]:
+    """``count`` GET /healthz on one kept-alive connection, ``pause_s`` apart."""
+    connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+    answers = []
+    try:
+        for _ in range(count):
+            connection.request("GET", "/healthz")
+            response = connection.getresponse()
+            answers.append((response.status, response.read()))
+            time.sleep(pause_s)
+    finally:
+        connection.close()
+    return answers
+
+
+def test_back_to_back_requests_are_served_on_the_same_thread(ui_debug):
+    before = same_thread_count(ui_debug)
+    answers = get_many(ui_debug, 40, pause_s=0)
+    expected = answers[0]
+    assert expected[0] == 200 and b"ok" in expected[1]
+    assert answers == [expected] * 40
+    time.sleep(0.5)  # the log is written by another process
+    assert same_thread_count(ui_debug) > before
+
+
+def test_requests_after_a_pause_go_through_the_poller_and_are_answered(ui_debug):
+    answers = get_many(ui_debug, 5, pause_s=NEXT_REQUEST_WAIT_S * 40)
+    assert [status for status, _ in answers] == [200] * 5
+    assert len(set(answers)) == 1
+
+
+def test_pipelined_requests_are_all_answered(ui_debug):
+    """Two requests in one write: the second is read ahead with the first, then served."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    with socket.create_connection(("127.0.0.1", ui_debug.port), timeout=30) as sock:
+        sock.sendall(head + b"\r\n" + head + b"Connection: close\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.count(b"HTTP/1.1 200 OK") == 2
+
+
+def test_a_client_calling_back_to_back_does_not_hold_up_a_stop(artifacts_dir):
+    """The thread serving it stops waiting for its next request once the worker stops."""
+    log_path = artifacts_dir / "logs" / "ui-threaded-worker-stop.log"
+    service = ui_process(port=pick_free_port(), log_path=log_path).start_ready(timeout=60)
+    statuses: list[int] = []
+    ended = threading.Event()
+
+    def call_until_closed() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+        try:
+            while True:
+                connection.request("GET", "/healthz")
+                response = connection.getresponse()
+                statuses.append(response.status)
+                response.read()
+        except (OSError, http.client.HTTPException):
+            pass  # the stopping server closed the connection
+        finally:
+            connection.close()
+            ended.set()
+
+    caller = threading.Thread(target=call_until_closed, daemon=True)
+    try:
+        caller.start()
+        while len(statuses) < 20 and not ended.is_set():
+            time.sleep(0.01)
+        assert len(statuses) >= 20, service.log_tail()
+        started = time.monotonic()
+        assert service.stop(timeout=60) == 0
+        assert time.monotonic() - started < 10  # not the 60 s graceful timeout
+        assert ended.wait(10)
+        assert set(statuses) == {200}
+    finally:
+        service.stop()
