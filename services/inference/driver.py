@@ -19,7 +19,7 @@ from typing import Any
 from services.common.errors import ApiError
 from services.inference.metrics import SESSION_REBUILDS
 from services.inference.petals_model import PetalsModel
-from services.inference.sessions import OneOffLease, SessionLease, held_token_ids
+from services.inference.sessions import OneOffLease, SessionLease, token_id_list
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class SwarmDriver:
         self._swarm = swarm
         self._lease = lease
         self._processors = processors
-        self._prefix_ids = held_token_ids(lease.petals)  # held before this request
+        self._prefix = lease.petals.output_ids  # held before this request (replaced by steps, never changed)
         self.generated: list[int] = []
 
     def tokens(self, input_ids: list[int], new_tokens: int) -> Iterator[int]:
@@ -54,7 +54,7 @@ class SwarmDriver:
             if failure is not None:
                 logger.warning("swarm failure (%r): rebuilding the session, attempt %d", failure, attempt)
                 self._rebuild()
-                token_ids = self._prefix_ids + input_ids + self.generated
+                token_ids = token_id_list(self._prefix) + input_ids + self.generated
             try:
                 due = new_tokens - len(self.generated)
                 with closing(self._swarm.generate(self._lease.petals, token_ids, due, self._processors)) as steps:

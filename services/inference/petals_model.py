@@ -18,12 +18,12 @@ lists and iterators of token ids.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import cached_property
 from typing import Any
 
 from services.common.params import GenerateParams
 from services.inference.model import ModelHandle
 from services.inference.sampling import SeededSampler
-from services.inference.sessions import held_token_ids
 
 
 class PetalsModel:
@@ -65,32 +65,47 @@ class PetalsModel:
         gone), the session holds what was generated so far. Raises whatever the swarm raised."""
         import torch
 
-        model = self._model.model
-        held = held_token_ids(petals_session)
-        sequence = held + token_ids
-        feed = sequence[len(held) - 1 :] if held else token_ids  # the session's last token was never sent
+        model, device = self._model.model, self._device
+        held = petals_session.output_ids  # [1, n] or None; replaced by whoever steps it, never changed in place
+        if held is not None and held.shape[1] == 0:
+            held = None
+        added = list(token_ids)  # what this call adds to the session
+        feed = token_ids if held is None else [int(held[0, -1]), *token_ids]  # its last token was never sent
         end_ids = _end_of_sequence_ids(model.generation_config)
         try:
             for _ in range(max_new_tokens):
                 with torch.inference_mode(), model.use_session(petals_session):  # per step: nothing spans a yield
-                    scores = _next_token_scores(model, feed)
+                    scores = _next_token_scores(model, feed, device)
                     if processors:
-                        scores = processors(torch.tensor([sequence], device=scores.device), scores)
+                        scores = processors(_sequence(held, added, device), scores)
                 token = int(scores.argmax(-1))
-                sequence.append(token)
+                added.append(token)
                 yield token
                 if token in end_ids:
                     return
                 feed = [token]
         finally:
-            petals_session.output_ids = torch.tensor([sequence], device=model.device)
+            petals_session.output_ids = _sequence(held, added, device)
+
+    @cached_property
+    def _device(self) -> Any:
+        """The client's device (transformers' ``model.device`` walks the parameters on every call)."""
+        return self._model.model.device
 
 
-def _next_token_scores(model: Any, feed: list[int]) -> Any:
+def _sequence(held: Any, added: list[int], device: Any) -> Any:
+    """The session's whole sequence, ``[1, n]``: the ``held`` tensor (or None) and then ``added``."""
+    import torch
+
+    tail = torch.tensor([added], dtype=torch.long, device=device)
+    return tail if held is None else torch.cat([held, tail], dim=1)
+
+
+def _next_token_scores(model: Any, feed: list[int], device: Any) -> Any:
     """One step through the swarm: the float32 scores ``[1, vocabulary]`` of the token after ``feed``."""
     import torch
 
-    hidden = model.base_model(input_ids=torch.tensor([feed], device=model.device)).last_hidden_state
+    hidden = model.base_model(input_ids=torch.tensor([feed], device=device)).last_hidden_state
     # The head on the last position only, as a [1, hidden] matrix: a [1, 1, hidden] view of a longer
     # sequence keeps its strides, and torch's bfloat16 product then takes a path 40x slower.
     return model.get_output_embeddings()(hidden[:, -1]).float()

@@ -73,7 +73,11 @@ def held_token_count(petals_session: Any) -> int:
 
 def held_token_ids(petals_session: Any) -> list[int]:
     """The ids of the tokens a Petals session holds."""
-    output_ids = petals_session.output_ids
+    return token_id_list(petals_session.output_ids)
+
+
+def token_id_list(output_ids: Any) -> list[int]:
+    """The ids in a Petals session's ``output_ids`` (a ``[1, n]`` tensor, or None)."""
     return [] if output_ids is None else output_ids[0].tolist()
 
 
