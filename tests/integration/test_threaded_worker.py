@@ -59,9 +59,12 @@ def test_back_to_back_requests_are_served_on_the_same_thread(ui_debug):
 
 
 def test_requests_after_a_pause_go_through_the_poller_and_are_answered(ui_debug):
+    before = same_thread_count(ui_debug)
     answers = get_many(ui_debug, 5, pause_s=NEXT_REQUEST_WAIT_S * 40)
     assert [status for status, _ in answers] == [200] * 5
     assert len(set(answers)) == 1
+    time.sleep(0.5)
+    assert same_thread_count(ui_debug) == before  # none waited for: each came back through the poller
 
 
 def test_pipelined_requests_are_all_answered(ui_debug):
