@@ -79,6 +79,8 @@ class Generation:
         self._text = TokenText(decoder, params.stop)
         self._driver = SwarmDriver(swarm, lease, swarm.logits_processors(params))
         self._timer = TokenTimer()
+        self._events: Iterator[TokenEvent | GenerationResult] | None = None
+        self._released = False
 
     def run(self) -> GenerationResult:
         """Generate to the end; return the whole result."""
@@ -88,8 +90,20 @@ class Generation:
         raise AssertionError("a stream always ends with its result")
 
     def stream(self) -> Iterator[TokenEvent | GenerationResult]:
-        """Yield each token's event, then the result, once the session is released (the client may
-        use it again at once). Closing it early stops the model and releases the session."""
+        """Each token's event, then the result, once the session is released (the client may use it
+        again at once). Closing it early stops the model and releases the session."""
+        self._events = self._stream()
+        return self._events
+
+    def close(self) -> None:
+        """Stop the generation and release the session, also when its stream never started (a
+        response closed before its first chunk: a generator that never ran ignores ``close``)."""
+        if self._events is not None:
+            self._events.close()
+        if not self._released:
+            self._cleanup()
+
+    def _stream(self) -> Iterator[TokenEvent | GenerationResult]:
         try:
             yield from self._token_events()
             result = self._finish()
@@ -134,6 +148,7 @@ class Generation:
         )
 
     def _cleanup(self) -> None:
+        self._released = True
         try:
             if self._lease.conversation and self._lease.petals is not None:
                 self._lease.record_text(self._swarm.decode_all(held_token_ids(self._lease.petals)))

@@ -11,7 +11,7 @@ from services.common.errors import ApiError
 from services.common.params import Limits, get_model, get_session_id, parse_open_session, read_values
 from services.common.replica_request import ReplicaRequest, get_client
 from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error, sse_event
-from services.inference.generation import GenerationResult, TokenEvent
+from services.inference.generation import Generation, GenerationResult, TokenEvent
 from services.inference.generator import Generator
 from services.inference.model import ModelHandle
 from services.inference.sessions import SessionStore
@@ -52,10 +52,30 @@ class GenerateStreamResource:
         generation = self._generator.prepare(request)
         resp.content_type = SSE_CONTENT_TYPE
         resp.set_headers(SSE_HEADERS)
-        resp.stream = _sse_stream(generation.stream())
+        resp.stream = SseBody(generation)
 
 
-def _sse_stream(events: Iterator[TokenEvent | GenerationResult]) -> Iterator[bytes]:
+class SseBody:
+    """A generation's events as an SSE response body.
+
+    The WSGI server closes the body when the response ends (PEP 3333), also a body it never began
+    to send (an error after the responder, a client gone before the first chunk): closing stops the
+    generation and releases its session.
+    """
+
+    def __init__(self, generation: Generation) -> None:
+        self._generation = generation
+        self._chunks = _sse_chunks(generation.stream())
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._chunks
+
+    def close(self) -> None:
+        self._chunks.close()
+        self._generation.close()
+
+
+def _sse_chunks(events: Iterator[TokenEvent | GenerationResult]) -> Iterator[bytes]:
     try:
         for event in events:
             if isinstance(event, TokenEvent):
@@ -67,8 +87,6 @@ def _sse_stream(events: Iterator[TokenEvent | GenerationResult]) -> Iterator[byt
     except Exception:
         logger.exception("streaming generation failed")
         yield sse_error("internal_error", "Internal error; the operators can find it in the logs.")
-    finally:
-        events.close()  # stops the generation if the client went away
 
 
 class OpenSessionResource:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.errors import SessionNotFound
+from services.common.errors import SessionBusy, SessionNotFound
 from services.common.params import GenerateParams
 from services.inference.decoding import IncrementalDecoder
 from services.inference.driver import MAX_REBUILDS, SwarmFailure
 from services.inference.generation import Generation, GenerationResult, TokenEvent
+from services.inference.resources import SseBody
 from services.inference.sessions import OneOffLease, SessionStore
 from tests.unit.fakes import TOKEN_BYTES, FakePetalsSession, FakeSwarm, oracle
 
@@ -97,4 +98,38 @@ def test_closing_a_stream_early_stops_the_model_and_releases_the_session(store):
     first = next(events)
     events.close()  # its client went away
     assert first.generated_tokens == 1 and len(session.petals.ids) == len(PROMPT) + 1
+    store.acquire(session.session_id).release()
+
+
+def test_closing_a_generation_whose_stream_never_started_releases_the_session(store):
+    session = store.open(16)
+    unstarted = generation(FakeSwarm(), store.acquire(session.session_id))
+    unstarted.stream().close()  # a generator that never ran ignores close: the session stays leased
+    with pytest.raises(SessionBusy):
+        store.acquire(session.session_id)
+    unstarted.close()
+    store.acquire(session.session_id).release()
+    assert session.petals.ids == []  # nothing was generated
+
+
+def test_closing_a_finished_generation_again_changes_nothing(store):
+    session = store.open(16)
+    finished = generation(FakeSwarm(), store.acquire(session.session_id))
+    finished.run()
+    finished.close()  # no second release of the session's lock
+    store.acquire(session.session_id).release()
+
+
+def test_an_sse_body_closed_before_its_first_chunk_closes_a_one_off_petals_session():
+    lease = OneOffLease(FakePetalsSession(8), 8)
+    SseBody(generation(FakeSwarm(), lease)).close()  # as the WSGI server does with a body it never sent
+    assert lease.petals.closed
+
+
+def test_an_sse_body_sends_each_token_then_done_and_releases_the_session(store):
+    session = store.open(16)
+    body = SseBody(generation(FakeSwarm(), store.acquire(session.session_id)))
+    chunks = list(body)
+    body.close()
+    assert [chunk.split(b"\n", 1)[0] for chunk in chunks] == [b"event: token"] * 4 + [b"event: done"]
     store.acquire(session.session_id).release()
