@@ -4,12 +4,14 @@ Each session opens ``/api/v1/open_inference_session``, generates greedily from i
 (``/api/v1/generate``, do_sample=0) and closes. Mode ``per-token`` (the default, the seed chat
 client's way) sends the prompt with max_new_tokens=1, then one request per further token in the
 session; mode ``one-call`` asks for all the tokens in one request. All sessions are opened first,
-then generate together. Reported: errors, per-token latency p50/p99 (per-token mode: each request
-after the prompt's; one-call mode: each call's time / its tokens), total tokens/s and wall time.
+then generate together. ``--model`` names the model every request asks for (the gateway's
+``GET /v1/models`` lists them; default: none named, so the gateway's default model). Reported:
+errors, per-token latency p50/p99 (per-token mode: each request after the prompt's; one-call mode:
+each call's time / its tokens), total tokens/s and wall time.
 Callers (the tests) may pass ``expected(prompt, tokens) -> text`` to check every output.
 
 Run: ``python -m bench.load_test --gateway http://127.0.0.1:5000 [--sessions 32] [--tokens 32]
-[--mode per-token|one-call] [--max-length 96] [--timeout 300]``
+[--mode per-token|one-call] [--model NAME] [--max-length 96] [--timeout 300]``
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class LoadReport:
 
     mode: str
     tokens: int  # asked of each session
+    model: str | None  # the model every request named (None: the gateway's default)
     runs: list[SessionRun]
     wall_s: float  # from the common start (every session open) to the last session's end
     open_s: float  # opening every session
@@ -81,7 +84,7 @@ class LoadReport:
 
     def summary(self) -> str:
         lines = [
-            f"{len(self.runs)} sessions x {self.tokens} tokens ({self.mode}): "
+            f"{len(self.runs)} sessions x {self.tokens} tokens ({self.mode}, model {self.model or 'default'}): "
             f"{len(self.errors)} errors, {len(self.mismatches)} mismatches",
             f"per-token latency p50 {self.percentile_ms(50):.1f} ms, p99 {self.percentile_ms(99):.1f} ms "
             f"(n={len(self.latencies)}, mean {1000 * statistics.fmean(self.latencies or [0]):.1f} ms)",
@@ -99,11 +102,15 @@ def prompts(count: int) -> list[str]:
 class Session:
     """One session's whole life in one thread: open, wait for the start, generate, close."""
 
-    def __init__(self, base_url: str, run: SessionRun, *, tokens: int, mode: str, max_length: int, timeout_s: float):
+    def __init__(
+        self, base_url: str, run: SessionRun, *, tokens: int, mode: str, max_length: int, timeout_s: float,
+        model: str | None,
+    ) -> None:  # fmt: skip
         self.run = run
         self.tokens = tokens
         self.mode = mode
         self.max_length = max_length
+        self.model_field = {"model": model} if model else {}
         self.client = Api(base_url, timeout_s=min(120.0, timeout_s))
 
     def __call__(self, start: threading.Barrier, deadline: float) -> None:
@@ -119,7 +126,8 @@ class Session:
             self._close()
 
     def _open(self) -> None:
-        opened = self.client.call("GET", "open_inference_session", {"max_length": self.max_length})
+        fields = {"max_length": self.max_length, **self.model_field}
+        opened = self.client.call("GET", "open_inference_session", fields)
         self.run.session_id = opened["session_id"]
 
     def _generate(self, deadline: float) -> None:
@@ -135,7 +143,8 @@ class Session:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the load test's time limit was reached after {self.run.tokens} tokens")
         started = time.perf_counter()
-        answer = self.client.call("POST", "generate", {"do_sample": 0, "session_id": self.run.session_id, **fields})
+        fields = {"do_sample": 0, "session_id": self.run.session_id, **self.model_field, **fields}
+        answer = self.client.call("POST", "generate", fields)
         elapsed = time.perf_counter() - started
         self.run.text += answer["outputs"]
         self.run.tokens += fields["max_new_tokens"]
@@ -158,9 +167,11 @@ def run_load(
     mode: str = "per-token",
     max_length: int = 96,
     timeout_s: float = 300.0,
+    model: str | None = None,
     expected: Expected | None = None,
 ) -> LoadReport:
-    """Run ``sessions`` concurrent sessions of ``tokens`` tokens each; bounded by ``timeout_s``."""
+    """Run ``sessions`` concurrent sessions of ``tokens`` tokens each (of ``model``, default the
+    gateway's); bounded by ``timeout_s``."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     runs = [SessionRun(prompt) for prompt in prompts(sessions)]
@@ -168,7 +179,7 @@ def run_load(
     start = threading.Barrier(sessions + 1)
     threads = [
         threading.Thread(target=Session(base_url, run, tokens=tokens, mode=mode, max_length=max_length,
-                                        timeout_s=timeout_s),
+                                        timeout_s=timeout_s, model=model),
                          args=(start, deadline), name=f"load-session-{index}", daemon=True)
         for index, run in enumerate(runs)
     ]  # fmt: skip
@@ -182,7 +193,7 @@ def run_load(
     started = time.perf_counter()
     for thread in threads:
         thread.join(max(0.0, deadline + 5 - time.monotonic()))
-    report = LoadReport(mode, tokens, runs, time.perf_counter() - started, started - opening)
+    report = LoadReport(mode, tokens, model, runs, time.perf_counter() - started, started - opening)
     for run, thread in zip(runs, threads, strict=True):
         if thread.is_alive():
             run.error = run.error or "still running at the time limit"
@@ -197,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--mode", choices=MODES, default="per-token")
+    parser.add_argument("--model", help="the model to ask for (GET /v1/models lists them; default: the gateway's)")
     parser.add_argument("--max-length", type=int, default=96, help="tokens each session holds (prompt + tokens)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole run")
     args = parser.parse_args(argv)
@@ -207,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         mode=args.mode,
         max_length=args.max_length,
         timeout_s=args.timeout,
+        model=args.model,
     )
     print(report.summary())
     return 1 if report.errors else 0

@@ -25,6 +25,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.load_test import run_load
 from deploy.local_stack import LOCAL_MODELS, REPO_ROOT, SMOLLM2, TINY_BLOOM, pick_free_port
 from services.common.sse import parse_sse
 from tests.helpers import wait_until
@@ -60,6 +61,15 @@ def answer_text(output: str) -> str:
         return list(parse_sse([output.encode()]))[-1][1]["outputs"]
     answer = json.loads(output)
     return answer["choices"][0]["message"]["content"] if "choices" in answer else answer["outputs"]
+
+
+def check_the_load_test_picks_the_model(url: str) -> None:
+    """``bench.load_test --model``: the sessions of each model land on that model's replica."""
+    for model in (TINY_BLOOM, SMOLLM2):
+        report = run_load(url, sessions=2, tokens=3, max_length=48, timeout_s=120, model=model.name)
+        assert report.errors == [], report.summary()
+        assert report.replicas() == {f"inference-{model.name}-0": 2}, report.summary()
+        assert all(run.tokens == 3 and run.text for run in report.runs), report.summary()
 
 
 def check_the_chat_page(browser, url: str, screenshot: Path) -> None:
@@ -260,6 +270,7 @@ def test_local_runner_answers_the_readme_curl(artifacts_dir: Path, browser):
                 assert "Paris" in answer_text(result.stdout), (command, result.stdout)
         assert sum(FRANCE in command and SMOLLM2.name in command for command in commands) == 3, commands
         url = f"http://127.0.0.1:{runner.port}"
+        check_the_load_test_picks_the_model(url)
         check_the_chat_page(browser, url, artifacts_dir / "screenshots" / "chat-smollm2.png")
         runner.record()
         os.killpg(runner.process.pid, signal.SIGINT)  # what Ctrl-C does
