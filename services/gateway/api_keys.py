@@ -1,18 +1,25 @@
 """The operator's API keys (``API_KEYS``, ``API_KEYS_FILE``): ``id:key`` entries, validated at start-up.
 
 Errors name an entry by its number and id, never its key. Lookups compare the key with every
-configured key in constant time. (No metrics here: the settings import this before the gateway's
-workers have their multiprocess metrics directory.)
+configured key in constant time. ``KeyRing`` re-reads ``API_KEYS_FILE`` when it changes (a
+rotated Kubernetes Secret), at most every ``API_KEYS_RELOAD_SECONDS``. (No metrics here: the
+settings import this before the gateway's workers have their multiprocess metrics directory.)
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import os
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.config import ConfigError, Env
+
+logger = logging.getLogger(__name__)
 
 KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 KEY_PATTERN = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
@@ -48,11 +55,91 @@ class ApiKeys:
     @classmethod
     def from_env(cls, env: Env) -> ApiKeys:
         """API_KEYS (entries separated by spaces or commas) and API_KEYS_FILE (one entry per line)."""
-        entries = [("API_KEYS", entry) for entry in env.list("API_KEYS")]
-        path = env.str("API_KEYS_FILE", "")
+        return cls.parse(env.list("API_KEYS"), env.str("API_KEYS_FILE", ""))
+
+    @classmethod
+    def parse(cls, listed: tuple[str, ...], path: str) -> ApiKeys:
+        """The ``listed`` entries (API_KEYS) and those of the file at ``path`` (if any)."""
+        entries = [("API_KEYS", entry) for entry in listed]
         if path:
             entries += [("API_KEYS_FILE", line) for line in _read_key_file(path)]
         return cls(_parse_entries(entries))
+
+
+FileVersion = tuple[int, int, int] | None  # (inode, mtime in ns, size) of the key file; None: unreadable
+
+
+class KeyRing:
+    """The keys in force: API_KEYS, and API_KEYS_FILE, read again when its file changes.
+
+    A Kubernetes Secret mounted as a directory is updated in place when the Secret changes (within
+    about a minute): the file is looked at (one ``stat``) at most every ``reload_interval_s`` (0:
+    never again), and re-read when its inode, modification time or size changed. A new version that
+    does not parse, or lists no key at all, is refused: the keys in force stay (logged, naming the
+    entry, never a key); turning keys off takes a restart without them. Keys on or off is fixed at
+    start (``bool``).
+    """
+
+    def __init__(
+        self,
+        listed: tuple[str, ...],
+        path: str,
+        *,
+        reload_interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._listed, self._path = listed, path
+        self._interval, self._clock = reload_interval_s, clock
+        self._version = _file_version(path)
+        self._keys = ApiKeys.parse(listed, path)  # ConfigError at start-up: the gateway does not start
+        self._checked = clock()
+
+    @classmethod
+    def from_env(cls, env: Env) -> KeyRing:
+        """API_KEYS, API_KEYS_FILE and API_KEYS_RELOAD_SECONDS (default 30)."""
+        interval = env.float("API_KEYS_RELOAD_SECONDS", 30.0, minimum=0.0)
+        return cls(env.list("API_KEYS"), env.str("API_KEYS_FILE", ""), reload_interval_s=interval)
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return self.current().ids
+
+    def identify(self, key: str) -> str | None:
+        """The id of ``key`` among the keys in force, or None (constant time, as ``ApiKeys.identify``)."""
+        return self.current().identify(key)
+
+    def current(self) -> ApiKeys:
+        """The keys in force, after reading the key file again if it changed."""
+        if self._path and self._interval and self._clock() - self._checked >= self._interval:
+            self._checked = self._clock()
+            version = _file_version(self._path)
+            if version != self._version:
+                self._version = version
+                self._reload()
+        return self._keys
+
+    def _reload(self) -> None:
+        try:
+            keys = ApiKeys.parse(self._listed, self._path)
+        except ConfigError as error:
+            logger.error("API keys not reloaded, the %d keys in force stay: %s", len(self._keys.entries), error)
+            return
+        if not keys:
+            logger.error("API keys not reloaded: API_KEYS_FILE lists no key; turning keys off takes a restart")
+            return
+        self._keys = keys
+        logger.info("API keys reloaded from API_KEYS_FILE: ids %s", ", ".join(keys.ids))
+
+
+def _file_version(path: str) -> FileVersion:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 def _read_key_file(path: str) -> list[str]:

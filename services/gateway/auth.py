@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.errors import Unauthorized, render_error
-from services.gateway.api_keys import ANONYMOUS, REFUSED, ApiKeys
+from services.gateway.api_keys import ANONYMOUS, REFUSED, KeyRing
 from services.gateway.metrics import CLIENT_REQUESTS
 
 API_PREFIXES = ("/api/v1/", "/api/v2/", "/v1/")
@@ -77,7 +77,7 @@ class ClientMiddleware:
     (401 in the route's error envelope; on the WebSocket an error message, then close 1008).
     Counts API requests per key id."""
 
-    def __init__(self, keys: ApiKeys, *, anonymous: bool, trust_proxy_headers: bool) -> None:
+    def __init__(self, keys: KeyRing, *, anonymous: bool, trust_proxy_headers: bool) -> None:
         self._keys = keys
         self._anonymous = anonymous or not keys
         self._trust_proxy_headers = trust_proxy_headers

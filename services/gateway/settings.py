@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from services.common.config import ConfigError, Env, ServerSettings
 from services.common.params import MODEL_NAME_PATTERN, SESSION_ID_PATTERN, Limits
-from services.gateway.api_keys import ApiKeys
+from services.gateway.api_keys import KeyRing
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class GatewaySettings:
     rate_limit_per_minute: int
     rate_limit_burst: int
     trust_proxy_headers: bool
-    api_keys: ApiKeys  # empty: keys are off
+    api_keys: KeyRing  # empty: keys are off
     anonymous_rate_limit_per_minute: int  # with keys: > 0 lets clients without a key in, at this rate
     cors_allow_origins: tuple[str, ...]
     ui_url: str
@@ -37,7 +37,7 @@ class GatewaySettings:
         """Read and validate every setting; raises ConfigError with a clear message."""
         env = env or Env()
         limits = Limits.from_env(env)
-        api_keys = ApiKeys.from_env(env)
+        api_keys = KeyRing.from_env(env)
         return cls(
             server=ServerSettings.from_env(env, bind="127.0.0.1:8080", threads=1, workers=2),
             replicas=parse_replicas(env.list("INFERENCE_REPLICAS")),
@@ -59,7 +59,7 @@ class GatewaySettings:
         )
 
 
-def anonymous_rate(env: Env, api_keys: ApiKeys) -> int:
+def anonymous_rate(env: Env, api_keys: KeyRing) -> int:
     """ANONYMOUS_RATE_LIMIT_PER_MINUTE: only meaningful with keys (without, every client is anonymous)."""
     rate = env.int("ANONYMOUS_RATE_LIMIT_PER_MINUTE", 0, minimum=0)
     if rate and not api_keys:

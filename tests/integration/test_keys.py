@@ -265,3 +265,32 @@ def test_without_keys_the_quota_is_per_client_address(stack, open_gateway):
     closed = 'petals_chat_sessions_closed_total{reason="quota"}'
     replica = stack.replicas[0].base_url
     assert wait_until(lambda: metric_value(requests.get(f"{replica}/metrics", timeout=10).text, closed) >= 3, 10)
+
+
+def test_a_rotated_key_file_takes_effect_without_a_restart(stack, artifacts_dir):
+    """A gateway (2 workers) reading API_KEYS_FILE, which is replaced as Kubernetes updates a mounted Secret."""
+    keys_dir = artifacts_dir / "rotated-keys"
+    keys_dir.mkdir(exist_ok=True)
+    path = keys_dir / "keys"
+    path.write_text(f"alice:{ALICE}\n")
+    env = {"API_KEYS_FILE": str(path), "API_KEYS_RELOAD_SECONDS": "0.5"}
+    service = start_gateway(artifacts_dir, {stack.replicas[0].name: stack.replicas[0].base_url}, "keys-rotated", **env)
+    try:
+        assert open_session(service.base_url, bearer(ALICE)).json()["ok"] is True
+        new = keys_dir / "keys.new"
+        new.write_text(f"# alice's key revoked, bob's added\nbob:{BOB}\n")
+        new.replace(path)
+        # Each worker looks again on its own: every request (whichever worker takes it) must agree.
+        assert wait_until(lambda: all(not open_session(service.base_url, bearer(ALICE)).json()["ok"] for _ in range(8)),
+                          timeout=15), "alice's revoked key is still accepted"  # fmt: skip
+        for _ in range(8):
+            assert open_session(service.base_url, bearer(BOB)).json()["ok"] is True
+        new.write_text("bob:short\n")  # a bad version: refused, bob's key stays in force
+        new.replace(path)
+        refused = lambda: "API keys not reloaded" in service.log_path.read_text()  # noqa: E731
+        # The file is looked at when a request needs the keys: bob's requests go on being served.
+        assert wait_until(lambda: open_session(service.base_url, bearer(BOB)).json()["ok"] and refused(), timeout=15)
+        assert open_session(service.base_url, bearer(BOB)).json()["ok"] is True
+        assert BOB not in service.log_path.read_text() and ALICE not in service.log_path.read_text()
+    finally:
+        service.stop()

@@ -10,7 +10,7 @@ import pytest
 
 from services.common.config import ConfigError, Env
 from services.gateway import api_keys
-from services.gateway.api_keys import ApiKeys
+from services.gateway.api_keys import ApiKeys, KeyRing
 from services.gateway.auth import ClientIdentity, RedactKeys, client_address
 from services.gateway.settings import GatewaySettings
 
@@ -102,3 +102,80 @@ def test_query_keys_are_redacted_from_log_lines():
                                ("127.0.0.1:5", f"/api/v2/generate?api_key={ALICE}&x=1"), None)  # fmt: skip
     assert RedactKeys().filter(record)
     assert ALICE not in record.getMessage() and "api_key=[redacted]&x=1" in record.getMessage()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rotate(path, text: str) -> None:
+    """Replace the file as Kubernetes updates a mounted Secret: a new file renamed over the old."""
+    new = path.with_name("new-keys")
+    new.write_text(text)
+    new.replace(path)
+
+
+def ring_of(path, clock: Clock, listed: tuple[str, ...] = ()) -> KeyRing:
+    return KeyRing(listed, str(path), reload_interval_s=30, clock=clock)
+
+
+def test_a_rotated_key_file_is_read_again_once_the_interval_has_passed(tmp_path, caplog):
+    path, clock = tmp_path / "keys", Clock()
+    path.write_text(f"alice:{ALICE}\n")
+    ring = ring_of(path, clock, listed=(f"ci:{'c' * 16}",))
+    rotate(path, f"bob:{BOB}\n")
+    clock.now = 29.0
+    assert ring.identify(ALICE) == "alice" and ring.identify(BOB) is None  # not looked at yet
+    clock.now = 30.0
+    with caplog.at_level(logging.INFO, logger="services.gateway.api_keys"):
+        assert (ring.identify(ALICE), ring.identify(BOB), ring.identify("c" * 16)) == (None, "bob", "ci")
+    assert "API keys reloaded from API_KEYS_FILE: ids ci, bob" in caplog.text and BOB not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("text", "logged"),
+    [
+        (f"bob:{BOB}\nbob:{ALICE}\n", "entry 2: the id 'bob' is reserved or given twice"),
+        ("# every key removed\n", "API_KEYS_FILE lists no key; turning keys off takes a restart"),
+    ],
+)
+def test_a_bad_new_key_file_leaves_the_keys_in_force(tmp_path, caplog, text, logged):
+    path, clock = tmp_path / "keys", Clock()
+    path.write_text(f"alice:{ALICE}\n")
+    ring = ring_of(path, clock)
+    rotate(path, text)
+    clock.now = 30.0
+    with caplog.at_level(logging.ERROR, logger="services.gateway.api_keys"):
+        assert ring.identify(ALICE) == "alice" and ring
+    assert logged in caplog.text and ALICE not in caplog.text and BOB not in caplog.text
+    rotate(path, f"bob:{BOB}\n")  # mended: taken at the next look
+    clock.now = 60.0
+    assert (ring.identify(ALICE), ring.identify(BOB)) == (None, "bob")
+
+
+def test_an_unchanged_key_file_is_not_read_again(tmp_path, monkeypatch):
+    path, clock = tmp_path / "keys", Clock()
+    path.write_text(f"alice:{ALICE}\n")
+    ring = ring_of(path, clock)
+    reads = []
+    monkeypatch.setattr(api_keys, "_read_key_file", lambda p: reads.append(p) or [])
+    clock.now = 300.0
+    assert ring.identify(ALICE) == "alice" and reads == []
+
+
+def test_a_reload_interval_of_zero_never_reads_the_file_again(tmp_path):
+    path, clock = tmp_path / "keys", Clock()
+    path.write_text(f"alice:{ALICE}\n")
+    ring = KeyRing((), str(path), reload_interval_s=0, clock=clock)
+    rotate(path, f"bob:{BOB}\n")
+    clock.now = 3600.0
+    assert (ring.identify(ALICE), ring.identify(BOB)) == ("alice", None)
+
+
+def test_the_reload_interval_is_validated():
+    with pytest.raises(ConfigError, match="API_KEYS_RELOAD_SECONDS"):
+        GatewaySettings.from_env(Env({**REPLICAS, "API_KEYS_RELOAD_SECONDS": "-1"}))
