@@ -106,3 +106,15 @@ def test_gpu_builds_never_use_the_cpu_wheels_folder():
     assert script.index('cp "$CACHE/pip.conf" "$CACHE/pip-gpu.conf"') < script.index("find-links = /host-wheels")
     gpu_branch = script[script.index('if [[ "$t" == *-gpu ]]; then') :].split("fi\n", 1)[0]
     assert 'mounts=("${GPU_MOUNTS[@]}")' in gpu_branch and 'args=("${gpu_build_args[@]}")' in gpu_branch
+
+
+def pins(path: Path) -> dict[str, str]:
+    """``name==version`` lines of a requirements file (names lower-cased)."""
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return {name.lower(): version for name, _, version in (line.partition("==") for line in lines if line)}
+
+
+def test_the_gpu_torch_set_pins_the_cpu_sets_versions():
+    cpu, gpu = pins(ROOT / "requirements/torch-cpu.txt"), pins(ROOT / "requirements/torch-gpu.txt")
+    assert all(version for version in gpu.values()), f"every GPU requirement is pinned: {gpu}"
+    assert {name: gpu.get(name) for name in cpu} == cpu  # torch and its pure-Python dependencies alike
