@@ -21,7 +21,9 @@ per-token latency p50/p99 (time between a session's consecutive tokens as its cl
 time to first token, errors, the ratio to raw, and the CPU time per token of this process, the
 services and the swarm (from /proc, by process group), with the CPU that every other process of
 the machine used meanwhile (other people's work skews a run: this says how much). One unmeasured
-warm-up round runs first. Figures are printed, never asserted, against the targets (TARGETS).
+warm-up round runs first. Figures are printed, never asserted, against the targets (TARGETS); under
+each throughput target, the ceiling the swarm's own CPU sets on this machine (its cores over the
+swarm's CPU per token in raw's run: tokens/s no client could exceed).
 Run: ``.venv/bin/python -m bench.concurrency [--tokens 32] [--sessions 1 4 16 32] [--rounds 3]
 [--clients raw v1 stream gateway] [--log-dir DIR]`` (or ``make bench-concurrency``).
 """
@@ -52,6 +54,7 @@ from bench.common import (
 from bench.inference_latency import DHT_PREFIX, RawClient, ServiceClient  # sets HF_HUB_OFFLINE first
 from bench.raw_process import RawProcess
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port, ui_process
+from services.common.cpus import available_cpus
 from services.inference.settings import default_dtype
 from services.swarm.launcher import SERVER_TORCH_THREADS, PrivateSwarm
 from tests.client import Api
@@ -398,6 +401,7 @@ def report(runs: Runs, counts: list[int], clients: list[str]) -> None:
                 met = ratio >= TARGET_RATIO and row.rate >= TARGET_RATE and row.errors == 0
                 verdicts.append(f"  N={count} {name}: {row.rate:.1f} tokens/s, {ratio:.3f}x raw, {row.errors} errors: "
                                 f"{_verdict(met)} (CPU-normalized: {cpu_ratio:.3f}x raw)")  # fmt: skip
+                verdicts.append(f"    {swarm_ceiling(raw)}")
             if (limit := TIME_PER_TOKEN_LIMITS.get((count, name))) is not None:
                 per_token = 1 / ratio
                 met = per_token <= limit and row.errors == 0
@@ -410,6 +414,13 @@ def report(runs: Runs, counts: list[int], clients: list[str]) -> None:
     errors = sorted({e for r in runs.values() for result in r for e in result.errors})
     if errors:
         print("errors seen:", *errors[:5], sep="\n  ")
+
+
+def swarm_ceiling(raw: Summary) -> str:
+    """The tokens/s this machine's cores allow with the swarm's CPU per token (raw's run) and no client
+    at all: where it is under TARGET_RATE, the throughput target is out of reach on this machine."""
+    cores, swarm_ms = available_cpus(), raw.cpu_s["swarm"] * 1000 / raw.tokens
+    return f"the swarm alone caps it at {cores * 1000 / swarm_ms:.0f} tokens/s here: {cores} cores / {swarm_ms:.1f} ms"
 
 
 def _verdict(met: bool) -> str:
