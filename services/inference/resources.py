@@ -58,9 +58,9 @@ class GenerateStreamResource:
 class SseBody:
     """A generation's events as an SSE response body.
 
-    The WSGI server closes the body when the response ends (PEP 3333), also a body it never began
-    to send (an error after the responder, a client gone before the first chunk): closing stops the
-    generation and releases its session.
+    The WSGI server closes the body however the response ends (PEP 3333): closing stops the
+    generation and releases its session, also when the body was never iterated (a generator that
+    never ran ignores ``close``). gunicorn always takes a first chunk; a server need not.
     """
 
     def __init__(self, generation: Generation) -> None:
