@@ -143,8 +143,8 @@ class Session:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the load test's time limit was reached after {self.run.tokens} tokens")
         started = time.perf_counter()
-        fields = {"do_sample": 0, "session_id": self.run.session_id, **self.model_field, **fields}
-        answer = self.client.call("POST", "generate", fields)
+        body = {"do_sample": 0, "session_id": self.run.session_id, **self.model_field, **fields}
+        answer = self.client.call("POST", "generate", body)
         elapsed = time.perf_counter() - started
         self.run.text += answer["outputs"]
         self.run.tokens += fields["max_new_tokens"]
