@@ -103,18 +103,15 @@ class KeyRing:
     def __bool__(self) -> bool:
         return bool(self._keys)
 
-    @property
-    def ids(self) -> tuple[str, ...]:
-        return self.current().ids
-
     def identify(self, key: str) -> str | None:
         """The id of ``key`` among the keys in force, or None (constant time, as ``ApiKeys.identify``)."""
         return self.current().identify(key)
 
     def current(self) -> ApiKeys:
         """The keys in force, after reading the key file again if it changed."""
-        if self._path and self._interval and self._clock() - self._checked >= self._interval:
-            self._checked = self._clock()
+        now = self._clock()
+        if self._path and self._interval and now - self._checked >= self._interval:
+            self._checked = now
             version = _file_version(self._path)
             if version != self._version:
                 self._version = version
