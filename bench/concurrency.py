@@ -24,8 +24,10 @@ the machine used meanwhile (other people's work skews a run: this says how much)
 warm-up round runs first. Figures are printed, never asserted, against the targets (TARGETS); under
 each throughput target, the ceiling the swarm's own CPU sets on this machine (its cores over the
 swarm's CPU per token in raw's run: tokens/s no client could exceed).
+``--server-threads`` and ``--small-tensor-bytes`` (the servers' SWARM_SMALL_TENSOR_BYTES) take
+several values: one whole run for each, side by side.
 Run: ``.venv/bin/python -m bench.concurrency [--tokens 32] [--sessions 1 4 16 32] [--rounds 3]
-[--clients raw v1 stream gateway] [--log-dir DIR]`` (or ``make bench-concurrency``).
+[--clients raw v1 stream gateway] [--small-tensor-bytes 0 1048576] [--log-dir DIR]`` (or ``make bench-concurrency``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from bench.raw_process import RawProcess
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port, ui_process
 from services.common.cpus import available_cpus
 from services.inference.settings import default_dtype
+from services.swarm import small_tensors
 from services.swarm.launcher import SERVER_TORCH_THREADS, PrivateSwarm
 from tests.client import Api
 
@@ -527,7 +530,8 @@ class Stack:
 def print_header(args: argparse.Namespace, model: BenchModel, server_threads: int | None) -> None:
     print(f"\n=== {model.name}\nmachine: {machine_description()}")
     print(f"swarm: {len(model.blocks)} Petals servers (blocks {', '.join(model.blocks)}) on loopback, "
-          f"--attn_cache_tokens 32768, torch threads per server process: {server_threads or 'torch default'}; "
+          f"--attn_cache_tokens 32768, torch threads per server process: {server_threads or 'torch default'}, "
+          f"{small_tensors.LIMIT_ENV}={os.environ[small_tensors.LIMIT_ENV]}; "
           f"model: {model.description}, float32 on the servers, CPU; client-side layers (raw and "
           f"inference alike): {default_dtype('cpu')}")  # fmt: skip
     print(f"services: inference {INFERENCE_ENV}, gateway {GATEWAY_ENV} (2 workers); HTTP clients: http.client")
@@ -544,12 +548,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-timeout", type=float, default=300.0, help="seconds one run may take (default 300)")
     parser.add_argument("--log-dir", type=Path, help="keep the processes' logs here (default: a temporary directory)")
     add_models_argument(parser)
+    parser.add_argument("--small-tensor-bytes", type=int, nargs="+", default=[small_tensors.DEFAULT_LIMIT_BYTES],
+                        help=f"the servers' {small_tensors.LIMIT_ENV}, one whole run each; 0: torch's shared "
+                        f"memory for every tensor (default {small_tensors.DEFAULT_LIMIT_BYTES})")  # fmt: skip
     parser.add_argument("--server-threads", type=int, nargs="+", default=[SERVER_TORCH_THREADS],
                         help="torch threads of every Petals server process, one whole run each; 0: torch's "
                         f"default, one per core, as before issue 16 (default {SERVER_TORCH_THREADS})")  # fmt: skip
     args = parser.parse_args(argv)
     if args.tokens < 2 or args.rounds < 1 or min(args.sessions) < 1 or max(args.sessions) > 32:
         parser.error("--tokens must be at least 2, --rounds at least 1, --sessions between 1 and 32")
+    if min(args.small_tensor_bytes) < 0:
+        parser.error("--small-tensor-bytes must be at least 0")
     return args
 
 
@@ -562,14 +571,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {machine_description()}; load average at start {load_average()}", flush=True)
     for name in args.models:
         for threads in args.server_threads:
-            print(f"\n=== {name}, server threads {threads or 'torch default'}", flush=True)
-            measure_model(BENCH_MODELS[name], threads or None, clients, args)
+            for limit in args.small_tensor_bytes:
+                os.environ[small_tensors.LIMIT_ENV] = str(limit)  # the servers inherit the environment
+                print(f"\n=== {name}, server threads {threads or 'torch default'}, "
+                      f"{small_tensors.LIMIT_ENV}={limit}", flush=True)  # fmt: skip
+                measure_model(BENCH_MODELS[name], threads or None, clients, args)
 
 
 def measure_model(model: BenchModel, server_threads: int | None, clients: list[str], args: argparse.Namespace) -> None:
     """One model's whole run: its own swarm and services, the measurements, the report."""
     with tempfile.TemporaryDirectory(prefix="petals-chat-bench-") as work_dir:
-        logs = (args.log_dir or Path(work_dir)) / f"{model.name}-threads-{server_threads or 'default'}"
+        limit = os.environ[small_tensors.LIMIT_ENV]
+        logs = (args.log_dir or Path(work_dir)) / f"{model.name}-threads-{server_threads or 'default'}-small-{limit}"
         stack = Stack(model, logs, server_threads)
         try:
             stack.start()

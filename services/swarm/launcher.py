@@ -1,10 +1,11 @@
 """Start and stop a private Petals swarm on loopback.
 
-A swarm is N ``petals.cli.run_server`` processes, each serving a block range of one model; it
-may hold several models (``SwarmModel``: a directory, a DHT prefix, one block range per server),
-as the public swarm does: one DHT, each model's blocks announced under its own prefix. The
-first server creates the swarm (``--new_swarm``); the others, of whichever model, join it
-through the first server's multiaddr. Readiness comes from the servers themselves: each one
+A swarm is N Petals servers (``services.swarm.serve``, Petals' ``run_server`` with small tensors
+sent by value), each serving a block range of one model; it may hold several models
+(``SwarmModel``: a directory, a DHT prefix, one block range per server), as the public swarm
+does: one DHT, each model's blocks announced under its own prefix. The first server creates the
+swarm (``--new_swarm``); the others, of whichever model, join it through the first server's
+multiaddr. Readiness comes from the servers themselves: each one
 prints its multiaddr when its DHT node is up and ``Started`` once its blocks are loaded and
 announced.
 
@@ -74,7 +75,7 @@ def server_command(
     """
     swarm = ["--initial_peers", *initial_peers] if initial_peers else ["--new_swarm"]
     return [
-        sys.executable, "-m", "petals.cli.run_server", model,
+        sys.executable, "-m", "services.swarm.serve", model,
         "--dht_prefix", dht_prefix,
         "--host_maddrs", f"/ip4/{host}/tcp/{port}",
         "--block_indices", block_indices,

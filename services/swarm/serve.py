@@ -16,6 +16,9 @@ A server that joins (``--initial_peers``) first waits until one of its peers acc
 connections (at most SWARM_BOOTSTRAP_WAIT_SECONDS, default 600): Petals exits when it reaches no
 initial peer, and pods start in any order (server 0 loads its blocks meanwhile).
 
+Tensors of at most SWARM_SMALL_TENSOR_BYTES (default 1 MiB; 0 keeps torch's shared memory) cross
+the server's processes by value (services/swarm/small_tensors.py).
+
 SIGTERM shuts the server down gracefully, as Ctrl-C does (it announces its blocks offline, stops
 its handlers and its DHT). Petals installs no SIGTERM handler, and the container's PID 1 ignores a
 signal it has no handler for: without this, every stop waited for the grace period's SIGKILL.
@@ -33,7 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from services.common.config import ConfigError, Env
 from services.common.swarm_identity import DERIVED, IdentityError, identity_file_bytes, read_seed, resolve_multiaddr
+from services.swarm import small_tensors
 
 SEED_ENV = "SWARM_SEED_FILE"
 WAIT_ENV = "SWARM_BOOTSTRAP_WAIT_SECONDS"
@@ -105,13 +110,15 @@ def wait_for_a_peer(peers: list[str], timeout_s: float, log=print) -> bool:
 def main(argv: list[str]) -> int:
     try:
         args = resolve_args(argv, os.environ.get(SEED_ENV), Path(tempfile.gettempdir()))
-    except IdentityError as error:
+        small_tensor_bytes = Env().int(small_tensors.LIMIT_ENV, small_tensors.DEFAULT_LIMIT_BYTES, minimum=0)
+    except (IdentityError, ConfigError) as error:
         print(f"serve: {error}", file=sys.stderr, flush=True)
         return 2
     wait_s = float(os.environ.get(WAIT_ENV, "600"))
     wait_for_a_peer(initial_peers(args), wait_s, lambda line: print(line, file=sys.stderr, flush=True))
     print("serve: petals.cli.run_server", " ".join(args), file=sys.stderr, flush=True)
     graceful_sigterm()
+    small_tensors.install(small_tensor_bytes)
     sys.argv = ["petals.cli.run_server", *args]
     runpy.run_module("petals.cli.run_server", run_name="__main__", alter_sys=True)
     return 0

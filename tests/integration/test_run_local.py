@@ -241,7 +241,7 @@ def local_runner(
         replicas = len(models)
         # What the runner starts: the Petals servers with their forks and p2pd, replicas + ui + gateway
         # under gunicorn (master and workers; each inference worker with its own p2pd), the watchdog.
-        assert sum("petals.cli.run_server" in command for command in commands) > servers, describe(recorded.values())
+        assert sum("services.swarm.serve" in command for command in commands) > servers, describe(recorded.values())
         assert sum("gunicorn" in command for command in commands) > replicas + 2, describe(recorded.values())
         assert sum("p2pd" in command for command in commands) >= servers + replicas, describe(recorded.values())
         assert any("services.common.lifeline" in command for command in commands), describe(recorded.values())
