@@ -126,19 +126,22 @@ class SwarmServer:
         kill_group(self.process.pid)
         self.process.wait(10)
 
+    def terminate(self) -> None:
+        """SIGTERM the server's process group: Petals' graceful shutdown (services/swarm/serve.py)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+
     def stop(self, timeout: float) -> None:
-        """SIGTERM the server's process group, SIGKILL it if it lingers."""
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            if self.process.poll() is not None:
-                break
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.process.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
+        """SIGTERM the server's process group (unless ``terminate`` did), SIGKILL it if it lingers."""
+        if self.process.poll() is None:
+            self.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(5.0)
         kill_group(self.process.pid)  # no process of the group (workers, p2pd) outlives the server
 
 
@@ -281,9 +284,13 @@ class PrivateSwarm:
         return server
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Stop every server this swarm started (newest first)."""
+        """Stop every server this swarm started, all shutting down at once, within ``timeout`` in all."""
+        for server in self.servers:
+            if server.process.poll() is None:
+                server.terminate()
+        deadline = time.monotonic() + timeout
         for server in reversed(self.servers):
-            server.stop(timeout)
+            server.stop(max(0.1, deadline - time.monotonic()))
         self.servers.clear()
 
     def __enter__(self) -> PrivateSwarm:
