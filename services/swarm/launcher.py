@@ -98,6 +98,7 @@ class SwarmServer:
     log_path: Path
     multiaddr: str | None = None
     started: threading.Event = field(default_factory=threading.Event)
+    terminated: bool = False
 
     def follow_log(self, stream: IO[str]) -> None:
         """Copy the server's output into its log file, noting readiness lines."""
@@ -128,12 +129,13 @@ class SwarmServer:
 
     def terminate(self) -> None:
         """SIGTERM the server's process group: Petals' graceful shutdown (services/swarm/serve.py)."""
+        self.terminated = True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGTERM)
 
     def stop(self, timeout: float) -> None:
         """SIGTERM the server's process group (unless ``terminate`` did), SIGKILL it if it lingers."""
-        if self.process.poll() is None:
+        if self.process.poll() is None and not self.terminated:
             self.terminate()
         try:
             self.process.wait(timeout)
