@@ -527,11 +527,13 @@ class Stack:
             self.swarm.stop()
 
 
-def print_header(args: argparse.Namespace, model: BenchModel, server_threads: int | None) -> None:
+def print_header(
+    args: argparse.Namespace, model: BenchModel, server_threads: int | None, small_tensor_bytes: int
+) -> None:
     print(f"\n=== {model.name}\nmachine: {machine_description()}")
     print(f"swarm: {len(model.blocks)} Petals servers (blocks {', '.join(model.blocks)}) on loopback, "
           f"--attn_cache_tokens 32768, torch threads per server process: {server_threads or 'torch default'}, "
-          f"{small_tensors.LIMIT_ENV}={os.environ[small_tensors.LIMIT_ENV]}; "
+          f"{small_tensors.LIMIT_ENV}={small_tensor_bytes}; "
           f"model: {model.description}, float32 on the servers, CPU; client-side layers (raw and "
           f"inference alike): {default_dtype('cpu')}")  # fmt: skip
     print(f"services: inference {INFERENCE_ENV}, gateway {GATEWAY_ENV} (2 workers); HTTP clients: http.client")
@@ -572,23 +574,25 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         for threads in args.server_threads:
             for limit in args.small_tensor_bytes:
-                os.environ[small_tensors.LIMIT_ENV] = str(limit)  # the servers inherit the environment
                 print(f"\n=== {name}, server threads {threads or 'torch default'}, "
                       f"{small_tensors.LIMIT_ENV}={limit}", flush=True)  # fmt: skip
-                measure_model(BENCH_MODELS[name], threads or None, clients, args)
+                measure_model(BENCH_MODELS[name], threads or None, limit, clients, args)
 
 
-def measure_model(model: BenchModel, server_threads: int | None, clients: list[str], args: argparse.Namespace) -> None:
+def measure_model(
+    model: BenchModel, server_threads: int | None, small_tensor_bytes: int, clients: list[str], args: argparse.Namespace
+) -> None:
     """One model's whole run: its own swarm and services, the measurements, the report."""
+    os.environ[small_tensors.LIMIT_ENV] = str(small_tensor_bytes)  # the swarm's servers inherit it
     with tempfile.TemporaryDirectory(prefix="petals-chat-bench-") as work_dir:
-        limit = os.environ[small_tensors.LIMIT_ENV]
-        logs = (args.log_dir or Path(work_dir)) / f"{model.name}-threads-{server_threads or 'default'}-small-{limit}"
+        name = f"{model.name}-threads-{server_threads or 'default'}-small-{small_tensor_bytes}"
+        logs = (args.log_dir or Path(work_dir)) / name
         stack = Stack(model, logs, server_threads)
         try:
             stack.start()
             functions = stack.load_functions()
             runs = measure({name: functions[name] for name in clients}, args, stack.process_groups())
-            print_header(args, model, server_threads)
+            print_header(args, model, server_threads, small_tensor_bytes)
             print("\ncold start to ready (s):")
             print_table([(name, f"{seconds:.1f}") for name, seconds in stack.cold_start_s.items()])
             print()

@@ -5,9 +5,8 @@ sent by value), each serving a block range of one model; it may hold several mod
 (``SwarmModel``: a directory, a DHT prefix, one block range per server), as the public swarm
 does: one DHT, each model's blocks announced under its own prefix. The first server creates the
 swarm (``--new_swarm``); the others, of whichever model, join it through the first server's
-multiaddr. Readiness comes from the servers themselves: each one
-prints its multiaddr when its DHT node is up and ``Started`` once its blocks are loaded and
-announced.
+multiaddr. Readiness comes from the servers themselves: each one prints its multiaddr when its
+DHT node is up and ``Started`` once its blocks are loaded and announced.
 
 Every server runs in its own process group (the server forks workers and a p2pd daemon), so
 ``stop()`` ends everything it started by process-group id, and nothing else; and each group

@@ -110,11 +110,11 @@ def wait_for_a_peer(peers: list[str], timeout_s: float, log=print) -> bool:
 def main(argv: list[str]) -> int:
     try:
         args = resolve_args(argv, os.environ.get(SEED_ENV), Path(tempfile.gettempdir()))
+        wait_s = Env().float(WAIT_ENV, 600.0, minimum=0)
         small_tensor_bytes = Env().int(small_tensors.LIMIT_ENV, small_tensors.DEFAULT_LIMIT_BYTES, minimum=0)
     except (IdentityError, ConfigError) as error:
         print(f"serve: {error}", file=sys.stderr, flush=True)
         return 2
-    wait_s = float(os.environ.get(WAIT_ENV, "600"))
     wait_for_a_peer(initial_peers(args), wait_s, lambda line: print(line, file=sys.stderr, flush=True))
     print("serve: petals.cli.run_server", " ".join(args), file=sys.stderr, flush=True)
     graceful_sigterm()

@@ -112,9 +112,16 @@ def test_installing_twice_wraps_petals_function_once(installed):
     assert not hasattr(move.original, "original")
 
 
-def test_the_server_entry_point_rejects_a_bad_limit_in_one_line(monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        (small_tensors.LIMIT_ENV, "-1", "must be >= 0, got -1"),
+        ("SWARM_BOOTSTRAP_WAIT_SECONDS", "soon", "must be a number, got 'soon'"),
+    ],
+)
+def test_the_server_entry_point_rejects_a_bad_setting_in_one_line(monkeypatch, capsys, name, value, error):
     from services.swarm import serve
 
-    monkeypatch.setenv(small_tensors.LIMIT_ENV, "-1")
+    monkeypatch.setenv(name, value)
     assert serve.main(["some/model"]) == 2
-    assert capsys.readouterr().err.strip() == f"serve: {small_tensors.LIMIT_ENV} must be >= 0, got -1"
+    assert capsys.readouterr().err.strip() == f"serve: {name} {error}"
