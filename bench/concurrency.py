@@ -33,6 +33,7 @@ Run: ``.venv/bin/python -m bench.concurrency [--tokens 32] [--sessions 1 4 16 32
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import signal
 import statistics
@@ -59,7 +60,7 @@ from deploy.local_stack import ServiceProcess, gateway_process, inference_proces
 from services.common.cpus import available_cpus
 from services.inference.settings import default_dtype
 from services.swarm import small_tensors
-from services.swarm.launcher import SERVER_TORCH_THREADS, PrivateSwarm
+from services.swarm.launcher import PETALS_NUM_HANDLERS, SERVER_TORCH_THREADS, PrivateSwarm, handlers_per_server
 from tests.client import Api
 
 TARGETS = (  # issue 16's, printed with a verdict each, never asserted
@@ -450,13 +451,32 @@ def timed(start: Callable[[], object]) -> float:
     return time.perf_counter() - began
 
 
+@dataclass(frozen=True)
+class ServerSettings:
+    """What one whole run sets on every Petals server."""
+
+    torch_threads: int | None  # None: torch's default, one per core
+    small_tensor_bytes: int
+    num_handlers: int | None  # None: the launcher's default (handlers_per_server)
+
+    def describe(self, servers: int) -> str:
+        """The settings in words, for a swarm of ``servers`` servers."""
+        handlers = self.num_handlers or f"{handlers_per_server(servers)} (one per CPU per server)"
+        return (f"torch threads per server process {self.torch_threads or 'torch default'}, "
+                f"{small_tensors.LIMIT_ENV}={self.small_tensor_bytes}, --num_handlers {handlers}")  # fmt: skip
+
+    def slug(self) -> str:
+        return (f"threads-{self.torch_threads or 'default'}-small-{self.small_tensor_bytes}"
+                f"-handlers-{self.num_handlers or 'default'}")  # fmt: skip
+
+
 @dataclass
 class Stack:
     """What one run starts: the swarm, the services, the raw client; stopped by ``stop``, whatever happened."""
 
     model: BenchModel
     logs: Path
-    server_threads: int | None = SERVER_TORCH_THREADS
+    servers: ServerSettings
     model_dir: Path | None = None
     swarm: PrivateSwarm | None = None
     services: list[ServiceProcess] = field(default_factory=list)
@@ -467,7 +487,8 @@ class Stack:
         """Start everything one after the other, timing each part's cold start to ready."""
         self.model_dir = self.model.build()
         self.swarm = PrivateSwarm(self.model_dir, self.model.blocks, self.logs / "swarm", dht_prefix=DHT_PREFIX,
-                                  torch_threads=self.server_threads)  # fmt: skip
+                                  torch_threads=self.servers.torch_threads,
+                                  num_handlers=self.servers.num_handlers)  # fmt: skip
         self.cold_start_s["swarm (2 servers, to all Started)"] = timed(lambda: self.swarm.start(240))
         inference = inference_process(
             model_dir=self.model_dir,
@@ -527,13 +548,10 @@ class Stack:
             self.swarm.stop()
 
 
-def print_header(
-    args: argparse.Namespace, model: BenchModel, server_threads: int | None, small_tensor_bytes: int
-) -> None:
+def print_header(args: argparse.Namespace, model: BenchModel, servers: ServerSettings) -> None:
     print(f"\n=== {model.name}\nmachine: {machine_description()}")
     print(f"swarm: {len(model.blocks)} Petals servers (blocks {', '.join(model.blocks)}) on loopback, "
-          f"--attn_cache_tokens 32768, torch threads per server process: {server_threads or 'torch default'}, "
-          f"{small_tensors.LIMIT_ENV}={small_tensor_bytes}; "
+          f"--attn_cache_tokens 32768, {servers.describe(len(model.blocks))}; "
           f"model: {model.description}, float32 on the servers, CPU; client-side layers (raw and "
           f"inference alike): {default_dtype('cpu')}")  # fmt: skip
     print(f"services: inference {INFERENCE_ENV}, gateway {GATEWAY_ENV} (2 workers); HTTP clients: http.client")
@@ -556,11 +574,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--server-threads", type=int, nargs="+", default=[SERVER_TORCH_THREADS],
                         help="torch threads of every Petals server process, one whole run each; 0: torch's "
                         f"default, one per core, as before issue 16 (default {SERVER_TORCH_THREADS})")  # fmt: skip
+    parser.add_argument("--server-handlers", type=int, nargs="+", default=[0],
+                        help="the servers' --num_handlers (connection-handler processes), one whole run each; "
+                        f"0: one per CPU per server, the launcher's default; {PETALS_NUM_HANDLERS}: Petals' "
+                        "default, as before (default 0)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.tokens < 2 or args.rounds < 1 or min(args.sessions) < 1 or max(args.sessions) > 32:
         parser.error("--tokens must be at least 2, --rounds at least 1, --sessions between 1 and 32")
-    if min(args.small_tensor_bytes) < 0:
-        parser.error("--small-tensor-bytes must be at least 0")
+    if min(args.small_tensor_bytes) < 0 or min(args.server_threads) < 0 or min(args.server_handlers) < 0:
+        parser.error("--small-tensor-bytes, --server-threads and --server-handlers must be at least 0")
     return args
 
 
@@ -571,28 +593,25 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecation noise
     signal.signal(signal.SIGTERM, exit_on_sigterm)  # e.g. from `timeout`: still stop what we started
     print(f"machine: {machine_description()}; load average at start {load_average()}", flush=True)
-    for name in args.models:
-        for threads in args.server_threads:
-            for limit in args.small_tensor_bytes:
-                print(f"\n=== {name}, server threads {threads or 'torch default'}, "
-                      f"{small_tensors.LIMIT_ENV}={limit}", flush=True)  # fmt: skip
-                measure_model(BENCH_MODELS[name], threads or None, limit, clients, args)
+    for name, threads, limit, handlers in itertools.product(
+        args.models, args.server_threads, args.small_tensor_bytes, args.server_handlers
+    ):
+        servers = ServerSettings(threads or None, limit, handlers or None)
+        print(f"\n=== {name}, {servers.describe(len(BENCH_MODELS[name].blocks))}", flush=True)
+        measure_model(BENCH_MODELS[name], servers, clients, args)
 
 
-def measure_model(
-    model: BenchModel, server_threads: int | None, small_tensor_bytes: int, clients: list[str], args: argparse.Namespace
-) -> None:
+def measure_model(model: BenchModel, servers: ServerSettings, clients: list[str], args: argparse.Namespace) -> None:
     """One model's whole run: its own swarm and services, the measurements, the report."""
-    os.environ[small_tensors.LIMIT_ENV] = str(small_tensor_bytes)  # the swarm's servers inherit it
+    os.environ[small_tensors.LIMIT_ENV] = str(servers.small_tensor_bytes)  # the swarm's servers inherit it
     with tempfile.TemporaryDirectory(prefix="petals-chat-bench-") as work_dir:
-        name = f"{model.name}-threads-{server_threads or 'default'}-small-{small_tensor_bytes}"
-        logs = (args.log_dir or Path(work_dir)) / name
-        stack = Stack(model, logs, server_threads)
+        logs = (args.log_dir or Path(work_dir)) / f"{model.name}-{servers.slug()}"
+        stack = Stack(model, logs, servers)
         try:
             stack.start()
             functions = stack.load_functions()
             runs = measure({name: functions[name] for name in clients}, args, stack.process_groups())
-            print_header(args, model, server_threads, small_tensor_bytes)
+            print_header(args, model, servers)
             print("\ncold start to ready (s):")
             print_table([(name, f"{seconds:.1f}") for name, seconds in stack.cold_start_s.items()])
             print()

@@ -649,3 +649,17 @@ def test_torch_threads_follow_the_granted_cpus_and_the_servers_run_one():
             else:
                 assert env["TORCH_THREADS"] == (inference or granted_cpus(container["resources"]))
     assert granted_cpus({"requests": {"cpu": "2500m"}}) == "3" and granted_cpus({"limits": {"cpu": 1.5}}) == "2"
+
+
+def test_each_server_runs_one_connection_handler_per_granted_cpu():
+    """--num_handlers from the server's cpu limit, else its request, rounded up; swarm.numHandlers overrides."""
+    with helm_python.Chart.load(str(CHART)) as loaded:
+        defaults = render(loaded)
+        custom = render(loaded, {"swarm": {"numHandlers": 8}})
+    for docs, fixed in ((defaults, None), (custom, "8")):
+        servers = [d for d in docs if d["kind"] == "StatefulSet" and "-swarm-" in d["metadata"]["name"]]
+        assert len(servers) == 3  # SmolLM2's two, tiny BLOOM's one
+        for sts in servers:
+            container = sts["spec"]["template"]["spec"]["containers"][0]
+            assert arg(container, "--num_handlers") == (fixed or granted_cpus(container["resources"]))
+    assert {arg(server_container(defaults, key, 0), "--num_handlers") for key in ("smollm2", "tiny-bloom")} == {"1"}

@@ -9,7 +9,8 @@ import pytest
 from deploy.local_stack import SMOLLM2, TINY_BLOOM
 from deploy.run_local import _models
 from services.common.config import ConfigError, Env
-from services.swarm.launcher import PrivateSwarm, SwarmModel
+from services.swarm import launcher
+from services.swarm.launcher import PETALS_NUM_HANDLERS, PrivateSwarm, SwarmModel, handlers_per_server, server_command
 
 
 def test_a_swarm_of_several_models_numbers_their_servers_in_order(tmp_path: Path):
@@ -26,6 +27,23 @@ def test_a_one_model_swarm_keeps_its_constructor(tmp_path: Path):
     swarm = PrivateSwarm(Path("/m/bloom"), ["0:2", "2:4"], tmp_path, dht_prefix="p")
     assert swarm.models == [SwarmModel(Path("/m/bloom"), ("0:2", "2:4"), "p")]
     assert swarm.block_ranges == ["0:2", "2:4"] and len(swarm.ports) == 2
+
+
+@pytest.mark.parametrize(("servers", "cpus", "handlers"), [(2, 2, 1), (1, 2, 2), (4, 2, 1), (2, 16, 8), (3, 8, 2)])
+def test_each_server_gets_one_connection_handler_per_cpu_it_gets(servers: int, cpus: int, handlers: int):
+    assert handlers_per_server(servers, cpus) == handlers
+
+
+def test_the_swarm_sizes_its_servers_handlers_from_the_machines_cpus(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(launcher, "available_cpus", lambda: 4)
+    assert PrivateSwarm(Path("/m"), ["0:2", "2:4"], tmp_path).num_handlers == 2
+    assert PrivateSwarm(Path("/m"), ["0:1", "1:2", "2:3", "3:4", "4:5"], tmp_path).num_handlers == 1
+    assert PrivateSwarm(Path("/m"), ["0:4"], tmp_path, num_handlers=8).num_handlers == 8
+    where = {"block_indices": "0:4", "dht_prefix": "p", "host": "127.0.0.1", "port": 1, "identity_path": tmp_path}
+    command = server_command("/m", **where)
+    assert command[command.index("--num_handlers") + 1] == str(PETALS_NUM_HANDLERS)  # the function's own default
+    command = server_command("/m", **where, num_handlers=3)
+    assert command[command.index("--num_handlers") + 1] == "3"
 
 
 @pytest.mark.parametrize(
