@@ -38,7 +38,7 @@ from services.common.lifeline import kill_group, spawn
 
 _MULTIADDR = re.compile(r"Running a server on \['(?P<addr>/ip4/[^']+/p2p/\w+)'")
 _STARTED = re.compile(r"\[INFO\] Started\s*$")
-# A Petals server is a dozen processes (8 connection-handler forks, the runtime, p2pd), each of which
+# A Petals server is several processes (connection-handler forks, the runtime, p2pd), each of which
 # would start torch with one intra-op thread per core: under load they spin against each other.
 # One thread each cut the swarm's CPU per token from 95-145 ms to 12-15 ms (README, Threads).
 SERVER_TORCH_THREADS = 1
