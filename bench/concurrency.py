@@ -24,8 +24,9 @@ the machine used meanwhile (other people's work skews a run: this says how much)
 warm-up round runs first. Figures are printed, never asserted, against the targets (TARGETS); under
 each throughput target, the ceiling the swarm's own CPU sets on this machine (its cores over the
 swarm's CPU per token in raw's run: tokens/s no client could exceed).
-``--server-threads`` and ``--small-tensor-bytes`` (the servers' SWARM_SMALL_TENSOR_BYTES) take
-several values: one whole run for each, side by side.
+``--server-threads``, ``--small-tensor-bytes`` (the servers' SWARM_SMALL_TENSOR_BYTES) and
+``--server-handlers`` (their ``--num_handlers``) take several values: one whole run for each, side by
+side (bench/server_handlers.py compares handler counts with the swarms alive together instead).
 Run: ``.venv/bin/python -m bench.concurrency [--tokens 32] [--sessions 1 4 16 32] [--rounds 3]
 [--clients raw v1 stream gateway] [--small-tensor-bytes 0 1048576] [--log-dir DIR]`` (or ``make bench-concurrency``).
 """
