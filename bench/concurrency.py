@@ -28,7 +28,8 @@ swarm's CPU per token in raw's run: tokens/s no client could exceed).
 ``--server-handlers`` (their ``--num_handlers``) take several values: one whole run for each, side by
 side (bench/server_handlers.py compares handler counts with the swarms alive together instead).
 Run: ``.venv/bin/python -m bench.concurrency [--tokens 32] [--sessions 1 4 16 32] [--rounds 3]
-[--clients raw v1 stream gateway] [--small-tensor-bytes 0 1048576] [--log-dir DIR]`` (or ``make bench-concurrency``).
+[--clients raw v1 stream gateway] [--small-tensor-bytes 0 1048576] [--server-handlers 8 0]
+[--log-dir DIR]`` (or ``make bench-concurrency``).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def handlers_per_server(servers: int, cpus: int | None = None) -> int:
 
     Handler processes beyond the CPUs only add context switches, and a session's pushed inputs that
     land on another handler cross a process queue; on 2 cores, one handler per server instead of 8
-    cut the swarm's CPU per token by 7-13 % (README, Threads).
+    cut the swarm's CPU per token by 10-12 % (README, Threads and dtype; bench/server_handlers.py).
     """
     return max(1, (cpus or available_cpus()) // max(1, servers))
 
