@@ -47,13 +47,15 @@ PETALS_NUM_HANDLERS = 8  # Petals' own default of --num_handlers, sized for a bi
 
 def handlers_per_server(servers: int, cpus: int | None = None) -> int:
     """``--num_handlers`` of each of ``servers`` Petals servers sharing this machine: one
-    connection-handler process per CPU each server gets (``cpus`` defaults to ``available_cpus()``).
+    connection-handler process per CPU each server gets (``cpus`` defaults to ``available_cpus()``),
+    never more than Petals' own default.
 
     Handler processes beyond the CPUs only add context switches, and a session's pushed inputs that
     land on another handler cross a process queue; on 2 cores, one handler per server instead of 8
     cut the swarm's CPU per token by 10-12 % (README, Threads and dtype; bench/server_handlers.py).
+    More than 8 was never measured, so a big machine keeps Petals' 8.
     """
-    return max(1, (cpus or available_cpus()) // max(1, servers))
+    return max(1, min(PETALS_NUM_HANDLERS, (cpus or available_cpus()) // max(1, servers)))
 
 
 class SwarmError(RuntimeError):
@@ -79,14 +81,16 @@ def server_command(
     torch_dtype: str = "float32",
     device: str = "cpu",
     attn_cache_tokens: int = 32768,
-    num_handlers: int = PETALS_NUM_HANDLERS,
+    num_handlers: int | None = None,
 ) -> list[str]:
     """The argv of one Petals server; a new swarm when ``initial_peers`` is empty.
 
     ``attn_cache_tokens`` is the attention cache the server shares among all sessions (Petals
-    defaults to 4096 tokens: four 1024-token chat sessions would fill it).
+    defaults to 4096 tokens: four 1024-token chat sessions would fill it). Without
+    ``num_handlers``, services/swarm/serve.py sizes the handlers to the CPUs the server gets.
     """
     swarm = ["--initial_peers", *initial_peers] if initial_peers else ["--new_swarm"]
+    handlers = [] if num_handlers is None else ["--num_handlers", str(num_handlers)]
     return [
         sys.executable, "-m", "services.swarm.serve", model,
         "--dht_prefix", dht_prefix,
@@ -98,7 +102,7 @@ def server_command(
         "--device", device,
         "--skip_reachability_check",
         "--identity_path", str(identity_path),
-        "--num_handlers", str(num_handlers),
+        *handlers,
         *swarm,
     ]  # fmt: skip
 

@@ -16,6 +16,10 @@ A server that joins (``--initial_peers``) first waits until one of its peers acc
 connections (at most SWARM_BOOTSTRAP_WAIT_SECONDS, default 600): Petals exits when it reaches no
 initial peer, and pods start in any order (server 0 loads its blocks meanwhile).
 
+Without ``--num_handlers``, the server runs one connection-handler process per CPU this process may
+use (its affinity and cgroup quota), at most Petals' default of 8: a server run by hand in a
+container of 2 CPUs runs 2, not 8 (services/swarm/launcher.py, ``handlers_per_server``).
+
 Tensors of at most SWARM_SMALL_TENSOR_BYTES (default 1 MiB; 0 keeps torch's shared memory) cross
 the server's processes by value (services/swarm/small_tensors.py).
 
@@ -39,6 +43,7 @@ from pathlib import Path
 from services.common.config import ConfigError, Env
 from services.common.swarm_identity import DERIVED, IdentityError, identity_file_bytes, read_seed, resolve_multiaddr
 from services.swarm import small_tensors
+from services.swarm.launcher import handlers_per_server
 
 SEED_ENV = "SWARM_SEED_FILE"
 WAIT_ENV = "SWARM_BOOTSTRAP_WAIT_SECONDS"
@@ -70,6 +75,13 @@ def resolve_args(args: list[str], seed_file: str | None, identity_dir: Path) -> 
         resolved.append(arg)
         previous = arg
     return resolved
+
+
+def with_sized_handlers(args: list[str], cpus: int | None = None) -> list[str]:
+    """``args``, with ``--num_handlers`` for the CPUs this process gets added unless it is there."""
+    if any(arg == "--num_handlers" or arg.startswith("--num_handlers=") for arg in args):
+        return list(args)
+    return [*args, "--num_handlers", str(handlers_per_server(1, cpus))]
 
 
 def initial_peers(args: list[str]) -> list[str]:
@@ -109,7 +121,7 @@ def wait_for_a_peer(peers: list[str], timeout_s: float, log=print) -> bool:
 
 def main(argv: list[str]) -> int:
     try:
-        args = resolve_args(argv, os.environ.get(SEED_ENV), Path(tempfile.gettempdir()))
+        args = with_sized_handlers(resolve_args(argv, os.environ.get(SEED_ENV), Path(tempfile.gettempdir())))
         wait_s = Env().float(WAIT_ENV, 600.0, minimum=0)
         small_tensor_bytes = Env().int(small_tensors.LIMIT_ENV, small_tensors.DEFAULT_LIMIT_BYTES, minimum=0)
     except (IdentityError, ConfigError) as error:

@@ -652,7 +652,8 @@ def test_torch_threads_follow_the_granted_cpus_and_the_servers_run_one():
 
 
 def test_each_server_runs_one_connection_handler_per_granted_cpu():
-    """--num_handlers from the server's cpu limit, else its request, rounded up; swarm.numHandlers overrides."""
+    """--num_handlers from the server's cpu limit, else its request, rounded up, at most 8; swarm.numHandlers
+    overrides."""
     with helm_python.Chart.load(str(CHART)) as loaded:
         defaults = render(loaded)
         custom = render(loaded, {"swarm": {"numHandlers": 8}})
@@ -663,3 +664,8 @@ def test_each_server_runs_one_connection_handler_per_granted_cpu():
             container = sts["spec"]["template"]["spec"]["containers"][0]
             assert arg(container, "--num_handlers") == (fixed or granted_cpus(container["resources"]))
     assert {arg(server_container(defaults, key, 0), "--num_handlers") for key in ("smollm2", "tiny-bloom")} == {"1"}
+    for cpu, handlers in (("3", "3"), ("16", "8")):  # at most Petals' own default
+        model = {**HUB_MODEL, "swarm": {"servers": ["0:24"], "resources": {"limits": {"cpu": cpu, "memory": "8Gi"}}}}
+        with helm_python.Chart.load(str(CHART)) as loaded:
+            big = render(loaded, {"models": [model]})
+        assert arg(server_container(big, "bloom-560m", 0), "--num_handlers") == handlers

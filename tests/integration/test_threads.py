@@ -3,10 +3,21 @@ server the connection handlers it was sized for."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 from services.common.cpus import available_cpus
-from services.swarm.launcher import SERVER_TORCH_THREADS, handlers_per_server
+from services.common.lifeline import spawn
+from services.swarm.launcher import (
+    SERVER_TORCH_THREADS,
+    SwarmServer,
+    handlers_per_server,
+    pick_free_port,
+    server_command,
+)
 
 
 def _group_environments(pgid: int) -> list[dict[str, str]]:
@@ -50,6 +61,25 @@ def test_every_swarm_server_runs_one_connection_handler_per_cpu_it_gets(swarm):
     for server in swarm.servers:
         # the forks of the server's main process: its handlers and the DHT process (whose child is p2pd)
         assert len(_python_children(server.process.pid)) == expected + 1
+
+
+def test_a_server_run_by_hand_on_one_cpu_runs_one_connection_handler(model_dir: Path, tmp_path: Path):
+    """The swarm image's entry point without --num_handlers, as an operator may run it: pinned to
+    one CPU, it runs one handler (Petals alone would fork 8)."""
+    command = server_command(str(model_dir), block_indices="0:4", dht_prefix="by-hand", host="127.0.0.1",
+                             port=pick_free_port(), identity_path=tmp_path / "server.id")  # fmt: skip
+    assert "--num_handlers" not in command
+    cpu = str(min(os.sched_getaffinity(0)))
+    process = spawn(["taskset", "--cpu-list", cpu, *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    server = SwarmServer("petals server by hand", process, tmp_path / "server.log")
+    threading.Thread(target=server.follow_log, args=(process.stdout,), daemon=True).start()
+    try:
+        server.wait_until(server.started.is_set, "Started", time.monotonic() + 180)
+        assert "--num_handlers 1" in server.log_path.read_text()  # serve.py's logged command line
+        assert len(_python_children(process.pid)) == 1 + 1  # one handler and the DHT process
+    finally:
+        server.stop(15)
 
 
 def test_the_inference_worker_runs_torch_with_the_granted_cpus(inference):

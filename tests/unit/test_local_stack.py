@@ -10,7 +10,8 @@ from deploy.local_stack import SMOLLM2, TINY_BLOOM
 from deploy.run_local import _models
 from services.common.config import ConfigError, Env
 from services.swarm import launcher
-from services.swarm.launcher import PETALS_NUM_HANDLERS, PrivateSwarm, SwarmModel, handlers_per_server, server_command
+from services.swarm.launcher import PrivateSwarm, SwarmModel, handlers_per_server, server_command
+from services.swarm.serve import with_sized_handlers
 
 
 def test_a_swarm_of_several_models_numbers_their_servers_in_order(tmp_path: Path):
@@ -29,9 +30,19 @@ def test_a_one_model_swarm_keeps_its_constructor(tmp_path: Path):
     assert swarm.block_ranges == ["0:2", "2:4"] and len(swarm.ports) == 2
 
 
-@pytest.mark.parametrize(("servers", "cpus", "handlers"), [(2, 2, 1), (1, 2, 2), (4, 2, 1), (2, 16, 8), (3, 8, 2)])
+@pytest.mark.parametrize(
+    ("servers", "cpus", "handlers"), [(2, 2, 1), (1, 2, 2), (4, 2, 1), (2, 16, 8), (3, 8, 2), (1, 64, 8), (2, 64, 8)]
+)
 def test_each_server_gets_one_connection_handler_per_cpu_it_gets(servers: int, cpus: int, handlers: int):
     assert handlers_per_server(servers, cpus) == handlers
+
+
+def test_a_server_run_by_hand_gets_handlers_for_its_cpus_unless_given_some():
+    """services/swarm/serve.py, the swarm image's entry point: --num_handlers added only where absent."""
+    assert with_sized_handlers(["/m", "--new_swarm"], cpus=2) == ["/m", "--new_swarm", "--num_handlers", "2"]
+    assert with_sized_handlers(["/m"], cpus=64) == ["/m", "--num_handlers", "8"]  # at most Petals' default
+    for given in (["/m", "--num_handlers", "3"], ["/m", "--num_handlers=3"]):
+        assert with_sized_handlers(given, cpus=2) == given
 
 
 def test_the_swarm_sizes_its_servers_handlers_from_the_machines_cpus(tmp_path: Path, monkeypatch):
@@ -40,8 +51,7 @@ def test_the_swarm_sizes_its_servers_handlers_from_the_machines_cpus(tmp_path: P
     assert PrivateSwarm(Path("/m"), ["0:1", "1:2", "2:3", "3:4", "4:5"], tmp_path).num_handlers == 1
     assert PrivateSwarm(Path("/m"), ["0:4"], tmp_path, num_handlers=8).num_handlers == 8
     where = {"block_indices": "0:4", "dht_prefix": "p", "host": "127.0.0.1", "port": 1, "identity_path": tmp_path}
-    command = server_command("/m", **where)
-    assert command[command.index("--num_handlers") + 1] == str(PETALS_NUM_HANDLERS)  # the function's own default
+    assert "--num_handlers" not in server_command("/m", **where)  # left to services/swarm/serve.py
     command = server_command("/m", **where, num_handlers=3)
     assert command[command.index("--num_handlers") + 1] == "3"
 
