@@ -96,9 +96,10 @@ class ModelHandle:
         from petals import AutoDistributedModelForCausalLM
         from transformers import AutoTokenizer
 
-        from services.inference import lm_head, petals_compat
+        from services.inference import lm_head, petals_compat, step_packing
 
         petals_compat.install()
+        step_packing.install()
         settings = self._settings
         logger.info(
             "loading %s (dtype %s, device %s, %d torch threads)",
