@@ -47,10 +47,18 @@ def install() -> None:
         return
     import petals.client.inference_session as inference_session
 
-    inference_session.pack_args_kwargs = _packer(inference_session.pack_args_kwargs)
-    inference_session.serialize_torch_tensor = _serializer(inference_session.serialize_torch_tensor)
-    inference_session.BatchTensorDescriptor = StepTensorSchema
+    for name, replacement in replacements(inference_session).items():
+        setattr(inference_session, name, replacement)
     _installed = True
+
+
+def replacements(inference_session: Any) -> dict[str, Any]:
+    """What ``install`` sets in the module ``petals.client.inference_session``: name -> replacement."""
+    return {
+        "pack_args_kwargs": _packer(inference_session.pack_args_kwargs),
+        "serialize_torch_tensor": _serializer(inference_session.serialize_torch_tensor),
+        "BatchTensorDescriptor": StepTensorSchema,
+    }
 
 
 def _packer(pack_args_kwargs: Any) -> Any:

@@ -71,8 +71,7 @@ def steps(dtype: torch.dtype, compression: int, prompts: torch.Tensor, hypo_ids:
 @pytest.fixture
 def petals_functions(monkeypatch):
     """Petals' own packing functions, restored after the test (install() patches the module)."""
-    originals = {name: getattr(inference_session, name) for name in
-                 ("pack_args_kwargs", "serialize_torch_tensor", "BatchTensorDescriptor")}  # fmt: skip
+    originals = {name: getattr(inference_session, name) for name in step_packing.replacements(inference_session)}
     for name, function in originals.items():
         monkeypatch.setattr(inference_session, name, function)
     monkeypatch.setattr(step_packing, "_installed", False)
