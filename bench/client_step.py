@@ -13,6 +13,7 @@ Run: ``.venv/bin/python -m bench.client_step [--sessions 1 8 16] [--rounds 6] [-
 from __future__ import annotations
 
 import argparse
+import logging
 import resource
 import tempfile
 import threading
@@ -52,6 +53,7 @@ class Client:
         from petals import AutoDistributedModelForCausalLM
         from transformers import AutoTokenizer
 
+        logging.getLogger("petals.client").setLevel(logging.WARNING)  # no "Route found" line per session
         petals_compat.install()  # as the service does (a deadlock fix)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         dtype = getattr(torch, default_dtype("cpu"))
