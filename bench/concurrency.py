@@ -557,6 +557,10 @@ def print_header(args: argparse.Namespace, model: BenchModel, servers: ServerSet
           f"model: {model.description}, float32 on the servers, CPU; client-side layers (raw and "
           f"inference alike): {default_dtype('cpu')}")  # fmt: skip
     print(f"services: inference {INFERENCE_ENV}, gateway {GATEWAY_ENV} (2 workers); HTTP clients: http.client")
+    print(
+        "Petals clients: the raw one is the bare library (with the petals_compat deadlock fix); the inference "
+        "service's also packs its step requests with services/inference/step_packing.py"
+    )
     print(f"workload: N concurrent sessions x {args.tokens} greedy tokens, different prompts, {args.rounds} "
           f"rounds, client order rotating; load average at end {load_average()}")  # fmt: skip
 
