@@ -6,7 +6,8 @@ service never does), the last two are Petals' empty dummies. For each of them, o
 for every server, ``_ServerInferenceSession.step`` walks the arguments (``pack_args_kwargs``),
 builds a ``BatchTensorDescriptor`` (only its dtype and compression are read), and serializes
 the tensor into a new protobuf message. That was about 55 us of CPU per server per step on this
-project's 2-core machine, 0.1-0.35 ms per token with two servers (README, "Benchmarks").
+project's 2-core machine; with two servers, the client used 3-14 % less CPU per token without it
+(``python -m bench.client_step``; README, "Benchmarks").
 
 The three replacements in ``petals.client.inference_session`` produce the same requests, byte for
 byte (tests/unit/test_step_packing.py):
@@ -25,7 +26,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 _installed = False
-_THREE_TENSORS = ((b"__T0", b"__T1", b"__T2"), {})  # pack_args_kwargs(t0, t1, t2)[1]
 
 
 class StepTensorSchema(NamedTuple):
@@ -71,7 +71,7 @@ def _packer(pack_args_kwargs: Any) -> Any:
             and all(type(arg) is torch.Tensor for arg in args)
             and len({id(arg) for arg in args}) == 3  # Petals sends a tensor passed twice once
         ):
-            return list(args), _THREE_TENSORS
+            return list(args), ((b"__T0", b"__T1", b"__T2"), {})  # as pack_args_kwargs(t0, t1, t2) packs them
         return pack_args_kwargs(*args, **kwargs)
 
     return pack_three_tensors
