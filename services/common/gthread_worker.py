@@ -17,6 +17,13 @@ it back to the worker's poller and then to another thread. Measured with 16 such
 worker (a Falcon JSON answer), the worker's CPU per request fell from 0.44-0.50 ms to 0.34-0.35
 ms: thread wake-ups and poller changes. A connection that stays quiet goes to the poller as before.
 
+A response of known length (a ``Content-Length``: every JSON answer) leaves in one TCP segment,
+head and body together: gunicorn writes them with two sends, and the connection is corked
+(``TCP_CORK``) from the app's ``start_response`` until the request is done. Each v1 request then
+wakes its client once, not twice. Streams (no length) are never corked: each event leaves as it is
+written. Measured side by side (two replicas on one swarm, 16 sessions of 32 one-token v1 requests,
+6 alternating rounds, twice): 131.1 against 124.4 and 148.8 against 145.0 tokens/s.
+
 A client that trickles a request body still holds its thread while it does (gunicorn has no
 body deadline); a buffering proxy in front (the Ingress) is the defence against that.
 
@@ -78,6 +85,13 @@ def peek_path(sock: socket.socket) -> str | None:
     return target.partition(b"?")[0].decode("latin-1") or None
 
 
+def set_cork(sock: socket.socket, corked: bool) -> None:
+    """Hold (or release) a TCP connection's partial segments (``TCP_CORK``; Linux); a closed or
+    non-TCP socket is left as it is."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, corked)
+
+
 def _readable_within(sock: socket.socket, seconds: float) -> bool:
     """Whether ``sock`` has data (or its end) within ``seconds`` (poll: any descriptor number)."""
     poller = select.poll()
@@ -91,7 +105,7 @@ class Worker(gthread.ThreadWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_deadlines: dict[gthread.TConn, float] = {}  # connections reading a request head
-        self._request = threading.local()  # .path: the path peeked at, for handle_error
+        self._request = threading.local()  # .path: the path peeked at, for handle_error; .corked: a socket
         self._busy_threads = 0  # pool threads serving or awaiting a request
         self._busy_lock = threading.Lock()
 
@@ -146,9 +160,33 @@ class Worker(gthread.ThreadWorker):
         finally:
             self._head_deadlines.pop(conn, None)
 
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        self.wsgi = self._corking(self.wsgi)
+
+    def _corking(self, app: Any) -> Any:
+        """``app``, whose responses of known length cork their connection (uncorked once the
+        request is done, in ``handle_request``)."""
+
+        def corking_app(environ: dict, start_response: Any) -> Any:
+            def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+                if any(name.lower() == "content-length" for name, _ in headers):
+                    self._request.corked = environ["gunicorn.socket"]
+                    set_cork(self._request.corked, True)
+                return start_response(status, headers, exc_info)
+
+            return app(environ, start)
+
+        return corking_app
+
     def handle_request(self, req: Any, conn: gthread.TConn) -> Any:
         self._head_deadlines.pop(conn, None)  # the head is complete
-        return super().handle_request(req, conn)
+        try:
+            return super().handle_request(req, conn)
+        finally:
+            if (corked := getattr(self._request, "corked", None)) is not None:
+                self._request.corked = None
+                set_cork(corked, False)  # what is still held leaves now
 
     def handle_error(self, req: Any, client: socket.socket, addr: Any, exc: BaseException) -> None:
         """gunicorn's status, message and log line for a refused request, answered as JSON."""

@@ -1,13 +1,15 @@
 """The threaded worker's keep-alive fast path (services/common/gthread_worker.py), on a real
 gunicorn: the ui service, one worker, debug logs. A kept-alive connection's next request is
 served by the thread that answered the last one when it comes at once, by gunicorn's poller
-when it comes later; either way every answer is right, and a stop is not held up.
+when it comes later; either way every answer is right, and a stop is not held up. An answer of
+known length reaches its client in one TCP segment.
 """
 
 from __future__ import annotations
 
 import http.client
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -112,3 +114,29 @@ def test_a_client_calling_back_to_back_does_not_hold_up_a_stop(artifacts_dir):
         assert set(statuses) == {200}
     finally:
         service.stop()
+
+
+def data_segments_received(sock: socket.socket) -> int:
+    """``tcpi_data_segs_in`` of Linux's ``struct tcp_info``: data segments this socket has received."""
+    return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256), 152)[0]
+
+
+def test_an_answer_of_known_length_arrives_in_one_segment(ui_debug):
+    """gunicorn writes the head and the body with two sends; corked, they leave as one segment."""
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", ui_debug.port), timeout=30) as sock:
+        for _ in range(5):  # on one kept-alive connection: each answer is uncorked once sent
+            before = data_segments_received(sock)
+            sock.sendall(request)
+            response = b""
+            while b"\r\n\r\n" not in response or len(response) < answer_length(response):
+                response += sock.recv(65536)
+            assert response.startswith(b"HTTP/1.1 200 OK") and response.endswith(b'{"ok": true}')
+            assert data_segments_received(sock) - before == 1
+
+
+def answer_length(response: bytes) -> int:
+    """The whole answer's length, from its head's Content-Length."""
+    head, _, _ = response.partition(b"\r\n\r\n")
+    length = next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    return len(head) + 4 + int(length.split(b":")[1])
