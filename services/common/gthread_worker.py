@@ -19,10 +19,11 @@ ms: thread wake-ups and poller changes. A connection that stays quiet goes to th
 
 A response of known length (a ``Content-Length``: every JSON answer) leaves in one TCP segment,
 head and body together: gunicorn writes them with two sends, and the connection is corked
-(``TCP_CORK``) from the app's ``start_response`` until the request is done. Each v1 request then
-wakes its client once, not twice. Streams (no length) are never corked: each event leaves as it is
-written. Measured side by side (two replicas on one swarm, 16 sessions of 32 one-token v1 requests,
-6 alternating rounds, twice): 131.1 against 124.4 and 148.8 against 145.0 tokens/s.
+(``TCP_CORK``) from the app's ``start_response`` until the request is done: a client waiting for
+its answer wakes once for it, where two segments could wake it twice. Streams (no length) are
+never corked: each event leaves as it is written. Measured side by side (two replicas on one swarm,
+16 sessions of 32 one-token v1 requests, 6 alternating rounds, twice): 131.1 against 124.4 and
+148.8 against 145.0 tokens/s.
 
 A client that trickles a request body still holds its thread while it does (gunicorn has no
 body deadline); a buffering proxy in front (the Ingress) is the defence against that.
