@@ -70,8 +70,14 @@ def steps(dtype: torch.dtype, compression: int, prompts: torch.Tensor, hypo_ids:
 
 @pytest.fixture
 def petals_functions(monkeypatch):
-    """Petals' own packing functions, restored after the test (install() patches the module)."""
-    originals = {name: getattr(inference_session, name) for name in step_packing.replacements(inference_session)}
+    """Petals' own packing functions, taken from the modules that define them (never patched), in
+    the client module for the test and restored after it (install() patches that module)."""
+    originals = {
+        "pack_args_kwargs": pack_args_kwargs,
+        "serialize_torch_tensor": serialize_torch_tensor,
+        "BatchTensorDescriptor": BatchTensorDescriptor,
+    }
+    assert originals.keys() == step_packing.replacements(inference_session).keys()
     for name, function in originals.items():
         monkeypatch.setattr(inference_session, name, function)
     monkeypatch.setattr(step_packing, "_installed", False)
