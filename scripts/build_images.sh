@@ -35,10 +35,9 @@ Environment:
   PYTHON           python that stages the embedded models (default: <repo>/.venv/bin/python)
   DEBIAN_MIRROR    mirror for debootstrap (default: first bookworm mirror in apt's sources)
   TORCH_INDEX_URL  passed as a build arg when set (the inference/swarm torch index)
-  WHEELS_DIR       a host folder of wheels, mounted for the CPU targets' RUN steps and
-                   given to pip as find-links (e.g. /opt/wheels, which holds torch
-                   2.13.0+cpu on this machine, when PyTorch's CPU index can't be reached);
-                   never used by the GPU targets (they take PyPI's CUDA torch)
+  TORCH_WHEELS     a host folder of wheels holding torch 2.13.0+cpu, mounted for the CPU
+                   targets' RUN steps and given to pip as find-links (where PyTorch's CPU
+                   index can't be reached); never used by the GPU targets (PyPI's CUDA torch)
   EXTRA_BUILD_ARGS more arguments for `buildah bud` (word-split)
 
 Use the images with the same storage, e.g.:
@@ -138,21 +137,20 @@ fi
 # Mounted for RUN steps only, never part of an image: the bundle at /host-ca.crt and a pip.conf
 # that points pip at it (Dockerfile.cpu declares no PIP_CERT arg, so a build arg would not reach
 # pip; a mounted /etc/pip.conf does).
-# WHEELS_DIR is for the CPU targets only: its torch is the CPU wheel (2.13.0+cpu), and
-# `torch==2.13.0` would accept that local version, so a GPU build given those find-links would
-# quietly install CPU torch. The GPU targets get no wheels folder and no torch index: PyPI's torch.
+# TORCH_WHEELS is for the CPU targets only: its torch is the CPU wheel (2.13.0+cpu), which the
+# GPU set's hash-pinned `torch==2.13.0` refuses. The GPU targets get no wheels folder and no torch index: PyPI's torch.
 HOST_CA="${HOST_CA:-/etc/ssl/certs/ca-certificates.crt}"
 printf '[global]\ncert = /host-ca.crt\n' >"$CACHE/pip.conf"
 cp "$CACHE/pip.conf" "$CACHE/pip-gpu.conf"
 MOUNTS=(-v "$HOST_CA:/host-ca.crt:ro" -v "$CACHE/pip.conf:/etc/pip.conf:ro")
 GPU_MOUNTS=(-v "$HOST_CA:/host-ca.crt:ro" -v "$CACHE/pip-gpu.conf:/etc/pip.conf:ro")
-if [[ -n "${WHEELS_DIR:-}" ]]; then
+if [[ -n "${TORCH_WHEELS:-}" ]]; then
     printf 'find-links = /host-wheels\n' >>"$CACHE/pip.conf"
     # torch comes from the wheels folder: an index that has nothing (no folder per project)
     # instead of PyTorch's CPU index, which pip would otherwise retry for minutes where it
     # can't be reached.
     TORCH_INDEX_URL="${TORCH_INDEX_URL:-file:///host-wheels}"
-    MOUNTS+=(-v "$(cd "$WHEELS_DIR" && pwd):/host-wheels:ro")
+    MOUNTS+=(-v "$(cd "$TORCH_WHEELS" && pwd):/host-wheels:ro")
 fi
 
 build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE")

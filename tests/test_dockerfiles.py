@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from scripts.pins import pins, requirement_file
 from services.swarm.image_models import IMAGE_DIR, STAGE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,9 +49,11 @@ def test_inference_and_swarm_images_embed_the_staged_models(dockerfile: Path):
 
 def test_images_install_the_requirement_files_ci_installs():
     makefile = (ROOT / "Makefile").read_text()
-    ci_files = set(re.findall(r"requirements/[\w-]+\.txt", makefile.split("REQUIREMENTS :=")[1].splitlines()[0]))
+    ci_files = set()
+    for variable in ("REQUIREMENTS :=", "TORCH_REQUIREMENTS :="):
+        ci_files |= set(re.findall(r"requirements/[\w-]+\.txt", makefile.split(variable)[1].splitlines()[0]))
     for dockerfile in DOCKERFILES:
-        used = set(re.findall(r"requirements/[\w-]+\.txt", dockerfile.read_text())) - {"requirements/torch-gpu.txt"}
+        used = set(re.findall(r"requirements/[\w-]+\.txt", dockerfile.read_text()))
         assert used <= ci_files, f"{dockerfile.name} installs files CI never installs: {used - ci_files}"
 
 
@@ -98,7 +101,7 @@ def test_the_build_context_keeps_host_state_out():
 
 
 def test_gpu_builds_never_use_the_cpu_wheels_folder():
-    """WHEELS_DIR holds torch 2.13.0+cpu, which `torch==2.13.0` accepts: the GPU targets get neither
+    """TORCH_WHEELS holds torch 2.13.0+cpu, which `torch==2.13.0` accepts: the GPU targets get neither
     that folder nor its find-links (scripts/build_images.sh)."""
     script = (ROOT / "scripts" / "build_images.sh").read_text()
     gpu_mounts = re.search(r"^GPU_MOUNTS=\((.*)\)$", script, re.MULTILINE)[1]
@@ -108,13 +111,11 @@ def test_gpu_builds_never_use_the_cpu_wheels_folder():
     assert 'mounts=("${GPU_MOUNTS[@]}")' in gpu_branch and 'args=("${gpu_build_args[@]}")' in gpu_branch
 
 
-def pins(path: Path) -> dict[str, str]:
-    """``name==version`` lines of a requirements file (names lower-cased)."""
-    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
-    return {name.lower(): version for name, _, version in (line.partition("==") for line in lines if line)}
+def public_pins(name: str) -> dict[str, str]:
+    """A requirement file's pins, names lower-cased, versions without a local label (``+cpu``)."""
+    return {package.lower(): version.split("+")[0] for package, version in pins(requirement_file(name))}
 
 
 def test_the_gpu_torch_set_pins_the_cpu_sets_versions():
-    cpu, gpu = pins(ROOT / "requirements/torch-cpu.txt"), pins(ROOT / "requirements/torch-gpu.txt")
-    assert all(version for version in gpu.values()), f"every GPU requirement is pinned: {gpu}"
+    cpu, gpu = public_pins("torch-cpu"), public_pins("torch-gpu")
     assert {name: gpu.get(name) for name in cpu} == cpu  # torch and its pure-Python dependencies alike
