@@ -35,7 +35,7 @@ class Worker(UvicornWorker):
             "ws_ping_interval": 20.0,  # a peer that vanished without closing is found within ~40 s
             "ws_ping_timeout": 20.0,
             "lifespan": "on",
-            "proxy_headers": False,  # clients are told apart by TRUST_PROXY_HEADERS, the app's own setting
+            "proxy_headers": False,  # clients are told apart by TRUSTED_PROXIES, the app's own setting
             "server_header": False,
         }
         super().__init__(*args, **kwargs)
