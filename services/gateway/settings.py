@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from services.common.config import ConfigError, Env, ServerSettings
 from services.common.params import MODEL_NAME_PATTERN, SESSION_ID_PATTERN, Limits
 from services.gateway.api_keys import KeyRing
+from services.gateway.socket_protocol import largest_message_bytes
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -33,7 +34,8 @@ class GatewaySettings:
     default_model: str | None  # None: the model of the first replica that reports one
     debug_tracebacks: bool
     ws_idle_timeout_s: float  # a WebSocket with no message (and no answer running) this long is closed
-    ws_max_message_bytes: int  # larger messages get an error answer; over 4x, the connection is closed
+    ws_max_message_bytes: int  # larger messages get an error answer; over 2x, the connection is closed
+    ws_max_connections_per_client: int  # open WebSockets of one client per worker; 0: no limit
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> GatewaySettings:
@@ -58,7 +60,8 @@ class GatewaySettings:
             default_model=parse_default_model(env.str("DEFAULT_MODEL", "")),
             debug_tracebacks=env.bool("DEBUG_TRACEBACKS", False),
             ws_idle_timeout_s=env.float("WS_IDLE_TIMEOUT_SECONDS", 240.0, minimum=1.0),
-            ws_max_message_bytes=env.int("WS_MAX_MESSAGE_BYTES", limits.max_body_bytes, minimum=1024),
+            ws_max_message_bytes=env.int("WS_MAX_MESSAGE_BYTES", largest_message_bytes(limits), minimum=1024),
+            ws_max_connections_per_client=env.int("WS_MAX_CONNECTIONS_PER_CLIENT", 16, minimum=0),
         )
 
 
