@@ -215,6 +215,7 @@ def test_image_registry_tag_and_pull_policy(chart):
             "at '/networkPolicy/ingressController/namespace'",
         ),
         ({"networkPolicy": {"ingressController": {"podLabels": None}}}, "missing property 'podLabels'"),
+        ({"swarm": {"pdb": {"enabled": "yes"}}}, "at '/swarm/pdb/enabled'"),
     ],
 )
 def test_schema_rejects_bad_values_with_a_clear_message(chart, values, message):
@@ -458,6 +459,26 @@ def test_the_swarm_port_admits_only_the_release_swarm_servers_and_inference_repl
     peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "petals"}}}
     policy = find(render(chart, {"networkPolicy": {"swarmFrom": [peer]}}), "NetworkPolicy", f"{FULLNAME}-swarm")
     assert admitted(policy, {"app": "petals-server"}, "petals")
+
+
+def test_each_model_swarm_has_a_pdb_that_lets_no_server_be_evicted(chart):
+    """Each server holds blocks no other holds: a drain evicting one would cut its model's only route."""
+    docs = render(chart)
+    labels = pod_labels(docs)
+    budgets = [d for d in docs if d["kind"] == "PodDisruptionBudget" and "-swarm-" in d["metadata"]["name"]]
+    assert {b["metadata"]["name"] for b in budgets} == {f"{FULLNAME}-swarm-{key}" for key in DEFAULT_MODELS}
+    for key, (_, _, servers) in DEFAULT_MODELS.items():
+        budget = find(docs, "PodDisruptionBudget", f"{FULLNAME}-swarm-{key}")
+        selected = {name for name, pod in labels.items() if labels_match(budget["spec"]["selector"], pod)}
+        assert selected == {f"{FULLNAME}-swarm-{key}-{i}" for i in range(len(servers))}
+        assert budget["spec"] == {"minAvailable": len(servers), "selector": budget["spec"]["selector"]}
+    hub = render(
+        chart, {"models": [HUB_MODEL, dict(HUB_MODEL, name="p", key="p", path="p", swarm={"servers": ["0:2"]})]}
+    )
+    assert [d["metadata"]["name"] for d in hub if d["kind"] == "PodDisruptionBudget" and "-swarm-" in
+            d["metadata"]["name"]] == [f"{FULLNAME}-swarm-p"]  # fmt: skip
+    docs = render(chart, {"swarm": {"pdb": {"enabled": False}}})
+    assert not [d for d in docs if d["kind"] == "PodDisruptionBudget" and "-swarm-" in d["metadata"]["name"]]
 
 
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
