@@ -215,6 +215,7 @@ def test_image_registry_tag_and_pull_policy(chart):
             "at '/networkPolicy/ingressController/namespace'",
         ),
         ({"networkPolicy": {"ingressController": {"podLabels": None}}}, "missing property 'podLabels'"),
+        ({"gateway": {"rateLimitPerMinute": -1}}, "at '/gateway/rateLimitPerMinute': minimum"),
         ({"swarm": {"pdb": {"enabled": "yes"}}}, "at '/swarm/pdb/enabled'"),
     ],
 )
@@ -479,6 +480,16 @@ def test_each_model_swarm_has_a_pdb_that_lets_no_server_be_evicted(chart):
             d["metadata"]["name"]] == [f"{FULLNAME}-swarm-p"]  # fmt: skip
     docs = render(chart, {"swarm": {"pdb": {"enabled": False}}})
     assert not [d for d in docs if d["kind"] == "PodDisruptionBudget" and "-swarm-" in d["metadata"]["name"]]
+
+
+def test_by_default_one_client_cannot_starve_the_rest(chart):
+    """A request rate and a session quota per client, on by default; the operator's to change."""
+    docs = render(chart)
+    assert gateway_env(docs)["RATE_LIMIT_PER_MINUTE"] == "60"
+    for sts in (d for d in docs if d["kind"] == "StatefulSet" and "-inference-" in d["metadata"]["name"]):
+        assert container_env(sts["spec"]["template"]["spec"]["containers"][0])["MAX_SESSIONS_PER_CLIENT"] == "4"
+    docs = render(chart, {"gateway": {"rateLimitPerMinute": 0}, "inference": {"maxSessionsPerClient": 0}})
+    assert gateway_env(docs)["RATE_LIMIT_PER_MINUTE"] == "0"
 
 
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
