@@ -26,12 +26,13 @@ from tests.client import connect_ws
 CONNECTIONS = 3  # WS_MAX_CONNECTIONS_PER_CLIENT here
 LIMIT = largest_message_bytes(Limits())  # WS_MAX_MESSAGE_BYTES' default
 TRY_AGAIN_LATER, MESSAGE_TOO_BIG = 1013, 1009
+PROXY = "127.0.0.2"  # TRUSTED_PROXIES here: an Ingress controller's address
 
 
 @pytest.fixture(scope="module")
 def gateway(artifacts_dir) -> Iterator[ServiceProcess]:
-    """One worker (the connection limit is per worker), routing to a replica that is not there."""
-    env = {"GUNICORN_WORKERS": "1", "WS_MAX_CONNECTIONS_PER_CLIENT": str(CONNECTIONS)}
+    """One worker (the connection limit is per worker), routing to a replica that is not there, behind a proxy."""
+    env = {"GUNICORN_WORKERS": "1", "WS_MAX_CONNECTIONS_PER_CLIENT": str(CONNECTIONS), "TRUSTED_PROXIES": PROXY}
     process = gateway_process(replicas={"inference-0": "http://127.0.0.1:9"}, port=pick_free_port(),
                               log_path=artifacts_dir / "logs" / "gateway-ws-limits.log", extra_env=env)  # fmt: skip
     yield process.start_ready(timeout=60, path="/healthz")
@@ -88,7 +89,7 @@ def test_one_client_holds_at_most_its_connections(gateway):
         assert code == TRY_AGAIN_LATER
         assert messages == [{"ok": False, "traceback": f"This client already holds {CONNECTIONS} connections "
                                                        "(WS_MAX_CONNECTIONS_PER_CLIENT): close one first"}]  # fmt: skip
-        with connect_ws(gateway.port, source_address=("127.0.0.2", 0)) as other:  # another client is served
+        with connect_ws(gateway.port, source_address=("127.0.0.4", 0)) as other:  # another client is served
             other.send(generate("Hi"))
             assert "Open a session first" in json.loads(other.recv(timeout=10))["traceback"]
         for ws in sockets:  # the held ones are served as before
@@ -106,3 +107,29 @@ def test_one_client_holds_at_most_its_connections(gateway):
                     pass
             assert time.monotonic() < deadline, "a closed connection still counts"
             time.sleep(0.2)
+
+
+def refused(ws: ClientConnection) -> bool:
+    """Whether the gateway refused this connection for its client's connection limit."""
+    try:
+        ws.send(generate("Hi"))
+        return "WS_MAX_CONNECTIONS_PER_CLIENT" in json.loads(ws.recv(timeout=10))["traceback"]
+    except ConnectionClosed as closed:
+        return closed.rcvd is not None and closed.rcvd.code == TRY_AGAIN_LATER
+
+
+def test_x_forwarded_for_names_the_client_only_from_a_trusted_proxy(gateway):
+    """From TRUSTED_PROXIES, each forwarded address is a client of its own; from any other peer the header is
+    the client's own to write, so it cannot dodge its limit by naming other addresses."""
+    with ExitStack() as held:
+
+        def connect(source: str, forwarded: str) -> ClientConnection:
+            headers = {"X-Forwarded-For": forwarded}
+            return held.enter_context(connect_ws(gateway.port, source_address=(source, 0), additional_headers=headers))
+
+        spoofed = [connect("127.0.0.3", f"1.2.3.4, 198.51.100.{i}") for i in range(CONNECTIONS + 1)]
+        assert [refused(ws) for ws in spoofed] == [False] * CONNECTIONS + [True]
+        proxied = [connect(PROXY, f"1.2.3.4, 198.51.100.{i}") for i in range(CONNECTIONS + 1)]
+        assert not any(refused(ws) for ws in proxied)  # one client each
+        same = [connect(PROXY, "203.0.113.7") for _ in range(CONNECTIONS + 1)]
+        assert [refused(ws) for ws in same] == [False] * CONNECTIONS + [True]  # one client behind the proxy
