@@ -446,6 +446,17 @@ def test_with_the_ingress_only_its_controller_reaches_the_gateway_and_ui(chart):
             assert not admitted(policy, NGINX, "ingress-nginx")
 
 
+def test_notes_warn_when_no_scraper_is_admitted(chart):
+    monitoring = {"serviceMonitor": {"enabled": True}}
+    notes = chart.render({"ingress": {"enabled": True}, "monitoring": monitoring}, name=RELEASE, namespace=NAMESPACE)
+    text = next(t for path, t in notes.items() if path.endswith("NOTES.txt"))
+    assert "WARNING: the NetworkPolicies admit no scraper" in text and "the gateway and the ui" in text
+    scrapers = {"metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}]}
+    for values in ({"monitoring": monitoring, "networkPolicy": scrapers}, {}):
+        notes = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+        assert "WARNING" not in next(t for path, t in notes.items() if path.endswith("NOTES.txt"))
+
+
 def test_the_swarm_port_admits_only_the_release_swarm_servers_and_inference_replicas(chart):
     """Petals' DHT and libp2p have no authentication: before, any pod (or anything routed in) could join."""
     docs = render(chart)
