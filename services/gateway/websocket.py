@@ -10,12 +10,12 @@ past ``WS_IDLE_TIMEOUT_SECONDS`` or the gateway is stopping; a generation still 
 cancelled first (its stream to the replica is dropped, which stops it at once).
 
 Each connection is a coroutine and one pending read on the worker's event loop: thousands of
-open chats cost no thread. One client (``ClientIdentity.name``) holds at most
-``WS_MAX_CONNECTIONS_PER_CLIENT`` of a worker's connections: one more is answered with an error
-message and closed (code 1013, try again later). Messages keep being read while an answer is generated, so a message
+open chats cost no thread. Messages keep being read while an answer is generated, so a message
 that arrives meanwhile is answered with an error at once (and pings are answered). Errors that
 concern a message leave the connection open; one that ends the session (it expired, its replica
-is gone, the swarm lost it) is answered and then the connection is closed (code 1011).
+is gone, the swarm lost it) is answered and then the connection is closed (code 1011). One client
+(``ClientIdentity.name``) holds at most ``WS_MAX_CONNECTIONS_PER_CLIENT`` of a worker's
+connections: one more is answered with an error message and closed (code 1013, try again later).
 """
 
 from __future__ import annotations
