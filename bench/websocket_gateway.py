@@ -50,7 +50,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DHT_PREFIX = "petals-chat-bench-ws"
 INFERENCE_ENV = {"MAX_SESSIONS": "1400", "GUNICORN_THREADS": "320", "SESSION_TTL_SECONDS": "900",
                  "READINESS_INTERVAL_SECONDS": "2"}  # fmt: skip
-GATEWAY_ENV = {"GUNICORN_WORKERS": "2", "WS_IDLE_TIMEOUT_SECONDS": "900", "REPLICA_POLL_INTERVAL_SECONDS": "2"}
+# Its thousands of connections are one client's: no per-client connection limit.
+GATEWAY_ENV = {"GUNICORN_WORKERS": "2", "WS_IDLE_TIMEOUT_SECONDS": "900", "REPLICA_POLL_INTERVAL_SECONDS": "2",
+               "WS_MAX_CONNECTIONS_PER_CLIENT": "0"}  # fmt: skip
 
 
 def raise_fd_limit() -> tuple[int, int]:

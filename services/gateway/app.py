@@ -58,7 +58,7 @@ def build_app(settings: GatewaySettings) -> falcon.asgi.App:
     poller = ReplicaPoller(replicas, upstream, settings.poll_interval_s)
     origins = "*" if "*" in settings.cors_allow_origins else list(settings.cors_allow_origins)
     clients = ClientMiddleware(settings.api_keys, anonymous=bool(settings.anonymous_rate_limit_per_minute),
-                               trust_proxy_headers=settings.trust_proxy_headers)  # fmt: skip
+                               trusted_proxies=settings.trusted_proxies)  # fmt: skip
     middleware: list = [Lifespan(upstream, poller), falcon.CORSMiddleware(allow_origins=origins), clients]
     rate_limit = None
     if settings.rate_limit_per_minute or settings.anonymous_rate_limit_per_minute:

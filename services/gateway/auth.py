@@ -10,7 +10,7 @@ bring no key in too, as anonymous clients told apart by address, at that rate (a
 refused all the same).
 
 Every request gets a ``ClientIdentity`` (``req.context.client``): its key id, or its address
-(``X-Forwarded-For``'s last entry, the one the trusted Ingress added, with ``TRUST_PROXY_HEADERS``).
+(``X-Forwarded-For``'s last entry, the one the Ingress added, when the peer is one of ``TRUSTED_PROXIES``).
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from services.common.errors import Unauthorized, render_error
 from services.gateway.api_keys import ANONYMOUS, REFUSED, KeyRing
 from services.gateway.metrics import CLIENT_REQUESTS
+from services.gateway.settings import IpNetwork
 
 API_PREFIXES = ("/api/v1/", "/api/v2/", "/v1/")
 KEY_QUERY_PARAM = "api_key"
@@ -49,16 +51,28 @@ class ClientIdentity:
         return self.key_id or ANONYMOUS
 
 
-def client_address(req: Any, trust_proxy_headers: bool) -> str:
-    """The client's address: behind the trusted Ingress, the last ``X-Forwarded-For`` entry (the one
-    the Ingress added; earlier ones are the client's to write), else the peer's."""
-    if trust_proxy_headers:
+def client_address(req: Any, trusted_proxies: Sequence[IpNetwork]) -> str:
+    """The client's address: when the peer is a trusted proxy, the last ``X-Forwarded-For`` entry (the
+    one that proxy added; earlier ones are the client's to write), else the peer's."""
+    peer = req.remote_addr or "unknown"
+    if is_trusted(peer, trusted_proxies):
         forwarded = (req.get_header("X-Forwarded-For") or "").rsplit(",", 1)[-1].strip()
         try:
             return str(ipaddress.ip_address(forwarded))
         except ValueError:
             pass
-    return req.remote_addr or "unknown"
+    return peer
+
+
+def is_trusted(peer: str, trusted_proxies: Sequence[IpNetwork]) -> bool:
+    """Whether the peer's address is in one of ``trusted_proxies`` (an IPv4-mapped IPv6 one as IPv4)."""
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in network for network in trusted_proxies)
 
 
 def presented_key(req: Any, *, websocket: bool) -> str | None:
@@ -77,10 +91,10 @@ class ClientMiddleware:
     (401 in the route's error envelope; on the WebSocket an error message, then close 1008).
     Counts API requests per key id."""
 
-    def __init__(self, keys: KeyRing, *, anonymous: bool, trust_proxy_headers: bool) -> None:
+    def __init__(self, keys: KeyRing, *, anonymous: bool, trusted_proxies: Sequence[IpNetwork]) -> None:
         self._keys = keys
         self._anonymous = anonymous or not keys
-        self._trust_proxy_headers = trust_proxy_headers
+        self._trusted_proxies = tuple(trusted_proxies)
 
     async def process_resource_async(self, req: Any, resp: Any, resource: object, params: dict) -> None:
         if resource is not None and req.method != "OPTIONS":  # a CORS preflight carries no key
@@ -97,7 +111,7 @@ class ClientMiddleware:
 
     def _identify(self, req: Any, *, websocket: bool, api: bool) -> None:
         """Set ``req.context.client``; on an API route with keys on, check the key."""
-        address = client_address(req, self._trust_proxy_headers)
+        address = client_address(req, self._trusted_proxies)
         key_id = None
         if api and self._keys:
             key = presented_key(req, websocket=websocket)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
 from services.common.config import ConfigError, Env, ServerSettings
 from services.common.params import MODEL_NAME_PATTERN, SESSION_ID_PATTERN, Limits
 from services.gateway.api_keys import KeyRing
+from services.gateway.socket_protocol import largest_message_bytes
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -21,7 +25,7 @@ class GatewaySettings:
     poll_interval_s: float
     rate_limit_per_minute: int
     rate_limit_burst: int
-    trust_proxy_headers: bool
+    trusted_proxies: tuple[IpNetwork, ...]  # X-Forwarded-For is honoured from these peers only; (): from none
     api_keys: KeyRing  # empty: keys are off
     anonymous_rate_limit_per_minute: int  # with keys: > 0 lets clients without a key in, at this rate
     cors_allow_origins: tuple[str, ...]
@@ -30,7 +34,8 @@ class GatewaySettings:
     default_model: str | None  # None: the model of the first replica that reports one
     debug_tracebacks: bool
     ws_idle_timeout_s: float  # a WebSocket with no message (and no answer running) this long is closed
-    ws_max_message_bytes: int  # larger messages get an error answer; over 4x, the connection is closed
+    ws_max_message_bytes: int  # larger messages get an error answer; over 2x, the connection is closed
+    ws_max_connections_per_client: int  # open WebSockets of one client per worker; 0: no limit
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> GatewaySettings:
@@ -46,7 +51,7 @@ class GatewaySettings:
             poll_interval_s=env.float("REPLICA_POLL_INTERVAL_SECONDS", 2.0, minimum=0.1),
             rate_limit_per_minute=env.int("RATE_LIMIT_PER_MINUTE", 0, minimum=0),
             rate_limit_burst=env.int("RATE_LIMIT_BURST", 20, minimum=1),
-            trust_proxy_headers=env.bool("TRUST_PROXY_HEADERS", False),
+            trusted_proxies=parse_trusted_proxies(env),
             api_keys=api_keys,
             anonymous_rate_limit_per_minute=anonymous_rate(env, api_keys),
             cors_allow_origins=env.list("CORS_ALLOW_ORIGINS", ("*",)),
@@ -55,7 +60,8 @@ class GatewaySettings:
             default_model=parse_default_model(env.str("DEFAULT_MODEL", "")),
             debug_tracebacks=env.bool("DEBUG_TRACEBACKS", False),
             ws_idle_timeout_s=env.float("WS_IDLE_TIMEOUT_SECONDS", 240.0, minimum=1.0),
-            ws_max_message_bytes=env.int("WS_MAX_MESSAGE_BYTES", limits.max_body_bytes, minimum=1024),
+            ws_max_message_bytes=env.int("WS_MAX_MESSAGE_BYTES", largest_message_bytes(limits), minimum=1024),
+            ws_max_connections_per_client=env.int("WS_MAX_CONNECTIONS_PER_CLIENT", 16, minimum=0),
         )
 
 
@@ -65,6 +71,20 @@ def anonymous_rate(env: Env, api_keys: KeyRing) -> int:
     if rate and not api_keys:
         raise ConfigError("ANONYMOUS_RATE_LIMIT_PER_MINUTE needs API_KEYS or API_KEYS_FILE; else RATE_LIMIT_PER_MINUTE")
     return rate
+
+
+def parse_trusted_proxies(env: Env) -> tuple[IpNetwork, ...]:
+    """TRUSTED_PROXIES: the addresses or CIDRs of the proxies whose X-Forwarded-For is honoured (as
+    uvicorn's ``forwarded_allow_ips``). It replaces TRUST_PROXY_HEADERS, which trusted any peer."""
+    if env.bool("TRUST_PROXY_HEADERS", False):
+        raise ConfigError("TRUST_PROXY_HEADERS is replaced by TRUSTED_PROXIES: list the proxies' addresses or CIDRs")
+    networks = []
+    for entry in env.list("TRUSTED_PROXIES"):
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ConfigError(f"TRUSTED_PROXIES entries must be addresses or CIDRs, got {entry!r}") from None
+    return tuple(networks)
 
 
 def parse_default_model(value: str) -> str | None:

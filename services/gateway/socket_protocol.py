@@ -32,6 +32,9 @@ from services.common.params import (
 
 OPEN, GENERATE = "open_inference_session", "generate"
 _NOT_PARAMETERS = {"type", "stop_sequence", "extra_stop_sequences"}
+# JSON's longest spelling of one character: an astral one as an escaped surrogate pair, "\ud83d\ude00".
+MAX_JSON_BYTES_PER_CHAR = 12
+OTHER_FIELDS_BYTES = 4096  # the keys, numbers, booleans, the model name (128 characters, 6 bytes each) and spaces
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,14 @@ class Generate:
     params: GenerateParams
     stop_sequence: str | None
     extra_stop_sequences: tuple[str, ...]
+
+
+def largest_message_bytes(limits: Limits) -> int:
+    """Bytes of the largest valid message, a ``generate`` with every string at its longest: ``inputs``
+    (MAX_INPUT_CHARS characters), ``stop_sequence`` and the extra ones (5 x 64 characters), each character
+    at 12 bytes, plus the other fields. The defaults: (16,384 + 5 x 64) x 12 + 4,096 = 204,544 bytes."""
+    chars = limits.max_input_chars + MAX_STOP_CHARS * (1 + MAX_STOP_SEQUENCES)
+    return chars * MAX_JSON_BYTES_PER_CHAR + OTHER_FIELDS_BYTES
 
 
 def parse_message(data: str | bytes, max_bytes: int) -> dict[str, Any]:

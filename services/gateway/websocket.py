@@ -13,7 +13,9 @@ Each connection is a coroutine and one pending read on the worker's event loop: 
 open chats cost no thread. Messages keep being read while an answer is generated, so a message
 that arrives meanwhile is answered with an error at once (and pings are answered). Errors that
 concern a message leave the connection open; one that ends the session (it expired, its replica
-is gone, the swarm lost it) is answered and then the connection is closed (code 1011).
+is gone, the swarm lost it) is answered and then the connection is closed (code 1011). One client
+(``ClientIdentity.name``) holds at most ``WS_MAX_CONNECTIONS_PER_CLIENT`` of a worker's
+connections: one more is answered with an error message and closed (code 1013, try again later).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ logger = logging.getLogger(__name__)
 ENDPOINT = "/api/v2/generate"
 _STREAM_PATH = "/api/v2/generate_stream"
 _SESSION_LOST = 1011  # close code after an error that ended the session
+_TRY_AGAIN_LATER = 1013  # close code of a connection over its client's WS_MAX_CONNECTIONS_PER_CLIENT
 _BUSY = "A generation is running on this connection: send the next message after its last answer (stop: true)"
 
 
@@ -64,6 +67,7 @@ class GenerateSocketResource:
         self._rate_limit = rate_limit
         origins = settings.cors_allow_origins
         self._origins = None if "*" in origins else set(origins)
+        self._per_client = ConnectionsPerClient(settings.ws_max_connections_per_client)
 
     async def on_get(self, req: Request, resp: falcon.asgi.Response) -> None:
         resp.status = falcon.HTTP_426
@@ -81,13 +85,47 @@ class GenerateSocketResource:
             await ws.close()  # before the handshake: HTTP 403 (CORS_ALLOW_ORIGINS)
             return
         await ws.accept()
+        client = req.context.client.name
+        if not self._per_client.open(client):
+            await self._refuse(ws)
+            return
         WEBSOCKET_CONNECTIONS.inc()
         connection = _Connection(self._router, self._settings, self._rate_limit, req, ws)
         try:
             await connection.serve()
         finally:
+            self._per_client.close(client)
             WEBSOCKET_CONNECTIONS.dec()
             await connection.close_session()
+
+    async def _refuse(self, ws: falcon.asgi.WebSocket) -> None:
+        """The protocol's error message, then close 1013: the client is at its connection limit."""
+        limit = self._per_client.limit
+        text = f"This client already holds {limit} connections (WS_MAX_CONNECTIONS_PER_CLIENT): close one first"
+        with contextlib.suppress(WebSocketDisconnected):
+            await ws.send_text(json.dumps({"ok": False, "traceback": text}))
+            await ws.close(_TRY_AGAIN_LATER, "too many connections")
+
+
+class ConnectionsPerClient:
+    """Open connections per client in this worker, at most ``limit`` each (0: no limit)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+
+    def open(self, client: str) -> bool:
+        """Count a new connection of ``client``; False (not counted) when it is at its limit."""
+        count = self._open.get(client, 0)
+        if self.limit and count >= self.limit:
+            return False
+        self._open[client] = count + 1
+        return True
+
+    def close(self, client: str) -> None:
+        count = self._open.pop(client, 1) - 1
+        if count > 0:
+            self._open[client] = count
 
 
 class _Connection:

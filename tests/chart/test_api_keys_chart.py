@@ -34,7 +34,7 @@ def test_keys_are_off_by_default(chart):
     _, container = gateway(docs)
     assert "API_KEYS_FILE" not in container_env(container) and "API_KEYS" not in container_env(container)
     assert not [d for d in docs if d["kind"] == "Secret" and "api-keys" in d["metadata"]["name"]]
-    assert {env["MAX_SESSIONS_PER_CLIENT"] for env in inference_env(docs)} == {"0"}
+    assert {env["MAX_SESSIONS_PER_CLIENT"] for env in inference_env(docs)} == {"4"}  # the quota is on without keys
 
 
 def test_keys_from_the_chart_made_secret_are_mounted_as_a_file(chart):

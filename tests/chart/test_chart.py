@@ -7,6 +7,7 @@ import base64
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import helm_python
@@ -208,6 +209,14 @@ def test_image_registry_tag_and_pull_policy(chart):
         ({"inference": {"sessionTtlSeconds": 0}}, "at '/inference/sessionTtlSeconds': minimum"),
         ({"inference": {"sessionTtlSeconds": -30}}, "at '/inference/sessionTtlSeconds': minimum"),
         ({"replicaCount": 3}, "additional properties 'replicaCount' not allowed"),
+        ({"ingress": {"trustedProxies": ["ingress-nginx"]}}, "at '/ingress/trustedProxies/0'"),
+        (
+            {"networkPolicy": {"ingressController": {"namespace": "Bad_NS", "podLabels": {"a": "b"}}}},
+            "at '/networkPolicy/ingressController/namespace'",
+        ),
+        ({"networkPolicy": {"ingressController": {"podLabels": None}}}, "missing property 'podLabels'"),
+        ({"gateway": {"rateLimitPerMinute": -1}}, "at '/gateway/rateLimitPerMinute': minimum"),
+        ({"swarm": {"pdb": {"enabled": "yes"}}}, "at '/swarm/pdb/enabled'"),
     ],
 )
 def test_schema_rejects_bad_values_with_a_clear_message(chart, values, message):
@@ -273,21 +282,60 @@ def test_inference_probes_and_graceful_drain(chart):
     assert pod["terminationGracePeriodSeconds"] > 60  # gunicorn's graceful timeout
 
 
+def gateway_env(docs: list[dict]) -> dict:
+    return container_env(find(docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"]["containers"][0])
+
+
 def test_gateway_env_and_ingress_routes(chart):
     docs = render(chart, {"ingress": {"enabled": True, "hosts": ["chat.example.com"]}, "gateway": {"workers": 3}})
-    env = container_env(find(docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"]["containers"][0])
-    assert env["TRUST_PROXY_HEADERS"] == "1"
+    env = gateway_env(docs)
+    assert env["TRUSTED_PROXIES"] == "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,fc00::/7"
+    assert "TRUST_PROXY_HEADERS" not in env  # replaced: it trusted X-Forwarded-For from any peer
     assert env["GUNICORN_WORKERS"] == "3"
     assert env["PROMETHEUS_MULTIPROC_DIR"] == "/tmp/metrics"
     ingress = find(docs, "Ingress", FULLNAME)
     (rule,) = ingress["spec"]["rules"]
     assert rule["host"] == "chat.example.com"
     routes = {p["path"]: (p["pathType"], p["backend"]["service"]["name"]) for p in rule["http"]["paths"]}
-    gateway = ("Prefix", f"{FULLNAME}-gateway")
-    assert routes == {"/": ("Prefix", f"{FULLNAME}-ui"), "/api": gateway, "/v1": gateway}
-    docs = render(chart, {"ingress": {"enabled": False}})
-    env = container_env(find(docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"]["containers"][0])
-    assert env["TRUST_PROXY_HEADERS"] == "0"
+    gateway, ui = f"{FULLNAME}-gateway", f"{FULLNAME}-ui"
+    assert routes == {"/": ("Exact", ui), "/static": ("Prefix", ui), "/api": ("Prefix", gateway),
+                      "/v1": ("Prefix", gateway)}  # fmt: skip
+    assert gateway_env(render(chart, {"ingress": {"enabled": False}}))["TRUSTED_PROXIES"] == ""  # no proxy: none
+    env = gateway_env(render(chart, {"ingress": {"enabled": True, "trustedProxies": ["10.42.0.0/16", "fd00::1"]}}))
+    assert env["TRUSTED_PROXIES"] == "10.42.0.0/16,fd00::1"
+
+
+def ingress_backend(paths: list[dict], path: str) -> str | None:
+    """The Service an Ingress sends ``path`` to (Kubernetes' matching: the longest Prefix by path element)."""
+    matches = []
+    for rule in paths:
+        prefix = rule["path"].rstrip("/")
+        if rule["pathType"] == "Exact":
+            hit = path == rule["path"]
+        else:
+            hit = prefix == "" or path == prefix or path.startswith(prefix + "/")
+        if hit:
+            matches.append((rule["pathType"] == "Exact", len(prefix), rule["backend"]["service"]["name"]))
+    return max(matches)[2] if matches else None
+
+
+def test_the_ingress_routes_only_the_page_and_its_assets_to_the_ui(chart):
+    """Not the ui's /metrics, /healthz or /readyz: only what the page itself needs (its links, rendered as the
+    ui renders them) and the API."""
+    from services.ui.assets import load_static, render_page
+
+    (rule,) = find(render(chart, {"ingress": {"enabled": True}}), "Ingress", FULLNAME)["spec"]["rules"]
+    paths = rule["http"]["paths"]
+    ui, gateway = f"{FULLNAME}-ui", f"{FULLNAME}-gateway"
+    page = render_page(load_static(), {}).body.decode()
+    links = [link.split("?")[0] for link in re.findall(r'(?:href|src)="(/[^"]*)"', page)]
+    assert links and all(link.startswith("/static/") for link in links)
+    for path in ["/", *links]:
+        assert ingress_backend(paths, path) == ui, path
+    for path in ("/api/v1/generate", "/api/v2/generate", "/v1/chat/completions", "/api/openapi.json"):
+        assert ingress_backend(paths, path) == gateway, path
+    for path in ("/metrics", "/healthz", "/readyz", "/static-x", "/index.html", "/anything"):
+        assert ingress_backend(paths, path) is None, path
 
 
 def test_autoscaling_owns_the_replica_count(chart):
@@ -337,13 +385,122 @@ def test_network_policy_metrics_peers_are_added_on_the_same_port(chart):
 
 
 def test_every_other_pod_opens_only_its_service_port(chart):
-    docs = render(chart, combo_values("cpu", True, True, True))
+    docs = render(chart, combo_values("cpu", False, True, True))  # no Ingress: the web tiers take any client
     for tier, port in (("gateway", 8080), ("ui", 8080), ("swarm", 31337)):
         policy = find(docs, "NetworkPolicy", f"{FULLNAME}-{tier}")
         assert policy["spec"]["policyTypes"] == ["Ingress"]
-        assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": port}]}], tier
+        assert [rule["ports"] for rule in policy["spec"]["ingress"]] == [[{"protocol": "TCP", "port": port}]], tier
     docs = render(chart, {"swarm": {"enabled": False}})
     assert not [d for d in docs if d["metadata"]["name"] == f"{FULLNAME}-swarm"]
+
+
+def pod_labels(docs: list[dict]) -> dict[str, dict]:
+    """Every workload's pod labels, by workload name."""
+    return {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in docs
+            if d["kind"] in ("Deployment", "StatefulSet")}  # fmt: skip
+
+
+def admitted(policy: dict, labels: dict, namespace: str = NAMESPACE, namespace_labels: dict | None = None) -> bool:
+    """Whether a pod with ``labels`` in ``namespace`` may connect under one NetworkPolicy's ingress rules."""
+    namespace_labels = namespace_labels or {"kubernetes.io/metadata.name": namespace}
+    for rule in policy["spec"]["ingress"]:
+        if "from" not in rule:
+            return True
+        for peer in rule["from"]:
+            assert set(peer) <= {"podSelector", "namespaceSelector"}, "no IP peers"
+            selector = peer.get("namespaceSelector")
+            in_namespace = labels_match(selector, namespace_labels) if selector else namespace == NAMESPACE
+            if in_namespace and labels_match(peer.get("podSelector", {}), labels):
+                return True
+    return False
+
+
+NGINX = {"app.kubernetes.io/name": "ingress-nginx", "app.kubernetes.io/instance": "x",
+         "app.kubernetes.io/component": "controller"}  # fmt: skip
+
+
+def test_with_the_ingress_only_its_controller_reaches_the_gateway_and_ui(chart):
+    """Before, any pod could reach the gateway and (it trusting X-Forwarded-For) pick its client address."""
+    docs = render(chart, {"ingress": {"enabled": True}})
+    labels = pod_labels(docs)
+    for tier in ("gateway", "ui"):
+        policy = find(docs, "NetworkPolicy", f"{FULLNAME}-{tier}")
+        assert [rule["ports"] for rule in policy["spec"]["ingress"]] == [[{"protocol": "TCP", "port": 8080}]]
+        assert admitted(policy, NGINX, "ingress-nginx")
+        assert not admitted(policy, NGINX, NAMESPACE)  # the controller's labels, in another namespace
+        assert not admitted(policy, {"app": "attacker"}, "ingress-nginx")
+        for name, pod in labels.items():  # none of the release's pods (the ui calls no gateway; nor the gateway it)
+            assert not admitted(policy, pod), (tier, name)
+        assert not admitted(policy, {"app": "prometheus"}, "monitoring")
+
+    scrapers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    traefik = {"app.kubernetes.io/name": "traefik", "app.kubernetes.io/component": None}  # null drops a default
+    controller = {"namespace": "traefik", "podLabels": traefik}
+    docs = render(chart, {"ingress": {"enabled": True}, "monitoring": {"serviceMonitor": {"enabled": True}},
+                          "networkPolicy": {"metricsFrom": scrapers, "ingressController": controller}})  # fmt: skip
+    for tier in ("gateway", "ui", "inference"):
+        policy = find(docs, "NetworkPolicy", f"{FULLNAME}-{tier}")
+        assert admitted(policy, {"app": "prometheus"}, "monitoring"), tier
+        if tier != "inference":
+            assert admitted(policy, {"app.kubernetes.io/name": "traefik"}, "traefik")
+            assert not admitted(policy, NGINX, "ingress-nginx")
+
+
+def test_notes_warn_when_no_scraper_is_admitted(chart):
+    monitoring = {"serviceMonitor": {"enabled": True}}
+    notes = chart.render({"ingress": {"enabled": True}, "monitoring": monitoring}, name=RELEASE, namespace=NAMESPACE)
+    text = next(t for path, t in notes.items() if path.endswith("NOTES.txt"))
+    assert "WARNING: the NetworkPolicies admit no scraper" in text and "the gateway and the ui" in text
+    scrapers = {"metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}]}
+    for values in ({"monitoring": monitoring, "networkPolicy": scrapers}, {}):
+        notes = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+        assert "WARNING" not in next(t for path, t in notes.items() if path.endswith("NOTES.txt"))
+
+
+def test_the_swarm_port_admits_only_the_release_swarm_servers_and_inference_replicas(chart):
+    """Petals' DHT and libp2p have no authentication: before, any pod (or anything routed in) could join."""
+    docs = render(chart)
+    policy = find(docs, "NetworkPolicy", f"{FULLNAME}-swarm")
+    assert [rule["ports"] for rule in policy["spec"]["ingress"]] == [[{"protocol": "TCP", "port": 31337}]]
+    assert labels_match(policy["spec"]["podSelector"], pod_labels(docs)[f"{FULLNAME}-swarm-smollm2-0"])
+    for name, labels in pod_labels(docs).items():
+        assert admitted(policy, labels) == ("-swarm-" in name or "-inference-" in name), name
+    other_release = dict(pod_labels(docs)[f"{FULLNAME}-swarm-smollm2-0"], **{"app.kubernetes.io/instance": "other"})
+    assert not admitted(policy, other_release)
+    assert not admitted(policy, pod_labels(docs)[f"{FULLNAME}-inference-smollm2"], "elsewhere")
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "petals"}}}
+    policy = find(render(chart, {"networkPolicy": {"swarmFrom": [peer]}}), "NetworkPolicy", f"{FULLNAME}-swarm")
+    assert admitted(policy, {"app": "petals-server"}, "petals")
+
+
+def test_each_model_swarm_has_a_pdb_that_lets_no_server_be_evicted(chart):
+    """Each server holds blocks no other holds: a drain evicting one would cut its model's only route."""
+    docs = render(chart)
+    labels = pod_labels(docs)
+    budgets = [d for d in docs if d["kind"] == "PodDisruptionBudget" and "-swarm-" in d["metadata"]["name"]]
+    assert {b["metadata"]["name"] for b in budgets} == {f"{FULLNAME}-swarm-{key}" for key in DEFAULT_MODELS}
+    for key, (_, _, servers) in DEFAULT_MODELS.items():
+        budget = find(docs, "PodDisruptionBudget", f"{FULLNAME}-swarm-{key}")
+        selected = {name for name, pod in labels.items() if labels_match(budget["spec"]["selector"], pod)}
+        assert selected == {f"{FULLNAME}-swarm-{key}-{i}" for i in range(len(servers))}
+        assert budget["spec"] == {"minAvailable": len(servers), "selector": budget["spec"]["selector"]}
+    hub = render(
+        chart, {"models": [HUB_MODEL, dict(HUB_MODEL, name="p", key="p", path="p", swarm={"servers": ["0:2"]})]}
+    )
+    assert [d["metadata"]["name"] for d in hub if d["kind"] == "PodDisruptionBudget" and "-swarm-" in
+            d["metadata"]["name"]] == [f"{FULLNAME}-swarm-p"]  # fmt: skip
+    docs = render(chart, {"swarm": {"pdb": {"enabled": False}}})
+    assert not [d for d in docs if d["kind"] == "PodDisruptionBudget" and "-swarm-" in d["metadata"]["name"]]
+
+
+def test_by_default_one_client_cannot_starve_the_rest(chart):
+    """A request rate and a session quota per client, on by default; the operator's to change."""
+    docs = render(chart)
+    assert gateway_env(docs)["RATE_LIMIT_PER_MINUTE"] == "60"
+    for sts in (d for d in docs if d["kind"] == "StatefulSet" and "-inference-" in d["metadata"]["name"]):
+        assert container_env(sts["spec"]["template"]["spec"]["containers"][0])["MAX_SESSIONS_PER_CLIENT"] == "4"
+    docs = render(chart, {"gateway": {"rateLimitPerMinute": 0}, "inference": {"maxSessionsPerClient": 0}})
+    assert gateway_env(docs)["RATE_LIMIT_PER_MINUTE"] == "0"
 
 
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])

@@ -88,13 +88,43 @@ class FakeRequest:
         return self._forwarded if name == "X-Forwarded-For" else None
 
 
+def trusted(value: str) -> tuple:
+    return GatewaySettings.from_env(Env({**REPLICAS, "TRUSTED_PROXIES": value})).trusted_proxies
+
+
 def test_client_address_trusts_only_the_entry_the_ingress_added():
     spoofed = FakeRequest("10.0.0.9", "1.2.3.4, 203.0.113.7")
-    assert client_address(spoofed, trust_proxy_headers=True) == "203.0.113.7"
-    assert client_address(spoofed, trust_proxy_headers=False) == "10.0.0.9"
-    assert client_address(FakeRequest("10.0.0.9", "not an address"), trust_proxy_headers=True) == "10.0.0.9"
+    assert client_address(spoofed, trusted("10.0.0.0/8")) == "203.0.113.7"
+    assert client_address(spoofed, ()) == "10.0.0.9"
+    assert client_address(FakeRequest("10.0.0.9", "not an address"), trusted("10.0.0.0/8")) == "10.0.0.9"
     assert ClientIdentity("alice", "10.0.0.9").name == "key:alice"
     assert (ClientIdentity(None, "::1").name, ClientIdentity(None, "::1").label) == ("ip:::1", "anonymous")
+
+
+def test_x_forwarded_for_is_honoured_only_from_a_trusted_proxy():
+    """A pod outside TRUSTED_PROXIES (any pod could reach the gateway) cannot pick its address."""
+    proxies = trusted("10.1.0.0/16, 192.168.7.7 fd00::/8")
+    assert client_address(FakeRequest("10.1.2.3", "203.0.113.7"), proxies) == "203.0.113.7"
+    assert client_address(FakeRequest("192.168.7.7", "203.0.113.7"), proxies) == "203.0.113.7"
+    assert client_address(FakeRequest("::ffff:10.1.2.3", "203.0.113.7"), proxies) == "203.0.113.7"
+    assert client_address(FakeRequest("fd00::5", "2001:db8::1"), proxies) == "2001:db8::1"
+    for peer in ("10.2.0.1", "192.168.7.8", "203.0.113.9", "unknown"):
+        assert client_address(FakeRequest(peer, "198.51.100.1"), proxies) == peer
+    assert GatewaySettings.from_env(Env(REPLICAS)).trusted_proxies == ()  # by default no peer is a proxy
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TRUSTED_PROXIES": "10.0.0.0/33"}, "TRUSTED_PROXIES entries must be addresses or CIDRs, got '10.0.0.0/33'"),
+        ({"TRUSTED_PROXIES": "ingress-nginx"}, "TRUSTED_PROXIES entries must be addresses or CIDRs"),
+        ({"TRUST_PROXY_HEADERS": "1"}, "TRUST_PROXY_HEADERS is replaced by TRUSTED_PROXIES"),
+    ],
+)
+def test_trusted_proxies_are_validated_at_start(env, message):
+    with pytest.raises(ConfigError) as info:
+        GatewaySettings.from_env(Env({**REPLICAS, **env}))
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
 def test_query_keys_are_redacted_from_log_lines():

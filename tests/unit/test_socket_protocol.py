@@ -6,9 +6,18 @@ import json
 
 import pytest
 
+from services.common.config import Env
 from services.common.errors import InvalidParameter, PayloadTooLarge
-from services.common.params import Limits
-from services.gateway.socket_protocol import Answer, parse_generate_message, parse_message, parse_open
+from services.common.params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, Limits
+from services.gateway.settings import GatewaySettings
+from services.gateway.socket_protocol import (
+    Answer,
+    largest_message_bytes,
+    parse_generate_message,
+    parse_message,
+    parse_open,
+)
+from services.gateway.worker import WS_TRANSPORT_FACTOR
 
 LIMITS = Limits()
 SESSION = "inference-0.abc"
@@ -102,3 +111,31 @@ def test_the_answer_ends_when_nothing_more_can_come(step, ends):
 def test_a_max_length_answer_is_one_step():
     answer = generate(inputs="Hi", max_length=30, stop_sequence="never")
     assert answer.after_step(done("text", 20))["stop"] is True
+
+
+def largest_message(limits: Limits) -> str:
+    """A valid generate message with every string at its longest, in JSON's longest spelling (an escaped
+    surrogate pair per character) and every other parameter set."""
+    astral = "\U0001f600"
+    stop = astral * MAX_STOP_CHARS
+    return json.dumps({
+        "type": "generate", "inputs": astral * limits.max_input_chars, "max_new_tokens": limits.max_new_tokens,
+        "do_sample": True, "temperature": 99.99999999999999, "top_k": 999999, "top_p": 0.9999999999999999,
+        "repetition_penalty": 9.999999999999998, "seed": 2**63 - 1, "model": "m" * 128,
+        "stop_sequence": stop, "extra_stop_sequences": [stop] * MAX_STOP_SEQUENCES,
+    }, indent=1)  # fmt: skip
+
+
+@pytest.mark.parametrize("limits", [LIMITS, Limits(max_input_chars=10)], ids=["defaults", "small"])
+def test_the_message_limit_fits_the_largest_valid_message(limits):
+    """WS_MAX_MESSAGE_BYTES' default is the largest valid message's size, computed from the limits (not the
+    4x-larger MAX_BODY_BYTES it was): 204,544 bytes by default, so the transport (2x) refuses 400 KiB."""
+    settings = GatewaySettings.from_env(Env({"INFERENCE_REPLICAS": "i=http://127.0.0.1:1",
+                                             "MAX_INPUT_CHARS": str(limits.max_input_chars)}))  # fmt: skip
+    data = largest_message(limits)
+    message = parse_message(data, settings.ws_max_message_bytes)
+    assert parse_generate_message(message, SESSION, limits).params.inputs == "\U0001f600" * limits.max_input_chars
+    assert len(data.encode()) <= settings.ws_max_message_bytes == largest_message_bytes(limits)
+    assert settings.ws_max_message_bytes - len(data.encode()) < 4096  # a tight bound, not a generous one
+    if limits == LIMITS:
+        assert settings.ws_max_message_bytes == 204_544 and WS_TRANSPORT_FACTOR * 204_544 < 400 * 1024
