@@ -20,6 +20,9 @@ Without ``--num_handlers``, the server runs one connection-handler process per C
 use (its affinity and cgroup quota), at most Petals' default of 8: a server run by hand in a
 container of 2 CPUs runs 2, not 8 (services/swarm/launcher.py, ``handlers_per_server``).
 
+bitsandbytes, which Petals' blocks import, loads without its triton path where the installed triton
+has no ``triton.ops`` (services/swarm/bitsandbytes_triton.py: the CUDA torch's triton 3).
+
 Tensors of at most SWARM_SMALL_TENSOR_BYTES (default 1 MiB; 0 keeps torch's shared memory) cross
 the server's processes by value (services/swarm/small_tensors.py).
 
@@ -42,7 +45,7 @@ from pathlib import Path
 
 from services.common.config import ConfigError, Env
 from services.common.swarm_identity import DERIVED, IdentityError, identity_file_bytes, read_seed, resolve_multiaddr
-from services.swarm import small_tensors
+from services.swarm import bitsandbytes_triton, small_tensors
 from services.swarm.launcher import handlers_per_server
 
 SEED_ENV = "SWARM_SEED_FILE"
@@ -130,6 +133,7 @@ def main(argv: list[str]) -> int:
     wait_for_a_peer(initial_peers(args), wait_s, lambda line: print(line, file=sys.stderr, flush=True))
     print("serve: petals.cli.run_server", " ".join(args), file=sys.stderr, flush=True)
     graceful_sigterm()
+    bitsandbytes_triton.install()
     small_tensors.install(small_tensor_bytes)
     sys.argv = ["petals.cli.run_server", *args]
     runpy.run_module("petals.cli.run_server", run_name="__main__", alter_sys=True)
