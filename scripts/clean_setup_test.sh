@@ -56,6 +56,7 @@ downloaded_mb=$((($(received_bytes) - before) / 1000000))
 venv_mb=$(du -sm .venv | cut -f1)
 models_mb=$(du -sm .cache | cut -f1)
 grep -q '^\[setup\] torch: ' "$WORK/setup.log" || { log "the setup did not say which torch it chose"; exit 1; }
+log "make setup took ${setup_s} s, downloaded ${downloaded_mb} MB; .venv ${venv_mb} MB, .cache ${models_mb} MB"
 
 clean .venv/bin/python -c 'import torch; x = torch.ones(2, 2); print("[clean-setup] torch", torch.__version__, "computes", float((x @ x).sum()))' >&2
 
@@ -71,7 +72,7 @@ done
 grep -q "Petals Chat is up" "$WORK/run.log" || { tail -30 "$WORK/run.log" >&2; log "make run did not come up"; exit 1; }
 
 answer=$(curl -sS --max-time 300 "http://127.0.0.1:$PORT/v1/chat/completions" -H 'Content-Type: application/json' \
-    -d '{"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0, "max_tokens": 24}')
+    -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0, "max_tokens": 24}')
 text=$(printf '%s' "$answer" | "$PYTHON_BIN" -c 'import json, sys; print(json.load(sys.stdin)["choices"][0]["message"]["content"])') \
     || { log "no chat answer: $answer"; exit 1; }
 [[ -n "$text" ]] || { log "an empty chat answer: $answer"; exit 1; }
