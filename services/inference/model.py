@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 _LOAD_RETRY_S = (1.0, 2.0, 5.0, 10.0)
 _PING_TIMEOUT_S = 2.0
 _ROUTE_ATTEMPTS = 3  # routes tried per check when servers on them do not answer
+_UNREADY_RECHECK_S = 1.0  # pause between the checks of an unready replica (it recovers within it)
 
 
 class ModelHandle:
@@ -88,8 +89,9 @@ class ModelHandle:
                 self._stopping.wait(delay)
         while not self._stopping.is_set():
             self._check_route()
-            if self._ready:
-                self._stopping.wait(self._settings.readiness_interval_s)
+            # Between checks, ready or not: a swarm missing a block fails the check at once, and
+            # checking again without a pause would spin a core until the block is served again.
+            self._stopping.wait(self._settings.readiness_interval_s if self._ready else _UNREADY_RECHECK_S)
 
     def _load(self) -> None:
         import torch

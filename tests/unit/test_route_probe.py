@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +20,7 @@ class FakeSequenceManager:
     def __init__(self, answers: list[bool]) -> None:
         self.answers = answers
         self.banned = Blacklist(base_time=15.0, backoff_rate=2.0)
-        self.dht = SimpleNamespace(run_coroutine=self._ping)
+        self.dht = SimpleNamespace(run_coroutine=self._ping, shutdown=lambda: None)
 
     def make_sequence(self, mode: str) -> list[SimpleNamespace]:
         if "server-0" in self.banned:
@@ -34,6 +35,9 @@ class FakeSequenceManager:
 
     def on_request_success(self, peer: str) -> None:
         self.banned.register_success(peer)
+
+    def shutdown(self) -> None:
+        """ModelHandle.stop leaves the swarm: nothing to leave here."""
 
 
 def handle_with(sequence_manager: FakeSequenceManager) -> ModelHandle:
@@ -53,3 +57,24 @@ def test_an_answering_server_clears_its_failure_streak():
     handle._probe_route()
     assert sequence_manager.banned.ban_counter["server-0"] == 0  # the next ban is the first one again
     assert "server-0" not in sequence_manager.banned
+
+
+def test_a_swarm_missing_blocks_is_checked_about_once_a_second_not_in_a_spin(monkeypatch):
+    """With a block unserved, Petals fails the route at once; the readiness loop pauses between
+    checks all the same (it once spun a core until the swarm recovered)."""
+    handle = handle_with(FakeSequenceManager(answers=[]))
+    checks = []
+
+    def no_route() -> None:
+        checks.append(1)
+        raise RuntimeError("No servers holding blocks 0")
+
+    monkeypatch.setattr(handle, "_probe_route", no_route)
+    monkeypatch.setattr(handle, "_load", lambda: None)  # the model is there already
+    handle.start()
+    try:
+        time.sleep(2.5)
+    finally:
+        handle.stop()
+    assert 2 <= len(checks) <= 4, f"{len(checks)} route checks in 2.5 s"
+    assert handle.readiness() == (False, "no route through the swarm (RuntimeError: No servers holding blocks 0)")
