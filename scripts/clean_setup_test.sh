@@ -65,7 +65,7 @@ setsid env -i HOME="$WORK/home" PATH="$PATH" LANG=C.UTF-8 PIP_CONFIG_FILE=/dev/n
     make run PYTHON="$PYTHON_BIN" >"$WORK/run.log" 2>&1 &
 RUN_PID=$!
 for _ in $(seq 600); do
-    grep -q "Petals Chat is up" "$WORK/run.log" && break
+    grep -qs "Petals Chat is up" "$WORK/run.log" && break
     kill -0 "$RUN_PID" 2>/dev/null || { cat "$WORK/run.log" >&2; log "make run exited"; exit 1; }
     sleep 1
 done
