@@ -21,12 +21,16 @@ ReadinessCheck = Callable[[], tuple[bool, dict]]
 class HealthResource:
     """``GET /healthz``: the process is alive and serving HTTP."""
 
+    public = True  # open to everyone, also when the gateway wants API keys (services/gateway/auth.py)
+
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = {"ok": True}
 
 
 class ReadinessResource:
     """``GET /readyz``: 200 when the service can do its job, 503 otherwise; the body says why."""
+
+    public = True
 
     def __init__(self, check: ReadinessCheck) -> None:
         self._check = check
@@ -39,6 +43,8 @@ class ReadinessResource:
 
 class AsyncHealthResource:
     """``GET /healthz`` in an ASGI app."""
+
+    public = True
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.media = {"ok": True}

@@ -1,13 +1,18 @@
 """API keys (optional) and who a request's client is.
 
 Keys are off unless the operator lists some (``API_KEYS`` and/or ``API_KEYS_FILE``: ``id:key``
-entries). With keys on, every API route (v1, v2 and its WebSocket, the OpenAI-compatible ``/v1``)
-needs one: ``Authorization: Bearer <key>`` (what the OpenAI clients send), ``X-API-Key: <key>``, or,
+entries). With keys on, every route needs one, deny by default, except the resources marked
+``public = True`` (health, readiness, metrics, the OpenAPI document): the decision is the matched
+resource's, never the path's text, so every spelling of a path that Falcon routes to a resource
+(``//api/v1/generate``, a trailing slash, ``%2F``) is checked as the resource is. Paths that match
+no resource are not served (404, or the page's paths, relayed to the ui). A key is sent as
+``Authorization: Bearer <key>`` (what the OpenAI clients send), ``X-API-Key: <key>``, or,
 on the WebSocket handshake only (a browser's WebSocket cannot set headers), ``?api_key=<key>``.
 A key is compared with every configured key in constant time; only its id is ever named (logs,
 metrics, rate limits, session quotas). ``ANONYMOUS_RATE_LIMIT_PER_MINUTE`` > 0 lets requests that
 bring no key in too, as anonymous clients told apart by address, at that rate (a wrong key is
-refused all the same).
+refused all the same). Refused keys are throttled per address (``AUTH_FAILURES_PER_MINUTE``, see
+``RefusalThrottle`` in ratelimit.py).
 
 Every request gets a ``ClientIdentity`` (``req.context.client``): its key id, or its address
 (``X-Forwarded-For``'s last entry, the one the trusted Ingress added, with ``TRUST_PROXY_HEADERS``).
@@ -19,13 +24,15 @@ import ipaddress
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from services.common.errors import Unauthorized, render_error
+from services.common.errors import ApiError, Unauthorized, render_error
 from services.gateway.api_keys import ANONYMOUS, REFUSED, KeyRing
 from services.gateway.metrics import CLIENT_REQUESTS
 
-API_PREFIXES = ("/api/v1/", "/api/v2/", "/v1/")
+if TYPE_CHECKING:
+    from services.gateway.ratelimit import RefusalThrottle
+
 KEY_QUERY_PARAM = "api_key"
 POLICY_VIOLATION = 1008  # WebSocket close code after a refused key
 _REDACT = re.compile(rf"({KEY_QUERY_PARAM}=)[^&\s\"']*")
@@ -47,6 +54,11 @@ class ClientIdentity:
     def label(self) -> str:
         """The bounded metric label: a configured key id, or ``anonymous``."""
         return self.key_id or ANONYMOUS
+
+
+def is_public(resource: object) -> bool:
+    """Whether a matched resource is open to everyone: only one marked ``public = True`` is."""
+    return getattr(resource, "public", False) is True
 
 
 def client_address(req: Any, trust_proxy_headers: bool) -> str:
@@ -77,18 +89,21 @@ class ClientMiddleware:
     (401 in the route's error envelope; on the WebSocket an error message, then close 1008).
     Counts API requests per key id."""
 
-    def __init__(self, keys: KeyRing, *, anonymous: bool, trust_proxy_headers: bool) -> None:
+    def __init__(
+        self, keys: KeyRing, *, anonymous: bool, trust_proxy_headers: bool, refusals: RefusalThrottle | None = None
+    ) -> None:
         self._keys = keys
         self._anonymous = anonymous or not keys
         self._trust_proxy_headers = trust_proxy_headers
+        self._refusals = refusals
 
     async def process_resource_async(self, req: Any, resp: Any, resource: object, params: dict) -> None:
         if resource is not None and req.method != "OPTIONS":  # a CORS preflight carries no key
-            self._identify(req, websocket=False, api=req.path.startswith(API_PREFIXES))
+            self._identify(req, websocket=False, api=not is_public(resource))
 
     async def process_resource_ws(self, req: Any, ws: Any, resource: object, params: dict) -> None:
         if resource is not None:
-            self._identify(req, websocket=True, api=True)
+            self._identify(req, websocket=True, api=not is_public(resource))
 
     async def process_response_async(self, req: Any, resp: Any, resource: object, req_succeeded: bool) -> None:
         if req.context.get("api_request"):
@@ -100,16 +115,31 @@ class ClientMiddleware:
         address = client_address(req, self._trust_proxy_headers)
         key_id = None
         if api and self._keys:
-            key = presented_key(req, websocket=websocket)
-            key_id = self._keys.identify(key) if key else None
-            if key_id is None and (key or not self._anonymous):
-                CLIENT_REQUESTS.labels(key_id=REFUSED, status="401").inc()
-                reason = "The API key is not valid" if key else "This API needs a key"
-                raise Unauthorized(
-                    f"{reason}: send it as 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
-                )
+            key_id = self._check_key(presented_key(req, websocket=websocket), address)
         req.context.client = ClientIdentity(key_id, address)
         req.context.api_request = api and not websocket  # a WebSocket's messages are counted by the connection
+
+    def _check_key(self, key: str | None, address: str) -> str | None:
+        """The id of ``key``; None for an anonymous client; Unauthorized (or RateLimited, for an address
+        refused too often) otherwise."""
+        if key is None and self._anonymous:
+            return None
+        if self._refusals is not None:
+            try:
+                self._refusals.check(address)
+            except ApiError:
+                CLIENT_REQUESTS.labels(key_id=REFUSED, status="429").inc()
+                raise
+        key_id = self._keys.identify(key) if key else None
+        if key_id is None:
+            CLIENT_REQUESTS.labels(key_id=REFUSED, status="401").inc()
+            if self._refusals is not None:
+                self._refusals.refused(address)
+            reason = "The API key is not valid" if key else "This API needs a key"
+            raise Unauthorized(
+                f"{reason}: send it as 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
+            )
+        return key_id
 
 
 async def handle_unauthorized(req: Any, resp: Any, error: Unauthorized, params: dict, ws: Any = None) -> None:

@@ -374,6 +374,8 @@ def _document(limits: Limits, models: Sequence[str]) -> dict[str, Any]:
 class OpenApiResource:
     """``GET /api/openapi.json``: built again when the models served change."""
 
+    public = True  # the API's description needs no key (services/gateway/auth.py)
+
     def __init__(self, limits: Limits, replicas: ReplicaSet, *, api_keys: bool = False) -> None:
         self._limits = limits
         self._replicas = replicas

@@ -15,6 +15,7 @@ from services.gateway.auth import ClientIdentity, RedactKeys, client_address
 from services.gateway.settings import GatewaySettings
 
 ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdef"
+CI = "ci-key-9f8e7d6c5b4a3210"
 REPLICAS = {"INFERENCE_REPLICAS": "inference-0=http://127.0.0.1:1"}
 
 
@@ -41,6 +42,10 @@ def test_keys_from_the_environment_and_a_file(tmp_path):
     [
         (ALICE, "API_KEYS entry 1 must be ID:KEY"),
         ("alice:short", "entry 1 (id 'alice'): the key must be 16-256 printable ASCII"),
+        ("alice:" + "a" * 16, "entry 1 (id 'alice'): the key is too weak"),
+        ("alice:" + "ab" * 32, "entry 1 (id 'alice'): the key is too weak"),
+        ("alice:abcdefgabcdefgabcdefg", "entry 1 (id 'alice'): the key is too weak"),  # 7 distinct characters
+        (f"alice:{ALICE} bob:" + "0123" * 8, "entry 2 (id 'bob'): the key is too weak"),
         (f"alice:{ALICE} alice:{BOB}", "entry 2: the id 'alice' is reserved or given twice"),
         (f"anonymous:{ALICE}", "the id 'anonymous' is reserved"),
         (f"a:{ALICE} b:{ALICE}", "entry 2 (id 'b'): the same key is given to another id"),
@@ -126,13 +131,13 @@ def ring_of(path, clock: Clock, listed: tuple[str, ...] = ()) -> KeyRing:
 def test_a_rotated_key_file_is_read_again_once_the_interval_has_passed(tmp_path, caplog):
     path, clock = tmp_path / "keys", Clock()
     path.write_text(f"alice:{ALICE}\n")
-    ring = ring_of(path, clock, listed=(f"ci:{'c' * 16}",))
+    ring = ring_of(path, clock, listed=(f"ci:{CI}",))
     rotate(path, f"bob:{BOB}\n")
     clock.now = 29.0
     assert ring.identify(ALICE) == "alice" and ring.identify(BOB) is None  # not looked at yet
     clock.now = 30.0
     with caplog.at_level(logging.INFO, logger="services.gateway.api_keys"):
-        assert (ring.identify(ALICE), ring.identify(BOB), ring.identify("c" * 16)) == (None, "bob", "ci")
+        assert (ring.identify(ALICE), ring.identify(BOB), ring.identify(CI)) == (None, "bob", "ci")
     assert "API keys reloaded from API_KEYS_FILE: ids ci, bob" in caplog.text and BOB not in caplog.text
 
 

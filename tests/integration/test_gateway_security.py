@@ -1,0 +1,188 @@
+"""The gateway's security edges, against a real gateway on loopback (no swarm needed: a request
+that gets past the key check without a replica to serve it answers 503, which these tests tell
+apart from a refusal): authorisation by the matched route whatever the path's spelling, throttled
+refusals, deeply nested JSON, security headers, the WebSocket key in a subprotocol, redacted logs.
+Requests go over raw sockets where an HTTP library would tidy the path up.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import requests
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from deploy.local_stack import ServiceProcess, gateway_process, pick_free_port
+from tests.helpers import RawResponse, http_head, metric_value, raw_exchange
+
+KEY = "sec-test-key-4f9a1c7e2b8d0365"
+KEYS = f"alice:{KEY}"
+WRONG = "not-the-key-9c2e7b41d0a6f385"
+JSON_TYPE = ("Content-Type", "application/json")
+
+# Every API route (method, path, body): v1, v2, the OpenAI-compatible API.
+ROUTES = [
+    ("POST", "/api/v1/generate", {"inputs": "Hi", "max_new_tokens": 1}),
+    ("GET", "/api/v1/open_inference_session?max_length=8", None),
+    ("GET", "/api/v1/close_inference_session?session_id=inference-0.abc", None),
+    ("POST", "/api/v2/generate_stream", {"inputs": "Hi", "max_new_tokens": 1}),
+    ("GET", "/api/v2/generate", None),  # the WebSocket's route, asked over plain HTTP
+    ("GET", "/v1/models", None),
+    ("POST", "/v1/completions", {"model": "m", "prompt": "Hi", "max_tokens": 1}),
+    ("POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}),
+]
+
+
+def variants(path: str) -> list[str]:
+    """Spellings of ``path`` (its query kept) that a server may route to the same resource."""
+    path, sep, query = path.partition("?")
+    first, rest = path[1:].split("/", 1)
+    head, _, last = path.rpartition("/")
+    spellings = [
+        "/" + path,  # //api/v1/generate
+        "/." + path,  # /./api/v1/generate
+        f"/{first}//{rest}",  # /api//v1/generate
+        f"/{first}/./{rest}",
+        f"/{first}/x/../{rest}",
+        f"/{first}/%2e/{rest}",
+        path.replace("/", "%2F").replace("%2F", "/", 1),  # /api%2Fv1%2Fgenerate
+        f"{head}%2F{last}",
+        f"{head}%2f{last}",
+        path + "/",
+        path + "//",
+        path.upper(),
+        "/%2F" + path[1:],
+    ]
+    return [spelling + sep + query for spelling in spellings]
+
+
+def start(artifacts_dir, name: str, **env: str) -> ServiceProcess:
+    """A gateway (one worker) whose one replica is down: nothing is ever served past the key check
+    but a 503 or an empty model list."""
+    env = {"GUNICORN_WORKERS": "1", "REPLICA_POLL_INTERVAL_SECONDS": "0.5", **env}
+    service = gateway_process(replicas={"inference-0": f"http://127.0.0.1:{pick_free_port()}"},
+                              port=pick_free_port(), log_path=artifacts_dir / "logs" / f"{name}.log",
+                              name=name, extra_env=env)  # fmt: skip
+    return service.start_ready(timeout=60, path="/healthz")
+
+
+@pytest.fixture(scope="module")
+def gateway(artifacts_dir) -> Iterator[ServiceProcess]:
+    """Keys on, access log on, no throttle of refusals."""
+    service = start(artifacts_dir, "gateway-security", API_KEYS=KEYS, ACCESS_LOG="1", AUTH_FAILURES_PER_MINUTE="0")
+    yield service
+    service.stop()
+
+
+def send(service: ServiceProcess, method: str, path: str, body: dict | None, key: str | None = None) -> RawResponse:
+    headers = [("Authorization", f"Bearer {key}")] if key else []
+    data = json.dumps(body).encode() if body is not None else b""
+    if body is not None:
+        headers += [JSON_TYPE, ("Content-Length", str(len(data)))]
+    return raw_exchange(service.port, http_head(method, path, headers) + data)
+
+
+def semantic_status(response: RawResponse) -> int:
+    """The status an answer means (v1 answers errors with HTTP 200 and names the status in a header)."""
+    return int(response.headers.get("x-petals-chat-status", response.status))
+
+
+def metrics(service: ServiceProcess) -> str:
+    return requests.get(f"{service.base_url}/metrics", timeout=10).text
+
+
+# ---- authorisation by the matched route -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES, ids=[route[1].split("?")[0] for route in ROUTES])
+def test_no_spelling_of_an_api_path_is_served_without_a_key(gateway, method, path, body):
+    canonical = send(gateway, method, path, body, KEY)
+    assert semantic_status(canonical) != 401, canonical.body
+    for spelling in variants(path):
+        refused = send(gateway, method, spelling, body)
+        assert semantic_status(refused) in (400, 401, 404), (spelling, refused.status, refused.body)
+        assert semantic_status(send(gateway, method, spelling, body, WRONG)) in (400, 401, 404), spelling
+        served = send(gateway, method, spelling, body, KEY)  # with the key: as the canonical path, or refused
+        assert semantic_status(served) in (semantic_status(canonical), 400, 404), (spelling, served.body)
+
+
+def test_refusals_and_served_spellings_are_counted_per_key(gateway):
+    refused = 'petals_chat_gateway_client_requests_total{key_id="refused",status="401"}'
+    served = 'petals_chat_gateway_client_requests_total{key_id="alice",status="200"}'
+    before = metrics(gateway)
+    assert send(gateway, "GET", "//v1/models", None).status == 401
+    assert send(gateway, "GET", "//v1/models", None, KEY).status == 200
+    after = metrics(gateway)
+    assert metric_value(after, refused) == metric_value(before, refused) + 1
+    assert metric_value(after, served) == metric_value(before, served) + 1
+
+
+def ws_url(service: ServiceProcess, path: str = "/api/v2/generate") -> str:
+    return f"ws://127.0.0.1:{service.port}{path}"
+
+
+def ws_refused(url: str, **kwargs) -> bool:
+    """The handshake is refused, or the connection answers one key error and closes with 1008."""
+    try:
+        with connect(url, proxy=None, open_timeout=10, **kwargs) as ws:
+            message = json.loads(ws.recv(timeout=10))
+            assert message["ok"] is False and "key" in message["traceback"], message
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=10)
+            return closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    except InvalidStatus as error:
+        return error.response.status_code in (400, 403, 404)
+
+
+@pytest.mark.parametrize("spelling", ["/api/v2/generate", *variants("/api/v2/generate")])
+def test_no_spelling_of_the_websocket_path_is_served_without_a_key(gateway, spelling):
+    assert ws_refused(ws_url(gateway, spelling))
+    assert ws_refused(ws_url(gateway, spelling), additional_headers={"Authorization": f"Bearer {WRONG}"})
+
+
+@pytest.fixture
+def rate_limited(artifacts_dir) -> Iterator[ServiceProcess]:
+    service = start(artifacts_dir, "gateway-rate-limited", API_KEYS=KEYS, RATE_LIMIT_PER_MINUTE="1",
+                    RATE_LIMIT_BURST="2", AUTH_FAILURES_PER_MINUTE="0")  # fmt: skip
+    yield service
+    service.stop()
+
+
+def test_the_rate_limit_counts_every_spelling_of_an_api_path(rate_limited):
+    statuses = [
+        send(rate_limited, "GET", path, None, KEY).status for path in ("//v1/models", "/v1/models/", "//v1/models")
+    ]
+    assert statuses == [200, 200, 429]
+
+
+# ---- refused keys, throttled per address ------------------------------------------------------
+
+
+@pytest.fixture
+def throttled(artifacts_dir) -> Iterator[ServiceProcess]:
+    service = start(artifacts_dir, "gateway-throttled", API_KEYS=KEYS, AUTH_FAILURES_PER_MINUTE="3",
+                    TRUST_PROXY_HEADERS="1")  # fmt: skip
+    yield service
+    service.stop()
+
+
+def test_refused_keys_are_throttled_per_address(throttled):
+    def models(address: str, key: str | None) -> requests.Response:
+        headers = {"X-Forwarded-For": address, **({"Authorization": f"Bearer {key}"} if key else {})}
+        return requests.get(f"{throttled.base_url}/v1/models", headers=headers, timeout=10)
+
+    assert [models("10.0.0.1", key).status_code for key in (WRONG, None, WRONG + "x")] == [401, 401, 401]
+    throttled_answer = models("10.0.0.1", KEY)  # even the right key: a guess would be told apart otherwise
+    assert throttled_answer.status_code == 429 and 1 <= int(throttled_answer.headers["Retry-After"]) <= 20
+    assert throttled_answer.json()["error"]["code"] == "rate_limited"
+    v1 = requests.get(f"{throttled.base_url}//api/v1/open_inference_session?max_length=8", timeout=10,
+                      headers={"X-Forwarded-For": "10.0.0.1", "X-API-Key": WRONG})  # fmt: skip
+    assert v1.status_code == 200 and v1.json()["ok"] is False and v1.headers["X-Petals-Chat-Status"] == "429"
+    with pytest.raises(InvalidStatus):  # the WebSocket handshake too
+        connect(ws_url(throttled), proxy=None, open_timeout=10, additional_headers={"X-Forwarded-For": "10.0.0.1"})
+    assert models("10.0.0.2", KEY).status_code == 200  # another address
+    assert models("10.0.0.2", WRONG).status_code == 401
+    assert 'key_id="refused",status="429"' in metrics(throttled)
