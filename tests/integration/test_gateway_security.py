@@ -63,6 +63,7 @@ def start(artifacts_dir, name: str, **env: str) -> ServiceProcess:
     """A gateway (one worker) whose one replica is down: nothing is ever served past the key check
     but a 503 or an empty model list."""
     env = {"GUNICORN_WORKERS": "1", "REPLICA_POLL_INTERVAL_SECONDS": "0.5", **env}
+    (artifacts_dir / "logs" / f"{name}.log").unlink(missing_ok=True)  # its log is read: this run's only
     service = gateway_process(replicas={"inference-0": f"http://127.0.0.1:{pick_free_port()}"},
                               port=pick_free_port(), log_path=artifacts_dir / "logs" / f"{name}.log",
                               name=name, extra_env=env)  # fmt: skip
@@ -186,3 +187,38 @@ def test_refused_keys_are_throttled_per_address(throttled):
     assert models("10.0.0.2", KEY).status_code == 200  # another address
     assert models("10.0.0.2", WRONG).status_code == 401
     assert 'key_id="refused",status="429"' in metrics(throttled)
+
+
+# ---- deeply nested JSON -----------------------------------------------------------------------
+
+DEEP = {"arrays": "[" * 2000 + "]" * 2000, "objects": '{"a":' * 2000 + "1" + "}" * 2000}
+JSON_APIS = {  # path -> (HTTP status, the error's message in the API's own shape)
+    "/api/v1/generate": (200, lambda body: body["traceback"]),
+    "/api/v2/generate_stream": (400, lambda body: body["error"]["message"]),
+    "/v1/completions": (400, lambda body: body["error"]["message"]),
+    "/v1/chat/completions": (400, lambda body: body["error"]["message"]),
+}
+
+
+@pytest.mark.parametrize("nesting", DEEP)
+@pytest.mark.parametrize("path", JSON_APIS)
+def test_deeply_nested_json_is_a_clear_400_in_each_apis_shape(gateway, path, nesting):
+    data = DEEP[nesting].encode()
+    headers = [("Authorization", f"Bearer {KEY}"), JSON_TYPE, ("Content-Length", str(len(data)))]
+    response = raw_exchange(gateway.port, http_head("POST", path, headers) + data)
+    status, message = JSON_APIS[path]
+    assert (response.status, semantic_status(response)) == (status, 400), response.body
+    assert "deeper than 32 levels" in message(response.json())
+    log = gateway.log_path.read_text()
+    assert "Traceback" not in log and "RecursionError" not in log
+
+
+@pytest.mark.parametrize("nesting", DEEP)
+def test_a_deeply_nested_websocket_message_is_answered_and_the_connection_stays(gateway, nesting):
+    with connect(ws_url(gateway), proxy=None, open_timeout=10, additional_headers={"X-API-Key": KEY}) as ws:
+        for _ in range(2):
+            ws.send(DEEP[nesting])
+            answer = json.loads(ws.recv(timeout=10))
+            assert answer["ok"] is False and "deeper than 32 levels" in answer["traceback"]
+    log = gateway.log_path.read_text()
+    assert "Traceback" not in log and "RecursionError" not in log
