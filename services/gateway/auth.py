@@ -6,8 +6,10 @@ entries). With keys on, every route needs one, deny by default, except the resou
 resource's, never the path's text, so every spelling of a path that Falcon routes to a resource
 (``//api/v1/generate``, a trailing slash, ``%2F``) is checked as the resource is. Paths that match
 no resource are not served (404, or the page's paths, relayed to the ui). A key is sent as
-``Authorization: Bearer <key>`` (what the OpenAI clients send), ``X-API-Key: <key>``, or,
-on the WebSocket handshake only (a browser's WebSocket cannot set headers), ``?api_key=<key>``.
+``Authorization: Bearer <key>`` (what the OpenAI clients send), ``X-API-Key: <key>``, or, on the
+WebSocket handshake only (a browser's WebSocket cannot set headers), as the subprotocols
+``["petals-chat", "bearer.<key>"]`` (the handshake's answer names ``petals-chat``, never the key) or,
+kept for compatibility, ``?api_key=<key>``. Keys are redacted from log lines in every spelling.
 A key is compared with every configured key in constant time; only its id is ever named (logs,
 metrics, rate limits, session quotas). ``ANONYMOUS_RATE_LIMIT_PER_MINUTE`` > 0 lets requests that
 bring no key in too, as anonymous clients told apart by address, at that rate (a wrong key is
@@ -23,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,8 +37,11 @@ if TYPE_CHECKING:
     from services.gateway.ratelimit import RefusalThrottle
 
 KEY_QUERY_PARAM = "api_key"
+SUBPROTOCOL = "petals-chat"  # the WebSocket subprotocol a handshake is answered with, when offered
+KEY_SUBPROTOCOL = "bearer."  # a key offered as a subprotocol: bearer.<key>
 POLICY_VIOLATION = 1008  # WebSocket close code after a refused key
-_REDACT = re.compile(rf"({KEY_QUERY_PARAM}=)[^&\s\"']*")
+_QUERY_FIELD = re.compile(r"(?<![^\s?&;\"'(])([\w%.+-]+=)([^&\s\"']*)")  # name=value in a URL or a line
+_BEARER = re.compile(r"(?i)(bearer[.\s]\s*)[^\s,\"']+")  # an Authorization value or a subprotocol
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,21 @@ def presented_key(req: Any, *, websocket: bool) -> str | None:
     key = req.get_header("X-API-Key")
     if key:
         return key.strip()
-    return req.get_param(KEY_QUERY_PARAM) if websocket else None
+    if not websocket:
+        return None
+    offered = [key for key in offered_subprotocols(req) if key.startswith(KEY_SUBPROTOCOL)]
+    return offered[0].removeprefix(KEY_SUBPROTOCOL) if offered else req.get_param(KEY_QUERY_PARAM)
+
+
+def offered_subprotocols(req: Any) -> list[str]:
+    """The subprotocols a WebSocket handshake offers (``Sec-WebSocket-Protocol``)."""
+    return [name.strip() for name in (req.get_header("Sec-WebSocket-Protocol") or "").split(",") if name.strip()]
+
+
+def accepted_subprotocol(req: Any) -> str | None:
+    """What a handshake is answered with: ``petals-chat`` if offered (a browser that offered
+    subprotocols drops a connection whose answer names none), never a key."""
+    return SUBPROTOCOL if SUBPROTOCOL in offered_subprotocols(req) else None
 
 
 class ClientMiddleware:
@@ -148,22 +168,33 @@ async def handle_unauthorized(req: Any, resp: Any, error: Unauthorized, params: 
     if ws is None:
         render_error(req, resp, error)
         return
-    await ws.accept()
+    await ws.accept(subprotocol=accepted_subprotocol(req))
     await ws.send_media({"ok": False, "traceback": error.message})
     await ws.close(POLICY_VIOLATION)
 
 
 class RedactKeys(logging.Filter):
-    """Removes ``api_key=`` values from log lines (Uvicorn logs each WebSocket handshake's query)."""
+    """Removes keys from log lines (Uvicorn logs each WebSocket handshake's query): the value of any
+    field whose name, percent-decoded and in any case, is ``api_key``, and what follows ``Bearer``."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if KEY_QUERY_PARAM in message:
-            record.msg, record.args = _REDACT.sub(r"\1[redacted]", message), ()
+        redacted = _BEARER.sub(r"\1[redacted]", _QUERY_FIELD.sub(_redact_field, message))
+        if redacted != message:
+            record.msg, record.args = redacted, ()
         return True
 
 
+def _redact_field(match: re.Match) -> str:
+    name = match.group(1)
+    for _ in range(3):  # percent-encoded, perhaps more than once
+        name = urllib.parse.unquote_plus(name)
+    return match.group(1) + "[redacted]" if name.lower() == f"{KEY_QUERY_PARAM}=" else match.group(0)
+
+
 def redact_server_logs() -> None:
-    """Install RedactKeys on the loggers of the server (Uvicorn, gunicorn)."""
+    """Install RedactKeys on the loggers of the server (Uvicorn, gunicorn) and the root's handlers."""
     for name in ("uvicorn.error", "uvicorn.access", "gunicorn.error", "gunicorn.access"):
         logging.getLogger(name).addFilter(RedactKeys())
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactKeys())

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from deploy.local_stack import ServiceProcess, gateway_process, pick_free_port
-from tests.helpers import RawResponse, http_head, metric_value, raw_exchange
+from tests.helpers import RawResponse, http_head, metric_value, raw_exchange, wait_until
 
 KEY = "sec-test-key-4f9a1c7e2b8d0365"
 KEYS = f"alice:{KEY}"
@@ -222,3 +222,35 @@ def test_a_deeply_nested_websocket_message_is_answered_and_the_connection_stays(
             assert answer["ok"] is False and "deeper than 32 levels" in answer["traceback"]
     log = gateway.log_path.read_text()
     assert "Traceback" not in log and "RecursionError" not in log
+
+
+# ---- the WebSocket's key in a subprotocol; keys redacted from the logs ------------------------
+
+
+def test_a_websocket_key_in_a_subprotocol_is_taken_and_only_petals_chat_is_answered(gateway):
+    with connect(ws_url(gateway), proxy=None, open_timeout=10, subprotocols=["petals-chat", f"bearer.{KEY}"]) as ws:
+        assert ws.subprotocol == "petals-chat"
+        ws.send(json.dumps({"type": "open_inference_session", "max_length": 8}))
+        answer = json.loads(ws.recv(timeout=10))
+        assert answer["ok"] is False and "key" not in answer["traceback"]  # past the key: no replica here
+        assert "replica" in answer["traceback"]
+    offered = ["petals-chat", f"bearer.{WRONG}"]
+    with connect(ws_url(gateway), proxy=None, open_timeout=10, subprotocols=offered) as ws:
+        assert ws.subprotocol == "petals-chat"  # a browser drops a handshake that names none: it reads the error
+        assert "key" in json.loads(ws.recv(timeout=10))["traceback"]
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd.code == 1008
+
+
+@pytest.mark.parametrize("query", ["api_key", "api%5Fkey", "api%5fkey", "%61pi_key", "API_KEY", "Api%5FKey"])
+def test_a_key_in_any_spelling_of_the_query_never_reaches_the_logs(gateway, query):
+    for key in (KEY, WRONG):
+        with connect(ws_url(gateway, f"/api/v2/generate?{query}={key}"), proxy=None, open_timeout=10):
+            pass
+        with connect(ws_url(gateway), proxy=None, open_timeout=10, subprotocols=["petals-chat", f"bearer.{key}"]):
+            pass
+        requests.get(f"{gateway.base_url}/v1/models?{query}={key}", timeout=10)
+    assert wait_until(lambda: f"/api/v2/generate?{query}=[redacted]" in gateway.log_path.read_text(), 10)
+    log = gateway.log_path.read_text()
+    assert KEY not in log and WRONG not in log

@@ -184,3 +184,26 @@ def test_a_reload_interval_of_zero_never_reads_the_file_again(tmp_path):
 def test_the_reload_interval_is_validated():
     with pytest.raises(ConfigError, match="API_KEYS_RELOAD_SECONDS"):
         GatewaySettings.from_env(Env({**REPLICAS, "API_KEYS_RELOAD_SECONDS": "-1"}))
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        f"/api/v2/generate?api%5Fkey={ALICE}",
+        f"/api/v2/generate?x=1&%61pi%5fkey={ALICE}&y=2",
+        f"/api/v2/generate?API_KEY={ALICE}",
+        f"/api/v2/generate?api%255Fkey={ALICE}",
+        f"Sec-WebSocket-Protocol: petals-chat, bearer.{ALICE}",
+        f"Authorization: Bearer {ALICE}",
+    ],
+)
+def test_keys_are_redacted_from_log_lines_in_every_spelling(line):
+    record = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, "%s", (line,), None)
+    assert RedactKeys().filter(record)
+    assert ALICE not in record.getMessage() and "[redacted]" in record.getMessage()
+
+
+def test_other_query_fields_are_logged_as_they_are():
+    line = "/api/v1/generate?max_new_tokens=3&inputs=api_key&key=1"
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, "%s", (line,), None)
+    assert RedactKeys().filter(record) and record.getMessage() == line
