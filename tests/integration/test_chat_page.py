@@ -34,12 +34,17 @@ def site(inference, chatml_inference, ui, artifacts_dir) -> Iterator[str]:
 
 @pytest.fixture
 def page(browser, site):
-    """A fresh page with greedy settings. Console errors are asserted empty at the end, except the
-    network log lines of HTTP statuses a test provokes on purpose (``page.expected_statuses``)."""
+    """A fresh page with greedy settings. Console errors and Content-Security-Policy violations are
+    asserted empty at the end, except the network log lines of HTTP statuses a test provokes on
+    purpose (``page.expected_statuses``)."""
     context = browser.new_context(viewport={"width": 1000, "height": 800})
     context.add_init_script(
         "if (!localStorage.getItem('petals-chat-settings'))"
         " localStorage.setItem('petals-chat-settings', JSON.stringify({sampling: false, max_new_tokens: 24}))"
+    )
+    context.add_init_script(
+        "window.__violations = []; document.addEventListener('securitypolicyviolation',"
+        " (e) => window.__violations.push(`${e.violatedDirective} ${e.blockedURI}`))"
     )
     page = context.new_page()
     problems: list[str] = []
@@ -53,7 +58,9 @@ def page(browser, site):
         ".observe(document.getElementById('dialogue'), {subtree: true, childList: true, characterData: true})"
     )
     yield page
+    violations = page.evaluate("window.__violations")
     context.close()
+    assert violations == [], f"Content-Security-Policy violations: {violations}"
     expected = [f"status of {status} " for status in page.expected_statuses]
     unexpected = [
         p for p in problems if not (p.startswith("Failed to load resource") and any(e in p for e in expected))
@@ -109,6 +116,14 @@ def test_answer_streams_in_and_equals_the_api(page, site, artifacts_dir):
     shots = artifacts_dir / "screenshots"
     shots.mkdir(exist_ok=True)
     page.screenshot(path=str(shots / "chat.png"), full_page=True)
+
+
+def test_the_page_chats_under_its_content_security_policy(page, site):
+    policy = requests.get(site + "/", timeout=10).headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    send(page, "Hello!")
+    wait_idle(page)
+    assert ai_texts(page)[-1] and page.is_hidden("#error")  # violations: asserted none by the fixture
 
 
 def test_second_turn_continues_the_session(page, site):

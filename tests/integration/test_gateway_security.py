@@ -7,11 +7,14 @@ Requests go over raw sockets where an HTTP library would tidy the path up.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from collections.abc import Iterator
 
 import pytest
 import requests
+from playwright.sync_api import Error as PlaywrightError
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -254,3 +257,72 @@ def test_a_key_in_any_spelling_of_the_query_never_reaches_the_logs(gateway, quer
     assert wait_until(lambda: f"/api/v2/generate?{query}=[redacted]" in gateway.log_path.read_text(), 10)
     log = gateway.log_path.read_text()
     assert KEY not in log and WRONG not in log
+
+
+# ---- security headers -------------------------------------------------------------------------
+
+API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "frame-ancestors 'none'; object-src 'none'; base-uri 'none'; form-action 'self'"
+)
+
+
+def assert_security_headers(headers, csp: str) -> None:
+    assert headers["Content-Security-Policy"] == csp
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Referrer-Policy"] == "no-referrer"
+    assert headers["X-Frame-Options"] == "DENY"
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/api/v1/generate", "/healthz", "/metrics", "/api/openapi.json", "/no"])
+def test_every_api_answer_carries_the_security_headers(gateway, path):
+    assert_security_headers(requests.get(gateway.base_url + path, timeout=10).headers, API_CSP)
+
+
+@pytest.fixture(scope="module")
+def site(artifacts_dir, ui) -> Iterator[ServiceProcess]:
+    """A gateway with keys that forwards the page to the ui."""
+    service = start(artifacts_dir, "gateway-security-site", API_KEYS=KEYS, UI_URL=ui.base_url)
+    yield service
+    service.stop()
+
+
+def test_the_page_and_its_files_carry_the_pages_policy_also_through_the_gateway(ui, site):
+    for base in (ui.base_url, site.base_url):
+        page = requests.get(base + "/", timeout=10)
+        assert_security_headers(page.headers, PAGE_CSP)
+        script = re.search(r'src="(/static/chat\.js\?v=\w+)"', page.text).group(1)
+        assert_security_headers(requests.get(base + script, timeout=10).headers, PAGE_CSP)
+    tags = re.findall(r"<[a-z][^>]*>", page.text)  # nothing inline that the policy would block
+    assert [tag for tag in tags if re.search(r"\s(on\w+|style)=", tag)] == []
+    scripts = [tag for tag in tags if tag.startswith("<script")]
+    assert scripts and all("src=" in tag or 'type="application/json"' in tag for tag in scripts)
+
+
+def test_the_page_runs_under_its_policy_in_chromium(browser, site):
+    context = browser.new_context()
+    context.add_init_script(
+        "window.__violations = [];"
+        " document.addEventListener('securitypolicyviolation', (e) => window.__violations.push(e.violatedDirective))"
+    )
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    try:
+        assert page.goto(site.base_url + "/").headers["content-security-policy"] == PAGE_CSP
+        page.wait_for_selector("#key-form:not([hidden])")  # the script ran and its fetch got the API's 401
+        page.fill("#api-key", KEY)
+        page.press("#api-key", "Enter")
+        page.wait_for_selector("#key-form", state="hidden")  # the key works: the models are asked for again
+        assert page.evaluate("getComputedStyle(document.querySelector('.chat')).display") == "flex"  # styled
+        assert page.evaluate("window.__violations") == []
+        with contextlib.suppress(PlaywrightError):  # the policy is in force: an injected inline script is refused
+            page.add_script_tag(content="window.__injected = true")
+        assert page.wait_for_function("window.__violations.length") and not page.evaluate("window.__injected")
+        assert page.evaluate("window.__violations") == ["script-src-elem"]
+    finally:
+        context.close()
+    unexpected = [p for p in problems if "status of 401" not in p and "Executing inline script violates" not in p]
+    assert unexpected == [], unexpected
