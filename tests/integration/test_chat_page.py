@@ -15,7 +15,7 @@ import requests
 
 from services.common.chat import DEFAULT_PREAMBLE as PREAMBLE
 from tests.client import Api
-from tests.helpers import CHATML_DESCRIPTION, CHATML_MODEL, start_gateway
+from tests.helpers import CHATML_DESCRIPTION, CHATML_MODEL, start_gateway, wait_for
 
 SEP = "\n\n"
 STOP = "\n\nHuman:"
@@ -52,7 +52,7 @@ def page(browser, site):
     page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
     page.on("pageerror", lambda error: problems.append(str(error)))
     page.goto(site + "/")
-    page.wait_for_function("!document.getElementById('model').disabled")  # the models are in
+    wait_for(page, "!document.getElementById('model').disabled")  # the models are in
     page.evaluate(
         "window.__updates = 0; new MutationObserver((m) => { window.__updates += m.length; })"
         ".observe(document.getElementById('dialogue'), {subtree: true, childList: true, characterData: true})"
@@ -74,7 +74,7 @@ def send(page, text: str) -> None:
 
 
 def wait_idle(page, timeout_ms: int = 60_000) -> None:
-    page.wait_for_function("!document.getElementById('send').disabled", timeout=timeout_ms)
+    wait_for(page, "!document.getElementById('send').disabled", timeout=timeout_ms)
 
 
 def ai_texts(page) -> list[str]:
@@ -141,7 +141,7 @@ def test_second_turn_continues_the_session(page, site):
 def test_stop_interrupts_a_long_answer_and_the_next_message_works(page):
     set_setting(page, "max_new_tokens", "600")
     send(page, "Write a very long story.")
-    page.wait_for_function("window.__updates > 12", timeout=60_000)
+    wait_for(page, "window.__updates > 12", timeout=60_000)
     page.click("#stop")
     wait_idle(page, timeout_ms=5_000)
     stopped = ai_texts(page)[0]

@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from deploy.local_stack import ServiceProcess, gateway_process, pick_free_port
-from tests.helpers import RawResponse, http_head, metric_value, raw_exchange, wait_until
+from tests.helpers import RawResponse, http_head, metric_value, raw_exchange, wait_for, wait_until
 
 KEY = "sec-test-key-4f9a1c7e2b8d0365"
 KEYS = f"alice:{KEY}"
@@ -320,7 +320,8 @@ def test_the_page_runs_under_its_policy_in_chromium(browser, site):
         assert page.evaluate("window.__violations") == []
         with contextlib.suppress(PlaywrightError):  # the policy is in force: an injected inline script is refused
             page.add_script_tag(content="window.__injected = true")
-        assert page.wait_for_function("window.__violations.length") and not page.evaluate("window.__injected")
+        wait_for(page, "window.__violations.length")
+        assert not page.evaluate("window.__injected")
         assert page.evaluate("window.__violations") == ["script-src-elem"]
     finally:
         context.close()
