@@ -197,6 +197,10 @@ def _with_api_keys(document: dict[str, Any]) -> dict[str, Any]:
     }
     document["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
     document["paths"]["/api/openapi.json"]["get"]["security"] = []
+    document["paths"]["/api/v2/generate"]["get"]["description"] += (
+        " The handshake's key: a header as above or, from a browser, the subprotocols"
+        ' ["petals-chat", "bearer.<key>"] (answered with petals-chat), or ?api_key=<key>.'
+    )
     return document
 
 
