@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from services.common.config import ConfigError, Env
+from services.common.config import ConfigError, Env, load_or_exit
 from services.gateway import api_keys
 from services.gateway.api_keys import ApiKeys, KeyRing
 from services.gateway.auth import ClientIdentity, RedactKeys, client_address
@@ -57,6 +57,17 @@ def test_bad_entries_are_one_line_errors_without_the_key(value, message):
         keys(API_KEYS=value)
     assert ALICE not in str(caught.value) and "short" not in str(caught.value).replace("'alice'", "")
     assert "\n" not in str(caught.value)
+
+
+def test_a_weak_key_stops_the_gateway_at_start_with_one_line(capsys):
+    env = Env({**REPLICAS, "API_KEYS": f"alice:{ALICE} bob:{'x' * 40}"})
+    with pytest.raises(SystemExit) as caught:
+        load_or_exit(lambda: GatewaySettings.from_env(env), "gateway")
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == (
+        "gateway: configuration error: API_KEYS entry 2 (id 'bob'): the key is too weak (under 8 distinct "
+        "characters or too repetitive): use a random one, e.g. 'openssl rand -hex 16'\n"
+    )
 
 
 def test_unreadable_key_file(tmp_path):
