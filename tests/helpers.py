@@ -250,3 +250,14 @@ class SwarmProbe:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(5)
+
+
+def wait_for(page: Any, expression: str, timeout: float = 30_000) -> None:
+    """Poll a JavaScript expression on a Playwright page until it is truthy (``timeout`` in ms, as
+    Playwright's). Not ``page.wait_for_function``: it evaluates its string with ``eval``, which the
+    page's Content-Security-Policy refuses (as it should)."""
+    deadline = time.monotonic() + timeout / 1000
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{expression!r} still false after {timeout:.0f} ms")
+        time.sleep(0.05)

@@ -1,7 +1,9 @@
 """Assembly of a Falcon app with what every service shares.
 
 Each service builds its app with ``create_app``: JSON errors in the right envelope, request
-metrics, ``/metrics``, ``/healthz`` and ``/readyz``. Services add their own routes after.
+metrics, ``/metrics``, ``/healthz`` and ``/readyz``, security headers on every response (a
+Content-Security-Policy, the API's by default: nothing may be loaded, run or framed from an answer;
+the ui passes the page's). Services add their own routes after.
 """
 
 from __future__ import annotations
@@ -16,10 +18,31 @@ from services.common.errors import ErrorEnvelopeMiddleware, make_error_handlers
 from services.common.metrics import AsyncMetricsResource, MetricsResource, RequestMetricsMiddleware
 
 ReadinessCheck = Callable[[], tuple[bool, dict]]
+API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+SECURITY_HEADERS = ("Content-Security-Policy", "X-Content-Type-Options", "Referrer-Policy", "X-Frame-Options")
+
+
+class SecurityHeadersMiddleware:
+    """Sets the security headers on every response that does not set its own (a page relayed from
+    the ui keeps the ui's): CSP, ``nosniff``, no referrer, no framing."""
+
+    def __init__(self, content_security_policy: str) -> None:
+        values = (content_security_policy, "nosniff", "no-referrer", "DENY")
+        self._headers = dict(zip(SECURITY_HEADERS, values, strict=True))
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
+        for name, value in self._headers.items():
+            if resp.get_header(name) is None:
+                resp.set_header(name, value)
+
+    async def process_response_async(self, req, resp, resource, req_succeeded: bool) -> None:
+        self.process_response(req, resp, resource, req_succeeded)
 
 
 class HealthResource:
     """``GET /healthz``: the process is alive and serving HTTP."""
+
+    public = True  # open to everyone, also when the gateway wants API keys (services/gateway/auth.py)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = {"ok": True}
@@ -27,6 +50,8 @@ class HealthResource:
 
 class ReadinessResource:
     """``GET /readyz``: 200 when the service can do its job, 503 otherwise; the body says why."""
+
+    public = True
 
     def __init__(self, check: ReadinessCheck) -> None:
         self._check = check
@@ -40,6 +65,8 @@ class ReadinessResource:
 class AsyncHealthResource:
     """``GET /healthz`` in an ASGI app."""
 
+    public = True
+
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.media = {"ok": True}
 
@@ -51,9 +78,16 @@ class AsyncReadinessResource(ReadinessResource):
         super().on_get(req, resp)
 
 
-def create_app(*, readiness: ReadinessCheck, debug_tracebacks: bool, middleware: list | None = None) -> falcon.App:
+def create_app(
+    *,
+    readiness: ReadinessCheck,
+    debug_tracebacks: bool,
+    middleware: list | None = None,
+    content_security_policy: str = API_CSP,
+) -> falcon.App:
     """A Falcon app with the shared middleware, error handlers and health/metrics routes."""
-    app = falcon.App(middleware=[RequestMetricsMiddleware(), ErrorEnvelopeMiddleware(), *(middleware or [])])
+    shared = [SecurityHeadersMiddleware(content_security_policy), RequestMetricsMiddleware(), ErrorEnvelopeMiddleware()]
+    app = falcon.App(middleware=[*shared, *(middleware or [])])
     app.req_options.strip_url_path_trailing_slash = True
     for exception, handler in make_error_handlers(debug_tracebacks):
         app.add_error_handler(exception, handler)
@@ -71,8 +105,9 @@ def create_asgi_app(
     request_type: type[falcon.asgi.Request] = falcon.asgi.Request,
 ) -> falcon.asgi.App:
     """``create_app`` for an ASGI app (the gateway: an event loop serves every connection)."""
+    shared = [SecurityHeadersMiddleware(API_CSP), RequestMetricsMiddleware(), ErrorEnvelopeMiddleware()]
     app = falcon.asgi.App(
-        middleware=[RequestMetricsMiddleware(), ErrorEnvelopeMiddleware(), *(middleware or [])],
+        middleware=[*shared, *(middleware or [])],
         request_type=request_type,
     )
     app.req_options.strip_url_path_trailing_slash = True

@@ -59,6 +59,8 @@ class RequestMetricsMiddleware:
 class MetricsResource:
     """``GET /metrics``: the Prometheus text exposition."""
 
+    public = True  # open to everyone, also when the gateway wants API keys (services/gateway/auth.py)
+
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = CONTENT_TYPE_LATEST
         resp.data = generate_latest(_registry())
@@ -67,6 +69,8 @@ class MetricsResource:
 class AsyncMetricsResource:
     """``GET /metrics`` in an ASGI app. (Reading the multiprocess files takes a few ms; a scrape
     every few seconds may hold the event loop that long.)"""
+
+    public = True
 
     async def on_get(self, req, resp) -> None:
         resp.content_type = CONTENT_TYPE_LATEST

@@ -25,6 +25,7 @@ MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 _FORM = "application/x-www-form-urlencoded"
 _JSON = "application/json"
 _DRAIN_FACTOR = 8  # oversized bodies up to 8x the limit are read and dropped before the 413
+MAX_JSON_DEPTH = 32  # nesting of arrays and objects in a client's JSON (no parameter needs more than 3)
 
 
 @dataclass(frozen=True)
@@ -174,11 +175,37 @@ def _require_utf8(encoded: str, what: str) -> None:
             raise InvalidParameter(f"{what} is not valid UTF-8 once percent-decoded") from None
 
 
-def _parse_json(text: str) -> dict[str, Any]:
+def loads_json(text: str | bytes, what: str) -> Any:
+    """A client's JSON ``text``; InvalidParameter if it is not JSON or nests deeper than MAX_JSON_DEPTH
+    (Python's parser recurses: thousands of ``[`` would raise RecursionError)."""
+    too_deep = InvalidParameter(f"{what} nests arrays or objects deeper than {MAX_JSON_DEPTH} levels")
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise too_deep from None
     except ValueError as error:
-        raise InvalidParameter(f"Request body is not valid JSON: {error}") from None
+        raise InvalidParameter(f"{what} is not valid JSON: {error}") from None
+    if _too_deep(data):
+        raise too_deep
+    return data
+
+
+def _too_deep(data: Any) -> bool:
+    """Whether ``data`` nests containers deeper than MAX_JSON_DEPTH (walked without recursion)."""
+    level = [data]
+    for _ in range(MAX_JSON_DEPTH):
+        level = [item for value in level if isinstance(value, (dict, list)) for item in _items(value)]
+        if not level:
+            return False
+    return any(isinstance(value, (dict, list)) for value in level)
+
+
+def _items(container: dict | list) -> Any:
+    return container.values() if isinstance(container, dict) else container
+
+
+def _parse_json(text: str) -> dict[str, Any]:
+    data = loads_json(text, "Request body")
     if not isinstance(data, dict):
         raise InvalidParameter("JSON body must be an object of parameters")
     try:

@@ -1,6 +1,7 @@
 """The operator's API keys (``API_KEYS``, ``API_KEYS_FILE``): ``id:key`` entries, validated at start-up.
 
-Errors name an entry by its number and id, never its key. Lookups compare the key with every
+Errors name an entry by its number and id, never its key. A weak key (too few distinct characters,
+or too repetitive for its length) is refused. Lookups compare the key with every
 configured key in constant time. ``KeyRing`` re-reads ``API_KEYS_FILE`` when it changes (a
 rotated Kubernetes Secret), at most every ``API_KEYS_RELOAD_SECONDS``. (No metrics here: the
 settings import this before the gateway's workers have their multiprocess metrics directory.)
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,8 @@ KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 KEY_PATTERN = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
 MIN_KEY_CHARS = 16
 MAX_KEY_CHARS = 256
+MIN_KEY_DISTINCT = 8  # distinct characters
+MIN_KEY_BITS = 40.0  # length x the Shannon entropy of its characters' frequencies (random hex: 4 bits a character)
 ANONYMOUS = "anonymous"  # the key id label of requests without a key
 REFUSED = "refused"  # the key id label of requests refused for their key
 RESERVED_IDS = {ANONYMOUS, REFUSED}
@@ -162,7 +167,20 @@ def _parse_entries(entries: list[tuple[str, str]]) -> tuple[tuple[str, bytes], .
             raise ConfigError(
                 f"{where} (id {key_id!r}): the key must be {MIN_KEY_CHARS}-{MAX_KEY_CHARS} printable ASCII characters"
             )
+        if weak(key):
+            raise ConfigError(
+                f"{where} (id {key_id!r}): the key is too weak (under {MIN_KEY_DISTINCT} distinct characters or too "
+                "repetitive): use a random one, e.g. 'openssl rand -hex 16'"
+            )
         if key.encode() in parsed.values():
             raise ConfigError(f"{where} (id {key_id!r}): the same key is given to another id")
         parsed[key_id] = key.encode()
     return tuple(parsed.items())
+
+
+def weak(key: str) -> bool:
+    """Whether ``key`` has too few distinct characters, or too little entropy as its characters'
+    frequencies estimate it (an upper bound: it catches repetition, not a guessable word)."""
+    counts = Counter(key).values()
+    bits = -sum(count * math.log2(count / len(key)) for count in counts)
+    return len(counts) < MIN_KEY_DISTINCT or bits < MIN_KEY_BITS

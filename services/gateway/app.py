@@ -18,7 +18,7 @@ from services.gateway.auth import ClientMiddleware, handle_unauthorized, redact_
 from services.gateway.openai_api import ChatCompletionsResource, CompletionsResource, ModelsResource
 from services.gateway.openapi import OpenApiResource
 from services.gateway.poller import ReplicaPoller
-from services.gateway.ratelimit import RateLimitMiddleware
+from services.gateway.ratelimit import RateLimitMiddleware, RefusalThrottle
 from services.gateway.replicas import ReplicaSet
 from services.gateway.resources import (
     CloseSessionResource,
@@ -57,8 +57,9 @@ def build_app(settings: GatewaySettings) -> falcon.asgi.App:
     replicas = ReplicaSet(settings.replicas, settings.default_model)
     poller = ReplicaPoller(replicas, upstream, settings.poll_interval_s)
     origins = "*" if "*" in settings.cors_allow_origins else list(settings.cors_allow_origins)
+    refusals = RefusalThrottle(settings.auth_failures_per_minute) if settings.auth_failures_per_minute else None
     clients = ClientMiddleware(settings.api_keys, anonymous=bool(settings.anonymous_rate_limit_per_minute),
-                               trusted_proxies=settings.trusted_proxies)  # fmt: skip
+                               trusted_proxies=settings.trusted_proxies, refusals=refusals)  # fmt: skip
     middleware: list = [Lifespan(upstream, poller), falcon.CORSMiddleware(allow_origins=origins), clients]
     rate_limit = None
     if settings.rate_limit_per_minute or settings.anonymous_rate_limit_per_minute:

@@ -1,13 +1,20 @@
 """API keys (optional) and who a request's client is.
 
 Keys are off unless the operator lists some (``API_KEYS`` and/or ``API_KEYS_FILE``: ``id:key``
-entries). With keys on, every API route (v1, v2 and its WebSocket, the OpenAI-compatible ``/v1``)
-needs one: ``Authorization: Bearer <key>`` (what the OpenAI clients send), ``X-API-Key: <key>``, or,
-on the WebSocket handshake only (a browser's WebSocket cannot set headers), ``?api_key=<key>``.
+entries). With keys on, every route needs one, deny by default, except the resources marked
+``public = True`` (health, readiness, metrics, the OpenAPI document): the decision is the matched
+resource's, never the path's text, so every spelling of a path that Falcon routes to a resource
+(``//api/v1/generate``, a trailing slash, ``%2F``) is checked as the resource is. Paths that match
+no resource are not served (404, or the page's paths, relayed to the ui). A key is sent as
+``Authorization: Bearer <key>`` (what the OpenAI clients send), ``X-API-Key: <key>``, or, on the
+WebSocket handshake only (a browser's WebSocket cannot set headers), as the subprotocols
+``["petals-chat", "bearer.<key>"]`` (the handshake's answer names ``petals-chat``, never the key) or,
+kept for compatibility, ``?api_key=<key>``. Keys are redacted from log lines in every spelling.
 A key is compared with every configured key in constant time; only its id is ever named (logs,
 metrics, rate limits, session quotas). ``ANONYMOUS_RATE_LIMIT_PER_MINUTE`` > 0 lets requests that
 bring no key in too, as anonymous clients told apart by address, at that rate (a wrong key is
-refused all the same).
+refused all the same). Refused keys are throttled per address (``AUTH_FAILURES_PER_MINUTE``, see
+``RefusalThrottle`` in ratelimit.py).
 
 Every request gets a ``ClientIdentity`` (``req.context.client``): its key id, or its address
 (``X-Forwarded-For``'s last entry, the one the Ingress added, when the peer is one of ``TRUSTED_PROXIES``).
@@ -18,19 +25,25 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from services.common.errors import Unauthorized, render_error
+from services.common.errors import ApiError, Unauthorized, render_error
 from services.gateway.api_keys import ANONYMOUS, REFUSED, KeyRing
 from services.gateway.metrics import CLIENT_REQUESTS
 from services.gateway.settings import IpNetwork
 
-API_PREFIXES = ("/api/v1/", "/api/v2/", "/v1/")
+if TYPE_CHECKING:
+    from services.gateway.ratelimit import RefusalThrottle
+
 KEY_QUERY_PARAM = "api_key"
+SUBPROTOCOL = "petals-chat"  # the WebSocket subprotocol a handshake is answered with, when offered
+KEY_SUBPROTOCOL = "bearer."  # a key offered as a subprotocol: bearer.<key>
 POLICY_VIOLATION = 1008  # WebSocket close code after a refused key
-_REDACT = re.compile(rf"({KEY_QUERY_PARAM}=)[^&\s\"']*")
+_QUERY_FIELD = re.compile(r"(?<![^\s?&;\"'(])([\w%.+-]+=)([^&\s\"']*)")  # name=value in a URL or a line
+_BEARER = re.compile(r"(?i)(bearer[.\s]\s*)[^\s,\"']+")  # an Authorization value or a subprotocol
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,11 @@ class ClientIdentity:
     def label(self) -> str:
         """The bounded metric label: a configured key id, or ``anonymous``."""
         return self.key_id or ANONYMOUS
+
+
+def is_public(resource: object) -> bool:
+    """Whether a matched resource is open to everyone: only one marked ``public = True`` is."""
+    return getattr(resource, "public", False) is True
 
 
 def client_address(req: Any, trusted_proxies: Sequence[IpNetwork]) -> str:
@@ -83,7 +101,21 @@ def presented_key(req: Any, *, websocket: bool) -> str | None:
     key = req.get_header("X-API-Key")
     if key:
         return key.strip()
-    return req.get_param(KEY_QUERY_PARAM) if websocket else None
+    if not websocket:
+        return None
+    offered = [key for key in offered_subprotocols(req) if key.startswith(KEY_SUBPROTOCOL)]
+    return offered[0].removeprefix(KEY_SUBPROTOCOL) if offered else req.get_param(KEY_QUERY_PARAM)
+
+
+def offered_subprotocols(req: Any) -> list[str]:
+    """The subprotocols a WebSocket handshake offers (``Sec-WebSocket-Protocol``)."""
+    return [name.strip() for name in (req.get_header("Sec-WebSocket-Protocol") or "").split(",") if name.strip()]
+
+
+def accepted_subprotocol(req: Any) -> str | None:
+    """What a handshake is answered with: ``petals-chat`` if offered (a browser that offered
+    subprotocols drops a connection whose answer names none), never a key."""
+    return SUBPROTOCOL if SUBPROTOCOL in offered_subprotocols(req) else None
 
 
 class ClientMiddleware:
@@ -91,18 +123,26 @@ class ClientMiddleware:
     (401 in the route's error envelope; on the WebSocket an error message, then close 1008).
     Counts API requests per key id."""
 
-    def __init__(self, keys: KeyRing, *, anonymous: bool, trusted_proxies: Sequence[IpNetwork]) -> None:
+    def __init__(
+        self,
+        keys: KeyRing,
+        *,
+        anonymous: bool,
+        trusted_proxies: Sequence[IpNetwork],
+        refusals: RefusalThrottle | None = None,
+    ) -> None:
         self._keys = keys
         self._anonymous = anonymous or not keys
         self._trusted_proxies = tuple(trusted_proxies)
+        self._refusals = refusals
 
     async def process_resource_async(self, req: Any, resp: Any, resource: object, params: dict) -> None:
         if resource is not None and req.method != "OPTIONS":  # a CORS preflight carries no key
-            self._identify(req, websocket=False, api=req.path.startswith(API_PREFIXES))
+            self._identify(req, websocket=False, api=not is_public(resource))
 
     async def process_resource_ws(self, req: Any, ws: Any, resource: object, params: dict) -> None:
         if resource is not None:
-            self._identify(req, websocket=True, api=True)
+            self._identify(req, websocket=True, api=not is_public(resource))
 
     async def process_response_async(self, req: Any, resp: Any, resource: object, req_succeeded: bool) -> None:
         if req.context.get("api_request"):
@@ -114,16 +154,31 @@ class ClientMiddleware:
         address = client_address(req, self._trusted_proxies)
         key_id = None
         if api and self._keys:
-            key = presented_key(req, websocket=websocket)
-            key_id = self._keys.identify(key) if key else None
-            if key_id is None and (key or not self._anonymous):
-                CLIENT_REQUESTS.labels(key_id=REFUSED, status="401").inc()
-                reason = "The API key is not valid" if key else "This API needs a key"
-                raise Unauthorized(
-                    f"{reason}: send it as 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
-                )
+            key_id = self._check_key(presented_key(req, websocket=websocket), address)
         req.context.client = ClientIdentity(key_id, address)
         req.context.api_request = api and not websocket  # a WebSocket's messages are counted by the connection
+
+    def _check_key(self, key: str | None, address: str) -> str | None:
+        """The id of ``key``; None for an anonymous client; Unauthorized (or RateLimited, for an address
+        refused too often) otherwise."""
+        if key is None and self._anonymous:
+            return None
+        if self._refusals is not None:
+            try:
+                self._refusals.check(address)
+            except ApiError:
+                CLIENT_REQUESTS.labels(key_id=REFUSED, status="429").inc()
+                raise
+        key_id = self._keys.identify(key) if key else None
+        if key_id is None:
+            CLIENT_REQUESTS.labels(key_id=REFUSED, status="401").inc()
+            if self._refusals is not None:
+                self._refusals.refused(address)
+            reason = "The API key is not valid" if key else "This API needs a key"
+            raise Unauthorized(
+                f"{reason}: send it as 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
+            )
+        return key_id
 
 
 async def handle_unauthorized(req: Any, resp: Any, error: Unauthorized, params: dict, ws: Any = None) -> None:
@@ -132,22 +187,33 @@ async def handle_unauthorized(req: Any, resp: Any, error: Unauthorized, params: 
     if ws is None:
         render_error(req, resp, error)
         return
-    await ws.accept()
+    await ws.accept(subprotocol=accepted_subprotocol(req))
     await ws.send_media({"ok": False, "traceback": error.message})
     await ws.close(POLICY_VIOLATION)
 
 
 class RedactKeys(logging.Filter):
-    """Removes ``api_key=`` values from log lines (Uvicorn logs each WebSocket handshake's query)."""
+    """Removes keys from log lines (Uvicorn logs each WebSocket handshake's query): the value of any
+    field whose name, percent-decoded and in any case, is ``api_key``, and what follows ``Bearer``."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if KEY_QUERY_PARAM in message:
-            record.msg, record.args = _REDACT.sub(r"\1[redacted]", message), ()
+        redacted = _BEARER.sub(r"\1[redacted]", _QUERY_FIELD.sub(_redact_field, message))
+        if redacted != message:
+            record.msg, record.args = redacted, ()
         return True
 
 
+def _redact_field(match: re.Match) -> str:
+    name = match.group(1)
+    for _ in range(3):  # percent-encoded, perhaps more than once
+        name = urllib.parse.unquote_plus(name)
+    return match.group(1) + "[redacted]" if name.lower() == f"{KEY_QUERY_PARAM}=" else match.group(0)
+
+
 def redact_server_logs() -> None:
-    """Install RedactKeys on the loggers of the server (Uvicorn, gunicorn)."""
+    """Install RedactKeys on the loggers of the server (Uvicorn, gunicorn) and the root's handlers."""
     for name in ("uvicorn.error", "uvicorn.access", "gunicorn.error", "gunicorn.access"):
         logging.getLogger(name).addFilter(RedactKeys())
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactKeys())

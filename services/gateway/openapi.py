@@ -197,6 +197,10 @@ def _with_api_keys(document: dict[str, Any]) -> dict[str, Any]:
     }
     document["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
     document["paths"]["/api/openapi.json"]["get"]["security"] = []
+    document["paths"]["/api/v2/generate"]["get"]["description"] += (
+        " The handshake's key: a header as above or, from a browser, the subprotocols"
+        ' ["petals-chat", "bearer.<key>"] (answered with petals-chat), or ?api_key=<key>.'
+    )
     return document
 
 
@@ -373,6 +377,8 @@ def _document(limits: Limits, models: Sequence[str]) -> dict[str, Any]:
 
 class OpenApiResource:
     """``GET /api/openapi.json``: built again when the models served change."""
+
+    public = True  # the API's description needs no key (services/gateway/auth.py)
 
     def __init__(self, limits: Limits, replicas: ReplicaSet, *, api_keys: bool = False) -> None:
         self._limits = limits

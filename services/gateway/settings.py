@@ -28,6 +28,7 @@ class GatewaySettings:
     trusted_proxies: tuple[IpNetwork, ...]  # X-Forwarded-For is honoured from these peers only; (): from none
     api_keys: KeyRing  # empty: keys are off
     anonymous_rate_limit_per_minute: int  # with keys: > 0 lets clients without a key in, at this rate
+    auth_failures_per_minute: int  # refused keys per address before 429 (0: unlimited)
     cors_allow_origins: tuple[str, ...]
     ui_url: str
     limits: Limits
@@ -54,6 +55,7 @@ class GatewaySettings:
             trusted_proxies=parse_trusted_proxies(env),
             api_keys=api_keys,
             anonymous_rate_limit_per_minute=anonymous_rate(env, api_keys),
+            auth_failures_per_minute=env.int("AUTH_FAILURES_PER_MINUTE", 30, minimum=0),
             cors_allow_origins=env.list("CORS_ALLOW_ORIGINS", ("*",)),
             ui_url=parse_ui_url(env.str("UI_URL", "")),
             limits=limits,

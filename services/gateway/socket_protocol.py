@@ -15,7 +15,6 @@ session has no room for another step, or the model ended its text; that last ste
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,6 +25,7 @@ from services.common.params import (
     GenerateParams,
     Limits,
     get_model,
+    loads_json,
     parse_generate,
     parse_open_session,
 )
@@ -69,10 +69,7 @@ def parse_message(data: str | bytes, max_bytes: int) -> dict[str, Any]:
     size = len(data.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         raise PayloadTooLarge(f"Message is {size} bytes; the limit is {max_bytes}")
-    try:
-        message = json.loads(data)
-    except ValueError as error:
-        raise InvalidParameter(f"Message is not valid JSON: {error}") from None
+    message = loads_json(data, "Message")
     if not isinstance(message, dict):
         raise InvalidParameter('Message must be a JSON object with a "type"')
     if message.get("type") not in (OPEN, GENERATE):

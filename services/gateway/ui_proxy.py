@@ -2,7 +2,8 @@
 
 With ``UI_URL`` set, the gateway answers every path that is not its own (``/api/...``, ``/v1/...``,
 ``/healthz``, ``/readyz``, ``/metrics``) from the ui service, so that ``make run`` serves the page
-and the API on one origin. Caching and compression headers pass through unchanged.
+and the API on one origin. Caching, compression and security headers (the page's
+Content-Security-Policy, not the API's) pass through unchanged.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import falcon
 import falcon.asgi
 
+from services.common.app import SECURITY_HEADERS
 from services.common.errors import ServiceUnavailable
 from services.gateway.upstream import ReplicaUnreachable, UiCall, Upstream
 
 UI_PATHS = r"/(?!api/|v1/|healthz$|readyz$|metrics$)"
 _REQUEST_HEADERS = ("Accept", "Accept-Encoding", "If-None-Match")
-_RESPONSE_HEADERS = ("Content-Encoding", "ETag", "Cache-Control", "Vary", "Last-Modified")
+_RESPONSE_HEADERS = ("Content-Encoding", "ETag", "Cache-Control", "Vary", "Last-Modified", *SECURITY_HEADERS)
 
 
 class UiProxy:

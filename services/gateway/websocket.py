@@ -36,6 +36,7 @@ from services.common.errors import ERROR_CODE_HEADER, ERROR_STATUS_HEADER, ApiEr
 from services.common.metrics import REQUEST_DURATION, REQUESTS
 from services.common.replica_request import ReplicaRequest
 from services.common.sse import parse_sse_async
+from services.gateway.auth import accepted_subprotocol
 from services.gateway.metrics import CLIENT_REQUESTS, WEBSOCKET_CONNECTIONS
 from services.gateway.ratelimit import RateLimitMiddleware
 from services.gateway.resources import Request, Router, read_answer, relayed_chunks, upstream_error
@@ -84,7 +85,7 @@ class GenerateSocketResource:
         if self._origins is not None and origin is not None and origin not in self._origins:
             await ws.close()  # before the handshake: HTTP 403 (CORS_ALLOW_ORIGINS)
             return
-        await ws.accept()
+        await ws.accept(subprotocol=accepted_subprotocol(req))
         client = req.context.client.name
         if not self._per_client.open(client):
             await self._refuse(ws)

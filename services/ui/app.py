@@ -1,5 +1,8 @@
 """The ui service: serves the chat page and its static assets, nothing else.
 
+Security headers: the page's Content-Security-Policy lets it load its own script, style and
+icon and talk to its API (same origin, or ``API_BASE_URL``'s), nothing inline, no framing.
+
 Caching: the page is ``no-cache`` (always revalidated, 304 by ETag); assets requested with
 their content version (``?v=<hash>``, as the page links them) are cacheable for a year and
 immutable; any other asset request is revalidated. Responses are gzip-compressed for clients
@@ -60,6 +63,16 @@ class StaticResource:
         send_asset(req, resp, asset, IMMUTABLE if versioned else REVALIDATE)
 
 
+def page_csp(api_base_url: str) -> str:
+    """The page's Content-Security-Policy: its own files, its API's origin, nothing inline or framed."""
+    api_origin = " " + "/".join(api_base_url.split("/", 3)[:3]) if api_base_url.startswith("http") else ""
+    return (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        f"connect-src 'self'{api_origin}; frame-ancestors 'none'; object-src 'none'; base-uri 'none'; "
+        "form-action 'self'"
+    )
+
+
 def build_app(settings: UiSettings) -> falcon.App:
     """The ui's WSGI app."""
     assets = load_static()
@@ -67,7 +80,8 @@ def build_app(settings: UiSettings) -> falcon.App:
         "apiBaseUrl": settings.api_base_url,
         "sessionMaxLength": settings.session_max_length,
     }
-    app = create_base_app(readiness=lambda: (True, {"detail": "ready"}), debug_tracebacks=False)
+    app = create_base_app(readiness=lambda: (True, {"detail": "ready"}), debug_tracebacks=False,
+                          content_security_policy=page_csp(settings.api_base_url))  # fmt: skip
     app.add_route("/", PageResource(render_page(assets, chat_config)))
     app.add_route("/static/{name}", StaticResource(assets))
     return app

@@ -45,6 +45,16 @@ GENERATE_CASES = [
     ("json nested", {"json": {"inputs": "Hi", "max_new_tokens": [2]}}, "max_new_tokens must be an integer"),
     ("invalid json", {"data": b"{not json", "headers": {"Content-Type": "application/json"}}, "not valid JSON"),
     (
+        "json nested deeply",
+        {"data": b"[" * 2000 + b"]" * 2000, "headers": {"Content-Type": "application/json"}},
+        "deeper than 32 levels",
+    ),
+    (
+        "json objects nested deeply",
+        {"data": b'{"a":' * 2000 + b"1" + b"}" * 2000, "headers": {"Content-Type": "application/json"}},
+        "deeper than 32 levels",
+    ),
+    (
         "invalid utf-8",
         {"data": b"inputs=\xff\xfe&max_new_tokens=1", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
         "not valid UTF-8",

@@ -15,7 +15,7 @@ import requests
 
 from services.common.chat import DEFAULT_PREAMBLE as PREAMBLE
 from tests.client import Api
-from tests.helpers import CHATML_DESCRIPTION, CHATML_MODEL, start_gateway
+from tests.helpers import CHATML_DESCRIPTION, CHATML_MODEL, start_gateway, wait_for
 
 SEP = "\n\n"
 STOP = "\n\nHuman:"
@@ -34,12 +34,17 @@ def site(inference, chatml_inference, ui, artifacts_dir) -> Iterator[str]:
 
 @pytest.fixture
 def page(browser, site):
-    """A fresh page with greedy settings. Console errors are asserted empty at the end, except the
-    network log lines of HTTP statuses a test provokes on purpose (``page.expected_statuses``)."""
+    """A fresh page with greedy settings. Console errors and Content-Security-Policy violations are
+    asserted empty at the end, except the network log lines of HTTP statuses a test provokes on
+    purpose (``page.expected_statuses``)."""
     context = browser.new_context(viewport={"width": 1000, "height": 800})
     context.add_init_script(
         "if (!localStorage.getItem('petals-chat-settings'))"
         " localStorage.setItem('petals-chat-settings', JSON.stringify({sampling: false, max_new_tokens: 24}))"
+    )
+    context.add_init_script(
+        "window.__violations = []; document.addEventListener('securitypolicyviolation',"
+        " (e) => window.__violations.push(`${e.violatedDirective} ${e.blockedURI}`))"
     )
     page = context.new_page()
     problems: list[str] = []
@@ -47,13 +52,15 @@ def page(browser, site):
     page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
     page.on("pageerror", lambda error: problems.append(str(error)))
     page.goto(site + "/")
-    page.wait_for_function("!document.getElementById('model').disabled")  # the models are in
+    wait_for(page, "!document.getElementById('model').disabled")  # the models are in
     page.evaluate(
         "window.__updates = 0; new MutationObserver((m) => { window.__updates += m.length; })"
         ".observe(document.getElementById('dialogue'), {subtree: true, childList: true, characterData: true})"
     )
     yield page
+    violations = page.evaluate("window.__violations")
     context.close()
+    assert violations == [], f"Content-Security-Policy violations: {violations}"
     expected = [f"status of {status} " for status in page.expected_statuses]
     unexpected = [
         p for p in problems if not (p.startswith("Failed to load resource") and any(e in p for e in expected))
@@ -67,7 +74,7 @@ def send(page, text: str) -> None:
 
 
 def wait_idle(page, timeout_ms: int = 60_000) -> None:
-    page.wait_for_function("!document.getElementById('send').disabled", timeout=timeout_ms)
+    wait_for(page, "!document.getElementById('send').disabled", timeout=timeout_ms)
 
 
 def ai_texts(page) -> list[str]:
@@ -111,6 +118,14 @@ def test_answer_streams_in_and_equals_the_api(page, site, artifacts_dir):
     page.screenshot(path=str(shots / "chat.png"), full_page=True)
 
 
+def test_the_page_chats_under_its_content_security_policy(page, site):
+    policy = requests.get(site + "/", timeout=10).headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    send(page, "Hello!")
+    wait_idle(page)
+    assert ai_texts(page)[-1] and page.is_hidden("#error")  # violations: asserted none by the fixture
+
+
 def test_second_turn_continues_the_session(page, site):
     send(page, "Hi")
     wait_idle(page)
@@ -126,7 +141,7 @@ def test_second_turn_continues_the_session(page, site):
 def test_stop_interrupts_a_long_answer_and_the_next_message_works(page):
     set_setting(page, "max_new_tokens", "600")
     send(page, "Write a very long story.")
-    page.wait_for_function("window.__updates > 12", timeout=60_000)
+    wait_for(page, "window.__updates > 12", timeout=60_000)
     page.click("#stop")
     wait_idle(page, timeout_ms=5_000)
     stopped = ai_texts(page)[0]

@@ -14,7 +14,7 @@ import pytest
 
 from services.common.chat import DEFAULT_PREAMBLE as PREAMBLE
 from tests.client import Api
-from tests.helpers import dedicated_stack
+from tests.helpers import dedicated_stack, wait_for
 
 KEY = "page-user-key-3b9d27c51e08"
 
@@ -60,8 +60,8 @@ def enter_key(page, key: str) -> None:
 def chat(page, text: str) -> str:
     page.fill("#message", text)
     page.press("#message", "Enter")
-    page.wait_for_function("!document.getElementById('send').disabled && !document.querySelector('.streaming')",
-                           timeout=60_000)  # fmt: skip
+    wait_for(page, "!document.getElementById('send').disabled && !document.querySelector('.streaming')",
+             timeout=60_000)  # fmt: skip
     assert page.is_hidden("#error"), page.inner_text("#error")
     return page.eval_on_selector_all(".turn.ai .text", "nodes => nodes.map(n => n.textContent)")[-1]
 
@@ -75,15 +75,15 @@ def api_answer(site: str, inputs: str) -> str:
 def test_the_page_asks_for_a_key_once_and_sends_it(context, site):
     page = new_page(context, site)
     enter_key(page, "not-the-key-0123456789")
-    page.wait_for_function("document.getElementById('key-message').textContent.includes('not valid')")
+    wait_for(page, "document.getElementById('key-message').textContent.includes('not valid')")
     assert page.is_disabled("#model") and page.evaluate("localStorage.getItem('petals-chat-api-key')") is None
     enter_key(page, KEY)
-    page.wait_for_function("!document.getElementById('model').disabled")
+    wait_for(page, "!document.getElementById('model').disabled")
     assert page.is_hidden("#key-form")
     answer = chat(page, "Hello!")
     assert answer == api_answer(site, f"{PREAMBLE}\n\nHuman: Hello!\n\nAI:")
     page.reload()  # the key is remembered: no question this time
-    page.wait_for_function("!document.getElementById('model').disabled")
+    wait_for(page, "!document.getElementById('model').disabled")
     assert page.is_hidden("#key-form")
     assert chat(page, "Hello!") == answer
 
@@ -91,9 +91,9 @@ def test_the_page_asks_for_a_key_once_and_sends_it(context, site):
 def test_two_tabs_of_one_client_share_a_one_session_quota_without_errors(context, site):
     first = new_page(context, site)
     enter_key(first, KEY)
-    first.wait_for_function("!document.getElementById('model').disabled")
+    wait_for(first, "!document.getElementById('model').disabled")
     second = new_page(context, site)  # the same profile: the key is already there
-    second.wait_for_function("!document.getElementById('model').disabled")
+    wait_for(second, "!document.getElementById('model').disabled")
     chat(first, "Hello!")
     first_session = first.evaluate("document.body.dataset.sessionId")
     chat(second, "Hi there!")  # the quota: the first tab's idle session is closed for this one

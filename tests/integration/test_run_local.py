@@ -28,7 +28,7 @@ from pathlib import Path
 from bench.load_test import run_load
 from deploy.local_stack import LOCAL_MODELS, REPO_ROOT, SMOLLM2, TINY_BLOOM, pick_free_port
 from services.common.sse import parse_sse
-from tests.helpers import wait_until
+from tests.helpers import wait_for, wait_until
 
 FRANCE = "What is the capital of France?"
 
@@ -85,7 +85,7 @@ def check_the_chat_page(browser, url: str, screenshot: Path) -> None:
     page.on("pageerror", lambda error: errors.append(str(error)))
     try:
         page.goto(url + "/")
-        page.wait_for_function("!document.getElementById('model').disabled")
+        wait_for(page, "!document.getElementById('model').disabled")
         assert page.input_value("#model") == SMOLLM2.name
         assert page.inner_text("#model-description") == SMOLLM2.description
         answers = []
@@ -93,7 +93,7 @@ def check_the_chat_page(browser, url: str, screenshot: Path) -> None:
             page.fill("#message", question)
             page.press("#message", "Enter")
             page.wait_for_selector("#stop:not([hidden])")
-            page.wait_for_function("!document.getElementById('send').disabled", timeout=120_000)
+            wait_for(page, "!document.getElementById('send').disabled", timeout=120_000)
             answers = page.eval_on_selector_all(".turn.ai .text", "nodes => nodes.map(n => n.textContent)")
         assert page.is_hidden("#error"), page.inner_text("#error")
         assert len(answers) == 2 and "Paris" in answers[0], answers

@@ -8,13 +8,14 @@ import re
 
 import pytest
 
-from services.common.config import ConfigError, Env
+from services.common.config import ConfigError, Env, load_or_exit
 from services.gateway import api_keys
 from services.gateway.api_keys import ApiKeys, KeyRing
 from services.gateway.auth import ClientIdentity, RedactKeys, client_address
 from services.gateway.settings import GatewaySettings
 
 ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdef"
+CI = "ci-key-9f8e7d6c5b4a3210"
 REPLICAS = {"INFERENCE_REPLICAS": "inference-0=http://127.0.0.1:1"}
 
 
@@ -41,6 +42,10 @@ def test_keys_from_the_environment_and_a_file(tmp_path):
     [
         (ALICE, "API_KEYS entry 1 must be ID:KEY"),
         ("alice:short", "entry 1 (id 'alice'): the key must be 16-256 printable ASCII"),
+        ("alice:" + "a" * 16, "entry 1 (id 'alice'): the key is too weak"),
+        ("alice:" + "ab" * 32, "entry 1 (id 'alice'): the key is too weak"),
+        ("alice:abcdefgabcdefgabcdefg", "entry 1 (id 'alice'): the key is too weak"),  # 7 distinct characters
+        (f"alice:{ALICE} bob:" + "0123" * 8, "entry 2 (id 'bob'): the key is too weak"),
         (f"alice:{ALICE} alice:{BOB}", "entry 2: the id 'alice' is reserved or given twice"),
         (f"anonymous:{ALICE}", "the id 'anonymous' is reserved"),
         (f"a:{ALICE} b:{ALICE}", "entry 2 (id 'b'): the same key is given to another id"),
@@ -52,6 +57,17 @@ def test_bad_entries_are_one_line_errors_without_the_key(value, message):
         keys(API_KEYS=value)
     assert ALICE not in str(caught.value) and "short" not in str(caught.value).replace("'alice'", "")
     assert "\n" not in str(caught.value)
+
+
+def test_a_weak_key_stops_the_gateway_at_start_with_one_line(capsys):
+    env = Env({**REPLICAS, "API_KEYS": f"alice:{ALICE} bob:{'x' * 40}"})
+    with pytest.raises(SystemExit) as caught:
+        load_or_exit(lambda: GatewaySettings.from_env(env), "gateway")
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == (
+        "gateway: configuration error: API_KEYS entry 2 (id 'bob'): the key is too weak (under 8 distinct "
+        "characters or too repetitive): use a random one, e.g. 'openssl rand -hex 16'\n"
+    )
 
 
 def test_unreadable_key_file(tmp_path):
@@ -156,13 +172,13 @@ def ring_of(path, clock: Clock, listed: tuple[str, ...] = ()) -> KeyRing:
 def test_a_rotated_key_file_is_read_again_once_the_interval_has_passed(tmp_path, caplog):
     path, clock = tmp_path / "keys", Clock()
     path.write_text(f"alice:{ALICE}\n")
-    ring = ring_of(path, clock, listed=(f"ci:{'c' * 16}",))
+    ring = ring_of(path, clock, listed=(f"ci:{CI}",))
     rotate(path, f"bob:{BOB}\n")
     clock.now = 29.0
     assert ring.identify(ALICE) == "alice" and ring.identify(BOB) is None  # not looked at yet
     clock.now = 30.0
     with caplog.at_level(logging.INFO, logger="services.gateway.api_keys"):
-        assert (ring.identify(ALICE), ring.identify(BOB), ring.identify("c" * 16)) == (None, "bob", "ci")
+        assert (ring.identify(ALICE), ring.identify(BOB), ring.identify(CI)) == (None, "bob", "ci")
     assert "API keys reloaded from API_KEYS_FILE: ids ci, bob" in caplog.text and BOB not in caplog.text
 
 
@@ -209,3 +225,26 @@ def test_a_reload_interval_of_zero_never_reads_the_file_again(tmp_path):
 def test_the_reload_interval_is_validated():
     with pytest.raises(ConfigError, match="API_KEYS_RELOAD_SECONDS"):
         GatewaySettings.from_env(Env({**REPLICAS, "API_KEYS_RELOAD_SECONDS": "-1"}))
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        f"/api/v2/generate?api%5Fkey={ALICE}",
+        f"/api/v2/generate?x=1&%61pi%5fkey={ALICE}&y=2",
+        f"/api/v2/generate?API_KEY={ALICE}",
+        f"/api/v2/generate?api%255Fkey={ALICE}",
+        f"Sec-WebSocket-Protocol: petals-chat, bearer.{ALICE}",
+        f"Authorization: Bearer {ALICE}",
+    ],
+)
+def test_keys_are_redacted_from_log_lines_in_every_spelling(line):
+    record = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, "%s", (line,), None)
+    assert RedactKeys().filter(record)
+    assert ALICE not in record.getMessage() and "[redacted]" in record.getMessage()
+
+
+def test_other_query_fields_are_logged_as_they_are():
+    line = "/api/v1/generate?max_new_tokens=3&inputs=api_key&key=1"
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, "%s", (line,), None)
+    assert RedactKeys().filter(record) and record.getMessage() == line
