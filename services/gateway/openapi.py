@@ -189,14 +189,19 @@ def build_openapi(limits: Limits, models: Sequence[str] = (), *, api_keys: bool 
     return _with_api_keys(document) if api_keys else document
 
 
+# The operations open to everyone with keys on (the resources marked ``public``).
+PUBLIC_PATHS = ("/healthz", "/readyz", "/metrics", "/api/openapi.json")
+
+
 def _with_api_keys(document: dict[str, Any]) -> dict[str, Any]:
-    """Every operation needs a key (Bearer, or X-API-Key), except this document's own."""
+    """Every operation needs a key (Bearer, or X-API-Key), except the public ones."""
     document["components"]["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},
         "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
     }
     document["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
-    document["paths"]["/api/openapi.json"]["get"]["security"] = []
+    for path in PUBLIC_PATHS:
+        document["paths"][path]["get"]["security"] = []
     document["paths"]["/api/v2/generate"]["get"]["description"] += (
         " The handshake's key: a header as above or, from a browser, the subprotocols"
         ' ["petals-chat", "bearer.<key>"] (answered with petals-chat), or ?api_key=<key>.'

@@ -6,6 +6,11 @@ fuzzing of valid and invalid data. No answer may be a 5xx, and every answer must
 status code, content type and body schema. The gateway and its inference replica are dedicated
 to this module, with small limits so that the sessions the fuzzer opens stay few and cheap.
 
+API keys are on here, as an operator with a public endpoint runs the gateway. Every case is sent
+twice over: with the key (the checks above), and without one or with a wrong one, where every
+operation the document secures must refuse (401, or 429 once refusals from one address are
+throttled; v1's HTTP 200 with ``ok: false`` and ``X-Petals-Chat-Status``): no unauthenticated success.
+
 ``FUZZ_EXAMPLES`` (default 50) sets Hypothesis's examples per operation and mode: ``make fuzz``
 runs 1,000 (over 10,000 requests). The counts per operation and status are printed (``-s``).
 Last, the schemathesis CLI runs over the served document as a client would, and must not warn.
@@ -33,6 +38,11 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.helpers import Stack, dedicated_stack, wait_until
 
+FUZZ_KEY = "fz-7Qx2Lm9Vb4Nc8Rt1"
+# Refused keys are not throttled here: the throttle (tested in test_gateway_security.py) would turn
+# the keyed cases that follow the intruder's into 429s, since everything comes from one address.
+KEYS = {"API_KEYS": f"fuzz:{FUZZ_KEY}", "AUTH_FAILURES_PER_MINUTE": "0"}
+REFUSED_STATUSES = {"401", "429"}
 LIMITS = {"MAX_LENGTH_LIMIT": "64", "MAX_NEW_TOKENS_LIMIT": "4", "MAX_INPUT_CHARS": "256", "MAX_BODY_BYTES": "4096"}
 SESSIONS = {"MAX_SESSIONS": "8", "SESSION_TTL_SECONDS": "5", "SESSION_REAPER_INTERVAL_SECONDS": "1"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -47,14 +57,18 @@ FUZZ_SETTINGS = settings(
 
 @pytest.fixture(scope="module")
 def fuzz_stack(swarm, model_dir, artifacts_dir) -> Iterator[Stack]:
-    with dedicated_stack(swarm, model_dir, artifacts_dir, "fuzz", shared_env=LIMITS, inference_env=SESSIONS) as stack:
+    with dedicated_stack(
+        swarm, model_dir, artifacts_dir, "fuzz", shared_env=LIMITS, inference_env=SESSIONS, gateway_env=KEYS
+    ) as stack:
         yield stack
 
 
 @pytest.fixture(scope="module")
 def api_schema(fuzz_stack: Stack) -> schemathesis.BaseSchema:
     """The document the gateway serves (not the one built in process)."""
-    return schemathesis.openapi.from_url(f"{fuzz_stack.gateway.base_url}/api/openapi.json", timeout=10)
+    return schemathesis.openapi.from_url(
+        f"{fuzz_stack.gateway.base_url}/api/openapi.json", headers=AUTHENTICATED, timeout=10
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +79,12 @@ def operations(api_schema: schemathesis.BaseSchema) -> list[schemathesis.APIOper
     return [result.ok() for result in results]
 
 
+AUTHENTICATED = {"Authorization": f"Bearer {FUZZ_KEY}"}
+UNAUTHENTICATED = [{}, {"Authorization": "Bearer fz-not-the-key-at-all"}, {"X-API-Key": FUZZ_KEY[:-1] + "x"}]
+
+
 class Caller:
-    """Sends cases to the gateway and runs the checks on each answer; counts the calls."""
+    """Sends cases to the gateway with the key and runs the checks on each answer; counts the calls."""
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
@@ -75,13 +93,19 @@ class Caller:
         self.statuses: Counter[tuple[str, int]] = Counter()  # (operation, status) -> answers
 
     def __call__(self, case: schemathesis.Case) -> None:
-        self.calls += 1
-        response = case.call(base_url=self.base_url, session=self.http, timeout=60)
-        self.statuses[case.operation.label, response.status_code] += 1
+        response = self.send(case, AUTHENTICATED)
         try:
             case.validate_response(response, checks=CHECKS)
         finally:
             self._close_opened_session(case, response)
+
+    def send(self, case: schemathesis.Case, auth: dict[str, str]) -> schemathesis.Response:
+        """The case with ``auth``'s headers in place of any credentials it carries."""
+        self.calls += 1
+        headers = {k: v for k, v in (case.headers or {}).items() if k.lower() not in ("authorization", "x-api-key")}
+        response = case.call(base_url=self.base_url, session=self.http, headers={**headers, **auth}, timeout=60)
+        self.statuses[case.operation.label, response.status_code] += 1
+        return response
 
     def _close_opened_session(self, case: schemathesis.Case, response: schemathesis.Response) -> None:
         """Close a session the case opened: a full replica would refuse the next cases' (503), how
@@ -94,7 +118,7 @@ class Caller:
             return  # not an opened session (the checks judge the answer)
         if isinstance(body, dict) and isinstance(body.get("session_id"), str):
             close = f"{self.base_url}/api/v1/close_inference_session"
-            self.http.get(close, params={"session_id": body["session_id"]}, timeout=60)
+            self.http.get(close, params={"session_id": body["session_id"]}, headers=AUTHENTICATED, timeout=60)
 
     def report(self) -> str:
         operations = sorted({operation for operation, _ in self.statuses})
@@ -105,9 +129,39 @@ class Caller:
         return "\n".join(lines)
 
 
-@pytest.fixture
-def call(fuzz_stack: Stack) -> Iterator[Caller]:
-    caller = Caller(fuzz_stack.gateway.base_url)
+class Intruder(Caller):
+    """Sends each case without a key and with wrong ones; a secured operation must refuse each."""
+
+    def __call__(self, case: schemathesis.Case) -> None:
+        for auth in UNAUTHENTICATED:
+            response = self.send(case, auth)
+            if case.operation.definition.raw.get("security") == []:
+                continue  # the document's own operation, open by design
+            assert refused(response), (
+                f"{case.operation.label} served without a key: {response.status_code} " + (response.text[:300])
+            )
+
+
+def refused(response: schemathesis.Response) -> bool:
+    """A refusal: 401 or 429, or v1's HTTP 200 carrying ``ok: false`` and that status; or the
+    answer to a CORS preflight (``OPTIONS``, which carries no key by design), which serves nothing."""
+    if str(response.status_code) in REFUSED_STATUSES:
+        return True
+    if response.request.method == "OPTIONS":
+        return not response.content
+    status = response.headers.get("x-petals-chat-status", [""])[0]
+    if response.status_code != 200 or status not in REFUSED_STATUSES:
+        return False
+    try:
+        return response.json().get("ok") is False
+    except ValueError:
+        return False
+
+
+@pytest.fixture(params=["with the key", "without a key"])
+def call(request, fuzz_stack: Stack) -> Iterator[Caller]:
+    """The keyed caller (every documented check) or the intruder (every secured operation refuses)."""
+    caller = (Caller if request.param == "with the key" else Intruder)(fuzz_stack.gateway.base_url)
     yield caller
     print(caller.report())
 
@@ -161,6 +215,7 @@ def test_fuzzed_requests_answer_as_documented(operations, call, mode: Generation
 def test_the_fuzzed_stack_still_serves(fuzz_stack: Stack) -> None:
     """After the fuzzing (and once its leftover sessions expired), a session works end to end."""
     base, http = fuzz_stack.gateway.base_url, requests.Session()
+    http.headers.update(AUTHENTICATED)
     opened: dict = {}
 
     def open_session() -> bool:
@@ -186,14 +241,16 @@ expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "41
 def test_the_schemathesis_cli_sees_no_warnings(fuzz_stack: Stack, tmp_path, artifacts_dir) -> None:
     """``schemathesis run <url>/api/openapi.json`` as a client runs it: no server error and no
     operation "mostly rejected generated data" (the document says what validation accepts). Less
-    one check: v1 answers every error with HTTP 200, an unsupported method too (the seed's contract),
-    where ``unsupported_method`` wants a 405; and 413 (an input over the limit) counts as rejecting
-    invalid data."""
+    two checks: v1 answers every error with HTTP 200, an unsupported method too (the seed's contract),
+    where ``unsupported_method`` wants a 405, and a refused key too, where ``ignored_auth`` wants a 401
+    (the intruder above checks every refusal, v1's included); and 413 (an input over the limit)
+    counts as rejecting invalid data."""
     examples = os.environ.get("FUZZ_CLI_EXAMPLES", "10")
     (tmp_path / "schemathesis.toml").write_text(CLI_CONFIG)  # found in its working directory
     command = [sys.executable, "-m", "schemathesis.cli", "run", f"{fuzz_stack.gateway.base_url}/api/openapi.json",
                "--max-examples", examples, "--seed", "1", "--no-color",
-               "--exclude-checks", "unsupported_method"]  # fmt: skip
+               "--exclude-checks", "unsupported_method,ignored_auth",
+               "--header", f"Authorization: Bearer {FUZZ_KEY}"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=tmp_path)  # its files there
     output = result.stdout + result.stderr
     (artifacts_dir / "schemathesis-cli.txt").write_text(output)  # the whole report

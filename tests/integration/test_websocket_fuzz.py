@@ -2,10 +2,12 @@
 
 Each Hypothesis example opens a connection and sends, without waiting for answers, a few
 messages: random JSON values, objects of the API's message types with fields of random types,
-text that is not JSON, binary frames, frames over the message limit (and over 4x it, which close
+text that is not JSON, binary frames, frames over the message limit (and over 2x it, which close
 the connection), so that messages interleave and arrive during a generation. Every answer must
 be a JSON object ``{"ok": ...}`` whose error message holds no stack frame, no close may say the
 server failed (1011, or 3500 from Falcon), and the gateway still serves a session afterwards.
+API keys are on: the fuzzing connections bring the key in a header; the same frames sent on
+connections without a key, or with a wrong one, never get an ``ok: true`` answer.
 ``WS_FUZZ_EXAMPLES`` sets the number of connections (default 40).
 """
 
@@ -26,6 +28,9 @@ from tests.helpers import Stack, dedicated_stack
 
 pytestmark = pytest.mark.integration
 LIMIT = 4096  # WS_MAX_MESSAGE_BYTES here
+KEY = "wz-5Hd8Pq3Ks7Jf2Wy6"
+AUTHENTICATED = {"Authorization": f"Bearer {KEY}"}
+UNAUTHENTICATED = [{}, {"Authorization": "Bearer wz-not-the-key-at-all"}, {"X-API-Key": KEY[:-1] + "x"}]
 LIMITS = {"MAX_LENGTH_LIMIT": "64", "MAX_NEW_TOKENS_LIMIT": "4", "MAX_INPUT_CHARS": "256", "MAX_BODY_BYTES": "4096"}
 SERVER_FAILURES = {1011, 3500}
 QUIET_S = 1.0  # no answer for this long: the connection has said all it will
@@ -64,7 +69,7 @@ frames = st.one_of(
 
 @pytest.fixture(scope="module")
 def stack(swarm, model_dir, artifacts_dir) -> Iterator[Stack]:
-    gateway_env = {"WS_MAX_MESSAGE_BYTES": str(LIMIT)}
+    gateway_env = {"WS_MAX_MESSAGE_BYTES": str(LIMIT), "API_KEYS": f"fuzz:{KEY}", "WS_MAX_CONNECTIONS_PER_CLIENT": "0"}
     with dedicated_stack(swarm, model_dir, artifacts_dir, "ws-fuzz", shared_env=LIMITS, gateway_env=gateway_env) as s:
         yield s
 
@@ -102,13 +107,7 @@ def test_random_messages_get_clean_answers(stack: Stack) -> None:
               database=None, suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(messages=st.lists(frames, min_size=1, max_size=6))
     def fuzz(messages: list[str | bytes]) -> None:
-        with connect(ws_url(stack), max_size=None, open_timeout=30) as ws:
-            try:
-                for message in messages:
-                    ws.send(message)
-            except ConnectionClosed:
-                pass  # closed by an oversized frame: drain says how
-            answers, code = drain(ws)
+        answers, code = exchange(stack, messages, AUTHENTICATED)
         seen["connections"] += 1
         seen["answers"] += len(answers)
         seen["closes"][code] = seen["closes"].get(code, 0) + 1
@@ -123,8 +122,39 @@ def test_random_messages_get_clean_answers(stack: Stack) -> None:
     assert seen["answers"] > seen["connections"]
 
 
+def test_without_a_key_no_message_is_served(stack: Stack) -> None:
+    refusals = {"connections": 0, "answers": 0}
+
+    @settings(max_examples=int(os.environ.get("WS_FUZZ_EXAMPLES", "40")), deadline=None, derandomize=True,
+              database=None, suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(messages=st.lists(frames, min_size=1, max_size=6), auth=st.sampled_from(UNAUTHENTICATED))
+    def fuzz(messages: list[str | bytes], auth: dict[str, str]) -> None:
+        answers, code = exchange(stack, messages, auth)
+        refusals["connections"] += 1
+        refusals["answers"] += len(answers)
+        for answer in answers:
+            check_answer(answer)
+            assert json.loads(answer)["ok"] is False, (auth, messages, answers)
+        assert code not in SERVER_FAILURES, (code, messages, answers)
+
+    fuzz()
+    print(f"\n{refusals['connections']} unauthenticated connections, {refusals['answers']} refusals")
+    assert refusals["answers"] >= refusals["connections"] > 0
+
+
+def exchange(stack: Stack, messages: list[str | bytes], auth: dict[str, str]) -> tuple[list[str | bytes], int | None]:
+    """Open a connection with ``auth``'s headers, send every message without waiting, drain."""
+    with connect(ws_url(stack), max_size=None, open_timeout=30, additional_headers=auth) as ws:
+        try:
+            for message in messages:
+                ws.send(message)
+        except ConnectionClosed:
+            pass  # closed by an oversized frame or a refused key: drain says how
+        return drain(ws)
+
+
 def test_the_gateway_still_serves_a_session(stack: Stack) -> None:
-    with connect(ws_url(stack), open_timeout=30) as ws:
+    with connect(ws_url(stack), open_timeout=30, additional_headers=AUTHENTICATED) as ws:
         ws.send(json.dumps({"type": "open_inference_session", "max_length": 32}))
         assert json.loads(ws.recv(timeout=60)) == {"ok": True}
         ws.send(json.dumps({"type": "generate", "inputs": "A cat sat on", "max_new_tokens": 2}))
