@@ -15,7 +15,7 @@ from services.inference.generation import Generation, GenerationResult
 from services.inference.metrics import CONVERSATION_LOOKUPS
 from services.inference.model import ModelHandle
 from services.inference.petals_model import PetalsModel
-from services.inference.sessions import OneOffLease, SessionLease, SessionStore
+from services.inference.sessions import SessionLease, SessionStore
 
 
 class Generator:
@@ -43,7 +43,7 @@ class Generator:
             self._one_token(request.stop_token, "stop_sequence")
         if params.session_id is None:
             return self._prepare_once(request, input_ids)
-        return self._prepare_leased(self._store.acquire(params.session_id), request, input_ids)
+        return self._prepare_leased(self._store.acquire(params.session_id, request.client), request, input_ids)
 
     def generate(self, request: ReplicaRequest) -> GenerationResult:
         """Generate for one request in the calling thread (the v1 API)."""
@@ -66,7 +66,7 @@ class Generator:
         prompt = request.params.inputs
         if request.params.session_id is not None or not prompt:
             raise InvalidParameter("A conversation request needs inputs and no session_id")
-        lease = self._store.acquire_conversation(prompt)
+        lease = self._store.acquire_conversation(prompt, request.client)
         if lease is not None:
             input_ids = self._tokenize(prompt[len(lease.text) :])
             if self._fits(lease, request, input_ids):
@@ -78,7 +78,7 @@ class Generator:
         needed = len(input_ids) + self._budget(request, len(input_ids), self._limits.max_length)
         size = min(self._limits.max_length, needed + CONVERSATION_ROOM)
         session = self._store.open(size, conversation=True, client=request.client)
-        return self._prepare_leased(self._store.acquire(session.session_id), request, input_ids)
+        return self._prepare_leased(self._store.acquire(session.session_id, request.client), request, input_ids)
 
     def _fits(self, lease: SessionLease, request: ReplicaRequest, input_ids: list[int]) -> bool:
         """Whether the session has room for the new inputs and the tokens the request asks for."""
@@ -98,7 +98,7 @@ class Generator:
                 f"The prompt ({len(input_ids)} tokens) plus {new_tokens} new tokens exceeds "
                 f"the limit of {self._limits.max_length} tokens"
             )
-        lease = OneOffLease(self._swarm.open_petals_session(total), total)
+        lease = self._store.open_one_off(total)
         return Generation(self._swarm, lease, request.params, input_ids, new_tokens, self._new_decoder())
 
     def _prepare_in_session(self, lease: SessionLease, request: ReplicaRequest, input_ids: list[int]) -> Generation:

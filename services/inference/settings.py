@@ -36,6 +36,7 @@ class InferenceSettings:
     session_ttl_s: float
     max_sessions: int
     max_sessions_per_client: int  # 0: no quota
+    max_sessionless_requests: int  # requests without a session (each a Petals session of its own) at once
     reaper_interval_s: float
     swarm_max_retries: int
     swarm_request_timeout_s: float
@@ -76,6 +77,7 @@ class InferenceSettings:
             session_ttl_s=env.float("SESSION_TTL_SECONDS", 300.0, minimum=1.0),
             max_sessions=env.int("MAX_SESSIONS", 50, minimum=1),
             max_sessions_per_client=env.int("MAX_SESSIONS_PER_CLIENT", 0, minimum=0),
+            max_sessionless_requests=env.int("MAX_SESSIONLESS_REQUESTS", 16, minimum=1),
             reaper_interval_s=env.float("SESSION_REAPER_INTERVAL_SECONDS", 5.0, minimum=0.1),
             swarm_max_retries=env.int("SWARM_MAX_RETRIES", 4, minimum=1),
             swarm_request_timeout_s=env.float("SWARM_REQUEST_TIMEOUT_SECONDS", 60.0, minimum=1.0),
