@@ -69,7 +69,8 @@ class InferenceService:
 
     def _model_card(self) -> ModelCard | None:
         if self._card is None and self.model.tokenizer is not None:
-            self._card = self.settings.model_card(self.settings.chat.resolve(self.model.tokenizer))
+            chat_format = self.settings.chat.resolve(self.model.tokenizer)
+            self._card = self.settings.model_card(chat_format, self.model.max_length)
         return self._card
 
     def start(self) -> None:

@@ -75,8 +75,8 @@ class Generator:
             lease.release()
         CONVERSATION_LOOKUPS.labels(result="miss").inc()
         input_ids = self._tokenize(prompt)
-        needed = len(input_ids) + self._budget(request, len(input_ids), self._limits.max_length)
-        size = min(self._limits.max_length, needed + CONVERSATION_ROOM)
+        needed = len(input_ids) + self._budget(request, len(input_ids), self._model.max_length)
+        size = min(self._model.max_length, needed + CONVERSATION_ROOM)
         session = self._store.open(size, conversation=True, client=request.client)
         return self._prepare_leased(self._store.acquire(session.session_id, request.client), request, input_ids)
 
@@ -91,13 +91,9 @@ class Generator:
     def _prepare_once(self, request: ReplicaRequest, input_ids: list[int]) -> Generation:
         if not input_ids:
             raise InvalidParameter("inputs must contain at least one token")
-        new_tokens = self._budget(request, len(input_ids), self._limits.max_length)
+        new_tokens = self._budget(request, len(input_ids), self._model.max_length)
         total = len(input_ids) + new_tokens
-        if total > self._limits.max_length:
-            raise InvalidParameter(
-                f"The prompt ({len(input_ids)} tokens) plus {new_tokens} new tokens exceeds "
-                f"the limit of {self._limits.max_length} tokens"
-            )
+        self._model.require_length(total, f"The prompt ({len(input_ids)} tokens) plus {new_tokens} new tokens")
         lease = self._store.open_one_off(total)
         return Generation(self._swarm, lease, request.params, input_ids, new_tokens, self._new_decoder())
 

@@ -104,6 +104,7 @@ class OpenSessionResource:
         max_length = parse_open_session(values, self._limits)
         self._model.require_model(get_model(values))
         self._model.require_ready()
+        self._model.require_length(max_length)
         session = self._store.open(max_length, client=get_client(values))
         resp.media = {"ok": True, "session_id": session.session_id}
 
