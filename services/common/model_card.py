@@ -43,7 +43,7 @@ class ModelCard:
     description: str
     chat: ChatFormat
     defaults: GenerationDefaults
-    max_length: int  # the most tokens a session may hold (the replica's MAX_LENGTH_LIMIT)
+    max_length: int  # the most tokens a session may hold (MAX_LENGTH_LIMIT, within what the servers hold)
     chat_template: str | None = None  # the operator's Jinja2 chat template (None: the default one)
 
     def public_json(self) -> dict[str, Any]:

@@ -13,9 +13,11 @@ v1 ``generate`` parameters (so a v1 call sent straight to a replica is one too) 
   services/gateway/websocket.py): text that must be exactly one token of the model (else the
   request is refused); with ``replace_last_token`` the session's last token is replaced by that
   one before this request's inputs, so the session goes on as if it had generated it;
-- ``client``: who the gateway serves this request for (``key:<id>`` or ``ip:<address>``), so that a
-  session the request opens counts toward that client's quota (services/inference/sessions.py).
-  ``open_inference_session`` carries it as a parameter too (``get_client``).
+- ``client``: who the gateway serves this request for (``key:<id>`` or ``ip:<address>``): the owner
+  of a session the request opens (and whose quota it counts toward), the only client whose session
+  (by id, or by conversation) the request may continue (services/inference/sessions.py).
+  ``open_inference_session`` and ``close_inference_session`` carry it as a parameter too
+  (``get_client``), as does ``CLOSE_CLIENT_SESSIONS_PATH`` (the gateway closes a removed key's sessions).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 from services.common.errors import InvalidParameter
 from services.common.params import MAX_STOP_CHARS, GenerateParams, Limits, get_bool, get_str, parse_generate
 
+CLOSE_CLIENT_SESSIONS_PATH = "/internal/close_client_sessions"
 CLIENT_PATTERN = re.compile(r"^(key|ip):[A-Za-z0-9_.:%-]{1,64}$")
 
 

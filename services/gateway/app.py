@@ -55,7 +55,7 @@ def build_app(settings: GatewaySettings) -> falcon.asgi.App:
     """The gateway's ASGI app (its lifespan starts the replica polling)."""
     upstream = Upstream(connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s)
     replicas = ReplicaSet(settings.replicas, settings.default_model)
-    poller = ReplicaPoller(replicas, upstream, settings.poll_interval_s)
+    poller = ReplicaPoller(replicas, upstream, settings.poll_interval_s, settings.api_keys)
     origins = "*" if "*" in settings.cors_allow_origins else list(settings.cors_allow_origins)
     refusals = RefusalThrottle(settings.auth_failures_per_minute) if settings.auth_failures_per_minute else None
     clients = ClientMiddleware(settings.api_keys, anonymous=bool(settings.anonymous_rate_limit_per_minute),

@@ -5,8 +5,8 @@ relayed as OpenAI's stream chunks (ending with ``data: [DONE]``) or gathered int
 ``temperature`` 0 means greedy decoding. Every request goes to a replica of the model it names;
 chat messages are rendered in that model's chat format (its card's, see services/common/chat.py).
 Chat requests are conversation requests: the replica continues the session that holds the
-conversation so far, when one does (see services/inference/generation.py), and the
-conversation is routed by its opening messages so that follow-ups reach that replica.
+conversation so far, when one does and it is the same client's (see services/inference/sessions.py),
+and the conversation is routed by its opening messages so that follow-ups reach that replica.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class CompletionsResource:
 
     async def on_post(self, req: Request, resp: falcon.asgi.Response) -> None:
         prompt, options = parse_completion(await read_values_async(req, self._limits), self._limits)
-        generation = await _start(self._router, prompt, options, conversation_key=None)
+        generation = await _start(self._router, prompt, options, conversation_key=None, client=req.context.client.name)
         await _answer(req, resp, _CompletionShape(options), generation)
 
 

@@ -215,12 +215,24 @@ def _document(limits: Limits, models: Sequence[str]) -> dict[str, Any]:
     errors = {
         str(code): {"description": text, "content": _json(_ref("Error"))}
         for code, text in [
-            (400, "Invalid parameter (code model_mismatch: not the session's model; session_full: no room left)"),
-            (404, "Unknown or expired session (its replica may be gone), or unknown model (code model_not_found)"),
+            (
+                400,
+                "Invalid parameter (code model_mismatch: not the session's model; session_full: no room left; "
+                "max_length beyond what the model's servers hold: its max_length in /v1/models)",
+            ),
+            (
+                404,
+                "Unknown or expired session (its replica may be gone, or it is another client's), or unknown "
+                "model (code model_not_found)",
+            ),
             (409, "The session is busy with another request"),
             (413, "Body or inputs too large"),
             (429, "Rate limited (see Retry-After)"),
-            (503, "No ready replica, model loading or swarm unreachable (see Retry-After)"),
+            (
+                503,
+                "No ready replica, model loading, swarm unreachable, or the replicas' limits of sessions and of "
+                "requests without a session reached (code too_many_sessions; see Retry-After)",
+            ),
         ]
     }
     return {

@@ -1,4 +1,10 @@
-"""Keeps the gateway's view of its replicas fresh: each one's ``/readyz``, every few seconds."""
+"""Keeps the gateway's view of its replicas fresh: each one's ``/readyz``, every few seconds.
+
+With API keys, each poll also looks at the keys in force (``KeyRing`` reloads a rotated key file):
+the sessions of a key id removed since the last poll are closed on every replica, so that a
+revoked key's sessions end (their owner's requests are refused at once anyway, and another
+client's are as unknown as any other client's session). Every worker does it: closing is idempotent.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,9 @@ import json
 import logging
 
 from services.common.model_card import ModelCard
+from services.common.replica_request import CLOSE_CLIENT_SESSIONS_PATH
+from services.gateway.api_keys import KeyRing
+from services.gateway.auth import ClientIdentity
 from services.gateway.replicas import Replica, ReplicaSet
 from services.gateway.upstream import ReplicaUnreachable, Upstream
 
@@ -17,10 +26,14 @@ logger = logging.getLogger(__name__)
 class ReplicaPoller:
     """Polls every replica of a ReplicaSet: readiness, load and model card (a task on the worker's loop)."""
 
-    def __init__(self, replicas: ReplicaSet, upstream: Upstream, interval_s: float) -> None:
+    def __init__(
+        self, replicas: ReplicaSet, upstream: Upstream, interval_s: float, keys: KeyRing | None = None
+    ) -> None:
         self._replicas = replicas
         self._upstream = upstream
         self._interval_s = interval_s
+        self._keys = keys if keys else None
+        self._key_ids = set(keys.current().ids) if keys else set()
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -35,8 +48,29 @@ class ReplicaPoller:
                 await self._task
 
     async def poll(self) -> None:
-        """Refresh each replica's state from its /readyz (all at once)."""
+        """Refresh each replica's state from its /readyz (all at once); close removed keys' sessions."""
         await asyncio.gather(*(self._poll_one(replica) for replica in self._replicas.replicas.values()))
+        await self._close_removed_keys_sessions()
+
+    async def _close_removed_keys_sessions(self) -> None:
+        if self._keys is None:
+            return
+        key_ids = set(self._keys.current().ids)
+        removed, self._key_ids = self._key_ids - key_ids, key_ids
+        replicas = self._replicas.replicas.values()
+        for key_id in sorted(removed):
+            client = ClientIdentity(key_id, "").name
+            await asyncio.gather(*(self._close_sessions(replica, client) for replica in replicas))
+
+    async def _close_sessions(self, replica: Replica, client: str) -> None:
+        try:
+            answer = await self._upstream.request(
+                replica.name, replica.url, "POST", CLOSE_CLIENT_SESSIONS_PATH, fields={"client": client},
+                read_timeout_s=self._interval_s,
+            )  # fmt: skip
+            logger.info("closed the sessions of removed %s on %s: %s", client, replica.name, answer.data[:100])
+        except ReplicaUnreachable as error:
+            logger.warning("could not close the sessions of removed %s on %s (%s)", client, replica.name, error)
 
     async def _poll_one(self, replica: Replica) -> None:
         try:

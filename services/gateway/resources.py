@@ -48,13 +48,13 @@ class Router:
         self.replicas = replicas
         self.upstream = upstream
 
-    async def generate(self, params: GenerateParams, path: str) -> Stream:
-        """A v1 / v2 generation: to its session's replica, else to the least busy one of its model."""
+    async def generate(self, params: GenerateParams, path: str, client: str) -> Stream:
+        """``client``'s v1 / v2 generation: to its session's replica, else to the least busy one of its model."""
         if params.session_id:
-            body = ReplicaRequest(params).to_json()
+            body = ReplicaRequest(params, client=client).to_json()
             return await self.to_session(params.session_id, params.model, "POST", path, json_body=body)
         model = self.replicas.resolve(params.model).name
-        body = ReplicaRequest(dataclasses.replace(params, model=model)).to_json()
+        body = ReplicaRequest(dataclasses.replace(params, model=model), client=client).to_json()
         return await self.to_model(model, "sessionless", "POST", path, json_body=body)
 
     async def to_session(self, session_id: str, model: str | None, method: str, path: str, **kwargs: Any) -> Stream:
@@ -134,7 +134,8 @@ class GenerateResource:
 
     async def on_post(self, req: Request, resp: falcon.asgi.Response) -> None:
         params = parse_generate(await read_values_async(req, self._limits), self._limits)
-        relay(resp, await read_answer(await self._router.generate(params, "/api/v1/generate")))
+        upstream = await self._router.generate(params, "/api/v1/generate", req.context.client.name)
+        relay(resp, await read_answer(upstream))
 
 
 class OpenSessionResource:
@@ -156,7 +157,7 @@ class OpenSessionResource:
 
 
 class CloseSessionResource:
-    """``GET /api/v1/close_inference_session``: on the replica holding the session."""
+    """``GET /api/v1/close_inference_session``: on the replica holding the session, if it is the client's."""
 
     error_envelope = "v1"
 
@@ -167,7 +168,7 @@ class CloseSessionResource:
     async def on_get(self, req: Request, resp: falcon.asgi.Response) -> None:
         values = await read_values_async(req, self._limits)
         session_id = get_session_id(values, required=True)
-        path, fields = "/api/v1/close_inference_session", {"session_id": session_id}
+        path, fields = "/api/v1/close_inference_session", {"session_id": session_id, "client": req.context.client.name}
         upstream = await self._router.to_session(session_id, get_model(values), "GET", path, fields=fields)
         relay(resp, await read_answer(upstream))
 
@@ -181,7 +182,7 @@ class GenerateStreamResource:
 
     async def on_post(self, req: Request, resp: falcon.asgi.Response) -> None:
         params = parse_generate(await read_values_async(req, self._limits), self._limits)
-        upstream = await self._router.generate(params, "/api/v2/generate_stream")
+        upstream = await self._router.generate(params, "/api/v2/generate_stream", req.context.client.name)
         if upstream.status != 200:
             relay(resp, await read_answer(upstream))  # the (small) error body
             return

@@ -32,11 +32,18 @@ import falcon
 import falcon.asgi
 from falcon.errors import PayloadTypeError, WebSocketDisconnected
 
-from services.common.errors import ERROR_CODE_HEADER, ERROR_STATUS_HEADER, ApiError, ServiceUnavailable, SessionNotFound
+from services.common.errors import (
+    ERROR_CODE_HEADER,
+    ERROR_STATUS_HEADER,
+    ApiError,
+    ServiceUnavailable,
+    SessionNotFound,
+    Unauthorized,
+)
 from services.common.metrics import REQUEST_DURATION, REQUESTS
 from services.common.replica_request import ReplicaRequest
 from services.common.sse import parse_sse_async
-from services.gateway.auth import accepted_subprotocol
+from services.gateway.auth import POLICY_VIOLATION, accepted_subprotocol
 from services.gateway.metrics import CLIENT_REQUESTS, WEBSOCKET_CONNECTIONS
 from services.gateway.ratelimit import RateLimitMiddleware
 from services.gateway.resources import Request, Router, read_answer, relayed_chunks, upstream_error
@@ -142,6 +149,7 @@ class _Connection:
     ) -> None:
         self._router = router
         self._limits = settings.limits
+        self._keys = settings.api_keys
         self._idle_timeout_s = settings.ws_idle_timeout_s
         self._max_message_bytes = settings.ws_max_message_bytes
         self._rate_limit = rate_limit
@@ -150,6 +158,7 @@ class _Connection:
         self._session_id: str | None = None
         self._max_length = 0
         self._continue_with: str | None = None  # an extra stop sequence ended the last answer: this token next
+        self._client = req.context.client.name  # the owner of the connection's session
 
     async def serve(self) -> None:
         """Read messages until the connection ends; at most one generation runs at a time."""
@@ -172,6 +181,10 @@ class _Connection:
                         return
                 if receiving.done():
                     data = receiving.result()  # WebSocketDisconnected: the client has gone
+                    if self._key_removed():
+                        await self._send_error(Unauthorized("The API key of this connection is no longer valid"))
+                        await self._ws.close(POLICY_VIOLATION, "API key removed")
+                        return
                     receiving = asyncio.ensure_future(self._receive())
                     if generation is not None:
                         await self._send_error(ApiError(_BUSY, status=falcon.HTTP_409, code="session_busy"))
@@ -185,6 +198,11 @@ class _Connection:
                     task.cancel()
                     with contextlib.suppress(BaseException):
                         await task
+
+    def _key_removed(self) -> bool:
+        """Whether the connection's API key was removed since the handshake (a rotated key file)."""
+        key_id = self._req.context.client.key_id
+        return key_id is not None and key_id not in self._keys.current().ids
 
     async def _receive(self) -> str | bytes:
         try:
@@ -217,7 +235,7 @@ class _Connection:
             raise ApiError("This connection already holds a session: open another connection for another session")
         request = parse_open(message, self._limits)
         model = self._router.replicas.resolve(request.model).name
-        fields = {"max_length": request.max_length, "model": model, "client": self._req.context.client.name}
+        fields = {"max_length": request.max_length, "model": model, "client": self._client}
         path = "/api/v1/open_inference_session"
         answer = await read_answer(await self._router.to_model(model, "new_session", "GET", path, fields=fields))
         body = _json(answer.data)
@@ -235,7 +253,8 @@ class _Connection:
             while not answer.done:
                 replace_last = self._continue_with if answer.steps == 0 else None
                 stop_token = request.stop_sequence if request.extra_stop_sequences else None
-                step = ReplicaRequest(answer.next_params(), stop_token=stop_token, replace_last_token=replace_last)
+                step = ReplicaRequest(answer.next_params(), stop_token=stop_token, replace_last_token=replace_last,
+                                      client=self._client)  # fmt: skip
                 done = await self._step(step)
                 self._continue_with = None  # consumed by the first step
                 message = answer.after_step(done)
@@ -290,7 +309,7 @@ class _Connection:
 
     async def _close_on_replica(self, session_id: str) -> None:
         try:
-            path, fields = "/api/v1/close_inference_session", {"session_id": session_id}
+            path, fields = "/api/v1/close_inference_session", {"session_id": session_id, "client": self._client}
             await read_answer(await self._router.to_session(session_id, None, "GET", path, fields=fields))
         except ApiError:
             pass  # gone already (expired, or its replica is): nothing to free

@@ -14,9 +14,11 @@ from services.common.app import configure_logging
 from services.common.app import create_app as create_base_app
 from services.common.config import load_or_exit
 from services.common.model_card import ModelCard
+from services.common.replica_request import CLOSE_CLIENT_SESSIONS_PATH
 from services.inference.generator import Generator
 from services.inference.model import ModelHandle
 from services.inference.resources import (
+    CloseClientSessionsResource,
     CloseSessionResource,
     GenerateResource,
     GenerateStreamResource,
@@ -40,6 +42,7 @@ class InferenceService:
             ttl_s=settings.session_ttl_s,
             max_sessions=settings.max_sessions,
             max_sessions_per_client=settings.max_sessions_per_client,
+            max_one_off=settings.max_sessionless_requests,
         )
         self._card: ModelCard | None = None
         self.app = self._build_app()
@@ -52,6 +55,7 @@ class InferenceService:
         app.add_route("/api/v2/generate_stream", GenerateStreamResource(generator, limits))
         app.add_route("/api/v1/open_inference_session", OpenSessionResource(self.model, self.store, limits))
         app.add_route("/api/v1/close_inference_session", CloseSessionResource(self.store, limits))
+        app.add_route(CLOSE_CLIENT_SESSIONS_PATH, CloseClientSessionsResource(self.store, limits))
         return app
 
     def readiness(self) -> tuple[bool, dict]:
@@ -65,7 +69,8 @@ class InferenceService:
 
     def _model_card(self) -> ModelCard | None:
         if self._card is None and self.model.tokenizer is not None:
-            self._card = self.settings.model_card(self.settings.chat.resolve(self.model.tokenizer))
+            chat_format = self.settings.chat.resolve(self.model.tokenizer)
+            self._card = self.settings.model_card(chat_format, self.model.max_length)
         return self._card
 
     def start(self) -> None:

@@ -15,7 +15,7 @@ from services.inference.generation import Generation, GenerationResult
 from services.inference.metrics import CONVERSATION_LOOKUPS
 from services.inference.model import ModelHandle
 from services.inference.petals_model import PetalsModel
-from services.inference.sessions import OneOffLease, SessionLease, SessionStore
+from services.inference.sessions import SessionLease, SessionStore
 
 
 class Generator:
@@ -43,7 +43,7 @@ class Generator:
             self._one_token(request.stop_token, "stop_sequence")
         if params.session_id is None:
             return self._prepare_once(request, input_ids)
-        return self._prepare_leased(self._store.acquire(params.session_id), request, input_ids)
+        return self._prepare_leased(self._store.acquire(params.session_id, request.client), request, input_ids)
 
     def generate(self, request: ReplicaRequest) -> GenerationResult:
         """Generate for one request in the calling thread (the v1 API)."""
@@ -66,7 +66,7 @@ class Generator:
         prompt = request.params.inputs
         if request.params.session_id is not None or not prompt:
             raise InvalidParameter("A conversation request needs inputs and no session_id")
-        lease = self._store.acquire_conversation(prompt)
+        lease = self._store.acquire_conversation(prompt, request.client)
         if lease is not None:
             input_ids = self._tokenize(prompt[len(lease.text) :])
             if self._fits(lease, request, input_ids):
@@ -75,10 +75,10 @@ class Generator:
             lease.release()
         CONVERSATION_LOOKUPS.labels(result="miss").inc()
         input_ids = self._tokenize(prompt)
-        needed = len(input_ids) + self._budget(request, len(input_ids), self._limits.max_length)
-        size = min(self._limits.max_length, needed + CONVERSATION_ROOM)
+        needed = len(input_ids) + self._budget(request, len(input_ids), self._model.max_length)
+        size = min(self._model.max_length, needed + CONVERSATION_ROOM)
         session = self._store.open(size, conversation=True, client=request.client)
-        return self._prepare_leased(self._store.acquire(session.session_id), request, input_ids)
+        return self._prepare_leased(self._store.acquire(session.session_id, request.client), request, input_ids)
 
     def _fits(self, lease: SessionLease, request: ReplicaRequest, input_ids: list[int]) -> bool:
         """Whether the session has room for the new inputs and the tokens the request asks for."""
@@ -91,14 +91,10 @@ class Generator:
     def _prepare_once(self, request: ReplicaRequest, input_ids: list[int]) -> Generation:
         if not input_ids:
             raise InvalidParameter("inputs must contain at least one token")
-        new_tokens = self._budget(request, len(input_ids), self._limits.max_length)
+        new_tokens = self._budget(request, len(input_ids), self._model.max_length)
         total = len(input_ids) + new_tokens
-        if total > self._limits.max_length:
-            raise InvalidParameter(
-                f"The prompt ({len(input_ids)} tokens) plus {new_tokens} new tokens exceeds "
-                f"the limit of {self._limits.max_length} tokens"
-            )
-        lease = OneOffLease(self._swarm.open_petals_session(total), total)
+        self._model.require_length(total, f"The prompt ({len(input_ids)} tokens) plus {new_tokens} new tokens")
+        lease = self._store.open_one_off(total)
         return Generation(self._swarm, lease, request.params, input_ids, new_tokens, self._new_decoder())
 
     def _prepare_in_session(self, lease: SessionLease, request: ReplicaRequest, input_ids: list[int]) -> Generation:

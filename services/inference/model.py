@@ -5,6 +5,12 @@ background thread so that ``/healthz`` answers at once; it retries until it succ
 while the swarm is not up yet. A readiness thread then checks, every few seconds and without
 blocking requests, that a route through the swarm serves every block of the model and that its
 servers answer.
+
+A session may hold at most ``max_length`` tokens: ``MAX_LENGTH_LIMIT``, and no more than the model's
+servers hold for one session (``MODEL_MAX_LENGTH``; by default what a Petals server of the model
+holds unless told otherwise, its ``--inference_max_length`` default, at most the model's context
+length). A Petals server refuses a longer session only when the session first reaches it, and the
+client then retries through the swarm: refused here instead, at once, with a clear 400.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
 from typing import Any
 
-from services.common.errors import ModelNotFound, ServiceUnavailable
+from services.common.errors import InvalidParameter, ModelNotFound, ServiceUnavailable
 from services.inference.decoding import TokenBytes
 from services.inference.metrics import SWARM_READY
 from services.inference.settings import InferenceSettings
@@ -27,6 +33,8 @@ _LOAD_RETRY_S = (1.0, 2.0, 5.0, 10.0)
 _PING_TIMEOUT_S = 2.0
 _ROUTE_ATTEMPTS = 3  # routes tried per check when servers on them do not answer
 _UNREADY_RECHECK_S = 1.0  # pause between the checks of an unready replica (it recovers within it)
+# Petals' own default of a server's --inference_max_length (petals/server/server.py).
+PETALS_MAX_LENGTH, PETALS_MAX_LENGTH_GROUPED_QUERY = 2048, 8192
 
 
 class ModelHandle:
@@ -37,6 +45,7 @@ class ModelHandle:
         self.model: Any = None
         self.tokenizer: Any = None
         self.token_bytes: TokenBytes | None = None
+        self.max_length = settings.limits.max_length  # bounded by the servers' once the model is loaded
         self._status = "the model is loading"
         self._ready = False
         self._stopping = threading.Event()
@@ -69,6 +78,16 @@ class ModelHandle:
         """Raise ModelNotFound unless ``model`` is None or the model this replica serves."""
         if model is not None and model != self._settings.model_name:
             raise ModelNotFound(model, [self._settings.model_name], where="by this replica")
+
+    def require_length(self, tokens: int, what: str = "max_length") -> None:
+        """Raise InvalidParameter (400) naming the limit if a session of ``tokens`` tokens is too long."""
+        if tokens > self.max_length:
+            raise InvalidParameter(
+                f"{what} ({tokens} tokens) exceeds the limit of {self.max_length} tokens a session of "
+                f"{self._settings.model_name} may hold (what its servers hold per session: MODEL_MAX_LENGTH, "
+                "within MAX_LENGTH_LIMIT)",
+                param="max_length",
+            )
 
     def open_petals_session(self, max_length: int):
         """A new Petals inference session reserving ``max_length`` tokens of attention cache."""
@@ -124,6 +143,7 @@ class ModelHandle:
         model = model.to(settings.device).eval()
         if head := lm_head.install(model.lm_head, settings.torch_threads):
             logger.info("LM head: one token's product by %s", type(head).__name__)
+        self.max_length = min(settings.limits.max_length, settings.model_max_length or servers_max_length(model.config))
         self.tokenizer, self.token_bytes, self.model = tokenizer, token_bytes, model
         self._status = "model loaded; looking for a route through the swarm"
         logger.info("model loaded")
@@ -172,6 +192,15 @@ class ModelHandle:
             logger.info("readiness: %s", status)
         self._ready, self._status = ready, status
         SWARM_READY.set(1 if ready else 0)
+
+
+def servers_max_length(config: Any) -> int:
+    """The most tokens a Petals server of the model holds per session by default (8192 with grouped-query
+    attention, else 2048), at most the model's context length."""
+    grouped = getattr(config, "num_key_value_groups", 1) > 1
+    default = PETALS_MAX_LENGTH_GROUPED_QUERY if grouped else PETALS_MAX_LENGTH
+    context = getattr(config, "max_position_embeddings", None)
+    return min(default, context) if isinstance(context, int) and context > 0 else default
 
 
 def _short(error: BaseException) -> str:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import falcon
 
-from services.common.errors import ApiError
+from services.common.errors import ApiError, InvalidParameter
 from services.common.params import Limits, get_model, get_session_id, parse_open_session, read_values
 from services.common.replica_request import ReplicaRequest, get_client
 from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error, sse_event
@@ -104,12 +104,13 @@ class OpenSessionResource:
         max_length = parse_open_session(values, self._limits)
         self._model.require_model(get_model(values))
         self._model.require_ready()
+        self._model.require_length(max_length)
         session = self._store.open(max_length, client=get_client(values))
         resp.media = {"ok": True, "session_id": session.session_id}
 
 
 class CloseSessionResource:
-    """``GET /api/v1/close_inference_session?session_id=...``."""
+    """``GET /api/v1/close_inference_session?session_id=...`` (and the gateway's ``client``: its owner)."""
 
     error_envelope = "v1"
 
@@ -118,6 +119,21 @@ class CloseSessionResource:
         self._limits = limits
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        session_id = get_session_id(read_values(req, self._limits), required=True)
-        self._store.close(session_id)
+        values = read_values(req, self._limits)
+        self._store.close(get_session_id(values, required=True), client=get_client(values))
         resp.media = {"ok": True}
+
+
+class CloseClientSessionsResource:
+    """``POST /internal/close_client_sessions?client=key:<id>``: the gateway closes the sessions of a
+    removed API key (only the gateway reaches a replica)."""
+
+    def __init__(self, store: SessionStore, limits: Limits) -> None:
+        self._store = store
+        self._limits = limits
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        client = get_client(read_values(req, self._limits))
+        if client is None:
+            raise InvalidParameter("client is required")
+        resp.media = {"ok": True, "closed": self._store.close_client(client)}

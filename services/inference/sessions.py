@@ -10,10 +10,17 @@ session's size. Rules:
 - at most ``max_sessions`` open; one more is refused with a clear error, others unharmed
   (a conversation session, which no client holds an id of, makes room by evicting the
   least recently used idle conversation session);
-- a client (the ``client`` the gateway names: an API key id or an address) holds at most
+- a session is its client's (the ``client`` the gateway names: an API key id or an address;
+  None for a replica called directly): another client that uses or closes it, or whose prompt
+  extends its conversation, gets exactly what an unknown session gets (ids cannot be probed);
+  the gateway closes the sessions of a removed API key (``close_client``);
+- a client holds at most
   ``max_sessions_per_client`` sessions (0: no quota); a client at its quota that opens one more
   gets room by closing its own least recently used idle session (reason ``quota``), so a user who
   reloads the chat page is never stuck; if all of them are busy, ``SessionQuotaExceeded`` (429);
+- a request without a session gets a Petals session of its own (``open_one_off``): at most
+  ``max_one_off`` at once, as they reserve the servers' caches too; one more is refused
+  (``TooManySessions``, which the gateway retries on another replica);
 - conversation sessions are opened implicitly (the OpenAI-compatible chat API): a later
   request whose prompt extends the exact text such a session holds continues it;
 - Petals sessions are always closed explicitly (left to the garbage collector they can
@@ -57,7 +64,7 @@ class Session:
     close_reason: str | None = None  # set when closed while a request was still using it
     conversation: bool = False  # opened implicitly; matched by its text, not by its id
     text: str = ""  # a conversation session's text (prompts and outputs) after its last request
-    client: str | None = None  # whose quota it counts toward (None: nobody's)
+    client: str | None = None  # its owner, whose quota it counts toward (None: a replica called directly)
 
     @property
     def token_count(self) -> int:
@@ -144,7 +151,7 @@ class SessionLease:
 
     def retire(self, reason: str) -> None:
         """Close the session for good (``reason`` as the metrics say) once this lease is released."""
-        self._store.close(self._session.session_id, reason=reason)
+        self._store.close(self._session.session_id, reason=reason, client=self._session.client)
 
     def release(self) -> None:
         """End the request's use: the expiry restarts, or a close asked meanwhile happens now."""
@@ -160,9 +167,10 @@ class OneOffLease:
     decoder = None
     text = ""
 
-    def __init__(self, petals_session: Any, max_length: int) -> None:
+    def __init__(self, petals_session: Any, max_length: int, on_release: Callable[[], None] = lambda: None) -> None:
         self.petals = petals_session
         self.max_length = max_length
+        self._on_release = on_release  # called once, after closing
 
     @property
     def token_count(self) -> int:
@@ -179,7 +187,11 @@ class OneOffLease:
         """Nothing to retire: ``release`` closes the Petals session anyway."""
 
     def release(self) -> None:
-        self.petals.close()
+        on_release, self._on_release = self._on_release, lambda: None
+        try:
+            self.petals.close()
+        finally:
+            on_release()
 
 
 class SessionStore:
@@ -193,6 +205,7 @@ class SessionStore:
         ttl_s: float,
         max_sessions: int,
         max_sessions_per_client: int = 0,
+        max_one_off: int = 16,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._open_petals_session = open_petals_session
@@ -200,6 +213,8 @@ class SessionStore:
         self._ttl_s = ttl_s
         self._max_sessions = max_sessions
         self._max_per_client = max_sessions_per_client
+        self._max_one_off = max_one_off
+        self._one_off_slots = threading.BoundedSemaphore(max_one_off)
         self._clock = clock
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
@@ -236,9 +251,24 @@ class SessionStore:
         ACTIVE_SESSIONS.inc()
         return session
 
-    def acquire(self, session_id: str) -> SessionLease:
-        """Exclusive use of a session for one request, until the lease is released."""
-        session = self._get_live(session_id)
+    def open_one_off(self, max_length: int) -> OneOffLease:
+        """A Petals session of a request's own, reserving ``max_length`` tokens; TooManySessions when
+        ``max_one_off`` of them are in use."""
+        if not self._one_off_slots.acquire(blocking=False):
+            raise TooManySessions(
+                f"This replica already serves its maximum of {self._max_one_off} requests without a session "
+                "(MAX_SESSIONLESS_REQUESTS); retry shortly",
+                retry_after_s=1,
+            )
+        try:
+            return OneOffLease(self._open_petals_session(max_length), max_length, self._one_off_slots.release)
+        except BaseException:
+            self._one_off_slots.release()
+            raise
+
+    def acquire(self, session_id: str, client: str | None = None) -> SessionLease:
+        """Exclusive use of ``client``'s session for one request, until the lease is released."""
+        session = self._get_live(session_id, client)
         if not session.lock.acquire(blocking=False):
             raise SessionBusy(f"Session {session_id} is busy with another request; retry when it has finished")
         if session.close_reason is not None:
@@ -246,15 +276,16 @@ class SessionStore:
             raise SessionNotFound(session_id)
         return SessionLease(self, session)
 
-    def acquire_conversation(self, prompt: str) -> SessionLease | None:
-        """Exclusive use of the idle conversation session holding the longest prefix of ``prompt``."""
+    def acquire_conversation(self, prompt: str, client: str | None = None) -> SessionLease | None:
+        """Exclusive use of ``client``'s idle conversation session holding the longest prefix of ``prompt``."""
         now = self._clock()
         with self._lock:
             candidates = [
                 s
                 for s in self._sessions.values()
-                if s.conversation and s.text and prompt.startswith(s.text) and not self._is_expired(s, now)
-            ]
+                if s.conversation and s.client == client and s.text and prompt.startswith(s.text)
+                and not self._is_expired(s, now)
+            ]  # fmt: skip
             for session in sorted(candidates, key=lambda s: len(s.text), reverse=True):
                 if session.close_reason is None and session.lock.acquire(blocking=False):
                     return SessionLease(self, session)
@@ -269,13 +300,24 @@ class SessionStore:
         if reason is not None:
             self._retire(session, reason)
 
-    def close(self, session_id: str, reason: str = "closed") -> None:
-        """Close a session now, or as soon as the request using it finishes."""
+    def close(self, session_id: str, reason: str = "closed", *, client: str | None = None) -> None:
+        """Close ``client``'s session now, or as soon as the request using it finishes."""
         with self._lock:
-            session = self._sessions.pop(session_id, None)
-        if session is None:
-            raise SessionNotFound(session_id)
+            session = self._sessions.get(session_id)
+            if session is None or session.client != client:
+                raise SessionNotFound(session_id)
+            del self._sessions[session_id]
         self._retire(session, reason)
+
+    def close_client(self, client: str, reason: str = "revoked") -> int:
+        """Close every session of ``client`` (its API key was removed); returns how many."""
+        with self._lock:
+            owned = [s for s in self._sessions.values() if s.client == client]
+            for session in owned:
+                del self._sessions[session.session_id]
+        for session in owned:
+            self._retire(session, reason)
+        return len(owned)
 
     def reap_expired(self) -> int:
         """Close sessions idle for longer than the TTL; returns how many."""
@@ -313,14 +355,15 @@ class SessionStore:
         """Stop the reaper thread."""
         self._reaper_stop.set()
 
-    def _get_live(self, session_id: str) -> Session:
+    def _get_live(self, session_id: str, client: str | None) -> Session:
+        expired = None
         with self._lock:
             session = self._sessions.get(session_id)
-            if session is not None and self._is_expired(session, self._clock()) and not session.lock.locked():
+            if session is not None and session.client != client:
+                session = None  # another client's: as unknown as a missing one
+            elif session is not None and self._is_expired(session, self._clock()) and not session.lock.locked():
                 del self._sessions[session_id]
                 expired = session
-            else:
-                expired = None
         if expired is not None:
             self._retire(expired, "expired")
             session = None

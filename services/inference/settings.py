@@ -36,6 +36,8 @@ class InferenceSettings:
     session_ttl_s: float
     max_sessions: int
     max_sessions_per_client: int  # 0: no quota
+    max_sessionless_requests: int  # requests without a session (each a Petals session of its own) at once
+    model_max_length: int | None  # the most tokens the model's servers hold per session (None: from the model)
     reaper_interval_s: float
     swarm_max_retries: int
     swarm_request_timeout_s: float
@@ -76,6 +78,8 @@ class InferenceSettings:
             session_ttl_s=env.float("SESSION_TTL_SECONDS", 300.0, minimum=1.0),
             max_sessions=env.int("MAX_SESSIONS", 50, minimum=1),
             max_sessions_per_client=env.int("MAX_SESSIONS_PER_CLIENT", 0, minimum=0),
+            max_sessionless_requests=env.int("MAX_SESSIONLESS_REQUESTS", 16, minimum=1),
+            model_max_length=env.int("MODEL_MAX_LENGTH", 0, minimum=0, maximum=1_048_576) or None,
             reaper_interval_s=env.float("SESSION_REAPER_INTERVAL_SECONDS", 5.0, minimum=0.1),
             swarm_max_retries=env.int("SWARM_MAX_RETRIES", 4, minimum=1),
             swarm_request_timeout_s=env.float("SWARM_REQUEST_TIMEOUT_SECONDS", 60.0, minimum=1.0),
@@ -85,12 +89,11 @@ class InferenceSettings:
             debug_tracebacks=env.bool("DEBUG_TRACEBACKS", False),
         )
 
-    def model_card(self, chat_format: ChatFormat) -> ModelCard:
-        """The card this replica publishes for its model, once its chat format is known."""
-        chat = self.chat
-        return ModelCard(
-            self.model_name, self.model_description, chat_format, chat.defaults, self.limits.max_length, chat.template
-        )
+    def model_card(self, chat_format: ChatFormat, max_length: int | None = None) -> ModelCard:
+        """The card this replica publishes for its model, once its chat format (and the most tokens a
+        session may hold, by default MAX_LENGTH_LIMIT) is known."""
+        chat, max_length = self.chat, max_length or self.limits.max_length
+        return ModelCard(self.model_name, self.model_description, chat_format, chat.defaults, max_length, chat.template)
 
 
 def default_dtype(device: str) -> str:

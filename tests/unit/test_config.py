@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from deploy.local_stack import REPO_ROOT
 from services.common.config import ConfigError, Env
+from services.inference.model import servers_max_length
 from services.inference.settings import InferenceSettings
 
 BASE = {"MODEL": "/models/x"}
@@ -26,6 +28,8 @@ BASE = {"MODEL": "/models/x"}
         ({**BASE, "REPLICA_ID": "bad id!"}, "REPLICA_ID must be"),
         ({**BASE, "DEVICE": "gpu"}, "DEVICE must be cpu, cuda or cuda:N"),
         ({**BASE, "BIND": "8000"}, "BIND must be HOST:PORT"),
+        ({**BASE, "MAX_SESSIONLESS_REQUESTS": "0"}, "MAX_SESSIONLESS_REQUESTS must be >= 1"),
+        ({**BASE, "MODEL_MAX_LENGTH": "-1"}, "MODEL_MAX_LENGTH must be >= 0"),
     ],
 )
 def test_bad_settings_are_rejected_with_a_clear_message(env, message):
@@ -38,6 +42,20 @@ def test_defaults():
     assert settings.initial_peers == ("/ip4/a", "/ip4/b")
     assert settings.session_ttl_s == 300 and settings.max_sessions == 50
     assert settings.limits.max_length == 2048 and settings.replica_id == "inference-1"
+    assert settings.max_sessionless_requests == 16 and settings.model_max_length is None  # None: from the model
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"num_key_value_groups": 1}, 2048),  # BLOOM: no context length, Petals' server default
+        ({"num_key_value_groups": 3, "max_position_embeddings": 8192}, 8192),  # SmolLM2
+        ({"num_key_value_groups": 1, "max_position_embeddings": 1024}, 1024),  # a shorter context
+        ({"num_key_value_groups": 8, "max_position_embeddings": 131072}, 8192),  # a longer one: the servers'
+    ],
+)
+def test_the_servers_max_length_defaults_from_the_model(config, expected):
+    assert servers_max_length(SimpleNamespace(**config)) == expected
 
 
 @pytest.mark.parametrize(

@@ -29,14 +29,14 @@ def test_a_client_at_its_quota_gets_room_from_its_oldest_idle_session(store, clo
     oldest = open_at(store, clock, 1, "ip:10.0.0.1")
     newer = open_at(store, clock, 2, "ip:10.0.0.1")
     clock.now = 3
-    with store.acquire(oldest.session_id):  # used last: now newer is the least recently used
+    with store.acquire(oldest.session_id, "ip:10.0.0.1"):  # used last: now newer is the least recently used
         pass
     third = open_at(store, clock, 4, "ip:10.0.0.1")
     assert newer.petals is None  # closed on the swarm
     with pytest.raises(SessionNotFound, match=f"Session {newer.session_id} expired"):
-        store.acquire(newer.session_id)
+        store.acquire(newer.session_id, "ip:10.0.0.1")
     for kept in (oldest, third):
-        with store.acquire(kept.session_id):
+        with store.acquire(kept.session_id, "ip:10.0.0.1"):
             pass
     assert len(store) == 2
 
@@ -44,11 +44,11 @@ def test_a_client_at_its_quota_gets_room_from_its_oldest_idle_session(store, clo
 def test_busy_sessions_are_never_taken_and_all_busy_is_429(store, clock):
     first = open_at(store, clock, 1, "key:alice")
     second = open_at(store, clock, 2, "key:alice")
-    with store.acquire(first.session_id):
+    with store.acquire(first.session_id, "key:alice"):
         third = open_at(store, clock, 3, "key:alice")  # the idle one (second) makes room
         assert second.petals is None and first.petals is not None
         with (
-            store.acquire(third.session_id),
+            store.acquire(third.session_id, "key:alice"),
             pytest.raises(SessionQuotaExceeded, match="quota of 2 sessions, all busy"),
         ):
             store.open(16, client="key:alice")

@@ -151,3 +151,61 @@ def test_a_user_session_does_not_evict_conversations(store):
     conversation(store, "b")
     with pytest.raises(TooManySessions):
         store.open(16)
+
+
+# ---- ownership -------------------------------------------------------------------------------
+
+
+def test_another_clients_session_is_as_unknown_as_a_missing_one(store):
+    session = store.open(16, client="key:alice")
+    unknown = f"Session {session.session_id} expired or does not exist"  # what a missing id gets, word for word
+    for client in ("key:bob", "ip:127.0.0.1", None):
+        with pytest.raises(SessionNotFound) as using:
+            store.acquire(session.session_id, client)
+        with pytest.raises(SessionNotFound) as closing:
+            store.close(session.session_id, client=client)
+        assert str(using.value) == str(closing.value) == unknown
+    with store.acquire(session.session_id, "key:alice"):  # untouched: its owner goes on
+        pass
+    store.close(session.session_id, client="key:alice")
+    assert session.petals is None
+
+
+def test_a_busy_session_of_another_client_is_unknown_not_busy(store):
+    session = store.open(16, client="key:alice")
+    with store.acquire(session.session_id, "key:alice"), pytest.raises(SessionNotFound):
+        store.acquire(session.session_id, "key:bob")
+
+
+def test_conversations_are_continued_only_by_their_client(store):
+    mine = store.open(16, conversation=True, client="key:alice")
+    mine.text = "Hello"
+    assert store.acquire_conversation("Hello there", "key:bob") is None
+    assert store.acquire_conversation("Hello there", None) is None
+    with store.acquire_conversation("Hello there", "key:alice") as lease:
+        assert lease.session_id == mine.session_id
+
+
+def test_close_client_closes_only_its_sessions(store):
+    revoked, kept = store.open(16, client="key:alice"), store.open(16, client="key:bob")
+    assert store.close_client("key:alice") == 1
+    assert revoked.petals is None and kept.petals is not None
+    with pytest.raises(SessionNotFound):
+        store.acquire(revoked.session_id, "key:alice")
+    assert store.close_client("key:alice") == 0
+
+
+def test_requests_without_a_session_are_limited_and_release_their_slot():
+    store = SessionStore(FakePetalsSession, replica_id="r", ttl_s=10, max_sessions=2, max_one_off=2)
+    first, second = store.open_one_off(8), store.open_one_off(8)
+    with pytest.raises(TooManySessions, match="maximum of 2 requests without a session") as refused:
+        store.open_one_off(8)
+    assert refused.value.headers["Retry-After"] == "1" and refused.value.error_code == "too_many_sessions"
+    first.release()
+    first.release()  # a second release frees no second slot
+    assert first.petals.closed
+    third = store.open_one_off(8)
+    with pytest.raises(TooManySessions):
+        store.open_one_off(8)
+    for lease in (second, third):
+        lease.release()
