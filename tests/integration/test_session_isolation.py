@@ -40,7 +40,7 @@ def address_gateway(stack, artifacts_dir) -> Iterator[str]:
     """The same replica behind a gateway without keys, behind a (pretended) trusted proxy."""
     replica = stack.replicas[0]
     service = start_gateway(artifacts_dir, {replica.name: replica.base_url}, "isolation-addresses",
-                            TRUST_PROXY_HEADERS="1", MAX_LENGTH_LIMIT=str(MAX_LENGTH_LIMIT))  # fmt: skip
+                            TRUSTED_PROXIES="127.0.0.1", MAX_LENGTH_LIMIT=str(MAX_LENGTH_LIMIT))  # fmt: skip
     yield service.base_url
     service.stop()
 
