@@ -76,6 +76,7 @@ def test_keys_on_without_any_key_fail_clearly(chart):
         ({"gateway": {"apiKeys": {"anonymousRateLimitPerMinute": -1}}}, "anonymousRateLimitPerMinute': minimum"),
         ({"gateway": {"apiKeys": {"key": "x"}}}, "additional properties 'key' not allowed"),
         ({"inference": {"maxSessionsPerClient": -1}}, "at '/inference/maxSessionsPerClient': minimum"),
+        ({"inference": {"maxSessionlessRequests": 0}}, "at '/inference/maxSessionlessRequests': minimum"),
     ],
 )
 def test_schema_rejects_bad_key_and_quota_values(chart, values, message):

@@ -498,7 +498,8 @@ def test_by_default_one_client_cannot_starve_the_rest(chart):
     docs = render(chart)
     assert gateway_env(docs)["RATE_LIMIT_PER_MINUTE"] == "60"
     for sts in (d for d in docs if d["kind"] == "StatefulSet" and "-inference-" in d["metadata"]["name"]):
-        assert container_env(sts["spec"]["template"]["spec"]["containers"][0])["MAX_SESSIONS_PER_CLIENT"] == "4"
+        env = container_env(sts["spec"]["template"]["spec"]["containers"][0])
+        assert (env["MAX_SESSIONS_PER_CLIENT"], env["MAX_SESSIONLESS_REQUESTS"]) == ("4", "16")
     docs = render(chart, {"gateway": {"rateLimitPerMinute": 0}, "inference": {"maxSessionsPerClient": 0}})
     assert gateway_env(docs)["RATE_LIMIT_PER_MINUTE"] == "0"
 
