@@ -9,6 +9,7 @@ wheel requires something the set does not hold, as PyPI's CUDA torch does of its
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,7 @@ from scripts.pins import (
     unmet,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 FILES = sorted({name for files in INSTALL_SETS.values() for name in files})
 
 
@@ -65,3 +67,13 @@ def test_each_set_resolves_from_the_public_registries_and_is_complete(label, out
 @pytest.mark.parametrize("name", FILES)
 def test_every_pin_carries_its_hash(name):
     assert unhashed_lines(requirement_file(name)) == []
+
+
+@pytest.mark.parametrize("path", ["Makefile", "Dockerfile.cpu", "Dockerfile.gpu"])
+def test_every_install_of_a_requirement_file_checks_the_hashes(path):
+    """A file changed on an index, or another index offering the same name, fails the install."""
+    text = (ROOT / path).read_text().replace("\\\n", " ")
+    installs = [line for line in text.splitlines() if "pip" in line and " install" in line and "-r" in line]
+    assert installs, f"{path} installs no requirement file"
+    for line in installs:
+        assert "--require-hashes" in line and "--no-deps" in line, f"{path}: {line.strip()}"
