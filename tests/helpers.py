@@ -252,6 +252,21 @@ class SwarmProbe:
             self.process.wait(5)
 
 
+# An init script that records the page's Content-Security-Policy violations in window.__violations
+# ("<directive> <blocked URI>" each).
+RECORD_CSP_VIOLATIONS = (
+    "window.__violations = []; document.addEventListener('securitypolicyviolation',"
+    " (e) => window.__violations.push(`${e.violatedDirective} ${e.blockedURI}`))"
+)
+
+
+def collect_page_errors(page: Any, into: list[str]) -> list[str]:
+    """Append a Playwright page's console errors and uncaught exceptions to ``into``; returns it."""
+    page.on("console", lambda message: into.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: into.append(str(error)))
+    return into
+
+
 def wait_for(page: Any, expression: str, timeout: float = 30_000) -> None:
     """Poll a JavaScript expression on a Playwright page until it is truthy (``timeout`` in ms, as
     Playwright's). Not ``page.wait_for_function``: it evaluates its string with ``eval``, which the

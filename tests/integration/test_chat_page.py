@@ -15,7 +15,14 @@ import requests
 
 from services.common.chat import DEFAULT_PREAMBLE as PREAMBLE
 from tests.client import Api
-from tests.helpers import CHATML_DESCRIPTION, CHATML_MODEL, start_gateway, wait_for
+from tests.helpers import (
+    CHATML_DESCRIPTION,
+    CHATML_MODEL,
+    RECORD_CSP_VIOLATIONS,
+    collect_page_errors,
+    start_gateway,
+    wait_for,
+)
 
 SEP = "\n\n"
 STOP = "\n\nHuman:"
@@ -42,15 +49,10 @@ def page(browser, site):
         "if (!localStorage.getItem('petals-chat-settings'))"
         " localStorage.setItem('petals-chat-settings', JSON.stringify({sampling: false, max_new_tokens: 24}))"
     )
-    context.add_init_script(
-        "window.__violations = []; document.addEventListener('securitypolicyviolation',"
-        " (e) => window.__violations.push(`${e.violatedDirective} ${e.blockedURI}`))"
-    )
+    context.add_init_script(RECORD_CSP_VIOLATIONS)
     page = context.new_page()
-    problems: list[str] = []
     page.expected_statuses = set()
-    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
-    page.on("pageerror", lambda error: problems.append(str(error)))
+    problems = collect_page_errors(page, [])
     page.goto(site + "/")
     wait_for(page, "!document.getElementById('model').disabled")  # the models are in
     page.evaluate(

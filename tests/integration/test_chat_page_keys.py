@@ -14,7 +14,7 @@ import pytest
 
 from services.common.chat import DEFAULT_PREAMBLE as PREAMBLE
 from tests.client import Api
-from tests.helpers import dedicated_stack, wait_for
+from tests.helpers import collect_page_errors, dedicated_stack, wait_for
 
 KEY = "page-user-key-3b9d27c51e08"
 
@@ -45,8 +45,7 @@ def context(browser):
 
 def new_page(context, site: str):
     page = context.new_page()
-    page.on("console", lambda message: context.problems.append(message.text) if message.type == "error" else None)
-    page.on("pageerror", lambda error: context.problems.append(str(error)))
+    collect_page_errors(page, context.problems)
     page.goto(site + "/")
     return page
 

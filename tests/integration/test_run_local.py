@@ -28,7 +28,7 @@ from pathlib import Path
 from bench.load_test import run_load
 from deploy.local_stack import LOCAL_MODELS, REPO_ROOT, SMOLLM2, TINY_BLOOM, pick_free_port
 from services.common.sse import parse_sse
-from tests.helpers import wait_for, wait_until
+from tests.helpers import collect_page_errors, wait_for, wait_until
 
 FRANCE = "What is the capital of France?"
 
@@ -80,9 +80,7 @@ def check_the_chat_page(browser, url: str, screenshot: Path) -> None:
         "localStorage.setItem('petals-chat-settings', JSON.stringify({sampling: false, max_new_tokens: 64}))"
     )
     page = context.new_page()
-    errors: list[str] = []
-    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
-    page.on("pageerror", lambda error: errors.append(str(error)))
+    errors = collect_page_errors(page, [])
     try:
         page.goto(url + "/")
         wait_for(page, "!document.getElementById('model').disabled")
