@@ -94,6 +94,9 @@ def create_app() -> falcon.App:
     global _service
     settings = load_or_exit(InferenceSettings.from_env, "inference")
     configure_logging(settings.server.log_level)
+    from services.inference import patches  # imports Petals: the worker's, not the modules importing this one
+
+    patches.install()  # a patch that does not fit stops the worker here, with its one line
     _service = InferenceService(settings)
     _service.start()
     return _service.app

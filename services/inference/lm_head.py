@@ -13,6 +13,9 @@ the weight is gigabytes and the step is bound by memory bandwidth (bench/lm_head
   a quiet machine; loaded, it lost); on an Intel Xeon both read 33 GB/s.
 
 Prompts (several tokens) stay on the stock path, a matrix product that is not bandwidth-bound.
+
+The head is Petals' ``LMHead``: ``install`` replaces its ``forward`` on the one instance and reads
+its ``use_chunked_forward``; fenced to petals 2.2.0.post1 (``check``; docs/patches.md).
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ from typing import TypeVar
 
 import torch
 
+from services.common.patching import PatchError, require_attributes, require_version
+
 T = TypeVar("T")
+PATCH = "lm_head"
+PATCHED_VERSION = "2.2.0.post1"  # petals
 # Below this the stock product is fast enough, and torch.mv's or the row split's threads cost more
 # than they save: with mv on the tiny BLOOM's 32 MB head, v1 one-token-per-request clients at one
 # session reached 0.87x the raw client's tokens/s, against 0.92x without (bench/concurrency.py).
@@ -111,10 +118,22 @@ class RowSplitLMHead(OneTokenLMHead):
         self._pool.shutdown(wait=False)
 
 
+def check() -> None:
+    """Raise PatchError unless Petals' ``LMHead`` is the one this module replaces the forward of."""
+    require_version("petals", PATCHED_VERSION, PATCH)
+    from petals.client.lm_head import LMHead
+
+    require_attributes(LMHead, ("forward", "chunked_forward"), PATCH)
+    if "use_chunked_forward" not in LMHead.__init__.__code__.co_names:  # the attribute it sets and install reads
+        raise PatchError(PATCH, "petals.client.lm_head.LMHead.use_chunked_forward, which is no longer set")
+
+
 def install(lm_head: torch.nn.Module, threads: int) -> OneTokenLMHead | None:
     """The one-token forward for a CPU head of ``MIN_WEIGHT_BYTES`` or more: ``torch.mv`` for a
     bfloat16 head that Petals multiplies natively (not in its float32 chunks, as on a CPU without
-    AVX-512), the row split for a float32 head; None elsewhere."""
+    AVX-512), the row split for a float32 head; None elsewhere. Raises PatchError (``check``)
+    where Petals' head is not the one it fits."""
+    check()
     weight = lm_head.weight
     if weight.device.type != "cpu" or weight.numel() * weight.element_size() < MIN_WEIGHT_BYTES:
         return None

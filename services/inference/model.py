@@ -24,6 +24,7 @@ from functools import partial
 from typing import Any
 
 from services.common.errors import InvalidParameter, ModelNotFound, ServiceUnavailable
+from services.common.patching import PatchError
 from services.inference.decoding import TokenBytes
 from services.inference.metrics import SWARM_READY
 from services.inference.settings import InferenceSettings
@@ -100,6 +101,10 @@ class ModelHandle:
         while not self._stopping.is_set() and self.model is None:
             try:
                 self._load()
+            except PatchError as error:  # no retry mends it (patches.install() at start-up checks it first)
+                self._status = f"model loading failed: {error}"
+                logger.error("loading %s failed: %s", self._settings.model, error)
+                return
             except Exception as error:  # keep retrying: the swarm may come up later
                 delay = _LOAD_RETRY_S[min(attempt, len(_LOAD_RETRY_S) - 1)]
                 self._status = f"model loading failed ({_short(error)}); retrying"
@@ -117,10 +122,8 @@ class ModelHandle:
         from petals import AutoDistributedModelForCausalLM
         from transformers import AutoTokenizer
 
-        from services.inference import lm_head, petals_compat, step_packing
+        from services.inference import lm_head  # its fit, and the other patches: patches.install() at start-up
 
-        petals_compat.install()
-        step_packing.install()
         settings = self._settings
         logger.info(
             "loading %s (dtype %s, device %s, %d torch threads)",

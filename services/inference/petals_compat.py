@@ -10,6 +10,8 @@ thread: ``_ServerInferenceSession.create -> wait_for -> __del__ -> close -> run_
 The patched ``close``: on the event-loop thread, schedules the close on the loop instead of
 waiting for it; on any other thread, waits at most ``CLOSE_TIMEOUT_S`` for the server to
 acknowledge (the original waits forever if a server never answers).
+
+Fenced to petals 2.2.0.post1 and hivemind 1.1.11 (``check``; docs/patches.md).
 """
 
 from __future__ import annotations
@@ -18,16 +20,33 @@ import asyncio
 import logging
 import threading
 
+from services.common.patching import require_attributes, require_version
+
 logger = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 10.0
+PATCH = "petals_compat"
+PATCHED_VERSIONS = {"petals": "2.2.0.post1", "hivemind": "1.1.11"}
 _installed = False
 
 
+def check() -> None:
+    """Raise PatchError unless the installed Petals and hivemind are the ones this patch fits."""
+    for dist, version in PATCHED_VERSIONS.items():
+        require_version(dist, version, PATCH)
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+    from petals.client.inference_session import _ServerInferenceSession
+
+    require_attributes(_ServerInferenceSession, ("close", "_aclose_stream"), PATCH)
+    require_attributes(RemoteExpertWorker, ("_event_thread", "run_coroutine"), PATCH)
+
+
 def install() -> None:
-    """Patch ``petals.client.inference_session._ServerInferenceSession.close`` (idempotent)."""
+    """Patch ``petals.client.inference_session._ServerInferenceSession.close`` (idempotent); raises
+    PatchError (``check``) where it does not fit."""
     global _installed
     if _installed:
         return
+    check()
     from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
     from petals.client.inference_session import _ServerInferenceSession
 

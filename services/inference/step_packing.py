@@ -18,13 +18,19 @@ byte (tests/unit/test_step_packing.py):
   compression, so it is built once (``ExpertRequest`` copies the messages it is given);
 - ``BatchTensorDescriptor``: ``from_tensor`` returns just the dtype and compression.
 
-The benchmarks' raw client (the bare library, the fair baseline) does not install it.
+The benchmarks' raw client (the bare library, the fair baseline) does not install it. Fenced to
+petals 2.2.0.post1 (``check``; docs/patches.md).
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from services.common.patching import require_attributes, require_parameters, require_version
+
+PATCH = "step_packing"
+PATCHED_VERSION = "2.2.0.post1"  # petals
+REPLACED = ("pack_args_kwargs", "serialize_torch_tensor", "BatchTensorDescriptor")
 _installed = False
 
 
@@ -40,11 +46,23 @@ class StepTensorSchema(NamedTuple):
         return cls(tensor.dtype, compression if tensor.is_floating_point() else 0)  # 0: CompressionType.NONE
 
 
+def check() -> None:
+    """Raise PatchError unless ``petals.client.inference_session`` is the one these replacements fit."""
+    require_version("petals", PATCHED_VERSION, PATCH)
+    import petals.client.inference_session as inference_session
+
+    require_attributes(inference_session, REPLACED, PATCH)
+    require_parameters(inference_session.serialize_torch_tensor, ("tensor", "compression_type"), PATCH)
+    require_attributes(inference_session.BatchTensorDescriptor, ("from_tensor",), PATCH)
+
+
 def install() -> None:
-    """Patch ``petals.client.inference_session``'s packing functions (idempotent)."""
+    """Patch ``petals.client.inference_session``'s packing functions (idempotent); raises
+    PatchError (``check``) where they do not fit."""
     global _installed
     if _installed:
         return
+    check()
     import petals.client.inference_session as inference_session
 
     for name, replacement in replacements(inference_session).items():

@@ -1,0 +1,19 @@
+"""The inference worker's patches of Petals, installed (and checked) in one place at start-up.
+
+``install()`` runs in the app factory, before the model loads in the background: a patch that
+does not fit the installed library raises PatchError there, and the worker fails to boot with
+that line (gunicorn then stops), instead of the loading loop retrying it for ever.
+lm_head's forward replaces a loaded model's head, so it is installed with the model; its fit is
+checked here. See docs/patches.md.
+"""
+
+from __future__ import annotations
+
+from services.inference import lm_head, petals_compat, step_packing
+
+
+def install() -> None:
+    """Patch the Petals client (deadlock fix, step packing) and check the LM head's fit; raises PatchError."""
+    petals_compat.install()
+    step_packing.install()
+    lm_head.check()
