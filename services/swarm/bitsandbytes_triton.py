@@ -15,11 +15,14 @@ none of the SwitchBack layers. Can go with a bitsandbytes that no longer imports
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import sys
 import types
+from pathlib import Path
 
+from services.common.patching import PatchError, require_version
+
+PATCH = "bitsandbytes_triton"
 PATCHED_VERSION = "0.41.1"
 PATCHED_MODULE = "bitsandbytes.triton.triton_utils"
 
@@ -29,16 +32,29 @@ def needed() -> bool:
     return importlib.util.find_spec("triton") is not None and importlib.util.find_spec("triton.ops") is None
 
 
+def check() -> None:
+    """Raise PatchError unless bitsandbytes is 0.41.1 and its ``PATCHED_MODULE`` defines
+    ``is_triton_available`` (read from its source: importing it is what fails)."""
+    require_version("bitsandbytes", PATCHED_VERSION, PATCH)
+    spec = importlib.util.find_spec("bitsandbytes")  # the package's location; imports nothing
+    source = Path(spec.submodule_search_locations[0], "triton", "triton_utils.py") if spec else None
+    if source is None or "def is_triton_available(" not in _read(source):
+        raise PatchError(PATCH, f"{PATCHED_MODULE}.is_triton_available, which is missing")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def install() -> None:
     """Make bitsandbytes take its triton-free path where its triton path cannot import; must run
-    before anything imports bitsandbytes. Raises RuntimeError for another bitsandbytes version."""
+    before anything imports bitsandbytes. Raises PatchError (``check``) where it does not fit."""
     if not needed():
         return
-    version = importlib.metadata.version("bitsandbytes")
-    if version != PATCHED_VERSION:
-        raise RuntimeError(
-            f"services/swarm/bitsandbytes_triton.py patches bitsandbytes {PATCHED_VERSION}, not {version}"
-        )
+    check()
     if "bitsandbytes" in sys.modules:
         raise RuntimeError("bitsandbytes_triton.install() must run before bitsandbytes is imported")
     stand_in = types.ModuleType(PATCHED_MODULE)

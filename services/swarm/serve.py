@@ -26,6 +26,9 @@ has no ``triton.ops`` (services/swarm/bitsandbytes_triton.py: the CUDA torch's t
 Tensors of at most SWARM_SMALL_TENSOR_BYTES (default 1 MiB; 0 keeps torch's shared memory) cross
 the server's processes by value (services/swarm/small_tensors.py).
 
+Both patches are installed by services/swarm/patches.py, which checks that they fit the installed
+libraries first: one that does not stops the server with one line (docs/patches.md).
+
 SIGTERM shuts the server down gracefully, as Ctrl-C does (it announces its blocks offline, stops
 its handlers and its DHT). Petals installs no SIGTERM handler, and the container's PID 1 ignores a
 signal it has no handler for: without this, every stop waited for the grace period's SIGKILL.
@@ -44,8 +47,9 @@ import time
 from pathlib import Path
 
 from services.common.config import ConfigError, Env
+from services.common.patching import PatchError
 from services.common.swarm_identity import DERIVED, IdentityError, identity_file_bytes, read_seed, resolve_multiaddr
-from services.swarm import bitsandbytes_triton, small_tensors
+from services.swarm import patches, small_tensors
 from services.swarm.launcher import handlers_per_server
 
 SEED_ENV = "SWARM_SEED_FILE"
@@ -127,14 +131,13 @@ def main(argv: list[str]) -> int:
         args = with_sized_handlers(resolve_args(argv, os.environ.get(SEED_ENV), Path(tempfile.gettempdir())))
         wait_s = Env().float(WAIT_ENV, 600.0, minimum=0)
         small_tensor_bytes = Env().int(small_tensors.LIMIT_ENV, small_tensors.DEFAULT_LIMIT_BYTES, minimum=0)
-    except (IdentityError, ConfigError) as error:
+        patches.install(small_tensor_bytes)  # before the wait for a peer: a patch that does not fit stops it at once
+    except (IdentityError, ConfigError, PatchError) as error:
         print(f"serve: {error}", file=sys.stderr, flush=True)
         return 2
     wait_for_a_peer(initial_peers(args), wait_s, lambda line: print(line, file=sys.stderr, flush=True))
     print("serve: petals.cli.run_server", " ".join(args), file=sys.stderr, flush=True)
     graceful_sigterm()
-    bitsandbytes_triton.install()
-    small_tensors.install(small_tensor_bytes)
     sys.argv = ["petals.cli.run_server", *args]
     runpy.run_module("petals.cli.run_server", run_name="__main__", alter_sys=True)
     return 0

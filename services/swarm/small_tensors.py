@@ -16,6 +16,8 @@ inherit it) makes two changes in this process:
   already shared, requiring a gradient, a subclass) keeps torch's reducer;
 - Petals' task pool no longer moves such small outputs into shared memory before sending them
   (``petals.server.task_pool._move_to_device_if_tensor``); the copy to the CPU stays blocking.
+
+Fenced to petals 2.2.0.post1 (``check``; docs/patches.md).
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from typing import Any
 import torch
 import torch.multiprocessing.reductions as torch_reductions
 
+from services.common.patching import require_attributes, require_parameters, require_version
+
+PATCH = "small_tensors"
+PATCHED_VERSION = "2.2.0.post1"  # petals
 LIMIT_ENV = "SWARM_SMALL_TENSOR_BYTES"
 DEFAULT_LIMIT_BYTES = 1 << 20
 
@@ -74,10 +80,23 @@ def unshared_small_outputs(move: Callable[..., Any], limit_bytes: int) -> Callab
     return move_to_device_if_tensor
 
 
+def check() -> None:
+    """Raise PatchError unless Petals' task pool and torch's reducer are the ones this patch fits."""
+    require_version("petals", PATCHED_VERSION, PATCH)
+    import petals.server.task_pool as task_pool
+
+    require_attributes(task_pool, ("_move_to_device_if_tensor",), PATCH)
+    move = getattr(task_pool._move_to_device_if_tensor, "original", task_pool._move_to_device_if_tensor)
+    require_parameters(move, ("arg", "device", "share_memory"), PATCH)
+    require_attributes(torch_reductions, ("reduce_tensor",), PATCH)
+
+
 def install(limit_bytes: int) -> None:
-    """Send tensors of at most ``limit_bytes`` by value in this process and its forks; 0 changes nothing."""
+    """Send tensors of at most ``limit_bytes`` by value in this process and its forks; 0 changes
+    nothing. Raises PatchError (``check``) where it does not fit."""
     if limit_bytes <= 0:
         return
+    check()
     import petals.server.task_pool as task_pool
 
     ForkingPickler.register(torch.Tensor, reducer(limit_bytes))

@@ -55,5 +55,5 @@ def test_another_bitsandbytes_version_is_refused(monkeypatch):
 
     monkeypatch.setattr(bitsandbytes_triton, "needed", lambda: True)
     monkeypatch.setattr(bitsandbytes_triton.importlib.metadata, "version", lambda name: "0.45.0")
-    with pytest.raises(RuntimeError, match=r"patches bitsandbytes 0\.41\.1, not 0\.45\.0"):
+    with pytest.raises(RuntimeError, match=r"patches bitsandbytes 0\.41\.1, found 0\.45\.0; see docs/patches\.md"):
         bitsandbytes_triton.install()

@@ -1,0 +1,12 @@
+"""A Petals server's patches, installed (and checked) in one place before Petals starts (its forks
+inherit them); a patch that does not fit raises PatchError with one line. See docs/patches.md."""
+
+from __future__ import annotations
+
+from services.swarm import bitsandbytes_triton, small_tensors
+
+
+def install(small_tensor_bytes: int) -> None:
+    """bitsandbytes' triton-free path (where needed), then small tensors by value up to ``small_tensor_bytes``."""
+    bitsandbytes_triton.install()  # before anything imports bitsandbytes
+    small_tensors.install(small_tensor_bytes)
