@@ -31,6 +31,9 @@ body deadline); a buffering proxy in front (the Ingress) is the defence against 
 A request gunicorn refuses by itself (a malformed request line or header, a head over the limits)
 is answered in the API's JSON error shape (services/common/protocol_errors.py) instead of
 gunicorn's HTML page: gunicorn still picks the status and the message, and logs it.
+
+The worker overrides and reads gunicorn's internals: fenced to gunicorn 27.0.1 (``check``, run by
+the master as it reads its config: services/common/gunicorn.py; docs/patches.md).
 """
 
 from __future__ import annotations
@@ -49,10 +52,31 @@ from typing import Any
 from gunicorn import util
 from gunicorn.workers import gthread
 
+from services.common.patching import require_attributes, require_methods, require_parameters, require_version
 from services.common.protocol_errors import PEEK_BYTES, error_response
 
+PATCH = "gthread_worker"
+PATCHED_VERSION = "27.0.1"  # gunicorn
+# What Worker overrides or calls of gthread.ThreadWorker, and how it calls them.
+OVERRIDDEN = {
+    "accept": ("self", "listener"),
+    "handle": ("self", "conn"),
+    "handle_request": ("self", "req", "conn"),
+    "handle_error": ("self", "req", "client", "addr", "exc"),
+    "murder_pending": ("self",),
+    "load_wsgi": ("self",),
+    "on_pending_socket_readable": ("self", "conn", "client"),
+}
 HEAD_TIMEOUT_S = 5.0
 NEXT_REQUEST_WAIT_S = 0.005
+
+
+def check() -> None:
+    """Raise PatchError unless gunicorn's ``gthread`` is the one ``Worker`` was written against."""
+    require_version("gunicorn", PATCHED_VERSION, PATCH)
+    require_attributes(gthread, ("ThreadWorker", "TConn", "STOP_KEEPALIVE_LINGER"), PATCH)
+    require_methods(gthread.ThreadWorker, OVERRIDDEN, PATCH)
+    require_parameters(gthread.TConn, ("cfg", "sock", "client", "server"), PATCH)
 
 
 class _ErrorPage:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from services.common import gthread_worker
 from services.common.config import ServerSettings, load_or_exit
+from services.common.patching import PatchError
 
 GTHREAD_WORKER = "services.common.gthread_worker.Worker"  # gthread, safe from idle/stalled clients
 
@@ -18,15 +21,18 @@ def service_config(
     wsgi_app: str,
     worker_env: Callable[[Any], dict[str, str]] | None = None,
     worker_class: str = GTHREAD_WORKER,
+    check_worker: Callable[[], None] = gthread_worker.check,
 ) -> dict[str, Any]:
     """gunicorn settings of a service, its environment validated first (a config file does
     ``globals().update(service_config(...))``): a bad value stops the master with one clear line.
 
     ``worker_env(settings)`` names variables the workers must start with (set here, before they fork).
     ``worker_class``: the threaded worker (WSGI apps), or an event-loop worker (the gateway's ASGI app;
-    it has no request threads).
+    it has no request threads). ``check_worker``: raises PatchError unless the worker class fits the
+    installed server library (docs/patches.md); a misfit stops the master with one line too.
     """
     settings = load_or_exit(load_settings, service)
+    check_or_exit(check_worker, service)
     os.environ.update(worker_env(settings) if worker_env else {})
     server: ServerSettings = settings.server
     if server.workers > 1:
@@ -49,6 +55,15 @@ def service_config(
         "accesslog": "-" if server.access_log else None,
         "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
     }
+
+
+def check_or_exit(check: Callable[[], None], service: str) -> None:
+    """Run a patch's fit check; on a PatchError print its line and exit with status 2."""
+    try:
+        check()
+    except PatchError as error:
+        print(f"{service}: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def prepare_multiprocess_metrics() -> None:

@@ -4,6 +4,7 @@ metrics in multiprocess mode."""
 import resource
 
 from services.common.gunicorn import child_exit, service_config
+from services.gateway.http_protocol import check as check_http_protocol
 from services.gateway.settings import GatewaySettings
 
 # Each open connection (a WebSocket held for a whole chat) is a file descriptor: lift the soft
@@ -14,7 +15,13 @@ if _soft < _hard:
 
 _WORKER = "services.gateway.worker.Worker"  # Uvicorn's, see services/gateway/worker.py
 globals().update(
-    service_config("gateway", GatewaySettings.from_env, "services.gateway.app:create_app()", worker_class=_WORKER)
+    service_config(
+        "gateway",
+        GatewaySettings.from_env,
+        "services.gateway.app:create_app()",
+        worker_class=_WORKER,
+        check_worker=check_http_protocol,  # its protocols fit uvicorn's internals (docs/patches.md)
+    )
 )
 backlog = 4096  # a burst of new connections (clients reconnecting after a restart) waits in the kernel
 __all__ = ["child_exit"]  # gunicorn's hook: forget a dead worker's live gauges

@@ -18,6 +18,10 @@ Every answer the server gives by itself is JSON in the route's error shape
 parse (bad request line, header or chunked encoding: 400), a head over the limits (414, 431),
 and a refused WebSocket handshake (``WebSocketProtocol``: a bad upgrade request, 400 or 426; the
 app closing before accepting, 403).
+
+Both protocols override and read uvicorn's (and websockets') internals: fenced to uvicorn 0.54.0
+and websockets 17.4 (``check``, run by the master as it reads services/gateway/gunicorn.conf.py;
+docs/patches.md).
 """
 
 from __future__ import annotations
@@ -32,12 +36,36 @@ from websockets.datastructures import Headers
 from websockets.http11 import Response
 from websockets.server import ServerProtocol
 
+from services.common.patching import require_methods, require_version
 from services.common.protocol_errors import PEEK_BYTES, error_json, error_response
 
+PATCH = "http_protocol"
+PATCHED_VERSIONS = {"uvicorn": "0.54.0", "websockets": "17.4"}
+# What HttpProtocol overrides or calls of HttpToolsProtocol, and how it calls them.
+OVERRIDDEN = {
+    "connection_made": ("self", "transport"),
+    "connection_lost": ("self", "exc"),
+    "on_message_begin": ("self",),
+    "on_url": ("self", "url"),
+    "on_header": ("self", "name", "value"),
+    "on_headers_complete": ("self",),
+    "send_400_response": ("self", "msg"),
+    "timeout_keep_alive_handler": ("self",),
+}
 MAX_REQUEST_LINE = 4094  # gunicorn's limit_request_line default (the URL's bytes here)
 MAX_HEADER_FIELDS = 100  # gunicorn's limit_request_fields default
 MAX_HEADER_FIELD_BYTES = 8190  # gunicorn's limit_request_field_size default (name and value)
 HEAD_TIMEOUT_S = 5.0
+
+
+def check() -> None:
+    """Raise PatchError unless uvicorn's httptools protocol and websockets' server side are the
+    ones these protocols were written against."""
+    for dist, version in PATCHED_VERSIONS.items():
+        require_version(dist, version, PATCH)
+    require_methods(HttpToolsProtocol, OVERRIDDEN, PATCH)
+    require_methods(ServerProtocol, {"reject": ("self", "status", "text")}, PATCH)
+    require_methods(WebSocketsSansIOProtocol, {"__init__": ("self", "config", "server_state", "app_state")}, PATCH)
 
 
 class _Refused(Exception):
