@@ -2,9 +2,9 @@
 
 Loading (tokenizer, embeddings and LM head, a DHT client joining the swarm) happens in a
 background thread so that ``/healthz`` answers at once; it retries until it succeeds, e.g.
-while the swarm is not up yet. A readiness thread then checks, every few seconds and without
-blocking requests, that a route through the swarm serves every block of the model and that its
-servers answer.
+while the swarm is not up yet, but never a patch that does not fit Petals (docs/patches.md). A
+readiness thread then checks, every few seconds and without blocking requests, that a route
+through the swarm serves every block of the model and that its servers answer.
 
 A session may hold at most ``max_length`` tokens: ``MAX_LENGTH_LIMIT``, and no more than the model's
 servers hold for one session (``MODEL_MAX_LENGTH``; by default what a Petals server of the model
@@ -122,7 +122,7 @@ class ModelHandle:
         from petals import AutoDistributedModelForCausalLM
         from transformers import AutoTokenizer
 
-        from services.inference import lm_head  # its fit, and the other patches: patches.install() at start-up
+        from services.inference import lm_head  # checked, with the other patches, by patches.install() at start-up
 
         settings = self._settings
         logger.info(
