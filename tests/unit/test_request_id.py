@@ -1,0 +1,73 @@
+"""Request ids (services/common/request_id.py): which a client's are kept, the id on log lines."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+
+import pytest
+
+from services.common import request_id
+from services.common.request_id import RequestIdFilter
+
+FRESH = re.compile(r"^[0-9a-f]{32}$")  # a uuid4 in hex
+
+
+@pytest.fixture(autouse=True)
+def no_request_left():
+    """A test app served in this thread leaves no request id behind for the next test."""
+    yield
+    request_id.end()
+
+
+@pytest.mark.parametrize("value", ["abc-123", "a", "x" * 128, "0f:ab/cd_ef.{}[]~!", "A" * 32])
+def test_a_valid_id_is_kept(value):
+    assert request_id.accept(value) == value
+
+
+@pytest.mark.parametrize("value", [None, "", "x" * 129, "a b", "line\nbreak", "tab\t", "caf\u00e9", "\x7f", "\x00"])
+def test_any_other_is_replaced_by_a_fresh_one(value):
+    assert FRESH.match(request_id.accept(value))
+
+
+def test_fresh_ids_differ():
+    assert request_id.new() != request_id.new()
+
+
+def test_begin_sets_the_context_and_end_clears_it():
+    def serve() -> tuple[str, str | None, dict[str, str]]:
+        started = request_id.begin("abc-123")
+        seen, headers = request_id.current(), request_id.outgoing_headers()
+        request_id.end()
+        assert request_id.current() is None and request_id.outgoing_headers() == {}
+        return started, seen, headers
+
+    assert contextvars.Context().run(serve) == ("abc-123", "abc-123", {"X-Request-Id": "abc-123"})
+
+
+def lines(*filters: logging.Filter) -> tuple[logging.Logger, list[logging.LogRecord]]:
+    """A logger whose records are kept, with ``filters`` on its handler."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    for line_filter in filters:
+        handler.addFilter(line_filter)
+    logger = logging.getLogger(f"test_request_id.{id(records)}")
+    logger.propagate = False
+    logger.addHandler(handler)
+    return logger, records
+
+
+def test_the_filter_names_the_request_once_and_only_within_one():
+    logger, records = lines(RequestIdFilter(), RequestIdFilter())  # installed twice: still once a line
+
+    def serve() -> None:
+        logger.warning("outside")
+        request_id.begin("abc-123")
+        logger.warning("failed %s of %d", "step", 3)
+        request_id.end()
+        logger.warning("after")
+
+    contextvars.Context().run(serve)
+    assert [record.getMessage() for record in records] == ["outside", "failed step of 3 request_id=abc-123", "after"]
