@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from services.common import request_id
 from services.common.config import ServerSettings, load_or_exit
 
 GTHREAD_WORKER = "services.common.gthread_worker.Worker"  # gthread, safe from idle/stalled clients
@@ -48,7 +49,14 @@ def service_config(
         "control_socket_disable": True,
         "accesslog": "-" if server.access_log else None,
         "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
+        "post_request": end_request,
     }
+
+
+def end_request(worker: Any, req: Any, environ: dict, resp: Any) -> None:
+    """gunicorn hook, after a request's access line: its thread serves no request until the next one
+    (a line gunicorn logs meanwhile names no request id). The event-loop worker never calls it."""
+    request_id.end()
 
 
 def prepare_multiprocess_metrics() -> None:

@@ -1,4 +1,5 @@
-"""Request ids (services/common/request_id.py): which a client's are kept, the id on log lines."""
+"""Request ids (services/common/request_id.py): which a client's are kept, the header on every answer
+(HTTP and ASGI), the id on log lines."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import contextvars
 import logging
 import re
 
+import falcon
+import falcon.testing
 import pytest
 
 from services.common import request_id
+from services.common.app import create_app, create_asgi_app
 from services.common.request_id import RequestIdFilter
 
 FRESH = re.compile(r"^[0-9a-f]{32}$")  # a uuid4 in hex
@@ -71,3 +75,35 @@ def test_the_filter_names_the_request_once_and_only_within_one():
 
     contextvars.Context().run(serve)
     assert [record.getMessage() for record in records] == ["outside", "failed step of 3 request_id=abc-123", "after"]
+
+
+def failing_app(asgi: bool):
+    """A service app (the shared middleware and handlers) with a route that logs then fails."""
+
+    class Boom:
+        def on_get(self, req, resp):
+            logging.getLogger("test_request_id.app").warning("about to fail")
+            raise RuntimeError("boom")
+
+    class AsyncBoom:
+        async def on_get(self, req, resp):
+            Boom().on_get(req, resp)
+
+    class V1Boom(Boom):
+        error_envelope = "v1"
+
+    make = create_asgi_app if asgi else create_app
+    app = make(readiness=lambda: (True, {}), debug_tracebacks=False)
+    app.add_route("/boom", AsyncBoom() if asgi else Boom())
+    if not asgi:
+        app.add_route("/api/v1/boom", V1Boom())
+    return falcon.testing.TestClient(app)
+
+
+@pytest.mark.parametrize("asgi", [False, True])
+def test_every_answer_names_its_request_id(asgi):
+    client = failing_app(asgi)
+    assert client.simulate_get("/healthz", headers={"X-Request-Id": "abc-123"}).headers["X-Request-Id"] == "abc-123"
+    assert FRESH.match(client.simulate_get("/healthz").headers["X-Request-Id"])
+    invalid = client.simulate_get("/nowhere", headers={"X-Request-Id": "x" * 129})
+    assert invalid.status_code == 404 and FRESH.match(invalid.headers["X-Request-Id"])
