@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from typing import Any
 
 import falcon
@@ -39,6 +38,7 @@ from services.common.errors import (
     ServiceUnavailable,
     SessionNotFound,
     Unauthorized,
+    report_incident,
 )
 from services.common.metrics import REQUEST_DURATION, REQUESTS
 from services.common.replica_request import ReplicaRequest
@@ -320,12 +320,7 @@ class _Connection:
         await self._ws.send_text(json.dumps(message, ensure_ascii=False))
 
     async def _send_error(self, error: Exception) -> None:
-        if isinstance(error, ApiError):
-            text = error.message
-        else:
-            incident = uuid.uuid4().hex[:12]
-            logger.error("unhandled error (incident %s) on %s", incident, ENDPOINT, exc_info=error)
-            text = f"Internal error (incident {incident}); the operators can find it in the logs."
+        text = error.message if isinstance(error, ApiError) else report_incident(error, ENDPOINT)
         await self._send({"ok": False, "traceback": text})
 
     def _count(self, status: str, started: float) -> None:

@@ -1,5 +1,5 @@
 """Request ids (services/common/request_id.py): which a client's are kept, the header on every answer
-(HTTP and ASGI), the id on log lines."""
+(HTTP and ASGI), the id on log lines and in internal-error answers."""
 
 from __future__ import annotations
 
@@ -107,3 +107,25 @@ def test_every_answer_names_its_request_id(asgi):
     assert FRESH.match(client.simulate_get("/healthz").headers["X-Request-Id"])
     invalid = client.simulate_get("/nowhere", headers={"X-Request-Id": "x" * 129})
     assert invalid.status_code == 404 and FRESH.match(invalid.headers["X-Request-Id"])
+
+
+@pytest.mark.parametrize("asgi", [False, True])
+def test_an_internal_error_names_its_incident_and_request_in_the_answer_and_the_log(asgi, caplog):
+    caplog.handler.addFilter(RequestIdFilter())
+    answer = failing_app(asgi).simulate_get("/boom", headers={"X-Request-Id": "abc-123"})
+    assert answer.status_code == 500 and answer.headers["X-Request-Id"] == "abc-123"
+    assert answer.json["error"]["code"] == "internal_error"
+    incident = re.fullmatch(
+        r"Internal error \(incident ([0-9a-f]{12}), request abc-123\); the operators can find it in the logs\.",
+        answer.json["error"]["message"],
+    ).group(1)
+    logged = [record.getMessage() for record in caplog.records]
+    assert "about to fail request_id=abc-123" in logged
+    assert f"unhandled error (incident {incident}) on GET /boom request_id=abc-123" in logged
+
+
+def test_the_v1_shape_is_kept(caplog):
+    answer = failing_app(asgi=False).simulate_get("/api/v1/boom", headers={"X-Request-Id": "abc-123"})
+    assert answer.status_code == 200 and answer.headers["X-Petals-Chat-Status"] == "500"
+    assert set(answer.json) == {"ok", "traceback"} and answer.json["ok"] is False
+    assert "request abc-123" in answer.json["traceback"]
