@@ -42,6 +42,7 @@ from services.common.errors import (
 )
 from services.common.metrics import REQUEST_DURATION, REQUESTS
 from services.common.replica_request import ReplicaRequest
+from services.common.request_id import handshake_headers
 from services.common.sse import parse_sse_async
 from services.gateway.auth import POLICY_VIOLATION, accepted_subprotocol
 from services.gateway.metrics import CLIENT_REQUESTS, WEBSOCKET_CONNECTIONS
@@ -92,7 +93,7 @@ class GenerateSocketResource:
         if self._origins is not None and origin is not None and origin not in self._origins:
             await ws.close()  # before the handshake: HTTP 403 (CORS_ALLOW_ORIGINS)
             return
-        await ws.accept(subprotocol=accepted_subprotocol(req))
+        await ws.accept(subprotocol=accepted_subprotocol(req), headers=handshake_headers(req))
         client = req.context.client.name
         if not self._per_client.open(client):
             await self._refuse(ws)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import re
@@ -129,3 +130,37 @@ def test_the_v1_shape_is_kept(caplog):
     assert answer.status_code == 200 and answer.headers["X-Petals-Chat-Status"] == "500"
     assert set(answer.json) == {"ok", "traceback"} and answer.json["ok"] is False
     assert "request abc-123" in answer.json["traceback"]
+
+
+def test_the_gateway_sends_the_current_id_on_its_calls_and_none_outside_a_request():
+    """Upstream (every call from the gateway to a replica or the ui) adds the header by itself."""
+    from aiohttp import web
+
+    from services.gateway.upstream import Upstream
+
+    async def calls() -> list[str | None]:
+        seen: list[str | None] = []
+
+        async def record(request: web.Request) -> web.Response:
+            seen.append(request.headers.get("X-Request-Id"))
+            return web.json_response({"ok": True})
+
+        app = web.Application()
+        app.router.add_get("/readyz", record)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        upstream = Upstream(connect_timeout_s=5, read_timeout_s=5)
+        await upstream.start()
+        try:
+            await upstream.request("inference-9", url, "GET", "/readyz")  # e.g. the poller's
+            request_id.begin("abc-123")
+            await upstream.request("inference-9", url, "GET", "/readyz", headers={"Accept": "application/json"})
+        finally:
+            await upstream.close()
+            await runner.cleanup()
+        return seen
+
+    assert contextvars.Context().run(asyncio.run, calls()) == [None, "abc-123"]
