@@ -164,3 +164,20 @@ def test_the_gateway_sends_the_current_id_on_its_calls_and_none_outside_a_reques
         return seen
 
     assert contextvars.Context().run(asyncio.run, calls()) == [None, "abc-123"]
+
+
+def test_a_replicas_stream_that_fails_ends_with_an_error_event_naming_the_request(caplog):
+    """The replica's streamed answer (its generation runs after the headers left) names the id too."""
+    from services.inference.resources import _sse_chunks
+
+    def failing():
+        raise RuntimeError("the swarm said no")
+        yield  # a generator
+
+    def serve() -> list[bytes]:
+        request_id.begin("abc-123")
+        return list(_sse_chunks(failing()))
+
+    (event,) = contextvars.Context().run(serve)
+    assert event.startswith(b"event: error") and b"internal_error" in event and b"request abc-123)" in event
+    assert caplog.records[-1].exc_info[1].args == ("the swarm said no",)
