@@ -1,9 +1,10 @@
 """Assembly of a Falcon app with what every service shares.
 
-Each service builds its app with ``create_app``: JSON errors in the right envelope, request
-metrics, ``/metrics``, ``/healthz`` and ``/readyz``, security headers on every response (a
-Content-Security-Policy, the API's by default: nothing may be loaded, run or framed from an answer;
-the ui passes the page's). Services add their own routes after.
+Each service builds its app with ``create_app``: a request id on every request
+(services/common/request_id.py), JSON errors in the right envelope, request metrics, ``/metrics``,
+``/healthz`` and ``/readyz``, security headers on every response (a Content-Security-Policy, the
+API's by default: nothing may be loaded, run or framed from an answer; the ui passes the page's).
+Services add their own routes after.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import falcon.asgi
 
 from services.common.errors import ErrorEnvelopeMiddleware, make_error_handlers
 from services.common.metrics import AsyncMetricsResource, MetricsResource, RequestMetricsMiddleware
+from services.common.request_id import RequestIdMiddleware, install_log_filter
 
 ReadinessCheck = Callable[[], tuple[bool, dict]]
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
@@ -86,7 +88,8 @@ def create_app(
     content_security_policy: str = API_CSP,
 ) -> falcon.App:
     """A Falcon app with the shared middleware, error handlers and health/metrics routes."""
-    shared = [SecurityHeadersMiddleware(content_security_policy), RequestMetricsMiddleware(), ErrorEnvelopeMiddleware()]
+    shared = [RequestIdMiddleware(), SecurityHeadersMiddleware(content_security_policy), RequestMetricsMiddleware(),
+              ErrorEnvelopeMiddleware()]  # fmt: skip
     app = falcon.App(middleware=[*shared, *(middleware or [])])
     app.req_options.strip_url_path_trailing_slash = True
     for exception, handler in make_error_handlers(debug_tracebacks):
@@ -105,7 +108,8 @@ def create_asgi_app(
     request_type: type[falcon.asgi.Request] = falcon.asgi.Request,
 ) -> falcon.asgi.App:
     """``create_app`` for an ASGI app (the gateway: an event loop serves every connection)."""
-    shared = [SecurityHeadersMiddleware(API_CSP), RequestMetricsMiddleware(), ErrorEnvelopeMiddleware()]
+    shared = [RequestIdMiddleware(), SecurityHeadersMiddleware(API_CSP), RequestMetricsMiddleware(),
+              ErrorEnvelopeMiddleware()]  # fmt: skip
     app = falcon.asgi.App(
         middleware=[*shared, *(middleware or [])],
         request_type=request_type,
@@ -120,5 +124,7 @@ def create_asgi_app(
 
 
 def configure_logging(level: str) -> None:
-    """Plain, timestamped logs on stderr (collected by the container runtime)."""
+    """Plain, timestamped logs on stderr (collected by the container runtime); a line written while a
+    request is served names its id."""
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s [%(name)s] %(message)s", force=True)
+    install_log_filter()

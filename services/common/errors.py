@@ -10,8 +10,9 @@ rendered with its ``error_envelope`` attribute:
   ``{"error": {"message", "type", "param", "code"}}``, so its clients raise the right exception;
 - otherwise: the real status with ``{"ok": false, "error": {"code", "message"}}``.
 
-Unexpected exceptions are logged with their stack and answered with a generic message (and
-the stack only when the operator sets ``DEBUG_TRACEBACKS=1``): never a stack to the public.
+Unexpected exceptions are logged with their stack under an incident id and answered with a
+generic message naming it and the request id (and the stack only when the operator sets
+``DEBUG_TRACEBACKS=1``): never a stack to the public.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import uuid
 from typing import Any
 
 import falcon
+
+from services.common import request_id
 
 logger = logging.getLogger(__name__)
 ERROR_CODE_HEADER = "X-Petals-Chat-Error"
@@ -180,6 +183,16 @@ def openai_error_body(error: ApiError) -> dict[str, Any]:
     return {"message": error.message, "type": kind, "param": error.param, "code": error.error_code}
 
 
+def report_incident(error: BaseException, where: str) -> str:
+    """Log an unexpected error with its stack under a new incident id; the message that tells the
+    client (the incident and the request id, for the operators to find it in the logs)."""
+    incident = uuid.uuid4().hex[:12]
+    logger.error("unhandled error (incident %s) on %s", incident, where, exc_info=error)
+    current = request_id.current()
+    named = f"incident {incident}, request {current}" if current else f"incident {incident}"
+    return f"Internal error ({named}); the operators can find it in the logs."
+
+
 def make_error_handlers(debug_tracebacks: bool, *, asgi: bool = False):
     """Falcon error handlers for ApiError, Falcon's own HTTP errors and anything unexpected
     (coroutines for an ASGI app: Falcon requires them there)."""
@@ -193,9 +206,7 @@ def make_error_handlers(debug_tracebacks: bool, *, asgi: bool = False):
         render_error(req, resp, ApiError(message, status=error.status, code=code, headers=error.headers))
 
     def handle_unexpected(req: falcon.Request, resp: falcon.Response, error: Exception, params: dict) -> None:
-        incident = uuid.uuid4().hex[:12]
-        logger.error("unhandled error (incident %s) on %s %s", incident, req.method, req.path, exc_info=error)
-        message = f"Internal error (incident {incident}); the operators can find it in the logs."
+        message = report_incident(error, f"{req.method} {req.path}")
         if debug_tracebacks:
             message += "\n" + "".join(traceback.format_exception(error))
         render_error(req, resp, ApiError(message, status=falcon.HTTP_500, code="internal_error"))

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from services.common import gthread_worker
+from services.common import gthread_worker, request_id
 from services.common.config import ServerSettings, load_or_exit
 from services.common.patching import PatchError
 
@@ -54,6 +54,7 @@ def service_config(
         "control_socket_disable": True,
         "accesslog": "-" if server.access_log else None,
         "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
+        "post_request": end_request,
     }
 
 
@@ -64,6 +65,12 @@ def check_or_exit(check: Callable[[], None], service: str) -> None:
     except PatchError as error:
         print(f"{service}: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def end_request(worker: Any, req: Any, environ: dict, resp: Any) -> None:
+    """gunicorn hook, after a request's access line: its thread serves no request until the next one
+    (a line gunicorn logs meanwhile names no request id). The event-loop worker never calls it."""
+    request_id.end()
 
 
 def prepare_multiprocess_metrics() -> None:

@@ -18,6 +18,9 @@ v1 ``generate`` parameters (so a v1 call sent straight to a replica is one too) 
   (by id, or by conversation) the request may continue (services/inference/sessions.py).
   ``open_inference_session`` and ``close_inference_session`` carry it as a parameter too
   (``get_client``), as does ``CLOSE_CLIENT_SESSIONS_PATH`` (the gateway closes a removed key's sessions).
+
+Every call the gateway makes for a client's request, this one or another, also carries the request's
+id in the ``X-Request-Id`` header (services/common/request_id.py): for the logs only, never in a body.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from services.common.errors import ApiError, Unauthorized, render_error
+from services.common.request_id import handshake_headers
 from services.gateway.api_keys import ANONYMOUS, REFUSED, KeyRing
 from services.gateway.metrics import CLIENT_REQUESTS
 from services.gateway.settings import IpNetwork
@@ -187,7 +188,7 @@ async def handle_unauthorized(req: Any, resp: Any, error: Unauthorized, params: 
     if ws is None:
         render_error(req, resp, error)
         return
-    await ws.accept(subprotocol=accepted_subprotocol(req))
+    await ws.accept(subprotocol=accepted_subprotocol(req), headers=handshake_headers(req))
     await ws.send_media({"ok": False, "traceback": error.message})
     await ws.close(POLICY_VIOLATION)
 

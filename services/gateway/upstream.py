@@ -6,7 +6,9 @@ or leaves the body to be relayed as it comes (``Stream``, closed by whoever rela
 before the end drops the connection, which stops the generation on the replica). Connection
 failures become ``ReplicaUnreachable``. Each call is counted by its ``CallMetrics``: a replica's
 by replica and route (the replicas' routes are fixed paths, never a client's URL), the ui's in
-metrics of its own.
+metrics of its own. A call made for a client's request carries the request's ``X-Request-Id``
+(services/common/request_id.py); a WebSocket connection's calls carry its handshake's, for every
+message of the connection.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from services.common import request_id
 from services.gateway.metrics import UI_ERRORS, UI_LATENCY, UPSTREAM_ERRORS, UPSTREAM_LATENCY
 
 
@@ -150,6 +153,7 @@ class Upstream:
         assert self._session is not None, "Upstream.start() first"
         timeout = aiohttp.ClientTimeout(sock_connect=self._connect_timeout_s,
                                         sock_read=read_timeout_s or self._read_timeout_s)  # fmt: skip
+        headers = {**(headers or {}), **request_id.outgoing_headers()}
         started = time.perf_counter()
         try:
             response = await self._session.request(

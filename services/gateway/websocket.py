@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from typing import Any
 
 import falcon
@@ -39,9 +38,11 @@ from services.common.errors import (
     ServiceUnavailable,
     SessionNotFound,
     Unauthorized,
+    report_incident,
 )
 from services.common.metrics import REQUEST_DURATION, REQUESTS
 from services.common.replica_request import ReplicaRequest
+from services.common.request_id import handshake_headers
 from services.common.sse import parse_sse_async
 from services.gateway.auth import POLICY_VIOLATION, accepted_subprotocol
 from services.gateway.metrics import CLIENT_REQUESTS, WEBSOCKET_CONNECTIONS
@@ -92,7 +93,7 @@ class GenerateSocketResource:
         if self._origins is not None and origin is not None and origin not in self._origins:
             await ws.close()  # before the handshake: HTTP 403 (CORS_ALLOW_ORIGINS)
             return
-        await ws.accept(subprotocol=accepted_subprotocol(req))
+        await ws.accept(subprotocol=accepted_subprotocol(req), headers=handshake_headers(req))
         client = req.context.client.name
         if not self._per_client.open(client):
             await self._refuse(ws)
@@ -320,12 +321,7 @@ class _Connection:
         await self._ws.send_text(json.dumps(message, ensure_ascii=False))
 
     async def _send_error(self, error: Exception) -> None:
-        if isinstance(error, ApiError):
-            text = error.message
-        else:
-            incident = uuid.uuid4().hex[:12]
-            logger.error("unhandled error (incident %s) on %s", incident, ENDPOINT, exc_info=error)
-            text = f"Internal error (incident {incident}); the operators can find it in the logs."
+        text = error.message if isinstance(error, ApiError) else report_incident(error, ENDPOINT)
         await self._send({"ok": False, "traceback": text})
 
     def _count(self, status: str, started: float) -> None:

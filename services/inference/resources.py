@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import falcon
 
-from services.common.errors import ApiError, InvalidParameter
+from services.common.errors import ApiError, InvalidParameter, report_incident
 from services.common.params import Limits, get_model, get_session_id, parse_open_session, read_values
 from services.common.replica_request import ReplicaRequest, get_client
 from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error, sse_event
@@ -15,8 +14,6 @@ from services.inference.generation import Generation, GenerationResult, TokenEve
 from services.inference.generator import Generator
 from services.inference.model import ModelHandle
 from services.inference.sessions import SessionStore
-
-logger = logging.getLogger(__name__)
 
 
 class GenerateResource:
@@ -84,9 +81,8 @@ def _sse_chunks(events: Iterator[TokenEvent | GenerationResult]) -> Iterator[byt
                 yield sse_event("done", {"ok": True, **event.summary()})
     except ApiError as error:
         yield sse_error(error.error_code, error.message)
-    except Exception:
-        logger.exception("streaming generation failed")
-        yield sse_error("internal_error", "Internal error; the operators can find it in the logs.")
+    except Exception as error:
+        yield sse_error("internal_error", report_incident(error, "a streamed generation"))
 
 
 class OpenSessionResource:
