@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from services.gateway.auth import POLICY_VIOLATION
 from tests.helpers import Stack, dedicated_stack
 
 pytestmark = pytest.mark.integration
@@ -34,6 +35,7 @@ UNAUTHENTICATED = [{}, {"Authorization": "Bearer wz-not-the-key-at-all"}, {"X-AP
 LIMITS = {"MAX_LENGTH_LIMIT": "64", "MAX_NEW_TOKENS_LIMIT": "4", "MAX_INPUT_CHARS": "256", "MAX_BODY_BYTES": "4096"}
 SERVER_FAILURES = {1011, 3500}
 QUIET_S = 1.0  # no answer for this long: the connection has said all it will
+ABNORMAL_CLOSURE = 1006  # closed without a close frame (RFC 6455), e.g. reset while the client still sent
 FIELDS = ["type", "model", "max_length", "inputs", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
           "seed", "repetition_penalty", "stop_sequence", "extra_stop_sequences", "session_id"]  # fmt: skip
 
@@ -79,7 +81,7 @@ def ws_url(stack: Stack) -> str:
 
 
 def drain(ws: ClientConnection) -> tuple[list[str | bytes], int | None]:
-    """Every answer until QUIET_S of silence, and the close code if the server closed."""
+    """Every answer until QUIET_S of silence, and the close code if the connection ended (None: still open)."""
     answers: list[str | bytes] = []
     try:
         while True:
@@ -87,7 +89,7 @@ def drain(ws: ClientConnection) -> tuple[list[str | bytes], int | None]:
     except TimeoutError:
         return answers, None
     except ConnectionClosed as closed:
-        return answers, closed.rcvd.code if closed.rcvd else None
+        return answers, closed.rcvd.code if closed.rcvd else ABNORMAL_CLOSURE
 
 
 def check_answer(data: str | bytes) -> None:
@@ -123,7 +125,10 @@ def test_random_messages_get_clean_answers(stack: Stack) -> None:
 
 
 def test_without_a_key_no_message_is_served(stack: Stack) -> None:
-    refusals = {"connections": 0, "answers": 0}
+    """No answer is ``ok: true`` and the server ends every connection: with its refusal and close 1008,
+    or, where the client was still sending a large frame when the server closed, by a reset that can
+    take the refusal with it (so most connections, not all, must show the refusal)."""
+    refusals = {"connections": 0, "answers": 0, "refused": 0}
 
     @settings(max_examples=int(os.environ.get("WS_FUZZ_EXAMPLES", "40")), deadline=None, derandomize=True,
               database=None, suppress_health_check=list(HealthCheck))  # fmt: skip
@@ -132,14 +137,16 @@ def test_without_a_key_no_message_is_served(stack: Stack) -> None:
         answers, code = exchange(stack, messages, auth)
         refusals["connections"] += 1
         refusals["answers"] += len(answers)
+        refusals["refused"] += bool(answers)
         for answer in answers:
             check_answer(answer)
             assert json.loads(answer)["ok"] is False, (auth, messages, answers)
-        assert code not in SERVER_FAILURES, (code, messages, answers)
+        assert code in {POLICY_VIOLATION, ABNORMAL_CLOSURE}, (code, messages, answers)
+        assert answers or code == ABNORMAL_CLOSURE, (code, messages)
 
     fuzz()
-    print(f"\n{refusals['connections']} unauthenticated connections, {refusals['answers']} refusals")
-    assert refusals["answers"] >= refusals["connections"] > 0
+    print(f"\n{refusals['connections']} unauthenticated connections, {refusals['refused']} with a refusal")
+    assert refusals["refused"] > refusals["connections"] / 2
 
 
 def exchange(stack: Stack, messages: list[str | bytes], auth: dict[str, str]) -> tuple[list[str | bytes], int | None]:
