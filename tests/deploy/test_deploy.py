@@ -3,7 +3,8 @@ scripts/build_images.sh built, under podman, as Kubernetes would run them (deplo
 
 Then, through the gateway: a chat answer from the embedded SmolLM2 ("Paris" at temperature 0, the
 OpenAI API), a v1 session continued without inputs, a v2 stream to the other model (tiny BLOOM),
-the model list; the inference replicas' /metrics; the pods' security settings seen from inside;
+the model list, the chat page's calls under the chart's default limits; the inference replicas'
+/metrics; the pods' security settings seen from inside;
 a graceful stop within each pod's grace period; then a re-deploy of every pod from a second render
 that keeps the first render's seed Secret (what `helm upgrade` renders): ready again, the same swarm.
 
@@ -160,6 +161,24 @@ def test_a_v2_stream_reaches_the_other_model(cluster):
     assert status == 200, text[:500]
     done = list(parse_sse([text.encode()]))[-1][1]
     assert done["ok"] and done["generated_tokens"] == 5, text[-500:]
+
+
+def test_the_chat_pages_calls_answer_under_the_charts_default_limits(cluster):
+    """What the chat page sends (services/ui/static/chat.js): the models, a session, a few streamed
+    turns in it, the close; none refused by the default rate limit or session quota."""
+    base = gateway(cluster)
+    assert get_json(base + "/v1/models")["data"]
+    opened = get_json(base + "/api/v1/open_inference_session?max_length=256&model=smollm2-135m-instruct")
+    assert opened["ok"], opened
+    session = opened["session_id"]
+    for turn in ("Hello!", " Name a colour.", " And a fruit?"):
+        body = {"model": "smollm2-135m-instruct", "session_id": session, "inputs": turn, "max_new_tokens": 4,
+                "do_sample": 0}  # fmt: skip
+        status, text = http("POST", base + "/api/v2/generate_stream", body)
+        assert status == 200, text[:500]
+        done = list(parse_sse([text.encode()]))[-1][1]
+        assert done["ok"] and done["generated_tokens"] == 4, text[-500:]
+    assert get_json(base + f"/api/v1/close_inference_session?session_id={session}")["ok"]
 
 
 def test_the_inference_replicas_export_metrics(cluster):
