@@ -19,7 +19,7 @@ export TORCH_WHEELS
 setup: $(STAMP)
 
 # Every requirement file is a full closure of hash-pinned versions, installed with --no-deps
-# --require-hashes (scripts/pins.py checks each set is complete; README, Dependencies).
+# --require-hashes (scripts/pins.py checks each set is complete; docs/setup.md, Dependencies).
 $(STAMP): requirements/pip.txt $(REQUIREMENTS) $(TORCH_REQUIREMENTS) scripts/install_torch.py services/swarm/p2pd.py services/swarm/smollm2.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements/pip.txt
@@ -60,11 +60,11 @@ images: $(STAMP) deploy-tools
 	scripts/build_images.sh ui gateway inference swarm
 
 # The deployment test: every pod of the default chart, run from those images under podman
-# (tests/deploy, README "Deployment test"). Not part of `make test`: building the images takes long.
+# (tests/deploy, docs/testing.md "Deployment test"). Not part of `make test`: building the images takes long.
 test-deploy: images
 	RUN_DEPLOY_TESTS=1 $(PY) -m pytest tests/deploy -p no:cacheprovider -v
 
-# The proof that a user's machine sets up (README "Set-up"): a fresh clone of HEAD set up with this
+# The proof that a user's machine sets up (docs/setup.md): a fresh clone of HEAD set up with this
 # machine's pip configuration and wheel folders ignored, then `make run` answering a chat request.
 test-clean-setup:
 	scripts/clean_setup_test.sh
@@ -75,7 +75,7 @@ run: $(STAMP)
 test: $(STAMP) $(CHECKOV_STAMP) system-tools
 	$(PY) -m pytest
 
-# The long fuzzing run (README "Fuzzing"): up to 1,000 Hypothesis examples per operation and mode (over
+# The long fuzzing run (docs/testing.md "Fuzzing"): up to 1,000 Hypothesis examples per operation and mode (over
 # 10,000 requests) and 400 WebSocket connections; `make test` runs 50 and 40.
 FUZZ_EXAMPLES ?= 1000
 WS_FUZZ_EXAMPLES ?= 400
@@ -101,7 +101,7 @@ bench-concurrency: $(STAMP)
 bench-websocket: $(STAMP)
 	$(PY) -m bench.websocket_gateway
 
-# RSS of every process over 5,000 session cycles of SmolLM2 (README "Memory over long runs");
+# RSS of every process over 5,000 session cycles of SmolLM2 (docs/benchmarks.md "Memory over long runs");
 # BENCH_MEMORY_ARGS=--trace adds tracemalloc's view of the inference worker.
 bench-memory: $(STAMP)
 	$(PY) -m bench.memory $(BENCH_MEMORY_ARGS)

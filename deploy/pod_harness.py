@@ -1,7 +1,7 @@
 """Run the rendered Helm chart's pods with podman, as a kubelet would, without Kubernetes.
 
 No Kubernetes control plane can be installed on these machines, and ``podman kube play`` drops
-StatefulSets, Services and probes (see README, Deployment test). This harness takes the manifests
+StatefulSets, Services and probes (see docs/testing.md, Deployment test). This harness takes the manifests
 ``helm template`` renders (through helm-python-sdk) and runs every pod of every Deployment and
 StatefulSet: one podman pod per replica on a container network the harness creates, honouring:
 

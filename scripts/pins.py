@@ -55,7 +55,7 @@ TORCH_CPU_FILES = frozenset({"torch-cpu"})
 
 # petals 2.2.0.post1's metadata pins versions that cannot be installed on Python 3.11 today
 # (hivemind's sdist needs the internet to build; pydantic<2 breaks hivemind 1.1.11); the
-# verified set replaces them (README, Dependencies). `pip check` tolerates the same two.
+# verified set replaces them (docs/setup.md, Dependencies). `pip check` tolerates the same two.
 PETALS_STALE_PINS = frozenset({("petals", "hivemind"), ("petals", "pydantic")})
 
 # The platform every set is for: the setup's and the images' (Linux x86-64, CPython 3.11).
