@@ -71,7 +71,10 @@ frames = st.one_of(
 
 @pytest.fixture(scope="module")
 def stack(swarm, model_dir, artifacts_dir) -> Iterator[Stack]:
-    gateway_env = {"WS_MAX_MESSAGE_BYTES": str(LIMIT), "API_KEYS": f"fuzz:{KEY}", "WS_MAX_CONNECTIONS_PER_CLIENT": "0"}
+    # No refusal throttle (test_gateway_security.py tests it): the unauthenticated connections would
+    # lock this address out, the key's included.
+    gateway_env = {"WS_MAX_MESSAGE_BYTES": str(LIMIT), "API_KEYS": f"fuzz:{KEY}", "WS_MAX_CONNECTIONS_PER_CLIENT": "0",
+                   "AUTH_FAILURES_PER_MINUTE": "0"}  # fmt: skip
     with dedicated_stack(swarm, model_dir, artifacts_dir, "ws-fuzz", shared_env=LIMITS, gateway_env=gateway_env) as s:
         yield s
 
