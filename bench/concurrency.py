@@ -59,7 +59,7 @@ from bench.common import (
 from bench.inference_latency import DHT_PREFIX, RawClient, ServiceClient  # sets HF_HUB_OFFLINE first
 from bench.raw_process import RawProcess
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port, ui_process
-from services.common.cpus import available_cpus
+from services.common.processes.cpus import available_cpus
 from services.inference.settings import default_dtype
 from services.swarm import small_tensors
 from services.swarm.launcher import PETALS_NUM_HANDLERS, SERVER_TORCH_THREADS, PrivateSwarm, handlers_per_server

@@ -40,7 +40,7 @@ from websockets.asyncio.client import ClientConnection
 
 from bench.common import load_average
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port
-from services.common.sse import parse_sse_async
+from services.common.web.sse import parse_sse_async
 from services.swarm.launcher import PrivateSwarm
 from services.swarm.tiny_bloom import ensure_tiny_bloom
 from tests.client import ask_async, connect_ws_async

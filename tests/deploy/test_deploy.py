@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from deploy.pod_harness import HarnessError, PodHarness, render_chart, summary
-from services.common import swarm_identity
-from services.common.sse import parse_sse
+from services.common.p2p import swarm_identity
+from services.common.web.sse import parse_sse
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASE, NAMESPACE = "chat", "llm"

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from services.common.chat import DEFAULT_PREAMBLE as PREAMBLE
+from services.common.chat.formats import DEFAULT_PREAMBLE as PREAMBLE
 from tests.client import Api
 from tests.helpers import (
     CHATML_DESCRIPTION,

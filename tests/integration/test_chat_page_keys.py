@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.common.chat import DEFAULT_PREAMBLE as PREAMBLE
+from services.common.chat.formats import DEFAULT_PREAMBLE as PREAMBLE
 from tests.client import Api
 from tests.helpers import collect_page_errors, dedicated_stack, wait_for
 

@@ -10,7 +10,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 
-from services.common.sse import parse_sse
+from services.common.web.sse import parse_sse
 from tests.client import Api, connect_ws
 from tests.helpers import start_gateway
 

@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
 from deploy.local_stack import ServiceProcess, gateway_process, pick_free_port
-from services.common.params import Limits
+from services.common.api.params import Limits
 from services.gateway.socket_protocol import largest_message_bytes
 from tests.client import connect_ws
 
