@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import BENCH_MODELS, exit_on_sigterm, load_average, machine_description
+from client.api import session_cycles
+from client.probes import process_tree, rss_bytes, wait_until
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port
 from services.common.gunicorn import memtrace
 from services.swarm.launcher import PrivateSwarm
-from tests.client import session_cycles
-from tests.helpers import process_tree, rss_bytes, wait_until
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DHT_PREFIX = "petals-chat-bench-memory"

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.load_test import run_load
+from client.probes import wait_until
 from deploy.local_stack import LOCAL_MODELS, REPO_ROOT, SMOLLM2, TINY_BLOOM, pick_free_port
 from services.common.web.sse import parse_sse
-from tests.helpers import collect_page_errors, wait_for, wait_until
+from tests.helpers import collect_page_errors, wait_for
 
 FRANCE = "What is the capital of France?"
 

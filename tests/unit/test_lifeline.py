@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_until
+from client.probes import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WATCHDOG = "-m services.common.processes.lifeline"
