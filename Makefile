@@ -64,7 +64,7 @@ images: $(STAMP) deploy-tools
 test-deploy: images
 	RUN_DEPLOY_TESTS=1 $(PY) -m pytest tests/deploy -p no:cacheprovider -v
 
-# The proof that a user's machine sets up (README "Set-up"): a fresh clone of HEAD set up with this
+# The proof that a user's machine sets up (README "Dependencies"): a fresh clone of HEAD set up with this
 # machine's pip configuration and wheel folders ignored, then `make run` answering a chat request.
 test-clean-setup:
 	scripts/clean_setup_test.sh

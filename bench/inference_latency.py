@@ -106,7 +106,7 @@ class RawClient:
 
 
 class ServiceClient:
-    """The v1 HTTP API (of the inference service or the gateway) through the tests' lean client
+    """The v1 HTTP API (of the inference service or the gateway) through the lean client tests share
     (client/api.py: the standard library's http.client, so the figures show what the service adds)."""
 
     def __init__(self, base_url: str, prompt_tokens: int) -> None:

@@ -1,5 +1,5 @@
-"""Helpers shared by the tests (and some benchmarks): services on the test swarm, dedicated stacks,
-metrics text, raw HTTP, process resource figures, polling. Fixtures stay in conftest.py."""
+"""Helpers of the tests: services on the test swarm, dedicated stacks, metrics text, raw HTTP,
+process resource figures (from client/probes.py, which also polls). Fixtures stay in conftest.py."""
 
 from __future__ import annotations
 
