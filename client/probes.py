@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -30,11 +31,12 @@ def rss_bytes(pid: int) -> int:
 
 
 def open_fds(pid: int) -> int:
+    """Open file descriptors of one process."""
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def wait_until(condition, timeout: float, interval: float = 0.25) -> bool:
-    """Poll ``condition()`` until it is true or ``timeout`` seconds pass; returns the last result."""
+def wait_until(condition: Callable[[], object], timeout: float, interval: float = 0.25) -> bool:
+    """Poll ``condition()`` until it is true or ``timeout`` seconds pass; says whether it came true."""
     deadline = time.monotonic() + timeout
     while True:
         if condition():
