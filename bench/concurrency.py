@@ -58,12 +58,12 @@ from bench.common import (
 )
 from bench.inference_latency import DHT_PREFIX, RawClient, ServiceClient  # sets HF_HUB_OFFLINE first
 from bench.raw_process import RawProcess
+from client.api import Api
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port, ui_process
-from services.common.cpus import available_cpus
+from services.common.processes.cpus import available_cpus
 from services.inference.settings import default_dtype
 from services.swarm import small_tensors
 from services.swarm.launcher import PETALS_NUM_HANDLERS, SERVER_TORCH_THREADS, PrivateSwarm, handlers_per_server
-from tests.client import Api
 
 TARGETS = (  # issue 16's, printed with a verdict each, never asserted
     "16 and 32 sessions through the gateway: at least 100 tokens/s and 0.95x the raw client, zero errors",

@@ -38,11 +38,11 @@ import torch  # this and everything below is imported after HF_HUB_OFFLINE is se
 
 from bench.common import BENCH_MODELS, BenchModel, add_models_argument, exit_on_sigterm, machine_description
 from bench.raw_process import RawProcess
+from client.api import Api
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port
 from services.inference import petals_compat
 from services.inference.settings import default_dtype
 from services.swarm.launcher import PrivateSwarm
-from tests.client import Api
 
 PROMPT = "The quick brown fox jumps over the lazy dog, and then"
 DHT_PREFIX = "petals-chat-bench"
@@ -106,8 +106,8 @@ class RawClient:
 
 
 class ServiceClient:
-    """The v1 HTTP API (of the inference service or the gateway) through the tests' lean client
-    (tests/client.py: the standard library's http.client, so the figures show what the service adds)."""
+    """The v1 HTTP API (of the inference service or the gateway) through the lean client tests share
+    (client/api.py: the standard library's http.client, so the figures show what the service adds)."""
 
     def __init__(self, base_url: str, prompt_tokens: int) -> None:
         self.api = Api(base_url, timeout_s=120)

@@ -25,7 +25,7 @@ import torch
 from transformers import PretrainedConfig
 
 from bench.common import load_average, machine_description
-from services.common.cpus import available_cpus
+from services.common.processes.cpus import available_cpus
 from services.inference import lm_head as service_lm_head
 from services.inference.settings import default_dtype
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.client import Api, CallFailed
+from client.api import Api, CallFailed
 
 MODES = ("per-token", "one-call")
 Expected = Callable[[str, int], str]

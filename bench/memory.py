@@ -6,7 +6,7 @@ gateway (open a session, generate 1 or 2 tokens greedily, close it; ``--threads`
 clients) after ``--warm-up`` cycles, and prints the RSS of each process (swarm servers and their
 p2p daemons, the replica's master, worker and p2p daemon, the gateway's master and workers) every
 ``--every`` cycles, then the growth per cycle. With ``--trace`` the replica's worker runs
-``tracemalloc`` from the end of the warm-up on (the debug hook ``services/common/memtrace.py``): a
+``tracemalloc`` from the end of the warm-up on (the debug hook ``services/common/gunicorn/memtrace.py``): a
 snapshot then and one after each ``--every`` cycles, and the allocation sites that grew the most between the first
 and the last (tracing slows the worker and inflates its RSS: compare RSS from a run without it).
 
@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import BENCH_MODELS, exit_on_sigterm, load_average, machine_description
+from client.api import session_cycles
+from client.probes import process_tree, rss_bytes, wait_until
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port
-from services.common import memtrace
+from services.common.gunicorn import memtrace
 from services.swarm.launcher import PrivateSwarm
-from tests.client import session_cycles
-from tests.helpers import process_tree, rss_bytes, wait_until
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DHT_PREFIX = "petals-chat-bench-memory"

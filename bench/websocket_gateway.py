@@ -39,12 +39,12 @@ import aiohttp
 from websockets.asyncio.client import ClientConnection
 
 from bench.common import load_average
+from client.api import ask_async, connect_ws_async
+from client.probes import process_tree, rss_bytes
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port
-from services.common.sse import parse_sse_async
+from services.common.web.sse import parse_sse_async
 from services.swarm.launcher import PrivateSwarm
 from services.swarm.tiny_bloom import ensure_tiny_bloom
-from tests.client import ask_async, connect_ws_async
-from tests.helpers import process_tree, rss_bytes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DHT_PREFIX = "petals-chat-bench-ws"

@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from client.probes import process_tree, rss_bytes
 from deploy.local_stack import ServiceProcess, gateway_process, pick_free_port
-from tests.helpers import process_tree, rss_bytes
 
 MAX_CONNECTIONS = 1000
 MIB = 2**20

@@ -7,7 +7,7 @@ one DHT, and inference replicas per model behind one gateway.
 Used by ``make run`` (deploy/run_local.py) and by the integration tests, so both exercise
 the same processes the same way. Every process is started in its own process group and
 stopped by that group's id: SIGTERM first (graceful: sessions are closed), SIGKILL after. Each
-group also dies with the process that started it, even SIGKILLed (services/common/lifeline.py).
+group also dies with the process that started it, even SIGKILLed (services/common/processes/lifeline.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.lifeline import kill_group, spawn
+from services.common.processes.lifeline import kill_group, spawn
 from services.swarm.launcher import PrivateSwarm, SwarmModel, pick_free_port
 from services.swarm.smollm2 import ensure_smollm2
 from services.swarm.tiny_bloom import ensure_tiny_bloom

@@ -14,7 +14,7 @@ identities).
 Stopping never depends on the terminal: SIGINT and SIGTERM both stop cleanly even when the
 runner started with SIGINT ignored (`make run &` from a script) or its stdout is a pipe nobody
 reads any more; and if the runner is SIGKILLed, what it started is SIGKILLed with it
-(services/common/lifeline.py).
+(services/common/processes/lifeline.py).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from deploy.local_stack import (
     LocalStack,
     StartupError,
 )
-from services.common.config import ConfigError, Env, load_or_exit
+from services.common.startup.config import ConfigError, Env, load_or_exit
 
 
 def _models(env: Env) -> tuple[LocalModel, ...]:

@@ -1,6 +1,6 @@
 """Shared fixtures: the offline model, one real private swarm per test run, the oracle, services.
 
-Helper functions live in tests/helpers.py and the API client in tests/client.py (pytest advises
+Helper functions live in tests/helpers.py and the API client in client/api.py (pytest advises
 against importing from conftest).
 
 Integration tests run against real processes on loopback: a Petals swarm of two servers that
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from client.api import Api
 from deploy.local_stack import ServiceProcess, pick_free_port, ui_process
 from services.swarm.launcher import PrivateSwarm
 from services.swarm.tiny_bloom import ensure_tiny_bloom
-from tests.client import Api
 from tests.helpers import CHATML_DESCRIPTION, CHATML_MODEL, DHT_PREFIX, start_gateway, start_inference
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

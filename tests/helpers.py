@@ -1,5 +1,5 @@
-"""Helpers shared by the tests (and some benchmarks): services on the test swarm, dedicated stacks,
-metrics text, raw HTTP, process resource figures, polling. Fixtures stay in conftest.py."""
+"""Helpers of the tests: services on the test swarm, dedicated stacks, metrics text, raw HTTP,
+process resource figures (from client/probes.py, which also polls). Fixtures stay in conftest.py."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.probes import open_fds, process_tree, rss_bytes
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port
 from services.swarm.launcher import PrivateSwarm
 
@@ -143,31 +144,6 @@ def read_response(sock: socket.socket) -> RawResponse:
     return RawResponse(int(status_line.split()[1]), headers, body)
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (e.g. a gunicorn master and its workers), from /proc."""
-    pids, index = [pid], 0
-    while index < len(pids):
-        for task in Path(f"/proc/{pids[index]}/task").glob("*"):
-            try:
-                pids.extend(int(child) for child in (task / "children").read_text().split())
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-        index += 1
-    return pids
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident memory of one process (VmRSS)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise ValueError(f"no VmRSS for process {pid}")
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 @dataclass(frozen=True)
 class Resources:
     """Name (/proc/PID/comm), RSS and open file descriptors of each process of a process tree."""
@@ -190,17 +166,6 @@ class Resources:
             f"FDs {self.fds[pid]}->{later.fds.get(pid, 0)}"
             for pid in self.rss
         )
-
-
-def wait_until(condition, timeout: float, interval: float = 0.25) -> bool:
-    """Poll ``condition()`` until it is true or ``timeout`` seconds pass; returns the last result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 class SwarmProbe:

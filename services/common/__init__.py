@@ -1,0 +1,1 @@
+"""What the services share, in one subpackage per reason to change."""

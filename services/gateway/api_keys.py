@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.config import ConfigError, Env
+from services.common.startup.config import ConfigError, Env
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import falcon
 import falcon.asgi
 
-from services.common.app import configure_logging, create_asgi_app
-from services.common.config import load_or_exit
-from services.common.errors import Unauthorized
+from services.common.startup.config import load_or_exit
+from services.common.web.app import configure_logging, create_asgi_app
+from services.common.web.errors import Unauthorized
 from services.gateway.auth import ClientMiddleware, handle_unauthorized, redact_server_logs
 from services.gateway.openai_api import ChatCompletionsResource, CompletionsResource, ModelsResource
 from services.gateway.openapi import OpenApiResource

@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from services.common.errors import ApiError, Unauthorized, render_error
-from services.common.request_id import handshake_headers
+from services.common.web.errors import ApiError, Unauthorized, render_error
+from services.common.web.request_id import handshake_headers
 from services.gateway.api_keys import ANONYMOUS, REFUSED, KeyRing
 from services.gateway.metrics import CLIENT_REQUESTS
 from services.gateway.settings import IpNetwork

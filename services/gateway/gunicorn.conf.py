@@ -3,7 +3,7 @@ metrics in multiprocess mode."""
 
 import resource
 
-from services.common.gunicorn import child_exit, service_config
+from services.common.gunicorn.settings import child_exit, service_config
 from services.gateway.http_protocol import check as check_http_protocol
 from services.gateway.settings import GatewaySettings
 

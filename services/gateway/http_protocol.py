@@ -14,7 +14,7 @@ is handed a request as soon as its head is complete, so that it can refuse a bod
 large before any of it arrives.
 
 Every answer the server gives by itself is JSON in the route's error shape
-(services/common/protocol_errors.py), not uvicorn's plain text: a request httptools cannot
+(services/common/web/protocol_errors.py), not uvicorn's plain text: a request httptools cannot
 parse (bad request line, header or chunked encoding: 400), a head over the limits (414, 431),
 and a refused WebSocket handshake (``WebSocketProtocol``: a bad upgrade request, 400 or 426; the
 app closing before accepting, 403).
@@ -36,8 +36,8 @@ from websockets.datastructures import Headers
 from websockets.http11 import Response
 from websockets.server import ServerProtocol
 
-from services.common.patching import require_methods, require_version
-from services.common.protocol_errors import PEEK_BYTES, error_json, error_response
+from services.common.startup.patching import require_methods, require_version
+from services.common.web.protocol_errors import PEEK_BYTES, error_json, error_response
 
 PATCH = "http_protocol"
 PATCHED_VERSIONS = {"uvicorn": "0.54.0", "websockets": "17.4"}

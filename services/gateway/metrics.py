@@ -1,10 +1,10 @@
-"""The gateway's Prometheus metrics (request metrics live in services.common.metrics)."""
+"""The gateway's Prometheus metrics (request metrics live in services.common.web.metrics)."""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.common.metrics import REQUEST_BUCKETS
+from services.common.web.metrics import REQUEST_BUCKETS
 
 UPSTREAM_LATENCY = Histogram(
     "petals_chat_gateway_upstream_duration_seconds",

@@ -3,7 +3,7 @@
 Each request becomes one call to a replica's ``/api/v2/generate_stream``; its events are
 relayed as OpenAI's stream chunks (ending with ``data: [DONE]``) or gathered into one answer.
 ``temperature`` 0 means greedy decoding. Every request goes to a replica of the model it names;
-chat messages are rendered in that model's chat format (its card's, see services/common/chat.py).
+chat messages are rendered in that model's chat format (its card's, see services/common/chat/formats.py).
 Chat requests are conversation requests: the replica continues the session that holds the
 conversation so far, when one does and it is the same client's (see services/inference/sessions.py),
 and the conversation is routed by its opening messages so that follow-ups reach that replica.
@@ -23,13 +23,13 @@ from typing import Any
 import falcon
 import falcon.asgi
 
-from services.common.chat_template import compiled
-from services.common.errors import ApiError, ServiceUnavailable, openai_error_body
-from services.common.model_card import ModelCard
-from services.common.params import TEMPERATURE as SAMPLING_TEMPERATURE
-from services.common.params import GenerateParams, Limits, read_values_async
-from services.common.replica_request import ReplicaRequest
-from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, parse_sse_async
+from services.common.api.params import TEMPERATURE as SAMPLING_TEMPERATURE
+from services.common.api.params import GenerateParams, Limits, read_values_async
+from services.common.api.replica_request import ReplicaRequest
+from services.common.chat.model_card import ModelCard
+from services.common.chat.template import compiled
+from services.common.web.errors import ApiError, ServiceUnavailable, openai_error_body
+from services.common.web.sse import SSE_CONTENT_TYPE, SSE_HEADERS, parse_sse_async
 from services.gateway.openai_params import SamplingOptions, check_prompt_length, parse_chat, parse_completion
 from services.gateway.resources import ClientStream, Request, Router, read_answer, relayed_chunks, upstream_error
 from services.gateway.upstream import ReplicaUnreachable, Stream

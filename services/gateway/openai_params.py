@@ -13,8 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.errors import InvalidParameter, PayloadTooLarge
-from services.common.params import (
+from services.common.api.params import (
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,
     REPETITION_PENALTY,
@@ -23,6 +22,7 @@ from services.common.params import (
     Limits,
     Range,
 )
+from services.common.web.errors import InvalidParameter, PayloadTooLarge
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_MESSAGES = 1024

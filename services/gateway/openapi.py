@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from services.common.params import (
+from services.common.api.params import (
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,
     MODEL_NAME_PATTERN,

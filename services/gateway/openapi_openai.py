@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.common.params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, REPETITION_PENALTY, SEED, TOP_P, Limits
+from services.common.api.params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, REPETITION_PENALTY, SEED, TOP_P, Limits
 from services.gateway.openai_params import MAX_MESSAGES, TEMPERATURE, completions_default_max_tokens
 
 
@@ -191,7 +191,7 @@ def _model() -> dict[str, Any]:
 
 
 def _chat_format() -> dict[str, Any]:
-    """How the model's dialogue is written (services/common/chat.py)."""
+    """How the model's dialogue is written (services/common/chat/formats.py)."""
     text = {"type": "string"}
     pieces = ["system_start", "system_end", "user_start", "user_end", "assistant_start", "assistant_end"]
     return {

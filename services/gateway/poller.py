@@ -13,8 +13,8 @@ import contextlib
 import json
 import logging
 
-from services.common.model_card import ModelCard
-from services.common.replica_request import CLOSE_CLIENT_SESSIONS_PATH
+from services.common.api.replica_request import CLOSE_CLIENT_SESSIONS_PATH
+from services.common.chat.model_card import ModelCard
 from services.gateway.api_keys import KeyRing
 from services.gateway.auth import ClientIdentity
 from services.gateway.replicas import Replica, ReplicaSet

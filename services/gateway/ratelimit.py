@@ -15,7 +15,7 @@ from typing import Any
 
 import falcon
 
-from services.common.errors import ApiError
+from services.common.web.errors import ApiError
 from services.gateway.auth import is_public
 
 _MAX_CLIENTS = 100_000  # forget idle clients beyond this many

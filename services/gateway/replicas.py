@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from services.common.errors import ModelMismatch, ModelNotFound, ServiceUnavailable, SessionNotFound
-from services.common.model_card import ModelCard
+from services.common.chat.model_card import ModelCard
+from services.common.web.errors import ModelMismatch, ModelNotFound, ServiceUnavailable, SessionNotFound
 from services.gateway.metrics import ROUTING_DECISIONS
 
 

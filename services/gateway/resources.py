@@ -13,8 +13,7 @@ from typing import Any
 import falcon
 import falcon.asgi
 
-from services.common.errors import ERROR_CODE_HEADER, ERROR_STATUS_HEADER, ApiError, ServiceUnavailable, SessionNotFound
-from services.common.params import (
+from services.common.api.params import (
     GenerateParams,
     Limits,
     get_model,
@@ -23,8 +22,15 @@ from services.common.params import (
     parse_open_session,
     read_values_async,
 )
-from services.common.replica_request import ReplicaRequest
-from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error
+from services.common.api.replica_request import ReplicaRequest
+from services.common.web.errors import (
+    ERROR_CODE_HEADER,
+    ERROR_STATUS_HEADER,
+    ApiError,
+    ServiceUnavailable,
+    SessionNotFound,
+)
+from services.common.web.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error
 from services.gateway.replicas import Replica, ReplicaSet
 from services.gateway.upstream import Answer, ReplicaUnreachable, Stream, Upstream
 

@@ -6,8 +6,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from services.common.config import ConfigError, Env, ServerSettings
-from services.common.params import MODEL_NAME_PATTERN, SESSION_ID_PATTERN, Limits
+from services.common.api.params import MODEL_NAME_PATTERN, SESSION_ID_PATTERN, Limits
+from services.common.startup.config import ConfigError, Env, ServerSettings
 from services.gateway.api_keys import KeyRing
 from services.gateway.socket_protocol import largest_message_bytes
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from services.common.errors import InvalidParameter, PayloadTooLarge
-from services.common.params import (
+from services.common.api.params import (
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,
     GenerateParams,
@@ -29,6 +28,7 @@ from services.common.params import (
     parse_generate,
     parse_open_session,
 )
+from services.common.web.errors import InvalidParameter, PayloadTooLarge
 
 OPEN, GENERATE = "open_inference_session", "generate"
 _NOT_PARAMETERS = {"type", "stop_sequence", "extra_stop_sequences"}

@@ -11,8 +11,8 @@ from __future__ import annotations
 import falcon
 import falcon.asgi
 
-from services.common.app import SECURITY_HEADERS
-from services.common.errors import ServiceUnavailable
+from services.common.web.app import SECURITY_HEADERS
+from services.common.web.errors import ServiceUnavailable
 from services.gateway.upstream import ReplicaUnreachable, UiCall, Upstream
 
 UI_PATHS = r"/(?!api/|v1/|healthz$|readyz$|metrics$)"

@@ -7,7 +7,7 @@ before the end drops the connection, which stops the generation on the replica).
 failures become ``ReplicaUnreachable``. Each call is counted by its ``CallMetrics``: a replica's
 by replica and route (the replicas' routes are fixed paths, never a client's URL), the ui's in
 metrics of its own. A call made for a client's request carries the request's ``X-Request-Id``
-(services/common/request_id.py); a WebSocket connection's calls carry its handshake's, for every
+(services/common/web/request_id.py); a WebSocket connection's calls carry its handshake's, for every
 message of the connection.
 """
 
@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from services.common import request_id
+from services.common.web import request_id
 from services.gateway.metrics import UI_ERRORS, UI_LATENCY, UPSTREAM_ERRORS, UPSTREAM_LATENCY
 
 

@@ -31,7 +31,8 @@ import falcon
 import falcon.asgi
 from falcon.errors import PayloadTypeError, WebSocketDisconnected
 
-from services.common.errors import (
+from services.common.api.replica_request import ReplicaRequest
+from services.common.web.errors import (
     ERROR_CODE_HEADER,
     ERROR_STATUS_HEADER,
     ApiError,
@@ -40,10 +41,9 @@ from services.common.errors import (
     Unauthorized,
     report_incident,
 )
-from services.common.metrics import REQUEST_DURATION, REQUESTS
-from services.common.replica_request import ReplicaRequest
-from services.common.request_id import handshake_headers
-from services.common.sse import parse_sse_async
+from services.common.web.metrics import REQUEST_DURATION, REQUESTS
+from services.common.web.request_id import handshake_headers
+from services.common.web.sse import parse_sse_async
 from services.gateway.auth import POLICY_VIOLATION, accepted_subprotocol
 from services.gateway.metrics import CLIENT_REQUESTS, WEBSOCKET_CONNECTIONS
 from services.gateway.ratelimit import RateLimitMiddleware

@@ -18,7 +18,7 @@ from typing import Any
 
 from uvicorn_worker import UvicornWorker
 
-from services.common.config import load_or_exit
+from services.common.startup.config import load_or_exit
 from services.gateway.http_protocol import HttpProtocol, WebSocketProtocol
 from services.gateway.settings import GatewaySettings
 

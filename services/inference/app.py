@@ -10,11 +10,11 @@ import logging
 
 import falcon
 
-from services.common.app import configure_logging
-from services.common.app import create_app as create_base_app
-from services.common.config import load_or_exit
-from services.common.model_card import ModelCard
-from services.common.replica_request import CLOSE_CLIENT_SESSIONS_PATH
+from services.common.api.replica_request import CLOSE_CLIENT_SESSIONS_PATH
+from services.common.chat.model_card import ModelCard
+from services.common.startup.config import load_or_exit
+from services.common.web.app import configure_logging
+from services.common.web.app import create_app as create_base_app
 from services.inference.generator import Generator
 from services.inference.model import ModelHandle
 from services.inference.resources import (

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.common.chat import CHATML, HUMAN_AI, PRESETS, ChatFormat
-from services.common.chat_template import ChatTemplate
-from services.common.config import ConfigError, Env
-from services.common.model_card import GenerationDefaults
-from services.common.params import MAX_STOP_CHARS, Limits
+from services.common.api.params import MAX_STOP_CHARS, Limits
+from services.common.chat.formats import CHATML, HUMAN_AI, PRESETS, ChatFormat
+from services.common.chat.model_card import GenerationDefaults
+from services.common.chat.template import ChatTemplate
+from services.common.startup.config import ConfigError, Env
 
 logger = logging.getLogger(__name__)
 AUTO = "auto"

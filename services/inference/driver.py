@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from typing import Any
 
-from services.common.errors import ApiError
+from services.common.web.errors import ApiError
 from services.inference.metrics import SESSION_REBUILDS
 from services.inference.petals_model import PetalsModel
 from services.inference.sessions import OneOffLease, SessionLease, token_id_list

@@ -16,8 +16,8 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.errors import ApiError, SessionNotFound
-from services.common.params import GenerateParams
+from services.common.api.params import GenerateParams
+from services.common.web.errors import ApiError, SessionNotFound
 from services.inference.decoding import IncrementalDecoder
 from services.inference.driver import SwarmDriver, SwarmFailure
 from services.inference.metrics import CACHED_PROMPT_TOKENS, GENERATED_TOKENS, PROMPT_TOKENS, TokenTimer

@@ -7,9 +7,9 @@ prompt extends), or gets a Petals session of its own.
 
 from __future__ import annotations
 
-from services.common.errors import InvalidParameter, SessionFull
-from services.common.params import Limits
-from services.common.replica_request import ReplicaRequest
+from services.common.api.params import Limits
+from services.common.api.replica_request import ReplicaRequest
+from services.common.web.errors import InvalidParameter, SessionFull
 from services.inference.decoding import IncrementalDecoder
 from services.inference.generation import Generation, GenerationResult
 from services.inference.metrics import CONVERSATION_LOOKUPS

@@ -1,6 +1,6 @@
 """gunicorn settings for the inference service: one worker (sessions live in its memory), many threads."""
 
-from services.common.gunicorn import service_config
+from services.common.gunicorn.settings import service_config
 from services.inference.settings import InferenceSettings
 
 
@@ -23,7 +23,7 @@ def worker_exit(server, worker):
 
 
 def post_worker_init(worker):
-    """The memory-tracing debug hook (services/common/memtrace.py): does nothing unless TRACEMALLOC_DIR is set."""
-    from services.common import memtrace
+    """The memory-tracing debug hook (services/common/gunicorn/memtrace.py): off unless TRACEMALLOC_DIR is set."""
+    from services.common.gunicorn import memtrace
 
     memtrace.install()

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import torch
 
-from services.common.patching import PatchError, require_attributes, require_version
+from services.common.startup.patching import PatchError, require_attributes, require_version
 
 T = TypeVar("T")
 PATCH = "lm_head"

@@ -1,4 +1,4 @@
-"""The inference service's Prometheus metrics (request metrics live in services.common.metrics)."""
+"""The inference service's Prometheus metrics (request metrics live in services.common.web.metrics)."""
 
 from __future__ import annotations
 

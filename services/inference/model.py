@@ -23,8 +23,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
 from typing import Any
 
-from services.common.errors import InvalidParameter, ModelNotFound, ServiceUnavailable
-from services.common.patching import PatchError
+from services.common.startup.patching import PatchError
+from services.common.web.errors import InvalidParameter, ModelNotFound, ServiceUnavailable
 from services.inference.decoding import TokenBytes
 from services.inference.metrics import SWARM_READY
 from services.inference.settings import InferenceSettings

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import threading
 
-from services.common.patching import require_attributes, require_version
+from services.common.startup.patching import require_attributes, require_version
 
 logger = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 10.0

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from functools import cached_property
 from typing import Any
 
-from services.common.params import GenerateParams
+from services.common.api.params import GenerateParams
 from services.inference.model import ModelHandle
 from services.inference.sampling import SeededSampler
 

@@ -6,10 +6,10 @@ from collections.abc import Iterator
 
 import falcon
 
-from services.common.errors import ApiError, InvalidParameter, report_incident
-from services.common.params import Limits, get_model, get_session_id, parse_open_session, read_values
-from services.common.replica_request import ReplicaRequest, get_client
-from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error, sse_event
+from services.common.api.params import Limits, get_model, get_session_id, parse_open_session, read_values
+from services.common.api.replica_request import ReplicaRequest, get_client
+from services.common.web.errors import ApiError, InvalidParameter, report_incident
+from services.common.web.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error, sse_event
 from services.inference.generation import Generation, GenerationResult, TokenEvent
 from services.inference.generator import Generator
 from services.inference.model import ModelHandle

@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common.errors import SessionBusy, SessionNotFound, SessionQuotaExceeded, TooManySessions
+from services.common.web.errors import SessionBusy, SessionNotFound, SessionQuotaExceeded, TooManySessions
 from services.inference.decoding import IncrementalDecoder
 from services.inference.metrics import ACTIVE_SESSIONS, SESSIONS_CLOSED, SESSIONS_OPENED
 

@@ -7,12 +7,12 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.chat import ChatFormat
-from services.common.config import ConfigError, Env, ServerSettings
-from services.common.cpus import available_cpus, cpu_has_native_bf16
-from services.common.model_card import ModelCard
-from services.common.params import MODEL_NAME_PATTERN, SESSION_ID_PATTERN, Limits
-from services.common.swarm_identity import DERIVED, IdentityError, read_seed, resolve_multiaddr
+from services.common.api.params import MODEL_NAME_PATTERN, SESSION_ID_PATTERN, Limits
+from services.common.chat.formats import ChatFormat
+from services.common.chat.model_card import ModelCard
+from services.common.p2p.swarm_identity import DERIVED, IdentityError, read_seed, resolve_multiaddr
+from services.common.processes.cpus import available_cpus, cpu_has_native_bf16
+from services.common.startup.config import ConfigError, Env, ServerSettings
 from services.inference.chat_config import ChatSettings
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -109,7 +109,7 @@ def default_dtype(device: str) -> str:
 def resolve_initial_peers(peers: tuple[str, ...], seed_file: str) -> tuple[str, ...]:
     """INITIAL_PEERS with each ``/p2p/derived:<label>`` replaced by the peer id derived from SWARM_SEED_FILE.
 
-    The chart's private swarm names its bootstrap servers this way (services/common/swarm_identity.py).
+    The chart's private swarm names its bootstrap servers this way (services/common/p2p/swarm_identity.py).
     """
     if not any(DERIVED in peer for peer in peers):
         return peers

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from services.common.patching import require_attributes, require_parameters, require_version
+from services.common.startup.patching import require_attributes, require_parameters, require_version
 
 PATCH = "step_packing"
 PATCHED_VERSION = "2.2.0.post1"  # petals

@@ -20,7 +20,7 @@ import sys
 import types
 from pathlib import Path
 
-from services.common.patching import PatchError, require_version
+from services.common.startup.patching import PatchError, require_version
 
 PATCH = "bitsandbytes_triton"
 PATCHED_VERSION = "0.41.1"

@@ -10,7 +10,7 @@ DHT node is up and ``Started`` once its blocks are loaded and announced.
 
 Every server runs in its own process group (the server forks workers and a p2pd daemon), so
 ``stop()`` ends everything it started by process-group id, and nothing else; and each group
-dies with the process that started it, even SIGKILLed (services/common/lifeline.py).
+dies with the process that started it, even SIGKILLed (services/common/processes/lifeline.py).
 
 CLI (used by ``make run`` through deploy/run_local.py, handy on its own too):
 ``python -m services.swarm.launcher --blocks 0:2 2:4`` runs until Ctrl-C.
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from services.common.cpus import available_cpus
-from services.common.lifeline import kill_group, spawn
+from services.common.processes.cpus import available_cpus
+from services.common.processes.lifeline import kill_group, spawn
 
 _MULTIADDR = re.compile(r"Running a server on \['(?P<addr>/ip4/[^']+/p2p/\w+)'")
 _STARTED = re.compile(r"\[INFO\] Started\s*$")

@@ -2,7 +2,7 @@
 
 ``python -m services.swarm.serve <petals.cli.run_server arguments>`` runs Petals'
 ``petals.cli.run_server`` in this process with the same arguments, after resolving the
-``derived:`` syntax of services/common/swarm_identity.py against the seed in SWARM_SEED_FILE:
+``derived:`` syntax of services/common/p2p/swarm_identity.py against the seed in SWARM_SEED_FILE:
 
 - ``--identity_path derived:<label>``: the label's private key is written to a file under
   TMPDIR (default /tmp, an emptyDir in the chart), mode 0400, and that file is passed instead;
@@ -46,9 +46,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.common.config import ConfigError, Env
-from services.common.patching import PatchError
-from services.common.swarm_identity import DERIVED, IdentityError, identity_file_bytes, read_seed, resolve_multiaddr
+from services.common.p2p.swarm_identity import DERIVED, IdentityError, identity_file_bytes, read_seed, resolve_multiaddr
+from services.common.startup.config import ConfigError, Env
+from services.common.startup.patching import PatchError
 from services.swarm import patches, small_tensors
 from services.swarm.launcher import handlers_per_server
 

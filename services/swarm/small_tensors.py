@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.multiprocessing.reductions as torch_reductions
 
-from services.common.patching import require_attributes, require_parameters, require_version
+from services.common.startup.patching import require_attributes, require_parameters, require_version
 
 PATCH = "small_tensors"
 PATCHED_VERSION = "2.2.0.post1"  # petals

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import falcon
 
-from services.common.app import configure_logging
-from services.common.app import create_app as create_base_app
-from services.common.config import load_or_exit
+from services.common.startup.config import load_or_exit
+from services.common.web.app import configure_logging
+from services.common.web.app import create_app as create_base_app
 from services.ui.assets import Asset, load_static, render_page
 from services.ui.settings import UiSettings
 

@@ -1,6 +1,6 @@
 """gunicorn settings for the ui service (stateless static files, several workers)."""
 
-from services.common.gunicorn import child_exit, service_config
+from services.common.gunicorn.settings import child_exit, service_config
 from services.ui.settings import UiSettings
 
 globals().update(service_config("ui", UiSettings.from_env, "services.ui.app:create_app()"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.config import ConfigError, Env, ServerSettings
+from services.common.startup.config import ConfigError, Env, ServerSettings
 
 
 @dataclass(frozen=True)

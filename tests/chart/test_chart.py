@@ -615,7 +615,7 @@ def test_private_swarm_bootstraps_from_derived_identities(chart):
 def test_derived_peer_ids_are_what_the_bootstrap_server_gets(chart, tmp_path):
     """The chart's syntax through the code the images run: server 0's identity file and the replicas'
     INITIAL_PEERS name the same peer id (the one p2pd computes: tests/unit/test_swarm_identity.py)."""
-    from services.common import swarm_identity
+    from services.common.p2p import swarm_identity
     from services.inference.settings import resolve_initial_peers
     from services.swarm.serve import resolve_args
 

@@ -1,5 +1,5 @@
 """The default chart, run for real: every pod of `helm template` with no values, from the images
-scripts/build_images.sh built, under podman, as Kubernetes would run them (deploy/pod_harness.py).
+scripts/build_images.sh built, under podman, as Kubernetes would run them (tests/deploy/pod_harness.py).
 
 Then, through the gateway: a chat answer from the embedded SmolLM2 ("Paris" at temperature 0, the
 OpenAI API), a v1 session continued without inputs, a v2 stream to the other model (tiny BLOOM),
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy.pod_harness import HarnessError, PodHarness, render_chart, summary
-from services.common import swarm_identity
-from services.common.sse import parse_sse
+from services.common.p2p import swarm_identity
+from services.common.web.sse import parse_sse
+from tests.deploy.pod_harness import HarnessError, PodHarness, render_chart, summary
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASE, NAMESPACE = "chat", "llm"

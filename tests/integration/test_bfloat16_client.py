@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from client.api import Api
 from deploy.local_stack import ServiceProcess
 from services.inference import petals_compat
 from services.swarm.launcher import PrivateSwarm
-from tests.client import Api
 from tests.helpers import DHT_PREFIX, start_inference
 
 PROMPTS = ["A human talks to a powerful AI", "Human: Hi! Can you tell me what Petals is?\n\nAI:"]

@@ -13,8 +13,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from services.common.chat import DEFAULT_PREAMBLE as PREAMBLE
-from tests.client import Api
+from client.api import Api
+from services.common.chat.formats import DEFAULT_PREAMBLE as PREAMBLE
 from tests.helpers import (
     CHATML_DESCRIPTION,
     CHATML_MODEL,

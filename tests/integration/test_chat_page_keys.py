@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.common.chat import DEFAULT_PREAMBLE as PREAMBLE
-from tests.client import Api
+from client.api import Api
+from services.common.chat.formats import DEFAULT_PREAMBLE as PREAMBLE
 from tests.helpers import collect_page_errors, dedicated_stack, wait_for
 
 KEY = "page-user-key-3b9d27c51e08"

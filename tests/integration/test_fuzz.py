@@ -36,7 +36,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.helpers import Stack, dedicated_stack, wait_until
+from client.probes import wait_until
+from tests.helpers import Stack, dedicated_stack
 
 FUZZ_KEY = "fz-7Qx2Lm9Vb4Nc8Rt1"
 # Refused keys are not throttled here: the throttle (tested in test_gateway_security.py) would turn

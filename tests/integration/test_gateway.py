@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 import requests
 
+from client.api import Api
 from deploy.local_stack import ServiceProcess
-from tests.client import Api
 from tests.helpers import CHATML_DESCRIPTION, CHATML_MODEL, start_gateway, start_inference
 
 

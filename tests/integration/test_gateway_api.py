@@ -10,8 +10,8 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 
-from services.common.sse import parse_sse
-from tests.client import Api, connect_ws
+from client.api import Api, connect_ws
+from services.common.web.sse import parse_sse
 from tests.helpers import start_gateway
 
 # One valid example call per documented operation: (method, path, request kwargs).

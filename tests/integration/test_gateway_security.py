@@ -18,6 +18,7 @@ from playwright.sync_api import Error as PlaywrightError
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from client.probes import wait_until
 from deploy.local_stack import ServiceProcess, gateway_process, pick_free_port
 from tests.helpers import (
     RECORD_CSP_VIOLATIONS,
@@ -27,7 +28,6 @@ from tests.helpers import (
     metric_value,
     raw_exchange,
     wait_for,
-    wait_until,
 )
 
 KEY = "sec-test-key-4f9a1c7e2b8d0365"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from services.common.sse import parse_sse
+from services.common.web.sse import parse_sse
 
 PROMPTS = ["A human talks to a powerful AI", "Human: Hi! Can you tell me what Petals is?\n\nAI:"]
 

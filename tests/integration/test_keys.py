@@ -20,9 +20,10 @@ import requests
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
+from client.api import Api, ask, connect_ws
+from client.probes import wait_until
 from deploy.local_stack import ServiceProcess
-from tests.client import Api, ask, connect_ws
-from tests.helpers import Stack, dedicated_stack, metric_value, start_gateway, wait_until
+from tests.helpers import Stack, dedicated_stack, metric_value, start_gateway
 
 ALICE, BOB = "alice-secret-key-7f3c9a21d4", "bob-secret-key-5e8b02c6f1a9"
 KEYS = f"alice:{ALICE} bob:{BOB}"

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.client import Api, session_cycles
-from tests.helpers import DHT_PREFIX, Resources, Stack, SwarmProbe, dedicated_stack, metric_value, wait_until
+from client.api import Api, session_cycles
+from client.probes import wait_until
+from tests.helpers import DHT_PREFIX, Resources, Stack, SwarmProbe, dedicated_stack, metric_value
 
 CYCLES, WARM_UP, THREADS = 1000, 50, 8  # 8 clients: ~20 % more cycles/s than 4 on 2 cores
 FD_TOLERANCE = 5

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from bench.load_test import Expected, prompts, run_load
+from client.api import Api
 from deploy.local_stack import ServiceProcess
-from tests.client import Api
 from tests.helpers import Stack, dedicated_stack, start_gateway, start_inference
 
 

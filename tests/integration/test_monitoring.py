@@ -18,8 +18,8 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from client.api import Api
 from deploy.local_stack import REPO_ROOT, pick_free_port
-from tests.client import Api
 
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "petals-chat.json"
 RULES = REPO_ROOT / "deploy" / "prometheus" / "rules.yml"

@@ -11,8 +11,8 @@ import openai
 import pytest
 import requests
 
+from client.api import Api
 from deploy.local_stack import gateway_process, pick_free_port
-from tests.client import Api
 from tests.helpers import CHATML_MODEL, dedicated_stack, metric_value, start_gateway, start_inference
 
 CHAT_STOP = "\n\nHuman:"  # the human-ai chat format's stop sequence

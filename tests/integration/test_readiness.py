@@ -6,9 +6,9 @@ import time
 
 import requests
 
+from client.api import Api
 from deploy.local_stack import http_status, inference_process, pick_free_port
 from services.swarm.launcher import PrivateSwarm
-from tests.client import Api
 
 PREFIX = "petals-chat-readiness"
 

@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterator
 import pytest
 import requests
 
+from client.api import ask, connect_ws
+from client.probes import wait_until
 from deploy.local_stack import ServiceProcess
-from tests.client import ask, connect_ws
-from tests.helpers import Stack, dedicated_stack, wait_until
+from tests.helpers import Stack, dedicated_stack
 
 pytestmark = pytest.mark.integration
 

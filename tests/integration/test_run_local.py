@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.load_test import run_load
+from client.probes import wait_until
 from deploy.local_stack import LOCAL_MODELS, REPO_ROOT, SMOLLM2, TINY_BLOOM, pick_free_port
-from services.common.sse import parse_sse
-from tests.helpers import collect_page_errors, wait_for, wait_until
+from services.common.web.sse import parse_sse
+from tests.helpers import collect_page_errors, wait_for
 
 FRANCE = "What is the capital of France?"
 
@@ -242,7 +243,7 @@ def local_runner(
         assert sum("services.swarm.serve" in command for command in commands) > servers, describe(recorded.values())
         assert sum("gunicorn" in command for command in commands) > replicas + 2, describe(recorded.values())
         assert sum("p2pd" in command for command in commands) >= servers + replicas, describe(recorded.values())
-        assert any("services.common.lifeline" in command for command in commands), describe(recorded.values())
+        assert any("services.common.processes.lifeline" in command for command in commands), describe(recorded.values())
         yield runner
     finally:
         if process.poll() is None:

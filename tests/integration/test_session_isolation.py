@@ -17,8 +17,9 @@ import pytest
 import requests
 from websockets.exceptions import ConnectionClosed
 
-from tests.client import Api, ask, connect_ws
-from tests.helpers import Stack, dedicated_stack, metric_value, start_gateway, wait_until
+from client.api import Api, ask, connect_ws
+from client.probes import wait_until
+from tests.helpers import Stack, dedicated_stack, metric_value, start_gateway
 
 ALICE, BOB = "alice-secret-key-7f3c9a21d4", "bob-secret-key-5e8b02c6f1a9"
 MAX_LENGTH_LIMIT = 4096  # above the 2048 tokens a BLOOM's Petals server holds per session by default

@@ -11,7 +11,7 @@ import requests
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from tests.client import Api
+from client.api import Api
 from tests.helpers import metric_value, start_inference
 
 EXPIRED = re.compile(r"Session .+ expired")  # what the original chat client matches

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from client.api import Api
 from services.swarm.launcher import PrivateSwarm
 from services.swarm.smollm2 import ensure_smollm2
-from tests.client import Api
 from tests.helpers import start_inference
 
 pytestmark = pytest.mark.integration

@@ -15,8 +15,8 @@ import time
 import pytest
 import requests
 
+from client.api import Api
 from services.swarm.launcher import PrivateSwarm
-from tests.client import Api
 from tests.helpers import metric_value, start_inference
 
 PROMPT = "Petals servers come and go, and the chat"

@@ -1,4 +1,4 @@
-"""The threaded worker's keep-alive fast path (services/common/gthread_worker.py), on a real
+"""The threaded worker's keep-alive fast path (services/common/gunicorn/gthread_worker.py), on a real
 gunicorn: the ui service, one worker, debug logs. A kept-alive connection's next request is
 served by the thread that answered the last one when it comes at once, by gunicorn's poller
 when it comes later; either way every answer is right, and a stop is not held up. An answer of
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from deploy.local_stack import ServiceProcess, pick_free_port, ui_process
-from services.common.gthread_worker import NEXT_REQUEST_WAIT_S
+from services.common.gunicorn.gthread_worker import NEXT_REQUEST_WAIT_S
 
 SAME_THREAD = "serving the next request of"
 

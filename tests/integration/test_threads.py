@@ -9,8 +9,8 @@ import threading
 import time
 from pathlib import Path
 
-from services.common.cpus import available_cpus
-from services.common.lifeline import spawn
+from services.common.processes.cpus import available_cpus
+from services.common.processes.lifeline import spawn
 from services.swarm.launcher import (
     SERVER_TORCH_THREADS,
     SwarmServer,

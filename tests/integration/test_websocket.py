@@ -18,8 +18,9 @@ import requests
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 
-from tests.client import Api, answers, ask, connect_ws
-from tests.helpers import DHT_PREFIX, Stack, SwarmProbe, dedicated_stack, metric_value, start_gateway, wait_until
+from client.api import Api, answers, ask, connect_ws
+from client.probes import wait_until
+from tests.helpers import DHT_PREFIX, Stack, SwarmProbe, dedicated_stack, metric_value, start_gateway
 
 IDLE_TIMEOUT_S = 3
 MESSAGE_LIMIT = 4096

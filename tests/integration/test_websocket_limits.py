@@ -18,10 +18,10 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
+from client.api import connect_ws
 from deploy.local_stack import ServiceProcess, gateway_process, pick_free_port
-from services.common.params import Limits
+from services.common.api.params import Limits
 from services.gateway.socket_protocol import largest_message_bytes
-from tests.client import connect_ws
 
 CONNECTIONS = 3  # WS_MAX_CONNECTIONS_PER_CLIENT here
 LIMIT = largest_message_bytes(Limits())  # WS_MAX_MESSAGE_BYTES' default

@@ -1,4 +1,4 @@
-"""Helpers for the tests of the patches' fences (services/common/patching.py)."""
+"""Helpers for the tests of the patches' fences (services/common/startup/patching.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from services.common import patching
-from services.common.patching import PatchError
+from services.common.startup import patching
+from services.common.startup.patching import PatchError
 
 REAL_VERSION = importlib.metadata.version
 WRONG = "0.0.1"

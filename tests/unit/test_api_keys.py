@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from services.common.config import ConfigError, Env, load_or_exit
+from services.common.startup.config import ConfigError, Env, load_or_exit
 from services.gateway import api_keys
 from services.gateway.api_keys import ApiKeys, KeyRing
 from services.gateway.auth import ClientIdentity, RedactKeys, client_address

@@ -6,12 +6,12 @@ import dataclasses
 
 import pytest
 
-from services.common.chat import CHATML, HUMAN_AI, ChatFormat
-from services.common.chat_template import ChatTemplate, compiled
-from services.common.config import ConfigError, Env
-from services.common.errors import InvalidParameter
-from services.common.model_card import GenerationDefaults, ModelCard
-from services.common.params import Limits
+from services.common.api.params import Limits
+from services.common.chat.formats import CHATML, HUMAN_AI, ChatFormat
+from services.common.chat.model_card import GenerationDefaults, ModelCard
+from services.common.chat.template import ChatTemplate, compiled
+from services.common.startup.config import ConfigError, Env
+from services.common.web.errors import InvalidParameter
 from services.inference.chat_config import ChatSettings, detect_chat_format
 from services.inference.settings import InferenceSettings
 

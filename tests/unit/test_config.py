@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from deploy.local_stack import REPO_ROOT
-from services.common.config import ConfigError, Env
+from services.common.startup.config import ConfigError, Env
 from services.inference.model import servers_max_length
 from services.inference.settings import InferenceSettings
 

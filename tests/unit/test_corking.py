@@ -1,4 +1,4 @@
-"""services/common/gthread_worker.py's corking: only answers of known length hold their segments."""
+"""services/common/gunicorn/gthread_worker.py's corking: only answers of known length hold their segments."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.common.gthread_worker import Worker, set_cork
+from services.common.gunicorn.gthread_worker import Worker, set_cork
 
 JSON = [("Content-Type", "application/json"), ("Content-Length", "2")]
 STREAM = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]

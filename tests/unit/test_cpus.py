@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from services.common import cpus
-from services.common.config import Env
+from services.common.processes import cpus
+from services.common.startup.config import Env
 from services.inference.settings import InferenceSettings, default_dtype
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from client.probes import wait_until
 from services.inference.driver import MAX_REBUILDS, SwarmDriver, SwarmFailure
 from services.inference.sessions import OneOffLease
-from tests.helpers import wait_until
 from tests.unit.fakes import FakePetalsSession, FakeSwarm, oracle
 
 PROMPT = [10, 20, 30]

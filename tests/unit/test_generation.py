@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.errors import SessionBusy, SessionNotFound
-from services.common.params import GenerateParams
+from services.common.api.params import GenerateParams
+from services.common.web.errors import SessionBusy, SessionNotFound
 from services.inference.decoding import IncrementalDecoder
 from services.inference.driver import MAX_REBUILDS, SwarmFailure
 from services.inference.generation import Generation, GenerationResult, TokenEvent

@@ -107,8 +107,8 @@ def test_the_app_factory_stops_on_a_refused_patch_before_the_service_starts(monk
 
 
 def test_the_loading_loop_does_not_retry_a_refused_patch(monkeypatch):
-    from services.common.config import Env
-    from services.common.patching import PatchError
+    from services.common.startup.config import Env
+    from services.common.startup.patching import PatchError
     from services.inference.settings import InferenceSettings
 
     handle = model.ModelHandle(InferenceSettings.from_env(Env({"MODEL": "/models/tiny-bloom"})))

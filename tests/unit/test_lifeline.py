@@ -1,4 +1,4 @@
-"""services.common.lifeline: a spawned group dies with its starter, however the starter ends, and
+"""services.common.processes.lifeline: a spawned group dies with its starter, however the starter ends, and
 the starter's watchdog does not outlive it."""
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_until
+from client.probes import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-WATCHDOG = "-m services.common.lifeline"
+WATCHDOG = "-m services.common.processes.lifeline"
 # The starter spawns a shell with a child of its own (a group of two) and prints the group's id;
 # with "fork" it forks a process that outlives it in a session of its own (a fork must not keep
 # the watchdog's pipe open) and prints its id (else 0); on a line from the test it stops the group
 # on purpose ("stop") or not, and exits normally.
 STARTER = """
 import os, sys, time
-from services.common.lifeline import kill_group, spawn
+from services.common.processes.lifeline import kill_group, spawn
 child = spawn(["sh", "-c", "sleep 300 & wait"])
 print(child.pid, flush=True)
 fork = os.fork() if "fork" in sys.argv else 0

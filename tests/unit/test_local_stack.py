@@ -8,7 +8,7 @@ import pytest
 
 from deploy.local_stack import SMOLLM2, TINY_BLOOM
 from deploy.run_local import _models
-from services.common.config import ConfigError, Env
+from services.common.startup.config import ConfigError, Env
 from services.swarm import launcher
 from services.swarm.launcher import PrivateSwarm, SwarmModel, handlers_per_server, server_command
 from services.swarm.serve import with_sized_handlers

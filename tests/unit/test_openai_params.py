@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.errors import InvalidParameter, PayloadTooLarge
-from services.common.params import Limits
+from services.common.api.params import Limits
+from services.common.web.errors import InvalidParameter, PayloadTooLarge
 from services.gateway.openai_params import parse_chat, parse_completion
 
 LIMITS = Limits(max_input_chars=100, max_new_tokens=50)

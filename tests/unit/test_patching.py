@@ -1,4 +1,4 @@
-"""services/common/patching.py: the fences' checks, and their one-line messages."""
+"""services/common/startup/patching.py: the fences' checks, and their one-line messages."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import types
 
 import pytest
 
-from services.common import patching
-from services.common.patching import (
+from services.common.startup import patching
+from services.common.startup.patching import (
     PatchError,
     require_attributes,
     require_methods,

@@ -1,4 +1,4 @@
-"""The servers' own refusals in the API's error shapes (services/common/protocol_errors.py)."""
+"""The servers' own refusals in the API's error shapes (services/common/web/protocol_errors.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from services.common.protocol_errors import envelope_of, error_response, status_code
+from services.common.web.protocol_errors import envelope_of, error_response, status_code
 
 ROUTE = re.compile(r'add_route\("([^"]+)", (\w+)\(')
 

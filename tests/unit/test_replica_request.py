@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from services.common.errors import InvalidParameter
-from services.common.params import GenerateParams, Limits
-from services.common.replica_request import ReplicaRequest
+from services.common.api.params import GenerateParams, Limits
+from services.common.api.replica_request import ReplicaRequest
+from services.common.web.errors import InvalidParameter
 
 LIMITS = Limits()
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.chat import CHATML, HUMAN_AI
-from services.common.errors import ModelMismatch, ModelNotFound, ServiceUnavailable, SessionNotFound
-from services.common.model_card import GenerationDefaults, ModelCard
+from services.common.chat.formats import CHATML, HUMAN_AI
+from services.common.chat.model_card import GenerationDefaults, ModelCard
+from services.common.web.errors import ModelMismatch, ModelNotFound, ServiceUnavailable, SessionNotFound
 from services.gateway.poller import update
 from services.gateway.replicas import ReplicaSet
 

@@ -1,4 +1,4 @@
-"""Request ids (services/common/request_id.py): which a client's are kept, the header on every answer
+"""Request ids (services/common/web/request_id.py): which a client's are kept, the header on every answer
 (HTTP and ASGI), the id on log lines and in internal-error answers."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import falcon
 import falcon.testing
 import pytest
 
-from services.common import request_id
-from services.common.app import create_app, create_asgi_app
-from services.common.request_id import RequestIdFilter
+from services.common.web import request_id
+from services.common.web.app import create_app, create_asgi_app
+from services.common.web.request_id import RequestIdFilter
 
 FRESH = re.compile(r"^[0-9a-f]{32}$")  # a uuid4 in hex
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from hivemind.dht.node import Blacklist
 
-from services.common.config import Env
+from services.common.startup.config import Env
 from services.inference.model import ModelHandle
 from services.inference.settings import InferenceSettings
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.errors import SessionNotFound, SessionQuotaExceeded
+from services.common.web.errors import SessionNotFound, SessionQuotaExceeded
 from services.inference.sessions import SessionStore
 from tests.unit.fakes import Clock, FakePetalsSession
 

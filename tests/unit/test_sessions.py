@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.errors import SessionBusy, SessionNotFound, TooManySessions
+from services.common.web.errors import SessionBusy, SessionNotFound, TooManySessions
 from services.inference.sessions import OneOffLease, SessionStore
 from tests.unit.fakes import Clock, FakePetalsSession
 

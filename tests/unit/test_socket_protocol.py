@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from services.common.config import Env
-from services.common.errors import InvalidParameter, PayloadTooLarge
-from services.common.params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, Limits
+from services.common.api.params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, Limits
+from services.common.startup.config import Env
+from services.common.web.errors import InvalidParameter, PayloadTooLarge
 from services.gateway.settings import GatewaySettings
 from services.gateway.socket_protocol import (
     Answer,

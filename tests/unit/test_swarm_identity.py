@@ -1,4 +1,4 @@
-"""Derived swarm identities (services/common/swarm_identity.py) and their users: the swarm image's entry
+"""Derived swarm identities (services/common/p2p/swarm_identity.py) and their users: the swarm image's entry
 point (services/swarm/serve.py) and the inference service's INITIAL_PEERS."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import stat
 
 import pytest
 
-from services.common import swarm_identity
-from services.common.config import ConfigError
-from services.common.swarm_identity import IdentityError
+from services.common.p2p import swarm_identity
+from services.common.p2p.swarm_identity import IdentityError
+from services.common.startup.config import ConfigError
 from services.inference.settings import resolve_initial_peers
 from services.swarm.serve import initial_peers, resolve_args, wait_for_a_peer
 

@@ -8,9 +8,9 @@ import pytest
 from gunicorn.workers import gthread
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from services.common import gthread_worker
-from services.common.gunicorn import check_or_exit, service_config
-from services.common.patching import PatchError
+from services.common.gunicorn import gthread_worker
+from services.common.gunicorn.settings import check_or_exit, service_config
+from services.common.startup.patching import PatchError
 from services.gateway import http_protocol
 from tests.unit.fences import assert_refused, pretend_version, refusal
 

@@ -16,7 +16,7 @@ import json
 
 import falcon
 
-from services.common.errors import ERROR_CODE_HEADER, ERROR_STATUS_HEADER, ApiError, error_body
+from services.common.web.errors import ERROR_CODE_HEADER, ERROR_STATUS_HEADER, ApiError, error_body
 
 ENVELOPE_PREFIXES = (("/api/v1/", "v1"), ("/v1/", "openai"))
 PEEK_BYTES = 64  # of a request's URL: enough to tell its route's error shape

@@ -19,9 +19,9 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from services.common.chat import ChatFormat
-from services.common.config import ConfigError
-from services.common.errors import InvalidParameter
+from services.common.chat.formats import ChatFormat
+from services.common.startup.config import ConfigError
+from services.common.web.errors import InvalidParameter
 
 DEFAULT_CHAT_TEMPLATE = (
     "{%- if messages[0].role != 'system' and default_system_prompt -%}"

@@ -8,11 +8,12 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from services.common import gthread_worker, request_id
-from services.common.config import ServerSettings, load_or_exit
-from services.common.patching import PatchError
+from services.common.gunicorn import gthread_worker
+from services.common.startup.config import ServerSettings, load_or_exit
+from services.common.startup.patching import PatchError
+from services.common.web import request_id
 
-GTHREAD_WORKER = "services.common.gthread_worker.Worker"  # gthread, safe from idle/stalled clients
+GTHREAD_WORKER = "services.common.gunicorn.gthread_worker.Worker"  # gthread, safe from idle/stalled clients
 
 
 def service_config(

@@ -56,7 +56,7 @@ from pathlib import Path
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "charts" / "petals-chat"
 IMAGES_CACHE = Path(os.environ.get("IMAGES_CACHE", REPO_ROOT / ".cache" / "images"))
 CONTAINERS_CONF = """\

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.chat import ChatFormat
+from services.common.chat.formats import ChatFormat
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ A session of its own also means nothing ends it when its starter dies without st
 (SIGKILL, a supervisor's timeout). ``prctl(PR_SET_PDEATHSIG)`` is not enough: it reaches only the
 direct child (a Petals server's connection-handler forks and p2pd were measured still running
 30 s after their server was SIGKILLed), and it fires when the *thread* that forked the child
-ends. So the first ``spawn`` also starts a watchdog (``python -m services.common.lifeline``, in
+ends. So the first ``spawn`` also starts a watchdog (``python -m services.common.processes.lifeline``, in
 a session of its own too): it reads the ids of the groups to guard from a pipe whose only write
 end is held by the starting process, and when that pipe reaches end-of-file (the starter has
 exited, by any means, SIGKILL included) it SIGKILLs every group it still guards, then exits. A
@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+_REPO_ROOT = Path(__file__).resolve().parents[3]
 _lock = threading.Lock()
 _write_fd: int | None = None  # this process's end of the pipe to its watchdog
 _guarded: set[int] = set()  # the groups the watchdog is told to kill if this process dies
@@ -68,7 +68,7 @@ def _ensure_watchdog() -> None:
     read_fd, write_fd = os.pipe()  # neither end inherited by other children (close-on-exec)
     try:
         subprocess.Popen(
-            [sys.executable, "-m", "services.common.lifeline"],
+            [sys.executable, "-m", "services.common.processes.lifeline"],
             cwd=_REPO_ROOT,
             stdin=read_fd,
             stdout=subprocess.DEVNULL,

@@ -1,6 +1,6 @@
 """The one client of the public API that tests and benchmarks share: v1, the SSE stream, the WebSocket API.
 
-``Api`` speaks v1 and v2's Server-Sent Events (parsed by ``services.common.sse``, the parser the
+``Api`` speaks v1 and v2's Server-Sent Events (parsed by ``services.common.web.sse``, the parser the
 gateway relays with) over the standard library's ``http.client``: a lean client, so benchmark
 figures show what the services add rather than what a heavier HTTP library costs (about 1.2 ms
 per call for ``requests`` on this machine). One keep-alive connection per thread. The WebSocket
@@ -21,7 +21,7 @@ from websockets.asyncio.client import ClientConnection as AsyncConnection
 from websockets.asyncio.client import connect as connect_async
 from websockets.sync.client import ClientConnection, connect
 
-from services.common.sse import parse_sse
+from services.common.web.sse import parse_sse
 
 Event = tuple[str, dict[str, Any]]
 _FORM = {"Content-Type": "application/x-www-form-urlencoded"}

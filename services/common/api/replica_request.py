@@ -6,7 +6,7 @@ v1 ``generate`` parameters (so a v1 call sent straight to a replica is one too) 
 
 - ``model``: the model the gateway routed the request for; a replica serving another refuses it;
 - ``conversation``: continue the conversation session whose text ``inputs`` extends, or start one
-  (the OpenAI chat API; see services/inference/generation.py);
+  (the OpenAI chat API; see services/inference/generator.py);
 - ``fill_context``: generate as many tokens as the context allows (up to the replica's
   ``MAX_NEW_TOKENS_LIMIT``), instead of ``max_new_tokens`` or ``max_length``;
 - ``stop_token`` and ``replace_last_token`` (the WebSocket API's ``extra_stop_sequences``, see
@@ -20,7 +20,7 @@ v1 ``generate`` parameters (so a v1 call sent straight to a replica is one too) 
   (``get_client``), as does ``CLOSE_CLIENT_SESSIONS_PATH`` (the gateway closes a removed key's sessions).
 
 Every call the gateway makes for a client's request, this one or another, also carries the request's
-id in the ``X-Request-Id`` header (services/common/request_id.py): for the logs only, never in a body.
+id in the ``X-Request-Id`` header (services/common/web/request_id.py): for the logs only, never in a body.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.errors import InvalidParameter
-from services.common.params import MAX_STOP_CHARS, GenerateParams, Limits, get_bool, get_str, parse_generate
+from services.common.api.params import MAX_STOP_CHARS, GenerateParams, Limits, get_bool, get_str, parse_generate
+from services.common.web.errors import InvalidParameter
 
 CLOSE_CLIENT_SESSIONS_PATH = "/internal/close_client_sessions"
 CLIENT_PATTERN = re.compile(r"^(key|ip):[A-Za-z0-9_.:%-]{1,64}$")

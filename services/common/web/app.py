@@ -1,7 +1,7 @@
 """Assembly of a Falcon app with what every service shares.
 
 Each service builds its app with ``create_app``: a request id on every request
-(services/common/request_id.py), JSON errors in the right envelope, request metrics, ``/metrics``,
+(services/common/web/request_id.py), JSON errors in the right envelope, request metrics, ``/metrics``,
 ``/healthz`` and ``/readyz``, security headers on every response (a Content-Security-Policy, the
 API's by default: nothing may be loaded, run or framed from an answer; the ui passes the page's).
 Services add their own routes after.
@@ -15,9 +15,9 @@ from collections.abc import Callable
 import falcon
 import falcon.asgi
 
-from services.common.errors import ErrorEnvelopeMiddleware, make_error_handlers
-from services.common.metrics import AsyncMetricsResource, MetricsResource, RequestMetricsMiddleware
-from services.common.request_id import RequestIdMiddleware, install_log_filter
+from services.common.web.errors import ErrorEnvelopeMiddleware, make_error_handlers
+from services.common.web.metrics import AsyncMetricsResource, MetricsResource, RequestMetricsMiddleware
+from services.common.web.request_id import RequestIdMiddleware, install_log_filter
 
 ReadinessCheck = Callable[[], tuple[bool, dict]]
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"

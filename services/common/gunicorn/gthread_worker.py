@@ -29,11 +29,11 @@ A client that trickles a request body still holds its thread while it does (guni
 body deadline); a buffering proxy in front (the Ingress) is the defence against that.
 
 A request gunicorn refuses by itself (a malformed request line or header, a head over the limits)
-is answered in the API's JSON error shape (services/common/protocol_errors.py) instead of
+is answered in the API's JSON error shape (services/common/web/protocol_errors.py) instead of
 gunicorn's HTML page: gunicorn still picks the status and the message, and logs it.
 
 The worker overrides and reads gunicorn's internals: fenced to gunicorn 27.0.1 (``check``, run by
-the master as it reads its config: services/common/gunicorn.py; docs/patches.md).
+the master as it reads its config: services/common/gunicorn/settings.py; docs/patches.md).
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ from typing import Any
 from gunicorn import util
 from gunicorn.workers import gthread
 
-from services.common.patching import require_attributes, require_methods, require_parameters, require_version
-from services.common.protocol_errors import PEEK_BYTES, error_response
+from services.common.startup.patching import require_attributes, require_methods, require_parameters, require_version
+from services.common.web.protocol_errors import PEEK_BYTES, error_response
 
 PATCH = "gthread_worker"
 PATCHED_VERSION = "27.0.1"  # gunicorn

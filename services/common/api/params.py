@@ -17,8 +17,8 @@ from typing import Any
 import falcon
 import falcon.asgi
 
-from services.common.config import Env
-from services.common.errors import InvalidParameter, PayloadTooLarge
+from services.common.startup.config import Env
+from services.common.web.errors import InvalidParameter, PayloadTooLarge
 
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")

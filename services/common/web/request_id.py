@@ -8,7 +8,7 @@ is decided by it (a client may send any id, a used one too).
 
 While a request is served its id is the context's (``current()``): ``RequestIdFilter`` appends
 it to every log line written meanwhile (access and error logs alike), and internal-error answers
-name it (services/common/errors.py).
+name it (services/common/web/errors.py).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Any
 
 import falcon
 
-from services.common import request_id
+from services.common.web import request_id
 
 logger = logging.getLogger(__name__)
 ERROR_CODE_HEADER = "X-Petals-Chat-Error"

@@ -1,0 +1,1 @@
+"""What tests and benchmarks share to drive the services: the public API's client, process probes."""

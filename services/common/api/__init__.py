@@ -1,0 +1,1 @@
+"""The generate API's parameters, as clients send them and as the gateway sends them on to a replica."""

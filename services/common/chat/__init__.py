@@ -1,0 +1,1 @@
+"""How a model's dialogue is written into its prompt, and the model card that names the format."""

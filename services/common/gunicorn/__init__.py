@@ -1,0 +1,1 @@
+"""gunicorn plumbing: the services' shared config, the hardened threaded worker, a memory-debug hook."""
