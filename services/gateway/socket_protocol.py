@@ -106,7 +106,7 @@ def parse_generate_message(message: dict[str, Any], session_id: str, limits: Lim
 
 
 @dataclass
-class Answer:
+class StepAnswer:
     """One ``generate`` message's answer, step by step: what each step's request is and what to send."""
 
     request: Generate

@@ -41,18 +41,19 @@ from services.common.errors import (
     report_incident,
 )
 from services.common.metrics import REQUEST_DURATION, REQUESTS
-from services.common.replica_request import ReplicaRequest
+from services.common.replica_request import GENERATE_STREAM_PATH, ReplicaRequest
 from services.common.request_id import handshake_headers
 from services.common.sse import parse_sse_async
 from services.gateway.auth import POLICY_VIOLATION, accepted_subprotocol
 from services.gateway.metrics import CLIENT_REQUESTS, WEBSOCKET_CONNECTIONS
 from services.gateway.ratelimit import RateLimitMiddleware
-from services.gateway.resources import Request, Router, read_answer, relayed_chunks, upstream_error
+from services.gateway.relay import Request, read_answer, relayed_chunks, upstream_error
+from services.gateway.routing import Router
 from services.gateway.settings import GatewaySettings
 from services.gateway.socket_protocol import (
     OPEN,
-    Answer,
     Generate,
+    StepAnswer,
     parse_generate_message,
     parse_message,
     parse_open,
@@ -61,7 +62,6 @@ from services.gateway.upstream import ReplicaUnreachable
 
 logger = logging.getLogger(__name__)
 ENDPOINT = "/api/v2/generate"
-_STREAM_PATH = "/api/v2/generate_stream"
 _SESSION_LOST = 1011  # close code after an error that ended the session
 _TRY_AGAIN_LATER = 1013  # close code of a connection over its client's WS_MAX_CONNECTIONS_PER_CLIENT
 _BUSY = "A generation is running on this connection: send the next message after its last answer (stop: true)"
@@ -235,10 +235,7 @@ class _Connection:
         if self._session_id is not None:
             raise ApiError("This connection already holds a session: open another connection for another session")
         request = parse_open(message, self._limits)
-        model = self._router.replicas.resolve(request.model).name
-        fields = {"max_length": request.max_length, "model": model, "client": self._client}
-        path = "/api/v1/open_inference_session"
-        answer = await read_answer(await self._router.to_model(model, "new_session", "GET", path, fields=fields))
+        answer = await self._router.open_session(request.model, request.max_length, self._client)
         body = _json(answer.data)
         if not body.get("ok"):
             status = falcon.code_to_http_status(answer.headers.get(ERROR_STATUS_HEADER, "400"))
@@ -249,7 +246,7 @@ class _Connection:
 
     async def _generate(self, request: Generate, started: float) -> bool:
         """Run one ``generate`` message step by step; True if an error ended the session."""
-        answer = Answer(request, self._max_length)
+        answer = StepAnswer(request, self._max_length)
         try:
             while not answer.done:
                 replace_last = self._continue_with if answer.steps == 0 else None
@@ -279,7 +276,7 @@ class _Connection:
     async def _step(self, request: ReplicaRequest) -> dict[str, Any]:
         """One step on the session's replica, streamed; its ``done`` event (errors raised as ApiError)."""
         assert self._session_id is not None
-        upstream = await self._router.to_session(self._session_id, request.params.model, "POST", _STREAM_PATH,
+        upstream = await self._router.to_session(self._session_id, request.params.model, "POST", GENERATE_STREAM_PATH,
                                                  json_body=request.to_json())  # fmt: skip
         if upstream.status != 200:
             raise upstream_error(await read_answer(upstream))
@@ -310,8 +307,7 @@ class _Connection:
 
     async def _close_on_replica(self, session_id: str) -> None:
         try:
-            path, fields = "/api/v1/close_inference_session", {"session_id": session_id, "client": self._client}
-            await read_answer(await self._router.to_session(session_id, None, "GET", path, fields=fields))
+            await self._router.close_session(session_id, None, self._client)
         except ApiError:
             pass  # gone already (expired, or its replica is): nothing to free
         except Exception:

@@ -11,7 +11,7 @@ from services.common.errors import InvalidParameter, PayloadTooLarge
 from services.common.params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, Limits
 from services.gateway.settings import GatewaySettings
 from services.gateway.socket_protocol import (
-    Answer,
+    StepAnswer,
     largest_message_bytes,
     parse_generate_message,
     parse_message,
@@ -23,9 +23,9 @@ LIMITS = Limits()
 SESSION = "inference-0.abc"
 
 
-def generate(**message) -> Answer:
+def generate(**message) -> StepAnswer:
     request = parse_generate_message({"type": "generate", **message}, SESSION, LIMITS)
-    return Answer(request, session_max_length=message.pop("session_max_length", 64))
+    return StepAnswer(request, session_max_length=message.pop("session_max_length", 64))
 
 
 def done(outputs: str, generated: int = 1, *, cached: int = 10, prompt: int = 0, reason: str = "length") -> dict:
