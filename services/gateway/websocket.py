@@ -1,13 +1,14 @@
 """``/api/v2/generate``: the WebSocket API of chat.petals.dev, relayed to an inference replica.
 
-The protocol (messages, step rule) is in socket_protocol.py. Here, the relay: a connection's
-``open_inference_session`` opens a v1 session on a replica of its model, chosen by the routing
-policy like any new session (replicas.py); each step of a ``generate`` message is one typed
-``ReplicaRequest`` to that session's replica, streamed back over its SSE endpoint, so the replica
-needs no WebSocket of its own. The session is the connection's: it is closed on the replica as
-soon as the connection ends, whether the client closed it, vanished (no answer to pings), idled
-past ``WS_IDLE_TIMEOUT_SECONDS`` or the gateway is stopping; a generation still running then is
-cancelled first (its stream to the replica is dropped, which stops it at once).
+The messages are in socket_protocol.py. Here, the relay: a connection's ``open_inference_session``
+opens a v1 session on a replica of its model, chosen by the routing policy like any new session
+(replicas.py); a ``generate`` message is one typed ``StepsRequest`` to that session's replica, which
+runs its steps (the step rule, services/common/step_rule.py) and streams back the messages to send
+over its SSE endpoint, so the replica needs no WebSocket of its own. The session is the connection's: it is
+closed on the replica as soon as the connection ends, whether the client closed it, vanished (no
+answer to pings), idled past ``WS_IDLE_TIMEOUT_SECONDS`` or the gateway is stopping; a generation
+still running then is cancelled first (its stream to the replica is dropped, which stops it at
+its next token).
 
 Each connection is a coroutine and one pending read on the worker's event loop: thousands of
 open chats cost no thread. Messages keep being read while an answer is generated, so a message
@@ -44,6 +45,7 @@ from services.common.metrics import REQUEST_DURATION, REQUESTS
 from services.common.replica_request import GENERATE_STREAM_PATH, ReplicaRequest
 from services.common.request_id import handshake_headers
 from services.common.sse import parse_sse_async
+from services.common.step_rule import StepsRequest
 from services.gateway.auth import POLICY_VIOLATION, accepted_subprotocol
 from services.gateway.metrics import CLIENT_REQUESTS, WEBSOCKET_CONNECTIONS
 from services.gateway.ratelimit import RateLimitMiddleware
@@ -53,7 +55,6 @@ from services.gateway.settings import GatewaySettings
 from services.gateway.socket_protocol import (
     OPEN,
     Generate,
-    StepAnswer,
     parse_generate_message,
     parse_message,
     parse_open,
@@ -245,21 +246,11 @@ class _Connection:
         await self._send({"ok": True})
 
     async def _generate(self, request: Generate, started: float) -> bool:
-        """Run one ``generate`` message step by step; True if an error ended the session."""
-        answer = StepAnswer(request, self._max_length)
+        """Relay one ``generate`` message's answer from the replica; True if an error ended the session."""
         try:
-            while not answer.done:
-                replace_last = self._continue_with if answer.steps == 0 else None
-                stop_token = request.stop_sequence if request.extra_stop_sequences else None
-                step = ReplicaRequest(answer.next_params(), stop_token=stop_token, replace_last_token=replace_last,
-                                      client=self._client)  # fmt: skip
-                done = await self._step(step)
-                self._continue_with = None  # consumed by the first step
-                message = answer.after_step(done)
-                if message is not None:
-                    await self._send(message)
-            if answer.ended_by_extra:
-                self._continue_with = request.stop_sequence
+            done = await self._relay_steps(request)
+            self._continue_with = request.stops.sequence if done["ended_by_extra"] else None
+            await self._send(done["message"])  # the last await: the next message finds no generation running
             self._count("200", started)
             return False
         except ApiError as error:
@@ -273,19 +264,26 @@ class _Connection:
             self._count("500", started)
             return False
 
-    async def _step(self, request: ReplicaRequest) -> dict[str, Any]:
-        """One step on the session's replica, streamed; its ``done`` event (errors raised as ApiError)."""
+    async def _relay_steps(self, request: Generate) -> dict[str, Any]:
+        """Run the message's steps on the session's replica, sending each message but the last as it
+        comes; the ``done`` event: the last message and whether an extra stop sequence ended the answer
+        (errors raised as ApiError)."""
         assert self._session_id is not None
-        upstream = await self._router.to_session(self._session_id, request.params.model, "POST", GENERATE_STREAM_PATH,
-                                                 json_body=request.to_json())  # fmt: skip
+        first = ReplicaRequest(request.params, replace_last_token=self._continue_with, client=self._client)
+        body = StepsRequest(first, request.stops, self._max_length).to_json()
+        upstream = await self._router.to_session(self._session_id, request.params.model, "POST",
+                                                 GENERATE_STREAM_PATH, json_body=body)  # fmt: skip
         if upstream.status != 200:
             raise upstream_error(await read_answer(upstream))
+        self._continue_with = None  # the first step has replaced the session's last token
         chunks = relayed_chunks(upstream)
         try:
             async for event, data in parse_sse_async(chunks):
-                if event == "done":
+                if event == "message":
+                    await self._send(data)
+                elif event == "done":
                     return data
-                if event == "error":
+                elif event == "error":
                     error = data.get("error", {})
                     raise ApiError(str(error.get("message", "Generation failed")), status=falcon.HTTP_502,
                                    code=str(error.get("code", "upstream_error")))  # fmt: skip

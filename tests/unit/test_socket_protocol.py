@@ -9,9 +9,9 @@ import pytest
 from services.common.config import Env
 from services.common.errors import InvalidParameter, PayloadTooLarge
 from services.common.params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, Limits
+from services.common.step_rule import StepAnswer
 from services.gateway.settings import GatewaySettings
 from services.gateway.socket_protocol import (
-    StepAnswer,
     largest_message_bytes,
     parse_generate_message,
     parse_message,
@@ -25,7 +25,7 @@ SESSION = "inference-0.abc"
 
 def generate(**message) -> StepAnswer:
     request = parse_generate_message({"type": "generate", **message}, SESSION, LIMITS)
-    return StepAnswer(request, session_max_length=message.pop("session_max_length", 64))
+    return StepAnswer(request.params, request.stops, session_max_length=message.pop("session_max_length", 64))
 
 
 def done(outputs: str, generated: int = 1, *, cached: int = 10, prompt: int = 0, reason: str = "length") -> dict:
