@@ -65,7 +65,7 @@ from services.inference.settings import default_dtype
 from services.swarm import small_tensors
 from services.swarm.launcher import PETALS_NUM_HANDLERS, SERVER_TORCH_THREADS, PrivateSwarm, handlers_per_server
 
-TARGETS = (  # issue 16's, printed with a verdict each, never asserted
+TARGETS = (  # the concurrency targets (docs/benchmarks.md), printed with a verdict each, never asserted
     "16 and 32 sessions through the gateway: at least 100 tokens/s and 0.95x the raw client, zero errors",
     "time per token over raw's: gateway stream at most 1.05x at 1 session; v1 per-token at most 1.10x at 1 and 16",
 )
@@ -579,7 +579,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"memory for every tensor (default {small_tensors.DEFAULT_LIMIT_BYTES})")  # fmt: skip
     parser.add_argument("--server-threads", type=int, nargs="+", default=[SERVER_TORCH_THREADS],
                         help="torch threads of every Petals server process, one whole run each; 0: torch's "
-                        f"default, one per core, as before issue 16 (default {SERVER_TORCH_THREADS})")  # fmt: skip
+                        f"default, one per core, the old setting (default {SERVER_TORCH_THREADS})")  # fmt: skip
     parser.add_argument("--server-handlers", type=int, nargs="+", default=[0],
                         help="the servers' --num_handlers (connection-handler processes), one whole run each; "
                         f"0: one per CPU per server, the launcher's default; {PETALS_NUM_HANDLERS}: Petals' "

@@ -1,4 +1,4 @@
-"""The event-loop gateway under many connections: issue 12's targets, printed, never asserted.
+"""The event-loop gateway under many connections: its targets (docs/benchmarks.md), printed, never asserted.
 
 Starts a private swarm on loopback (tiny BLOOM, 2 servers "0:2" and "2:4"), one inference replica
 and one gateway (2 Uvicorn workers), then measures:
@@ -13,9 +13,15 @@ and one gateway (2 Uvicorn workers), then measures:
    equal to the same request made directly to the replica;
 4. the gateway hop's cost per token for one stream (``--tokens`` tokens, ``--rounds`` rounds,
    alternating direct and through the gateway): the difference in time per token, and the
-   gateway's CPU time per token (from /proc); target: at most 1 ms per token.
+   gateway's CPU time per token (from /proc); target: at most 1 ms per token;
+5. WebSocket ``generate`` messages answered step by step (``stop_sequence`` that never comes,
+   ``max_new_tokens`` 1, until the session is full), ``--rounds`` rounds: tokens per second and the
+   gateway's CPU seconds per token; with ``--baseline-tree PATH`` (e.g. a ``git worktree add
+   /tmp/gw-base <commit>`` checkout) the same through a second gateway run from that tree, against the
+   same replica, alternating, side by side with the ratio.
 
-Run: ``.venv/bin/python -m bench.websocket_gateway [--connections 2000] [--streams 200] [--rounds 5]``.
+Run: ``.venv/bin/python -m bench.websocket_gateway [--connections 2000] [--streams 200] [--rounds 5]
+[--phases connections,streams,hop,steps] [--baseline-tree PATH]``.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from websockets.asyncio.client import ClientConnection
 from bench.common import load_average
 from client.api import ask_async, connect_ws_async
 from client.probes import process_tree, rss_bytes
-from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port
+from deploy.local_stack import REPO_ROOT, ServiceProcess, gateway_process, inference_process, pick_free_port
 from services.common.web.sse import parse_sse_async
 from services.swarm.launcher import PrivateSwarm
 from services.swarm.tiny_bloom import ensure_tiny_bloom
@@ -51,6 +57,7 @@ DHT_PREFIX = "petals-chat-bench-ws"
 INFERENCE_ENV = {"MAX_SESSIONS": "1400", "GUNICORN_THREADS": "320", "SESSION_TTL_SECONDS": "900",
                  "READINESS_INTERVAL_SECONDS": "2"}  # fmt: skip
 # Its thousands of connections are one client's: no per-client connection limit.
+STEPS_STOP = "\u2603 never"  # a stop sequence the model does not generate: answers end when the session is full
 GATEWAY_ENV = {"GUNICORN_WORKERS": "2", "WS_IDLE_TIMEOUT_SECONDS": "900", "REPLICA_POLL_INTERVAL_SECONDS": "2",
                "WS_MAX_CONNECTIONS_PER_CLIENT": "0"}  # fmt: skip
 
@@ -295,42 +302,106 @@ async def per_token_cost(stack: Stack, tokens: int, rounds: int) -> None:
           "(CPU per token, and the difference in time per token, which the swarm's jitter blurs)")  # fmt: skip
 
 
+async def stepped_answer(port: int, prompt: str, max_length: int) -> tuple[int, str]:
+    """One WebSocket ``generate`` message generated a token a step until its session is full; its
+    tokens and text."""
+    ws = await connect_ws_async(port)
+    try:
+        opened = await ask_async(ws, {"type": "open_inference_session", "max_length": max_length})
+        if not opened.get("ok"):
+            raise RuntimeError(opened)
+        message = {"type": "generate", "inputs": prompt, "max_new_tokens": 1, "stop_sequence": STEPS_STOP}
+        answer, tokens, text = await ask_async(ws, message), 0, ""
+        while answer.get("ok"):
+            tokens, text = tokens + answer["token_count"], text + answer["outputs"]
+            if answer["stop"]:
+                return tokens, text
+            answer = json.loads(await ws.recv())
+        raise RuntimeError(answer)
+    finally:
+        await ws.close()
+
+
+async def websocket_steps(stack: Stack, max_length: int, rounds: int) -> None:
+    """Phase 5: stepped WebSocket answers through this tree's gateway and the baseline's, alternating."""
+    gateways = {"this tree": stack.gateway}
+    if stack.baseline is not None:
+        gateways["baseline"] = stack.baseline
+    workers = {name: process_tree(gateway.process.pid)[1:] for name, gateway in gateways.items()}
+    prompt = "A human talks to a powerful AI that follows the human's instructions."
+    tokens, texts = dict.fromkeys(gateways, 0), {name: set() for name in gateways}
+    seconds, cpu_s = dict.fromkeys(gateways, 0.0), dict.fromkeys(gateways, 0.0)
+    for gateway in gateways.values():
+        await stepped_answer(gateway.port, prompt, max_length)  # warm-up
+    for _ in range(rounds):
+        for name, gateway in gateways.items():
+            cpu, started = proc_cpu_s(workers[name]), time.perf_counter()
+            count, text = await stepped_answer(gateway.port, prompt, max_length)
+            tokens[name], texts[name] = tokens[name] + count, texts[name] | {text}
+            seconds[name] += time.perf_counter() - started
+            cpu_s[name] += proc_cpu_s(workers[name]) - cpu
+    print(f"\n## WebSocket answers a token a step (session max_length {max_length}), {rounds} rounds each")
+    print("| gateway | tokens | tokens/s | gateway CPU s per token |")
+    print("| --- | --- | --- | --- |")
+    for name in gateways:
+        print(f"| {name} | {tokens[name]} | {tokens[name] / seconds[name]:.1f} | {cpu_s[name] / tokens[name]:.5f} |")
+    if stack.baseline is not None:
+        speed = (tokens["this tree"] / seconds["this tree"]) / (tokens["baseline"] / seconds["baseline"])
+        cpu = (cpu_s["this tree"] / tokens["this tree"]) / (cpu_s["baseline"] / tokens["baseline"])
+        print(
+            f"this tree / baseline: tokens/s x{speed:.2f}, gateway CPU per token x{cpu:.2f}; "
+            f"every text the same through both: {len(texts['this tree'] | texts['baseline']) == 1}"
+        )
+
+
 @dataclass
 class Stack:
     swarm: PrivateSwarm
     inference: ServiceProcess
     gateway: ServiceProcess
+    baseline: ServiceProcess | None = None  # a gateway run from another source tree
 
     @classmethod
-    def start(cls, logs: Path) -> Stack:
+    def start(cls, logs: Path, baseline_tree: Path | None = None) -> Stack:
         model_dir = ensure_tiny_bloom()
         swarm = PrivateSwarm(model_dir, ["0:2", "2:4"], logs / "swarm", dht_prefix=DHT_PREFIX).start(240)
+        started: list[ServiceProcess] = []
         try:
             inference = inference_process(model_dir=model_dir, initial_peers=swarm.initial_peers,
                                           dht_prefix=DHT_PREFIX, port=pick_free_port(), log_path=logs / "inference.log",
-                                          extra_env=INFERENCE_ENV).start_ready(240)  # fmt: skip
+                                          extra_env=INFERENCE_ENV)  # fmt: skip
+            started.append(inference.start_ready(240))
+            replicas = {started[0].name: started[0].base_url}
+            trees = {"gateway": REPO_ROOT} | ({"baseline-gateway": baseline_tree} if baseline_tree else {})
+            for name, root in trees.items():
+                gateway = gateway_process(replicas=replicas, port=pick_free_port(), log_path=logs / f"{name}.log",
+                                          extra_env=GATEWAY_ENV, name=name, root=root)  # fmt: skip
+                started.append(gateway.start_ready(60))
         except BaseException:
+            for process in reversed(started):
+                process.stop()
             swarm.stop()
             raise
-        try:
-            gateway = gateway_process(replicas={inference.name: inference.base_url}, port=pick_free_port(),
-                                      log_path=logs / "gateway.log", extra_env=GATEWAY_ENV).start_ready(60)  # fmt: skip
-        except BaseException:
-            inference.stop()
-            swarm.stop()
-            raise
-        return cls(swarm, inference, gateway)
+        return cls(swarm, *started)
 
     def stop(self) -> None:
+        if self.baseline is not None:
+            self.baseline.stop()
         self.gateway.stop()
         self.inference.stop()
         self.swarm.stop()
 
 
 async def run(args: argparse.Namespace, stack: Stack) -> None:
-    await many_connections(stack, args.connections)
-    await concurrent_streams(stack, args.streams, args.stream_tokens)
-    await per_token_cost(stack, args.tokens, args.rounds)
+    phases = set(args.phases.split(","))
+    if "connections" in phases:
+        await many_connections(stack, args.connections)
+    if "streams" in phases:
+        await concurrent_streams(stack, args.streams, args.stream_tokens)
+    if "hop" in phases:
+        await per_token_cost(stack, args.tokens, args.rounds)
+    if "steps" in phases:
+        await websocket_steps(stack, args.steps_max_length, args.rounds)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -340,13 +411,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stream-tokens", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps-max-length", type=int, default=96, help="phase 5: the session's max_length")
+    parser.add_argument("--phases", default="connections,streams,hop,steps", help="comma-separated, of these")
+    parser.add_argument("--baseline-tree", type=Path, default=None, help="phase 5: also a gateway from this tree")
     parser.add_argument("--log-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     soft, hard = raise_fd_limit()
     print(f"RLIMIT_NOFILE: soft {soft} -> {hard} (the gateway's gunicorn config does the same); load {load_average()}")
     logs = args.log_dir or Path(tempfile.mkdtemp(prefix="bench-websocket-"))
     print(f"logs: {logs}")
-    stack = Stack.start(logs)
+    stack = Stack.start(logs, args.baseline_tree)
     try:
         asyncio.run(run(args, stack))
     finally:

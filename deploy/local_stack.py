@@ -47,6 +47,7 @@ class ServiceProcess:
     log_path: Path
     port: int
     host: str = "127.0.0.1"
+    root: Path = REPO_ROOT  # the source tree it runs (a benchmark's baseline may run another)
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -60,7 +61,7 @@ class ServiceProcess:
         env = {**os.environ, **self.env, "BIND": f"{self.host}:{self.port}", "PYTHONUNBUFFERED": "1"}
         self.process = spawn(
             [sys.executable, "-m", "gunicorn", "--config", self.config],
-            cwd=REPO_ROOT,
+            cwd=self.root,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -190,10 +191,12 @@ def gateway_process(
     log_path: Path,
     name: str = "gateway",
     extra_env: dict[str, str] | None = None,
+    root: Path = REPO_ROOT,
 ) -> ServiceProcess:
-    """A gateway on loopback, routing to the given inference replicas (id -> base URL)."""
+    """A gateway on loopback, routing to the given inference replicas (id -> base URL), run from the
+    source tree ``root``."""
     env = {"INFERENCE_REPLICAS": " ".join(f"{rid}={url}" for rid, url in replicas.items()), **(extra_env or {})}
-    return ServiceProcess(name, "services/gateway/gunicorn.conf.py", env, log_path, port)
+    return ServiceProcess(name, "services/gateway/gunicorn.conf.py", env, log_path, port, root=root)
 
 
 def ui_process(*, port: int, log_path: Path, extra_env: dict[str, str] | None = None) -> ServiceProcess:

@@ -19,18 +19,14 @@ from services.gateway.openai_api import ChatCompletionsResource, CompletionsReso
 from services.gateway.openapi import OpenApiResource
 from services.gateway.poller import ReplicaPoller
 from services.gateway.ratelimit import RateLimitMiddleware, RefusalThrottle
+from services.gateway.relay import Request
 from services.gateway.replicas import ReplicaSet
-from services.gateway.resources import (
-    CloseSessionResource,
-    GenerateResource,
-    GenerateStreamResource,
-    OpenSessionResource,
-    Request,
-    Router,
-)
+from services.gateway.routing import Router
 from services.gateway.settings import GatewaySettings
+from services.gateway.stream_api import GenerateStreamResource
 from services.gateway.ui_proxy import UI_PATHS, UiProxy
 from services.gateway.upstream import Upstream
+from services.gateway.v1_api import CloseSessionResource, GenerateResource, OpenSessionResource
 from services.gateway.websocket import GenerateSocketResource
 
 

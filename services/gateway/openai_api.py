@@ -25,18 +25,19 @@ import falcon.asgi
 
 from services.common.api.params import TEMPERATURE as SAMPLING_TEMPERATURE
 from services.common.api.params import GenerateParams, Limits, read_values_async
-from services.common.api.replica_request import ReplicaRequest
+from services.common.api.replica_request import GENERATE_STREAM_PATH, ReplicaRequest
 from services.common.chat.model_card import ModelCard
 from services.common.chat.template import compiled
 from services.common.web.errors import ApiError, ServiceUnavailable, openai_error_body
 from services.common.web.sse import SSE_CONTENT_TYPE, SSE_HEADERS, parse_sse_async
 from services.gateway.openai_params import SamplingOptions, check_prompt_length, parse_chat, parse_completion
-from services.gateway.resources import ClientStream, Request, Router, read_answer, relayed_chunks, upstream_error
+from services.gateway.relay import ClientStream, Request, read_answer, relayed_chunks, upstream_error
+from services.gateway.replicas import Decision
+from services.gateway.routing import Router
 from services.gateway.upstream import ReplicaUnreachable, Stream
 
 _FINISH_REASONS = {"stop": "stop", "eos": "stop", "length": "length"}
 _STREAM_ERROR_STATUS = {"unavailable": falcon.HTTP_503, "internal_error": falcon.HTTP_500}
-_STREAM_PATH = "/api/v2/generate_stream"
 Events = AsyncGenerator[tuple[str, dict[str, Any]], None]  # a replica's SSE events; aclose() drops the stream
 
 
@@ -113,9 +114,9 @@ async def _start(
     model = router.replicas.resolve(options.model).name
     body = _replica_request(prompt, options, conversation=conversation_key is not None, client=client).to_json()
     if conversation_key is None:
-        upstream = await router.to_model(model, "sessionless", "POST", _STREAM_PATH, json_body=body)
+        upstream = await router.to_model(model, Decision.SESSIONLESS, "POST", GENERATE_STREAM_PATH, json_body=body)
     else:
-        upstream = await router.to_conversation(conversation_key, model, "POST", _STREAM_PATH, json_body=body)
+        upstream = await router.to_conversation(conversation_key, model, "POST", GENERATE_STREAM_PATH, json_body=body)
     if upstream.status != 200:
         raise upstream_error(await read_answer(upstream))
     return _events(upstream)

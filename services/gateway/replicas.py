@@ -20,10 +20,26 @@ import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 
 from services.common.chat.model_card import ModelCard
 from services.common.web.errors import ModelMismatch, ModelNotFound, ServiceUnavailable, SessionNotFound
 from services.gateway.metrics import ROUTING_DECISIONS
+
+
+class Decision(StrEnum):
+    """A routing decision; its value labels ``petals_chat_gateway_routing_decisions``."""
+
+    NEW_SESSION = "new_session"  # least-loaded by open sessions
+    SESSIONLESS = "sessionless"  # least-loaded by requests in flight
+    SESSION = "session"  # the replica named in the session id
+    CONVERSATION = "conversation"  # by affinity
+    # why none
+    UNKNOWN_REPLICA = "unknown_replica"
+    REPLICA_DOWN = "replica_down"
+    NO_READY_REPLICA = "no_ready_replica"
+    UNKNOWN_MODEL = "unknown_model"
+    MODEL_MISMATCH = "model_mismatch"
 
 
 @dataclass
@@ -85,7 +101,7 @@ class ReplicaSet:
             raise ServiceUnavailable("No inference replica has reported its model yet; retry in a few seconds")
         wanted = model or self.default_model()
         if wanted not in cards:
-            ROUTING_DECISIONS.labels(decision="unknown_model", replica="none").inc()
+            ROUTING_DECISIONS.labels(decision=Decision.UNKNOWN_MODEL, replica="none").inc()
             if model is None:
                 raise ServiceUnavailable(f"No replica serves the default model {wanted!r} now; served: {list(cards)}")
             raise ModelNotFound(model, list(cards))
@@ -98,42 +114,44 @@ class ReplicaSet:
         name = session_id.rpartition(".")[0]
         replica = self.replicas.get(name)
         if replica is None:
-            ROUTING_DECISIONS.labels(decision="unknown_replica", replica="none").inc()  # the name is the client's
+            ROUTING_DECISIONS.labels(
+                decision=Decision.UNKNOWN_REPLICA, replica="none"
+            ).inc()  # the name is the client's
             raise SessionNotFound(session_id)
         if model is not None:
             self.resolve(model)  # an unknown model is that error first
             if replica.model is not None and replica.model != model:
-                ROUTING_DECISIONS.labels(decision="model_mismatch", replica=name).inc()
+                ROUTING_DECISIONS.labels(decision=Decision.MODEL_MISMATCH, replica=name).inc()
                 raise ModelMismatch(session_id, replica.model, model)
-        ROUTING_DECISIONS.labels(decision="session", replica=name).inc()
+        ROUTING_DECISIONS.labels(decision=Decision.SESSION, replica=name).inc()
         return replica
 
     def by_affinity(self, key: str, model: str) -> list[Replica]:
         """Ready replicas of ``model`` in an order fixed by ``key`` (rendezvous hashing): every
         gateway worker sends the same conversation to the same replica while it stays ready."""
-        ready = self._ready("conversation", model)
+        ready = self._ready(model)
         ready.sort(key=lambda replica: hashlib.sha256(f"{replica.name}/{key}".encode()).digest(), reverse=True)
-        ROUTING_DECISIONS.labels(decision="conversation", replica=ready[0].name).inc()
+        ROUTING_DECISIONS.labels(decision=Decision.CONVERSATION, replica=ready[0].name).inc()
         return ready
 
-    def least_loaded(self, decision: str, model: str) -> list[Replica]:
-        """Ready replicas of ``model``, best first: fewest sessions for ``new_session``, fewest
-        requests in flight otherwise; ties rotate. ServiceUnavailable if none is ready."""
-        ready = self._ready(decision, model)
+    def least_loaded(self, decision: Decision, model: str) -> list[Replica]:
+        """Ready replicas of ``model``, best first: fewest sessions for ``NEW_SESSION``, fewest
+        requests in flight for ``SESSIONLESS``; ties rotate. ServiceUnavailable if none is ready."""
+        ready = self._ready(model)
         turn, names = next(self._turn), list(self.replicas)
 
         def load(replica: Replica) -> tuple[float, int]:
             rotation = (names.index(replica.name) - turn) % len(names)
-            return (replica.session_load if decision == "new_session" else replica.in_flight), rotation
+            return (replica.session_load if decision is Decision.NEW_SESSION else replica.in_flight), rotation
 
         ready.sort(key=load)
         ROUTING_DECISIONS.labels(decision=decision, replica=ready[0].name).inc()
         return ready
 
-    def _ready(self, decision: str, model: str) -> list[Replica]:
+    def _ready(self, model: str) -> list[Replica]:
         ready = [replica for replica in self.replicas.values() if replica.ready and replica.model == model]
         if not ready:
-            ROUTING_DECISIONS.labels(decision="no_ready_replica", replica="none").inc()
+            ROUTING_DECISIONS.labels(decision=Decision.NO_READY_REPLICA, replica="none").inc()
             raise ServiceUnavailable(f"No inference replica of {model} is ready; retry in a few seconds")
         return ready
 
@@ -154,4 +172,4 @@ class ReplicaSet:
     def mark_down(self, replica: Replica, reason: str) -> None:
         """A call failed to connect: route around it until the next successful poll."""
         replica.ready, replica.detail = False, reason
-        ROUTING_DECISIONS.labels(decision="replica_down", replica=replica.name).inc()
+        ROUTING_DECISIONS.labels(decision=Decision.REPLICA_DOWN, replica=replica.name).inc()

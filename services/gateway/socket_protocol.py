@@ -1,5 +1,5 @@
-"""The WebSocket API's messages and its step rule, as chat.petals.dev (the original chat's successor)
-defines them; no I/O here (websocket.py drives it).
+"""The WebSocket API's messages, as chat.petals.dev (the original chat's successor) defines them; no
+I/O here (websocket.py drives it; the step rule is services/common/api/step_rule.py, which the replica runs).
 
 One connection holds one inference session. Its first message opens it:
 ``{"type": "open_inference_session", "model"?, "max_length"}`` -> ``{"ok": true}``. Then any number
@@ -15,7 +15,7 @@ session has no room for another step, or the model ended its text; that last ste
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 from services.common.api.params import (
@@ -28,6 +28,7 @@ from services.common.api.params import (
     parse_generate,
     parse_open_session,
 )
+from services.common.api.step_rule import StopSequences, parse_stop_sequences
 from services.common.web.errors import InvalidParameter, PayloadTooLarge
 
 OPEN, GENERATE = "open_inference_session", "generate"
@@ -50,8 +51,7 @@ class Generate:
     """A ``generate`` message: v1 parameters in the connection's session, and its stop sequences."""
 
     params: GenerateParams
-    stop_sequence: str | None
-    extra_stop_sequences: tuple[str, ...]
+    stops: StopSequences
 
 
 def largest_message_bytes(limits: Limits) -> int:
@@ -89,71 +89,7 @@ def parse_generate_message(message: dict[str, Any], session_id: str, limits: Lim
             raise InvalidParameter(f"{name} is not a parameter here: {instead}")
     values = {name: value for name, value in message.items() if name not in _NOT_PARAMETERS}
     params = parse_generate({**values, "session_id": session_id}, limits)
-    stop_sequence = message.get("stop_sequence")
-    if stop_sequence is not None and not (isinstance(stop_sequence, str) and 0 < len(stop_sequence) <= MAX_STOP_CHARS):
-        raise InvalidParameter(f"stop_sequence must be a string of 1-{MAX_STOP_CHARS} characters")
-    extras = message.get("extra_stop_sequences")
-    if extras is not None:
-        valid = isinstance(extras, list) and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in extras)
-        if not valid or len(extras) > MAX_STOP_SEQUENCES:
-            raise InvalidParameter(
-                f"extra_stop_sequences must be a list of at most {MAX_STOP_SEQUENCES} strings "
-                f"of 1-{MAX_STOP_CHARS} characters"
-            )
-        if stop_sequence is None:
-            raise InvalidParameter("extra_stop_sequences require stop_sequence (exactly one token)")
-    return Generate(params, stop_sequence, tuple(extras or ()))
-
-
-@dataclass
-class Answer:
-    """One ``generate`` message's answer, step by step: what each step's request is and what to send."""
-
-    request: Generate
-    session_max_length: int
-    text: str = ""  # the answer so far
-    unsent_text: str = ""
-    unsent_tokens: int = 0
-    steps: int = 0
-    ended_by_extra: bool = False  # an extra stop sequence ended it: the session goes on as if stop_sequence
-    done: bool = False
-    _held: int | None = field(default=None, repr=False)  # tokens the session holds after the last step
-
-    def next_params(self) -> GenerateParams:
-        """The next step's request: the message's inputs with the first step only."""
-        params = self.request.params
-        return params if self.steps == 0 else replace(params, inputs=None)
-
-    def after_step(self, done: dict[str, Any]) -> dict[str, Any] | None:
-        """Take a step's result (a replica stream's ``done`` event); the message to send, if any
-        (text stays unsent while it is empty, and its tokens count toward the next message)."""
-        self.steps += 1
-        outputs, generated = str(done["outputs"]), int(done["generated_tokens"])
-        self.text += outputs
-        self.unsent_text += outputs
-        self.unsent_tokens += generated
-        self._held = int(done.get("cached_tokens", 0)) + int(done.get("prompt_tokens", 0)) + generated
-        stop_sequence, extras = self.request.stop_sequence, self.request.extra_stop_sequences
-        self.ended_by_extra = any(self.text.endswith(extra) for extra in extras)
-        self.done = (
-            stop_sequence is None
-            or self.text.endswith(stop_sequence)
-            or self.ended_by_extra
-            or done.get("finish_reason") == "eos"
-            or generated == 0
-            or not self._room_for_a_step()
-        )
-        if not self.done and not self.unsent_text:
-            return None
-        message = {"ok": True, "outputs": self.unsent_text, "stop": self.done, "token_count": self.unsent_tokens}
-        self.unsent_text, self.unsent_tokens = "", 0
-        return message
-
-    def _room_for_a_step(self) -> bool:
-        params = self.request.params
-        if params.max_new_tokens is None:  # max_length: the whole answer's length, reached in one step
-            return False
-        return self._held is not None and self._held + params.max_new_tokens <= self.session_max_length
+    return Generate(params, parse_stop_sequences(message))
 
 
 def _show(value: Any) -> str:

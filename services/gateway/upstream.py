@@ -1,7 +1,7 @@
 """HTTP calls from the gateway to inference replicas and the ui, on the worker's event loop.
 
 One aiohttp session per gateway worker (a keep-alive pool per replica, no limit on connections:
-every relayed stream holds one while it runs). A call either reads the whole answer (``Answer``)
+every relayed stream holds one while it runs). A call either reads the whole answer (``ReplicaAnswer``)
 or leaves the body to be relayed as it comes (``Stream``, closed by whoever relays it; closing it
 before the end drops the connection, which stops the generation on the replica). Connection
 failures become ``ReplicaUnreachable``. Each call is counted by its ``CallMetrics``: a replica's
@@ -66,7 +66,7 @@ class UiCall:
 
 
 @dataclass(frozen=True)
-class Answer:
+class ReplicaAnswer:
     """A replica's whole answer."""
 
     status: int
@@ -84,10 +84,10 @@ class Stream:
         self.status: int = response.status
         self.headers: Mapping[str, str] = response.headers
 
-    async def read(self) -> Answer:
+    async def read(self) -> ReplicaAnswer:
         """The whole (small) body, e.g. an error answer; the connection goes back to the pool."""
         try:
-            return Answer(self.status, self.headers, await self._response.read())
+            return ReplicaAnswer(self.status, self.headers, await self._response.read())
         except (TimeoutError, aiohttp.ClientError) as error:
             raise _failed(self._replica, self._metrics, "protocol", error) from error
         finally:
@@ -130,7 +130,7 @@ class Upstream:
         if self._session is not None:
             await self._session.close()
 
-    async def request(self, replica: str, url: str, method: str, path: str, **kwargs: Any) -> Answer:
+    async def request(self, replica: str, url: str, method: str, path: str, **kwargs: Any) -> ReplicaAnswer:
         """One call, its answer read whole."""
         return await (await self.stream(replica, url, method, path, **kwargs)).read()
 

@@ -1,13 +1,14 @@
 """``/api/v2/generate``: the WebSocket API of chat.petals.dev, relayed to an inference replica.
 
-The protocol (messages, step rule) is in socket_protocol.py. Here, the relay: a connection's
-``open_inference_session`` opens a v1 session on a replica of its model, chosen by the routing
-policy like any new session (replicas.py); each step of a ``generate`` message is one typed
-``ReplicaRequest`` to that session's replica, streamed back over its SSE endpoint, so the replica
-needs no WebSocket of its own. The session is the connection's: it is closed on the replica as
-soon as the connection ends, whether the client closed it, vanished (no answer to pings), idled
-past ``WS_IDLE_TIMEOUT_SECONDS`` or the gateway is stopping; a generation still running then is
-cancelled first (its stream to the replica is dropped, which stops it at once).
+The messages are in socket_protocol.py. Here, the relay: a connection's ``open_inference_session``
+opens a v1 session on a replica of its model, chosen by the routing policy like any new session
+(replicas.py); a ``generate`` message is one typed ``StepsRequest`` to that session's replica, which
+runs its steps (the step rule, services/common/api/step_rule.py) and streams back the messages to send
+over its SSE endpoint, so the replica needs no WebSocket of its own. The session is the connection's: it is
+closed on the replica as soon as the connection ends, whether the client closed it, vanished (no
+answer to pings), idled past ``WS_IDLE_TIMEOUT_SECONDS`` or the gateway is stopping; a generation
+still running then is cancelled first (its stream to the replica is dropped, which stops it at
+its next token).
 
 Each connection is a coroutine and one pending read on the worker's event loop: thousands of
 open chats cost no thread. Messages keep being read while an answer is generated, so a message
@@ -31,7 +32,8 @@ import falcon
 import falcon.asgi
 from falcon.errors import PayloadTypeError, WebSocketDisconnected
 
-from services.common.api.replica_request import ReplicaRequest
+from services.common.api.replica_request import GENERATE_STREAM_PATH, ReplicaRequest
+from services.common.api.step_rule import StepsRequest
 from services.common.web.errors import (
     ERROR_CODE_HEADER,
     ERROR_STATUS_HEADER,
@@ -47,11 +49,11 @@ from services.common.web.sse import parse_sse_async
 from services.gateway.auth import POLICY_VIOLATION, accepted_subprotocol
 from services.gateway.metrics import CLIENT_REQUESTS, WEBSOCKET_CONNECTIONS
 from services.gateway.ratelimit import RateLimitMiddleware
-from services.gateway.resources import Request, Router, read_answer, relayed_chunks, upstream_error
+from services.gateway.relay import Request, read_answer, relayed_chunks, upstream_error
+from services.gateway.routing import Router
 from services.gateway.settings import GatewaySettings
 from services.gateway.socket_protocol import (
     OPEN,
-    Answer,
     Generate,
     parse_generate_message,
     parse_message,
@@ -61,7 +63,6 @@ from services.gateway.upstream import ReplicaUnreachable
 
 logger = logging.getLogger(__name__)
 ENDPOINT = "/api/v2/generate"
-_STREAM_PATH = "/api/v2/generate_stream"
 _SESSION_LOST = 1011  # close code after an error that ended the session
 _TRY_AGAIN_LATER = 1013  # close code of a connection over its client's WS_MAX_CONNECTIONS_PER_CLIENT
 _BUSY = "A generation is running on this connection: send the next message after its last answer (stop: true)"
@@ -235,10 +236,7 @@ class _Connection:
         if self._session_id is not None:
             raise ApiError("This connection already holds a session: open another connection for another session")
         request = parse_open(message, self._limits)
-        model = self._router.replicas.resolve(request.model).name
-        fields = {"max_length": request.max_length, "model": model, "client": self._client}
-        path = "/api/v1/open_inference_session"
-        answer = await read_answer(await self._router.to_model(model, "new_session", "GET", path, fields=fields))
+        answer = await self._router.open_session(request.model, request.max_length, self._client)
         body = _json(answer.data)
         if not body.get("ok"):
             status = falcon.code_to_http_status(answer.headers.get(ERROR_STATUS_HEADER, "400"))
@@ -248,21 +246,11 @@ class _Connection:
         await self._send({"ok": True})
 
     async def _generate(self, request: Generate, started: float) -> bool:
-        """Run one ``generate`` message step by step; True if an error ended the session."""
-        answer = Answer(request, self._max_length)
+        """Relay one ``generate`` message's answer from the replica; True if an error ended the session."""
         try:
-            while not answer.done:
-                replace_last = self._continue_with if answer.steps == 0 else None
-                stop_token = request.stop_sequence if request.extra_stop_sequences else None
-                step = ReplicaRequest(answer.next_params(), stop_token=stop_token, replace_last_token=replace_last,
-                                      client=self._client)  # fmt: skip
-                done = await self._step(step)
-                self._continue_with = None  # consumed by the first step
-                message = answer.after_step(done)
-                if message is not None:
-                    await self._send(message)
-            if answer.ended_by_extra:
-                self._continue_with = request.stop_sequence
+            done = await self._relay_steps(request)
+            self._continue_with = request.stops.sequence if done["ended_by_extra"] else None
+            await self._send(done["message"])  # the last await: the next message finds no generation running
             self._count("200", started)
             return False
         except ApiError as error:
@@ -276,19 +264,26 @@ class _Connection:
             self._count("500", started)
             return False
 
-    async def _step(self, request: ReplicaRequest) -> dict[str, Any]:
-        """One step on the session's replica, streamed; its ``done`` event (errors raised as ApiError)."""
+    async def _relay_steps(self, request: Generate) -> dict[str, Any]:
+        """Run the message's steps on the session's replica, sending each message but the last as it
+        comes; the ``done`` event: the last message and whether an extra stop sequence ended the answer
+        (errors raised as ApiError)."""
         assert self._session_id is not None
-        upstream = await self._router.to_session(self._session_id, request.params.model, "POST", _STREAM_PATH,
-                                                 json_body=request.to_json())  # fmt: skip
+        first = ReplicaRequest(request.params, replace_last_token=self._continue_with, client=self._client)
+        body = StepsRequest(first, request.stops, self._max_length).to_json()
+        upstream = await self._router.to_session(self._session_id, request.params.model, "POST",
+                                                 GENERATE_STREAM_PATH, json_body=body)  # fmt: skip
         if upstream.status != 200:
             raise upstream_error(await read_answer(upstream))
+        self._continue_with = None  # the first step has replaced the session's last token
         chunks = relayed_chunks(upstream)
         try:
             async for event, data in parse_sse_async(chunks):
-                if event == "done":
+                if event == "message":
+                    await self._send(data)
+                elif event == "done":
                     return data
-                if event == "error":
+                elif event == "error":
                     error = data.get("error", {})
                     raise ApiError(str(error.get("message", "Generation failed")), status=falcon.HTTP_502,
                                    code=str(error.get("code", "upstream_error")))  # fmt: skip
@@ -310,8 +305,7 @@ class _Connection:
 
     async def _close_on_replica(self, session_id: str) -> None:
         try:
-            path, fields = "/api/v1/close_inference_session", {"session_id": session_id, "client": self._client}
-            await read_answer(await self._router.to_session(session_id, None, "GET", path, fields=fields))
+            await self._router.close_session(session_id, None, self._client)
         except ApiError:
             pass  # gone already (expired, or its replica is): nothing to free
         except Exception:

@@ -1,19 +1,23 @@
-"""HTTP resources of the inference service: the v1 API of the seed contract."""
+"""HTTP resources of the inference service: the v1 API of the seed contract and its SSE stream (which
+also runs the WebSocket API's steps)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import falcon
 
-from services.common.api.params import Limits, get_model, get_session_id, parse_open_session, read_values
+from services.common.api.params import Limits, get_bool, get_model, get_session_id, parse_open_session, read_values
 from services.common.api.replica_request import ReplicaRequest, get_client
+from services.common.api.step_rule import StepsRequest
 from services.common.web.errors import ApiError, InvalidParameter, report_incident
 from services.common.web.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error, sse_event
-from services.inference.generation import Generation, GenerationResult, TokenEvent
+from services.inference.generation import GenerationResult, TokenEvent
 from services.inference.generator import Generator
 from services.inference.model import ModelHandle
 from services.inference.sessions import SessionStore
+from services.inference.step_loop import StepMessage, SteppedGeneration, StepsEnded
 
 
 class GenerateResource:
@@ -37,7 +41,10 @@ class GenerateStreamResource:
     Errors found before generation starts get their real HTTP status; an error during the
     stream ends it with an ``error`` event. A client that disconnects stops the generation.
     The body is a ReplicaRequest (the v1 parameters, and the gateway's ``model``,
-    ``conversation`` and ``fill_context``).
+    ``conversation`` and ``fill_context``), or with ``steps`` a StepsRequest: a WebSocket
+    ``generate`` message run step by step (services/common/api/step_rule.py), whose events are a
+    ``message`` per message for the client and an SSE comment per token, then ``done`` with the
+    last message and ``ended_by_extra``.
     """
 
     def __init__(self, generator: Generator, limits: Limits) -> None:
@@ -45,11 +52,35 @@ class GenerateStreamResource:
         self._limits = limits
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        request = ReplicaRequest.from_json(read_values(req, self._limits), self._limits)
-        generation = self._generator.prepare(request)
+        values = read_values(req, self._limits)
+        if get_bool(values, "steps", default=False):
+            steps = SteppedGeneration(self._generator, StepsRequest.from_json(values, self._limits))
+            body = SseBody(steps, _step_event)
+        else:
+            body = SseBody(self._generator.prepare(ReplicaRequest.from_json(values, self._limits)))
         resp.content_type = SSE_CONTENT_TYPE
         resp.set_headers(SSE_HEADERS)
-        resp.stream = SseBody(generation)
+        resp.stream = body
+
+
+class Streamed(Protocol):
+    """A prepared generation (or the steps of one): its events, and ``close`` to stop it."""
+
+    def stream(self) -> Iterator[Any]: ...
+
+    def close(self) -> None: ...
+
+
+def _generation_event(event: TokenEvent | GenerationResult) -> bytes:
+    if isinstance(event, TokenEvent):
+        return sse_event("token", {"text": event.text, "generated_tokens": event.generated_tokens})
+    return sse_event("done", {"ok": True, **event.summary()})
+
+
+def _step_event(event: StepMessage | StepsEnded) -> bytes:
+    if isinstance(event, StepsEnded):
+        return sse_event("done", {"ok": True, "message": event.message, "ended_by_extra": event.ended_by_extra})
+    return b":\n\n" if event.message is None else sse_event("message", event.message)
 
 
 class SseBody:
@@ -60,9 +91,9 @@ class SseBody:
     never ran ignores ``close``). gunicorn always takes a first chunk; a server need not.
     """
 
-    def __init__(self, generation: Generation) -> None:
+    def __init__(self, generation: Streamed, encode: Callable[[Any], bytes] = _generation_event) -> None:
         self._generation = generation
-        self._chunks = _sse_chunks(generation.stream())
+        self._chunks = _sse_chunks(generation.stream(), encode)
 
     def __iter__(self) -> Iterator[bytes]:
         return self._chunks
@@ -72,13 +103,10 @@ class SseBody:
         self._generation.close()
 
 
-def _sse_chunks(events: Iterator[TokenEvent | GenerationResult]) -> Iterator[bytes]:
+def _sse_chunks(events: Iterator[Any], encode: Callable[[Any], bytes] = _generation_event) -> Iterator[bytes]:
     try:
         for event in events:
-            if isinstance(event, TokenEvent):
-                yield sse_event("token", {"text": event.text, "generated_tokens": event.generated_tokens})
-            else:
-                yield sse_event("done", {"ok": True, **event.summary()})
+            yield encode(event)
     except ApiError as error:
         yield sse_error(error.error_code, error.message)
     except Exception as error:

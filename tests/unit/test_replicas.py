@@ -8,7 +8,7 @@ from services.common.chat.formats import CHATML, HUMAN_AI
 from services.common.chat.model_card import GenerationDefaults, ModelCard
 from services.common.web.errors import ModelMismatch, ModelNotFound, ServiceUnavailable, SessionNotFound
 from services.gateway.poller import update
-from services.gateway.replicas import ReplicaSet
+from services.gateway.replicas import Decision, ReplicaSet
 
 BLOOM = ModelCard("tiny-bloom", "The seed's family.", HUMAN_AI, GenerationDefaults(), 2048)
 SMOL = ModelCard("smollm2", "A real chat model.", CHATML, GenerationDefaults(), 2048)
@@ -43,16 +43,19 @@ def test_unknown_models_are_clear_errors():
 def test_new_sessions_go_to_the_least_loaded_replica_of_their_model():
     replicas = replica_set({"inference-0": BLOOM, "inference-1": SMOL, "inference-2": SMOL})
     replicas.replicas["inference-1"].active_sessions = 5
-    assert [r.name for r in replicas.least_loaded("new_session", "smollm2")] == ["inference-2", "inference-1"]
-    assert [r.name for r in replicas.least_loaded("new_session", "tiny-bloom")] == ["inference-0"]
+    assert [r.name for r in replicas.least_loaded(Decision.NEW_SESSION, "smollm2")] == ["inference-2", "inference-1"]
+    assert [r.name for r in replicas.least_loaded(Decision.NEW_SESSION, "tiny-bloom")] == ["inference-0"]
     replicas.replicas["inference-0"].ready = False
     with pytest.raises(ServiceUnavailable, match="No inference replica of tiny-bloom is ready"):
-        replicas.least_loaded("sessionless", "tiny-bloom")
+        replicas.least_loaded(Decision.SESSIONLESS, "tiny-bloom")
 
 
 def test_ties_rotate_and_conversations_stick():
     replicas = replica_set({"inference-0": SMOL, "inference-1": SMOL})
-    assert {replicas.least_loaded("sessionless", "smollm2")[0].name for _ in range(4)} == {"inference-0", "inference-1"}
+    assert {replicas.least_loaded(Decision.SESSIONLESS, "smollm2")[0].name for _ in range(4)} == {
+        "inference-0",
+        "inference-1",
+    }
     first = replicas.by_affinity("conversation-key", "smollm2")[0].name
     assert all(replicas.by_affinity("conversation-key", "smollm2")[0].name == first for _ in range(4))
     assert replicas.by_affinity("conversation-key", "smollm2")[0].model == "smollm2"

@@ -7,11 +7,11 @@ import json
 import pytest
 
 from services.common.api.params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, Limits
+from services.common.api.step_rule import StepAnswer
 from services.common.startup.config import Env
 from services.common.web.errors import InvalidParameter, PayloadTooLarge
 from services.gateway.settings import GatewaySettings
 from services.gateway.socket_protocol import (
-    Answer,
     largest_message_bytes,
     parse_generate_message,
     parse_message,
@@ -23,9 +23,9 @@ LIMITS = Limits()
 SESSION = "inference-0.abc"
 
 
-def generate(**message) -> Answer:
+def generate(**message) -> StepAnswer:
     request = parse_generate_message({"type": "generate", **message}, SESSION, LIMITS)
-    return Answer(request, session_max_length=message.pop("session_max_length", 64))
+    return StepAnswer(request.params, request.stops, session_max_length=message.pop("session_max_length", 64))
 
 
 def done(outputs: str, generated: int = 1, *, cached: int = 10, prompt: int = 0, reason: str = "length") -> dict:

@@ -33,6 +33,11 @@ from typing import Any
 from services.common.api.params import MAX_STOP_CHARS, GenerateParams, Limits, get_bool, get_str, parse_generate
 from services.common.web.errors import InvalidParameter
 
+# The replica's paths the gateway calls (the public v1 / v2 paths are the same).
+GENERATE_PATH = "/api/v1/generate"
+GENERATE_STREAM_PATH = "/api/v2/generate_stream"
+OPEN_SESSION_PATH = "/api/v1/open_inference_session"
+CLOSE_SESSION_PATH = "/api/v1/close_inference_session"
 CLOSE_CLIENT_SESSIONS_PATH = "/internal/close_client_sessions"
 CLIENT_PATTERN = re.compile(r"^(key|ip):[A-Za-z0-9_.:%-]{1,64}$")
 

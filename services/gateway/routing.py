@@ -1,0 +1,92 @@
+"""The routing and failover policy: which replica gets a call, and what a failed call becomes."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from services.common.api.params import GenerateParams
+from services.common.api.replica_request import CLOSE_SESSION_PATH, OPEN_SESSION_PATH, ReplicaRequest
+from services.common.web.errors import ERROR_CODE_HEADER, ServiceUnavailable, SessionNotFound
+from services.gateway.relay import read_answer
+from services.gateway.replicas import Decision, Replica, ReplicaSet
+from services.gateway.upstream import ReplicaAnswer, ReplicaUnreachable, Stream, Upstream
+
+_RETRY_ELSEWHERE = {"too_many_sessions", "unavailable"}  # another replica may accept
+
+
+class Router:
+    """Sends a validated call to the right replica and turns failures into public errors."""
+
+    def __init__(self, replicas: ReplicaSet, upstream: Upstream) -> None:
+        self.replicas = replicas
+        self.upstream = upstream
+
+    async def generate(self, params: GenerateParams, path: str, client: str) -> Stream:
+        """``client``'s v1 / v2 generation: to its session's replica, else to the least busy one of its model."""
+        if params.session_id:
+            body = ReplicaRequest(params, client=client).to_json()
+            return await self.to_session(params.session_id, params.model, "POST", path, json_body=body)
+        model = self.replicas.resolve(params.model).name
+        body = ReplicaRequest(dataclasses.replace(params, model=model), client=client).to_json()
+        return await self.to_model(model, Decision.SESSIONLESS, "POST", path, json_body=body)
+
+    async def open_session(self, model: str | None, max_length: int, client: str) -> ReplicaAnswer:
+        """Open ``client``'s session on the least-loaded ready replica of ``model`` (None: the default)."""
+        name = self.replicas.resolve(model).name
+        fields = {"max_length": max_length, "model": name, "client": client}  # the client: its quota
+        return await read_answer(
+            await self.to_model(name, Decision.NEW_SESSION, "GET", OPEN_SESSION_PATH, fields=fields)
+        )
+
+    async def close_session(self, session_id: str, model: str | None, client: str) -> ReplicaAnswer:
+        """Close ``session_id`` on its replica, if it is ``client``'s."""
+        fields = {"session_id": session_id, "client": client}
+        upstream = await self.to_session(session_id, model, "GET", CLOSE_SESSION_PATH, fields=fields)
+        return await read_answer(upstream)
+
+    async def to_session(self, session_id: str, model: str | None, method: str, path: str, **kwargs: Any) -> Stream:
+        """Call the replica holding ``session_id``; a gone replica means a gone session."""
+        replica = self.replicas.for_session(session_id, model)
+        try:
+            return await self.upstream.stream(replica.name, replica.url, method, path, **kwargs)
+        except ReplicaUnreachable as error:
+            if error.kind == "connect":
+                self.replicas.mark_down(replica, f"unreachable ({error})")
+            raise SessionNotFound(session_id, detail="Its inference replica is gone.") from error
+
+    async def to_model(self, model: str, decision: Decision, method: str, path: str, **kwargs: Any) -> Stream:
+        """Call the least-loaded ready replica of ``model`` (by ``decision``'s measure), moving on
+        while replicas are down or full."""
+        candidates = self.replicas.least_loaded(decision, model)
+        return await self._first_accepting(candidates, decision, method, path, **kwargs)
+
+    async def to_conversation(self, key: str, model: str, method: str, path: str, **kwargs: Any) -> Stream:
+        """Call the replica of ``model`` that holds (or will hold) the conversation ``key``, else the next."""
+        candidates = self.replicas.by_affinity(key, model)
+        return await self._first_accepting(candidates, Decision.CONVERSATION, method, path, **kwargs)
+
+    async def _first_accepting(
+        self, candidates: list[Replica], decision: Decision, method: str, path: str, **kwargs: Any
+    ) -> Stream:
+        for index, replica in enumerate(candidates):
+            response = await self._try(replica, method, path, **kwargs)
+            if response is None:
+                continue
+            if index < len(candidates) - 1 and response.headers.get(ERROR_CODE_HEADER) in _RETRY_ELSEWHERE:
+                response.close()
+                continue
+            if decision is Decision.NEW_SESSION and ERROR_CODE_HEADER not in response.headers:
+                self.replicas.session_opened(replica)
+            return response
+        raise ServiceUnavailable("No inference replica could take the request; retry in a few seconds")
+
+    async def _try(self, replica: Replica, method: str, path: str, **kwargs: Any) -> Stream | None:
+        try:
+            with self.replicas.in_flight(replica):
+                return await self.upstream.stream(replica.name, replica.url, method, path, **kwargs)
+        except ReplicaUnreachable as error:
+            if error.kind != "connect":
+                raise ServiceUnavailable(f"Inference replica {replica.name} failed ({error.kind})") from error
+            self.replicas.mark_down(replica, f"unreachable ({error})")
+            return None
