@@ -337,7 +337,7 @@ def _document(limits: Limits, models: Sequence[str]) -> dict[str, Any]:
                     "more SocketAnswer messages, the last with stop=true. Errors: V1Error messages "
                     '({"ok": false, "traceback"}). One inference session per connection, closed with it. '
                     "OpenAPI 3.1 has no way to describe a WebSocket conversation: the messages are in x-websocket "
-                    "and the whole protocol (step rule, errors, close codes, limits) in the README's API reference. "
+                    "and the whole protocol (step rule, errors, close codes, limits) in docs/api.md. "
                     "A plain HTTP GET is answered 426.",
                     "responses": {
                         "101": {"description": "Switching Protocols: the WebSocket conversation begins"},

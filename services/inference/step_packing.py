@@ -7,7 +7,7 @@ for every server, ``_ServerInferenceSession.step`` walks the arguments (``pack_a
 builds a ``BatchTensorDescriptor`` (only its dtype and compression are read), and serializes
 the tensor into a new protobuf message. That was about 55 us of CPU per server per step on this
 project's 2-core machine; with two servers, the client used 3-14 % less CPU per token without it
-(``python -m bench.client_step``; README, "Benchmarks").
+(``python -m bench.client_step``; docs/benchmarks.md).
 
 The three replacements in ``petals.client.inference_session`` produce the same requests, byte for
 byte (tests/unit/test_step_packing.py):

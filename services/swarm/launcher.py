@@ -40,7 +40,7 @@ _MULTIADDR = re.compile(r"Running a server on \['(?P<addr>/ip4/[^']+/p2p/\w+)'")
 _STARTED = re.compile(r"\[INFO\] Started\s*$")
 # A Petals server is several processes (connection-handler forks, the runtime, p2pd), each of which
 # would start torch with one intra-op thread per core: under load they spin against each other.
-# One thread each cut the swarm's CPU per token from 95-145 ms to 12-15 ms (README, Threads).
+# One thread each cut the swarm's CPU per token from 95-145 ms to 12-15 ms (docs/deploying.md, Threads and dtype).
 SERVER_TORCH_THREADS = 1
 PETALS_NUM_HANDLERS = 8  # Petals' own default of --num_handlers, sized for a big machine
 
@@ -52,7 +52,7 @@ def handlers_per_server(servers: int, cpus: int | None = None) -> int:
 
     Handler processes beyond the CPUs only add context switches, and a session's pushed inputs that
     land on another handler cross a process queue; on 2 cores, one handler per server instead of 8
-    cut the swarm's CPU per token by 10-12 % (README, Threads and dtype; bench/server_handlers.py).
+    cut the swarm's CPU per token by 10-12 % (docs/deploying.md, Threads and dtype; bench/server_handlers.py).
     More than 8 was never measured, so a big machine keeps Petals' 8.
     """
     return max(1, min(PETALS_NUM_HANDLERS, (cpus or available_cpus()) // max(1, servers)))

@@ -6,7 +6,7 @@ handlers. Every task's inputs, its outputs and its future's state travel between
 file and the receiver maps it again (``share_memory_`` / ``rebuild_storage_filename``). For the
 few-kilobyte hidden states of one decoding step that costs far more than the bytes themselves:
 profiled under 16 sessions, it was about a third of a server's Python time, and pickling such
-tensors by value cut the swarm's CPU per token by 11-35 % under 16-32 sessions (README, Benchmarks).
+tensors by value cut the swarm's CPU per token by 11-35 % under 16-32 sessions (docs/benchmarks.md).
 
 ``install(limit_bytes)`` (called by services/swarm/serve.py before Petals starts, so the forks
 inherit it) makes two changes in this process:

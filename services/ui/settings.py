@@ -1,4 +1,4 @@
-"""The ui service's settings, read from the environment (see README, Configuration)."""
+"""The ui service's settings, read from the environment (see docs/configuration.md)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ KUBERNETES_SKIPS = {
     "CKV_K8S_43",
 }
 DOCKERFILE_SKIPS = {
-    # No HEALTHCHECK by design: Kubernetes probes /healthz and /readyz (see README, "Container images: CPU or GPU").
+    # No HEALTHCHECK by design: Kubernetes probes /healthz and /readyz (docs/deploying.md, "Container images").
     "CKV_DOCKER_2",
     # The base is pinned through the BASE_IMAGE build argument (python:3.11.7-slim-bookworm) and
     # the other FROM lines name build stages, which checkov cannot tell from untagged images.

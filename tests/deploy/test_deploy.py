@@ -9,7 +9,7 @@ a graceful stop within each pod's grace period; then a re-deploy of every pod fr
 that keeps the first render's seed Secret (what `helm upgrade` renders): ready again, the same swarm.
 
 Needs root, podman and the built images: `make test-deploy` installs the tools, builds the images and
-runs this module (about 25 minutes from nothing on this project's machine, see README).
+runs this module (about 25 minutes from nothing on this project's machine, see docs/testing.md).
 Skipped without RUN_DEPLOY_TESTS=1.
 """
 

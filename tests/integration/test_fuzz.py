@@ -255,5 +255,5 @@ def test_the_schemathesis_cli_sees_no_warnings(fuzz_stack: Stack, tmp_path, arti
     print(output[-6000:])
     assert "mostly rejected" not in output and "Warning" not in output, output[-6000:]
     assert "Server error" not in output and "Test cases:" in output, output[-6000:]
-    # What it still reports, by contract (README "Fuzzing"): v1 answering invalid data with HTTP 200
+    # What it still reports, by contract (docs/testing.md, "Fuzzing"): v1 answering invalid data with HTTP 200
     # (ST201), a plain GET of the WebSocket endpoint (426) and semantic limits (ST202).

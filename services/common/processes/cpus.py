@@ -2,9 +2,9 @@
 
 torch sizes its intra-op thread pool by the cores it sees, which in a container are the node's,
 not the CPU quota the container gets; and a Petals server is several processes (a dozen with
-Petals' 8 connection handlers), each with such a pool. Both oversubscribe the cores (see README,
-Threads). These helpers read what the kernel grants (affinity and the cgroup CPU quota) so each
-process can size its pool, and a server its handlers, to that.
+Petals' 8 connection handlers), each with such a pool. Both oversubscribe the cores (see
+docs/deploying.md, Threads and dtype). These helpers read what the kernel grants (affinity and the
+cgroup CPU quota) so each process can size its pool, and a server its handlers, to that.
 """
 
 from __future__ import annotations
