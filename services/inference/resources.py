@@ -11,8 +11,8 @@ from services.common.params import Limits, get_model, get_session_id, parse_open
 from services.common.replica_request import ReplicaRequest, get_client
 from services.common.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error, sse_event
 from services.inference.generation import Generation, GenerationResult, TokenEvent
-from services.inference.generator import Generator
 from services.inference.model import ModelHandle
+from services.inference.planner import GenerationPlanner
 from services.inference.sessions import SessionStore
 
 
@@ -21,13 +21,13 @@ class GenerateResource:
 
     error_envelope = "v1"
 
-    def __init__(self, generator: Generator, limits: Limits) -> None:
-        self._generator = generator
+    def __init__(self, planner: GenerationPlanner, limits: Limits) -> None:
+        self._planner = planner
         self._limits = limits
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         request = ReplicaRequest.from_json(read_values(req, self._limits), self._limits)
-        result = self._generator.generate(request)
+        result = self._planner.generate(request)
         resp.media = {"ok": True, "outputs": result.text}
 
 
@@ -40,13 +40,13 @@ class GenerateStreamResource:
     ``conversation`` and ``fill_context``).
     """
 
-    def __init__(self, generator: Generator, limits: Limits) -> None:
-        self._generator = generator
+    def __init__(self, planner: GenerationPlanner, limits: Limits) -> None:
+        self._planner = planner
         self._limits = limits
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         request = ReplicaRequest.from_json(read_values(req, self._limits), self._limits)
-        generation = self._generator.prepare(request)
+        generation = self._planner.prepare(request)
         resp.content_type = SSE_CONTENT_TYPE
         resp.set_headers(SSE_HEADERS)
         resp.stream = SseBody(generation)
