@@ -1,7 +1,7 @@
 """The replica's Petals client step with and without step_packing, A/B in one process, rounds alternating.
 
 One private swarm of the tiny BLOOM (2 servers) and one Petals client in this process, generating
-exactly as the inference service does (``PetalsModel.generate``, greedy, token by token). For each
+exactly as the inference service does (``SwarmStepper.generate``, greedy, token by token). For each
 number of concurrent sessions (``--sessions``, one thread each) and each of ``--rounds`` rounds, the
 sessions run once with Petals' own request packing and once with services/inference/step_packing.py
 installed, the order reversing from round to round. Per (N, packing): tokens/s and the CPU this
@@ -27,8 +27,8 @@ from bench.common import load_average, machine_description
 from bench.concurrency import print_table, prompt_for
 from bench.inference_latency import CLIENT_OPTIONS, DHT_PREFIX  # sets HF_HUB_OFFLINE first
 from services.inference import petals_compat, step_packing
-from services.inference.petals_model import PetalsModel
 from services.inference.settings import default_dtype
+from services.inference.swarm_stepper import SwarmStepper
 from services.swarm.launcher import PrivateSwarm
 from services.swarm.tiny_bloom import ensure_tiny_bloom
 
@@ -60,7 +60,7 @@ class Client:
         self.model = AutoDistributedModelForCausalLM.from_pretrained(
             model_dir, initial_peers=peers, dht_prefix=DHT_PREFIX, torch_dtype=dtype, **CLIENT_OPTIONS
         ).eval()
-        self.swarm = PetalsModel(self)
+        self.stepper = SwarmStepper(self)
 
     def open_petals_session(self, max_length: int) -> Any:
         from petals.client.inference_session import InferenceSession
@@ -71,7 +71,7 @@ class Client:
         """One session's greedy tokens after ``prompt``."""
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         with self.open_petals_session(len(ids) + tokens) as petals_session:
-            return list(self.swarm.generate(petals_session, ids, tokens, None))
+            return list(self.stepper.generate(petals_session, ids, tokens, None))
 
     def load(self, count: int, tokens: int) -> tuple[float, float, list[list[int]]]:
         """``count`` concurrent sessions: (wall seconds, CPU seconds of this process, outputs)."""

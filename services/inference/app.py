@@ -15,8 +15,8 @@ from services.common.chat.model_card import ModelCard
 from services.common.startup.config import load_or_exit
 from services.common.web.app import configure_logging
 from services.common.web.app import create_app as create_base_app
-from services.inference.generator import Generator
 from services.inference.model import ModelHandle
+from services.inference.planner import GenerationPlanner
 from services.inference.resources import (
     CloseClientSessionsResource,
     CloseSessionResource,
@@ -50,9 +50,9 @@ class InferenceService:
     def _build_app(self) -> falcon.App:
         settings, limits = self.settings, self.settings.limits
         app = create_base_app(readiness=self.readiness, debug_tracebacks=settings.debug_tracebacks)
-        generator = Generator(self.model, self.store, limits)
-        app.add_route("/api/v1/generate", GenerateResource(generator, limits))
-        app.add_route("/api/v2/generate_stream", GenerateStreamResource(generator, limits))
+        planner = GenerationPlanner(self.model, self.store, limits)
+        app.add_route("/api/v1/generate", GenerateResource(planner, limits))
+        app.add_route("/api/v2/generate_stream", GenerateStreamResource(planner, limits))
         app.add_route("/api/v1/open_inference_session", OpenSessionResource(self.model, self.store, limits))
         app.add_route("/api/v1/close_inference_session", CloseSessionResource(self.store, limits))
         app.add_route(CLOSE_CLIENT_SESSIONS_PATH, CloseClientSessionsResource(self.store, limits))

@@ -18,8 +18,8 @@ from typing import Any
 
 from services.common.web.errors import ApiError
 from services.inference.metrics import SESSION_REBUILDS
-from services.inference.petals_model import PetalsModel
-from services.inference.sessions import OneOffLease, SessionLease, token_id_list
+from services.inference.sessions import OneOffLease, SessionLease
+from services.inference.swarm_stepper import SwarmStepper
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +36,14 @@ class SwarmFailure(ApiError):
 class SwarmDriver:
     """Generates a request's tokens in a lease's Petals session, rebuilding it when the swarm fails.
 
-    Of the model it uses ``generate``, ``swarm_ready`` and ``open_petals_session`` (the unit tests
+    Of the stepper it uses ``generate``, ``swarm_ready`` and ``open_petals_session`` (the unit tests
     pass a fake with just those)."""
 
-    def __init__(self, swarm: PetalsModel, lease: SessionLease | OneOffLease, processors: Any) -> None:
-        self._swarm = swarm
+    def __init__(self, stepper: SwarmStepper, lease: SessionLease | OneOffLease, processors: Any) -> None:
+        self._stepper = stepper
         self._lease = lease
         self._processors = processors
-        self._prefix = lease.petals.output_ids  # held before this request (replaced by steps, never changed)
+        self._prefix = lease.tokens.snapshot()  # held before this request
         self.generated: list[int] = []
 
     def tokens(self, input_ids: list[int], new_tokens: int) -> Iterator[int]:
@@ -54,10 +54,10 @@ class SwarmDriver:
             if failure is not None:
                 logger.warning("swarm failure (%r): rebuilding the session, attempt %d", failure, attempt)
                 self._rebuild()
-                token_ids = token_id_list(self._prefix) + input_ids + self.generated
+                token_ids = self._prefix.ids() + input_ids + self.generated
             try:
                 due = new_tokens - len(self.generated)
-                with closing(self._swarm.generate(self._lease.petals, token_ids, due, self._processors)) as steps:
+                with closing(self._stepper.generate(self._lease.petals, token_ids, due, self._processors)) as steps:
                     for token in steps:
                         self.generated.append(token)
                         yield token
@@ -65,13 +65,13 @@ class SwarmDriver:
             except Exception as error:
                 logger.warning("generation failed in the swarm", exc_info=True)
                 failure = error
-            if not self._swarm.swarm_ready():
+            if not self._stepper.swarm_ready():
                 break
         raise SwarmFailure(f"The Petals swarm failed during generation ({type(failure).__name__})") from failure
 
     def _rebuild(self) -> None:
         """Swap in a fresh Petals session (the next attempt replays every token) and close the broken one."""
-        broken = self._lease.replace_petals(self._swarm.open_petals_session(self._lease.max_length))
+        broken = self._lease.replace_petals(self._stepper.open_petals_session(self._lease.max_length))
         threading.Thread(target=_close_quietly, args=(broken,), name="close-broken", daemon=True).start()
         SESSION_REBUILDS.inc()
 

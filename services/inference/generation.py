@@ -1,6 +1,6 @@
 """One generation, run in the request's own thread: one JSON answer (v1) or a stream of events.
 
-A ``Generation`` is prepared by ``generator.Generator`` (validation, session lease: errors are
+A ``Generation`` is prepared by ``planner.GenerationPlanner`` (validation, session lease: errors are
 raised before any output). Its parts: ``SwarmDriver`` produces the tokens (and rebuilds the
 Petals session after a swarm failure), ``TokenText`` turns them into text and decides when a stop
 sequence ends it, ``TokenTimer`` times them, and the lease is the only way to the session. The
@@ -21,8 +21,8 @@ from services.common.web.errors import ApiError, SessionNotFound
 from services.inference.decoding import IncrementalDecoder
 from services.inference.driver import SwarmDriver, SwarmFailure
 from services.inference.metrics import CACHED_PROMPT_TOKENS, GENERATED_TOKENS, PROMPT_TOKENS, TokenTimer
-from services.inference.petals_model import PetalsModel
-from services.inference.sessions import OneOffLease, SessionLease, held_token_ids
+from services.inference.sessions import OneOffLease, SessionLease
+from services.inference.swarm_stepper import SwarmStepper
 from services.inference.token_text import TokenText
 
 
@@ -64,20 +64,20 @@ class Generation:
 
     def __init__(
         self,
-        swarm: PetalsModel,
+        stepper: SwarmStepper,
         lease: SessionLease | OneOffLease,
         params: GenerateParams,
         input_ids: list[int],
         new_tokens: int,
         decoder: IncrementalDecoder,
     ) -> None:
-        self._swarm = swarm
+        self._stepper = stepper
         self._lease = lease
         self._input_ids = input_ids
         self._new_tokens = new_tokens
         self._cached_tokens = lease.token_count
         self._text = TokenText(decoder, params.stop)
-        self._driver = SwarmDriver(swarm, lease, swarm.logits_processors(params))
+        self._driver = SwarmDriver(stepper, lease, stepper.logits_processors(params))
         self._timer = TokenTimer()
         self._events: Iterator[TokenEvent | GenerationResult] | None = None
         self._released = False
@@ -151,6 +151,6 @@ class Generation:
         self._released = True
         try:
             if self._lease.conversation and self._lease.petals is not None:
-                self._lease.record_text(self._swarm.decode_all(held_token_ids(self._lease.petals)))
+                self._lease.record_text(self._stepper.decode_all(self._lease.tokens.ids()))
         finally:
             self._lease.release()

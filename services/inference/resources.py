@@ -14,8 +14,8 @@ from services.common.api.step_rule import StepsRequest
 from services.common.web.errors import ApiError, InvalidParameter, report_incident
 from services.common.web.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error, sse_event
 from services.inference.generation import GenerationResult, TokenEvent
-from services.inference.generator import Generator
 from services.inference.model import ModelHandle
+from services.inference.planner import GenerationPlanner
 from services.inference.sessions import SessionStore
 from services.inference.step_loop import StepMessage, SteppedGeneration, StepsEnded
 
@@ -25,13 +25,13 @@ class GenerateResource:
 
     error_envelope = "v1"
 
-    def __init__(self, generator: Generator, limits: Limits) -> None:
-        self._generator = generator
+    def __init__(self, planner: GenerationPlanner, limits: Limits) -> None:
+        self._planner = planner
         self._limits = limits
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         request = ReplicaRequest.from_json(read_values(req, self._limits), self._limits)
-        result = self._generator.generate(request)
+        result = self._planner.generate(request)
         resp.media = {"ok": True, "outputs": result.text}
 
 
@@ -47,17 +47,17 @@ class GenerateStreamResource:
     last message and ``ended_by_extra``.
     """
 
-    def __init__(self, generator: Generator, limits: Limits) -> None:
-        self._generator = generator
+    def __init__(self, planner: GenerationPlanner, limits: Limits) -> None:
+        self._planner = planner
         self._limits = limits
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         values = read_values(req, self._limits)
         if get_bool(values, "steps", default=False):
-            steps = SteppedGeneration(self._generator, StepsRequest.from_json(values, self._limits))
+            steps = SteppedGeneration(self._planner, StepsRequest.from_json(values, self._limits))
             body = SseBody(steps, _step_event)
         else:
-            body = SseBody(self._generator.prepare(ReplicaRequest.from_json(values, self._limits)))
+            body = SseBody(self._planner.prepare(ReplicaRequest.from_json(values, self._limits)))
         resp.content_type = SSE_CONTENT_TYPE
         resp.set_headers(SSE_HEADERS)
         resp.stream = body

@@ -47,6 +47,7 @@ from typing import Any
 from services.common.web.errors import SessionBusy, SessionNotFound, SessionQuotaExceeded, TooManySessions
 from services.inference.decoding import IncrementalDecoder
 from services.inference.metrics import ACTIVE_SESSIONS, SESSIONS_CLOSED, SESSIONS_OPENED
+from services.inference.session_tokens import SessionTokens
 
 logger = logging.getLogger(__name__)
 
@@ -67,25 +68,9 @@ class Session:
     client: str | None = None  # its owner, whose quota it counts toward (None: a replica called directly)
 
     @property
-    def token_count(self) -> int:
-        """Tokens the session holds so far (prompts and generated tokens)."""
-        return held_token_count(self.petals)
-
-
-def held_token_count(petals_session: Any) -> int:
-    """Tokens a Petals session holds (its ``output_ids``: a ``[1, n]`` tensor, or None)."""
-    output_ids = petals_session.output_ids
-    return 0 if output_ids is None else int(output_ids.shape[1])
-
-
-def held_token_ids(petals_session: Any) -> list[int]:
-    """The ids of the tokens a Petals session holds."""
-    return token_id_list(petals_session.output_ids)
-
-
-def token_id_list(output_ids: Any) -> list[int]:
-    """The ids in a Petals session's ``output_ids`` (a ``[1, n]`` tensor, or None)."""
-    return [] if output_ids is None else output_ids[0].tolist()
+    def tokens(self) -> SessionTokens:
+        """The tokens the session holds so far (prompts and generated tokens)."""
+        return SessionTokens(self.petals)
 
 
 class SessionLease:
@@ -137,8 +122,12 @@ class SessionLease:
         self._session.decoder = decoder
 
     @property
+    def tokens(self) -> SessionTokens:
+        return self._session.tokens
+
+    @property
     def token_count(self) -> int:
-        return self._session.token_count
+        return self.tokens.count()
 
     def replace_petals(self, petals_session: Any) -> Any:
         """Put a fresh Petals session in place (a rebuild); returns the old one, for the caller to close."""
@@ -173,8 +162,12 @@ class OneOffLease:
         self._on_release = on_release  # called once, after closing
 
     @property
+    def tokens(self) -> SessionTokens:
+        return SessionTokens(self.petals)
+
+    @property
     def token_count(self) -> int:
-        return held_token_count(self.petals)
+        return self.tokens.count()
 
     def replace_petals(self, petals_session: Any) -> Any:
         old, self.petals = self.petals, petals_session

@@ -11,7 +11,7 @@ from typing import Any
 from services.common.api.replica_request import ReplicaRequest
 from services.common.api.step_rule import StepAnswer, StepsRequest
 from services.inference.generation import Generation, GenerationResult
-from services.inference.generator import Generator
+from services.inference.planner import GenerationPlanner
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,12 @@ class StepsEnded:
 class SteppedGeneration:
     """The steps of one ``generate`` message; like a ``Generation``, ``stream`` it and ``close`` it."""
 
-    def __init__(self, generator: Generator, request: StepsRequest) -> None:
+    def __init__(self, planner: GenerationPlanner, request: StepsRequest) -> None:
         """Prepares the first step: its errors are raised before any output."""
-        self._generator = generator
+        self._planner = planner
         self._request = request
         self._answer = StepAnswer(request.first.params, request.stops, request.session_max_length)
-        self._generation = generator.prepare(self._next_step())
+        self._generation = planner.prepare(self._next_step())
         self._events: Iterator[StepMessage | StepsEnded] | None = None
 
     def stream(self) -> Iterator[StepMessage | StepsEnded]:
@@ -64,7 +64,7 @@ class SteppedGeneration:
                 return
             if message is not None:
                 yield StepMessage(message)
-            self._generation = self._generator.prepare(self._next_step())
+            self._generation = self._planner.prepare(self._next_step())
 
     @staticmethod
     def _tokens(generation: Generation) -> EventsThenResult[StepMessage, None, GenerationResult]:

@@ -1,35 +1,27 @@
 """Every answer in our shapes: requests the HTTP servers refuse by themselves, over raw sockets.
 
 A malformed request line, header or chunked body, a head over the limits, a refused WebSocket
-handshake: gunicorn (ui, inference) and uvicorn/httptools (gateway) answer them before any app
-sees them. Each answer must be JSON in the error shape of the routes its path names, in every
-service (v1: HTTP 200 and the status in a header; OpenAI's under /v1/; the default one elsewhere,
+handshake: gunicorn (inference) and uvicorn/httptools (gateway) answer them before any app
+sees them. Each answer must be JSON in the error shape of the routes its path names, in both
+services (v1: HTTP 200 and the status in a header; OpenAI's under /v1/; the default one elsewhere,
 and when the request line itself is broken), with no HTML and no stack frame, and the service
-keeps serving.
+keeps serving. The ui is reached only through the gateway: it runs gunicorn's stock worker, whose
+refusals are gunicorn's own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import requests
 
-from deploy.local_stack import ServiceProcess, pick_free_port, ui_process
+from deploy.local_stack import ServiceProcess
 from tests.helpers import RawResponse, http_head, raw_exchange
 
 pytestmark = pytest.mark.integration
 LONG = "a" * 9000  # over every service's request-line and header-field limits
 
 
-@pytest.fixture(scope="module")
-def ui(artifacts_dir) -> Iterator[ServiceProcess]:
-    service = ui_process(port=pick_free_port(), log_path=artifacts_dir / "logs" / "ui-error-shapes.log")
-    yield service.start_ready(timeout=60)
-    service.stop()
-
-
-@pytest.fixture(params=["gateway", "inference", "ui"])
+@pytest.fixture(params=["gateway", "inference"])
 def service(request) -> ServiceProcess:
     return request.getfixturevalue(request.param)
 
@@ -83,8 +75,6 @@ CASES = [
 
 @pytest.mark.parametrize(("name", "path", "data", "status"), CASES, ids=[case[0] for case in CASES])
 def test_malformed_requests_are_answered_in_the_route_shape(service, name, path, data, status):
-    if name.startswith(("bad chunk", "chunk")) and service.name == "ui":
-        pytest.skip("the ui reads no request body: its routes answer before any chunk is read")
     assert_shape(exchange(service, data), path, status)
 
 

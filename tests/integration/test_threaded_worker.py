@@ -1,8 +1,8 @@
 """The threaded worker's keep-alive fast path (services/common/gunicorn/gthread_worker.py), on a real
-gunicorn: the ui service, one worker, debug logs. A kept-alive connection's next request is
-served by the thread that answered the last one when it comes at once, by gunicorn's poller
-when it comes later; either way every answer is right, and a stop is not held up. An answer of
-known length reaches its client in one TCP segment.
+gunicorn: an inference replica (the one service that runs it), one worker, debug logs. A kept-alive
+connection's next request is served by the thread that answered the last one when it comes at
+once, by gunicorn's poller when it comes later; either way every answer is right, and a stop is
+not held up. An answer of known length reaches its client in one TCP segment.
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from deploy.local_stack import ServiceProcess, pick_free_port, ui_process
+from deploy.local_stack import ServiceProcess
 from services.common.gunicorn.gthread_worker import NEXT_REQUEST_WAIT_S
+from tests.helpers import start_inference
 
 SAME_THREAD = "serving the next request of"
 
 
 @pytest.fixture(scope="module")
-def ui_debug(artifacts_dir) -> Iterator[ServiceProcess]:
+def replica_debug(swarm, model_dir, artifacts_dir) -> Iterator[ServiceProcess]:
     env = {"LOG_LEVEL": "debug", "GUNICORN_WORKERS": "1", "GUNICORN_THREADS": "8"}
-    log_path = artifacts_dir / "logs" / "ui-threaded-worker.log"
-    service = ui_process(port=pick_free_port(), log_path=log_path, extra_env=env).start_ready(timeout=60)
+    service = start_inference(swarm, model_dir, artifacts_dir, "inference-threaded-worker", **env)
     yield service
     service.stop()
 
@@ -50,29 +50,29 @@ def get_many(service: ServiceProcess, count: int, pause_s: float) -> list[tuple[
     return answers
 
 
-def test_back_to_back_requests_are_served_on_the_same_thread(ui_debug):
-    before = same_thread_count(ui_debug)
-    answers = get_many(ui_debug, 40, pause_s=0)
+def test_back_to_back_requests_are_served_on_the_same_thread(replica_debug):
+    before = same_thread_count(replica_debug)
+    answers = get_many(replica_debug, 40, pause_s=0)
     expected = answers[0]
     assert expected[0] == 200 and b"ok" in expected[1]
     assert answers == [expected] * 40
     time.sleep(0.5)  # the log is written by another process
-    assert same_thread_count(ui_debug) > before
+    assert same_thread_count(replica_debug) > before
 
 
-def test_requests_after_a_pause_go_through_the_poller_and_are_answered(ui_debug):
-    before = same_thread_count(ui_debug)
-    answers = get_many(ui_debug, 5, pause_s=NEXT_REQUEST_WAIT_S * 40)
+def test_requests_after_a_pause_go_through_the_poller_and_are_answered(replica_debug):
+    before = same_thread_count(replica_debug)
+    answers = get_many(replica_debug, 5, pause_s=NEXT_REQUEST_WAIT_S * 40)
     assert [status for status, _ in answers] == [200] * 5
     assert len(set(answers)) == 1
     time.sleep(0.5)
-    assert same_thread_count(ui_debug) == before  # none waited for: each came back through the poller
+    assert same_thread_count(replica_debug) == before  # none waited for: each came back through the poller
 
 
-def test_pipelined_requests_are_all_answered(ui_debug):
+def test_pipelined_requests_are_all_answered(replica_debug):
     """Two requests in one write: the second is read ahead with the first, then served."""
     head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-    with socket.create_connection(("127.0.0.1", ui_debug.port), timeout=30) as sock:
+    with socket.create_connection(("127.0.0.1", replica_debug.port), timeout=30) as sock:
         sock.sendall(head + b"\r\n" + head + b"Connection: close\r\n\r\n")
         received = b""
         while chunk := sock.recv(65536):
@@ -80,10 +80,9 @@ def test_pipelined_requests_are_all_answered(ui_debug):
     assert received.count(b"HTTP/1.1 200 OK") == 2
 
 
-def test_a_client_calling_back_to_back_does_not_hold_up_a_stop(artifacts_dir):
+def test_a_client_calling_back_to_back_does_not_hold_up_a_stop(swarm, model_dir, artifacts_dir):
     """The thread serving it stops waiting for its next request once the worker stops."""
-    log_path = artifacts_dir / "logs" / "ui-threaded-worker-stop.log"
-    service = ui_process(port=pick_free_port(), log_path=log_path).start_ready(timeout=60)
+    service = start_inference(swarm, model_dir, artifacts_dir, "inference-threaded-worker-stop")
     statuses: list[int] = []
     ended = threading.Event()
 
@@ -121,10 +120,10 @@ def data_segments_received(sock: socket.socket) -> int:
     return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256), 152)[0]
 
 
-def test_an_answer_of_known_length_arrives_in_one_segment(ui_debug):
+def test_an_answer_of_known_length_arrives_in_one_segment(replica_debug):
     """gunicorn writes the head and the body with two sends; corked, they leave as one segment."""
     request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", ui_debug.port), timeout=30) as sock:
+    with socket.create_connection(("127.0.0.1", replica_debug.port), timeout=30) as sock:
         for _ in range(5):  # on one kept-alive connection: each answer is uncorked once sent
             before = data_segments_received(sock)
             sock.sendall(request)

@@ -1,4 +1,4 @@
-"""Fakes for the inference service's unit tests: token bytes, a Petals session, a clock, a model."""
+"""Fakes for the inference service's unit tests: token bytes, a Petals session, a clock, a stepper."""
 
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ def oracle(prompt: list[int], new_tokens: int) -> list[int]:
     return held[len(prompt) :]
 
 
-class FakeSwarm:
-    """A model behind the ``PetalsModel`` interface: ``next_token`` one step at a time; the calls
+class FakeStepper:
+    """A ``SwarmStepper`` over a fake model: ``next_token`` one step at a time; the calls
     named in ``failures`` (call number -> tokens generated before it fails) raise as a broken server does."""
 
     def __init__(self, failures: dict[int, int] | None = None, *, ready: bool = True) -> None:

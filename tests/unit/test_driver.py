@@ -1,4 +1,4 @@
-"""The swarm driver with a fake model: the tokens due, and rebuilds that replay every token."""
+"""The swarm driver with a fake stepper: the tokens due, and rebuilds that replay every token."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import pytest
 from client.probes import wait_until
 from services.inference.driver import MAX_REBUILDS, SwarmDriver, SwarmFailure
 from services.inference.sessions import OneOffLease
-from tests.unit.fakes import FakePetalsSession, FakeSwarm, oracle
+from tests.unit.fakes import FakePetalsSession, FakeStepper, oracle
 
 PROMPT = [10, 20, 30]
 
 
-def drive(swarm: FakeSwarm, lease: OneOffLease, new_tokens: int = 6, prompt: list[int] = PROMPT) -> list[int]:
-    return list(SwarmDriver(swarm, lease, None).tokens(prompt, new_tokens))
+def drive(stepper: FakeStepper, lease: OneOffLease, new_tokens: int = 6, prompt: list[int] = PROMPT) -> list[int]:
+    return list(SwarmDriver(stepper, lease, None).tokens(prompt, new_tokens))
 
 
 def one_off(max_length: int = 16) -> OneOffLease:
@@ -21,41 +21,41 @@ def one_off(max_length: int = 16) -> OneOffLease:
 
 
 def test_without_failures_one_call_generates_the_tokens_due():
-    swarm, lease = FakeSwarm(), one_off()
-    assert drive(swarm, lease) == oracle(PROMPT, 6)
-    assert swarm.sent == [PROMPT] and not swarm.opened
+    stepper, lease = FakeStepper(), one_off()
+    assert drive(stepper, lease) == oracle(PROMPT, 6)
+    assert stepper.sent == [PROMPT] and not stepper.opened
 
 
 def test_a_failure_rebuilds_the_session_and_replays_every_token():
     held = FakePetalsSession(32)
     held.ids = [1, 2]  # what the session held before this request
     lease = OneOffLease(held, 32)
-    swarm = FakeSwarm({0: 2})  # the first call fails after 2 tokens
-    assert drive(swarm, lease) == oracle([1, 2, *PROMPT], 6)  # as if nothing had failed
+    stepper = FakeStepper({0: 2})  # the first call fails after 2 tokens
+    assert drive(stepper, lease) == oracle([1, 2, *PROMPT], 6)  # as if nothing had failed
     first_two = oracle([1, 2, *PROMPT], 2)
-    assert swarm.sent == [PROMPT, [1, 2, *PROMPT, *first_two]]
-    assert lease.petals is swarm.opened[0] and swarm.opened[0].max_length == 32
+    assert stepper.sent == [PROMPT, [1, 2, *PROMPT, *first_two]]
+    assert lease.petals is stepper.opened[0] and stepper.opened[0].max_length == 32
     assert wait_until(lambda: held.closed, timeout=5)  # the broken session is closed aside
 
 
 def test_failures_beyond_the_rebuilds_are_reported_with_their_cause():
-    swarm = FakeSwarm({call: 0 for call in range(MAX_REBUILDS + 1)})
+    stepper = FakeStepper({call: 0 for call in range(MAX_REBUILDS + 1)})
     with pytest.raises(SwarmFailure, match=r"failed during generation \(RuntimeError\)") as raised:
-        drive(swarm, one_off())
-    assert isinstance(raised.value.__cause__, RuntimeError) and len(swarm.opened) == MAX_REBUILDS
+        drive(stepper, one_off())
+    assert isinstance(raised.value.__cause__, RuntimeError) and len(stepper.opened) == MAX_REBUILDS
 
 
 def test_no_rebuild_while_the_swarm_is_not_ready():
-    swarm = FakeSwarm({0: 1}, ready=False)
+    stepper = FakeStepper({0: 1}, ready=False)
     with pytest.raises(SwarmFailure):
-        drive(swarm, one_off())
-    assert not swarm.opened
+        drive(stepper, one_off())
+    assert not stepper.opened
 
 
 def test_closing_the_tokens_stops_the_model_at_once():
-    swarm, lease = FakeSwarm(), one_off()
-    tokens = SwarmDriver(swarm, lease, None).tokens(PROMPT, 6)
+    stepper, lease = FakeStepper(), one_off()
+    tokens = SwarmDriver(stepper, lease, None).tokens(PROMPT, 6)
     first_two = [next(tokens), next(tokens)]
     tokens.close()  # e.g. its client went away
     assert first_two == oracle(PROMPT, 2)
-    assert lease.petals.ids == PROMPT + first_two and swarm.sent == [PROMPT] and not swarm.opened
+    assert lease.petals.ids == PROMPT + first_two and stepper.sent == [PROMPT] and not stepper.opened

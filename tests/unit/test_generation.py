@@ -11,7 +11,7 @@ from services.inference.driver import MAX_REBUILDS, SwarmFailure
 from services.inference.generation import Generation, GenerationResult, TokenEvent
 from services.inference.resources import SseBody
 from services.inference.sessions import OneOffLease, SessionStore
-from tests.unit.fakes import TOKEN_BYTES, FakePetalsSession, FakeSwarm, oracle
+from tests.unit.fakes import TOKEN_BYTES, FakePetalsSession, FakeStepper, oracle
 
 PROMPT = [ord(char) for char in "Hi"]
 ALWAYS_FAILING = {call: 0 for call in range(MAX_REBUILDS + 1)}
@@ -21,8 +21,8 @@ def params(stop: tuple[str, ...] = ()) -> GenerateParams:
     return GenerateParams(None, False, None, None, None, None, 4, None, stop=stop)
 
 
-def generation(swarm: FakeSwarm, lease, new_tokens: int = 4, stop: tuple[str, ...] = ()) -> Generation:
-    return Generation(swarm, lease, params(stop), PROMPT, new_tokens, IncrementalDecoder(TOKEN_BYTES))
+def generation(stepper: FakeStepper, lease, new_tokens: int = 4, stop: tuple[str, ...] = ()) -> Generation:
+    return Generation(stepper, lease, params(stop), PROMPT, new_tokens, IncrementalDecoder(TOKEN_BYTES))
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def expected_text(new_tokens: int) -> str:
 
 def test_a_stream_yields_each_token_then_the_result_and_closes_a_one_off_session():
     lease = OneOffLease(FakePetalsSession(8), 8)
-    events = list(generation(FakeSwarm({0: 1}), lease).stream())  # one rebuild on the way
+    events = list(generation(FakeStepper({0: 1}), lease).stream())  # one rebuild on the way
     tokens, result = events[:-1], events[-1]
     assert [event.generated_tokens for event in tokens] == [1, 2, 3, 4]
     assert all(isinstance(event, TokenEvent) for event in tokens) and isinstance(result, GenerationResult)
@@ -47,45 +47,45 @@ def test_a_stream_yields_each_token_then_the_result_and_closes_a_one_off_session
 
 def test_a_stop_sequence_ends_the_generation_early():
     stop = expected_text(4)[2]
-    result = generation(FakeSwarm(), OneOffLease(FakePetalsSession(8), 8), stop=(stop,)).run()
+    result = generation(FakeStepper(), OneOffLease(FakePetalsSession(8), 8), stop=(stop,)).run()
     assert (result.text, result.finish_reason, result.stop_sequence) == (expected_text(2), "stop", stop)
     assert result.generated_tokens == 3
 
 
 def test_a_broken_user_session_is_retired_with_the_expired_answer(store):
     session = store.open(16)
-    swarm = FakeSwarm(ALWAYS_FAILING)
+    stepper = FakeStepper(ALWAYS_FAILING)
     with pytest.raises(SessionNotFound, match=r"failed during generation.*expired or does not exist"):
-        generation(swarm, store.acquire(session.session_id)).run()
+        generation(stepper, store.acquire(session.session_id)).run()
     assert session.close_reason == "failed" and len(store) == 0
 
 
 def test_a_broken_one_off_generation_reports_the_swarm_failure():
     lease = OneOffLease(FakePetalsSession(8), 8)
     with pytest.raises(SwarmFailure):
-        generation(FakeSwarm(ALWAYS_FAILING), lease).run()
+        generation(FakeStepper(ALWAYS_FAILING), lease).run()
     assert lease.petals.closed
 
 
 def test_a_conversation_session_records_its_text_and_stays_open(store):
     session = store.open(16, conversation=True)
-    result = generation(FakeSwarm(), store.acquire(session.session_id)).run()
+    result = generation(FakeStepper(), store.acquire(session.session_id)).run()
     assert session.text == "Hi" + result.text and len(store) == 1
     assert store.acquire_conversation("Hi" + result.text + "!").session_id == session.session_id
 
 
 def test_a_user_session_keeps_its_tokens_for_the_next_request(store):
     session = store.open(16)
-    generation(FakeSwarm(), store.acquire(session.session_id), new_tokens=2).run()
+    generation(FakeStepper(), store.acquire(session.session_id), new_tokens=2).run()
     assert len(session.petals.ids) == 4  # the prompt and 2 tokens
-    follow_up = generation(FakeSwarm(), store.acquire(session.session_id), new_tokens=2)
+    follow_up = generation(FakeStepper(), store.acquire(session.session_id), new_tokens=2)
     assert follow_up.run().cached_tokens == 4
 
 
 def test_the_result_comes_once_the_session_is_released(store):
     session = store.open(16)
     lease = store.acquire(session.session_id)
-    for event in generation(FakeSwarm(), lease).stream():
+    for event in generation(FakeStepper(), lease).stream():
         if isinstance(event, GenerationResult):
             store.acquire(session.session_id).release()  # not busy: its client may go on at once
             return
@@ -94,7 +94,7 @@ def test_the_result_comes_once_the_session_is_released(store):
 
 def test_closing_a_stream_early_stops_the_model_and_releases_the_session(store):
     session = store.open(16)
-    events = generation(FakeSwarm(), store.acquire(session.session_id)).stream()
+    events = generation(FakeStepper(), store.acquire(session.session_id)).stream()
     first = next(events)
     events.close()  # its client went away
     assert first.generated_tokens == 1 and len(session.petals.ids) == len(PROMPT) + 1
@@ -103,7 +103,7 @@ def test_closing_a_stream_early_stops_the_model_and_releases_the_session(store):
 
 def test_closing_a_generation_whose_stream_never_started_releases_the_session(store):
     session = store.open(16)
-    unstarted = generation(FakeSwarm(), store.acquire(session.session_id))
+    unstarted = generation(FakeStepper(), store.acquire(session.session_id))
     unstarted.stream().close()  # a generator that never ran ignores close: the session stays leased
     with pytest.raises(SessionBusy):
         store.acquire(session.session_id)
@@ -114,7 +114,7 @@ def test_closing_a_generation_whose_stream_never_started_releases_the_session(st
 
 def test_closing_a_finished_generation_again_changes_nothing(store):
     session = store.open(16)
-    finished = generation(FakeSwarm(), store.acquire(session.session_id))
+    finished = generation(FakeStepper(), store.acquire(session.session_id))
     finished.run()
     finished.close()  # no second release of the session's lock
     store.acquire(session.session_id).release()
@@ -122,13 +122,13 @@ def test_closing_a_finished_generation_again_changes_nothing(store):
 
 def test_an_sse_body_closed_before_its_first_chunk_closes_a_one_off_petals_session():
     lease = OneOffLease(FakePetalsSession(8), 8)
-    SseBody(generation(FakeSwarm(), lease)).close()  # as the WSGI server does with a body it never sent
+    SseBody(generation(FakeStepper(), lease)).close()  # as the WSGI server does with a body it never sent
     assert lease.petals.closed
 
 
 def test_an_sse_body_sends_each_token_then_done_and_releases_the_session(store):
     session = store.open(16)
-    body = SseBody(generation(FakeSwarm(), store.acquire(session.session_id)))
+    body = SseBody(generation(FakeStepper(), store.acquire(session.session_id)))
     chunks = list(body)
     body.close()
     assert [chunk.split(b"\n", 1)[0] for chunk in chunks] == [b"event: token"] * 4 + [b"event: done"]

@@ -6,7 +6,7 @@ v1 ``generate`` parameters (so a v1 call sent straight to a replica is one too) 
 
 - ``model``: the model the gateway routed the request for; a replica serving another refuses it;
 - ``conversation``: continue the conversation session whose text ``inputs`` extends, or start one
-  (the OpenAI chat API; see services/inference/generator.py);
+  (the OpenAI chat API; see services/inference/planner.py);
 - ``fill_context``: generate as many tokens as the context allows (up to the replica's
   ``MAX_NEW_TOKENS_LIMIT``), instead of ``max_new_tokens`` or ``max_length``;
 - ``stop_token`` and ``replace_last_token`` (the WebSocket API's ``extra_stop_sequences``, see

@@ -14,6 +14,7 @@ from services.common.startup.patching import PatchError
 from services.common.web import request_id
 
 GTHREAD_WORKER = "services.common.gunicorn.gthread_worker.Worker"  # gthread, safe from idle/stalled clients
+STOCK_GTHREAD_WORKER = "gthread"  # gunicorn's own: where ours measured no better (bench/internal_worker.py)
 
 
 def service_config(
@@ -22,23 +23,25 @@ def service_config(
     wsgi_app: str,
     worker_env: Callable[[Any], dict[str, str]] | None = None,
     worker_class: str = GTHREAD_WORKER,
-    check_worker: Callable[[], None] = gthread_worker.check,
+    check_worker: Callable[[], None] | None = gthread_worker.check,
 ) -> dict[str, Any]:
     """gunicorn settings of a service, its environment validated first (a config file does
     ``globals().update(service_config(...))``): a bad value stops the master with one clear line.
 
     ``worker_env(settings)`` names variables the workers must start with (set here, before they fork).
-    ``worker_class``: the threaded worker (WSGI apps), or an event-loop worker (the gateway's ASGI app;
-    it has no request threads). ``check_worker``: raises PatchError unless the worker class fits the
-    installed server library (docs/patches.md); a misfit stops the master with one line too.
+    ``worker_class``: our threaded worker or gunicorn's (WSGI apps), or an event-loop worker (the
+    gateway's ASGI app; it has no request threads). ``check_worker``: raises PatchError unless the
+    worker class fits the installed server library (docs/patches.md); a misfit stops the master with
+    one line too. None for gunicorn's own worker, which patches nothing.
     """
     settings = load_or_exit(load_settings, service)
-    check_or_exit(check_worker, service)
+    if check_worker is not None:
+        check_or_exit(check_worker, service)
     os.environ.update(worker_env(settings) if worker_env else {})
     server: ServerSettings = settings.server
     if server.workers > 1:
         prepare_multiprocess_metrics()
-    threads = {"threads": server.threads} if worker_class == GTHREAD_WORKER else {}
+    threads = {"threads": server.threads} if worker_class in (GTHREAD_WORKER, STOCK_GTHREAD_WORKER) else {}
     return {
         "wsgi_app": wsgi_app,
         "bind": server.bind,

@@ -1,6 +1,6 @@
 """The answers the HTTP servers give by themselves, in the API's JSON error shapes.
 
-gunicorn (ui, inference) and uvicorn with httptools and websockets (gateway) answer a request no
+gunicorn (inference) and uvicorn with httptools and websockets (gateway) answer a request no
 app sees (a malformed request line, header or chunked body, a head over the limits, a refused
 WebSocket handshake) with an HTML or plain-text page of their own; the workers write this
 instead. The shape follows the path as the routes' ``error_envelope`` does (the unit tests check

@@ -1,4 +1,4 @@
-"""Prepares generations: validation against the model and the session, and the session's lease.
+"""Plans generations: validation against the model and the session, the session's lease, the token budget.
 
 Every error is raised here, before any output: the endpoint can still answer with its real
 status. A request continues a user's session (by id), a conversation session (by the text its
@@ -14,16 +14,16 @@ from services.inference.decoding import IncrementalDecoder
 from services.inference.generation import Generation, GenerationResult
 from services.inference.metrics import CONVERSATION_LOOKUPS
 from services.inference.model import ModelHandle
-from services.inference.petals_model import PetalsModel
 from services.inference.sessions import SessionLease, SessionStore
+from services.inference.swarm_stepper import SwarmStepper
 
 
-class Generator:
-    """Prepares generations against the model, in sessions from the store."""
+class GenerationPlanner:
+    """Plans each request's generation: validates it, leases its session and budgets its new tokens."""
 
     def __init__(self, model: ModelHandle, store: SessionStore, limits: Limits) -> None:
         self._model = model
-        self._swarm = PetalsModel(model)
+        self._stepper = SwarmStepper(model)
         self._store = store
         self._limits = limits
 
@@ -95,7 +95,7 @@ class Generator:
         total = len(input_ids) + new_tokens
         self._model.require_length(total, f"The prompt ({len(input_ids)} tokens) plus {new_tokens} new tokens")
         lease = self._store.open_one_off(total)
-        return Generation(self._swarm, lease, request.params, input_ids, new_tokens, self._new_decoder())
+        return Generation(self._stepper, lease, request.params, input_ids, new_tokens, self._new_decoder())
 
     def _prepare_in_session(self, lease: SessionLease, request: ReplicaRequest, input_ids: list[int]) -> Generation:
         held = lease.token_count
@@ -113,7 +113,7 @@ class Generator:
             self._replace_last_token(lease, request.replace_last_token)
         if lease.decoder is None or input_ids or request.replace_last_token is not None:
             lease.decoder = self._new_decoder()  # new inputs: what the last answer left incomplete is moot
-        return Generation(self._swarm, lease, request.params, input_ids, new_tokens, lease.decoder)
+        return Generation(self._stepper, lease, request.params, input_ids, new_tokens, lease.decoder)
 
     def _one_token(self, text: str, what: str) -> int:
         """The id of ``text``, which must be exactly one token of the model."""
@@ -130,12 +130,9 @@ class Generator:
         sent a session's last token through the swarm yet (the next ``generate`` call does), so the
         servers' caches stay valid."""
         token = self._one_token(text, "stop_sequence")
-        held = lease.petals.output_ids
-        if held is None or held.shape[1] == 0:
+        if lease.token_count == 0:
             raise InvalidParameter(f"Session {lease.session_id} holds no token to replace")
-        replaced = held.clone()
-        replaced[0, -1] = token
-        lease.petals.output_ids = replaced
+        lease.tokens.replace_last(token)
 
     def _budget(self, request: ReplicaRequest, prefix_tokens: int, capacity: int) -> int:
         """How many tokens to generate after ``prefix_tokens``, in a context of ``capacity`` tokens:

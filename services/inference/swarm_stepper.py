@@ -1,4 +1,4 @@
-"""The model as generation sees it: one Petals session stepped token by token, in plain token ids.
+"""Steps Petals sessions through the swarm token by token, in plain token ids: the model as generation sees it.
 
 Each step sends the new tokens through the swarm (the session's servers keep the attention
 caches), applies the client's head to the last position only, lets the request's logits
@@ -8,11 +8,10 @@ Petals' ``generate`` (Hugging Face's), whose per-call set-up (generation config 
 validated, keyword arguments inspected, processors built) cost about 1 ms of CPU per request: a
 third of what one-token-per-request (v1) clients paid over the raw client. It is an iterator, so
 generation runs in the request's own thread, paced by its client, and stops when closed. The
-session's state is Petals' own: ``output_ids`` holds every token, the last of them not yet sent
-(the next step sends it), so a session stepped here and one stepped by ``generate`` are
-interchangeable.
-Everything torch and transformers take stays in this module; the rest of generation deals in
-lists and iterators of token ids.
+session's state is Petals' own (its tokens, read and written through session_tokens.py), so a
+session stepped here and one stepped by ``generate`` are interchangeable.
+Everything torch and transformers take stays in this module and session_tokens.py; the rest of
+generation deals in lists and iterators of token ids.
 """
 
 from __future__ import annotations
@@ -24,10 +23,11 @@ from typing import Any
 from services.common.api.params import GenerateParams
 from services.inference.model import ModelHandle
 from services.inference.sampling import SeededSampler
+from services.inference.session_tokens import SessionTokens
 
 
-class PetalsModel:
-    """Generates through the swarm with the loaded model; reports readiness and opens Petals sessions."""
+class SwarmStepper:
+    """Steps Petals sessions through the swarm with the loaded model; reports readiness and opens sessions."""
 
     def __init__(self, model: ModelHandle) -> None:
         self._model = model
@@ -66,18 +66,17 @@ class PetalsModel:
         import torch
 
         model, device = self._model.model, self._device
-        held = petals_session.output_ids  # [1, n] or None; replaced by whoever steps it, never changed in place
-        if held is not None and held.shape[1] == 0:
-            held = None
+        tokens = SessionTokens(petals_session)
+        held = tokens.snapshot()
         added = list(token_ids)  # what this call adds to the session
-        feed = token_ids if held is None else [int(held[0, -1]), *token_ids]  # its last token was never sent
+        feed = [held.last(), *token_ids] if len(held) else token_ids  # its last token was never sent
         end_ids = _end_of_sequence_ids(model.generation_config)
         try:
             for _ in range(max_new_tokens):
                 with torch.inference_mode(), model.use_session(petals_session):  # per step: nothing spans a yield
                     scores = _next_token_scores(model, feed, device)
                     if processors:
-                        scores = processors(_sequence(held, added, device), scores)
+                        scores = processors(held.followed_by(added, device), scores)
                 token = int(scores.argmax(-1))
                 added.append(token)
                 yield token
@@ -85,20 +84,12 @@ class PetalsModel:
                     return
                 feed = [token]
         finally:
-            petals_session.output_ids = _sequence(held, added, device)
+            tokens.restore(held, added, device)
 
     @cached_property
     def _device(self) -> Any:
         """The client's device (transformers' ``model.device`` walks the parameters on every call)."""
         return self._model.model.device
-
-
-def _sequence(held: Any, added: list[int], device: Any) -> Any:
-    """The session's whole sequence, ``[1, n]``: the ``held`` tensor (or None) and then ``added``."""
-    import torch
-
-    tail = torch.tensor([added], dtype=torch.long, device=device)
-    return tail if held is None else torch.cat([held, tail], dim=1)
 
 
 def _next_token_scores(model: Any, feed: list[int], device: Any) -> Any:
