@@ -24,7 +24,7 @@ import falcon
 import falcon.asgi
 
 from services.common.api.params import TEMPERATURE as SAMPLING_TEMPERATURE
-from services.common.api.params import GenerateParams, Limits, read_values_async
+from services.common.api.params import GenerateParams, read_values_async
 from services.common.api.replica_request import GENERATE_STREAM_PATH, ReplicaRequest
 from services.common.chat.model_card import ModelCard
 from services.common.chat.template import compiled
@@ -33,7 +33,7 @@ from services.common.web.sse import SSE_CONTENT_TYPE, SSE_HEADERS, parse_sse_asy
 from services.gateway.openai_params import SamplingOptions, check_prompt_length, parse_chat, parse_completion
 from services.gateway.relay import ClientStream, Request, read_answer, relayed_chunks, upstream_error
 from services.gateway.replicas import Decision
-from services.gateway.routing import Router
+from services.gateway.routing import RoutedResource, Router
 from services.gateway.upstream import ReplicaUnreachable, Stream
 
 _FINISH_REASONS = {"stop": "stop", "eos": "stop", "length": "length"}
@@ -64,14 +64,10 @@ class ModelsResource:
         return {**entry, "default": default, **card_json}
 
 
-class CompletionsResource:
+class CompletionsResource(RoutedResource):
     """``POST /v1/completions``: text completion of a prompt."""
 
     error_envelope = "openai"
-
-    def __init__(self, router: Router, limits: Limits) -> None:
-        self._router = router
-        self._limits = limits
 
     async def on_post(self, req: Request, resp: falcon.asgi.Response) -> None:
         prompt, options = parse_completion(await read_values_async(req, self._limits), self._limits)
@@ -79,14 +75,10 @@ class CompletionsResource:
         await _answer(req, resp, _CompletionShape(options), generation)
 
 
-class ChatCompletionsResource:
+class ChatCompletionsResource(RoutedResource):
     """``POST /v1/chat/completions``: the next assistant message of a conversation."""
 
     error_envelope = "openai"
-
-    def __init__(self, router: Router, limits: Limits) -> None:
-        self._router = router
-        self._limits = limits
 
     async def on_post(self, req: Request, resp: falcon.asgi.Response) -> None:
         body = await read_values_async(req, self._limits)

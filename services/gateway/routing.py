@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from services.common.api.params import GenerateParams
+from services.common.api.params import GenerateParams, Limits
 from services.common.api.replica_request import CLOSE_SESSION_PATH, OPEN_SESSION_PATH, ReplicaRequest
 from services.common.web.errors import ERROR_CODE_HEADER, ServiceUnavailable, SessionNotFound
 from services.gateway.relay import read_answer
@@ -90,3 +90,11 @@ class Router:
                 raise ServiceUnavailable(f"Inference replica {replica.name} failed ({error.kind})") from error
             self.replicas.mark_down(replica, f"unreachable ({error})")
             return None
+
+
+class RoutedResource:
+    """Base of the API resources that route to the replicas, reading their inputs within ``limits``."""
+
+    def __init__(self, router: Router, limits: Limits) -> None:
+        self._router = router
+        self._limits = limits

@@ -6,21 +6,17 @@ from collections.abc import AsyncIterator
 
 import falcon.asgi
 
-from services.common.api.params import Limits, parse_generate, read_values_async
+from services.common.api.params import parse_generate, read_values_async
 from services.common.api.replica_request import GENERATE_STREAM_PATH
 from services.common.web.errors import SessionNotFound
 from services.common.web.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error
 from services.gateway.relay import ClientStream, Request, read_answer, relay, relayed_chunks
-from services.gateway.routing import Router
+from services.gateway.routing import RoutedResource
 from services.gateway.upstream import ReplicaUnreachable, Stream
 
 
-class GenerateStreamResource:
+class GenerateStreamResource(RoutedResource):
     """``POST /api/v2/generate_stream``: the replica's Server-Sent Events, relayed as they come."""
-
-    def __init__(self, router: Router, limits: Limits) -> None:
-        self._router = router
-        self._limits = limits
 
     async def on_post(self, req: Request, resp: falcon.asgi.Response) -> None:
         params = parse_generate(await read_values_async(req, self._limits), self._limits)

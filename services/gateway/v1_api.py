@@ -5,7 +5,6 @@ from __future__ import annotations
 import falcon.asgi
 
 from services.common.api.params import (
-    Limits,
     get_model,
     get_session_id,
     parse_generate,
@@ -14,17 +13,13 @@ from services.common.api.params import (
 )
 from services.common.api.replica_request import GENERATE_PATH
 from services.gateway.relay import Request, read_answer, relay
-from services.gateway.routing import Router
+from services.gateway.routing import RoutedResource
 
 
-class GenerateResource:
+class GenerateResource(RoutedResource):
     """``POST /api/v1/generate`` (seed contract)."""
 
     error_envelope = "v1"
-
-    def __init__(self, router: Router, limits: Limits) -> None:
-        self._router = router
-        self._limits = limits
 
     async def on_post(self, req: Request, resp: falcon.asgi.Response) -> None:
         params = parse_generate(await read_values_async(req, self._limits), self._limits)
@@ -32,14 +27,10 @@ class GenerateResource:
         relay(resp, await read_answer(upstream))
 
 
-class OpenSessionResource:
+class OpenSessionResource(RoutedResource):
     """``GET /api/v1/open_inference_session``: on the least-loaded ready replica of the model."""
 
     error_envelope = "v1"
-
-    def __init__(self, router: Router, limits: Limits) -> None:
-        self._router = router
-        self._limits = limits
 
     async def on_get(self, req: Request, resp: falcon.asgi.Response) -> None:
         values = await read_values_async(req, self._limits)
@@ -47,14 +38,10 @@ class OpenSessionResource:
         relay(resp, await self._router.open_session(get_model(values), max_length, req.context.client.name))
 
 
-class CloseSessionResource:
+class CloseSessionResource(RoutedResource):
     """``GET /api/v1/close_inference_session``: on the replica holding the session, if it is the client's."""
 
     error_envelope = "v1"
-
-    def __init__(self, router: Router, limits: Limits) -> None:
-        self._router = router
-        self._limits = limits
 
     async def on_get(self, req: Request, resp: falcon.asgi.Response) -> None:
         values = await read_values_async(req, self._limits)
