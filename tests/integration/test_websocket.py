@@ -55,6 +55,12 @@ def active_sessions(stack: Stack) -> int:
     return requests.get(f"{stack.replicas[0].base_url}/readyz", timeout=10).json()["active_sessions"]
 
 
+def replica_streams(stack: Stack) -> float:
+    """Requests the replica's stream endpoint has answered (a WebSocket message's steps are one)."""
+    text = requests.get(f"{stack.replicas[0].base_url}/metrics", timeout=10).text
+    return metric_value(text, 'petals_chat_requests_total{endpoint="/api/v2/generate_stream",status="200"}')
+
+
 def clean_boundary(tokenizer, decode, decode_partial, ids: list[int], start: int) -> int:
     """The first k >= start at which ids[:k] decodes to whole characters (no incomplete one held back)."""
     for k in range(start, len(ids)):
@@ -112,8 +118,11 @@ def test_step_by_step_answers_end_at_the_stop_sequence(stack, tokenizer, oracle,
         k = clean_boundary(tokenizer, decode, decode_partial, ids, k + 1)
         stop = decode(ids[:k])[-3:]
     with opened(stack) as ws:
+        relayed_before = replica_streams(stack)
         ws.send(json.dumps({"type": "generate", "inputs": prompt, "max_new_tokens": 1, "stop_sequence": stop}))
         steps = answers(ws)
+        assert wait_until(lambda: replica_streams(stack) > relayed_before, timeout=10)  # counted once closed
+        assert replica_streams(stack) - relayed_before == 1  # the replica ran every step of the message
         assert all(step["ok"] for step in steps), steps
         assert [step["stop"] for step in steps] == [False] * (len(steps) - 1) + [True]
         text = "".join(step["outputs"] for step in steps)
