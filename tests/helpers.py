@@ -28,6 +28,9 @@ CHATML_MODEL = "tiny-bloom-chatml"
 CHATML_DESCRIPTION = "Tiny BLOOM again, spoken to in ChatML <b>(a second model)</b>"
 
 
+FAST_CHECKS = {"READINESS_INTERVAL_SECONDS": "1", "SWARM_STATE_REFRESH_SECONDS": "1"}  # the tests' replicas
+
+
 def start_inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path, name: str, **env: str) -> ServiceProcess:
     """Start an inference service on the test swarm and wait until it is ready. Its client-side layers
     run in float32, the oracle's dtype: on a CPU with AMX the default would be bfloat16, whose greedy
@@ -39,7 +42,7 @@ def start_inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path, n
         port=pick_free_port(),
         log_path=artifacts_dir / "logs" / f"{name}.log",
         replica_id=name,
-        extra_env={"READINESS_INTERVAL_SECONDS": "1", "TORCH_DTYPE": "float32", **env},
+        extra_env={**FAST_CHECKS, "TORCH_DTYPE": "float32", **env},
     )
     return service.start_ready(timeout=180)
 

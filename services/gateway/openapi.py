@@ -17,6 +17,7 @@ from services.common.api.params import (
     Limits,
 )
 from services.gateway.openapi_openai import openai_paths, openai_schemas
+from services.gateway.openapi_swarm import swarm_paths, swarm_schemas
 from services.gateway.replicas import ReplicaSet
 
 
@@ -380,6 +381,7 @@ def _document(limits: Limits, models: Sequence[str]) -> dict[str, Any]:
                     },
                 }
             },
+            **swarm_paths(model),
             **openai_paths(),
             "/api/openapi.json": {
                 "get": {
@@ -388,7 +390,9 @@ def _document(limits: Limits, models: Sequence[str]) -> dict[str, Any]:
                 }
             },
         },
-        "components": {"schemas": {**_schemas(limits, model), **openai_schemas(limits, model)}},
+        "components": {
+            "schemas": {**_schemas(limits, model), **openai_schemas(limits, model), **swarm_schemas()},
+        },
     }
 
 

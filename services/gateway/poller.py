@@ -79,7 +79,8 @@ class ReplicaPoller:
             )
             update(replica, answer.status, json.loads(answer.data))
         except (ReplicaUnreachable, ValueError, TypeError) as error:
-            replica.ready, replica.detail = False, f"unreachable or unreadable ({error})"
+            replica.ready, replica.answering = False, False
+            replica.detail = f"unreachable or unreadable ({error})"
 
     async def _poll_forever(self) -> None:
         while True:
@@ -101,3 +102,4 @@ def update(replica: Replica, status: int, body: dict) -> None:
     if not identified:
         replica.detail = f"answers as {body.get('replica_id')!r}, configured as {replica.name!r}"
     replica.ready = status == 200 and identified and replica.card is not None
+    replica.answering = identified

@@ -54,6 +54,7 @@ class Replica:
     detail: str = "not polled yet"
     card: ModelCard | None = None  # the model it serves (from its /readyz)
     in_flight: int = 0  # requests this worker has sent and not yet seen answered
+    answering: bool = False  # its last poll got an answer (ready or not)
 
     @property
     def model(self) -> str | None:
@@ -148,6 +149,11 @@ class ReplicaSet:
         ROUTING_DECISIONS.labels(decision=decision, replica=ready[0].name).inc()
         return ready
 
+    def answering(self, model: str) -> list[Replica]:
+        """Replicas of ``model`` that answered their last poll, ready or not, the ready ones first."""
+        replicas = [replica for replica in self.replicas.values() if replica.answering and replica.model == model]
+        return sorted(replicas, key=lambda replica: not replica.ready)
+
     def _ready(self, model: str) -> list[Replica]:
         ready = [replica for replica in self.replicas.values() if replica.ready and replica.model == model]
         if not ready:
@@ -171,5 +177,5 @@ class ReplicaSet:
 
     def mark_down(self, replica: Replica, reason: str) -> None:
         """A call failed to connect: route around it until the next successful poll."""
-        replica.ready, replica.detail = False, reason
+        replica.ready, replica.answering, replica.detail = False, False, reason
         ROUTING_DECISIONS.labels(decision=Decision.REPLICA_DOWN, replica=replica.name).inc()

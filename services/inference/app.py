@@ -11,6 +11,7 @@ import logging
 import falcon
 
 from services.common.api.replica_request import CLOSE_CLIENT_SESSIONS_PATH
+from services.common.api.swarm_state import SWARM_PATH
 from services.common.chat.model_card import ModelCard
 from services.common.startup.config import load_or_exit
 from services.common.web.app import configure_logging
@@ -23,9 +24,11 @@ from services.inference.resources import (
     GenerateResource,
     GenerateStreamResource,
     OpenSessionResource,
+    SwarmStateResource,
 )
 from services.inference.sessions import SessionStore
 from services.inference.settings import InferenceSettings
+from services.inference.swarm_watch import SwarmWatch
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,10 @@ class InferenceService:
             max_sessions_per_client=settings.max_sessions_per_client,
             max_one_off=settings.max_sessionless_requests,
         )
+        self.swarm = SwarmWatch(
+            settings.model_name, self.model.sequence_manager, refresh_s=settings.swarm_state_refresh_s,
+            max_servers=settings.swarm_state_max_servers, thresholds=settings.swarm_thresholds,
+        )  # fmt: skip
         self._card: ModelCard | None = None
         self.app = self._build_app()
 
@@ -56,6 +63,7 @@ class InferenceService:
         app.add_route("/api/v1/open_inference_session", OpenSessionResource(self.model, self.store, limits))
         app.add_route("/api/v1/close_inference_session", CloseSessionResource(self.store, limits))
         app.add_route(CLOSE_CLIENT_SESSIONS_PATH, CloseClientSessionsResource(self.store, limits))
+        app.add_route(SWARM_PATH, SwarmStateResource(self.swarm))
         return app
 
     def readiness(self) -> tuple[bool, dict]:
@@ -76,12 +84,14 @@ class InferenceService:
     def start(self) -> None:
         """Start loading the model and reaping expired sessions."""
         self.model.start()
+        self.swarm.start()
         self.store.start_reaper(self.settings.reaper_interval_s)
 
     def shutdown(self) -> None:
         """Close every session (reason ``shutdown``) so the servers free their caches."""
         logger.info("shutting down: closing %d sessions", len(self.store))
         self.store.stop_reaper()
+        self.swarm.stop()
         self.store.close_all("shutdown")  # while the swarm connection is still up
         self.model.stop()
 

@@ -6,6 +6,8 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.common.api.swarm_state import SERVER_STATES, ModelSwarm, SwarmHealth
+
 # From tens of milliseconds per token (a local swarm) to several seconds (the public swarm).
 TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 1.5, 2.5, 4.0, 6.0, 10.0, 20.0)
 
@@ -50,6 +52,62 @@ SWARM_READY = Gauge(
     "1 when the model is loaded and a route through the swarm serves every block, else 0.",
     multiprocess_mode="livemax",
 )
+
+# The swarm as this replica reads it (services/inference/swarm_watch.py). Labels: the model, a server
+# state, a block index (bounded by the model's blocks), never a peer. Every replica of a model exports
+# the same figures: aggregate with max by (model), never sum.
+_SWARM = {"multiprocess_mode": "livemax"}
+SWARM_SERVERS = Gauge(
+    "petals_chat_swarm_servers", "Servers announcing the model's blocks, by state.", ["model", "state"], **_SWARM
+)
+SWARM_BLOCKS = Gauge("petals_chat_swarm_blocks", "Transformer blocks of the model.", ["model"], **_SWARM)
+SWARM_BLOCKS_WITHOUT_SERVER = Gauge(
+    "petals_chat_swarm_blocks_without_server", "Blocks of the model no online server holds.", ["model"], **_SWARM
+)
+SWARM_MIN_REDUNDANCY = Gauge(
+    "petals_chat_swarm_min_redundancy", "The fewest online servers holding any block of the model.", ["model"], **_SWARM
+)
+SWARM_BLOCK_SERVERS = Gauge(
+    "petals_chat_swarm_block_servers", "Online servers holding each block of the model.", ["model", "block"], **_SWARM
+)
+SWARM_CACHE_TOKENS_LEFT = Gauge(
+    "petals_chat_swarm_cache_tokens_left",
+    "Attention cache room (tokens) the model's online servers announce, summed.",
+    ["model"],
+    **_SWARM,
+)
+SWARM_MIN_BLOCK_CACHE_TOKENS_LEFT = Gauge(
+    "petals_chat_swarm_min_block_cache_tokens_left",
+    "The tightest block's attention cache room (tokens), summed over the online servers holding it.",
+    ["model"],
+    **_SWARM,
+)
+SWARM_HEALTH = Gauge(
+    "petals_chat_swarm_health", "1 for the model's swarm state (healthy, degraded, broken, unknown), else 0.",
+    ["model", "state"], **_SWARM,
+)  # fmt: skip
+SWARM_REFRESHED = Gauge(
+    "petals_chat_swarm_refreshed_timestamp_seconds", "When the swarm's state was last read.", ["model"], **_SWARM
+)
+
+
+def record_swarm(swarm: ModelSwarm) -> None:
+    """Set the swarm metrics from one summary."""
+    model = swarm.model
+    for state in SERVER_STATES:
+        SWARM_SERVERS.labels(model=model, state=state).set(swarm.servers_by_state[state])
+    for health in SwarmHealth:
+        SWARM_HEALTH.labels(model=model, state=health).set(1 if swarm.state is health else 0)
+    SWARM_BLOCKS.labels(model=model).set(swarm.num_blocks)
+    SWARM_BLOCKS_WITHOUT_SERVER.labels(model=model).set(sum(end - start for start, end in swarm.blocks_without_server))
+    SWARM_MIN_REDUNDANCY.labels(model=model).set(swarm.min_redundancy)
+    for block, servers in enumerate(swarm.coverage):
+        SWARM_BLOCK_SERVERS.labels(model=model, block=str(block)).set(servers)
+    if swarm.cache_tokens_left is not None:
+        SWARM_CACHE_TOKENS_LEFT.labels(model=model).set(swarm.cache_tokens_left)
+    if swarm.min_block_cache_tokens_left is not None:
+        SWARM_MIN_BLOCK_CACHE_TOKENS_LEFT.labels(model=model).set(swarm.min_block_cache_tokens_left)
+    SWARM_REFRESHED.labels(model=model).set_to_current_time()
 
 
 class TokenTimer:

@@ -66,6 +66,10 @@ class ModelHandle:
             sequence_manager.shutdown()
             sequence_manager.dht.shutdown()  # else its process keeps the worker from exiting
 
+    def sequence_manager(self) -> Any:
+        """The Petals client's view of the model's blocks on the DHT (None until the model is loaded)."""
+        return self.model.transformer.h.sequence_manager if self.model is not None else None
+
     def readiness(self) -> tuple[bool, str]:
         """(ready, reason) for /readyz."""
         return self._ready, self._status

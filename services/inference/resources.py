@@ -18,6 +18,7 @@ from services.inference.model import ModelHandle
 from services.inference.planner import GenerationPlanner
 from services.inference.sessions import SessionStore
 from services.inference.step_loop import StepMessage, SteppedGeneration, StepsEnded
+from services.inference.swarm_watch import SwarmWatch
 
 
 class GenerateResource:
@@ -161,3 +162,14 @@ class CloseClientSessionsResource:
         if client is None:
             raise InvalidParameter("client is required")
         resp.media = {"ok": True, "closed": self._store.close_client(client)}
+
+
+class SwarmStateResource:
+    """``GET /internal/swarm``: the last summary of the swarm's state for this replica's model (read in
+    the background, services/inference/swarm_watch.py); answered also while the replica is not ready."""
+
+    def __init__(self, watch: SwarmWatch) -> None:
+        self._watch = watch
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = self._watch.latest().to_json()

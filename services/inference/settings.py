@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.api.params import MODEL_NAME_PATTERN, SESSION_ID_PATTERN, Limits
+from services.common.api.swarm_state import SwarmThresholds
 from services.common.chat.formats import ChatFormat
 from services.common.chat.model_card import ModelCard
 from services.common.p2p.swarm_identity import DERIVED, IdentityError, read_seed, resolve_multiaddr
@@ -43,6 +44,9 @@ class InferenceSettings:
     swarm_request_timeout_s: float
     swarm_update_period_s: float
     readiness_interval_s: float
+    swarm_state_refresh_s: float  # how often the swarm's state is read from the DHT
+    swarm_state_max_servers: int  # servers listed at most in that state
+    swarm_thresholds: SwarmThresholds  # when the swarm counts as degraded
     limits: Limits
     debug_tracebacks: bool
 
@@ -85,6 +89,12 @@ class InferenceSettings:
             swarm_request_timeout_s=env.float("SWARM_REQUEST_TIMEOUT_SECONDS", 60.0, minimum=1.0),
             swarm_update_period_s=env.float("SWARM_UPDATE_PERIOD_SECONDS", 30.0, minimum=1.0),
             readiness_interval_s=env.float("READINESS_INTERVAL_SECONDS", 5.0, minimum=0.5),
+            swarm_state_refresh_s=env.float("SWARM_STATE_REFRESH_SECONDS", 30.0, minimum=0.5, maximum=3600.0),
+            swarm_state_max_servers=env.int("SWARM_STATE_MAX_SERVERS", 100, minimum=1, maximum=1000),
+            swarm_thresholds=SwarmThresholds(
+                min_redundancy=env.int("SWARM_STATE_MIN_REDUNDANCY", 1, minimum=1, maximum=1000),
+                min_cache_tokens=env.int("SWARM_STATE_MIN_CACHE_TOKENS", 1024, minimum=0, maximum=1 << 40),
+            ),
             limits=limits,
             debug_tracebacks=env.bool("DEBUG_TRACEBACKS", False),
         )

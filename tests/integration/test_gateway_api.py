@@ -26,6 +26,7 @@ EXAMPLES = {
     ("get", "/metrics"): {},
     ("get", "/api/openapi.json"): {},
     ("get", "/v1/models"): {},
+    ("get", "/api/v2/swarm"): {"params": {"model": "<model>"}},
     ("post", "/v1/completions"): {"json": {"model": "<model>", "prompt": "Hello", "max_tokens": 2}},
     ("post", "/v1/chat/completions"): {
         "json": {"model": "<model>", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}

@@ -44,6 +44,8 @@ ROUTES = [
     ("POST", "/api/v2/generate_stream", {"inputs": "Hi", "max_new_tokens": 1}),
     ("GET", "/api/v2/generate", None),  # the WebSocket's route, asked over plain HTTP
     ("GET", "/v1/models", None),
+    ("GET", "/api/v2/swarm", None),
+    ("GET", "/api/v2/swarm?model=m", None),
     ("POST", "/v1/completions", {"model": "m", "prompt": "Hi", "max_tokens": 1}),
     ("POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}),
 ]
@@ -74,7 +76,7 @@ def variants(path: str) -> list[str]:
 
 def start(artifacts_dir, name: str, **env: str) -> ServiceProcess:
     """A gateway (one worker) whose one replica is down: nothing is ever served past the key check
-    but a 503 or an empty model list."""
+    but a 503 or an empty list (of models, of swarms)."""
     env = {"GUNICORN_WORKERS": "1", "REPLICA_POLL_INTERVAL_SECONDS": "0.5", **env}
     (artifacts_dir / "logs" / f"{name}.log").unlink(missing_ok=True)  # its log is read: this run's only
     service = gateway_process(replicas={"inference-0": f"http://127.0.0.1:{pick_free_port()}"},
