@@ -827,3 +827,16 @@ def test_each_server_runs_one_connection_handler_per_granted_cpu():
         with helm_python.Chart.load(str(CHART)) as loaded:
             big = render(loaded, {"models": [model]})
         assert arg(server_container(big, "bloom-560m", 0), "--num_handlers") == handlers
+
+
+def test_the_swarm_state_settings_reach_every_replica(chart):
+    """inference.swarmState: the replicas' SWARM_STATE_* (their defaults, or the operator's)."""
+    values = {"inference": {"swarmState": {"refreshSeconds": 5, "maxServers": 20, "minRedundancy": 2,
+                                           "minCacheTokens": 0}}}  # fmt: skip
+    for rendered, expected in (
+        (render(chart), ("30", "100", "1", "1024")),
+        (render(chart, values), ("5", "20", "2", "0")),
+    ):
+        env = container_env(inference_container(rendered)[1])
+        names = ("REFRESH_SECONDS", "MAX_SERVERS", "MIN_REDUNDANCY", "MIN_CACHE_TOKENS")
+        assert tuple(env[f"SWARM_STATE_{name}"] for name in names) == expected
