@@ -23,12 +23,18 @@ from deploy.local_stack import REPO_ROOT, pick_free_port
 
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "petals-chat.json"
 RULES = REPO_ROOT / "deploy" / "prometheus" / "rules.yml"
+RULES_TESTS = REPO_ROOT / "deploy" / "prometheus" / "rules_test.yml"
+SWARM_ALERTS = {"PetalsChatSwarmBlocksWithoutServer", "PetalsChatSwarmRedundancyLow", "PetalsChatSwarmCachesNearlyFull"}
 METRIC = re.compile(r"\bpetals_chat_[a-z_]+")
 
 
+def dashboard_panels() -> list[dict]:
+    """The dashboard's panels, less its rows (titles that group the panels below them)."""
+    return [panel for panel in json.loads(DASHBOARD.read_text())["panels"] if panel["type"] != "row"]
+
+
 def dashboard_queries() -> list[str]:
-    panels = json.loads(DASHBOARD.read_text())["panels"]
-    return [target["expr"] for panel in panels for target in panel["targets"]]
+    return [target["expr"] for panel in dashboard_panels() for target in panel["targets"]]
 
 
 def rule_queries() -> list[str]:
@@ -67,11 +73,17 @@ def test_promtool_accepts_the_rules():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_promtool_unit_tests_of_the_rules_pass():
+    result = subprocess.run(["promtool", "test", "rules", str(RULES_TESTS)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_dashboard_is_well_formed():
     dashboard = json.loads(DASHBOARD.read_text())
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids)) and dashboard["uid"] == "petals-chat"
-    for panel in dashboard["panels"]:
+    assert [panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"] == ["Swarm"]
+    for panel in dashboard_panels():
         assert panel["targets"] and all(t["expr"] and t["refId"] for t in panel["targets"]), panel["title"]
 
 
@@ -120,7 +132,7 @@ def test_a_real_prometheus_gets_data_for_every_panel(prometheus, gateway):
     assert empty == [], f"panel queries without data: {empty}"
     rules = requests.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"][0]["rules"]
     assert {rule["name"] for rule in rules} == {"PetalsChatTokenLatencyHigh", "PetalsChatErrorRateHigh",
-                                                "PetalsChatNoReadyReplica"}  # fmt: skip
+                                                "PetalsChatNoReadyReplica", *SWARM_ALERTS}  # fmt: skip
     assert all(rule["health"] == "ok" for rule in rules), rules
 
 
