@@ -244,3 +244,29 @@ def wait_for(page: Any, expression: str, timeout: float = 30_000) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{expression!r} still false after {timeout:.0f} ms")
         time.sleep(0.05)
+
+
+@contextmanager
+def running_prometheus(targets: dict[str, str], rules: Path, work_dir: Path) -> Iterator[str]:
+    """A real Prometheus (Debian's) scraping ``targets`` (job -> base URL) every second and evaluating
+    ``rules`` every second; yields its URL. Stopped (by its pid) on the way out."""
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(rules)],
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": [url.removeprefix("http://")]}]}
+            for job, url in targets.items()
+        ],
+    }
+    (work_dir / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    port = pick_free_port()
+    process = subprocess.Popen(
+        ["prometheus", f"--config.file={work_dir / 'prometheus.yml'}", f"--storage.tsdb.path={work_dir / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=(work_dir / "prometheus.log").open("w"),
+    )  # fmt: skip
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(30)

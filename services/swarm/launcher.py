@@ -146,13 +146,17 @@ class SwarmServer:
         self.process.wait(10)
 
     def terminate(self) -> None:
-        """SIGTERM the server's process group: Petals' graceful shutdown (services/swarm/serve.py)."""
+        """SIGTERM the server's main process: Petals' graceful shutdown (services/swarm/serve.py), which
+        announces its blocks offline through its DHT daemon, then stops its handler processes and the
+        daemon. Only the main process, as Kubernetes signals a container's PID 1: a SIGTERM to the whole
+        group kills the daemon and the handlers under it, so nothing is announced and the server hangs
+        until SIGKILL (measured: 30 s and no offline announcement, against 5 s and one)."""
         self.terminated = True
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
+            os.kill(self.process.pid, signal.SIGTERM)
 
     def stop(self, timeout: float) -> None:
-        """SIGTERM the server's process group (unless ``terminate`` did), SIGKILL it if it lingers."""
+        """SIGTERM the server (unless ``terminate`` did), SIGKILL its process group if it lingers."""
         if self.process.poll() is None and not self.terminated:
             self.terminate()
         try:

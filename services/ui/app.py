@@ -1,4 +1,5 @@
-"""The ui service: serves the chat page and its static assets, nothing else.
+"""The ui service: serves the chat page, the swarm's status page (``/swarm``) and their static assets,
+nothing else.
 
 Security headers: the page's Content-Security-Policy lets it load its own script, style and
 icon and talk to its API (same origin, or ``API_BASE_URL``'s), nothing inline, no framing.
@@ -20,6 +21,7 @@ from services.ui.assets import Asset, load_static, render_page
 from services.ui.settings import UiSettings
 
 IMMUTABLE = "public, max-age=31536000, immutable"
+SWARM_PAGE = "/swarm"  # the swarm's status page (GET /api/v2/swarm in view)
 REVALIDATE = "no-cache"
 
 
@@ -40,7 +42,7 @@ def send_asset(req: falcon.Request, resp: falcon.Response, asset: Asset, cache_c
 
 
 class PageResource:
-    """``GET /``: the chat page."""
+    """``GET /``: the chat page; ``GET /swarm``: the swarm's status page."""
 
     def __init__(self, page: Asset) -> None:
         self._page = page
@@ -83,6 +85,8 @@ def build_app(settings: UiSettings) -> falcon.App:
     app = create_base_app(readiness=lambda: (True, {"detail": "ready"}), debug_tracebacks=False,
                           content_security_policy=page_csp(settings.api_base_url))  # fmt: skip
     app.add_route("/", PageResource(render_page(assets, chat_config)))
+    swarm_config = {"apiBaseUrl": settings.api_base_url}
+    app.add_route(SWARM_PAGE, PageResource(render_page(assets, swarm_config, name="swarm.html")))
     app.add_route("/static/{name}", StaticResource(assets))
     return app
 

@@ -1,8 +1,8 @@
-"""Static assets of the chat page, prepared once at start-up.
+"""Static assets of the pages (the chat page, the swarm's status page), prepared once at start-up.
 
 Each asset is kept with its content hash (ETag, and the ``?v=`` version in the page's links, so
-versioned URLs can be cached for a year) and a gzip-compressed copy. The page itself is
-rendered once with the chat configuration and served with ``no-cache`` (revalidated by ETag).
+versioned URLs can be cached for a year) and a gzip-compressed copy. Each page is rendered once
+with its configuration and served with ``no-cache`` (revalidated by ETag).
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ class Asset:
 
 
 def load_static(directory: Path = STATIC_DIR) -> dict[str, Asset]:
-    """Every file under ``static/`` except the page template, by file name."""
+    """Every file under ``static/`` except the pages' templates (``*.html``), by file name."""
     assets = {}
     for path in sorted(directory.iterdir()):
-        if path.is_file() and path.name != "index.html":
+        if path.is_file() and path.suffix != ".html":
             content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
             if content_type.startswith("text/") or content_type.endswith("javascript"):
                 content_type += "; charset=utf-8"
@@ -49,9 +49,11 @@ def load_static(directory: Path = STATIC_DIR) -> dict[str, Asset]:
     return assets
 
 
-def render_page(assets: dict[str, Asset], config: dict, directory: Path = STATIC_DIR) -> Asset:
-    """The chat page with versioned asset links and the chat configuration embedded."""
-    page = (directory / "index.html").read_text(encoding="utf-8")
+def render_page(
+    assets: dict[str, Asset], config: dict, name: str = "index.html", directory: Path = STATIC_DIR
+) -> Asset:
+    """A page (the chat page by default) with versioned asset links and its configuration embedded."""
+    page = (directory / name).read_text(encoding="utf-8")
     for name, asset in assets.items():
         page = page.replace(f"{{{{ {name} }}}}", f"/static/{name}?v={asset.digest}")
     config_json = json.dumps(config).replace("</", "<\\/")  # never closes the <script> early

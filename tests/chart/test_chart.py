@@ -298,8 +298,8 @@ def test_gateway_env_and_ingress_routes(chart):
     assert rule["host"] == "chat.example.com"
     routes = {p["path"]: (p["pathType"], p["backend"]["service"]["name"]) for p in rule["http"]["paths"]}
     gateway, ui = f"{FULLNAME}-gateway", f"{FULLNAME}-ui"
-    assert routes == {"/": ("Exact", ui), "/static": ("Prefix", ui), "/api": ("Prefix", gateway),
-                      "/v1": ("Prefix", gateway)}  # fmt: skip
+    assert routes == {"/": ("Exact", ui), "/swarm": ("Exact", ui), "/static": ("Prefix", ui),
+                      "/api": ("Prefix", gateway), "/v1": ("Prefix", gateway)}  # fmt: skip
     assert gateway_env(render(chart, {"ingress": {"enabled": False}}))["TRUSTED_PROXIES"] == ""  # no proxy: none
     env = gateway_env(render(chart, {"ingress": {"enabled": True, "trustedProxies": ["10.42.0.0/16", "fd00::1"]}}))
     assert env["TRUSTED_PROXIES"] == "10.42.0.0/16,fd00::1"
@@ -327,14 +327,14 @@ def test_the_ingress_routes_only_the_page_and_its_assets_to_the_ui(chart):
     (rule,) = find(render(chart, {"ingress": {"enabled": True}}), "Ingress", FULLNAME)["spec"]["rules"]
     paths = rule["http"]["paths"]
     ui, gateway = f"{FULLNAME}-ui", f"{FULLNAME}-gateway"
-    page = render_page(load_static(), {}).body.decode()
-    links = [link.split("?")[0] for link in re.findall(r'(?:href|src)="(/[^"]*)"', page)]
-    assert links and all(link.startswith("/static/") for link in links)
-    for path in ["/", *links]:
+    pages = [render_page(load_static(), {}, name).body.decode() for name in ("index.html", "swarm.html")]
+    links = [link.split("?")[0] for page in pages for link in re.findall(r'(?:href|src)="(/[^"]*)"', page)]
+    assert links and all(link.startswith("/static/") or link == "/" for link in links)
+    for path in ["/", "/swarm", *links]:
         assert ingress_backend(paths, path) == ui, path
     for path in ("/api/v1/generate", "/api/v2/generate", "/v1/chat/completions", "/api/openapi.json"):
         assert ingress_backend(paths, path) == gateway, path
-    for path in ("/metrics", "/healthz", "/readyz", "/static-x", "/index.html", "/anything"):
+    for path in ("/metrics", "/healthz", "/readyz", "/static-x", "/index.html", "/swarm/x", "/anything"):
         assert ingress_backend(paths, path) is None, path
 
 

@@ -19,7 +19,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from client.api import Api
-from deploy.local_stack import REPO_ROOT, pick_free_port
+from deploy.local_stack import REPO_ROOT
+from tests.helpers import running_prometheus
 
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "petals-chat.json"
 RULES = REPO_ROOT / "deploy" / "prometheus" / "rules.yml"
@@ -90,26 +91,8 @@ def test_dashboard_is_well_formed():
 @pytest.fixture
 def prometheus(gateway, inference, tmp_path: Path):
     """A real Prometheus scraping the gateway and the inference replica every second."""
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [
-            {"job_name": job, "static_configs": [{"targets": [url.removeprefix("http://")]}]}
-            for job, url in (("gateway", gateway.base_url), ("inference", inference.base_url))
-        ],
-    }
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = pick_free_port()
-    process = subprocess.Popen(
-        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"),
-    )  # fmt: skip
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(30)
+    with running_prometheus({"gateway": gateway.base_url, "inference": inference.base_url}, RULES, tmp_path) as url:
+        yield url
 
 
 def query(prometheus_url: str, expr: str) -> list:
