@@ -62,7 +62,7 @@ def chat(page, text: str) -> str:
     wait_for(page, "!document.getElementById('send').disabled && !document.querySelector('.streaming')",
              timeout=60_000)  # fmt: skip
     assert page.is_hidden("#error"), page.inner_text("#error")
-    return page.eval_on_selector_all(".turn.ai .text", "nodes => nodes.map(n => n.textContent)")[-1]
+    return page.eval_on_selector_all(".turn.ai .text", "nodes => nodes.map(n => n.dataset.source)")[-1]
 
 
 def api_answer(site: str, inputs: str) -> str:
