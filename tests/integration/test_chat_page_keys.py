@@ -84,6 +84,7 @@ def test_the_page_asks_for_a_key_once_and_sends_it(context, site):
     page.reload()  # the key is remembered: no question this time
     wait_for(page, "!document.getElementById('model').disabled")
     assert page.is_hidden("#key-form")
+    page.click("#new-chat")  # the reload reopened the conversation: the same question in a new one
     assert chat(page, "Hello!") == answer
 
 
