@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import json
 import mimetypes
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ LIBRARIES = {
     "highlight.js": "@highlightjs/cdn-assets/es/highlight.min.js",
 }
 _MIN_COMPRESS_BYTES = 256
+_SIBLING_IMPORT = re.compile(r'^(import .* from "\./)([\w.-]+)(";)$', re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -67,12 +69,34 @@ def load_libraries(node_modules: Path = NODE_MODULES) -> dict[str, Asset]:
 
 
 def load_static(directory: Path = STATIC_DIR, node_modules: Path = NODE_MODULES) -> dict[str, Asset]:
-    """Every file under ``static/`` except the page template, and the libraries, by file name."""
+    """Every file under ``static/`` except the page template, and the libraries, by file name; the
+    page's modules import each other and the libraries by versioned URL (``_version_imports``)."""
     assets = load_libraries(node_modules)
+    own = []
     for path in sorted(directory.iterdir()):
         if path.is_file() and path.name != "index.html":
             assets[path.name] = _asset_of_file(path.name, path)
-    return assets
+            own.append(path.name)
+    versioned: dict[str, Asset] = {name: assets[name] for name in LIBRARIES}
+    for name in own:
+        _version_imports(name, assets, versioned)
+    return versioned
+
+
+def _version_imports(name: str, assets: dict[str, Asset], versioned: dict[str, Asset]) -> Asset:
+    """``name`` with its imports of sibling modules pointing at their versioned URLs (``?v=<hash>``,
+    their own imports versioned first), so that a module changes URL when anything it loads
+    changes, and a cached page loads every module from the cache without asking."""
+    if name not in versioned:
+        asset = assets[name]
+        if name.endswith(".js"):
+            text = _SIBLING_IMPORT.sub(
+                lambda m: f"{m[1]}{m[2]}?v={_version_imports(m[2], assets, versioned).digest}{m[3]}",
+                asset.body.decode("utf-8"),
+            )
+            asset = Asset.from_bytes(text.encode("utf-8"), asset.content_type)
+        versioned[name] = asset
+    return versioned[name]
 
 
 def render_page(assets: dict[str, Asset], config: dict, directory: Path = STATIC_DIR) -> Asset:

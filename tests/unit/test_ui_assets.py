@@ -31,7 +31,8 @@ def test_every_module_the_page_imports_is_served():
     assets = load_static()
     for name in [n for n in assets if n.endswith(".js")]:
         text = assets[name].body.decode()
-        for imported in re.findall(r'^import .* from "\./([\w.-]+)";$', text, re.MULTILINE):
+        assert not re.findall(r'from "\./[\w.-]+";', text), f"{name} imports a module by an unversioned URL"
+        for imported in re.findall(r'^import .* from "\./([\w.-]+)\?v=\w+";$', text, re.MULTILINE):
             assert imported in assets, f"{name} imports {imported}, which the ui does not serve"
 
 
@@ -48,3 +49,16 @@ def test_the_libraries_are_the_locked_versions():
 def test_a_missing_library_stops_the_ui_with_one_line(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"marked\.esm\.js is missing: install the page's libraries"):
         load_static(node_modules=tmp_path)
+
+
+def test_modules_import_each_other_by_versioned_url_and_the_page_preloads_them_all():
+    assets = load_static()
+    for name in [n for n in assets if n.endswith(".js")]:
+        for imported, version in re.findall(
+            r'^import .* from "\./([\w.-]+)\?v=(\w+)";$', assets[name].body.decode(), re.M
+        ):
+            assert version == assets[imported].digest, f"{name} imports {imported} at an old version"
+    page = render_page(assets, {}).body.decode()
+    modules = {n for n in assets if n.endswith(".js") and n != "theme.js"}  # theme.js: a classic script
+    preloaded = set(re.findall(r'<link rel="modulepreload" href="/static/([\w.-]+)\?v=', page))
+    assert preloaded | {"chat.js"} == modules

@@ -54,7 +54,10 @@ export class Sidebar {
     input.className = "rename-input";
     input.value = conversation.title;
     input.setAttribute("aria-label", "New name");
+    let finished = false; // Enter, then the blur of the input it removes: once
     const finish = (save) => {
+      if (finished) return;
+      finished = true;
       const title = input.value.trim();
       if (save && title) this.actions.rename(conversation.id, title);
       else this.render();
