@@ -271,7 +271,7 @@ def test_a_360_px_phone_collapses_the_sidebar_and_nothing_overflows(browser, sit
         send(phone, "Show me some formatting")
         wait_idle(phone)
         assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
-        screenshot(phone, artifacts_dir, "chat-phone.png")
+        screenshot(phone, artifacts_dir, "chat-phone-360.png")
         phone.click("#toggle-sidebar")
         assert phone.is_visible("#sidebar") and sidebar_titles(phone) == ["Show me some formatting"]
         assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
