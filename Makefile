@@ -6,6 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CHECKOV_STAMP := .venv-checkov/.installed
+UI_LIBRARIES := services/ui/node_modules/.package-lock.json
 REQUIREMENTS := requirements/web.txt requirements/gateway.txt requirements/petals.txt requirements/dev.txt
 TORCH_REQUIREMENTS := requirements/torch-cpu.txt requirements/torch-gpu.txt
 # Where torch's CPU build comes from (scripts/install_torch.py): a local folder of wheels
@@ -16,7 +17,16 @@ export TORCH_WHEELS
 
 .PHONY: setup system-tools deploy-tools images test-deploy test-clean-setup run test fuzz lint format bench bench-concurrency bench-websocket bench-memory clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(UI_LIBRARIES)
+
+# The chat page's browser libraries (Markdown, sanitiser, highlighter; axe-core for its tests), the
+# versions services/ui/package-lock.json pins, installed with npm ci into services/ui/node_modules,
+# where the ui service serves them from. Debian's nodejs and npm are installed when missing.
+$(UI_LIBRARIES): services/ui/package.json services/ui/package-lock.json
+	@command -v npm >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
+	npm ci --prefix services/ui --no-audit --no-fund --prefer-offline
+	touch $@
 
 # Every requirement file is a full closure of hash-pinned versions, installed with --no-deps
 # --require-hashes (scripts/pins.py checks each set is complete; docs/setup.md, Dependencies).
@@ -69,10 +79,10 @@ test-deploy: images
 test-clean-setup:
 	scripts/clean_setup_test.sh
 
-run: $(STAMP)
+run: $(STAMP) $(UI_LIBRARIES)
 	$(PY) -m deploy.run_local
 
-test: $(STAMP) $(CHECKOV_STAMP) system-tools
+test: $(STAMP) $(UI_LIBRARIES) $(CHECKOV_STAMP) system-tools
 	$(PY) -m pytest
 
 # The long fuzzing run (docs/testing.md "Fuzzing"): up to 1,000 Hypothesis examples per operation and mode (over

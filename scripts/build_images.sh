@@ -153,7 +153,8 @@ if [[ -n "${TORCH_WHEELS:-}" ]]; then
     MOUNTS+=(-v "$(cd "$TORCH_WHEELS" && pwd):/host-wheels:ro")
 fi
 
-build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
+# npm in the ui's build reads the same mounted bundle (Dockerfile.cpu's NODE_EXTRA_CA_CERTS).
+build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "NODE_EXTRA_CA_CERTS=/host-ca.crt")
 gpu_build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
 if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
     build_args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")

@@ -75,9 +75,8 @@ def page_csp(api_base_url: str) -> str:
     )
 
 
-def build_app(settings: UiSettings) -> falcon.App:
-    """The ui's WSGI app."""
-    assets = load_static()
+def build_app(settings: UiSettings, assets: dict[str, Asset]) -> falcon.App:
+    """The ui's WSGI app, serving ``assets`` (``load_static``'s)."""
     chat_config = {
         "apiBaseUrl": settings.api_base_url,
         "sessionMaxLength": settings.session_max_length,
@@ -94,5 +93,6 @@ def build_app(settings: UiSettings) -> falcon.App:
 def create_app() -> falcon.App:
     """gunicorn's app factory."""
     settings = load_or_exit(UiSettings.from_env, "ui")
+    assets = load_or_exit(load_static, "ui")
     configure_logging(settings.server.log_level)
-    return build_app(settings)
+    return build_app(settings, assets)

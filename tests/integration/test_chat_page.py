@@ -80,7 +80,7 @@ def wait_idle(page, timeout_ms: int = 60_000) -> None:
 
 
 def ai_texts(page) -> list[str]:
-    return page.eval_on_selector_all(".turn.ai .text", "nodes => nodes.map(n => n.textContent)")
+    return page.eval_on_selector_all(".turn.ai .text", "nodes => nodes.map(n => n.dataset.source)")
 
 
 def api_answers(

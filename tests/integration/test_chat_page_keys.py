@@ -62,7 +62,7 @@ def chat(page, text: str) -> str:
     wait_for(page, "!document.getElementById('send').disabled && !document.querySelector('.streaming')",
              timeout=60_000)  # fmt: skip
     assert page.is_hidden("#error"), page.inner_text("#error")
-    return page.eval_on_selector_all(".turn.ai .text", "nodes => nodes.map(n => n.textContent)")[-1]
+    return page.eval_on_selector_all(".turn.ai .text", "nodes => nodes.map(n => n.dataset.source)")[-1]
 
 
 def api_answer(site: str, inputs: str) -> str:
@@ -84,6 +84,7 @@ def test_the_page_asks_for_a_key_once_and_sends_it(context, site):
     page.reload()  # the key is remembered: no question this time
     wait_for(page, "!document.getElementById('model').disabled")
     assert page.is_hidden("#key-form")
+    page.click("#new-chat")  # the reload reopened the conversation: the same question in a new one
     assert chat(page, "Hello!") == answer
 
 

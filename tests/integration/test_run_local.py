@@ -32,6 +32,7 @@ from services.common.web.sse import parse_sse
 from tests.helpers import collect_page_errors, wait_for
 
 FRANCE = "What is the capital of France?"
+CODE_QUESTION = "Write a Python function to reverse a string."  # greedy, SmolLM2 answers with a fenced block
 
 STOP_TIMEOUT_S = 60  # a clean stop: SIGTERM, the services' and servers' grace periods, SIGKILL
 DIE_WITH_RUNNER_S = 30  # a SIGKILLed runner: everything it started is gone within this
@@ -75,10 +76,11 @@ def check_the_load_test_picks_the_model(url: str) -> None:
 
 def check_the_chat_page(browser, url: str, screenshot: Path) -> None:
     """The page opens with SmolLM2 and answers the France question (greedy) with Paris, then a second
-    turn in the same session with text; the screenshot is the README's."""
+    turn in the same session whose answer holds a fenced Python block, rendered as highlighted code;
+    the screenshot is the README's."""
     context = browser.new_context(viewport={"width": 1000, "height": 800})
     context.add_init_script(
-        "localStorage.setItem('petals-chat-settings', JSON.stringify({sampling: false, max_new_tokens: 64}))"
+        "localStorage.setItem('petals-chat-settings', JSON.stringify({sampling: false, max_new_tokens: 96}))"
     )
     page = context.new_page()
     errors = collect_page_errors(page, [])
@@ -88,15 +90,18 @@ def check_the_chat_page(browser, url: str, screenshot: Path) -> None:
         assert page.input_value("#model") == SMOLLM2.name
         assert page.inner_text("#model-description") == SMOLLM2.description
         answers = []
-        for question in (FRANCE, "Write a haiku about the sea."):
+        for question in (FRANCE, CODE_QUESTION):
             page.fill("#message", question)
             page.press("#message", "Enter")
             page.wait_for_selector("#stop:not([hidden])")
             wait_for(page, "!document.getElementById('send').disabled", timeout=120_000)
-            answers = page.eval_on_selector_all(".turn.ai .text", "nodes => nodes.map(n => n.textContent)")
+            answers = page.eval_on_selector_all(".turn.ai .text", "nodes => nodes.map(n => n.dataset.source)")
         assert page.is_hidden("#error"), page.inner_text("#error")
         assert len(answers) == 2 and "Paris" in answers[0], answers
-        assert answers[1].strip() and "\ufffd" not in "".join(answers), answers
+        assert "```python" in answers[1] and "\ufffd" not in "".join(answers), answers
+        code = page.locator(".turn.ai").nth(1).locator("pre code.hljs")
+        assert code.first.get_attribute("data-language") == "python", answers[1]
+        assert "def" in code.first.locator(".hljs-keyword").all_inner_texts(), answers[1]
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(screenshot), full_page=True)
     finally:

@@ -1,403 +1,434 @@
-// Petals Chat page: a dialogue streamed token by token from the gateway's SSE endpoint.
+// Petals Chat page: conversations kept in this browser, answers streamed token by token from the
+// gateway's SSE endpoint.
 //
 // The models come from the gateway's GET /v1/models, each with its card: description, chat format
-// (how turns are written, what ends an answer) and default settings. Switching models starts a new
-// chat. One inference session per dialogue: the first request sends the whole transcript, later
-// ones only the new turn. When the gateway says the session expired (or its replica is gone), a
-// new session is opened and the dialogue replayed, once, without bothering the user. Every text
-// from the user, the model or a model card is shown as text (textContent), never as markup. When
-// the gateway wants an API key (401), the page asks for one, keeps it in localStorage and sends it
-// with every request (Authorization: Bearer).
-"use strict";
+// (how turns are written, what ends an answer) and default settings. One inference session per
+// conversation on screen: the first request sends the whole transcript of the branch shown, later
+// ones only the new turn. When the session no longer holds the branch (another conversation, an
+// edit, a regenerated answer, another version, a changed system prompt) or the gateway says it
+// expired, a new session is opened and the branch replayed, without bothering the user. When the
+// gateway wants an API key (401), the page asks for one.
 
-(() => {
-  const config = JSON.parse(document.getElementById("chat-config").textContent);
-  const SETTINGS_KEY = "petals-chat-settings";
-  const API_KEY_KEY = "petals-chat-api-key";
-  const UNAUTHORIZED = "invalid_api_key";
-  const FALLBACK = { sampling: true, temperature: 0.75, top_p: 0.9, max_new_tokens: 256 };
-  const SLOW_SECONDS_PER_TOKEN = 3;
+import { Api, UNAUTHORIZED, forgetKey, saveKey } from "./api.js";
+import { DialogueView } from "./dialogue.js";
+import { continuation, nextTurn, transcript } from "./prompt.js";
+import { SettingsForm, modelDefaults, newSettings } from "./settings.js";
+import { Sidebar } from "./sidebar.js";
+import { deleteConversation, listConversations, saveConversation } from "./store.js";
+import { SwarmView } from "./swarm.js";
+import { exportFile, parseFile } from "./transfer.js";
+import { activePath, addMessage, newConversation, showBranch, siblingIds } from "./tree.js";
 
-  const $ = (id) => document.getElementById(id);
-  const ui = {
-    dialogue: $("dialogue"), composer: $("composer"), message: $("message"), send: $("send"),
-    stop: $("stop"), newChat: $("new-chat"), speed: $("speed"), slowHint: $("slow-hint"),
-    error: $("error"), errorMessage: $("error-message"), retry: $("retry"), settings: $("settings"),
-    model: $("model"), modelDescription: $("model-description"),
-    keyForm: $("key-form"), keyMessage: $("key-message"), apiKey: $("api-key"),
+const config = JSON.parse(document.getElementById("chat-config").textContent);
+const SLOW_SECONDS_PER_TOKEN = 3;
+const WIDE_SCREEN = window.matchMedia("(min-width: 48rem)");
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  dialogue: $("dialogue"), composer: $("composer"), message: $("message"), send: $("send"),
+  stop: $("stop"), newChat: $("new-chat"), speed: $("speed"), slowHint: $("slow-hint"),
+  error: $("error"), errorMessage: $("error-message"), retry: $("retry"), settings: $("settings"),
+  model: $("model"), modelDescription: $("model-description"), resetSettings: $("reset-settings"),
+  keyForm: $("key-form"), keyMessage: $("key-message"), apiKey: $("api-key"),
+  toggleSidebar: $("toggle-sidebar"), search: $("search"), exportButton: $("export"), importFile: $("import-file"),
+  transferMessage: $("transfer-message"), shortcuts: $("shortcuts"),
+};
+
+const api = new Api(config.apiBaseUrl);
+const view = new DialogueView(ui.dialogue);
+const swarmView = new SwarmView($("swarm"), $("swarm-summary"), $("swarm-message"), api);
+const settingsForm = new SettingsForm(ui.settings, $("model-defaults"), (settings) => {
+  state.conversation.settings = settings;
+  persist();
+});
+const sidebar = new Sidebar($("conversations"), ui.search, {
+  open: (id) => openConversation(state.conversations.find((c) => c.id === id)),
+  rename: (id, title) => {
+    const conversation = state.conversations.find((c) => c.id === id);
+    conversation.title = title;
+    persist(conversation, false);
+  },
+  remove: (id) => removeConversation(id),
+});
+
+const state = {
+  models: new Map(), // id -> entry of GET /v1/models
+  conversations: [], // kept in IndexedDB, newest first
+  conversation: null, // the one on screen
+  session: null, // {id, holds, length}: `holds` names the dialogue it has seen (sessionKey)
+  sessionLength: config.sessionMaxLength,
+  busy: false,
+  stopped: false,
+  generation: 0, // bumped when another conversation is shown: late results of an answer are dropped
+};
+
+const model = () => state.models.get(state.conversation.model);
+const format = () => model().chat;
+
+// ---- conversations -------------------------------------------------------------------------
+async function persist(conversation = state.conversation, touch = true) {
+  if (!conversation.roots.length) return; // an empty chat is kept only once it has a message
+  if (touch) conversation.updatedAt = Date.now();
+  if (!state.conversations.includes(conversation)) state.conversations.unshift(conversation);
+  state.conversations.sort((a, b) => b.updatedAt - a.updatedAt);
+  sidebar.show(state.conversations, state.conversation.id);
+  await saveConversation(conversation);
+}
+
+function defaultModelId() {
+  return [...state.models.values()].find((m) => m.default)?.id ?? state.models.keys().next().value;
+}
+
+function showConversation(conversation) {
+  stopAnswer();
+  dropSession();
+  state.generation += 1;
+  setBusy(false);
+  if (!state.models.has(conversation.model)) conversation.model = defaultModelId();
+  state.conversation = conversation;
+  ui.model.value = conversation.model;
+  ui.modelDescription.textContent = model().description;
+  state.sessionLength = Math.min(config.sessionMaxLength, model().max_length);
+  settingsForm.show(conversation.settings, model());
+  swarmView.watch(conversation.model);
+  view.show(conversation, activePath(conversation));
+  sidebar.show(state.conversations, conversation.id);
+  ui.speed.hidden = ui.slowHint.hidden = true;
+  hideError();
+}
+
+function openConversation(conversation) {
+  showConversation(conversation);
+  if (!WIDE_SCREEN.matches) setSidebar(false);
+  ui.message.focus();
+}
+
+function newChat(modelId = state.conversation?.model ?? defaultModelId()) {
+  showConversation(newConversation(modelId, newSettings(state.models.get(modelId))));
+  ui.message.focus();
+}
+
+async function removeConversation(id) {
+  state.conversations = state.conversations.filter((c) => c.id !== id);
+  await deleteConversation(id);
+  if (state.conversation.id === id) newChat();
+  else sidebar.show(state.conversations, state.conversation.id);
+}
+
+// ---- the session: which dialogue it holds ---------------------------------------------------
+function sessionKey(messages) {
+  const { system_prompt: system } = state.conversation.settings;
+  return JSON.stringify([state.conversation.model, system, messages.map((m) => m.id)]);
+}
+
+function setSession(session) {
+  state.session = session;
+  document.body.dataset.sessionId = session?.id || "";
+}
+
+function dropSession() {
+  if (state.session) api.closeSession(state.session.id);
+  setSession(null);
+}
+
+// ---- answers ------------------------------------------------------------------------------
+function showSpeed(tokens, startedAt) {
+  const seconds = (performance.now() - startedAt) / 1000;
+  const perToken = seconds / tokens;
+  ui.speed.textContent = `${(tokens / seconds).toFixed(1)} tokens/s · ${perToken.toFixed(2)} s/token`;
+  ui.speed.hidden = false;
+  ui.slowHint.hidden = perToken <= SLOW_SECONDS_PER_TOKEN;
+}
+
+function requestBody(inputs) {
+  const settings = state.conversation.settings;
+  const body = {
+    model: state.conversation.model, session_id: state.session.id, inputs,
+    max_new_tokens: settings.max_new_tokens, stop: format().stop,
   };
+  return Object.assign(body, settings.sampling
+    ? { do_sample: 1, temperature: settings.temperature, top_p: settings.top_p }
+    : { do_sample: 0 });
+}
 
-  class ApiError extends Error {
-    constructor(code, message) {
-      super(message);
-      this.code = code;
+// The answer to the branch `path` (ending with a question), streamed into `pending`.
+async function generate(path, pending) {
+  const before = sessionKey(path.slice(0, -1));
+  let replayed = false;
+  for (;;) {
+    let inputs;
+    if (state.session?.holds === before) {
+      inputs = nextTurn(format(), state.session.continuation, path.at(-1).text);
+    } else {
+      dropSession();
+      setSession({ id: await api.openSession(state.conversation.model, state.sessionLength) });
+      inputs = transcript(format(), state.conversation.settings.system_prompt, path);
     }
-  }
-
-  const state = {
-    models: new Map(), // id -> entry of GET /v1/models
-    model: null, // the chosen entry
-    sessionId: null,
-    sessionLength: config.sessionMaxLength,
-    continuation: "", // what must precede the next turn in the current session
-    turns: [], // {role: "human" | "ai", text}
-    controller: null,
-    stopped: false,
-    dialogue: 0, // bumped by "New chat": late results of an older dialogue are dropped
-  };
-
-  // ---- settings, kept across reloads (what the user never set: the model's defaults) ------
-  function defaults() {
-    const d = state.model?.defaults;
-    return d ? { sampling: d.do_sample, temperature: d.temperature, top_p: d.top_p, max_new_tokens: d.max_new_tokens }
-      : { ...FALLBACK };
-  }
-
-  function loadSettings() {
+    const startedAt = performance.now();
+    let text = "";
     try {
-      return { ...defaults(), ...JSON.parse(localStorage.getItem(SETTINGS_KEY) || "{}") };
-    } catch {
-      return defaults();
-    }
-  }
-
-  function showSettings(settings) {
-    ui.settings.sampling.checked = settings.sampling;
-    for (const name of ["temperature", "top_p", "max_new_tokens"]) ui.settings[name].value = settings[name];
-  }
-
-  function readSettings() {
-    const number = (name) => {
-      const input = ui.settings[name];
-      const value = Number(input.value);
-      const ok = input.value !== "" && Number.isFinite(value) && value >= Number(input.min) && value <= Number(input.max);
-      return ok ? value : defaults()[name];
-    };
-    return {
-      sampling: ui.settings.sampling.checked,
-      temperature: number("temperature"),
-      top_p: number("top_p"),
-      max_new_tokens: Math.round(number("max_new_tokens")),
-    };
-  }
-
-  ui.settings.addEventListener("change", () => localStorage.setItem(SETTINGS_KEY, JSON.stringify(readSettings())));
-
-  // ---- the API ---------------------------------------------------------------------------
-  const api = (path) => config.apiBaseUrl + path;
-
-  // The API key the user entered (none: the API is open, or not asked for yet).
-  function authHeaders() {
-    const key = localStorage.getItem(API_KEY_KEY);
-    return key ? { Authorization: `Bearer ${key}` } : {};
-  }
-
-  async function loadModels() {
-    const response = await fetch(api("/v1/models"), { headers: authHeaders() });
-    const body = await response.json().catch(() => ({}));
-    const models = Array.isArray(body.data) ? body.data : [];
-    if (response.status === 401) throw new ApiError(UNAUTHORIZED, body.error?.message || "This chat needs an API key.");
-    if (!response.ok || !models.length) {
-      throw new ApiError("no_model", body.error?.message || "No model is available right now; retry in a few seconds.");
-    }
-    state.models = new Map(models.map((entry) => [entry.id, entry]));
-    ui.model.replaceChildren(...models.map((entry) => new Option(entry.id, entry.id, entry.default, entry.default)));
-    ui.model.disabled = false;
-    chooseModel(ui.model.value);
-  }
-
-  function chooseModel(id) {
-    state.model = state.models.get(id);
-    state.sessionLength = Math.min(config.sessionMaxLength, state.model.max_length);
-    ui.modelDescription.textContent = state.model.description;
-    showSettings(loadSettings());
-  }
-
-  async function openSession(maxLength) {
-    const query = `max_length=${maxLength}&model=${encodeURIComponent(state.model.id)}`;
-    const response = await fetch(api(`/api/v1/open_inference_session?${query}`), { headers: authHeaders() });
-    const body = await response.json();
-    // v1 answers errors with HTTP 200; its header names the error (e.g. the key, or the session quota).
-    if (!body.ok) throw new ApiError(response.headers.get("X-Petals-Chat-Error") || "open_failed", body.traceback);
-    return body.session_id;
-  }
-
-  function closeSession(sessionId) {
-    // keepalive: the request completes even when the page is going away.
-    const url = api(`/api/v1/close_inference_session?session_id=${encodeURIComponent(sessionId)}`);
-    if (sessionId) fetch(url, { keepalive: true, headers: authHeaders() }).catch(() => {});
-  }
-
-  function setSession(sessionId) {
-    state.sessionId = sessionId;
-    document.body.dataset.sessionId = sessionId || "";
-  }
-
-  function dropSession() {
-    closeSession(state.sessionId);
-    setSession(null);
-  }
-
-  // Stream one answer; calls onToken(text, generatedTokens) and returns the `done` event.
-  async function streamAnswer(body, onToken) {
-    state.controller = new AbortController();
-    const response = await fetch(api("/api/v2/generate_stream"), {
-      method: "POST",
-      headers: { "Content-Type": "application/json", ...authHeaders() },
-      body: JSON.stringify(body),
-      signal: state.controller.signal,
-    });
-    if (!response.ok) {
-      const error = await response.json().catch(() => ({}));
-      throw new ApiError(error.error?.code || `http_${response.status}`, error.error?.message || `HTTP ${response.status}`);
-    }
-    const reader = response.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      let end;
-      while ((end = buffer.indexOf("\n\n")) >= 0) {
-        const event = parseEvent(buffer.slice(0, end));
-        buffer = buffer.slice(end + 2);
-        if (event.name === "token") onToken(event.data.text, event.data.generated_tokens);
-        else if (event.name === "done") return event.data;
-        else if (event.name === "error") throw new ApiError(event.data.error.code, event.data.error.message);
-      }
-    }
-    throw new ApiError("cut_off", "The answer was cut off before it finished.");
-  }
-
-  function parseEvent(block) {
-    const event = { name: "message", data: null };
-    for (const line of block.split("\n")) {
-      if (line.startsWith("event: ")) event.name = line.slice(7);
-      else if (line.startsWith("data: ")) event.data = JSON.parse(line.slice(6));
-    }
-    return event;
-  }
-
-  // ---- the dialogue, in the chosen model's chat format -------------------------------------
-  const chat = () => state.model.chat;
-
-  function turnText(turn) {
-    const f = chat();
-    return turn.role === "human" ? f.user_start + turn.text + f.user_end : f.assistant_start + turn.text + f.assistant_end;
-  }
-
-  // The whole dialogue (its last turn the user's), for a new session.
-  function transcript() {
-    const f = chat();
-    const system = f.system_prompt ? f.system_start + f.system_prompt + f.system_end : "";
-    return system + state.turns.map(turnText).join("") + f.assistant_start;
-  }
-
-  // What must precede the next user message in the session: the end of the answer and the start of
-  // the user's turn, less what the model already said (the stop sequence, or its end-of-turn token).
-  function continuation(done) {
-    const f = chat();
-    const between = f.assistant_end + f.user_start;
-    const said = { stop: done.stop_sequence, eos: f.end_of_turn }[done.finish_reason] || "";
-    return said && between.startsWith(said) ? between.slice(said.length) : between;
-  }
-
-  function addTurn(role, text) {
-    const item = document.createElement("li");
-    item.className = `turn ${role}`;
-    const who = document.createElement("span");
-    who.className = "who";
-    who.textContent = role === "human" ? "You" : "AI";
-    const body = document.createElement("span");
-    body.className = "text";
-    body.textContent = text;
-    item.append(who, body);
-    ui.dialogue.append(item);
-    item.scrollIntoView({ block: "end" });
-    return { item, body };
-  }
-
-  function showSpeed(tokens, startedAt) {
-    const seconds = (performance.now() - startedAt) / 1000;
-    const perToken = seconds / tokens;
-    ui.speed.textContent = `${(tokens / seconds).toFixed(1)} tokens/s · ${perToken.toFixed(2)} s/token`;
-    ui.speed.hidden = false;
-    ui.slowHint.hidden = perToken <= SLOW_SECONDS_PER_TOKEN;
-  }
-
-  async function generate(humanText, view) {
-    const settings = readSettings();
-    let replayed = false;
-    for (;;) {
-      let inputs;
-      if (!state.sessionId) {
-        setSession(await openSession(state.sessionLength));
-        inputs = transcript();
-      } else {
-        inputs = state.continuation + humanText + chat().user_end + chat().assistant_start;
-      }
-      const body = {
-        model: state.model.id, session_id: state.sessionId, inputs, max_new_tokens: settings.max_new_tokens,
-        stop: chat().stop,
-      };
-      Object.assign(body, settings.sampling
-        ? { do_sample: 1, temperature: settings.temperature, top_p: settings.top_p }
-        : { do_sample: 0 });
-      view.body.textContent = "";
-      const startedAt = performance.now();
-      try {
-        const done = await streamAnswer(body, (text, tokens) => {
-          view.body.textContent += text;
-          showSpeed(tokens, startedAt);
-        });
-        view.body.textContent = done.outputs;
-        state.continuation = continuation(done);
-        return done.outputs;
-      } catch (error) {
-        const full = error.code === "session_full";
-        if (replayed || !(error.code === "session_not_found" || full)) throw error;
-        // The session is gone (expired, replica lost) or too small: a new one, and replay.
-        replayed = true;
-        if (full) state.sessionLength = Math.min(2 * state.sessionLength, state.model.max_length);
-        setSession(null);
-      }
-    }
-  }
-
-  async function answer(humanText) {
-    hideError();
-    setBusy(true);
-    const view = addTurn("ai", "");
-    view.item.classList.add("streaming");
-    state.stopped = false;
-    const dialogue = state.dialogue;
-    try {
-      const text = await generate(humanText, view);
-      state.turns.push({ role: "ai", text });
+      const done = await api.stream(requestBody(inputs), (token, tokens) => {
+        text += token;
+        pending.update(text);
+        showSpeed(tokens, startedAt);
+      });
+      state.session.continuation = continuation(format(), done);
+      return done.outputs;
     } catch (error) {
-      if (dialogue !== state.dialogue) return; // "New chat" was pressed meanwhile
-      if (state.stopped) {
-        state.turns.push({ role: "ai", text: view.body.textContent }); // keep what was shown
-      } else {
-        view.item.remove();
-        dropSession(); // its state is unknown now: the retry replays into a new one
-        showError(error.message || String(error));
-        if (error.code === UNAUTHORIZED) askForKey(error.message);
-      }
-    } finally {
-      view.item.classList.remove("streaming");
-      setBusy(false);
+      if (state.stopped) return text; // Stop: keep what was shown
+      const full = error.code === "session_full";
+      if (replayed || !(error.code === "session_not_found" || full)) throw error;
+      // The session is gone (expired, replica lost) or too small: a new one, and replay.
+      replayed = true;
+      if (full) state.sessionLength = Math.min(2 * state.sessionLength, model().max_length);
+      setSession(null);
     }
   }
+}
 
-  function submit() {
-    const text = ui.message.value.trim();
-    if (!text || ui.send.disabled || !state.model) return;
-    ui.message.value = "";
-    state.turns.push({ role: "human", text });
-    addTurn("human", text);
-    answer(text);
+async function answer() {
+  const conversation = state.conversation;
+  const path = activePath(conversation);
+  if (!path.length || path.at(-1).role !== "human") return;
+  hideError();
+  setBusy(true);
+  state.stopped = false;
+  const generation = state.generation;
+  const pending = view.startAnswer();
+  try {
+    const text = await generate(path, pending);
+    if (generation !== state.generation) return;
+    const message = addMessage(conversation, path.at(-1).id, "ai", text);
+    if (state.stopped) dropSession(); // the next turn replays into a new session
+    else state.session.holds = sessionKey([...path, message]);
+    pending.remove();
+    view.show(conversation, activePath(conversation));
+    await persist(conversation);
+  } catch (error) {
+    pending.remove();
+    if (generation !== state.generation) return; // another conversation is shown now
+    dropSession(); // its state is unknown now: the retry replays into a new one
+    showError(error.message || String(error));
+    if (error.code === UNAUTHORIZED) askForKey(error.message);
+  } finally {
+    if (generation === state.generation) setBusy(false);
   }
+}
 
-  function setBusy(busy) {
-    ui.message.disabled = busy;
-    ui.send.disabled = busy;
-    ui.stop.hidden = !busy;
-    if (!busy) ui.message.focus();
-  }
+function ask(parentId, text) {
+  addMessage(state.conversation, parentId, "human", text);
+  view.show(state.conversation, activePath(state.conversation));
+  persist();
+  answer();
+}
 
-  function showError(message) {
-    ui.errorMessage.textContent = message;
-    ui.error.hidden = false;
-  }
+function submit() {
+  const text = ui.message.value.trim();
+  if (!text || state.busy || !state.conversation) return;
+  ui.message.value = "";
+  ask(state.conversation.leaf, text);
+}
 
-  function hideError() {
-    ui.error.hidden = true;
-  }
+function stopAnswer() {
+  if (!state.busy) return;
+  state.stopped = true;
+  api.abort(); // the answer ends, keeping what was shown
+  dropSession(); // the server stops at once
+}
 
-  // The gateway wants a key (none was sent, or it is not valid): ask for one.
-  function askForKey(message) {
-    localStorage.removeItem(API_KEY_KEY);
-    ui.keyMessage.textContent = message;
-    ui.keyForm.hidden = false;
-    ui.apiKey.focus();
-  }
+function setBusy(busy) {
+  state.busy = busy;
+  document.body.classList.toggle("busy", busy);
+  ui.message.disabled = busy;
+  ui.send.disabled = busy;
+  ui.stop.hidden = !busy;
+  for (const button of ui.dialogue.querySelectorAll(".message-actions button")) button.disabled ||= busy;
+  if (!busy) ui.message.focus();
+}
 
-  function lastHumanText() {
-    for (let i = state.turns.length - 1; i >= 0; i--) if (state.turns[i].role === "human") return state.turns[i].text;
-    return null;
-  }
+function showError(message) {
+  ui.errorMessage.textContent = message;
+  ui.error.hidden = false;
+}
 
-  // ---- controls --------------------------------------------------------------------------
-  ui.composer.addEventListener("submit", (event) => {
+function hideError() {
+  ui.error.hidden = true;
+}
+
+// The gateway wants a key (none was sent, or it is not valid): ask for one.
+function askForKey(message) {
+  forgetKey();
+  ui.keyMessage.textContent = message;
+  ui.keyForm.hidden = false;
+  ui.apiKey.focus();
+}
+
+// ---- message actions: copy, edit, regenerate, switch versions -------------------------------
+function regenerate(id) {
+  const conversation = state.conversation;
+  conversation.leaf = conversation.messages[id].parent; // the new answer becomes a sibling of this one
+  view.show(conversation, activePath(conversation));
+  answer();
+}
+
+async function edit(id) {
+  const text = await view.editQuestion(id);
+  if (text === null) return view.show(state.conversation, activePath(state.conversation));
+  ask(state.conversation.messages[id].parent, text);
+}
+
+function switchVersion(id, step) {
+  const conversation = state.conversation;
+  const ids = siblingIds(conversation, conversation.messages[id]);
+  showBranch(conversation, ids[ids.indexOf(id) + step]);
+  view.show(conversation, activePath(conversation));
+  persist(conversation, false);
+}
+
+async function copy(text, button) {
+  await navigator.clipboard.writeText(text);
+  const label = button.textContent;
+  button.textContent = "Copied";
+  setTimeout(() => { button.textContent = label; }, 1500);
+}
+
+ui.dialogue.addEventListener("click", (event) => {
+  const button = event.target.closest("button");
+  if (!button || button.disabled) return;
+  if (button.classList.contains("copy-code")) return copy(button.nextElementSibling.textContent, button);
+  const id = button.closest(".turn")?.dataset.id;
+  if (!id || state.busy) return;
+  const message = state.conversation.messages[id];
+  const actions = {
+    copy: () => copy(message.text, button),
+    edit: () => edit(id),
+    regenerate: () => regenerate(id),
+    previous: () => switchVersion(id, -1),
+    next: () => switchVersion(id, 1),
+  };
+  actions[button.dataset.action]?.();
+});
+
+// ---- controls --------------------------------------------------------------------------
+ui.composer.addEventListener("submit", (event) => {
+  event.preventDefault();
+  submit();
+});
+
+ui.message.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
     event.preventDefault();
     submit();
-  });
-
-  ui.message.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
-      event.preventDefault();
-      submit();
-    }
-  });
-
-  ui.stop.addEventListener("click", () => {
-    state.stopped = true;
-    state.controller?.abort();
-    dropSession(); // the server stops at once; the next turn replays into a new session
-  });
-
-  ui.retry.addEventListener("click", () => {
-    if (!state.model) return start();
-    const text = lastHumanText();
-    if (text !== null) answer(text);
-  });
-
-  function newChat() {
-    state.stopped = true;
-    state.controller?.abort();
-    dropSession();
-    state.dialogue += 1;
-    state.turns = [];
-    state.continuation = "";
-    ui.dialogue.replaceChildren();
-    ui.speed.hidden = ui.slowHint.hidden = true;
-    hideError();
-    ui.message.focus();
   }
+});
 
-  ui.newChat.addEventListener("click", newChat);
+ui.stop.addEventListener("click", stopAnswer);
 
-  ui.keyForm.addEventListener("submit", (event) => {
-    event.preventDefault();
-    const key = ui.apiKey.value.trim();
-    if (!key) return;
-    localStorage.setItem(API_KEY_KEY, key);
-    ui.apiKey.value = "";
-    ui.keyForm.hidden = true;
-    if (!state.model) start();
-    else if (!ui.error.hidden) ui.retry.click(); // the message the key was missing for, again
-  });
+ui.retry.addEventListener("click", () => {
+  if (!state.models.size) return start();
+  answer();
+});
 
-  ui.model.addEventListener("change", () => {
-    newChat(); // a dialogue is written in one model's format: another model starts afresh
-    chooseModel(ui.model.value);
-  });
+ui.newChat.addEventListener("click", () => newChat());
 
-  // Leaving the page frees the session's attention caches on the swarm at once.
-  window.addEventListener("pagehide", () => dropSession());
+ui.resetSettings.addEventListener("click", () => {
+  state.conversation.settings = modelDefaults(model());
+  settingsForm.show(state.conversation.settings, model());
+  persist();
+});
 
-  function start() {
-    hideError();
-    loadModels().catch((error) => {
-      if (error.code === UNAUTHORIZED) askForKey(error.message);
-      else showError(error.message || String(error));
-    });
+ui.keyForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const key = ui.apiKey.value.trim();
+  if (!key) return;
+  saveKey(key);
+  ui.apiKey.value = "";
+  ui.keyForm.hidden = true;
+  if (!state.models.size) start();
+  else if (!ui.error.hidden) ui.retry.click(); // the message the key was missing for, again
+});
+
+ui.model.addEventListener("change", () => {
+  // A dialogue is written in one model's format: another model starts a new chat.
+  if (state.conversation.roots.length) return newChat(ui.model.value);
+  state.conversation.model = ui.model.value;
+  state.conversation.settings = newSettings(model());
+  showConversation(state.conversation);
+});
+
+ui.exportButton.addEventListener("click", () => exportFile(state.conversations));
+
+ui.importFile.addEventListener("change", async () => {
+  const file = ui.importFile.files[0];
+  ui.importFile.value = "";
+  try {
+    const imported = parseFile(await file.text());
+    for (const conversation of imported) await saveConversation(conversation);
+    state.conversations = await listConversations();
+    sidebar.show(state.conversations, state.conversation.id);
+    ui.transferMessage.textContent = `Imported ${imported.length} conversation(s).`;
+  } catch (error) {
+    ui.transferMessage.textContent = error.message;
   }
+});
 
-  showSettings(loadSettings());
-  setSession(null);
+function setSidebar(open) {
+  document.body.classList.toggle("sidebar-closed", !open);
+  ui.toggleSidebar.setAttribute("aria-expanded", String(open));
+}
+
+ui.toggleSidebar.addEventListener("click", () => setSidebar(document.body.classList.contains("sidebar-closed")));
+WIDE_SCREEN.addEventListener("change", () => setSidebar(WIDE_SCREEN.matches));
+
+$("show-shortcuts").addEventListener("click", () => ui.shortcuts.showModal());
+$("close-shortcuts").addEventListener("click", () => ui.shortcuts.close());
+
+const SHORTCUTS = {
+  "ctrl+shift+o": () => newChat(),
+  "ctrl+k": () => {
+    setSidebar(true);
+    ui.search.focus();
+  },
+  "ctrl+shift+l": () => ui.toggleSidebar.click(),
+  "ctrl+shift+enter": () => {
+    const last = activePath(state.conversation).at(-1);
+    if (last?.role === "ai" && !state.busy) regenerate(last.id);
+  },
+  "ctrl+/": () => ui.shortcuts.showModal(),
+  escape: () => stopAnswer(),
+};
+
+document.addEventListener("keydown", (event) => {
+  const name = [event.ctrlKey || event.metaKey ? "ctrl" : "", event.shiftKey ? "shift" : "", event.key.toLowerCase()]
+    .filter(Boolean).join("+");
+  const action = SHORTCUTS[name];
+  if (!action || (name === "escape" && !state.busy) || !state.conversation) return;
+  event.preventDefault();
+  action();
+});
+
+// Leaving the page frees the session's attention caches on the swarm at once.
+window.addEventListener("pagehide", () => dropSession());
+
+async function start() {
+  hideError();
+  try {
+    const models = await api.models();
+    state.models = new Map(models.map((entry) => [entry.id, entry]));
+    ui.model.replaceChildren(...models.map((entry) => new Option(entry.id, entry.id, entry.default, entry.default)));
+  } catch (error) {
+    if (error.code === UNAUTHORIZED) askForKey(error.message);
+    else showError(error.message || String(error));
+    return;
+  }
+  state.conversations = await listConversations().catch(() => []);
+  if (state.conversations.length) showConversation(state.conversations[0]);
+  else newChat(defaultModelId());
+  ui.model.disabled = false; // the page is ready
   ui.message.focus();
-  start();
-})();
+}
+
+setSidebar(WIDE_SCREEN.matches);
+setSession(null);
+ui.message.focus();
+start();
