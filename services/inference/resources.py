@@ -13,7 +13,7 @@ from services.common.api.replica_request import ReplicaRequest, get_client
 from services.common.api.step_rule import StepsRequest
 from services.common.web.errors import ApiError, InvalidParameter, report_incident
 from services.common.web.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error, sse_event
-from services.inference.generation import GenerationResult, TokenEvent
+from services.inference.generation import GenerationResult, PromptScores, TokenEvent
 from services.inference.model import ModelHandle
 from services.inference.planner import GenerationPlanner
 from services.inference.sessions import SessionStore
@@ -71,9 +71,12 @@ class Streamed(Protocol):
     def close(self) -> None: ...
 
 
-def _generation_event(event: TokenEvent | GenerationResult) -> bytes:
+def _generation_event(event: TokenEvent | PromptScores | GenerationResult) -> bytes:
     if isinstance(event, TokenEvent):
-        return sse_event("token", {"text": event.text, "generated_tokens": event.generated_tokens})
+        scores = {} if event.logprobs is None else {"logprobs": event.logprobs}
+        return sse_event("token", {"text": event.text, "generated_tokens": event.generated_tokens, **scores})
+    if isinstance(event, PromptScores):
+        return sse_event("prompt", {"logprobs": event.entries})
     return sse_event("done", {"ok": True, **event.summary()})
 
 
