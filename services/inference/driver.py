@@ -44,13 +44,13 @@ class SwarmDriver:
         stepper: SwarmStepper,
         lease: SessionLease | OneOffLease,
         processors: Any,
-        prompt_logits: Callable[[Any], None] | None = None,
+        prompt_hidden: Callable[[Any], None] | None = None,
     ) -> None:
-        """``prompt_logits``: called once with the logits of every position of the first step."""
+        """``prompt_hidden``: called once with the hidden states of every position of the first step."""
         self._stepper = stepper
         self._lease = lease
         self._processors = processors
-        self._prompt_logits = prompt_logits
+        self._prompt_hidden = prompt_hidden
         self._prefix = lease.tokens.snapshot()  # held before this request
         self.generated: list[int] = []
 
@@ -78,14 +78,14 @@ class SwarmDriver:
         raise SwarmFailure(f"The Petals swarm failed during generation ({type(failure).__name__})") from failure
 
     def _steps(self, token_ids: list[int], due: int) -> Iterator[int]:
-        if self._prompt_logits is None:
+        if self._prompt_hidden is None:
             return self._stepper.generate(self._lease.petals, token_ids, due, self._processors)
         return self._stepper.generate(self._lease.petals, token_ids, due, self._processors, self._read_prompt)
 
-    def _read_prompt(self, logits: Any) -> None:
-        if self._prompt_logits is not None:
-            self._prompt_logits(logits)
-            self._prompt_logits = None  # once: a rebuild replays the prompt without scoring it again
+    def _read_prompt(self, hidden: Any) -> None:
+        if self._prompt_hidden is not None:
+            self._prompt_hidden(hidden)
+            self._prompt_hidden = None  # once: a rebuild replays the prompt without scoring it again
 
     def _rebuild(self) -> None:
         """Swap in a fresh Petals session (the next attempt replays every token) and close the broken one."""

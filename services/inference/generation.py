@@ -96,8 +96,8 @@ class Generation:
         self._prompt_scores: list[dict[str, Any]] | None = None
         start = self._cached_tokens + len(input_ids)  # the penalties count the tokens after these
         processors = stepper.logits_processors(params, options, start, self._reader)
-        prompt_logits = self._score_prompt if options.prompt_logprobs else None
-        self._driver = SwarmDriver(stepper, lease, processors, prompt_logits)
+        prompt_hidden = self._score_prompt if options.prompt_logprobs else None
+        self._driver = SwarmDriver(stepper, lease, processors, prompt_hidden)
         self._timer = TokenTimer()
         self._events: Iterator[TokenEvent | PromptScores | GenerationResult] | None = None
         self._released = False
@@ -150,9 +150,9 @@ class Generation:
         finally:
             GENERATED_TOKENS.inc(self._text.count)
 
-    def _score_prompt(self, logits: Any) -> None:
+    def _score_prompt(self, hidden: Any) -> None:
         top = self._options.logprobs or 0
-        self._prompt_scores = self._stepper.prompt_scores(logits, self._input_ids, top)
+        self._prompt_scores = self._stepper.prompt_scores(hidden, self._input_ids, top)
 
     def _token_logprobs(self, token_id: int) -> dict[str, Any] | None:
         """The token's entry (none for an end-of-sequence token: it is no part of the text)."""

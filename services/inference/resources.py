@@ -37,6 +37,9 @@ class GenerateResource:
 
 class GenerateStreamResource:
     """``POST /api/v2/generate_stream``: Server-Sent Events, one ``token`` event per token, then ``done``.
+    With the OpenAI options (services/common/api/token_options.py), each ``token`` event carries its
+    ``logprobs`` entry, ``done`` the ``cumulative_logprob``, and a ``prompt`` event with the prompt's
+    entries comes first when they were asked for.
 
     Errors found before generation starts get their real HTTP status; an error during the
     stream ends it with an ``error`` event. A client that disconnects stops the generation.

@@ -5,12 +5,14 @@ processors shaped, before sampling draws a token.
 the step's log-softmax, and after the token is chosen ``entry`` gives OpenAI's chat entry for it:
 ``{"token", "logprob", "bytes", "top_logprobs": [...]}``. So temperature, top-k and top-p do not
 change the scores (OpenAI's logprobs do not depend on them either); penalties, bias and any
-constraint before it do. ``prompt_entries`` scores a prompt from the logits of all its positions.
+constraint before it do. ``prompt_entries`` scores a prompt from the logits of all its positions,
+chunk by chunk.
 A score of minus infinity (a token no processor lets through) is reported as -9999.0, as OpenAI does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from services.inference.decoding import TokenBytes
@@ -67,12 +69,17 @@ def entry(names: TokenNames, logprobs: Any, token_id: int, top: int) -> dict[str
     return {**chosen, "top_logprobs": alternatives}
 
 
-def prompt_entries(names: TokenNames, logits: Any, prompt: list[int], top: int) -> list[dict[str, Any]]:
-    """The prompt's entries from the logits of its positions (``[len(prompt), vocabulary]``): the
+def prompt_entries(names: TokenNames, logits: Iterable[Any], prompt: list[int], top: int) -> list[dict[str, Any]]:
+    """The prompt's entries from the logits of its positions, given in chunks of rows (``[k,
+    vocabulary]`` each, in order; so a long prompt's logits are never all in memory at once): the
     first token unscored (nothing precedes it: ``logprob`` and ``top_logprobs`` None), then each
     token scored at the position before it."""
     import torch
 
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    first = {**names.describe(prompt[0], None), "top_logprobs": None}
-    return [first, *(entry(names, logprobs[index], token, top) for index, token in enumerate(prompt[1:]))]
+    entries = [{**names.describe(prompt[0], None), "top_logprobs": None}]
+    for chunk in logits:
+        for row in torch.log_softmax(chunk.float(), dim=-1):
+            if len(entries) == len(prompt):
+                return entries
+            entries.append(entry(names, row, prompt[len(entries)], top))
+    return entries

@@ -28,6 +28,8 @@ from services.inference.scores import ScoreReader, TokenNames, prompt_entries
 from services.inference.session_tokens import SessionTokens
 from services.inference.shaping import CompletionPenalty, LogitBias
 
+PROMPT_CHUNK = 64  # prompt positions whose logits are computed at once (a prompt's scores, echo)
+
 
 class SwarmStepper:
     """Steps Petals sessions through the swarm with the loaded model; reports readiness and opens sessions."""
@@ -74,9 +76,12 @@ class SwarmStepper:
         """A processor that reads each step's scores, with ``top`` alternatives per token."""
         return ScoreReader(self._token_names, top)
 
-    def prompt_scores(self, logits: Any, prompt: list[int], top: int) -> list[dict[str, Any]]:
-        """OpenAI's entries for a prompt's tokens, from the logits of its positions."""
-        return prompt_entries(self._token_names, logits, prompt, top)
+    def prompt_scores(self, hidden: Any, prompt: list[int], top: int) -> list[dict[str, Any]]:
+        """OpenAI's entries for a prompt's tokens, from the hidden states ``[len(prompt), hidden]`` of
+        its positions (the head applied to ``PROMPT_CHUNK`` positions at a time)."""
+        head = self._model.model.get_output_embeddings()
+        chunks = (head(hidden[start : start + PROMPT_CHUNK]) for start in range(0, len(prompt) - 1, PROMPT_CHUNK))
+        return prompt_entries(self._token_names, chunks, prompt, top)
 
     @cached_property
     def end_of_sequence_ids(self) -> frozenset[int]:
@@ -93,12 +98,13 @@ class SwarmStepper:
         token_ids: list[int],
         max_new_tokens: int,
         processors: Any,
-        prompt_logits: Callable[[Any], None] | None = None,
+        prompt_hidden: Callable[[Any], None] | None = None,
     ) -> Iterator[int]:
         """Send ``token_ids`` (new to the session), then yield up to ``max_new_tokens`` generated token
         ids, the last an end-of-sequence token if one comes. Closed early (a stop sequence, a client
         gone), the session holds what was generated so far. Raises whatever the swarm raised.
-        ``prompt_logits`` is called once with the logits of every position of the first step."""
+        ``prompt_hidden`` is called once with the hidden states of every position of the first step
+        (in the step's inference mode)."""
         import torch
 
         model, device = self._model.model, self._device
@@ -111,9 +117,9 @@ class SwarmStepper:
             for _ in range(max_new_tokens):
                 with torch.inference_mode(), model.use_session(petals_session):  # per step: nothing spans a yield
                     hidden = model.base_model(input_ids=torch.tensor([feed], device=device)).last_hidden_state
-                    if prompt_logits is not None:
-                        prompt_logits(model.get_output_embeddings()(hidden[0]))
-                        prompt_logits = None
+                    if prompt_hidden is not None:
+                        prompt_hidden(hidden[0])
+                        prompt_hidden = None
                     scores = _last_token_scores(model, hidden)
                     if processors:
                         scores = processors(held.followed_by(added, device), scores)
