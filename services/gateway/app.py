@@ -25,6 +25,7 @@ from services.gateway.routing import Router
 from services.gateway.settings import GatewaySettings
 from services.gateway.stream_api import GenerateStreamResource
 from services.gateway.swarm_api import SwarmResource
+from services.gateway.tokenizer_api import DetokenizeResource, TokenizeResource
 from services.gateway.ui_proxy import UI_PATHS, UiProxy
 from services.gateway.upstream import Upstream
 from services.gateway.v1_api import CloseSessionResource, GenerateResource, OpenSessionResource
@@ -81,10 +82,16 @@ def build_app(settings: GatewaySettings) -> falcon.asgi.App:
     app.add_route("/api/v2/generate_stream", GenerateStreamResource(router, limits))
     app.add_route("/api/v2/generate", GenerateSocketResource(router, settings, rate_limit))
     app.add_route("/api/v2/swarm", SwarmResource(replicas, upstream))
-    app.add_route("/api/openapi.json", OpenApiResource(limits, replicas, api_keys=bool(settings.api_keys)))
+    app.add_route(
+        "/api/openapi.json",
+        OpenApiResource(limits, replicas, api_keys=bool(settings.api_keys), max_choices=settings.openai_max_choices),
+    )
     app.add_route("/v1/models", ModelsResource(router))
-    app.add_route("/v1/completions", CompletionsResource(router, limits))
-    app.add_route("/v1/chat/completions", ChatCompletionsResource(router, limits))
+    choices = settings.openai_max_choices
+    app.add_route("/v1/completions", CompletionsResource(router, limits, choices))
+    app.add_route("/v1/chat/completions", ChatCompletionsResource(router, limits, choices))
+    app.add_route("/v1/tokenize", TokenizeResource(router, limits))
+    app.add_route("/v1/detokenize", DetokenizeResource(router, limits))
     if settings.ui_url:
         app.add_sink(UiProxy(upstream, settings.ui_url), prefix=UI_PATHS)
     return app

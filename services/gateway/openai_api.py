@@ -7,30 +7,44 @@ chat messages are rendered in that model's chat format (its card's, see services
 Chat requests are conversation requests: the replica continues the session that holds the
 conversation so far, when one does and it is the same client's (see services/inference/sessions.py),
 and the conversation is routed by its opening messages so that follow-ups reach that replica.
+
+Several choices (``n``, ``best_of``) are that many generations without a session, started at once
+(each may go to another replica of the model, and each counts toward its replica's
+``MAX_SESSIONLESS_REQUESTS``); choice i samples with ``seed + i``, so each is reproducible. A chat
+request with ``n`` > 1 does not continue or keep its conversation's session. ``best_of`` returns
+the ``n`` choices of highest cumulative log-probability. Streamed choices interleave, by ``index``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import replace
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import falcon
 import falcon.asgi
 
+from services.common.api.params import MAX_SEED, GenerateParams, Limits, read_values_async
 from services.common.api.params import TEMPERATURE as SAMPLING_TEMPERATURE
-from services.common.api.params import GenerateParams, read_values_async
 from services.common.api.replica_request import GENERATE_STREAM_PATH, ReplicaRequest
 from services.common.chat.model_card import ModelCard
 from services.common.chat.template import compiled
 from services.common.web.errors import ApiError, ServiceUnavailable, openai_error_body
 from services.common.web.sse import SSE_CONTENT_TYPE, SSE_HEADERS, parse_sse_async
-from services.gateway.openai_params import SamplingOptions, check_prompt_length, parse_chat, parse_completion
+from services.gateway.openai_params import (
+    DEFAULT_MAX_CHOICES,
+    SamplingOptions,
+    check_prompt_length,
+    parse_chat,
+    parse_completion,
+)
+from services.gateway.openai_scores import CompletionLogprobs, Entry, chat_logprobs
 from services.gateway.relay import ClientStream, Request, read_answer, relayed_chunks, upstream_error
 from services.gateway.replicas import Decision
 from services.gateway.routing import RoutedResource, Router
@@ -39,6 +53,7 @@ from services.gateway.upstream import ReplicaUnreachable, Stream
 _FINISH_REASONS = {"stop": "stop", "eos": "stop", "length": "length"}
 _STREAM_ERROR_STATUS = {"unavailable": falcon.HTTP_503, "internal_error": falcon.HTTP_500}
 Events = AsyncGenerator[tuple[str, dict[str, Any]], None]  # a replica's SSE events; aclose() drops the stream
+ChoiceEvents = AsyncIterator[tuple[int, str, dict[str, Any]]]  # (choice index, event, data)
 
 
 class ModelsResource:
@@ -64,33 +79,40 @@ class ModelsResource:
         return {**entry, "default": default, **card_json}
 
 
-class CompletionsResource(RoutedResource):
+class _ChoicesResource(RoutedResource):
+    """Base of the two completion resources: they take up to ``max_choices`` choices per request."""
+
+    error_envelope = "openai"
+
+    def __init__(self, router: Router, limits: Limits, max_choices: int = DEFAULT_MAX_CHOICES) -> None:
+        super().__init__(router, limits)
+        self._max_choices = max_choices
+
+
+class CompletionsResource(_ChoicesResource):
     """``POST /v1/completions``: text completion of a prompt."""
-
-    error_envelope = "openai"
-
-    async def on_post(self, req: Request, resp: falcon.asgi.Response) -> None:
-        prompt, options = parse_completion(await read_values_async(req, self._limits), self._limits)
-        generation = await _start(self._router, prompt, options, conversation_key=None, client=req.context.client.name)
-        await _answer(req, resp, _CompletionShape(options), generation)
-
-
-class ChatCompletionsResource(RoutedResource):
-    """``POST /v1/chat/completions``: the next assistant message of a conversation."""
-
-    error_envelope = "openai"
 
     async def on_post(self, req: Request, resp: falcon.asgi.Response) -> None:
         body = await read_values_async(req, self._limits)
-        messages, options = parse_chat(body, self._limits)
+        prompt, options = parse_completion(body, self._limits, self._max_choices)
+        streams = await _start_choices(self._router, prompt, options, None, req.context.client.name)
+        await _answer(req, resp, _CompletionShape(options, prompt), streams)
+
+
+class ChatCompletionsResource(_ChoicesResource):
+    """``POST /v1/chat/completions``: the next assistant message of a conversation."""
+
+    async def on_post(self, req: Request, resp: falcon.asgi.Response) -> None:
+        body = await read_values_async(req, self._limits)
+        messages, options = parse_chat(body, self._limits, self._max_choices)
         card = self._router.replicas.resolve(options.model)
         prompt = compiled(card.chat_template).render(messages, card.chat)  # the model's own format
         check_prompt_length(prompt, self._limits)
         if "stop" not in body:
             options = replace(options, stop=card.chat.stop)
-        key, client = _opening(messages), req.context.client.name  # a new conversation session counts toward its quota
-        generation = await _start(self._router, prompt, options, conversation_key=key, client=client)
-        await _answer(req, resp, _ChatShape(options), generation)
+        key = _opening(messages) if options.n == 1 else None  # a new conversation session counts toward its quota
+        streams = await _start_choices(self._router, prompt, options, key, req.context.client.name)
+        await _answer(req, resp, _ChatShape(options), streams)
 
 
 def _opening(messages: list[dict[str, str]]) -> str:
@@ -99,19 +121,41 @@ def _opening(messages: list[dict[str, str]]) -> str:
     return hashlib.sha256(json.dumps(messages[: end + 1]).encode()).hexdigest()
 
 
+async def _start_choices(
+    router: Router, prompt: str, options: SamplingOptions, conversation_key: str | None, client: str | None
+) -> list[Stream]:
+    """Start every generation the request needs at once; if one fails to start, close the others and
+    raise its error."""
+    starts = [_start(router, prompt, options, conversation_key, client, index) for index in range(options.generations)]
+    results = await asyncio.gather(*starts, return_exceptions=True)
+    failures = [result for result in results if isinstance(result, BaseException)]
+    if failures:
+        for result in results:
+            if isinstance(result, Stream):
+                result.close()
+        raise failures[0]
+    return results  # type: ignore[return-value]
+
+
 async def _start(
-    router: Router, prompt: str, options: SamplingOptions, conversation_key: str | None, client: str | None = None
-) -> Events:
-    """Send the generation to a replica of its model; the replica's events (errors before any are raised)."""
+    router: Router,
+    prompt: str,
+    options: SamplingOptions,
+    conversation_key: str | None,
+    client: str | None,
+    choice: int = 0,
+) -> Stream:
+    """Send one generation to a replica of its model; its stream (errors before any event are raised)."""
     model = router.replicas.resolve(options.model).name
-    body = _replica_request(prompt, options, conversation=conversation_key is not None, client=client).to_json()
+    request = _replica_request(prompt, options, conversation=conversation_key is not None, client=client, choice=choice)
+    body = request.to_json()
     if conversation_key is None:
         upstream = await router.to_model(model, Decision.SESSIONLESS, "POST", GENERATE_STREAM_PATH, json_body=body)
     else:
         upstream = await router.to_conversation(conversation_key, model, "POST", GENERATE_STREAM_PATH, json_body=body)
     if upstream.status != 200:
         raise upstream_error(await read_answer(upstream))
-    return _events(upstream)
+    return upstream
 
 
 async def _events(upstream: Stream) -> Events:
@@ -124,9 +168,10 @@ async def _events(upstream: Stream) -> Events:
 
 
 def _replica_request(
-    prompt: str, options: SamplingOptions, *, conversation: bool, client: str | None = None
+    prompt: str, options: SamplingOptions, *, conversation: bool, client: str | None = None, choice: int = 0
 ) -> ReplicaRequest:
     sampling = options.temperature >= SAMPLING_TEMPERATURE.minimum  # 0 (or below v1's floor): greedy
+    seed = None if options.seed is None or not sampling else (options.seed + choice) % (MAX_SEED + 1)
     params = GenerateParams(
         inputs=prompt,
         do_sample=sampling,
@@ -137,12 +182,31 @@ def _replica_request(
         max_new_tokens=options.max_tokens,
         session_id=None,
         stop=options.stop,
-        seed=options.seed if sampling else None,
+        seed=seed,
         model=options.model,
         repetition_penalty=options.repetition_penalty,
     )
+    token_options = options.token_options
+    if options.best_of > options.n and token_options.logprobs is None:
+        token_options = replace(token_options, logprobs=0)  # best_of ranks by the choices' scores
     fill_context = options.max_tokens is None
-    return ReplicaRequest(params, conversation=conversation, fill_context=fill_context, client=client)
+    return ReplicaRequest(
+        params, conversation=conversation, fill_context=fill_context, client=client, options=token_options
+    )
+
+
+@dataclass
+class _Choice:
+    """What one generation returned: its last event, its tokens' entries, its prompt's (echo)."""
+
+    done: dict[str, Any] | None = None
+    entries: list[Entry] = field(default_factory=list)
+    prompt_entries: list[Entry] | None = None
+
+    @property
+    def score(self) -> float:
+        """Its cumulative log-probability (best_of's ranking)."""
+        return float((self.done or {}).get("cumulative_logprob", float("-inf")))
 
 
 class _Shape(ABC):
@@ -167,14 +231,19 @@ class _Shape(ABC):
         }
 
     @abstractmethod
-    def choice(self, text: str, finish_reason: str) -> dict[str, Any]:
-        """The one choice of a whole answer."""
+    def choice(self, index: int, text: str, finish_reason: str, result: _Choice) -> dict[str, Any]:
+        """One choice of a whole answer."""
 
     @abstractmethod
-    def delta(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
-        """The one choice of a stream chunk (``text`` None: the last chunk)."""
+    def delta(self, index: int, text: str | None, finish_reason: str | None, entries: list[Entry]) -> dict[str, Any]:
+        """One choice of a stream chunk (``text`` None: the last chunk)."""
 
-    def opening_delta(self) -> dict[str, Any] | None:
+    def opening_delta(self, index: int) -> dict[str, Any] | None:
+        """The chunk a choice's stream opens with, before any event (None: none)."""
+        return None
+
+    def prompt_delta(self, index: int, entries: list[Entry] | None) -> dict[str, Any] | None:
+        """The chunk of a choice's scored prompt (None: none)."""
         return None
 
 
@@ -182,11 +251,30 @@ class _CompletionShape(_Shape):
     id_prefix = "cmpl-"
     object_name = chunk_object_name = "text_completion"
 
-    def choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def __init__(self, options: SamplingOptions, prompt: str) -> None:
+        super().__init__(options)
+        self._echo = prompt if options.echo else ""
+        self._columns: dict[int, CompletionLogprobs] = {}
 
-    def delta(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
-        return self.choice(text or "", finish_reason)
+    def choice(self, index: int, text: str, finish_reason: str, result: _Choice) -> dict[str, Any]:
+        entries = [*(result.prompt_entries or []), *result.entries]
+        return self._choice(index, self._echo + text, finish_reason, entries)
+
+    def delta(self, index: int, text: str | None, finish_reason: str | None, entries: list[Entry]) -> dict[str, Any]:
+        return self._choice(index, text or "", finish_reason, entries)
+
+    def opening_delta(self, index: int) -> dict[str, Any] | None:
+        if not self._echo or self.options.token_options.prompt_logprobs:
+            return None  # no echo, or the echo waits for its scores
+        return self._choice(index, self._echo, None, [])
+
+    def prompt_delta(self, index: int, entries: list[Entry] | None) -> dict[str, Any] | None:
+        return self._choice(index, self._echo, None, entries or [])
+
+    def _choice(self, index: int, text: str, finish_reason: str | None, entries: list[Entry]) -> dict[str, Any]:
+        columns = self._columns.setdefault(index, CompletionLogprobs())
+        logprobs = columns.block(entries) if self.options.logprobs else None
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 class _ChatShape(_Shape):
@@ -194,36 +282,67 @@ class _ChatShape(_Shape):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def choice(self, text: str, finish_reason: str) -> dict[str, Any]:
+    def choice(self, index: int, text: str, finish_reason: str, result: _Choice) -> dict[str, Any]:
         message = {"role": "assistant", "content": text}
-        return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "message": message, "logprobs": self._logprobs(result.entries),
+                "finish_reason": finish_reason}  # fmt: skip
 
-    def delta(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+    def delta(self, index: int, text: str | None, finish_reason: str | None, entries: list[Entry]) -> dict[str, Any]:
         delta = {} if text is None else {"content": text}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "delta": delta, "logprobs": self._logprobs(entries), "finish_reason": finish_reason}
 
-    def opening_delta(self) -> dict[str, Any] | None:
-        return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    def opening_delta(self, index: int) -> dict[str, Any] | None:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}  # fmt: skip
+
+    def _logprobs(self, entries: list[Entry]) -> dict[str, Any] | None:
+        return chat_logprobs(entries) if self.options.logprobs else None
 
 
-async def _answer(req: Request, resp: falcon.asgi.Response, shape: _Shape, events: Events) -> None:
+async def _answer(req: Request, resp: falcon.asgi.Response, shape: _Shape, streams: list[Stream]) -> None:
     if shape.options.stream:
         resp.content_type = SSE_CONTENT_TYPE
         resp.set_headers(SSE_HEADERS)
-        resp.stream = ClientStream(req, _stream_chunks(shape, events))
+        resp.stream = ClientStream(req, _stream_chunks(shape, streams))
         return
-    done = None
+    try:
+        results = await _all([_collect(upstream) for upstream in streams])
+    finally:
+        for upstream in streams:
+            upstream.close()
+    ranked = sorted(results, key=lambda result: -result.score) if shape.options.best_of > shape.options.n else results
+    choices = [
+        shape.choice(index, result.done["outputs"], _finish_reason(result.done), result)  # type: ignore[index]
+        for index, result in enumerate(ranked[: shape.options.n])
+    ]
+    resp.media = {**shape.envelope(shape.object_name, choices), "usage": _usage([r.done for r in results])}
+
+
+async def _all(calls: list[Awaitable[_Choice]]) -> list[_Choice]:
+    """Every call's result; the first failure cancels the others and is raised."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _collect(upstream: Stream) -> _Choice:
+    """One generation's whole answer."""
+    result, events = _Choice(), _events(upstream)
     try:
         async for event, data in _checked(events):
-            if event == "done":
-                done = data
-                break
+            if event == "token" and "logprobs" in data:
+                result.entries.append(data["logprobs"])
+            elif event == "prompt":
+                result.prompt_entries = data["logprobs"]
+            elif event == "done":
+                result.done = data
+                return result
     finally:
         await events.aclose()
-    if done is None:
-        raise ServiceUnavailable("The inference replica ended the answer early; retry")
-    answer = shape.envelope(shape.object_name, [shape.choice(done["outputs"], _finish_reason(done))])
-    resp.media = {**answer, "usage": _usage(done)}
+    raise ServiceUnavailable("The inference replica ended the answer early; retry")
 
 
 async def _checked(events: Events) -> Events:
@@ -240,26 +359,83 @@ async def _checked(events: Events) -> Events:
         raise ApiError("The inference replica stopped answering; retry", status=falcon.HTTP_502) from error
 
 
-async def _stream_chunks(shape: _Shape, events: Events) -> AsyncIterator[bytes]:
-    """OpenAI's stream: a chunk per token, a last one with the finish reason, usage, [DONE]."""
-    extra = {"usage": None} if shape.options.include_usage else {}
-    opening = shape.opening_delta()
+async def _one_choice(upstream: Stream) -> ChoiceEvents:
+    events = _events(upstream)
     try:
-        if opening is not None:
-            yield _chunk({**shape.envelope(shape.chunk_object_name, [opening]), **extra})
         async for event, data in _checked(events):
-            if event == "token" and data["text"]:
-                yield _chunk({**shape.envelope(shape.chunk_object_name, [shape.delta(data["text"], None)]), **extra})
-            elif event == "done":
-                last = shape.delta(None, _finish_reason(data))
-                yield _chunk({**shape.envelope(shape.chunk_object_name, [last]), **extra})
-                if shape.options.include_usage:
-                    yield _chunk({**shape.envelope(shape.chunk_object_name, []), "usage": _usage(data)})
+            yield 0, event, data
+    finally:
+        await events.aclose()
+
+
+async def _interleaved(streams: list[Stream]) -> ChoiceEvents:
+    """Several generations' events as they come, each with its choice's index; the first error is
+    raised, and closing stops them all. (Each choice is at most max_tokens events: the queue is
+    left unbounded.)"""
+    queue: asyncio.Queue[tuple[int, str, Any] | None] = asyncio.Queue()
+
+    async def pump(index: int) -> None:
+        try:
+            async for event in _one_choice(streams[index]):
+                queue.put_nowait((index, *event[1:]))
+        except ApiError as error:
+            queue.put_nowait((index, "failed", error))
+        finally:
+            queue.put_nowait(None)
+
+    tasks = [asyncio.ensure_future(pump(index)) for index in range(len(streams))]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif item[1] == "failed":
+                raise item[2]
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _stream_chunks(shape: _Shape, streams: list[Stream]) -> AsyncIterator[bytes]:
+    """OpenAI's stream: a chunk per token of each choice, a last one per choice with its finish
+    reason, usage, [DONE]."""
+    extra = {"usage": None} if shape.options.include_usage else {}
+    events = _one_choice(streams[0]) if len(streams) == 1 else _interleaved(streams)
+    done: list[dict[str, Any]] = []
+    try:
+        for index in range(len(streams)):
+            if (opening := shape.opening_delta(index)) is not None:
+                yield _chunk({**shape.envelope(shape.chunk_object_name, [opening]), **extra})
+        async for index, event, data in events:
+            delta = _delta(shape, index, event, data)
+            if delta is not None:
+                yield _chunk({**shape.envelope(shape.chunk_object_name, [delta]), **extra})
+            if event == "done":
+                done.append(data)
+        if shape.options.include_usage:
+            yield _chunk({**shape.envelope(shape.chunk_object_name, []), "usage": _usage(done)})
         yield b"data: [DONE]\n\n"
     except ApiError as error:
         yield _chunk({"error": openai_error_body(error)})
     finally:
-        await events.aclose()  # a client that went away stops the generation
+        await events.aclose()  # a client that went away stops the generations
+        for upstream in streams:
+            upstream.close()
+
+
+def _delta(shape: _Shape, index: int, event: str, data: dict[str, Any]) -> dict[str, Any] | None:
+    """The chunk's choice for one of a replica's events (None: nothing to send)."""
+    if event == "prompt":
+        return shape.prompt_delta(index, data["logprobs"])
+    if event == "token":
+        entries = [data["logprobs"]] if "logprobs" in data and shape.options.logprobs else []
+        return shape.delta(index, data["text"], None, entries) if data["text"] or entries else None
+    if event == "done":
+        return shape.delta(index, None, _finish_reason(data), [])
+    return None
 
 
 def _chunk(data: dict[str, Any]) -> bytes:
@@ -270,10 +446,11 @@ def _finish_reason(done: dict[str, Any]) -> str:
     return _FINISH_REASONS.get(done.get("finish_reason", ""), "stop")
 
 
-def _usage(done: dict[str, Any]) -> dict[str, Any]:
-    cached = int(done.get("cached_tokens", 0))
-    prompt = int(done["prompt_tokens"]) + cached
-    completion = int(done["generated_tokens"])
+def _usage(done: list[dict[str, Any]]) -> dict[str, Any]:
+    """The prompt once (every choice's is the same), the tokens of every generation."""
+    cached = int(done[0].get("cached_tokens", 0)) if done else 0
+    prompt = int(done[0]["prompt_tokens"]) + cached if done else 0
+    completion = sum(int(each["generated_tokens"]) for each in done)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,

@@ -1,16 +1,18 @@
 """Validation of OpenAI-style request bodies (``/v1/completions``, ``/v1/chat/completions``).
 
 Bodies are JSON objects, checked field by field with OpenAI's types and ranges; each error
-names its field (OpenAI's ``param``). Options this service cannot honour (``n`` > 1,
-``logprobs``, tools, presence and frequency penalties) are refused clearly rather than silently
-ignored; ``repetition_penalty`` (vLLM's extension, the v1 parameter) is accepted; unknown fields
-are ignored, as clients add new ones all the time.
+names its field (OpenAI's ``param``). Options this service cannot honour (tools, ``suffix``)
+are refused clearly rather than silently ignored; ``repetition_penalty`` (vLLM's extension, the
+v1 parameter) is accepted; unknown fields are ignored, as clients add new ones all the time.
+Scores (``logprobs``, ``top_logprobs``, ``echo``), several choices (``n`` up to the gateway's
+``OPENAI_MAX_CHOICES``, ``best_of``), penalties and ``logit_bias`` are read here into
+``SamplingOptions``; the replica applies them (services/common/api/token_options.py).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from services.common.api.params import (
@@ -22,13 +24,20 @@ from services.common.api.params import (
     Limits,
     Range,
 )
+from services.common.api.token_options import (
+    COMPLETION_LOGPROBS,
+    NO_TOKEN_OPTIONS,
+    PENALTY,
+    TOP_LOGPROBS,
+    TokenOptions,
+    parse_logit_bias,
+)
 from services.common.web.errors import InvalidParameter, PayloadTooLarge
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_MESSAGES = 1024
 TEMPERATURE = Range(0.0, 2.0)  # OpenAI's (below v1's floor: greedy); top_p, seed and repetition_penalty are v1's
-PENALTY = Range(-2.0, 2.0)  # presence and frequency penalties (only 0 is accepted)
-N = Range(1, 128)
+DEFAULT_MAX_CHOICES = 4  # n and best_of (OPENAI_MAX_CHOICES)
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -45,9 +54,25 @@ class SamplingOptions:
     stream: bool
     include_usage: bool
     repetition_penalty: float | None = None  # vLLM's extension (the v1 parameter); None: off
+    n: int = 1  # choices returned
+    best_of: int = 1  # choices generated (completions), the n most likely returned
+    echo: bool = False  # completions: the prompt before each choice's text
+    token_options: TokenOptions = NO_TOKEN_OPTIONS  # logprobs, penalties, logit_bias
+
+    @property
+    def generations(self) -> int:
+        """How many generations the request runs."""
+        return max(self.n, self.best_of)
+
+    @property
+    def logprobs(self) -> bool:
+        """Whether the answer carries scores."""
+        return self.token_options.logprobs is not None
 
 
-def parse_completion(body: dict[str, Any], limits: Limits) -> tuple[str, SamplingOptions]:
+def parse_completion(
+    body: dict[str, Any], limits: Limits, max_choices: int = DEFAULT_MAX_CHOICES
+) -> tuple[str, SamplingOptions]:
     """``/v1/completions``: the prompt and the options."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
@@ -55,10 +80,18 @@ def parse_completion(body: dict[str, Any], limits: Limits) -> tuple[str, Samplin
     if not isinstance(prompt, str) or not prompt:
         raise InvalidParameter("prompt must be a non-empty string (or a list of exactly one)", param="prompt")
     _check_length("prompt", prompt, limits)
-    for name, allowed in (("echo", False), ("best_of", 1), ("suffix", None)):
-        if body.get(name) not in (None, allowed):
-            raise InvalidParameter(f"{name} is not supported; leave it out", param=name)
-    return prompt, _parse_options(body, limits, default_max_tokens=completions_default_max_tokens(limits))
+    if body.get("suffix") is not None:
+        raise InvalidParameter("suffix is not supported; leave it out", param="suffix")
+    options = _parse_options(body, limits, max_choices, default_max_tokens=completions_default_max_tokens(limits))
+    logprobs, echo = _int(body, "logprobs", COMPLETION_LOGPROBS), _bool(body, "echo")
+    best_of = _int(body, "best_of", Range(1, max_choices))
+    if best_of is not None and best_of < options.n:
+        raise InvalidParameter(f"best_of must be at least n ({options.n}), got {best_of}", param="best_of")
+    best_of = options.n if best_of is None else best_of
+    if options.stream and best_of > options.n:
+        raise InvalidParameter("best_of greater than n cannot be streamed", param="best_of")
+    scores = replace(options.token_options, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+    return prompt, replace(options, best_of=best_of, echo=echo, token_options=scores)
 
 
 def completions_default_max_tokens(limits: Limits) -> int:
@@ -66,7 +99,9 @@ def completions_default_max_tokens(limits: Limits) -> int:
     return min(COMPLETIONS_DEFAULT_MAX_TOKENS, limits.max_new_tokens)
 
 
-def parse_chat(body: dict[str, Any], limits: Limits) -> tuple[list[dict[str, str]], SamplingOptions]:
+def parse_chat(
+    body: dict[str, Any], limits: Limits, max_choices: int = DEFAULT_MAX_CHOICES
+) -> tuple[list[dict[str, str]], SamplingOptions]:
     """``/v1/chat/completions``: the messages (roles normalised, content as text) and the options."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -79,7 +114,12 @@ def parse_chat(body: dict[str, Any], limits: Limits) -> tuple[list[dict[str, str
     if body.get("response_format") not in (None, {"type": "text"}):
         raise InvalidParameter("response_format must be {'type': 'text'}", param="response_format")
     parsed = [_parse_message(message, index) for index, message in enumerate(messages)]
-    return parsed, _parse_options(body, limits, default_max_tokens=None)
+    options = _parse_options(body, limits, max_choices, default_max_tokens=None)
+    top = _int(body, "top_logprobs", TOP_LOGPROBS)
+    if top is not None and not _bool(body, "logprobs"):
+        raise InvalidParameter("top_logprobs needs logprobs: true", param="top_logprobs")
+    logprobs = (top or 0) if _bool(body, "logprobs") else None
+    return parsed, replace(options, token_options=replace(options.token_options, logprobs=logprobs))
 
 
 def check_prompt_length(prompt: str, limits: Limits) -> None:
@@ -112,18 +152,13 @@ def _message_text(content: Any, param: str) -> str:
     raise InvalidParameter(f"{param} must be a string or a list of text parts", param=param)
 
 
-def _parse_options(body: dict[str, Any], limits: Limits, *, default_max_tokens: int | None) -> SamplingOptions:
+def _parse_options(
+    body: dict[str, Any], limits: Limits, max_choices: int, *, default_max_tokens: int | None
+) -> SamplingOptions:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidParameter("model is required: one of the names GET /v1/models lists", param="model")
-    if _int(body, "n", N) not in (None, 1):
-        raise InvalidParameter("n must be 1: one choice per request", param="n")
-    for name in ("logprobs", "top_logprobs", "logit_bias"):
-        if body.get(name) not in (None, False, {}, 0):
-            raise InvalidParameter(f"{name} is not supported; leave it out", param=name)
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, PENALTY) not in (None, 0.0):
-            raise InvalidParameter(f"{name} is not supported; leave it out or set 0", param=name)
+    n = _int(body, "n", Range(1, max_choices))
     max_tokens = _int(body, "max_completion_tokens", limits.max_new_tokens_range)
     max_tokens = max_tokens if max_tokens is not None else _int(body, "max_tokens", limits.max_new_tokens_range)
     stream_options = body.get("stream_options") or {}
@@ -142,6 +177,17 @@ def _parse_options(body: dict[str, Any], limits: Limits, *, default_max_tokens: 
         stream=_bool(body, "stream"),
         include_usage=_bool(stream_options, "include_usage"),
         repetition_penalty=repetition_penalty,
+        n=1 if n is None else n,
+        token_options=_shaping(body),
+    )
+
+
+def _shaping(body: dict[str, Any]) -> TokenOptions:
+    """Presence and frequency penalties, and logit_bias."""
+    return TokenOptions(
+        presence_penalty=_number(body, "presence_penalty", PENALTY) or 0.0,
+        frequency_penalty=_number(body, "frequency_penalty", PENALTY) or 0.0,
+        logit_bias=parse_logit_bias(body.get("logit_bias")),
     )
 
 

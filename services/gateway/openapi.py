@@ -16,6 +16,7 @@ from services.common.api.params import (
     TOP_P,
     Limits,
 )
+from services.gateway.openai_params import DEFAULT_MAX_CHOICES
 from services.gateway.openapi_openai import openai_paths, openai_schemas
 from services.gateway.openapi_swarm import swarm_paths, swarm_schemas
 from services.gateway.replicas import ReplicaSet
@@ -183,10 +184,12 @@ def _schemas(limits: Limits, model: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_openapi(limits: Limits, models: Sequence[str] = (), *, api_keys: bool = False) -> dict[str, Any]:
+def build_openapi(
+    limits: Limits, models: Sequence[str] = (), *, api_keys: bool = False, max_choices: int = DEFAULT_MAX_CHOICES
+) -> dict[str, Any]:
     """The document; limits are the ones the gateway enforces, ``models`` the ones served now
-    (``api_keys``: it requires keys)."""
-    document = _document(limits, models)
+    (``api_keys``: it requires keys; ``max_choices``: the OpenAI API's OPENAI_MAX_CHOICES)."""
+    document = _document(limits, models, max_choices)
     return _with_api_keys(document) if api_keys else document
 
 
@@ -210,7 +213,7 @@ def _with_api_keys(document: dict[str, Any]) -> dict[str, Any]:
     return document
 
 
-def _document(limits: Limits, models: Sequence[str]) -> dict[str, Any]:
+def _document(limits: Limits, models: Sequence[str], max_choices: int) -> dict[str, Any]:
     model = model_schema(models)
     v1_answer = {"oneOf": [_ref("GenerateOk"), _ref("V1Error")]}
     errors = {
@@ -391,7 +394,7 @@ def _document(limits: Limits, models: Sequence[str]) -> dict[str, Any]:
             },
         },
         "components": {
-            "schemas": {**_schemas(limits, model), **openai_schemas(limits, model), **swarm_schemas()},
+            "schemas": {**_schemas(limits, model), **openai_schemas(limits, model, max_choices), **swarm_schemas()},
         },
     }
 
@@ -401,16 +404,19 @@ class OpenApiResource:
 
     public = True  # the API's description needs no key (services/gateway/auth.py)
 
-    def __init__(self, limits: Limits, replicas: ReplicaSet, *, api_keys: bool = False) -> None:
+    def __init__(
+        self, limits: Limits, replicas: ReplicaSet, *, api_keys: bool = False, max_choices: int = DEFAULT_MAX_CHOICES
+    ) -> None:
         self._limits = limits
         self._replicas = replicas
         self._api_keys = api_keys
+        self._max_choices = max_choices
         self._documents: dict[tuple[str, ...], dict[str, Any]] = {}
 
     async def on_get(self, req, resp) -> None:
         models = tuple(sorted(card.name for card in self._replicas.cards()))
         if models not in self._documents:
             self._documents = {
-                models: build_openapi(self._limits, models, api_keys=self._api_keys)
+                models: build_openapi(self._limits, models, api_keys=self._api_keys, max_choices=self._max_choices)
             }  # only the latest is kept
         resp.media = self._documents[models]

@@ -1,19 +1,35 @@
-"""The OpenAI-compatible part of the OpenAPI document: ``/v1/models`` and the completions."""
+"""The OpenAI-compatible part of the OpenAPI document: ``/v1/models``, the completions, and the
+tokenizer endpoints (vLLM's ``/tokenize`` and ``/detokenize``, under ``/v1``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from services.common.api.params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, REPETITION_PENALTY, SEED, TOP_P, Limits
-from services.gateway.openai_params import MAX_MESSAGES, TEMPERATURE, completions_default_max_tokens
+from services.common.api.token_options import (
+    COMPLETION_LOGPROBS,
+    LOGIT_BIAS,
+    MAX_LOGIT_BIAS_ENTRIES,
+    PENALTY,
+    TOKEN_ID,
+    TOP_LOGPROBS,
+)
+from services.gateway.openai_params import (
+    DEFAULT_MAX_CHOICES,
+    MAX_MESSAGES,
+    TEMPERATURE,
+    completions_default_max_tokens,
+)
 
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def openai_schemas(limits: Limits, model: dict[str, Any]) -> dict[str, Any]:
-    """Request, answer and error schemas of the OpenAI-compatible API."""
+def openai_schemas(limits: Limits, model: dict[str, Any], max_choices: int = DEFAULT_MAX_CHOICES) -> dict[str, Any]:
+    """Request, answer and error schemas of the OpenAI-compatible API (``max_choices``: the gateway's
+    OPENAI_MAX_CHOICES)."""
+    choices = {"type": ["integer", "null"], "minimum": 1, "maximum": max_choices}
     max_tokens = {"type": ["integer", "null"], **limits.max_new_tokens_range.schema()}
     common = {
         "model": {
@@ -49,7 +65,8 @@ def openai_schemas(limits: Limits, model: dict[str, Any]) -> dict[str, Any]:
             **SEED.schema(),
             "description": "Makes sampling reproducible.",
         },
-        "n": {"enum": [1, None]},
+        "n": {**choices, "default": 1, "description": "Choices to return (OPENAI_MAX_CHOICES at most)."},
+        **_shaping(),
         "stream": {"type": ["boolean", "null"], "default": False},
         "stream_options": {
             "type": ["object", "null"],
@@ -99,6 +116,21 @@ def openai_schemas(limits: Limits, model: dict[str, Any]) -> dict[str, Any]:
                     ]
                 },
                 "max_tokens": {**max_tokens, "default": completions_default_max_tokens(limits)},
+                "logprobs": {
+                    "type": ["integer", "null"],
+                    **COMPLETION_LOGPROBS.schema(),
+                    "description": "Each token's log-probability and this many alternatives'.",
+                },
+                "echo": {
+                    "type": ["boolean", "null"],
+                    "description": "The prompt before the text (and, with "
+                    "logprobs, its tokens' scores; the first token's are null).",
+                },
+                "best_of": {
+                    **choices,
+                    "description": "Choices generated; the n of highest cumulative "
+                    "log-probability are returned (not with stream). At least n.",
+                },
             },
         },
         "ChatCompletionRequest": {
@@ -106,24 +138,18 @@ def openai_schemas(limits: Limits, model: dict[str, Any]) -> dict[str, Any]:
             "required": ["model", "messages"],
             "properties": {
                 **common,
-                "messages": {
-                    "type": "array",
-                    "minItems": 1,
-                    "maxItems": MAX_MESSAGES,
-                    "items": {
-                        "type": "object",
-                        "required": ["role", "content"],
-                        "properties": {
-                            "role": {"enum": ["system", "developer", "user", "assistant"]},
-                            "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}]},
-                        },
-                    },
-                },
+                "messages": _ref("ChatMessages"),
                 "max_tokens": {**max_tokens, "description": "Default: as many as the context allows."},
                 "max_completion_tokens": max_tokens,
+                "logprobs": {"type": ["boolean", "null"], "description": "Each token's log-probability."},
+                "top_logprobs": {
+                    "type": ["integer", "null"],
+                    **TOP_LOGPROBS.schema(),
+                    "description": "Alternatives per token (needs logprobs: true).",
+                },
             },
         },
-        "Completion": _answer("text_completion", "text", {"type": "string"}),
+        "Completion": _answer("text_completion", "text", {"type": "string"}, _completion_logprobs()),
         "ChatCompletion": _answer(
             "chat.completion",
             "message",
@@ -132,7 +158,49 @@ def openai_schemas(limits: Limits, model: dict[str, Any]) -> dict[str, Any]:
                 "required": ["role", "content"],
                 "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
             },
+            {
+                "type": ["object", "null"],
+                "required": ["content"],
+                "properties": {"content": {"type": "array", "items": _ref("TokenLogprob")}},
+            },
         ),
+        "TokenLogprob": _token_logprob(),
+        "TokenizeRequest": _tokenize_request(limits),
+        "Tokenized": {
+            "type": "object",
+            "required": ["count", "max_model_len", "tokens"],
+            "properties": {
+                "count": {"type": "integer", "minimum": 0},
+                "max_model_len": {"type": "integer", "minimum": 1},
+                "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            },
+        },
+        "DetokenizeRequest": {
+            "type": "object",
+            "required": ["tokens"],
+            "properties": {
+                "model": model,
+                "tokens": {
+                    "type": "array",
+                    "maxItems": limits.max_input_chars,
+                    "items": {"type": "integer", **TOKEN_ID.schema()},
+                },
+            },
+        },
+        "Detokenized": {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        "ChatMessages": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": MAX_MESSAGES,
+            "items": {
+                "type": "object",
+                "required": ["role", "content"],
+                "properties": {
+                    "role": {"enum": ["system", "developer", "user", "assistant"]},
+                    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}]},
+                },
+            },
+        },
         "Usage": usage,
         "ModelList": {
             "type": "object",
@@ -208,12 +276,89 @@ def _chat_format() -> dict[str, Any]:
     }
 
 
-def _answer(object_name: str, field: str, field_schema: dict[str, Any]) -> dict[str, Any]:
-    """A (non-streamed) completion: one choice carrying ``field``, and the usage."""
+def _shaping() -> dict[str, Any]:
+    """Penalties and logit_bias, with OpenAI's ranges."""
+    penalty = {"type": ["number", "null"], **PENALTY.schema(), "default": 0}
+    return {
+        "presence_penalty": {**penalty, "description": "Subtracted once from every token already generated."},
+        "frequency_penalty": {**penalty, "description": "Subtracted per time a token was generated."},
+        "logit_bias": {
+            "type": ["object", "null"],
+            "maxProperties": MAX_LOGIT_BIAS_ENTRIES,
+            "propertyNames": {"pattern": "^[0-9]+$"},
+            "additionalProperties": {"type": "number", **LOGIT_BIAS.schema()},
+            "description": "Token id (the model's, see /v1/tokenize) -> bias added to its logit.",
+        },
+    }
+
+
+def _token_logprob() -> dict[str, Any]:
+    """Chat's entry for one token (and, without top_logprobs, each alternative)."""
+    alternative = {
+        "type": "object",
+        "required": ["token", "logprob", "bytes"],
+        "properties": {
+            "token": {"type": "string"},
+            "logprob": {"type": "number", "maximum": 0},
+            "bytes": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}},
+        },
+    }
+    properties = {**alternative["properties"], "top_logprobs": {"type": "array", "items": alternative}}
+    return {**alternative, "required": [*alternative["required"], "top_logprobs"], "properties": properties}
+
+
+def _completion_logprobs() -> dict[str, Any]:
+    """Completions' legacy columns: one entry per token (a prompt's first token: null scores)."""
+    nullable_number = {"type": ["number", "null"]}
+    return {
+        "type": ["object", "null"],
+        "required": ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
+        "properties": {
+            "tokens": {"type": "array", "items": {"type": "string"}},
+            "token_logprobs": {"type": "array", "items": nullable_number},
+            "top_logprobs": {
+                "type": "array",
+                "items": {"type": ["object", "null"], "additionalProperties": {"type": "number"}},
+            },
+            "text_offset": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        },
+    }
+
+
+def _tokenize_request(limits: Limits) -> dict[str, Any]:
+    """vLLM's: a prompt, or chat messages (rendered as the chat endpoint renders them)."""
+    model = {"type": "string", "description": "A name GET /v1/models lists (default: the default model)."}
+    return {
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["prompt"],
+                "properties": {
+                    "model": model,
+                    "prompt": {"type": "string", "maxLength": limits.max_input_chars},
+                    "add_special_tokens": {"type": "boolean", "default": True},
+                },
+            },
+            {
+                "type": "object",
+                "required": ["messages"],
+                "properties": {"model": model, "messages": {"$ref": "#/components/schemas/ChatMessages"}},
+            },
+        ]
+    }
+
+
+def _answer(object_name: str, field: str, field_schema: dict[str, Any], logprobs: dict[str, Any]) -> dict[str, Any]:
+    """A (non-streamed) completion: its choices carrying ``field`` and their ``logprobs``, and the usage."""
     choice = {
         "type": "object",
         "required": ["index", field, "finish_reason"],
-        "properties": {"index": {"const": 0}, field: field_schema, "finish_reason": {"enum": ["stop", "length"]}},
+        "properties": {
+            "index": {"type": "integer", "minimum": 0},
+            field: field_schema,
+            "logprobs": logprobs,
+            "finish_reason": {"enum": ["stop", "length"]},
+        },
     }
     return {
         "type": "object",
@@ -234,7 +379,7 @@ def openai_paths() -> dict[str, Any]:
     errors = {
         str(code): {"description": text, "content": {"application/json": {"schema": _ref("OpenAIError")}}}
         for code, text in [
-            (400, "Invalid request (the error names the parameter)"),
+            (400, "Invalid request (the error names the parameter, or a token id outside the vocabulary)"),
             (404, "Unknown model (code model_not_found; the message lists the served ones)"),
             (413, "Body, prompt or messages too large"),
             (429, "Rate limited (see Retry-After)"),
@@ -272,6 +417,21 @@ def openai_paths() -> dict[str, Any]:
             stream,
             errors,
         ),
+        "/v1/tokenize": _tokenizer("Tokenized", "TokenizeRequest", "vLLM's tokenize: a prompt's token ids", errors),
+        "/v1/detokenize": _tokenizer("Detokenized", "DetokenizeRequest", "vLLM's detokenize: token ids' text", errors),
+    }
+
+
+def _tokenizer(answer: str, request: str, summary: str, errors: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
+            "responses": {
+                "200": {"description": "The answer", "content": {"application/json": {"schema": _ref(answer)}}},
+                **{code: errors[code] for code in ("400", "404", "413", "429", "503")},
+            },
+        }
     }
 
 

@@ -37,6 +37,7 @@ class GatewaySettings:
     ws_idle_timeout_s: float  # a WebSocket with no message (and no answer running) this long is closed
     ws_max_message_bytes: int  # larger messages get an error answer; over 2x, the connection is closed
     ws_max_connections_per_client: int  # open WebSockets of one client per worker; 0: no limit
+    openai_max_choices: int = 4  # the OpenAI API's n and best_of: generations one request may run
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> GatewaySettings:
@@ -64,6 +65,7 @@ class GatewaySettings:
             ws_idle_timeout_s=env.float("WS_IDLE_TIMEOUT_SECONDS", 240.0, minimum=1.0),
             ws_max_message_bytes=env.int("WS_MAX_MESSAGE_BYTES", largest_message_bytes(limits), minimum=1024),
             ws_max_connections_per_client=env.int("WS_MAX_CONNECTIONS_PER_CLIENT", 16, minimum=0),
+            openai_max_choices=env.int("OPENAI_MAX_CHOICES", 4, minimum=1, maximum=128),
         )
 
 

@@ -10,7 +10,7 @@ import logging
 
 import falcon
 
-from services.common.api.replica_request import CLOSE_CLIENT_SESSIONS_PATH
+from services.common.api.replica_request import CLOSE_CLIENT_SESSIONS_PATH, DETOKENIZE_PATH, TOKENIZE_PATH
 from services.common.api.swarm_state import SWARM_PATH
 from services.common.chat.model_card import ModelCard
 from services.common.startup.config import load_or_exit
@@ -29,6 +29,7 @@ from services.inference.resources import (
 from services.inference.sessions import SessionStore
 from services.inference.settings import InferenceSettings
 from services.inference.swarm_watch import SwarmWatch
+from services.inference.tokenizer_api import DetokenizeResource, TokenizeResource
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class InferenceService:
         app.add_route("/api/v1/close_inference_session", CloseSessionResource(self.store, limits))
         app.add_route(CLOSE_CLIENT_SESSIONS_PATH, CloseClientSessionsResource(self.store, limits))
         app.add_route(SWARM_PATH, SwarmStateResource(self.swarm))
+        app.add_route(TOKENIZE_PATH, TokenizeResource(self.model, limits))
+        app.add_route(DETOKENIZE_PATH, DetokenizeResource(self.model, limits))
         return app
 
     def readiness(self) -> tuple[bool, dict]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from typing import Any
 
@@ -39,10 +39,18 @@ class SwarmDriver:
     Of the stepper it uses ``generate``, ``swarm_ready`` and ``open_petals_session`` (the unit tests
     pass a fake with just those)."""
 
-    def __init__(self, stepper: SwarmStepper, lease: SessionLease | OneOffLease, processors: Any) -> None:
+    def __init__(
+        self,
+        stepper: SwarmStepper,
+        lease: SessionLease | OneOffLease,
+        processors: Any,
+        prompt_hidden: Callable[[Any], None] | None = None,
+    ) -> None:
+        """``prompt_hidden``: called once with the hidden states of every position of the first step."""
         self._stepper = stepper
         self._lease = lease
         self._processors = processors
+        self._prompt_hidden = prompt_hidden
         self._prefix = lease.tokens.snapshot()  # held before this request
         self.generated: list[int] = []
 
@@ -57,7 +65,7 @@ class SwarmDriver:
                 token_ids = self._prefix.ids() + input_ids + self.generated
             try:
                 due = new_tokens - len(self.generated)
-                with closing(self._stepper.generate(self._lease.petals, token_ids, due, self._processors)) as steps:
+                with closing(self._steps(token_ids, due)) as steps:
                     for token in steps:
                         self.generated.append(token)
                         yield token
@@ -68,6 +76,16 @@ class SwarmDriver:
             if not self._stepper.swarm_ready():
                 break
         raise SwarmFailure(f"The Petals swarm failed during generation ({type(failure).__name__})") from failure
+
+    def _steps(self, token_ids: list[int], due: int) -> Iterator[int]:
+        if self._prompt_hidden is None:
+            return self._stepper.generate(self._lease.petals, token_ids, due, self._processors)
+        return self._stepper.generate(self._lease.petals, token_ids, due, self._processors, self._read_prompt)
+
+    def _read_prompt(self, hidden: Any) -> None:
+        if self._prompt_hidden is not None:
+            self._prompt_hidden(hidden)
+            self._prompt_hidden = None  # once: a rebuild replays the prompt without scoring it again
 
     def _rebuild(self) -> None:
         """Swap in a fresh Petals session (the next attempt replays every token) and close the broken one."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.api.params import GenerateParams
+from services.common.api.token_options import NO_TOKEN_OPTIONS, TokenOptions
 from services.common.web.errors import ApiError, SessionNotFound
 from services.inference.decoding import IncrementalDecoder
 from services.inference.driver import SwarmDriver, SwarmFailure
@@ -32,6 +33,14 @@ class TokenEvent:
 
     text: str
     generated_tokens: int
+    logprobs: dict[str, Any] | None = None  # OpenAI's entry, when asked for (none for an end token)
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    """The prompt's tokens' entries (the first unscored), before the first token's event."""
+
+    entries: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -45,10 +54,13 @@ class GenerationResult:
     finish_reason: str  # "length", "stop" (a stop sequence) or "eos"
     stop_sequence: str | None
     seconds: float
+    cumulative_logprob: float | None = None  # of every generated token, when scores were asked for
 
     def summary(self) -> dict[str, Any]:
         """The final event of a stream."""
+        scores = {} if self.cumulative_logprob is None else {"cumulative_logprob": self.cumulative_logprob}
         return {
+            **scores,
             "outputs": self.text,
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
@@ -70,6 +82,7 @@ class Generation:
         input_ids: list[int],
         new_tokens: int,
         decoder: IncrementalDecoder,
+        options: TokenOptions = NO_TOKEN_OPTIONS,
     ) -> None:
         self._stepper = stepper
         self._lease = lease
@@ -77,9 +90,16 @@ class Generation:
         self._new_tokens = new_tokens
         self._cached_tokens = lease.token_count
         self._text = TokenText(decoder, params.stop)
-        self._driver = SwarmDriver(stepper, lease, stepper.logits_processors(params))
+        self._options = options
+        self._reader = None if options.logprobs is None else stepper.score_reader(options.logprobs)
+        self._cumulative_logprob = 0.0
+        self._prompt_scores: list[dict[str, Any]] | None = None
+        start = self._cached_tokens + len(input_ids)  # the penalties count the tokens after these
+        processors = stepper.logits_processors(params, options, start, self._reader)
+        prompt_hidden = self._score_prompt if options.prompt_logprobs else None
+        self._driver = SwarmDriver(stepper, lease, processors, prompt_hidden)
         self._timer = TokenTimer()
-        self._events: Iterator[TokenEvent | GenerationResult] | None = None
+        self._events: Iterator[TokenEvent | PromptScores | GenerationResult] | None = None
         self._released = False
 
     def run(self) -> GenerationResult:
@@ -89,7 +109,7 @@ class Generation:
                 return event
         raise AssertionError("a stream always ends with its result")
 
-    def stream(self) -> Iterator[TokenEvent | GenerationResult]:
+    def stream(self) -> Iterator[TokenEvent | PromptScores | GenerationResult]:
         """Each token's event, then the result, once the session is released (the client may use it
         again at once). Closing it early stops the model and releases the session."""
         self._events = self._stream()
@@ -103,7 +123,7 @@ class Generation:
         if not self._released:
             self._cleanup()
 
-    def _stream(self) -> Iterator[TokenEvent | GenerationResult]:
+    def _stream(self) -> Iterator[TokenEvent | PromptScores | GenerationResult]:
         try:
             yield from self._token_events()
             result = self._finish()
@@ -111,20 +131,35 @@ class Generation:
             self._cleanup()
         yield result
 
-    def _token_events(self) -> Iterator[TokenEvent]:
+    def _token_events(self) -> Iterator[TokenEvent | PromptScores]:
         PROMPT_TOKENS.inc(len(self._input_ids))
         CACHED_PROMPT_TOKENS.inc(self._cached_tokens)
         try:
             with closing(self._driver.tokens(self._input_ids, self._new_tokens)) as tokens:
                 for token_id in tokens:
                     self._timer.step()
-                    yield TokenEvent(self._text.push(token_id), self._text.count)
+                    if self._prompt_scores is not None:
+                        yield PromptScores(self._prompt_scores)
+                        self._prompt_scores = None
+                    logprobs = self._token_logprobs(token_id)
+                    yield TokenEvent(self._text.push(token_id), self._text.count, logprobs)
                     if self._text.stopped:
                         return
         except SwarmFailure as failure:
             raise self._failed(failure) from failure.__cause__
         finally:
             GENERATED_TOKENS.inc(self._text.count)
+
+    def _score_prompt(self, hidden: Any) -> None:
+        top = self._options.logprobs or 0
+        self._prompt_scores = self._stepper.prompt_scores(hidden, self._input_ids, top)
+
+    def _token_logprobs(self, token_id: int) -> dict[str, Any] | None:
+        """The token's entry (none for an end-of-sequence token: it is no part of the text)."""
+        if self._reader is None:
+            return None
+        self._cumulative_logprob += self._reader.logprob(token_id)
+        return None if token_id in self._stepper.end_of_sequence_ids else self._reader.entry(token_id)
 
     def _failed(self, failure: SwarmFailure) -> ApiError:
         """The error to answer once the swarm broke the session beyond repair."""
@@ -145,6 +180,7 @@ class Generation:
             finish_reason=self._text.finish_reason(new_tokens=self._new_tokens),
             stop_sequence=self._text.stop_sequence,
             seconds=self._timer.elapsed,
+            cumulative_logprob=None if self._reader is None else self._cumulative_logprob,
         )
 
     def _cleanup(self) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
@@ -93,6 +94,21 @@ class ModelHandle:
                 "within MAX_LENGTH_LIMIT)",
                 param="max_length",
             )
+
+    @property
+    def vocabulary_size(self) -> int:
+        """How many token ids the model scores (its logits' width); the model must be loaded."""
+        return int(self.model.config.vocab_size)
+
+    def require_token_ids(self, token_ids: Iterable[int], param: str) -> None:
+        """Raise InvalidParameter (400) naming ``param`` if an id is outside the model's vocabulary."""
+        size = self.vocabulary_size
+        for token_id in token_ids:
+            if not 0 <= token_id < size:
+                raise InvalidParameter(
+                    f"{param} names token id {token_id}; {self._settings.model_name}'s ids run from 0 to {size - 1}",
+                    param=param,
+                )
 
     def open_petals_session(self, max_length: int):
         """A new Petals inference session reserving ``max_length`` tokens of attention cache."""

@@ -35,6 +35,7 @@ class GenerationPlanner:
         """
         self._model.require_model(request.model)
         self._model.require_ready()
+        self._check_options(request)
         if request.conversation:
             return self._prepare_conversation(request)
         params = request.params
@@ -44,6 +45,13 @@ class GenerationPlanner:
         if params.session_id is None:
             return self._prepare_once(request, input_ids)
         return self._prepare_leased(self._store.acquire(params.session_id, request.client), request, input_ids)
+
+    def _check_options(self, request: ReplicaRequest) -> None:
+        """The OpenAI options: known token ids; prompt scores only for a whole prompt of its own."""
+        options = request.options
+        self._model.require_token_ids((token for token, _ in options.logit_bias), "logit_bias")
+        if options.prompt_logprobs and (request.conversation or request.params.session_id is not None):
+            raise InvalidParameter("prompt_logprobs needs a request without a session or conversation")
 
     def generate(self, request: ReplicaRequest) -> GenerationResult:
         """Generate for one request in the calling thread (the v1 API)."""
@@ -95,7 +103,8 @@ class GenerationPlanner:
         total = len(input_ids) + new_tokens
         self._model.require_length(total, f"The prompt ({len(input_ids)} tokens) plus {new_tokens} new tokens")
         lease = self._store.open_one_off(total)
-        return Generation(self._stepper, lease, request.params, input_ids, new_tokens, self._new_decoder())
+        decoder = self._new_decoder()
+        return Generation(self._stepper, lease, request.params, input_ids, new_tokens, decoder, request.options)
 
     def _prepare_in_session(self, lease: SessionLease, request: ReplicaRequest, input_ids: list[int]) -> Generation:
         held = lease.token_count
@@ -113,7 +122,7 @@ class GenerationPlanner:
             self._replace_last_token(lease, request.replace_last_token)
         if lease.decoder is None or input_ids or request.replace_last_token is not None:
             lease.decoder = self._new_decoder()  # new inputs: what the last answer left incomplete is moot
-        return Generation(self._stepper, lease, request.params, input_ids, new_tokens, lease.decoder)
+        return Generation(self._stepper, lease, request.params, input_ids, new_tokens, lease.decoder, request.options)
 
     def _one_token(self, text: str, what: str) -> int:
         """The id of ``text``, which must be exactly one token of the model."""

@@ -13,7 +13,7 @@ from services.common.api.replica_request import ReplicaRequest, get_client
 from services.common.api.step_rule import StepsRequest
 from services.common.web.errors import ApiError, InvalidParameter, report_incident
 from services.common.web.sse import SSE_CONTENT_TYPE, SSE_HEADERS, sse_error, sse_event
-from services.inference.generation import GenerationResult, TokenEvent
+from services.inference.generation import GenerationResult, PromptScores, TokenEvent
 from services.inference.model import ModelHandle
 from services.inference.planner import GenerationPlanner
 from services.inference.sessions import SessionStore
@@ -38,6 +38,9 @@ class GenerateResource:
 
 class GenerateStreamResource:
     """``POST /api/v2/generate_stream``: Server-Sent Events, one ``token`` event per token, then ``done``.
+    With the OpenAI options (services/common/api/token_options.py), each ``token`` event carries its
+    ``logprobs`` entry, ``done`` the ``cumulative_logprob``, and a ``prompt`` event with the prompt's
+    entries comes first when they were asked for.
 
     Errors found before generation starts get their real HTTP status; an error during the
     stream ends it with an ``error`` event. A client that disconnects stops the generation.
@@ -72,9 +75,12 @@ class Streamed(Protocol):
     def close(self) -> None: ...
 
 
-def _generation_event(event: TokenEvent | GenerationResult) -> bytes:
+def _generation_event(event: TokenEvent | PromptScores | GenerationResult) -> bytes:
     if isinstance(event, TokenEvent):
-        return sse_event("token", {"text": event.text, "generated_tokens": event.generated_tokens})
+        scores = {} if event.logprobs is None else {"logprobs": event.logprobs}
+        return sse_event("token", {"text": event.text, "generated_tokens": event.generated_tokens, **scores})
+    if isinstance(event, PromptScores):
+        return sse_event("prompt", {"logprobs": event.entries})
     return sse_event("done", {"ok": True, **event.summary()})
 
 

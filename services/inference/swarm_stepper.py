@@ -16,14 +16,19 @@ generation deals in lists and iterators of token ids.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from typing import Any
 
 from services.common.api.params import GenerateParams
+from services.common.api.token_options import TokenOptions
 from services.inference.model import ModelHandle
 from services.inference.sampling import SeededSampler
+from services.inference.scores import ScoreReader, TokenNames, prompt_entries
 from services.inference.session_tokens import SessionTokens
+from services.inference.shaping import CompletionPenalty, LogitBias
+
+PROMPT_CHUNK = 64  # prompt positions whose logits are computed at once (a prompt's scores, echo)
 
 
 class SwarmStepper:
@@ -44,8 +49,12 @@ class SwarmStepper:
         """The exact text of a session's tokens."""
         return self._model.tokenizer.decode(token_ids, clean_up_tokenization_spaces=False)
 
-    def logits_processors(self, params: GenerateParams) -> Any:
-        """What shapes each step's choice; one set per request, so a rebuild continues its random stream."""
+    def logits_processors(
+        self, params: GenerateParams, options: TokenOptions, start: int, reader: ScoreReader | None = None
+    ) -> Any:
+        """What shapes each step's choice; one set per request, so a rebuild continues its random stream.
+        ``start``: how many tokens precede this request's generated ones (the penalties count those
+        after); ``reader`` reads the scores after every shaping processor, before the sampler."""
         from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
         processors = LogitsProcessorList()
@@ -53,16 +62,49 @@ class SwarmStepper:
             # Before sampling, as transformers orders it; the tokens it penalises are every token the
             # session holds (Petals passes them all to transformers), not only this request's.
             processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        if options.presence_penalty or options.frequency_penalty:
+            processors.append(CompletionPenalty(options.presence_penalty, options.frequency_penalty, start))
+        if options.logit_bias:
+            processors.append(LogitBias(options.logit_bias))
+        if reader is not None:
+            processors.append(reader)
         if params.do_sample:
             processors.append(SeededSampler(params.temperature, params.top_k, params.top_p, params.seed))
         return processors
 
+    def score_reader(self, top: int) -> ScoreReader:
+        """A processor that reads each step's scores, with ``top`` alternatives per token."""
+        return ScoreReader(self._token_names, top)
+
+    def prompt_scores(self, hidden: Any, prompt: list[int], top: int) -> list[dict[str, Any]]:
+        """OpenAI's entries for a prompt's tokens, from the hidden states ``[len(prompt), hidden]`` of
+        its positions (the head applied to ``PROMPT_CHUNK`` positions at a time)."""
+        head = self._model.model.get_output_embeddings()
+        chunks = (head(hidden[start : start + PROMPT_CHUNK]) for start in range(0, len(prompt) - 1, PROMPT_CHUNK))
+        return prompt_entries(self._token_names, chunks, prompt, top)
+
+    @cached_property
+    def end_of_sequence_ids(self) -> frozenset[int]:
+        """The tokens after which generation ends."""
+        return _end_of_sequence_ids(self._model.model.generation_config)
+
+    @cached_property
+    def _token_names(self) -> TokenNames:
+        return TokenNames(self._model.tokenizer, self._model.token_bytes)
+
     def generate(
-        self, petals_session: Any, token_ids: list[int], max_new_tokens: int, processors: Any
+        self,
+        petals_session: Any,
+        token_ids: list[int],
+        max_new_tokens: int,
+        processors: Any,
+        prompt_hidden: Callable[[Any], None] | None = None,
     ) -> Iterator[int]:
         """Send ``token_ids`` (new to the session), then yield up to ``max_new_tokens`` generated token
         ids, the last an end-of-sequence token if one comes. Closed early (a stop sequence, a client
-        gone), the session holds what was generated so far. Raises whatever the swarm raised."""
+        gone), the session holds what was generated so far. Raises whatever the swarm raised.
+        ``prompt_hidden`` is called once with the hidden states of every position of the first step
+        (in the step's inference mode)."""
         import torch
 
         model, device = self._model.model, self._device
@@ -70,11 +112,15 @@ class SwarmStepper:
         held = tokens.snapshot()
         added = list(token_ids)  # what this call adds to the session
         feed = [held.last(), *token_ids] if len(held) else token_ids  # its last token was never sent
-        end_ids = _end_of_sequence_ids(model.generation_config)
+        end_ids = self.end_of_sequence_ids
         try:
             for _ in range(max_new_tokens):
                 with torch.inference_mode(), model.use_session(petals_session):  # per step: nothing spans a yield
-                    scores = _next_token_scores(model, feed, device)
+                    hidden = model.base_model(input_ids=torch.tensor([feed], device=device)).last_hidden_state
+                    if prompt_hidden is not None:
+                        prompt_hidden(hidden[0])
+                        prompt_hidden = None
+                    scores = _last_token_scores(model, hidden)
                     if processors:
                         scores = processors(held.followed_by(added, device), scores)
                 token = int(scores.argmax(-1))
@@ -92,11 +138,8 @@ class SwarmStepper:
         return self._model.model.device
 
 
-def _next_token_scores(model: Any, feed: list[int], device: Any) -> Any:
-    """One step through the swarm: the float32 scores ``[1, vocabulary]`` of the token after ``feed``."""
-    import torch
-
-    hidden = model.base_model(input_ids=torch.tensor([feed], device=device)).last_hidden_state
+def _last_token_scores(model: Any, hidden: Any) -> Any:
+    """The float32 scores ``[1, vocabulary]`` of the token after a step's hidden states."""
     # The head on the last position only, as a [1, hidden] matrix: a [1, 1, hidden] view of a longer
     # sequence keeps its strides, and torch's bfloat16 product then takes a path 40x slower.
     return model.get_output_embeddings()(hidden[:, -1]).float()

@@ -176,6 +176,22 @@ def collect_failures(label: str, test: Callable[[], None], failures: list[str]) 
         failures.append(f"{label}: {type(error).__name__}: {error}")
 
 
+# The OpenAI API's fields and endpoints of scores, choices and shaping: the fuzzers cover them
+# because the served document lists them (a field left out of it would go unfuzzed).
+OPENAI_FIELDS = {
+    "CompletionRequest": {"n", "best_of", "logprobs", "echo", "presence_penalty", "frequency_penalty", "logit_bias"},
+    "ChatCompletionRequest": {"n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias"},
+}
+
+
+def test_the_document_lists_the_openai_scores_fields(fuzz_stack: Stack) -> None:
+    document = requests.get(f"{fuzz_stack.gateway.base_url}/api/openapi.json", timeout=10).json()
+    schemas = document["components"]["schemas"]
+    for name, fields in OPENAI_FIELDS.items():
+        assert fields <= set(schemas[name]["properties"]), name
+    assert {"/v1/tokenize", "/v1/detokenize"} <= set(document["paths"])
+
+
 def test_coverage_cases_answer_as_documented(api_schema, operations, call) -> None:
     failures: list[str] = []
     for operation in operations:

@@ -27,10 +27,23 @@ EXAMPLES = {
     ("get", "/api/openapi.json"): {},
     ("get", "/v1/models"): {},
     ("get", "/api/v2/swarm"): {"params": {"model": "<model>"}},
-    ("post", "/v1/completions"): {"json": {"model": "<model>", "prompt": "Hello", "max_tokens": 2}},
-    ("post", "/v1/chat/completions"): {
-        "json": {"model": "<model>", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    ("post", "/v1/completions"): {
+        "json": {"model": "<model>", "prompt": "Hello", "max_tokens": 2, "logprobs": 2, "echo": True, "best_of": 2}
     },
+    ("post", "/v1/chat/completions"): {
+        "json": {
+            "model": "<model>",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 2,
+            "n": 2,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "presence_penalty": 0.5,
+            "logit_bias": {"3": -1},
+        }
+    },
+    ("post", "/v1/tokenize"): {"json": {"model": "<model>", "prompt": "Hello"}},
+    ("post", "/v1/detokenize"): {"json": {"tokens": [3, 4]}},
 }
 
 

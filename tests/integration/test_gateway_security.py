@@ -48,6 +48,9 @@ ROUTES = [
     ("GET", "/api/v2/swarm?model=m", None),
     ("POST", "/v1/completions", {"model": "m", "prompt": "Hi", "max_tokens": 1}),
     ("POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}),
+    ("POST", "/v1/completions", {"model": "m", "prompt": "Hi", "max_tokens": 1, "n": 2, "logprobs": 1, "echo": True}),
+    ("POST", "/v1/tokenize", {"prompt": "Hi"}),
+    ("POST", "/v1/detokenize", {"tokens": [1, 2]}),
 ]
 
 
@@ -214,6 +217,7 @@ JSON_APIS = {  # path -> (HTTP status, the error's message in the API's own shap
     "/api/v2/generate_stream": (400, lambda body: body["error"]["message"]),
     "/v1/completions": (400, lambda body: body["error"]["message"]),
     "/v1/chat/completions": (400, lambda body: body["error"]["message"]),
+    "/v1/tokenize": (400, lambda body: body["error"]["message"]),
 }
 
 

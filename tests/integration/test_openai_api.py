@@ -219,7 +219,7 @@ def test_edited_history_starts_a_new_session(client, v1, model):
 @pytest.mark.parametrize(
     ("overrides", "param"),
     [
-        ({"n": 2}, "n"),
+        ({"n": 5}, "n"),  # over OPENAI_MAX_CHOICES
         ({"temperature": 3}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"top_p": 0}, "top_p"),
@@ -227,7 +227,8 @@ def test_edited_history_starts_a_new_session(client, v1, model):
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
-        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
     ],
 )
 def test_bad_chat_requests_raise_bad_request(client, model, overrides, param):

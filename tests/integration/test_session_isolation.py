@@ -211,6 +211,20 @@ def test_requests_without_a_session_are_limited_per_replica(stack, model_dir):
     assert wait_until(served, 15)
 
 
+def test_n_choices_count_toward_the_replicas_limit_on_requests_without_a_session(stack, model_dir):
+    """Each of ``n`` choices is a generation without a session: with MAX_SESSIONLESS_REQUESTS=1, ``n=2``
+    is refused as a whole (503, Retry-After, OpenAI's shape), the choice that started is stopped, and
+    the slot serves the next request."""
+    base, headers = stack.gateway.base_url, bearer(ALICE)
+    body = {"model": model_dir.name, "prompt": "Hi", "max_tokens": 1000, "n": 2, "temperature": 1, "seed": 1}
+    refused = requests.post(f"{base}/v1/completions", json=body, headers=headers, timeout=60)
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text
+    assert refused.json()["error"]["code"] == "too_many_sessions"
+    single = {**body, "n": 1, "max_tokens": 2}
+    served = lambda: requests.post(f"{base}/v1/completions", json=single, headers=headers, timeout=30).ok  # noqa: E731
+    assert wait_until(served, 30)
+
+
 def test_max_length_is_bounded_by_what_the_models_servers_hold(stack, model_dir):
     base, headers = stack.gateway.base_url, bearer(ALICE)
     over = SERVERS_MAX_LENGTH + 1

@@ -2,7 +2,8 @@
 
 Greedy, float32, on ChatML prompts whose greedy margins are far above the swarm's float
 differences (about 6e-5 in the logits): the raw Petals client in one ``generate`` call and one
-token per call inside one inference session, then the inference service over HTTP.
+token per call inside one inference session, then the inference service over HTTP, and the
+OpenAI API's greedy log-probabilities through a gateway against ``log_softmax`` of the in-process logits.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from client.api import Api
+from deploy.local_stack import ServiceProcess
 from services.swarm.launcher import PrivateSwarm
 from services.swarm.smollm2 import ensure_smollm2
-from tests.helpers import start_inference
+from tests.helpers import start_gateway, start_inference
 
 pytestmark = pytest.mark.integration
 DHT_PREFIX = "petals-chat-smollm2"
@@ -43,13 +45,21 @@ def chatml(tokenizer, question: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def smol_oracle(smol_dir: Path):
-    """In-process greedy generation: ``oracle(ids) -> new ids`` (up to and including ``<|im_end|>``)."""
+def smol_model(smol_dir: Path):
+    """The model in process, float32, one thread."""
     import torch
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(1)  # two threads on two busy cores ran 20x slower
-    model = LlamaForCausalLM.from_pretrained(smol_dir, torch_dtype=torch.float32).eval()
+    return LlamaForCausalLM.from_pretrained(smol_dir, torch_dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def smol_oracle(smol_model):
+    """In-process greedy generation: ``oracle(ids) -> new ids`` (up to and including ``<|im_end|>``)."""
+    import torch
+
+    model = smol_model
 
     def generate(ids: list[int]) -> list[int]:
         with torch.inference_mode():
@@ -119,14 +129,50 @@ def test_swarm_one_token_per_call_in_a_session_equals_oracle(client, cases, ques
     assert generated == expected
 
 
-def test_inference_service_answers_the_france_question(smol_swarm, smol_dir, artifacts_dir, cases, smol_tokenizer):
+@pytest.fixture(scope="module")
+def smol_service(smol_swarm: PrivateSwarm, smol_dir: Path, artifacts_dir: Path) -> Iterator[ServiceProcess]:
+    service = start_inference(smol_swarm, smol_dir, artifacts_dir, "inference-smollm2", DHT_PREFIX=DHT_PREFIX)
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="module")
+def smol_gateway(smol_service: ServiceProcess, artifacts_dir: Path) -> Iterator[ServiceProcess]:
+    gateway = start_gateway(artifacts_dir, {"inference-smollm2": smol_service.base_url}, "gateway-smollm2")
+    yield gateway
+    gateway.stop()
+
+
+def test_inference_service_answers_the_france_question(smol_service, cases, smol_tokenizer):
     """The service loads the Llama model through Petals' auto classes and stops at ``<|im_end|>``."""
     ids, expected = cases[QUESTIONS[0]]
-    service = start_inference(smol_swarm, smol_dir, artifacts_dir, "inference-smollm2", DHT_PREFIX=DHT_PREFIX)
-    try:
-        body = Api(service.base_url).generate(inputs=smol_tokenizer.decode(ids), max_new_tokens=NEW_TOKENS)
-    finally:
-        service.stop()
+    body = Api(smol_service.base_url).generate(inputs=smol_tokenizer.decode(ids), max_new_tokens=NEW_TOKENS)
     answer = smol_tokenizer.decode(expected, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     assert body == {"ok": True, "outputs": answer}
     assert "Paris" in answer
+
+
+def test_openai_greedy_logprobs_equal_log_softmax_of_transformers(smol_gateway, smol_model, cases, smol_dir):
+    """Chat ``logprobs`` with ``top_logprobs`` through the gateway: each generated token's score and its
+    five best alternatives (ids by their bytes) equal ``log_softmax`` of the in-process logits."""
+    import openai
+    import torch
+
+    ids, expected = cases[QUESTIONS[0]]
+    client = openai.OpenAI(base_url=f"{smol_gateway.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    answer = client.chat.completions.create(
+        model=smol_dir.name, messages=[{"role": "user", "content": QUESTIONS[0]}], temperature=0,
+        max_tokens=NEW_TOKENS, logprobs=True, top_logprobs=5,
+    )  # fmt: skip
+    content = answer.choices[0].logprobs.content
+    assert len(content) == len(expected) - 1  # every token but the closing <|im_end|>
+    with torch.inference_mode():
+        reference = torch.log_softmax(smol_model(torch.tensor([ids + expected])).logits[0].float(), dim=-1)
+    for step, entry in enumerate(content):
+        row = reference[len(ids) - 1 + step]
+        assert entry.logprob == pytest.approx(float(row[expected[step]]), abs=2e-4)
+        top = row.topk(5)
+        assert [alternative.logprob for alternative in entry.top_logprobs] == pytest.approx(
+            top.values.tolist(), abs=2e-4
+        )
+        assert entry.top_logprobs[0].bytes == entry.bytes  # greedy: the chosen token is the best

@@ -76,7 +76,7 @@ class FakeStepper:
         self.opened.append(FakePetalsSession(max_length))
         return self.opened[-1]
 
-    def logits_processors(self, params: Any) -> None:
+    def logits_processors(self, params: Any, options: Any, start: int, reader: Any = None) -> None:
         return None
 
     def decode_all(self, token_ids: list[int]) -> str:

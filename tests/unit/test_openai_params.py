@@ -47,8 +47,20 @@ def test_chat_accepts_text_parts_and_developer_role():
         ({"model": "m", "prompt": "Hi", "temperature": float("nan")}, "temperature"),
         ({"model": "m", "prompt": "Hi", "seed": -1}, "seed"),
         ({"model": "m", "prompt": "Hi", "stream": "yes"}, "stream"),
-        ({"model": "m", "prompt": "Hi", "echo": True}, "echo"),
-        ({"model": "m", "prompt": "Hi", "presence_penalty": 1.0}, "presence_penalty"),
+        ({"model": "m", "prompt": "Hi", "echo": "yes"}, "echo"),
+        ({"model": "m", "prompt": "Hi", "presence_penalty": 2.5}, "presence_penalty"),
+        ({"model": "m", "prompt": "Hi", "frequency_penalty": -2.01}, "frequency_penalty"),
+        ({"model": "m", "prompt": "Hi", "logprobs": 6}, "logprobs"),
+        ({"model": "m", "prompt": "Hi", "n": 5}, "n"),
+        ({"model": "m", "prompt": "Hi", "n": 0}, "n"),
+        ({"model": "m", "prompt": "Hi", "n": 3, "best_of": 2}, "best_of"),
+        ({"model": "m", "prompt": "Hi", "best_of": 5}, "best_of"),
+        ({"model": "m", "prompt": "Hi", "best_of": 2, "stream": True}, "best_of"),
+        ({"model": "m", "prompt": "Hi", "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"model": "m", "prompt": "Hi", "logit_bias": {"x": 1}}, "logit_bias"),
+        ({"model": "m", "prompt": "Hi", "logit_bias": {"-1": 1}}, "logit_bias"),
+        ({"model": "m", "prompt": "Hi", "logit_bias": {"5": "1"}}, "logit_bias"),
+        ({"model": "m", "prompt": "Hi", "logit_bias": [1]}, "logit_bias"),
         ({"model": "m", "prompt": "Hi", "stop": [""]}, "stop"),
     ],
 )
@@ -77,3 +89,48 @@ def test_repetition_penalty_is_accepted_within_its_range():
         with pytest.raises(InvalidParameter) as refused:
             parse_completion({**body, "repetition_penalty": bad}, Limits())
         assert refused.value.param == "repetition_penalty"
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def test_scores_choices_and_shaping_are_read():
+    _, options = parse_completion(
+        {"model": "m", "prompt": "Hi", "logprobs": 2, "echo": True, "n": 2, "best_of": 3, "presence_penalty": -2,
+         "frequency_penalty": 0.5, "logit_bias": {"7": -100, " 3": 2.5}},
+        LIMITS,
+    )  # fmt: skip
+    assert (options.n, options.best_of, options.generations, options.echo) == (2, 3, 3, True)
+    scores = options.token_options
+    assert (scores.logprobs, scores.prompt_logprobs, scores.presence_penalty, scores.frequency_penalty) == (
+        2,
+        True,
+        -2,
+        0.5,
+    )
+    assert scores.logit_bias == ((3, 2.5), (7, -100.0))
+    _, chat = parse_chat({**CHAT, "logprobs": True, "top_logprobs": 20, "n": 4}, LIMITS)
+    assert (chat.token_options.logprobs, chat.n, chat.generations) == (20, 4, 4)
+    _, plain = parse_chat({**CHAT, "logprobs": False}, LIMITS)
+    assert plain.token_options.logprobs is None and not plain.logprobs
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": 1}, "logprobs"),
+        ({"n": 5}, "n"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"logit_bias": {"1": -100.5}}, "logit_bias"),
+    ],
+)
+def test_bad_chat_scores_are_named(extra, param):
+    with pytest.raises(InvalidParameter) as raised:
+        parse_chat({**CHAT, **extra}, LIMITS)
+    assert raised.value.param == param
+
+
+def test_the_choice_limit_is_the_gateways():
+    assert parse_chat({**CHAT, "n": 8}, LIMITS, max_choices=8)[1].n == 8

@@ -13,6 +13,8 @@ v1 ``generate`` parameters (so a v1 call sent straight to a replica is one too) 
   services/gateway/websocket.py): text that must be exactly one token of the model (else the
   request is refused); with ``replace_last_token`` the session's last token is replaced by that
   one before this request's inputs, so the session goes on as if it had generated it;
+- ``logprobs``, ``prompt_logprobs``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``:
+  the OpenAI API's per-token options (services/common/api/token_options.py);
 - ``client``: who the gateway serves this request for (``key:<id>`` or ``ip:<address>``): the owner
   of a session the request opens (and whose quota it counts toward), the only client whose session
   (by id, or by conversation) the request may continue (services/inference/sessions.py).
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.api.params import MAX_STOP_CHARS, GenerateParams, Limits, get_bool, get_str, parse_generate
+from services.common.api.token_options import NO_TOKEN_OPTIONS, TokenOptions
 from services.common.web.errors import InvalidParameter
 
 # The replica's paths the gateway calls (the public v1 / v2 paths are the same).
@@ -39,6 +42,8 @@ GENERATE_STREAM_PATH = "/api/v2/generate_stream"
 OPEN_SESSION_PATH = "/api/v1/open_inference_session"
 CLOSE_SESSION_PATH = "/api/v1/close_inference_session"
 CLOSE_CLIENT_SESSIONS_PATH = "/internal/close_client_sessions"
+TOKENIZE_PATH = "/internal/tokenize"  # the tokenizer endpoints (services/inference/tokenizer_api.py)
+DETOKENIZE_PATH = "/internal/detokenize"
 CLIENT_PATTERN = re.compile(r"^(key|ip):[A-Za-z0-9_.:%-]{1,64}$")
 
 
@@ -62,6 +67,7 @@ class ReplicaRequest:
     stop_token: str | None = None  # must be exactly one token (validated by the replica)
     replace_last_token: str | None = None  # one token that replaces the session's last one first
     client: str | None = None  # whose quota a session opened for this request counts toward
+    options: TokenOptions = NO_TOKEN_OPTIONS  # the OpenAI API's scores, penalties and bias
 
     @property
     def model(self) -> str | None:
@@ -74,7 +80,8 @@ class ReplicaRequest:
         body["stop"] = list(self.params.stop)
         names = ("stop_token", "replace_last_token", "client")
         tokens = {name: getattr(self, name) for name in names if getattr(self, name)}
-        return {**body, "conversation": self.conversation, "fill_context": self.fill_context, **tokens}
+        flags = {"conversation": self.conversation, "fill_context": self.fill_context}
+        return {**body, **flags, **tokens, **self.options.to_json()}
 
     @classmethod
     def from_json(cls, values: dict[str, Any], limits: Limits) -> ReplicaRequest:
@@ -87,6 +94,7 @@ class ReplicaRequest:
             stop_token=get_str(values, "stop_token", max_chars=MAX_STOP_CHARS) or None,
             replace_last_token=get_str(values, "replace_last_token", max_chars=MAX_STOP_CHARS) or None,
             client=get_client(values),
+            options=TokenOptions.from_json(values),
         )
         if request.replace_last_token is not None and request.params.session_id is None:
             raise InvalidParameter("replace_last_token needs a session_id")
