@@ -30,6 +30,10 @@ BASE = {"MODEL": "/models/x"}
         ({**BASE, "BIND": "8000"}, "BIND must be HOST:PORT"),
         ({**BASE, "MAX_SESSIONLESS_REQUESTS": "0"}, "MAX_SESSIONLESS_REQUESTS must be >= 1"),
         ({**BASE, "MODEL_MAX_LENGTH": "-1"}, "MODEL_MAX_LENGTH must be >= 0"),
+        ({**BASE, "SWARM_STATE_REFRESH_SECONDS": "0"}, "SWARM_STATE_REFRESH_SECONDS must be >= 0.5"),
+        ({**BASE, "SWARM_STATE_MAX_SERVERS": "5000"}, "SWARM_STATE_MAX_SERVERS must be <= 1000"),
+        ({**BASE, "SWARM_STATE_MIN_REDUNDANCY": "0"}, "SWARM_STATE_MIN_REDUNDANCY must be >= 1"),
+        ({**BASE, "SWARM_STATE_MIN_CACHE_TOKENS": "lots"}, "SWARM_STATE_MIN_CACHE_TOKENS must be an integer"),
     ],
 )
 def test_bad_settings_are_rejected_with_a_clear_message(env, message):
@@ -43,6 +47,8 @@ def test_defaults():
     assert settings.session_ttl_s == 300 and settings.max_sessions == 50
     assert settings.limits.max_length == 2048 and settings.replica_id == "inference-1"
     assert settings.max_sessionless_requests == 16 and settings.model_max_length is None  # None: from the model
+    assert (settings.swarm_state_refresh_s, settings.swarm_state_max_servers) == (30, 100)
+    assert (settings.swarm_thresholds.min_redundancy, settings.swarm_thresholds.min_cache_tokens) == (1, 1024)
 
 
 @pytest.mark.parametrize(
