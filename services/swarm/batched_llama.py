@@ -1,0 +1,91 @@
+"""One decoding step of several sessions through a Petals server's Llama blocks, as one forward pass.
+
+Each session brings one new token's hidden state ``[1, 1, hidden]`` and its own attention cache
+(Petals' layout, per block: keys ``[1, kv_heads, head_dim, max_length]``, values ``[1, kv_heads,
+max_length, head_dim]``, the first ``prefix_length`` positions filled). ``decode_step`` stacks the
+hidden states and, block after block, runs the norms, the q/k/v and output projections and the MLP
+on all sessions at once (one read of the weights per step instead of one per session), applies
+each session's own rotary position, writes each session's new key and value into its cache in
+place, and attends per session over its own cache. The arithmetic is Petals' own
+(``petals.models.llama.block``: ``WrappedLlamaBlock`` over transformers' ``LlamaDecoderLayer``),
+so each session's output equals its step alone up to float rounding.
+
+Fenced with the pool that calls it (services/swarm/batching_pool.py, docs/patches.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+LLAMA_BLOCK = "WrappedLlamaBlock"
+
+
+def llama_block(backend) -> torch.nn.Module | None:
+    """The backend's one Llama block if this module can batch it (one shard, no tensor-parallel split), else None."""
+    shards = getattr(backend.module, "module_shards", ())
+    if len(shards) != 1 or type(shards[0]).__name__ != LLAMA_BLOCK:
+        return None
+    block = shards[0]
+    if getattr(block.self_attn.config, "pretraining_tp", 1) != 1:
+        return None
+    return block
+
+
+@torch.inference_mode()
+def decode_step(
+    blocks: Sequence[torch.nn.Module],
+    caches: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]],
+    hidden_states: torch.Tensor,
+    positions: Sequence[int],
+) -> torch.Tensor:
+    """``hidden_states`` ``[sessions, 1, hidden]`` through ``blocks``; ``caches[b][s]`` is session s's
+    (keys, values) in block b, written at ``positions[s]`` (its prefix length) in place."""
+    for block, block_caches in zip(blocks, caches, strict=True):
+        hidden_states = _layer(block, block_caches, hidden_states, positions)
+    return hidden_states
+
+
+def _layer(block, caches: Sequence[tuple[torch.Tensor, torch.Tensor]], hidden_states: torch.Tensor,
+           positions: Sequence[int]) -> torch.Tensor:  # fmt: skip
+    attention = block.self_attn
+    residual = hidden_states
+    attended = _attention(attention, caches, block.input_layernorm(hidden_states), positions)
+    hidden_states = residual + attended
+    return hidden_states + block.mlp(block.post_attention_layernorm(hidden_states))
+
+
+def _attention(attention, caches: Sequence[tuple[torch.Tensor, torch.Tensor]], hidden_states: torch.Tensor,
+               positions: Sequence[int]) -> torch.Tensor:  # fmt: skip
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    sessions, heads, head_dim = len(positions), attention.num_heads, attention.head_dim
+    kv_heads = attention.num_key_value_heads
+    query = attention.q_proj(hidden_states).view(sessions, 1, heads, head_dim).transpose(1, 2)
+    key = attention.k_proj(hidden_states).view(sessions, 1, kv_heads, head_dim).transpose(1, 2)
+    value = attention.v_proj(hidden_states).view(sessions, 1, kv_heads, head_dim).transpose(1, 2)
+    query, key = _rotate(attention, query, key, value, positions)
+
+    output = torch.empty(sessions, heads, 1, head_dim, dtype=query.dtype, device=query.device)
+    for index, (position, (key_cache, value_cache)) in enumerate(zip(positions, caches, strict=True)):
+        key_cache[0, :, :, position] = key[index, :, 0, :]
+        value_cache[0, :, position, :] = value[index, :, 0, :]
+        keys = repeat_kv(key_cache[:, :, :, : position + 1].transpose(2, 3), attention.num_key_value_groups)
+        values = repeat_kv(value_cache[:, :, : position + 1, :], attention.num_key_value_groups)
+        weights = torch.matmul(query[index : index + 1], keys.transpose(2, 3)) / math.sqrt(head_dim)
+        weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+        output[index] = torch.matmul(weights, values)[0]
+    return attention.o_proj(output.transpose(1, 2).reshape(sessions, 1, heads * head_dim))
+
+
+def _rotate(attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Rotary embeddings, each session at its own position (Petals' ``apply_rotary_pos_emb``)."""
+    from petals.models.llama.block import apply_rotary_pos_emb
+
+    cos, sin = attention.rotary_emb(value, seq_len=max(positions) + 1)  # [1, 1, length, head_dim]
+    index = torch.tensor(positions, device=cos.device)
+    cos, sin = cos[0, 0, index][:, None, None, :], sin[0, 0, index][:, None, None, :]
+    return apply_rotary_pos_emb(query, key, cos, sin)
