@@ -93,8 +93,8 @@ def test_concurrent_sessions_joining_and_leaving_equal_the_oracle(client, oracle
         assert BATCHED in server.log_path.read_text(errors="replace"), f"{server.name} never batched a step"
 
 
-def test_beam_search_takes_petals_step_beside_a_batched_session_and_equals_transformers(client, oracle_cases,
-                                                                                        smol_dir):  # noqa: F811
+def test_beam_search_falls_back_beside_a_batched_session_and_equals_transformers(client, oracle_cases, smol_dir):  # noqa: F811
+    """Two sequences a step and ``hypo_ids`` reordering: Petals' own step, beside a session that batches."""
     import torch
     from transformers import LlamaForCausalLM
 
