@@ -24,14 +24,16 @@ LLAMA_BLOCK = "WrappedLlamaBlock"
 
 
 def llama_block(backend) -> torch.nn.Module | None:
-    """The backend's one Llama block if this module can batch it (one shard, no tensor-parallel split), else None."""
+    """The backend's one Llama block if this module can batch it, else None: one shard (no tensor-parallel
+    split), no sliced projections (``pretraining_tp``), no rope scaling (the dynamic kind depends on the
+    length of the longest sequence, which a batch would share)."""
     shards = getattr(backend.module, "module_shards", ())
     if len(shards) != 1 or type(shards[0]).__name__ != LLAMA_BLOCK:
         return None
-    block = shards[0]
-    if getattr(block.self_attn.config, "pretraining_tp", 1) != 1:
+    config = shards[0].self_attn.config
+    if getattr(config, "pretraining_tp", 1) != 1 or getattr(config, "rope_scaling", None):
         return None
-    return block
+    return shards[0]
 
 
 @torch.inference_mode()

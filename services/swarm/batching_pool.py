@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -69,10 +69,12 @@ def take_group(first: Any, queued: Sequence[Any], key: Callable[[Any], Hashable 
 
 @dataclass(frozen=True)
 class DecodeGroup:
-    """The runtime's input for a batched step: stacked hidden states and each session's block infos."""
+    """The runtime's input for a batched step: stacked hidden states and each session's block infos;
+    ``errors`` (session index -> its exception) is filled where the pass had to run sessions alone."""
 
     hidden_states: torch.Tensor  # [sessions, 1, hidden]
     infos: tuple[tuple[Any, ...], ...]  # per session, Petals' InferenceMetadata per block
+    errors: dict[int, BaseException] = field(default_factory=dict)
 
 
 class BatchedInferenceStep:
@@ -87,8 +89,24 @@ class BatchedInferenceStep:
 
     def __call__(self, *args: Any) -> tuple[torch.Tensor, ...]:
         if len(args) == 1 and isinstance(args[0], DecodeGroup):
-            return (self._batched(args[0]),)
+            try:
+                return (self._batched(args[0]),)
+            except Exception:  # e.g. one session's cache freed meanwhile: the others must not fail with it
+                return (self._one_by_one(args[0]),)
         return self.merged_step(*args)
+
+    def _one_by_one(self, group: DecodeGroup) -> torch.Tensor:
+        """Each session through Petals' own step (it rewrites the one position a failed pass may have written)."""
+        outputs = torch.zeros_like(group.hidden_states)
+        no_hypo_ids = torch.empty(0, dtype=torch.int64)
+        for index, infos in enumerate(group.infos):
+            try:
+                (outputs[index : index + 1],) = self.merged_step(
+                    group.hidden_states[index : index + 1].clone(), no_hypo_ids, infos, *([None] * len(infos))
+                )
+            except Exception as error:  # this session's own failure, sent to it alone
+                group.errors[index] = error
+        return outputs
 
     def _batched(self, group: DecodeGroup) -> torch.Tensor:
         uids = [info.uid for info in group.infos[0]]
@@ -120,6 +138,7 @@ def _pool_class() -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._groups: dict[int, list[task_pool.Task]] = {}
+            self._decode_groups: dict[int, DecodeGroup] = {}
             self._largest_group = 1
 
         def _key(self, task: task_pool.Task) -> Hashable | None:
@@ -145,24 +164,29 @@ def _pool_class() -> type:
             if not self._ordered_tasks.empty():
                 head = self._ordered_tasks.queue[0]
                 self.priority = (head.priority, head.time_submitted)
-            return first.uid, self._inputs(group, device if device is not None else self.device)
-
-        def _inputs(self, group: list[task_pool.Task], device: torch.device | None) -> list[Any]:
+            device = device if device is not None else self.device
             if len(group) == 1:
-                return [task_pool._move_to_device_if_tensor(arg, device, share_memory=False) for arg in group[0].args]
+                return first.uid, [task_pool._move_to_device_if_tensor(arg, device) for arg in first.args]
             hidden_states = torch.cat([task.args[0] for task in group]).to(device)
-            return [DecodeGroup(hidden_states, tuple(tuple(task.args[2]) for task in group))]
+            self._decode_groups[first.uid] = DecodeGroup(hidden_states, tuple(tuple(task.args[2]) for task in group))
+            return first.uid, [self._decode_groups[first.uid]]
 
         def send_outputs_from_runtime(self, uid: int, batch_outputs: list[torch.Tensor]) -> None:
             group = self._groups.pop(uid, None)
             if group is None or len(group) == 1:
                 return super().send_outputs_from_runtime(uid, batch_outputs)
             self._dispatched_tasks.pop(uid, None)
-            for task, row in zip(group, batch_outputs[0].split(1), strict=True):
-                task.future.set_result([task_pool._move_to_device_if_tensor(row.clone(), "cpu", share_memory=True)])
+            errors = self._decode_groups.pop(uid).errors
+            for index, (task, row) in enumerate(zip(group, batch_outputs[0].split(1), strict=True)):
+                if index in errors:
+                    task.future.set_exception(errors[index])
+                else:
+                    output = task_pool._move_to_device_if_tensor(row.clone(), "cpu", share_memory=True)
+                    task.future.set_result([output])
 
         def send_exception_from_runtime(self, uid: int, exception: BaseException) -> None:
             group = self._groups.pop(uid, None)
+            self._decode_groups.pop(uid, None)
             super().send_exception_from_runtime(uid, exception)
             for task in (group or [])[1:]:
                 task.future.set_exception(exception)

@@ -129,6 +129,58 @@ def test_an_error_in_a_batched_pass_reaches_every_session_of_the_group(pool_and_
     assert receive() == ["ValueError('boom')"] * 2
 
 
+class FailingSecondStep(FakeStep):
+    """A process function whose batched pass had to run its sessions alone, the second failing."""
+
+    def __call__(self, *args):
+        outputs = super().__call__(*args)
+        if isinstance(args[0], batching_pool.DecodeGroup):
+            args[0].errors[1] = KeyError("cache freed")
+        return outputs
+
+
+def test_a_session_that_fails_alone_fails_alone(pool_and_handler):
+    pool, _, submit = pool_and_handler
+    pool.process_func = step = FailingSecondStep()
+    tasks = [step_args(), step_args(), step_args()]
+    receive = submit(tasks)
+    uid, inputs = pool.load_batch_to_runtime()
+    pool.send_outputs_from_runtime(uid, step(*inputs))
+    first, second, third = receive()
+    torch.testing.assert_close(first, tasks[0][0] * 2)
+    assert second == "KeyError('cache freed')"
+    torch.testing.assert_close(third, tasks[2][0] * 2)
+
+
+class Shards:
+    def __init__(self, *shards):
+        self.module_shards = shards
+
+
+class Backend:
+    def __init__(self, module):
+        self.module = module
+
+
+def test_a_failed_batched_pass_runs_each_session_through_petals_step(monkeypatch):
+    def decode_step(*args):
+        raise KeyError("a handle freed meanwhile")
+
+    def merged_step(hidden_states, hypo_ids, infos, *prompts):
+        assert hypo_ids.numel() == 0 and prompts == (None,) * len(infos)
+        if infos[0].prefix_length == 2:
+            raise KeyError("this session's cache")
+        return (hidden_states + 1,)
+
+    monkeypatch.setattr(batched_llama, "decode_step", decode_step)
+    step = batching_pool.BatchedInferenceStep({uid: Backend(Shards(tiny_llama_block())) for uid in SPAN}, merged_step)
+    infos = tuple(step_args(prefix=prefix)[2] for prefix in (1, 2, 3))
+    group = batching_pool.DecodeGroup(torch.randn(3, 1, 8), infos)
+    (outputs,) = step(group)
+    torch.testing.assert_close(outputs[[0, 2]], group.hidden_states[[0, 2]] + 1)
+    assert list(group.errors) == [1]
+
+
 def tiny_llama_block(seed: int = 0):
     from petals.models.llama.block import WrappedLlamaBlock
     from transformers import LlamaConfig
@@ -178,18 +230,12 @@ def test_a_batched_decode_step_equals_each_session_alone_in_petals_block():
 
 
 def test_llama_block_is_batchable_and_others_are_not():
-    class Wrapped:
-        def __init__(self, *shards):
-            self.module_shards = shards
-
-    class Backend:
-        def __init__(self, module):
-            self.module = module
-
     block = tiny_llama_block()
-    assert batched_llama.llama_block(Backend(Wrapped(block))) is block
-    assert batched_llama.llama_block(Backend(Wrapped(block, block))) is None  # tensor-parallel shards
-    assert batched_llama.llama_block(Backend(Wrapped(torch.nn.Linear(2, 2)))) is None  # e.g. BLOOM
+    assert batched_llama.llama_block(Backend(Shards(block))) is block
+    assert batched_llama.llama_block(Backend(Shards(block, block))) is None  # tensor-parallel shards
+    assert batched_llama.llama_block(Backend(Shards(torch.nn.Linear(2, 2)))) is None  # e.g. BLOOM
+    block.self_attn.config.rope_scaling = {"type": "dynamic", "factor": 2.0}
+    assert batched_llama.llama_block(Backend(Shards(block))) is None
 
 
 def test_runtime_args_take_tasks_only_when_free_unless_told():
