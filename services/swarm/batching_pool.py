@@ -4,14 +4,14 @@ Petals' ``PrioritizedTaskPool`` hands its runtime one session's step at a time: 
 every step reads all the server's block weights again. With batching on, the server's merged
 inference pool is a ``BatchingTaskPool``: when the runtime takes a task that is a one-token decoding
 step, every other step queued at that moment for the same span of blocks joins it (``take_group``),
-and the group runs as one forward pass (services/swarm/batched_llama.py), each session's cache
+and the group runs as one forward pass (services/swarm/batched_blocks.py), each session's cache
 updated in place and each output sent back to its own session's future. There is no waiting
 window: a step that finds nothing compatible queued runs alone through Petals' own step.
 
 What batches (``decode_key``): one sequence, one new token, no deep prompts, dummy ``hypo_ids``, no
-adapter, blocks this module can batch (Llama: ``batched_llama.llama_block``). Everything else
-(prefills, prompt tuning, beam reordering, adapters, BLOOM, tensor-parallel shards) runs through
-Petals' own ``_MergedInferenceStep``, unchanged.
+adapter, blocks this module can batch (Llama and BLOOM: ``batched_blocks.batchable_block``). Everything
+else (prefills, prompt tuning, beam reordering, adapters, other families, tensor-parallel shards) runs
+through Petals' own ``_MergedInferenceStep``, unchanged.
 
 The runtime must take tasks when it is free, not ahead: ``runtime_args`` sets Petals'
 ``--prefetch_batches 0`` (its default 1 loads the next task, alone, while the current one runs).
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from services.common.startup.patching import require_attributes, require_methods, require_version
-from services.swarm import batched_llama
+from services.swarm import batched_blocks
 
 PATCH = "batching_pool"
 PATCHED_VERSIONS = {"petals": "2.2.0.post1", "hivemind": "1.1.11", "transformers": "4.34.1"}
@@ -83,7 +83,7 @@ class BatchedInferenceStep:
     def __init__(self, backends: dict[str, Any], merged_step: Callable[..., tuple[torch.Tensor, ...]]) -> None:
         self.backends = backends
         self.merged_step = merged_step
-        blocks = {uid: batched_llama.llama_block(backend) for uid, backend in backends.items()}
+        blocks = {uid: batched_blocks.batchable_block(backend) for uid, backend in backends.items()}
         self.blocks = {uid: block for uid, block in blocks.items() if block is not None}
         self.batchable_uids = frozenset(self.blocks)
 
@@ -118,7 +118,7 @@ class BatchedInferenceStep:
             caches = [
                 [_keys_values(session[block], by_handle) for session in group.infos] for block in range(len(uids))
             ]
-            return batched_llama.decode_step([self.blocks[uid] for uid in uids], caches, group.hidden_states,
+            return batched_blocks.decode_step([self.blocks[uid] for uid in uids], caches, group.hidden_states,
                                              positions)  # fmt: skip
 
 
@@ -215,21 +215,26 @@ def runtime_args(args: list[str]) -> list[str]:
 
 
 def check() -> None:
-    """Raise PatchError unless Petals' pools, runtime and Llama block are the ones this patch fits."""
+    """Raise PatchError unless Petals' pools, runtime, Llama and BLOOM blocks are the ones this patch fits."""
     for dist, version in PATCHED_VERSIONS.items():
         require_version(dist, version, PATCH)
     import hivemind.moe.server.runtime as runtime
+    import petals.models.bloom.block as bloom
     import petals.models.llama.block as llama
     import petals.server.backend as backend
     import petals.server.server as server
     import petals.server.task_pool as task_pool
+    import transformers.models.bloom.modeling_bloom as modeling_bloom
     import transformers.models.llama.modeling_llama as modeling_llama
 
     require_attributes(server, ("merge_inference_pools_inplace",), PATCH)
     require_attributes(backend, ("_MergedInferenceStep",), PATCH)
     require_attributes(task_pool, ("_move_to_device_if_tensor", "Task"), PATCH)
-    require_attributes(llama, (batched_llama.LLAMA_BLOCK, "apply_rotary_pos_emb"), PATCH)
+    require_attributes(llama, (batched_blocks.LLAMA_BLOCK, "apply_rotary_pos_emb"), PATCH)
     require_attributes(modeling_llama, ("repeat_kv",), PATCH)
+    require_attributes(bloom, (batched_blocks.BLOOM_BLOCK,), PATCH)
+    require_attributes(modeling_bloom, ("build_alibi_tensor",), PATCH)
+    require_methods(modeling_bloom.BloomAttention, {"_split_heads": ("self", "fused_qkv")}, PATCH)
     require_methods(task_pool.PrioritizedTaskPool, {
         "load_batch_to_runtime": ("self", "timeout", "device"),
         "send_outputs_from_runtime": ("self", "uid", "batch_outputs"),

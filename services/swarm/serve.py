@@ -27,7 +27,7 @@ Tensors of at most SWARM_SMALL_TENSOR_BYTES (default 1 MiB; 0 keeps torch's shar
 the server's processes by value (services/swarm/small_tensors.py).
 
 With SWARM_BATCHING=true (default false), concurrent one-token decoding steps of different sessions
-run as one forward pass over the server's Llama blocks (services/swarm/batching_pool.py), and the
+run as one forward pass over the server's Llama or BLOOM blocks (services/swarm/batching_pool.py), and the
 runtime takes tasks only when it is free (``--prefetch_batches 0`` unless given).
 
 The patches are installed by services/swarm/patches.py, which checks that they fit the installed

@@ -1,4 +1,4 @@
-"""services/swarm/batching_pool.py and batched_llama.py: which queued steps batch together, which
+"""services/swarm/batching_pool.py and batched_blocks.py: which queued steps batch together, which
 fall back to Petals' own step, that a batched pass equals each session's step alone, and the fence."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from petals.data_structures import InferenceMetadata
 
-from services.swarm import batched_llama, batching_pool
+from services.swarm import batched_blocks, batching_pool
 from tests.unit.fences import assert_refused, pretend_version, refusal
 
 SPAN = ("model.0", "model.1")
@@ -172,7 +172,7 @@ def test_a_failed_batched_pass_runs_each_session_through_petals_step(monkeypatch
             raise KeyError("this session's cache")
         return (hidden_states + 1,)
 
-    monkeypatch.setattr(batched_llama, "decode_step", decode_step)
+    monkeypatch.setattr(batched_blocks, "decode_step", decode_step)
     step = batching_pool.BatchedInferenceStep({uid: Backend(Shards(tiny_llama_block())) for uid in SPAN}, merged_step)
     infos = tuple(step_args(prefix=prefix)[2] for prefix in (1, 2, 3))
     group = batching_pool.DecodeGroup(torch.randn(3, 1, 8), infos)
@@ -207,14 +207,14 @@ def petals_cache(block, prefix: int, max_length: int = 16):
 
 
 @torch.inference_mode()
-def test_a_batched_decode_step_equals_each_session_alone_in_petals_block():
+def test_a_batched_llama_decode_step_equals_each_session_alone_in_petals_block():
     blocks = [tiny_llama_block(0), tiny_llama_block(1)]
     prefixes = [0, 3, 7]
     caches = [[petals_cache(block, prefix) for prefix in prefixes] for block in blocks]
     expected_caches = [[(k.clone(), v.clone()) for k, v in block_caches] for block_caches in caches]
     hidden = torch.randn(len(prefixes), 1, 32)
 
-    batched = batched_llama.decode_step(blocks, caches, hidden, prefixes)
+    batched = batched_blocks.decode_step(blocks, caches, hidden, prefixes)
 
     for session, prefix in enumerate(prefixes):
         alone = hidden[session : session + 1]
@@ -229,13 +229,59 @@ def test_a_batched_decode_step_equals_each_session_alone_in_petals_block():
         torch.testing.assert_close(batched[session : session + 1], alone)
 
 
+def tiny_bloom_block(seed: int = 0):
+    from petals.models.bloom.block import WrappedBloomBlock
+    from transformers import BloomConfig
+
+    torch.manual_seed(seed)
+    block = WrappedBloomBlock(BloomConfig(hidden_size=32, n_head=4)).eval()
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    return block
+
+
+def bloom_cache(block, prefix: int, max_length: int = 16):
+    """A session's cache in Petals' layout after ``prefix`` tokens through the BLOOM ``block`` (its own forward)."""
+    heads, head_dim = block.num_heads, 32 // block.num_heads
+    keys, values = torch.zeros(1, heads, head_dim, max_length), torch.zeros(1, heads, max_length, head_dim)
+    if prefix:
+        _, (new_keys, new_values) = block(torch.randn(1, prefix, 32), use_cache=True)
+        keys[..., :prefix] = new_keys.view(1, *new_keys.shape)
+        values[:, :, :prefix] = new_values.view(1, *new_values.shape)
+    return keys, values
+
+
+@torch.inference_mode()
+def test_a_batched_bloom_decode_step_equals_each_session_alone_in_petals_block():
+    blocks = [tiny_bloom_block(0), tiny_bloom_block(1)]
+    prefixes = [0, 4, 9]
+    caches = [[bloom_cache(block, prefix) for prefix in prefixes] for block in blocks]
+    before = [[(k.clone(), v.clone()) for k, v in block_caches] for block_caches in caches]
+    hidden = torch.randn(len(prefixes), 1, 32)
+
+    batched = batched_blocks.decode_step(blocks, caches, hidden, prefixes)
+
+    for session, prefix in enumerate(prefixes):
+        alone = hidden[session : session + 1]
+        for index, block in enumerate(blocks):
+            keys, values = before[index][session]
+            past = (keys.flatten(0, 1)[:, :, :prefix], values.flatten(0, 1)[:, :prefix]) if prefix else None
+            alone, (new_keys, new_values) = block(alone, layer_past=past, use_cache=True)
+            torch.testing.assert_close(caches[index][session][0][..., : prefix + 1], new_keys.view(1, *new_keys.shape))
+            torch.testing.assert_close(caches[index][session][1][:, :, : prefix + 1],
+                                       new_values.view(1, *new_values.shape))  # fmt: skip
+        torch.testing.assert_close(batched[session : session + 1], alone)
+
+
 def test_llama_block_is_batchable_and_others_are_not():
     block = tiny_llama_block()
-    assert batched_llama.llama_block(Backend(Shards(block))) is block
-    assert batched_llama.llama_block(Backend(Shards(block, block))) is None  # tensor-parallel shards
-    assert batched_llama.llama_block(Backend(Shards(torch.nn.Linear(2, 2)))) is None  # e.g. BLOOM
+    assert batched_blocks.batchable_block(Backend(Shards(block))) is block
+    assert batched_blocks.batchable_block(Backend(Shards(block, block))) is None  # tensor-parallel shards
+    assert batched_blocks.batchable_block(Backend(Shards(torch.nn.Linear(2, 2)))) is None  # another family
+    bloom = tiny_bloom_block()
+    assert batched_blocks.batchable_block(Backend(Shards(bloom))) is bloom
     block.self_attn.config.rope_scaling = {"type": "dynamic", "factor": 2.0}
-    assert batched_llama.llama_block(Backend(Shards(block))) is None
+    assert batched_blocks.batchable_block(Backend(Shards(block))) is None
 
 
 def test_runtime_args_take_tasks_only_when_free_unless_told():

@@ -1,4 +1,4 @@
-"""One decoding step of several sessions through a Petals server's Llama blocks, as one forward pass.
+"""One decoding step of several sessions through a Petals server's Llama or BLOOM blocks, as one forward pass.
 
 Each session brings one new token's hidden state ``[1, 1, hidden]`` and its own attention cache
 (Petals' layout, per block: keys ``[1, kv_heads, head_dim, max_length]``, values ``[1, kv_heads,
@@ -20,47 +20,82 @@ from collections.abc import Sequence
 
 import torch
 
-LLAMA_BLOCK = "WrappedLlamaBlock"
+LLAMA_BLOCK, BLOOM_BLOCK = "WrappedLlamaBlock", "WrappedBloomBlock"
+Caches = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per session: (keys, values) of one block
 
 
-def llama_block(backend) -> torch.nn.Module | None:
-    """The backend's one Llama block if this module can batch it, else None: one shard (no tensor-parallel
-    split), no sliced projections (``pretraining_tp``), no rope scaling (the dynamic kind depends on the
-    length of the longest sequence, which a batch would share)."""
+def batchable_block(backend) -> torch.nn.Module | None:
+    """The backend's one block if this module can batch it, else None: Llama or BLOOM, one shard (no
+    tensor-parallel split), no sliced projections (``pretraining_tp``), no rope scaling (the dynamic kind
+    depends on the length of the longest sequence, which a batch would share)."""
     shards = getattr(backend.module, "module_shards", ())
-    if len(shards) != 1 or type(shards[0]).__name__ != LLAMA_BLOCK:
+    if len(shards) != 1 or type(shards[0]).__name__ not in _LAYERS:
         return None
-    config = shards[0].self_attn.config
+    block = shards[0]
+    if type(block).__name__ == BLOOM_BLOCK:  # BLOOM slices its projections only when slow_but_exact
+        sliced = block.self_attention.pretraining_tp > 1 and block.self_attention.slow_but_exact
+        return None if sliced else block
+    config = block.self_attn.config
     if getattr(config, "pretraining_tp", 1) != 1 or getattr(config, "rope_scaling", None):
         return None
-    return shards[0]
+    return block
 
 
 @torch.inference_mode()
 def decode_step(
     blocks: Sequence[torch.nn.Module],
-    caches: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]],
+    caches: Sequence[Caches],
     hidden_states: torch.Tensor,
     positions: Sequence[int],
 ) -> torch.Tensor:
     """``hidden_states`` ``[sessions, 1, hidden]`` through ``blocks``; ``caches[b][s]`` is session s's
     (keys, values) in block b, written at ``positions[s]`` (its prefix length) in place."""
     for block, block_caches in zip(blocks, caches, strict=True):
-        hidden_states = _layer(block, block_caches, hidden_states, positions)
+        hidden_states = _LAYERS[type(block).__name__](block, block_caches, hidden_states, positions)
     return hidden_states
 
 
-def _layer(block, caches: Sequence[tuple[torch.Tensor, torch.Tensor]], hidden_states: torch.Tensor,
-           positions: Sequence[int]) -> torch.Tensor:  # fmt: skip
-    attention = block.self_attn
+def _llama_layer(block, caches: Caches, hidden_states: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
     residual = hidden_states
-    attended = _attention(attention, caches, block.input_layernorm(hidden_states), positions)
+    attended = _llama_attention(block.self_attn, caches, block.input_layernorm(hidden_states), positions)
     hidden_states = residual + attended
     return hidden_states + block.mlp(block.post_attention_layernorm(hidden_states))
 
 
-def _attention(attention, caches: Sequence[tuple[torch.Tensor, torch.Tensor]], hidden_states: torch.Tensor,
-               positions: Sequence[int]) -> torch.Tensor:  # fmt: skip
+def _bloom_layer(block, caches: Caches, hidden_states: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+    """transformers' ``BloomBlock.forward`` for one new token per session (eval: no dropout)."""
+    normed = block.input_layernorm(hidden_states)
+    residual = normed if block.apply_residual_connection_post_layernorm else hidden_states
+    attention_output = residual + _bloom_attention(block.self_attention, caches, normed, positions)
+    normed = block.post_attention_layernorm(attention_output)
+    residual = normed if block.apply_residual_connection_post_layernorm else attention_output
+    return block.mlp(normed, residual)
+
+
+def _bloom_attention(attention, caches: Caches, hidden_states: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+    """``BloomAttention.forward`` less the residual: alibi per session, each over its own cache."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    sessions, heads, head_dim = len(positions), attention.num_heads, attention.head_dim
+    query, key, value = attention._split_heads(attention.query_key_value(hidden_states))  # [n, 1, heads, d]
+    output = torch.empty(sessions, 1, heads, head_dim, dtype=query.dtype, device=query.device)
+    for index, (position, (key_cache, value_cache)) in enumerate(zip(positions, caches, strict=True)):
+        key_cache[0, :, :, position] = key[index, 0]
+        value_cache[0, :, position, :] = value[index, 0]
+        keys, values = key_cache[0, :, :, : position + 1], value_cache[0, :, : position + 1]
+        mask = torch.ones(1, position + 1, device=query.device)
+        alibi = build_alibi_tensor(mask, num_heads=heads, dtype=query.dtype)  # [heads, 1, length]
+        scores = alibi.baddbmm(batch1=query[index, 0][:, None], batch2=keys, beta=attention.beta,
+                               alpha=attention.inv_norm_factor)  # fmt: skip
+        if scores.dtype == torch.float16:
+            scores = scores.to(torch.float)
+        probabilities = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        output[index, 0] = torch.bmm(probabilities, values)[:, 0]
+    return attention.dense(output.reshape(sessions, 1, heads * head_dim))
+
+
+def _llama_attention(attention, caches: Caches, hidden_states: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+    """``LlamaAttention.forward`` (Petals' optimized one) for one new token per session."""
     from transformers.models.llama.modeling_llama import repeat_kv
 
     sessions, heads, head_dim = len(positions), attention.num_heads, attention.head_dim
@@ -91,3 +126,6 @@ def _rotate(attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     index = torch.tensor(positions, device=cos.device)
     cos, sin = cos[0, 0, index][:, None, None, :], sin[0, 0, index][:, None, None, :]
     return apply_rotary_pos_emb(query, key, cos, sin)
+
+
+_LAYERS = {LLAMA_BLOCK: _llama_layer, BLOOM_BLOCK: _bloom_layer}
