@@ -297,3 +297,27 @@ def test_the_batching_fence_fits_the_installed_libraries():
 def test_the_batching_fence_refuses_another_version_in_one_line(monkeypatch, dist):
     pretend_version(monkeypatch, dist)
     assert_refused(batching_pool.check, refusal(batching_pool.PATCH, dist, batching_pool.PATCHED_VERSIONS[dist]))
+
+
+def test_patches_install_the_batching_pool_only_when_on(monkeypatch):
+    import petals.server.server as server
+
+    from services.swarm import bitsandbytes_triton, patches, small_tensors
+
+    monkeypatch.setattr(bitsandbytes_triton, "install", lambda: None)  # the others' own tests cover them
+    monkeypatch.setattr(small_tensors, "install", lambda limit: None)
+    monkeypatch.setattr(server, "merge_inference_pools_inplace", server.merge_inference_pools_inplace)
+    petals_merge = server.merge_inference_pools_inplace
+    patches.install(4096)
+    assert server.merge_inference_pools_inplace is petals_merge
+    patches.install(4096, batching=True)
+    assert server.merge_inference_pools_inplace is batching_pool.merge_inference_pools_batching
+
+
+def test_serve_refuses_a_bad_swarm_batching_in_one_line(monkeypatch, capsys):
+    from services.swarm import serve
+
+    monkeypatch.setenv(batching_pool.ENV, "maybe")
+    monkeypatch.setattr(serve, "wait_for_a_peer", lambda *args: pytest.fail("waited for a peer"))
+    assert serve.main(["/models/tiny-bloom"]) == 2
+    assert capsys.readouterr().err == "serve: SWARM_BATCHING must be a boolean (1/0, true/false), got 'maybe'\n"
