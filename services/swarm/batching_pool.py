@@ -109,11 +109,14 @@ class BatchedInferenceStep:
         return outputs
 
     def _batched(self, group: DecodeGroup) -> torch.Tensor:
+        from petals.utils.peft import using_adapter
+
         uids = [info.uid for info in group.infos[0]]
         positions = [session[0].prefix_length for session in group.infos]
         memory_cache = self.backends[uids[0]].memory_cache
         handles = [handle for session in group.infos for info in session for handle in info.cache_handles]
-        with memory_cache.use_cache(*handles) as tensors:
+        no_adapter = group.infos[0][0].active_adapter  # as Petals' step sets it: LoRA layers of loaded adapters off
+        with memory_cache.use_cache(*handles) as tensors, using_adapter(no_adapter):
             by_handle = dict(zip(handles, tensors, strict=True))
             caches = [
                 [_keys_values(session[block], by_handle) for session in group.infos] for block in range(len(uids))
@@ -224,6 +227,7 @@ def check() -> None:
     import petals.server.backend as backend
     import petals.server.server as server
     import petals.server.task_pool as task_pool
+    import petals.utils.peft as peft
     import transformers.models.bloom.modeling_bloom as modeling_bloom
     import transformers.models.llama.modeling_llama as modeling_llama
 
@@ -234,6 +238,7 @@ def check() -> None:
     require_attributes(modeling_llama, ("repeat_kv",), PATCH)
     require_attributes(bloom, (batched_blocks.BLOOM_BLOCK,), PATCH)
     require_attributes(modeling_bloom, ("build_alibi_tensor",), PATCH)
+    require_attributes(peft, ("using_adapter",), PATCH)
     require_methods(modeling_bloom.BloomAttention, {"_split_heads": ("self", "fused_qkv")}, PATCH)
     require_methods(task_pool.PrioritizedTaskPool, {
         "load_batch_to_runtime": ("self", "timeout", "device"),
