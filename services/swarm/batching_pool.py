@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from services.common.startup.patching import require_attributes, require_methods, require_version
-from services.swarm import batched_blocks
+from services.swarm import batched_blocks, batching_metrics
 
 PATCH = "batching_pool"
 PATCHED_VERSIONS = {"petals": "2.2.0.post1", "hivemind": "1.1.11", "transformers": "4.34.1"}
@@ -160,6 +160,7 @@ def _pool_class() -> type:
             for _ in group[1:]:
                 self.batch_receiver.recv()  # one per task, as Petals counts them
             self._groups[first.uid] = group
+            batching_metrics.observe_pass(task.time_submitted for task in group)
             if len(group) > self._largest_group:  # a few lines per server's life: the sizes it has reached
                 self._largest_group = len(group)
                 print(f"{PATCH}: the first batched step of {len(group)} sessions", file=sys.stderr, flush=True)

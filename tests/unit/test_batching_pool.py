@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 from petals.data_structures import InferenceMetadata
+from prometheus_client import REGISTRY
 
 from services.swarm import batched_blocks, batching_pool
 from tests.unit.fences import assert_refused, pretend_version, refusal
@@ -108,6 +109,7 @@ def pool_and_handler():
 
 def test_the_pool_runs_the_steps_queued_together_as_one_and_answers_each_future(pool_and_handler):
     pool, step, submit = pool_and_handler
+    passes_before, steps_before = pass_count(), wait_count()
     tasks = [step_args(), step_args(tokens=3), step_args(), step_args()]
     receive = submit(tasks)
     loaded = [pool.load_batch_to_runtime(), pool.load_batch_to_runtime()]
@@ -119,6 +121,15 @@ def test_the_pool_runs_the_steps_queued_together_as_one_and_answers_each_future(
     assert prefill[0].shape == (1, 3, 8)  # alone, with Petals' own arguments
     for args, output in zip(tasks, receive(), strict=True):
         torch.testing.assert_close(output, args[0] * 2)
+    assert pass_count() - passes_before == 2 and wait_count() - steps_before == 4  # a pass of 3, one of 1
+
+
+def pass_count() -> float:
+    return REGISTRY.get_sample_value("petals_chat_swarm_pass_sessions_count") or 0.0
+
+
+def wait_count() -> float:
+    return REGISTRY.get_sample_value("petals_chat_swarm_queue_wait_seconds_count") or 0.0
 
 
 def test_an_error_in_a_batched_pass_reaches_every_session_of_the_group(pool_and_handler):
@@ -321,3 +332,27 @@ def test_serve_refuses_a_bad_swarm_batching_in_one_line(monkeypatch, capsys):
     monkeypatch.setattr(serve, "wait_for_a_peer", lambda *args: pytest.fail("waited for a peer"))
     assert serve.main(["/models/tiny-bloom"]) == 2
     assert capsys.readouterr().err == "serve: SWARM_BATCHING must be a boolean (1/0, true/false), got 'maybe'\n"
+
+
+def test_the_pool_metrics_are_served_over_http():
+    import urllib.request
+
+    from deploy.local_stack import pick_free_port
+    from services.swarm import batching_metrics
+
+    batching_metrics.observe_pass([0.0, 0.5], now=1.0)
+    port = pick_free_port("127.0.0.1")
+    batching_metrics.serve(port, host="127.0.0.1")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert 'petals_chat_swarm_pass_sessions_bucket{le="2.0"}' in text
+    assert 'petals_chat_swarm_queue_wait_seconds_bucket{le="1.0"}' in text
+
+
+def test_serve_refuses_a_metrics_port_out_of_range_in_one_line(monkeypatch, capsys):
+    from services.swarm import serve
+
+    monkeypatch.setenv("SWARM_METRICS_PORT", "70000")
+    monkeypatch.setattr(serve, "wait_for_a_peer", lambda *args: pytest.fail("waited for a peer"))
+    assert serve.main(["/models/tiny-bloom"]) == 2
+    assert capsys.readouterr().err.startswith("serve: SWARM_METRICS_PORT must be")
