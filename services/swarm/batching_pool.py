@@ -150,20 +150,9 @@ def _pool_class() -> type:
         def load_batch_to_runtime(self, timeout: float | None = None, device: torch.device | None = None):
             first = self._ordered_tasks.get(block=True, timeout=timeout)
             self.batch_receiver.recv()
-            queued = []
-            if self._key(first) is not None:
-                while not self._ordered_tasks.empty():
-                    queued.append(self._ordered_tasks.get_nowait())
-            group, others = take_group(first, queued, self._key, self.max_batch_size)
-            for task in others:
-                self._ordered_tasks.put(task)
-            for _ in group[1:]:
-                self.batch_receiver.recv()  # one per task, as Petals counts them
+            group = self._group_with(first)
+            self._note(group)
             self._groups[first.uid] = group
-            batching_metrics.observe_pass(task.time_submitted for task in group)
-            if len(group) > self._largest_group:  # a few lines per server's life: the sizes it has reached
-                self._largest_group = len(group)
-                print(f"{PATCH}: the first batched step of {len(group)} sessions", file=sys.stderr, flush=True)
             self._dispatched_tasks[first.uid] = first
             if not self._ordered_tasks.empty():
                 head = self._ordered_tasks.queue[0]
@@ -174,6 +163,25 @@ def _pool_class() -> type:
             hidden_states = torch.cat([task.args[0] for task in group]).to(device)
             self._decode_groups[first.uid] = DecodeGroup(hidden_states, tuple(tuple(task.args[2]) for task in group))
             return first.uid, [self._decode_groups[first.uid]]
+
+        def _group_with(self, first: task_pool.Task) -> list[task_pool.Task]:
+            """``first`` and the queued steps that batch with it, taken off the queue and the runtime's pipe."""
+            queued = []
+            if self._key(first) is not None:
+                while not self._ordered_tasks.empty():
+                    queued.append(self._ordered_tasks.get_nowait())
+            group, others = take_group(first, queued, self._key, self.max_batch_size)
+            for task in others:
+                self._ordered_tasks.put(task)
+            for _ in group[1:]:
+                self.batch_receiver.recv()  # one per task, as Petals counts them
+            return group
+
+        def _note(self, group: list[task_pool.Task]) -> None:
+            batching_metrics.observe_pass(task.time_submitted for task in group)
+            if len(group) > self._largest_group:  # a few lines per server's life: the sizes it has reached
+                self._largest_group = len(group)
+                print(f"{PATCH}: the first batched step of {len(group)} sessions", file=sys.stderr, flush=True)
 
         def send_outputs_from_runtime(self, uid: int, batch_outputs: list[torch.Tensor]) -> None:
             group = self._groups.pop(uid, None)
