@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -202,6 +202,7 @@ class PrivateSwarm:
         torch_threads: int | None = SERVER_TORCH_THREADS,  # None: torch's default (one per core)
         more_models: Sequence[SwarmModel] = (),
         num_handlers: int | None = None,  # None: handlers_per_server of this swarm's servers
+        env: Mapping[str, str] | None = None,  # more environment for every server (e.g. SWARM_BATCHING)
     ) -> None:
         if not block_ranges:
             raise ValueError("a swarm needs at least one server (one block range)")
@@ -218,6 +219,7 @@ class PrivateSwarm:
             raise ValueError(f"{len(self.plan)} servers but {len(self.ports)} ports")
         self.torch_threads = torch_threads
         self.num_handlers = num_handlers or handlers_per_server(len(self.plan))
+        self.env = dict(env or {})
         self.servers: list[SwarmServer] = []
 
     @classmethod
@@ -292,7 +294,7 @@ class PrivateSwarm:
             initial_peers=self.initial_peers,  # the servers running now
             num_handlers=self.num_handlers,
         )
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **self.env}
         if self.torch_threads is not None:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.torch_threads)
         process = spawn(

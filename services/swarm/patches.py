@@ -3,10 +3,13 @@ inherit them); a patch that does not fit raises PatchError with one line. See do
 
 from __future__ import annotations
 
-from services.swarm import bitsandbytes_triton, small_tensors
+from services.swarm import batching_pool, bitsandbytes_triton, small_tensors
 
 
-def install(small_tensor_bytes: int) -> None:
-    """bitsandbytes' triton-free path (where needed), then small tensors by value up to ``small_tensor_bytes``."""
+def install(small_tensor_bytes: int, batching: bool = False) -> None:
+    """bitsandbytes' triton-free path (where needed), small tensors by value up to ``small_tensor_bytes``,
+    then, if ``batching``, the batching inference pool (services/swarm/batching_pool.py)."""
     bitsandbytes_triton.install()  # before anything imports bitsandbytes
     small_tensors.install(small_tensor_bytes)
+    if batching:
+        batching_pool.install()

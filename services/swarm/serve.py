@@ -26,7 +26,12 @@ has no ``triton.ops`` (services/swarm/bitsandbytes_triton.py: the CUDA torch's t
 Tensors of at most SWARM_SMALL_TENSOR_BYTES (default 1 MiB; 0 keeps torch's shared memory) cross
 the server's processes by value (services/swarm/small_tensors.py).
 
-Both patches are installed by services/swarm/patches.py, which checks that they fit the installed
+With SWARM_BATCHING=true (default false), concurrent one-token decoding steps of different sessions
+run as one forward pass over the server's Llama or BLOOM blocks (services/swarm/batching_pool.py), and the
+runtime takes tasks only when it is free (``--prefetch_batches 0`` unless given); its passes' sizes and
+queue waits are served on SWARM_METRICS_PORT (0, the default: not served; services/swarm/batching_metrics.py).
+
+The patches are installed by services/swarm/patches.py, which checks that they fit the installed
 libraries first: one that does not stops the server with one line (docs/patches.md).
 
 SIGTERM shuts the server down gracefully, as Ctrl-C does (it announces its blocks offline, stops
@@ -49,7 +54,7 @@ from pathlib import Path
 from services.common.p2p.swarm_identity import DERIVED, IdentityError, identity_file_bytes, read_seed, resolve_multiaddr
 from services.common.startup.config import ConfigError, Env
 from services.common.startup.patching import PatchError
-from services.swarm import patches, small_tensors
+from services.swarm import batching_metrics, batching_pool, patches, small_tensors
 from services.swarm.launcher import handlers_per_server
 
 SEED_ENV = "SWARM_SEED_FILE"
@@ -131,8 +136,15 @@ def main(argv: list[str]) -> int:
         args = with_sized_handlers(resolve_args(argv, os.environ.get(SEED_ENV), Path(tempfile.gettempdir())))
         wait_s = Env().float(WAIT_ENV, 600.0, minimum=0)
         small_tensor_bytes = Env().int(small_tensors.LIMIT_ENV, small_tensors.DEFAULT_LIMIT_BYTES, minimum=0)
-        patches.install(small_tensor_bytes)  # before the wait for a peer: a patch that does not fit stops it at once
-    except (IdentityError, ConfigError, PatchError) as error:
+        batching = Env().bool(batching_pool.ENV, False)
+        metrics_port = Env().int(batching_metrics.PORT_ENV, 0, minimum=0, maximum=65535)
+        if batching:
+            args = batching_pool.runtime_args(args)
+        # before the wait for a peer: a patch that does not fit stops it at once
+        patches.install(small_tensor_bytes, batching)
+        if batching:
+            batching_metrics.serve(metrics_port)
+    except (IdentityError, ConfigError, PatchError, OSError) as error:
         print(f"serve: {error}", file=sys.stderr, flush=True)
         return 2
     wait_for_a_peer(initial_peers(args), wait_s, lambda line: print(line, file=sys.stderr, flush=True))

@@ -809,6 +809,18 @@ def test_torch_threads_follow_the_granted_cpus_and_the_servers_run_one():
     assert granted_cpus({"requests": {"cpu": "2500m"}}) == "3" and granted_cpus({"limits": {"cpu": 1.5}}) == "2"
 
 
+def test_servers_batch_only_when_swarm_batching_is_on():
+    """SWARM_BATCHING of every server from swarm.batching, off by default."""
+    with helm_python.Chart.load(str(CHART)) as loaded:
+        defaults = render(loaded)
+        on = render(loaded, {"swarm": {"batching": True}})
+    for docs, expected in ((defaults, "false"), (on, "true")):
+        servers = [d for d in docs if d["kind"] == "StatefulSet" and "-swarm-" in d["metadata"]["name"]]
+        assert servers
+        for sts in servers:
+            assert container_env(sts["spec"]["template"]["spec"]["containers"][0])["SWARM_BATCHING"] == expected
+
+
 def test_each_server_runs_one_connection_handler_per_granted_cpu():
     """--num_handlers from the server's cpu limit, else its request, rounded up, at most 8; swarm.numHandlers
     overrides."""

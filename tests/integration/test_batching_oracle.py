@@ -1,0 +1,152 @@
+"""Continuous batching (SWARM_BATCHING) on a private swarm equals in-process ``transformers``.
+
+One swarm of batching servers: two split SmolLM2's 30 blocks, a third serves the tiny BLOOM
+(alibi). The stock Petals client (``client`` of test_smollm2_oracle.py, resolved against this
+module's ``smol_swarm``) runs many sessions at once from threads, of different lengths, joining and
+leaving while others decode: each session's greedy tokens equal the oracle's, and the servers' logs
+show batched steps; the same for tiny BLOOM's sessions. A beam search (``hypo_ids`` reordering, two
+sequences per step) and every session's prefill take Petals' own step on the same servers,
+interleaved with batched ones.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.swarm.batching_pool import ENV, PATCH
+from services.swarm.launcher import PrivateSwarm, SwarmModel
+from tests.integration.test_smollm2_oracle import (  # noqa: F401 - fixtures shared with the unbatched oracle test
+    DHT_PREFIX,
+    NEW_TOKENS,
+    QUESTIONS,
+    chatml,
+    client,
+    smol_dir,
+    smol_oracle,
+    smol_tokenizer,
+)
+
+pytestmark = pytest.mark.integration
+MORE_QUESTIONS = [*QUESTIONS, "What is 2 + 2?", "Name three colors."]
+SESSION_TOKENS = [24, 6, 16, 10, 20, 8]  # session i asks MORE_QUESTIONS[i % 4] for this many tokens at most
+JOIN_AFTER = 3  # session i opens once the sessions before it have made 3 * i tokens in all
+BATCHED = f"{PATCH}: the first batched step of"
+BLOOM_PREFIX = "petals-chat-batching-bloom"
+BLOOM_PROMPTS = ["Hello there", "The sea is", "Once upon a time", "A B C"]
+BLOOM_TOKENS = [16, 5, 12, 8]
+
+
+@pytest.fixture(scope="module")
+def smol_swarm(smol_dir: Path, model_dir: Path, artifacts_dir: Path) -> Iterator[PrivateSwarm]:  # noqa: F811
+    """This module's swarm (``client`` resolves it): SmolLM2 on two servers, tiny BLOOM on a third, all batching."""
+    bloom = SwarmModel(model_dir, ("0:4",), BLOOM_PREFIX)
+    with PrivateSwarm(smol_dir, ["0:15", "15:30"], artifacts_dir / "batching-swarm", dht_prefix=DHT_PREFIX,
+                      more_models=[bloom], env={ENV: "true"}) as swarm:  # fmt: skip
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def bloom_client(model_dir: Path, smol_swarm: PrivateSwarm):
+    """The stock Petals client of tiny BLOOM on this module's swarm."""
+    from petals import AutoDistributedModelForCausalLM
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        model_dir, initial_peers=smol_swarm.initial_peers, dht_prefix=BLOOM_PREFIX
+    ).eval()
+    yield model
+    sequence_manager = model.transformer.h.sequence_manager
+    sequence_manager.shutdown()
+    sequence_manager.dht.shutdown()
+
+
+@pytest.fixture(scope="module")
+def oracle_cases(smol_tokenizer, smol_oracle) -> dict[str, tuple[list[int], list[int]]]:  # noqa: F811
+    """question -> (prompt ids, the oracle's NEW_TOKENS greedy ids)."""
+    prompts = {question: chatml(smol_tokenizer, question) for question in MORE_QUESTIONS}
+    return {question: (ids, smol_oracle(ids)) for question, ids in prompts.items()}
+
+
+def one_token_per_call(client, ids: list[int], count: int) -> list[int]:  # noqa: F811
+    """Greedy tokens of ``ids``, one per ``generate`` call in one inference session, ``count`` at most."""
+    import torch
+
+    generated: list[int] = []
+    with torch.inference_mode(), client.inference_session(max_length=len(ids) + NEW_TOKENS) as session:
+        out = client.generate(torch.tensor([ids]), max_new_tokens=1, do_sample=False, session=session)
+        generated.append(out[0, -1].item())
+        while len(generated) < count:
+            out = client.generate(None, max_new_tokens=1, do_sample=False, session=session)
+            generated.append(out[0, -1].item())
+    return generated
+
+
+def run_staggered(client, sessions: list[tuple[list[int], int]]) -> dict[int, list[int] | BaseException]:  # noqa: F811
+    """Each (prompt ids, tokens) one token per call in its own thread; session i opens once the sessions
+    before it have made ``JOIN_AFTER * i`` tokens in all, so sessions join and leave while others decode."""
+    made = threading.Condition()
+    tokens_made = [0]
+    results: dict[int, list[int] | BaseException] = {}
+
+    def session(index: int) -> None:
+        ids, count = sessions[index]
+        with made:
+            made.wait_for(lambda: tokens_made[0] >= JOIN_AFTER * index, timeout=300)
+        try:
+            results[index] = one_token_per_call(client, ids, count)
+        except BaseException as error:  # reported by the caller, with the session's index
+            results[index] = error
+        with made:
+            tokens_made[0] += len(results[index]) if isinstance(results[index], list) else 0
+            made.notify_all()
+
+    threads = [threading.Thread(target=session, args=(index,)) for index in range(len(sessions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    return results
+
+
+def assert_batched(server) -> None:
+    assert BATCHED in server.log_path.read_text(errors="replace"), f"{server.name} never batched a step"
+
+
+def test_concurrent_sessions_joining_and_leaving_equal_the_oracle(client, oracle_cases, smol_swarm):  # noqa: F811
+    cases = [oracle_cases[MORE_QUESTIONS[index % len(MORE_QUESTIONS)]] for index in range(len(SESSION_TOKENS))]
+    counts = [min(tokens, len(expected)) for tokens, (_, expected) in zip(SESSION_TOKENS, cases, strict=True)]
+    results = run_staggered(client, [(ids, count) for (ids, _), count in zip(cases, counts, strict=True)])
+    for index, ((_, expected), count) in enumerate(zip(cases, counts, strict=True)):
+        assert results[index] == expected[:count], f"session {index}"
+    for server in smol_swarm.servers[:2]:
+        assert_batched(server)
+
+
+def test_concurrent_tiny_bloom_sessions_equal_the_oracle(bloom_client, oracle, tokenizer, smol_swarm):
+    prompts = [tokenizer(prompt, add_special_tokens=False).input_ids for prompt in BLOOM_PROMPTS]
+    results = run_staggered(bloom_client, list(zip(prompts, BLOOM_TOKENS, strict=True)))
+    for index, (ids, count) in enumerate(zip(prompts, BLOOM_TOKENS, strict=True)):
+        assert results[index] == oracle(ids, count), f"session {index}"
+    assert_batched(smol_swarm.servers[2])
+
+
+def test_beam_search_falls_back_beside_a_batched_session_and_equals_transformers(client, oracle_cases, smol_dir):  # noqa: F811
+    """Two sequences a step and ``hypo_ids`` reordering: Petals' own step, beside a session that batches."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    ids, expected = oracle_cases[QUESTIONS[1]]
+    beams: dict[str, list[int]] = {}
+    greedy = threading.Thread(target=lambda: beams.setdefault("greedy", one_token_per_call(client, ids, 12)))
+    greedy.start()
+    with torch.inference_mode():
+        out = client.generate(torch.tensor([ids]), max_new_tokens=8, num_beams=2, do_sample=False)
+    greedy.join(timeout=600)
+    model = LlamaForCausalLM.from_pretrained(smol_dir, torch_dtype=torch.float32).eval()
+    with torch.inference_mode():
+        reference = model.generate(torch.tensor([ids]), max_new_tokens=8, num_beams=2, do_sample=False)
+    assert out[0, len(ids) :].tolist() == reference[0, len(ids) :].tolist()
+    assert beams["greedy"] == expected[:12]
