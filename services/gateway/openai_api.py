@@ -104,7 +104,7 @@ async def _start(
 ) -> Events:
     """Send the generation to a replica of its model; the replica's events (errors before any are raised)."""
     model = router.replicas.resolve(options.model).name
-    body = _replica_request(prompt, options, conversation=conversation_key is not None, client=client).to_json()
+    body = _replica_request(prompt, options, conversation_key=conversation_key, client=client).to_json()
     if conversation_key is None:
         upstream = await router.to_model(model, Decision.SESSIONLESS, "POST", GENERATE_STREAM_PATH, json_body=body)
     else:
@@ -124,7 +124,7 @@ async def _events(upstream: Stream) -> Events:
 
 
 def _replica_request(
-    prompt: str, options: SamplingOptions, *, conversation: bool, client: str | None = None
+    prompt: str, options: SamplingOptions, *, conversation_key: str | None, client: str | None = None
 ) -> ReplicaRequest:
     sampling = options.temperature >= SAMPLING_TEMPERATURE.minimum  # 0 (or below v1's floor): greedy
     params = GenerateParams(
@@ -142,7 +142,10 @@ def _replica_request(
         repetition_penalty=options.repetition_penalty,
     )
     fill_context = options.max_tokens is None
-    return ReplicaRequest(params, conversation=conversation, fill_context=fill_context, client=client)
+    return ReplicaRequest(
+        params, conversation=conversation_key is not None, fill_context=fill_context, client=client,
+        affinity=conversation_key,
+    )  # fmt: skip
 
 
 class _Shape(ABC):

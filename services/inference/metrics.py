@@ -38,8 +38,19 @@ SESSIONS_CLOSED = Counter(
     "petals_chat_sessions_closed",
     "Inference sessions closed, by reason: closed (by the client), expired (idle too long), "
     "failed (the swarm broke it), shutdown (replica stopping), evicted (an idle conversation session "
-    "made room for a new one).",
+    "made room for a new one), handed_over (moved to another replica as this one stopped), "
+    "handover_failed (could not be moved: its client gets the expired answer).",
     ["reason"],
+)
+HANDOVERS = Counter(
+    "petals_chat_session_handovers",
+    "Sessions this replica handed over as it stopped (result: done, failed), or adopted (result: adopted).",
+    ["result"],
+)
+HANDOVER_SECONDS = Histogram(
+    "petals_chat_session_handover_seconds",
+    "Time to hand one session over: sent, rebuilt on the swarm by the adopter, answered.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0),
 )
 SESSION_REBUILDS = Counter(
     "petals_chat_session_rebuilds",

@@ -23,7 +23,7 @@ from typing import Any
 from services.common.api.params import GenerateParams
 from services.inference.model import ModelHandle
 from services.inference.sampling import SeededSampler
-from services.inference.session_tokens import SessionTokens
+from services.inference.session_tokens import SessionTokens, TokenPrefix
 
 
 class SwarmStepper:
@@ -85,6 +85,17 @@ class SwarmStepper:
                 feed = [token]
         finally:
             tokens.restore(held, added, device)
+
+    def prefill(self, petals_session: Any, token_ids: list[int]) -> None:
+        """Make a fresh session hold ``token_ids`` (a handed-over session): all but the last go through
+        the swarm in one step, as a rebuild replays them; the last waits for the next step, as usual."""
+        import torch
+
+        model, device = self._model.model, self._device
+        if len(token_ids) > 1:
+            with torch.inference_mode(), model.use_session(petals_session):
+                model.base_model(input_ids=torch.tensor([token_ids[:-1]], device=device))
+        SessionTokens(petals_session).restore(TokenPrefix(None), list(token_ids), device)
 
     @cached_property
     def _device(self) -> Any:
