@@ -110,8 +110,16 @@ def peers(env: Env, replica_id: str) -> dict[str, str]:
 
 
 def handover_token(env: Env) -> str:
-    """HANDOVER_TOKEN: the secret the replicas of a deployment share to hand sessions to each other."""
-    token = env.str("HANDOVER_TOKEN", "")
+    """HANDOVER_TOKEN, or the file HANDOVER_TOKEN_FILE names: the secret the replicas of a deployment
+    share to hand sessions to each other."""
+    token, path = env.str("HANDOVER_TOKEN", ""), env.str("HANDOVER_TOKEN_FILE", "")
+    if token and path:
+        raise ConfigError("set HANDOVER_TOKEN or HANDOVER_TOKEN_FILE, not both")
+    if path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as error:
+            raise ConfigError(f"HANDOVER_TOKEN_FILE {path!r} cannot be read ({error.strerror})") from None
     if token and len(token) < 16:
         raise ConfigError("HANDOVER_TOKEN must be at least 16 characters (or empty: no handover)")
     return token

@@ -10,6 +10,7 @@ import pytest
 from services.common.api.handover import SessionHandover, rendezvous_order, session_key
 from services.common.chat.formats import HUMAN_AI
 from services.common.chat.model_card import GenerationDefaults, ModelCard
+from services.common.startup.config import ConfigError, Env
 from services.common.web.errors import (
     InvalidParameter,
     ServiceUnavailable,
@@ -21,6 +22,7 @@ from services.common.web.errors import (
 from services.gateway.poller import update
 from services.gateway.replicas import ReplicaSet
 from services.inference.sessions import SessionStore
+from services.inference.settings import InferenceSettings
 from tests.unit.fakes import Clock, FakePetalsSession
 
 CARD = ModelCard("tiny-bloom", "", HUMAN_AI, GenerationDefaults(), 2048)
@@ -182,3 +184,21 @@ def test_a_conversation_goes_to_its_adopter_and_a_stopping_claimant_first():
     stopping = replicas.replicas[ranked[0]]
     stopping.ready, stopping.stopping, stopping.adopted = False, True, frozenset({session_key(AFFINITY)})
     assert [r.name for r in replicas.by_affinity(AFFINITY, "tiny-bloom")] == [ranked[0], adopter, ranked[1]]
+
+
+def test_the_handover_settings_are_checked_at_start_up(tmp_path):
+    base = {"MODEL": "m", "REPLICA_ID": "inference-1"}
+    peers = "inference-0=http://a:8080 inference-1=http://b:8080"
+    settings = InferenceSettings.from_env(Env({**base, "HANDOVER_TOKEN": "t" * 16, "INFERENCE_PEERS": peers}))
+    assert settings.peers == {"inference-0": "http://a:8080"} and settings.handover_linger_s == 5
+    (tmp_path / "token").write_text("f" * 20 + "\n")
+    from_file = InferenceSettings.from_env(Env({**base, "HANDOVER_TOKEN_FILE": str(tmp_path / "token")}))
+    assert from_file.handover_token == "f" * 20
+    for bad, match in (
+        ({"HANDOVER_TOKEN": "short"}, "at least 16"),
+        ({"HANDOVER_TOKEN": "t" * 16, "HANDOVER_TOKEN_FILE": "x"}, "not both"),
+        ({"HANDOVER_TOKEN_FILE": str(tmp_path / "missing")}, "cannot be read"),
+        ({"INFERENCE_PEERS": "inference-0"}, "INFERENCE_PEERS entry"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            InferenceSettings.from_env(Env({**base, **bad}))
