@@ -103,8 +103,10 @@ class SessionMover:
         started = time.perf_counter()
         for peer in [p for p in self._ranked(peers, handover) for _attempt in range(OFFERS_PER_PEER)]:
             if self._offer(peer, handover):
+                seconds = time.perf_counter() - started
                 HANDOVERS.labels(result="done").inc()
-                HANDOVER_SECONDS.observe(time.perf_counter() - started)
+                HANDOVER_SECONDS.observe(seconds)
+                logger.info("handover: %d tokens to %s in %.3f s", len(handover.token_ids), peer.name, seconds)
                 return peer.name
             time.sleep(OFFER_PAUSE_S)
         HANDOVERS.labels(result="failed").inc()

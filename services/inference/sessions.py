@@ -59,7 +59,15 @@ from services.common.web.errors import (
     TooManySessions,
 )
 from services.inference.decoding import IncrementalDecoder
-from services.inference.metrics import ACTIVE_SESSIONS, SESSIONS_CLOSED, SESSIONS_OPENED
+from services.inference.metrics import (
+    ACTIVE_SESSIONS,
+    QUEUED_REQUESTS_ALIAS,
+    REQUESTS_WAITING,
+    SESSIONS_CLOSED,
+    SESSIONS_OPENED,
+    counted,
+    publish_session_load,
+)
 from services.inference.session_tokens import SessionTokens
 
 logger = logging.getLogger(__name__)
@@ -272,6 +280,7 @@ class SessionStore:
                     self._retire(taken, reason)
         SESSIONS_OPENED.inc()
         ACTIVE_SESSIONS.inc()
+        publish_session_load(len(self._sessions), self._max_sessions)
         return session
 
     def open_one_off(self, max_length: int) -> OneOffLease:
@@ -293,7 +302,8 @@ class SessionStore:
         """Exclusive use of ``client``'s session for one request, until the lease is released."""
         session = self._get_live(session_id, client)
         if session.moving is not None:
-            session.moving.wait(HANDOVER_WAIT_S)
+            with counted(REQUESTS_WAITING, QUEUED_REQUESTS_ALIAS):
+                session.moving.wait(HANDOVER_WAIT_S)
             session = self._get_live(session_id, client)  # moved (SessionMoved) or gone (SessionNotFound)
         if not session.lock.acquire(blocking=False):
             raise SessionBusy(f"Session {session_id} is busy with another request; retry when it has finished")
@@ -320,7 +330,8 @@ class SessionStore:
             if moving is None:
                 self._raise_if_conversation_moved(prompt, client)
                 return None
-        moving.moving.wait(HANDOVER_WAIT_S)  # its move ends either way
+        with counted(REQUESTS_WAITING, QUEUED_REQUESTS_ALIAS):
+            moving.moving.wait(HANDOVER_WAIT_S)  # its move ends either way
         with self._lock:
             self._raise_if_conversation_moved(prompt, client)
         return None
@@ -503,6 +514,7 @@ class SessionStore:
             raise
         SESSIONS_OPENED.inc()
         ACTIVE_SESSIONS.inc()
+        publish_session_load(len(self._sessions), self._max_sessions)
         return session
 
     def adopted_keys(self) -> list[str]:
@@ -558,4 +570,5 @@ class SessionStore:
             logger.warning("closing Petals session of %s failed", session.session_id, exc_info=True)
         SESSIONS_CLOSED.labels(reason=reason).inc()
         ACTIVE_SESSIONS.dec()
+        publish_session_load(len(self._sessions), self._max_sessions)
         logger.info("session %s closed (%s)", session.session_id, reason)
