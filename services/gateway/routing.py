@@ -119,7 +119,11 @@ class Router:
         """The call again at the replica a stopping one handed the conversation to (None: unknown)."""
         replica = self.replicas.replicas.get(moved.headers.get(MOVED_TO_HEADER, ""))
         moved.close()
-        return None if replica is None else await self._try(replica, method, path, **kwargs)
+        response = None if replica is None else await self._try(replica, method, path, **kwargs)
+        if response is not None and response.headers.get(ERROR_CODE_HEADER) == SessionMoved.error_code:
+            response.close()  # moved on again meanwhile: the next candidate
+            return None
+        return response
 
     async def _try(self, replica: Replica, method: str, path: str, **kwargs: Any) -> Stream | None:
         try:
