@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -184,6 +185,11 @@ def inference_process(
     return ServiceProcess(replica_id, "services/inference/gunicorn.conf.py", env, log_path, port)
 
 
+def handover_env(peers: dict[str, str], token: str) -> dict[str, str]:
+    """A replica's settings to hand its sessions to ``peers`` (the replicas of its model) on SIGTERM."""
+    return {"INFERENCE_PEERS": " ".join(f"{name}={url}" for name, url in peers.items()), "HANDOVER_TOKEN": token}
+
+
 def gateway_process(
     *,
     replicas: dict[str, str],
@@ -230,6 +236,18 @@ class LocalStack:
         swarm_models = [SwarmModel(self.model_dirs[m.name], m.block_ranges, m.dht_prefix) for m in self.models]
         self.swarm = PrivateSwarm.of_models(swarm_models, self.state_dir / "swarm")
         self.services: list[ServiceProcess] = []
+        self.handover_token = secrets.token_urlsafe(24)  # the replicas hand sessions to each other with it
+
+    def restart_stopped(self) -> list[str]:
+        """Start again every inference replica whose process has exited (SIGTERM, a crash), as a
+        StatefulSet would; returns their names."""
+        restarted = []
+        for service in self.services:
+            if service.name.startswith("inference-") and service.process and service.process.poll() is not None:
+                kill_group(service.process.pid)  # what its group left behind
+                service.start()
+                restarted.append(service.name)
+        return restarted
 
     def start(self, timeout: float = 240.0) -> LocalStack:
         """Start the swarm, the inference replicas, then the gateway at the public port."""
@@ -238,16 +256,21 @@ class LocalStack:
             self.swarm.start(timeout)
             replicas = {}
             for model in self.models:
-                for index in range(self.inference_replicas):
-                    replica_id = f"inference-{model.name}-{index}"
+                peers = {f"inference-{model.name}-{i}": f"http://127.0.0.1:{self.public_port + 10 + len(replicas) + i}"
+                         for i in range(self.inference_replicas)}  # fmt: skip
+                for replica_id, url in peers.items():
                     replica = inference_process(
                         model_dir=self.model_dirs[model.name],
                         initial_peers=self.swarm.initial_peers,
                         dht_prefix=model.dht_prefix,
-                        port=self.public_port + 10 + len(replicas),
+                        port=int(url.rpartition(":")[2]),
                         log_path=logs / f"{replica_id}.log",
                         replica_id=replica_id,
-                        extra_env={"MODEL_NAME": model.name, "MODEL_DESCRIPTION": model.description},
+                        extra_env={
+                            "MODEL_NAME": model.name,
+                            "MODEL_DESCRIPTION": model.description,
+                            **handover_env(peers, self.handover_token),
+                        },
                     )
                     self.services.append(replica.start())
                     replicas[replica.name] = replica.base_url
@@ -290,6 +313,7 @@ __all__ = [
     "ServiceProcess",
     "StartupError",
     "gateway_process",
+    "handover_env",
     "inference_process",
     "pick_free_port",
     "ui_process",

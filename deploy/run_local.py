@@ -15,6 +15,9 @@ Stopping never depends on the terminal: SIGINT and SIGTERM both stop cleanly eve
 runner started with SIGINT ignored (`make run &` from a script) or its stdout is a pipe nobody
 reads any more; and if the runner is SIGKILLed, what it started is SIGKILLed with it
 (services/common/processes/lifeline.py).
+
+An inference replica stopped on its own (SIGTERM to its process: it hands its sessions to the other
+replicas of its model first) is started again within a second, as a StatefulSet would.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TextIO
 
@@ -79,6 +83,9 @@ def _try_lines(url: str, models: tuple[LocalModel, ...]) -> str:
     return "".join(f"  {line}\n" for line in lines)
 
 
+RESTART_CHECK_S = 1.0  # how often the runner looks for a stopped inference replica
+
+
 class _Stop(BaseException):
     """Ctrl-C or SIGTERM: stop everything, as a BaseException so that no ``except Exception`` eats it."""
 
@@ -125,8 +132,10 @@ def main() -> int:
             f"Try:\n{_try_lines(url, models)}"
             "Press Ctrl-C to stop."
         )
-        while True:
-            signal.pause()
+        while True:  # a replica stopped (SIGTERM hands its sessions over) starts again, as in a StatefulSet
+            time.sleep(RESTART_CHECK_S)
+            for name in stack.restart_stopped():
+                _say(f"{name} stopped; starting it again")
     except StartupError as error:
         _say(f"run_local: start-up failed: {error}", sys.stderr)
         return 1

@@ -31,15 +31,17 @@ CHATML_DESCRIPTION = "Tiny BLOOM again, spoken to in ChatML <b>(a second model)<
 FAST_CHECKS = {"READINESS_INTERVAL_SECONDS": "1", "SWARM_STATE_REFRESH_SECONDS": "1"}  # the tests' replicas
 
 
-def start_inference(swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path, name: str, **env: str) -> ServiceProcess:
-    """Start an inference service on the test swarm and wait until it is ready. Its client-side layers
-    run in float32, the oracle's dtype: on a CPU with AMX the default would be bfloat16, whose greedy
-    tokens drift from the float32 oracle's (``env`` may say otherwise)."""
+def start_inference(
+    swarm: PrivateSwarm, model_dir: Path, artifacts_dir: Path, name: str, port: int | None = None, **env: str
+) -> ServiceProcess:
+    """Start an inference service on the test swarm (at ``port``, else a free one) and wait until it is
+    ready. Its client-side layers run in float32, the oracle's dtype: on a CPU with AMX the default
+    would be bfloat16, whose greedy tokens drift from the float32 oracle's (``env`` may say otherwise)."""
     service = inference_process(
         model_dir=model_dir,
         initial_peers=swarm.initial_peers,
         dht_prefix=DHT_PREFIX,
-        port=pick_free_port(),
+        port=port or pick_free_port(),
         log_path=artifacts_dir / "logs" / f"{name}.log",
         replica_id=name,
         extra_env={**FAST_CHECKS, "TORCH_DTYPE": "float32", **env},

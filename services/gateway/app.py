@@ -75,7 +75,7 @@ def build_app(settings: GatewaySettings) -> falcon.asgi.App:
                           request_type=Request)  # fmt: skip
     app.add_error_handler(Unauthorized, handle_unauthorized)
     app.ws_options.max_receive_queue = 0  # each connection reads its messages itself (no extra task)
-    router, limits = Router(replicas, upstream), settings.limits
+    router, limits = Router(replicas, upstream, poller.refresh), settings.limits
     app.add_route("/api/v1/generate", GenerateResource(router, limits))
     app.add_route("/api/v1/open_inference_session", OpenSessionResource(router, limits))
     app.add_route("/api/v1/close_inference_session", CloseSessionResource(router, limits))

@@ -147,7 +147,7 @@ async def _start(
 ) -> Stream:
     """Send one generation to a replica of its model; its stream (errors before any event are raised)."""
     model = router.replicas.resolve(options.model).name
-    request = _replica_request(prompt, options, conversation=conversation_key is not None, client=client, choice=choice)
+    request = _replica_request(prompt, options, conversation_key=conversation_key, client=client, choice=choice)
     body = request.to_json()
     if conversation_key is None:
         upstream = await router.to_model(model, Decision.SESSIONLESS, "POST", GENERATE_STREAM_PATH, json_body=body)
@@ -168,7 +168,7 @@ async def _events(upstream: Stream) -> Events:
 
 
 def _replica_request(
-    prompt: str, options: SamplingOptions, *, conversation: bool, client: str | None = None, choice: int = 0
+    prompt: str, options: SamplingOptions, *, conversation_key: str | None, client: str | None = None, choice: int = 0
 ) -> ReplicaRequest:
     sampling = options.temperature >= SAMPLING_TEMPERATURE.minimum  # 0 (or below v1's floor): greedy
     seed = None if options.seed is None or not sampling else (options.seed + choice) % (MAX_SEED + 1)
@@ -191,7 +191,12 @@ def _replica_request(
         token_options = replace(token_options, logprobs=0)  # best_of ranks by the choices' scores
     fill_context = options.max_tokens is None
     return ReplicaRequest(
-        params, conversation=conversation, fill_context=fill_context, client=client, options=token_options
+        params,
+        conversation=conversation_key is not None,
+        fill_context=fill_context,
+        client=client,
+        options=token_options,
+        affinity=conversation_key,
     )
 
 

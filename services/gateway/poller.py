@@ -35,6 +35,7 @@ class ReplicaPoller:
         self._keys = keys if keys else None
         self._key_ids = set(keys.current().ids) if keys else set()
         self._task: asyncio.Task | None = None
+        self._refreshing: asyncio.Future | None = None
 
     async def start(self) -> None:
         """Poll every replica now, then in the background."""
@@ -51,6 +52,16 @@ class ReplicaPoller:
         """Refresh each replica's state from its /readyz (all at once); close removed keys' sessions."""
         await asyncio.gather(*(self._poll_one(replica) for replica in self._replicas.replicas.values()))
         await self._close_removed_keys_sessions()
+
+    async def refresh(self) -> None:
+        """Poll every replica now, once for all the callers that ask meanwhile (a replica that just
+        stopped fails many requests at once)."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._poll_replicas())
+        await asyncio.shield(self._refreshing)
+
+    async def _poll_replicas(self) -> None:
+        await asyncio.gather(*(self._poll_one(replica) for replica in self._replicas.replicas.values()))
 
     async def _close_removed_keys_sessions(self) -> None:
         if self._keys is None:
@@ -79,7 +90,7 @@ class ReplicaPoller:
             )
             update(replica, answer.status, json.loads(answer.data))
         except (ReplicaUnreachable, ValueError, TypeError) as error:
-            replica.ready, replica.answering = False, False
+            replica.ready, replica.answering, replica.stopping = False, False, False
             replica.detail = f"unreachable or unreadable ({error})"
 
     async def _poll_forever(self) -> None:
@@ -98,6 +109,8 @@ def update(replica: Replica, status: int, body: dict) -> None:
     replica.active_sessions = int(body.get("active_sessions", 0))
     replica.max_sessions = int(body.get("max_sessions", 1))
     replica.detail = str(body.get("detail", ""))
+    replica.stopping = body.get("stopping") is True
+    replica.adopted = frozenset(str(key) for key in body.get("adopted_sessions") or ())
     identified = body.get("replica_id") == replica.name
     if not identified:
         replica.detail = f"answers as {body.get('replica_id')!r}, configured as {replica.name!r}"

@@ -11,17 +11,21 @@ sessions, so a burst spreads before the next poll); session-less requests to the
 fewest requests in flight from this worker. Ties rotate. Chat conversations (the OpenAI-compatible
 API) go to the replica that rendezvous hashing picks for the conversation's opening messages, so
 that a follow-up finds the session that holds its beginning.
+
+A session handed over by a stopping replica (services/common/api/handover.py) keeps its id: the
+replica that adopted it lists its key in its ``/readyz``, and a session whose key a replica lists
+goes there (a ready claimant first) instead of to the replica its id names.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 
+from services.common.api.handover import rendezvous_order, session_key
 from services.common.chat.model_card import ModelCard
 from services.common.web.errors import ModelMismatch, ModelNotFound, ServiceUnavailable, SessionNotFound
 from services.gateway.metrics import ROUTING_DECISIONS
@@ -33,6 +37,7 @@ class Decision(StrEnum):
     NEW_SESSION = "new_session"  # least-loaded by open sessions
     SESSIONLESS = "sessionless"  # least-loaded by requests in flight
     SESSION = "session"  # the replica named in the session id
+    ADOPTED = "adopted"  # the replica that adopted the session from a stopping one
     CONVERSATION = "conversation"  # by affinity
     # why none
     UNKNOWN_REPLICA = "unknown_replica"
@@ -55,6 +60,8 @@ class Replica:
     card: ModelCard | None = None  # the model it serves (from its /readyz)
     in_flight: int = 0  # requests this worker has sent and not yet seen answered
     answering: bool = False  # its last poll got an answer (ready or not)
+    adopted: frozenset[str] = frozenset()  # keys of the sessions it adopted (services/common/api/handover.py)
+    stopping: bool = False  # handing its sessions over: nothing new goes there
 
     @property
     def model(self) -> str | None:
@@ -112,7 +119,8 @@ class ReplicaSet:
     def for_session(self, session_id: str, model: str | None = None) -> Replica:
         """The replica a session lives on, from its id; unknown replica: the session is gone.
         A ``model`` given with the session must be the session's."""
-        name = session_id.rpartition(".")[0]
+        adopter = self._adopter(session_id)
+        name = adopter.name if adopter else session_id.rpartition(".")[0]
         replica = self.replicas.get(name)
         if replica is None:
             ROUTING_DECISIONS.labels(
@@ -124,14 +132,35 @@ class ReplicaSet:
             if replica.model is not None and replica.model != model:
                 ROUTING_DECISIONS.labels(decision=Decision.MODEL_MISMATCH, replica=name).inc()
                 raise ModelMismatch(session_id, replica.model, model)
-        ROUTING_DECISIONS.labels(decision=Decision.SESSION, replica=name).inc()
+        ROUTING_DECISIONS.labels(decision=Decision.ADOPTED if adopter else Decision.SESSION, replica=name).inc()
+        return replica
+
+    def _adopter(self, session_id: str) -> Replica | None:
+        """The replica that lists the session as adopted, a ready one first; None if none does."""
+        key = session_key(session_id)
+        claimants = [replica for replica in self.replicas.values() if key in replica.adopted]
+        return max(claimants, key=lambda replica: replica.ready, default=None)
+
+    def moved(self, session_id: str, to: str) -> Replica | None:
+        """The replica a stopping one says the session moved to, if this worker knows it."""
+        replica = self.replicas.get(to)
+        if replica is not None:
+            ROUTING_DECISIONS.labels(decision=Decision.ADOPTED, replica=replica.name).inc()
         return replica
 
     def by_affinity(self, key: str, model: str) -> list[Replica]:
-        """Ready replicas of ``model`` in an order fixed by ``key`` (rendezvous hashing): every
-        gateway worker sends the same conversation to the same replica while it stays ready."""
+        """Replicas of ``model`` for the conversation ``key``: one that adopted it and is handing it
+        over (it may hold a later session of it, or redirect to where that went) first, then a ready
+        one that adopted it, then the ready and stopping ones in an order fixed by ``key`` (rendezvous
+        hashing): every gateway worker sends the same conversation to the same replica while it stays
+        ready (a stopping one holds its conversations until they moved, and refuses new ones)."""
         ready = self._ready(model)
-        ready.sort(key=lambda replica: hashlib.sha256(f"{replica.name}/{key}".encode()).digest(), reverse=True)
+        serving = {r.name: r for r in [*ready, *(r for r in self.replicas.values() if r.stopping and r.model == model)]}
+        claimed, adopted_key = [], session_key(key)
+        for stopping in (True, False):
+            claimed += [r for r in serving.values() if adopted_key in r.adopted and r.stopping is stopping]
+        ranked = [serving[name] for name in rendezvous_order(serving, key) if serving[name] not in claimed]
+        ready = claimed + ranked
         ROUTING_DECISIONS.labels(decision=Decision.CONVERSATION, replica=ready[0].name).inc()
         return ready
 

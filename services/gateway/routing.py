@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from services.common.api.params import GenerateParams, Limits
 from services.common.api.replica_request import CLOSE_SESSION_PATH, OPEN_SESSION_PATH, ReplicaRequest
-from services.common.web.errors import ERROR_CODE_HEADER, ServiceUnavailable, SessionNotFound
+from services.common.web.errors import (
+    ERROR_CODE_HEADER,
+    MOVED_TO_HEADER,
+    ServiceUnavailable,
+    SessionMoved,
+    SessionNotFound,
+)
 from services.gateway.relay import read_answer
 from services.gateway.replicas import Decision, Replica, ReplicaSet
 from services.gateway.upstream import ReplicaAnswer, ReplicaUnreachable, Stream, Upstream
 
 _RETRY_ELSEWHERE = {"too_many_sessions", "unavailable"}  # another replica may accept
+MAX_MOVES = 2  # hops after a session that moved (a rolling restart moves it twice at most)
 
 
 class Router:
     """Sends a validated call to the right replica and turns failures into public errors."""
 
-    def __init__(self, replicas: ReplicaSet, upstream: Upstream) -> None:
+    def __init__(self, replicas: ReplicaSet, upstream: Upstream, refresh: Callable[[], Awaitable[None]]) -> None:
         self.replicas = replicas
         self.upstream = upstream
+        self.refresh = refresh  # polls every replica now (the poller's)
 
     async def generate(self, params: GenerateParams, path: str, client: str) -> Stream:
         """``client``'s v1 / v2 generation: to its session's replica, else to the least busy one of its model."""
@@ -46,14 +55,37 @@ class Router:
         return await read_answer(upstream)
 
     async def to_session(self, session_id: str, model: str | None, method: str, path: str, **kwargs: Any) -> Stream:
-        """Call the replica holding ``session_id``; a gone replica means a gone session."""
+        """Call the replica holding ``session_id``, following it where a stopping replica handed it
+        over; a gone replica means a gone session, unless a fresh poll finds who adopted it."""
         replica = self.replicas.for_session(session_id, model)
-        try:
-            return await self.upstream.stream(replica.name, replica.url, method, path, **kwargs)
-        except ReplicaUnreachable as error:
-            if error.kind == "connect":
-                self.replicas.mark_down(replica, f"unreachable ({error})")
+        for _hop in range(MAX_MOVES + 1):
+            try:
+                response = await self.upstream.stream(replica.name, replica.url, method, path, **kwargs)
+            except ReplicaUnreachable as error:
+                replica = await self._after_unreachable(replica, session_id, model, error)
+                continue
+            moved_to = response.headers.get(MOVED_TO_HEADER)
+            if response.headers.get(ERROR_CODE_HEADER) != SessionMoved.error_code or moved_to is None:
+                return response
+            response.close()
+            replica = self.replicas.moved(session_id, moved_to)
+            if replica is None:
+                break
+        raise SessionNotFound(session_id, detail="Its inference replica is gone.")
+
+    async def _after_unreachable(
+        self, replica: Replica, session_id: str, model: str | None, error: ReplicaUnreachable
+    ) -> Replica:
+        """Where to try next after ``replica`` failed: the session's adopter as a fresh poll reports it
+        (it may have moved just before its replica stopped); else the session is gone."""
+        if error.kind != "connect":
             raise SessionNotFound(session_id, detail="Its inference replica is gone.") from error
+        self.replicas.mark_down(replica, f"unreachable ({error})")
+        await self.refresh()
+        found = self.replicas.for_session(session_id, model)
+        if found is replica:
+            raise SessionNotFound(session_id, detail="Its inference replica is gone.") from error
+        return found
 
     async def to_model(self, model: str, decision: Decision, method: str, path: str, **kwargs: Any) -> Stream:
         """Call the least-loaded ready replica of ``model`` (by ``decision``'s measure), moving on
@@ -71,6 +103,8 @@ class Router:
     ) -> Stream:
         for index, replica in enumerate(candidates):
             response = await self._try(replica, method, path, **kwargs)
+            if response is not None and response.headers.get(ERROR_CODE_HEADER) == SessionMoved.error_code:
+                response = await self._follow(response, method, path, **kwargs)  # a conversation handed over
             if response is None:
                 continue
             if index < len(candidates) - 1 and response.headers.get(ERROR_CODE_HEADER) in _RETRY_ELSEWHERE:
@@ -80,6 +114,16 @@ class Router:
                 self.replicas.session_opened(replica)
             return response
         raise ServiceUnavailable("No inference replica could take the request; retry in a few seconds")
+
+    async def _follow(self, moved: Stream, method: str, path: str, **kwargs: Any) -> Stream | None:
+        """The call again at the replica a stopping one handed the conversation to (None: unknown)."""
+        replica = self.replicas.replicas.get(moved.headers.get(MOVED_TO_HEADER, ""))
+        moved.close()
+        response = None if replica is None else await self._try(replica, method, path, **kwargs)
+        if response is not None and response.headers.get(ERROR_CODE_HEADER) == SessionMoved.error_code:
+            response.close()  # moved on again meanwhile: the next candidate
+            return None
+        return response
 
     async def _try(self, replica: Replica, method: str, path: str, **kwargs: Any) -> Stream | None:
         try:

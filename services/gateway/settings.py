@@ -6,7 +6,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from services.common.api.params import MODEL_NAME_PATTERN, SESSION_ID_PATTERN, Limits
+from services.common.api.params import MODEL_NAME_PATTERN, Limits
+from services.common.api.replica_urls import parse_replica_urls
 from services.common.startup.config import ConfigError, Env, ServerSettings
 from services.gateway.api_keys import KeyRing
 from services.gateway.socket_protocol import largest_message_bytes
@@ -110,12 +111,4 @@ def parse_replicas(entries: tuple[str, ...]) -> dict[str, str]:
     """``inference-0=http://host:port`` entries; the id is what session ids start with."""
     if not entries:
         raise ConfigError("INFERENCE_REPLICAS is required: e.g. 'inference-0=http://127.0.0.1:8000'")
-    replicas: dict[str, str] = {}
-    for entry in entries:
-        name, sep, url = entry.partition("=")
-        if not sep or not SESSION_ID_PATTERN.match(name) or not re.match(r"^https?://[^/\s]+$", url.rstrip("/")):
-            raise ConfigError(f"INFERENCE_REPLICAS entry must be ID=http://HOST:PORT, got {entry!r}")
-        if name in replicas:
-            raise ConfigError(f"INFERENCE_REPLICAS names {name!r} twice")
-        replicas[name] = url.rstrip("/")
-    return replicas
+    return parse_replica_urls(entries, "INFERENCE_REPLICAS")

@@ -7,15 +7,19 @@ see gunicorn.conf.py beside this file.
 from __future__ import annotations
 
 import logging
+import time
 
 import falcon
 
+from services.common.api.handover import ADOPT_SESSION_PATH
 from services.common.api.replica_request import CLOSE_CLIENT_SESSIONS_PATH, DETOKENIZE_PATH, TOKENIZE_PATH
 from services.common.api.swarm_state import SWARM_PATH
 from services.common.chat.model_card import ModelCard
+from services.common.gunicorn import gthread_worker
 from services.common.startup.config import load_or_exit
 from services.common.web.app import configure_logging
 from services.common.web.app import create_app as create_base_app
+from services.inference.handover import AdoptSessionResource, SessionMover
 from services.inference.model import ModelHandle
 from services.inference.planner import GenerationPlanner
 from services.inference.resources import (
@@ -67,16 +71,22 @@ class InferenceService:
         app.add_route(SWARM_PATH, SwarmStateResource(self.swarm))
         app.add_route(TOKENIZE_PATH, TokenizeResource(self.model, limits))
         app.add_route(DETOKENIZE_PATH, DetokenizeResource(self.model, limits))
+        if settings.handover_token:  # no token, no way in
+            app.add_route(ADOPT_SESSION_PATH, AdoptSessionResource(self.model, self.store, settings.handover_token))
         return app
 
     def readiness(self) -> tuple[bool, dict]:
         """Ready when the swarm serves every block; the load figures feed the gateway's routing, the
         model card (once the tokenizer has told the chat format) its choice of model."""
         ready, detail = self.model.readiness()
+        if self.store.stopping:
+            ready, detail = False, "stopping: its sessions move to another replica"
         load = {"active_sessions": len(self.store), "max_sessions": self.settings.max_sessions}
         card = self._model_card()
         identity = {"replica_id": self.settings.replica_id, "model": self.settings.model_name}
-        return ready, {"detail": detail, **identity, **load, "model_card": card.to_json() if card else None}
+        card_json = card.to_json() if card else None
+        moved = {"stopping": self.store.stopping, "adopted_sessions": self.store.adopted_keys()}
+        return ready, {"detail": detail, **identity, **load, "model_card": card_json, **moved}
 
     def _model_card(self) -> ModelCard | None:
         if self._card is None and self.model.tokenizer is not None:
@@ -89,6 +99,18 @@ class InferenceService:
         self.model.start()
         self.swarm.start()
         self.store.start_reaper(self.settings.reaper_interval_s)
+
+    def hand_over_sessions(self) -> None:
+        """On SIGTERM, while the worker still serves: hand every session to a peer (with a token and
+        peers; else they are closed at shutdown, as before), then keep redirecting their requests
+        for HANDOVER_LINGER_SECONDS, so every gateway worker has polled the adopters meanwhile."""
+        settings = self.settings
+        if not (settings.handover_token and settings.peers):
+            return
+        mover = SessionMover(self.store, settings.model_name, settings.peers, settings.handover_token)
+        done, _failed = mover.hand_over_all()
+        if done:
+            time.sleep(settings.handover_linger_s)
 
     def shutdown(self) -> None:
         """Close every session (reason ``shutdown``) so the servers free their caches."""
@@ -112,6 +134,7 @@ def create_app() -> falcon.App:
     patches.install()  # a patch that does not fit stops the worker here, with its one line
     _service = InferenceService(settings)
     _service.start()
+    gthread_worker.before_stopping(_service.hand_over_sessions)
     return _service.app
 
 

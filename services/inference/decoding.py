@@ -61,9 +61,14 @@ def _token_bytes(token: str, alphabet: dict[str, int]) -> bytes:
 class IncrementalDecoder:
     """Turns token ids, one at a time, into text pieces safe to show."""
 
-    def __init__(self, token_bytes: TokenBytes) -> None:
+    def __init__(self, token_bytes: TokenBytes, pending: bytes = b"") -> None:
         self._token_bytes = token_bytes
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors=_REPLACE)
+        self._utf8.decode(pending)  # a handed-over session's incomplete character
+
+    def pending(self) -> bytes:
+        """The bytes of an incomplete character waiting for the next token (a handover carries them)."""
+        return self._utf8.getstate()[0]
 
     def push(self, token_id: int) -> str:
         """Add one generated token; return the text it completes (empty while a character is incomplete)."""

@@ -21,7 +21,15 @@ from services.common.api.token_options import NO_TOKEN_OPTIONS, TokenOptions
 from services.common.web.errors import ApiError, SessionNotFound
 from services.inference.decoding import IncrementalDecoder
 from services.inference.driver import SwarmDriver, SwarmFailure
-from services.inference.metrics import CACHED_PROMPT_TOKENS, GENERATED_TOKENS, PROMPT_TOKENS, TokenTimer
+from services.inference.metrics import (
+    CACHED_PROMPT_TOKENS,
+    GENERATED_TOKENS,
+    PROMPT_TOKENS,
+    REQUESTS_RUNNING,
+    RUNNING_REQUESTS_ALIAS,
+    TokenTimer,
+    counted,
+)
 from services.inference.sessions import OneOffLease, SessionLease
 from services.inference.swarm_stepper import SwarmStepper
 from services.inference.token_text import TokenText
@@ -125,7 +133,8 @@ class Generation:
 
     def _stream(self) -> Iterator[TokenEvent | PromptScores | GenerationResult]:
         try:
-            yield from self._token_events()
+            with counted(REQUESTS_RUNNING, RUNNING_REQUESTS_ALIAS):
+                yield from self._token_events()
             result = self._finish()
         finally:
             self._cleanup()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -35,13 +37,51 @@ GENERATED_TOKENS = Counter("petals_chat_generated_tokens", "Tokens generated.")
 ACTIVE_SESSIONS = Gauge(
     "petals_chat_active_sessions", "Inference sessions currently open on this replica.", multiprocess_mode="livesum"
 )
+SESSION_UTILIZATION = Gauge(
+    "petals_chat_session_utilization",
+    "Sessions held as a share of MAX_SESSIONS (0..1): each reserves attention caches on the swarm, so this is "
+    "the replica's cache load (what an autoscaler and an endpoint picker read).",
+    multiprocess_mode="livemax",
+)
+REQUESTS_RUNNING = Gauge(
+    "petals_chat_requests_running",
+    "Generations in progress on this replica (a request's, or a WebSocket message's steps).",
+    multiprocess_mode="livesum",
+)
+REQUESTS_WAITING = Gauge(
+    "petals_chat_requests_waiting",
+    "Requests waiting before they can generate (for their session to finish moving to another replica); "
+    "a replica queues nothing else: it refuses at once.",
+    multiprocess_mode="livesum",
+)
+# The same figures under the names the Gateway API Inference Extension's model-server protocol recommends
+# (its TotalQueuedRequests, TotalRunningRequests and KVCacheUtilization), for an endpoint picker.
+QUEUED_REQUESTS_ALIAS = Gauge("vllm:num_requests_waiting", "Alias of petals_chat_requests_waiting.",
+                              multiprocess_mode="livesum")  # fmt: skip
+RUNNING_REQUESTS_ALIAS = Gauge("vllm:num_requests_running", "Alias of petals_chat_requests_running.",
+                               multiprocess_mode="livesum")  # fmt: skip
+CACHE_UTILIZATION_ALIAS = Gauge("vllm:kv_cache_usage_perc", "Alias of petals_chat_session_utilization.",
+                                multiprocess_mode="livemax")  # fmt: skip
 SESSIONS_OPENED = Counter("petals_chat_sessions_opened", "Inference sessions opened.")
 SESSIONS_CLOSED = Counter(
     "petals_chat_sessions_closed",
     "Inference sessions closed, by reason: closed (by the client), expired (idle too long), "
     "failed (the swarm broke it), shutdown (replica stopping), evicted (an idle conversation session "
-    "made room for a new one).",
+    "made room for a new one), handed_over (moved to another replica as this one stopped), "
+    "handover_failed (could not be moved: its client gets the expired answer).",
     ["reason"],
+)
+HANDOVERS = Counter(
+    "petals_chat_session_handovers",
+    "Sessions this replica handed over as it stopped (result: done, failed), or adopted (result: adopted).",
+    ["result"],
+)
+for _result in ("done", "failed", "adopted"):  # every series exists from the start, at 0
+    HANDOVERS.labels(result=_result)
+HANDOVER_SECONDS = Histogram(
+    "petals_chat_session_handover_seconds",
+    "Time to hand one session over: sent, rebuilt on the swarm by the adopter, answered.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0),
 )
 SESSION_REBUILDS = Counter(
     "petals_chat_session_rebuilds",
@@ -108,6 +148,25 @@ def record_swarm(swarm: ModelSwarm) -> None:
     if swarm.min_block_cache_tokens_left is not None:
         SWARM_MIN_BLOCK_CACHE_TOKENS_LEFT.labels(model=model).set(swarm.min_block_cache_tokens_left)
     SWARM_REFRESHED.labels(model=model).set_to_current_time()
+
+
+def publish_session_load(held: int, limit: int) -> None:
+    """Sessions held against MAX_SESSIONS, under both names."""
+    share = held / max(limit, 1)
+    SESSION_UTILIZATION.set(share)
+    CACHE_UTILIZATION_ALIAS.set(share)
+
+
+@contextmanager
+def counted(gauge: Gauge, alias: Gauge) -> Iterator[None]:
+    """Count something in progress in ``gauge`` and its protocol ``alias`` while the block runs."""
+    gauge.inc()
+    alias.inc()
+    try:
+        yield
+    finally:
+        gauge.dec()
+        alias.dec()
 
 
 class TokenTimer:

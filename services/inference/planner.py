@@ -85,7 +85,7 @@ class GenerationPlanner:
         input_ids = self._tokenize(prompt)
         needed = len(input_ids) + self._budget(request, len(input_ids), self._model.max_length)
         size = min(self._model.max_length, needed + CONVERSATION_ROOM)
-        session = self._store.open(size, conversation=True, client=request.client)
+        session = self._store.open(size, conversation=True, client=request.client, affinity=request.affinity)
         return self._prepare_leased(self._store.acquire(session.session_id, request.client), request, input_ids)
 
     def _fits(self, lease: SessionLease, request: ReplicaRequest, input_ids: list[int]) -> bool:

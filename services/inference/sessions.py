@@ -30,7 +30,12 @@ A request holds a session through a ``SessionLease``: the only way generation ch
 (its Petals session after a rebuild, its text, its retirement). ``OneOffLease`` gives a request
 without a session the same interface over a Petals session of its own.
 
-Session ids are ``<replica id>.<random token>``: the gateway routes by the replica part.
+Session ids are ``<replica id>.<random token>``: the gateway routes by the replica part, unless
+the session was handed over. On a planned stop (services/inference/handover.py) the store stops
+taking sessions and hands each over, once its request in progress has finished: a request that
+comes for it meanwhile waits for the move, then gets ``SessionMoved`` (the gateway follows it),
+or ``SessionNotFound`` if it could not be handed over. A handed-over session keeps its id on the
+replica that adopts it (``adopt``), which publishes the keys of what it adopted.
 """
 
 from __future__ import annotations
@@ -44,12 +49,29 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common.web.errors import SessionBusy, SessionNotFound, SessionQuotaExceeded, TooManySessions
+from services.common.api.handover import SessionHandover, session_key
+from services.common.web.errors import (
+    ServiceUnavailable,
+    SessionBusy,
+    SessionMoved,
+    SessionNotFound,
+    SessionQuotaExceeded,
+    TooManySessions,
+)
 from services.inference.decoding import IncrementalDecoder
-from services.inference.metrics import ACTIVE_SESSIONS, SESSIONS_CLOSED, SESSIONS_OPENED
+from services.inference.metrics import (
+    ACTIVE_SESSIONS,
+    QUEUED_REQUESTS_ALIAS,
+    REQUESTS_WAITING,
+    SESSIONS_CLOSED,
+    SESSIONS_OPENED,
+    counted,
+    publish_session_load,
+)
 from services.inference.session_tokens import SessionTokens
 
 logger = logging.getLogger(__name__)
+HANDOVER_WAIT_S = 60.0  # the longest a handover waits for a session's request, or a request for its move
 
 
 @dataclass
@@ -66,6 +88,9 @@ class Session:
     conversation: bool = False  # opened implicitly; matched by its text, not by its id
     text: str = ""  # a conversation session's text (prompts and outputs) after its last request
     client: str | None = None  # its owner, whose quota it counts toward (None: a replica called directly)
+    affinity: str | None = None  # a conversation's routing key (the gateway's), for a handover
+    adopted: bool = False  # handed over from another replica: its key is published
+    moving: threading.Event | None = None  # set once a handover of it has ended, either way
 
     @property
     def tokens(self) -> SessionTokens:
@@ -212,16 +237,27 @@ class SessionStore:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._reaper_stop = threading.Event()
+        self._stopping = False  # handing over: no new session
+        self._moved: dict[str, tuple[str, str | None]] = {}  # handed-over id -> (adopter, client)
+        self._moved_conversations: dict[str, str] = {}  # a handed-over conversation's text -> its id
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, max_length: int, *, conversation: bool = False, client: str | None = None) -> Session:
+    @property
+    def stopping(self) -> bool:
+        """Whether the store has stopped taking sessions (its replica is handing them over)."""
+        return self._stopping
+
+    def open(
+        self, max_length: int, *, conversation: bool = False, client: str | None = None, affinity: str | None = None
+    ) -> Session:
         """Open a session reserving ``max_length`` tokens (for ``client``'s quota); TooManySessions at
         the limit, SessionQuotaExceeded when the client's quota is full of busy sessions."""
         evicted, over_quota = None, None
         try:
             with self._lock:
+                self._require_taking()
                 if client is not None and self._max_per_client:
                     over_quota = self._pop_for_quota(client)
                 if len(self._sessions) >= self._max_sessions and conversation:
@@ -233,7 +269,9 @@ class SessionStore:
                     )
                 session_id = f"{self._replica_id}.{secrets.token_urlsafe(16)}"
                 petals = self._open_petals_session(max_length)
-                session = Session(session_id, max_length, petals, conversation=conversation, client=client)
+                session = Session(
+                    session_id, max_length, petals, conversation=conversation, client=client, affinity=affinity
+                )
                 session.last_used = self._clock()
                 self._sessions[session_id] = session
         finally:  # what was taken out to make room is closed, whatever happened next
@@ -242,6 +280,7 @@ class SessionStore:
                     self._retire(taken, reason)
         SESSIONS_OPENED.inc()
         ACTIVE_SESSIONS.inc()
+        publish_session_load(len(self._sessions), self._max_sessions)
         return session
 
     def open_one_off(self, max_length: int) -> OneOffLease:
@@ -262,6 +301,10 @@ class SessionStore:
     def acquire(self, session_id: str, client: str | None = None) -> SessionLease:
         """Exclusive use of ``client``'s session for one request, until the lease is released."""
         session = self._get_live(session_id, client)
+        if session.moving is not None:
+            with counted(REQUESTS_WAITING, QUEUED_REQUESTS_ALIAS):
+                session.moving.wait(HANDOVER_WAIT_S)
+            session = self._get_live(session_id, client)  # moved (SessionMoved) or gone (SessionNotFound)
         if not session.lock.acquire(blocking=False):
             raise SessionBusy(f"Session {session_id} is busy with another request; retry when it has finished")
         if session.close_reason is not None:
@@ -270,7 +313,8 @@ class SessionStore:
         return SessionLease(self, session)
 
     def acquire_conversation(self, prompt: str, client: str | None = None) -> SessionLease | None:
-        """Exclusive use of ``client``'s idle conversation session holding the longest prefix of ``prompt``."""
+        """Exclusive use of ``client``'s idle conversation session holding the longest prefix of ``prompt``;
+        SessionMoved if it is being handed over or was."""
         now = self._clock()
         with self._lock:
             candidates = [
@@ -279,10 +323,25 @@ class SessionStore:
                 if s.conversation and s.client == client and s.text and prompt.startswith(s.text)
                 and not self._is_expired(s, now)
             ]  # fmt: skip
+            moving = next((s for s in candidates if s.moving is not None), None)
             for session in sorted(candidates, key=lambda s: len(s.text), reverse=True):
-                if session.close_reason is None and session.lock.acquire(blocking=False):
+                if session.moving is None and session.close_reason is None and session.lock.acquire(blocking=False):
                     return SessionLease(self, session)
+            if moving is None:
+                self._raise_if_conversation_moved(prompt, client)
+                return None
+        with counted(REQUESTS_WAITING, QUEUED_REQUESTS_ALIAS):
+            moving.moving.wait(HANDOVER_WAIT_S)  # its move ends either way
+        with self._lock:
+            self._raise_if_conversation_moved(prompt, client)
         return None
+
+    def _raise_if_conversation_moved(self, prompt: str, client: str | None) -> None:
+        moved = [(text, session_id) for text, session_id in self._moved_conversations.items()
+                 if prompt.startswith(text) and self._moved[session_id][1] == client]  # fmt: skip
+        if moved:
+            session_id = max(moved, key=lambda entry: len(entry[0]))[1]
+            raise SessionMoved(session_id, self._moved[session_id][0])
 
     def release(self, session: Session) -> None:
         """End a request's use (``SessionLease.release``): refresh the expiry, or close it if closing
@@ -298,6 +357,7 @@ class SessionStore:
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None or session.client != client:
+                self._raise_if_moved(session_id, client)
                 raise SessionNotFound(session_id)
             del self._sessions[session_id]
         self._retire(session, reason)
@@ -316,7 +376,8 @@ class SessionStore:
         """Close sessions idle for longer than the TTL; returns how many."""
         now = self._clock()
         with self._lock:
-            expired = [s for s in self._sessions.values() if self._is_expired(s, now) and not s.lock.locked()]
+            expired = [s for s in self._sessions.values()
+                       if self._is_expired(s, now) and not s.lock.locked() and s.moving is None]  # fmt: skip
             for session in expired:
                 del self._sessions[session.session_id]
         for session in expired:
@@ -352,6 +413,8 @@ class SessionStore:
         expired = None
         with self._lock:
             session = self._sessions.get(session_id)
+            if session is None:
+                self._raise_if_moved(session_id, client)
             if session is not None and session.client != client:
                 session = None  # another client's: as unknown as a missing one
             elif session is not None and self._is_expired(session, self._clock()) and not session.lock.locked():
@@ -363,6 +426,103 @@ class SessionStore:
         if session is None:
             raise SessionNotFound(session_id)
         return session
+
+    def _raise_if_moved(self, session_id: str, client: str | None) -> None:
+        moved = self._moved.get(session_id)
+        if moved is not None and moved[1] == client:
+            raise SessionMoved(session_id, moved[0])
+
+    def _require_taking(self) -> None:
+        if self._stopping:
+            raise ServiceUnavailable("This replica is stopping; its sessions move to another replica", retry_after_s=1)
+
+    # handover ----------------------------------------------------------------------------
+    def start_handover(self) -> list[Session]:
+        """Take no more sessions; mark every session as moving (their requests wait) and return them."""
+        with self._lock:
+            self._stopping = True
+            sessions = list(self._sessions.values())
+            for session in sessions:
+                session.moving = threading.Event()
+        return sessions
+
+    def hand_over(self, session: Session, send: Callable[[SessionHandover], str | None], model: str) -> bool:
+        """Once its request in progress has finished, send ``session`` (``send`` returns the adopter's id,
+        or None); it leaves this store either way, and its waiting requests learn where it went."""
+        assert session.moving is not None, "start_handover() first"
+        got_lock = session.lock.acquire(timeout=HANDOVER_WAIT_S)
+        adopter = None
+        try:
+            if got_lock and session.petals is not None and session.close_reason is None:
+                adopter = send(self._handover_of(session, model))
+        except Exception:
+            logger.warning("handing over %s failed", session.session_id, exc_info=True)
+        finally:
+            with self._lock:
+                self._sessions.pop(session.session_id, None)
+                if adopter is not None:
+                    self._moved[session.session_id] = (adopter, session.client)
+                    if session.conversation and session.text:
+                        self._moved_conversations[session.text] = session.session_id
+            session.close_reason = "handed_over" if adopter else "handover_failed"
+            if got_lock:
+                self._close_petals(session, session.close_reason)
+                session.lock.release()
+            session.moving.set()
+        return adopter is not None
+
+    def _handover_of(self, session: Session, model: str) -> SessionHandover:
+        return SessionHandover(
+            session_id=session.session_id,
+            model=model,
+            max_length=session.max_length,
+            token_ids=tuple(session.tokens.ids()),
+            pending_bytes=session.decoder.pending() if session.decoder else b"",
+            idle_s=max(0.0, self._clock() - session.last_used),
+            client=session.client,
+            conversation=session.conversation,
+            text=session.text,
+            affinity=session.affinity,
+        )
+
+    def check_adoptable(self, session_id: str) -> None:
+        """Refuse an adoption before any work: stopping, full, or the id already held."""
+        with self._lock:
+            self._refuse_adoption(session_id)
+
+    def _refuse_adoption(self, session_id: str) -> None:
+        self._require_taking()
+        if len(self._sessions) >= self._max_sessions:
+            raise TooManySessions(f"This replica already holds its maximum of {self._max_sessions} sessions")
+        if session_id in self._sessions:
+            raise SessionBusy(f"Session {session_id} is already held here")
+
+    def adopt(self, handover: SessionHandover, petals: Any, decoder: IncrementalDecoder) -> Session:
+        """Hold a handed-over session (its Petals session rebuilt by the caller) under its old id."""
+        session = Session(
+            handover.session_id, handover.max_length, petals, decoder=decoder, conversation=handover.conversation,
+            text=handover.text, client=handover.client, affinity=handover.affinity, adopted=True,
+        )  # fmt: skip
+        session.last_used = self._clock() - handover.idle_s
+        try:
+            with self._lock:
+                self._refuse_adoption(handover.session_id)
+                self._sessions[session.session_id] = session
+                self._moved.pop(session.session_id, None)  # back on a replica that once handed it over
+        except BaseException:
+            petals.close()
+            raise
+        SESSIONS_OPENED.inc()
+        ACTIVE_SESSIONS.inc()
+        publish_session_load(len(self._sessions), self._max_sessions)
+        return session
+
+    def adopted_keys(self) -> list[str]:
+        """The keys of the sessions held here that another replica handed over, and of their
+        conversations' routing keys (for the gateway)."""
+        with self._lock:
+            adopted = [s for s in self._sessions.values() if s.adopted]
+        return [session_key(s.session_id) for s in adopted] + [session_key(s.affinity) for s in adopted if s.affinity]
 
     def _pop_for_quota(self, client: str) -> Session | None:
         """Below its quota: None; at it, its least recently used idle session (removed), to close."""
@@ -410,4 +570,5 @@ class SessionStore:
             logger.warning("closing Petals session of %s failed", session.session_id, exc_info=True)
         SESSIONS_CLOSED.labels(reason=reason).inc()
         ACTIVE_SESSIONS.dec()
+        publish_session_load(len(self._sessions), self._max_sessions)
         logger.info("session %s closed (%s)", session.session_id, reason)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.api.params import MODEL_NAME_PATTERN, SESSION_ID_PATTERN, Limits
+from services.common.api.replica_urls import parse_replica_urls
 from services.common.api.swarm_state import SwarmThresholds
 from services.common.chat.formats import ChatFormat
 from services.common.chat.model_card import ModelCard
@@ -49,6 +50,9 @@ class InferenceSettings:
     swarm_thresholds: SwarmThresholds  # when the swarm counts as degraded
     limits: Limits
     debug_tracebacks: bool
+    handover_token: str  # empty: sessions are not handed over on a stop (closed, as before)
+    peers: dict[str, str]  # the other replicas of this model (id -> URL) that may adopt sessions
+    handover_linger_s: float  # after handing over, how long requests for moved sessions are redirected
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> InferenceSettings:
@@ -97,6 +101,9 @@ class InferenceSettings:
             ),
             limits=limits,
             debug_tracebacks=env.bool("DEBUG_TRACEBACKS", False),
+            handover_token=handover_token(env),
+            peers=peers(env, replica_id),
+            handover_linger_s=env.float("HANDOVER_LINGER_SECONDS", 5.0, minimum=0.0, maximum=60.0),
         )
 
     def model_card(self, chat_format: ChatFormat, max_length: int | None = None) -> ModelCard:
@@ -104,6 +111,28 @@ class InferenceSettings:
         session may hold, by default MAX_LENGTH_LIMIT) is known."""
         chat, max_length = self.chat, max_length or self.limits.max_length
         return ModelCard(self.model_name, self.model_description, chat_format, chat.defaults, max_length, chat.template)
+
+
+def peers(env: Env, replica_id: str) -> dict[str, str]:
+    """INFERENCE_PEERS: the replicas of this model that may adopt its sessions (itself left out)."""
+    listed = parse_replica_urls(env.list("INFERENCE_PEERS"), "INFERENCE_PEERS")
+    return {name: url for name, url in listed.items() if name != replica_id}
+
+
+def handover_token(env: Env) -> str:
+    """HANDOVER_TOKEN, or the file HANDOVER_TOKEN_FILE names: the secret the replicas of a deployment
+    share to hand sessions to each other."""
+    token, path = env.str("HANDOVER_TOKEN", ""), env.str("HANDOVER_TOKEN_FILE", "")
+    if token and path:
+        raise ConfigError("set HANDOVER_TOKEN or HANDOVER_TOKEN_FILE, not both")
+    if path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as error:
+            raise ConfigError(f"HANDOVER_TOKEN_FILE {path!r} cannot be read ({error.strerror})") from None
+    if token and len(token) < 16:
+        raise ConfigError("HANDOVER_TOKEN must be at least 16 characters (or empty: no handover)")
+    return token
 
 
 def default_dtype(device: str) -> str:

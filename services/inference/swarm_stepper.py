@@ -25,7 +25,7 @@ from services.common.api.token_options import TokenOptions
 from services.inference.model import ModelHandle
 from services.inference.sampling import SeededSampler
 from services.inference.scores import ScoreReader, TokenNames, prompt_entries
-from services.inference.session_tokens import SessionTokens
+from services.inference.session_tokens import SessionTokens, TokenPrefix
 from services.inference.shaping import CompletionPenalty, LogitBias
 
 PROMPT_CHUNK = 64  # prompt positions whose logits are computed at once (a prompt's scores, echo)
@@ -131,6 +131,17 @@ class SwarmStepper:
                 feed = [token]
         finally:
             tokens.restore(held, added, device)
+
+    def prefill(self, petals_session: Any, token_ids: list[int]) -> None:
+        """Make a fresh session hold ``token_ids`` (a handed-over session): all but the last go through
+        the swarm in one step, as a rebuild replays them; the last waits for the next step, as usual."""
+        import torch
+
+        model, device = self._model.model, self._device
+        if len(token_ids) > 1:
+            with torch.inference_mode(), model.use_session(petals_session):
+                model.base_model(input_ids=torch.tensor([token_ids[:-1]], device=device))
+        SessionTokens(petals_session).restore(TokenPrefix(None), list(token_ids), device)
 
     @cached_property
     def _device(self) -> Any:

@@ -93,7 +93,8 @@ def test_render_matrix_is_valid_kubernetes_1_30(chart, variant, ingress, monitor
     assert ("ConfigMap" in kinds) == monitoring
     swarm_sets = [d for d in docs if d["kind"] == "StatefulSet" and "-swarm-" in d["metadata"]["name"]]
     assert len(swarm_sets) == (SWARM_SERVERS if swarm else 0)
-    assert ("Secret" in kinds) == (swarm or ingress)  # the swarm's seed, the API keys (on with the Ingress here)
+    secrets = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"} - {f"{FULLNAME}-handover"}  # always
+    assert bool(secrets) == (swarm or ingress)  # the swarm's seed, the API keys (on with the Ingress here)
     for doc in docs:
         assert doc.get("apiVersion") and doc.get("kind") and doc["metadata"].get("name"), doc
         if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
@@ -356,7 +357,7 @@ def labels_match(selector: dict, labels: dict) -> bool:
 
 
 def test_network_policy_lets_only_gateway_pods_reach_inference(chart):
-    docs = render(chart)
+    docs = render(chart, {"inference": {"handover": {"enabled": False}}})  # with it: tests/chart/test_handover_chart.py
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
     labels = {
         tier: find(docs, kind, f"{FULLNAME}-{tier}")["spec"]["template"]["metadata"]["labels"]
@@ -381,7 +382,7 @@ def test_network_policy_metrics_peers_are_added_on_the_same_port(chart):
     peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
     docs = render(chart, {"networkPolicy": {"metricsFrom": [peer]}})
     policy = find(docs, "NetworkPolicy", f"{FULLNAME}-inference")
-    assert policy["spec"]["ingress"][1] == {"from": [peer], "ports": [{"protocol": "TCP", "port": 8080}]}
+    assert policy["spec"]["ingress"][-1] == {"from": [peer], "ports": [{"protocol": "TCP", "port": 8080}]}
 
 
 def test_every_other_pod_opens_only_its_service_port(chart):
@@ -637,7 +638,7 @@ def test_derived_peer_ids_are_what_the_bootstrap_server_gets(chart, tmp_path):
 
 def test_an_existing_seed_secret_replaces_the_generated_one(chart):
     docs = render(chart, {"swarm": {"seedSecret": "my-seed"}})
-    assert not [d for d in docs if d["kind"] == "Secret"]
+    assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] != f"{FULLNAME}-handover"]
     for name, pod in pod_specs(docs):
         if "-swarm-" in name or "-inference-" in name:
             assert {v["name"]: v for v in pod["volumes"]}["swarm-seed"]["secret"]["secretName"] == "my-seed"
@@ -654,7 +655,7 @@ def test_a_re_render_changes_no_pod_and_only_a_new_seed_would(chart):
     seed = find(first, "Secret", f"{FULLNAME}-swarm-seed")["data"]["seed"]
     assert find(second, "Secret", f"{FULLNAME}-swarm-seed")["data"]["seed"] != seed  # random per render
     assert seed not in json.dumps([d for d in first if d["kind"] != "Secret"])
-    assert not [d for d in kept if d["kind"] == "Secret"]
+    assert not [d for d in kept if d["kind"] == "Secret" and d["metadata"]["name"] != f"{FULLNAME}-handover"]
     assert pod_specs(first) == pod_specs(second) == pod_specs(kept)
     templates = [
         {d["metadata"]["name"]: d["spec"]["template"] for d in docs if d["kind"] in ("Deployment", "StatefulSet")}
@@ -707,7 +708,8 @@ def test_the_default_install_is_self_contained(chart):
 
 def test_public_swarm_and_external_swarm_are_one_value_away(chart):
     docs = render(chart, {"models": [HUB_MODEL]})
-    assert not [d for d in docs if d["kind"] == "Secret" or "-swarm" in d["metadata"]["name"]]
+    secrets = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] != f"{FULLNAME}-handover"]
+    assert not secrets and not [d for d in docs if "-swarm" in d["metadata"]["name"]]
     env = container_env(inference_container(docs, "bloom-560m")[1])
     assert env["MODEL"] == "bigscience/bloom-560m"
     assert not {"INITIAL_PEERS", "DHT_PREFIX", "SWARM_SEED_FILE", "HF_HUB_OFFLINE"} & set(env)  # public swarm

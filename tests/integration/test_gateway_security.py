@@ -130,6 +130,22 @@ def test_no_spelling_of_an_api_path_is_served_without_a_key(request, which, meth
         assert semantic_status(served) in (semantic_status(canonical), *NOT_SERVED[1:]), (spelling, served.body)
 
 
+# The replicas' internal routes: the gateway routes none of them, in any spelling, with a key or not (a
+# client must not hand a session over, or close another client's sessions, through it).
+INTERNAL = [("POST", "/internal/adopt_session", {"session_id": "inference-0.x", "token_ids": [1]}),
+            ("POST", "/internal/close_client_sessions?client=key:alice", None)]  # fmt: skip
+
+
+@pytest.mark.parametrize("which", ["gateway", "site"])
+@pytest.mark.parametrize(("method", "path", "body"), INTERNAL, ids=[route[1].split("?")[0] for route in INTERNAL])
+def test_the_replicas_internal_routes_are_never_reached_through_the_gateway(request, which, method, path, body):
+    gateway = request.getfixturevalue(which)
+    for spelling in [path, *variants(path)]:
+        for key in (None, WRONG, KEY):
+            answer = send(gateway, method, spelling, body, key)
+            assert semantic_status(answer) in NOT_SERVED, (spelling, key, answer.status, answer.body)
+
+
 def test_refusals_and_served_spellings_are_counted_per_key(gateway):
     refused = 'petals_chat_gateway_client_requests_total{key_id="refused",status="401"}'
     served = 'petals_chat_gateway_client_requests_total{key_id="alice",status="200"}'

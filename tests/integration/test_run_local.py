@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.load_test import run_load
+from client.api import Api
 from client.probes import wait_until
-from deploy.local_stack import LOCAL_MODELS, REPO_ROOT, SMOLLM2, TINY_BLOOM, pick_free_port
+from deploy.local_stack import LOCAL_MODELS, REPO_ROOT, SMOLLM2, TINY_BLOOM, http_status, pick_free_port
 from services.common.web.sse import parse_sse
 from tests.helpers import collect_page_errors, wait_for
 
@@ -208,17 +209,21 @@ class Runner:
 
 @contextmanager
 def local_runner(
-    state_dir: Path, *, models: tuple[str, ...] = tuple(LOCAL_MODELS), preexec_fn: Callable[[], None] | None = None
+    state_dir: Path,
+    *,
+    models: tuple[str, ...] = tuple(LOCAL_MODELS),
+    preexec_fn: Callable[[], None] | None = None,
+    replicas: int = 1,
 ) -> Iterator[Runner]:
-    """``python -m deploy.run_local`` on free ports serving ``models`` (one replica each), up; on the
-    way out, nothing it started survives."""
+    """``python -m deploy.run_local`` on free ports serving ``models`` (``replicas`` replicas each), up;
+    on the way out, nothing it started survives."""
     port = free_port_block()
     env = {
         **os.environ,
         "PUBLIC_PORT": str(port),
         "LOCAL_STATE_DIR": str(state_dir),
         "LOCAL_MODELS": " ".join(models),
-        "INFERENCE_REPLICAS_LOCAL": "1",
+        "INFERENCE_REPLICAS_LOCAL": str(replicas),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "deploy.run_local"],
@@ -242,7 +247,7 @@ def local_runner(
         recorded = runner.record()
         commands = [proc.cmdline for proc in recorded.values()]
         servers = sum(len(LOCAL_MODELS[name].block_ranges) for name in models)
-        replicas = len(models)
+        replicas = len(models) * replicas
         # What the runner starts: the Petals servers with their forks and p2pd, replicas + ui + gateway
         # under gunicorn (master and workers; each inference worker with its own p2pd), the watchdog.
         assert sum("services.swarm.serve" in command for command in commands) > servers, describe(recorded.values())
@@ -312,3 +317,36 @@ def test_a_sigkilled_runner_takes_everything_it_started_with_it(artifacts_dir: P
         runner.process.kill()
         runner.process.wait(10)
         runner.assert_all_gone(DIE_WITH_RUNNER_S)
+
+
+def test_a_replica_stopped_with_sigterm_hands_its_session_over_and_starts_again(artifacts_dir: Path):
+    """INFERENCE_REPLICAS_LOCAL=2: SIGTERM to the process of the replica holding a session (its gunicorn
+    master, as Kubernetes signals a pod) leaves the stack up, the session goes on on the other replica
+    with the same text, and the runner starts the stopped replica again, as a StatefulSet would."""
+    with local_runner(artifacts_dir / "run-local-handover", models=(TINY_BLOOM.name,), replicas=2) as runner:
+        api = Api(f"http://127.0.0.1:{runner.port}")
+        session_id = api.open_session(64)
+        first = api.call("POST", "generate", {"session_id": session_id, "inputs": "A cat sat on", "max_new_tokens": 4})
+        holder = session_id.rpartition(".")[0]
+        masters = {p.pid: p for p in runner.record().values() if p.ppid == runner.process.pid}
+        (master,) = [pid for pid in masters if f"REPLICA_ID={holder}".encode() in read_environ(pid)]
+        os.kill(master, signal.SIGTERM)
+        assert wait_until(lambda: read_proc(master) is None or read_proc(master).state in "ZX", 60)
+        second = api.call("POST", "generate", {"session_id": session_id, "max_new_tokens": 4})
+        whole = api.call("POST", "generate", {"inputs": "A cat sat on", "max_new_tokens": 8})
+        assert first["outputs"] + second["outputs"] == whole["outputs"]
+        port = runner.port + 10 + int(holder.rpartition("-")[2])
+        assert wait_until(lambda: http_status(f"http://127.0.0.1:{port}/readyz") == 200, 120), runner.output
+        third = api.call("POST", "generate", {"session_id": session_id, "max_new_tokens": 1})
+        assert third["ok"]
+        runner.record()
+        runner.process.terminate()
+        assert runner.process.wait(STOP_TIMEOUT_S) == 0
+        runner.assert_all_gone(10)
+
+
+def read_environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().replace(b"\0", b"\n")
+    except OSError:
+        return b""

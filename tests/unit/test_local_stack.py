@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from deploy.local_stack import SMOLLM2, TINY_BLOOM
+from deploy.local_stack import SMOLLM2, TINY_BLOOM, LocalStack, handover_env
 from deploy.run_local import _models
 from services.common.startup.config import ConfigError, Env
 from services.swarm import launcher
@@ -98,3 +99,37 @@ def test_the_runners_models_and_their_block_ranges_are_settings():
 def test_bad_runner_settings_are_one_clear_line(env, message):
     with pytest.raises(ConfigError, match=message):
         _models(Env(env))
+
+
+class _Service:
+    """A service of the stack as ``restart_stopped`` sees it: a name, a process, ``start``."""
+
+    def __init__(self, name: str, exited: bool) -> None:
+        command = ["true"] if exited else ["sleep", "30"]
+        self.name, self.process = name, subprocess.Popen(command, start_new_session=True)
+        if exited:
+            self.process.wait()
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+
+
+def test_the_runner_starts_a_stopped_inference_replica_again_and_nothing_else():
+    stack = LocalStack.__new__(LocalStack)  # no swarm, no models: only its services
+    stopped, running = _Service("inference-tiny-bloom-1", True), _Service("inference-tiny-bloom-0", False)
+    gateway = _Service("gateway", True)
+    stack.services = [stopped, running, gateway]
+    try:
+        assert stack.restart_stopped() == ["inference-tiny-bloom-1"]
+        assert (stopped.starts, running.starts, gateway.starts) == (1, 0, 0)
+    finally:
+        running.process.kill()
+        running.process.wait()
+
+
+def test_each_models_replicas_are_each_others_peers_with_one_token():
+    peers = {"inference-m-0": "http://127.0.0.1:5010", "inference-m-1": "http://127.0.0.1:5011"}
+    env = handover_env(peers, "t" * 32)
+    assert env == {"INFERENCE_PEERS": "inference-m-0=http://127.0.0.1:5010 inference-m-1=http://127.0.0.1:5011",
+                   "HANDOVER_TOKEN": "t" * 32}  # fmt: skip

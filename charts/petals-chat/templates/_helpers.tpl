@@ -255,6 +255,17 @@ for every replica of every model.
 {{- end }}
 
 {{/*
+INFERENCE_PEERS of a model's replicas: "<pod>=<url> ..." for every replica of that model (a replica ignores its own).
+*/}}
+{{- define "petals-chat.modelPeers" -}}
+{{- $entries := list }}
+{{- range $pod := .inference.pods }}
+{{- $entries = append $entries (printf "%s=%s" $pod.name $pod.url) }}
+{{- end }}
+{{- join " " $entries }}
+{{- end }}
+
+{{/*
 CPUs a resources block grants, rounded up, at least 1: the cpu limit, else the request, else 1.
 Accepts "500m", "2", 2 or 1.5.
 */}}

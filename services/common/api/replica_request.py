@@ -15,6 +15,9 @@ v1 ``generate`` parameters (so a v1 call sent straight to a replica is one too) 
   one before this request's inputs, so the session goes on as if it had generated it;
 - ``logprobs``, ``prompt_logprobs``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``:
   the OpenAI API's per-token options (services/common/api/token_options.py);
+- ``affinity``: a conversation request's routing key (the gateway's hash of its opening messages):
+  the conversation session keeps it, so that a replica handing it over picks the replica the
+  gateway will send the next turn to (services/common/api/handover.py);
 - ``client``: who the gateway serves this request for (``key:<id>`` or ``ip:<address>``): the owner
   of a session the request opens (and whose quota it counts toward), the only client whose session
   (by id, or by conversation) the request may continue (services/inference/sessions.py).
@@ -45,6 +48,7 @@ CLOSE_CLIENT_SESSIONS_PATH = "/internal/close_client_sessions"
 TOKENIZE_PATH = "/internal/tokenize"  # the tokenizer endpoints (services/inference/tokenizer_api.py)
 DETOKENIZE_PATH = "/internal/detokenize"
 CLIENT_PATTERN = re.compile(r"^(key|ip):[A-Za-z0-9_.:%-]{1,64}$")
+AFFINITY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 
 def get_client(values: dict[str, Any]) -> str | None:
@@ -55,6 +59,16 @@ def get_client(values: dict[str, Any]) -> str | None:
     if not isinstance(client, str) or not CLIENT_PATTERN.match(client):
         raise InvalidParameter("client must be key:<id> or ip:<address>")
     return client
+
+
+def get_affinity(values: dict[str, Any]) -> str | None:
+    """A conversation's routing key (64 hex digits), or None."""
+    affinity = values.get("affinity")
+    if affinity is None or affinity == "":
+        return None
+    if not isinstance(affinity, str) or not AFFINITY_PATTERN.match(affinity):
+        raise InvalidParameter("affinity must be 64 hex digits")
+    return affinity
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,7 @@ class ReplicaRequest:
     replace_last_token: str | None = None  # one token that replaces the session's last one first
     client: str | None = None  # whose quota a session opened for this request counts toward
     options: TokenOptions = NO_TOKEN_OPTIONS  # the OpenAI API's scores, penalties and bias
+    affinity: str | None = None  # a conversation's routing key (64 hex digits)
 
     @property
     def model(self) -> str | None:
@@ -78,7 +93,7 @@ class ReplicaRequest:
         """The JSON body sent to a replica."""
         body = {name: value for name, value in dataclasses.asdict(self.params).items() if value is not None}
         body["stop"] = list(self.params.stop)
-        names = ("stop_token", "replace_last_token", "client")
+        names = ("stop_token", "replace_last_token", "client", "affinity")
         tokens = {name: getattr(self, name) for name in names if getattr(self, name)}
         flags = {"conversation": self.conversation, "fill_context": self.fill_context}
         return {**body, **flags, **tokens, **self.options.to_json()}
@@ -95,6 +110,7 @@ class ReplicaRequest:
             replace_last_token=get_str(values, "replace_last_token", max_chars=MAX_STOP_CHARS) or None,
             client=get_client(values),
             options=TokenOptions.from_json(values),
+            affinity=get_affinity(values),
         )
         if request.replace_last_token is not None and request.params.session_id is None:
             raise InvalidParameter("replace_last_token needs a session_id")

@@ -28,6 +28,10 @@ never corked: each event leaves as it is written. Measured side by side (two rep
 A client that trickles a request body still holds its thread while it does (gunicorn has no
 body deadline); a buffering proxy in front (the Ingress) is the defence against that.
 
+On SIGTERM the worker first runs the tasks registered with ``before_stopping`` while it still
+accepts and serves requests (gunicorn stops listening at once), then stops as gunicorn does; the
+master's ``graceful_timeout`` bounds both together.
+
 A request gunicorn refuses by itself (a malformed request line or header, a head over the limits)
 is answered in the API's JSON error shape (services/common/web/protocol_errors.py) instead of
 gunicorn's HTML page: gunicorn still picks the status and the message, and logs it.
@@ -46,6 +50,7 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -66,9 +71,17 @@ OVERRIDDEN = {
     "murder_pending": ("self",),
     "load_wsgi": ("self",),
     "on_pending_socket_readable": ("self", "conn", "client"),
+    "handle_exit": ("self", "sig", "frame"),
 }
 HEAD_TIMEOUT_S = 5.0
 NEXT_REQUEST_WAIT_S = 0.005
+_before_stopping: list[Callable[[], None]] = []  # what SIGTERM runs while the worker still serves
+
+
+def before_stopping(task: Callable[[], None]) -> None:
+    """Run ``task`` on SIGTERM, in a thread, while the worker still serves; it stops once ``task`` ends
+    (the inference service hands its sessions over meanwhile: services/inference/handover.py)."""
+    _before_stopping.append(task)
 
 
 def check() -> None:
@@ -133,6 +146,23 @@ class Worker(gthread.ThreadWorker):
         self._request = threading.local()  # .path: the path peeked at, for handle_error; .corked: a socket
         self._busy_threads = 0  # pool threads serving or awaiting a request
         self._busy_lock = threading.Lock()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """SIGTERM: run the ``before_stopping`` tasks (once), serving meanwhile, then stop."""
+        if not _before_stopping:
+            super().handle_exit(sig, frame)
+        elif not getattr(self, "_stopping_thread", None):
+            self._stopping_thread = threading.Thread(target=self._run_before_stopping, name="before-stopping")
+            self._stopping_thread.start()
+
+    def _run_before_stopping(self) -> None:
+        try:
+            for task in _before_stopping:
+                task()
+        except Exception:
+            self.log.exception("a task before stopping failed")
+        finally:
+            self.alive = False
 
     def accept(self, listener: socket.socket) -> None:
         """Park a new connection in the poller until it sends something (gunicorn's own path

@@ -29,6 +29,7 @@ from services.common.web import request_id
 logger = logging.getLogger(__name__)
 ERROR_CODE_HEADER = "X-Petals-Chat-Error"
 ERROR_STATUS_HEADER = "X-Petals-Chat-Status"  # the semantic status, also when v1 answers HTTP 200
+MOVED_TO_HEADER = "X-Petals-Chat-Moved-To"  # where a handed-over session went (SessionMoved)
 
 
 class ApiError(falcon.HTTPError):
@@ -112,6 +113,17 @@ class SessionBusy(ApiError):
 
     http_status = falcon.HTTP_409
     error_code = "session_busy"
+
+
+class SessionMoved(ApiError):
+    """The session was handed over to another replica (``MOVED_TO_HEADER`` names it): for the gateway,
+    which follows it; never passed on to a client (services/common/api/handover.py)."""
+
+    http_status = falcon.HTTP_421
+    error_code = "session_moved"
+
+    def __init__(self, session_id: str, replica: str) -> None:
+        super().__init__(f"Session {session_id} moved to {replica}", headers={MOVED_TO_HEADER: replica})
 
 
 class ServiceUnavailable(ApiError):

@@ -1,0 +1,41 @@
+"""The chart's session handover: the replicas' shared token, each model's peers, the replicas reaching each
+other, and the headless Service keeping unready replicas' names."""
+
+from __future__ import annotations
+
+from tests.chart.test_chart import FULLNAME, container_env, find, inference_container, labels_match, render
+
+
+def test_every_replica_gets_the_token_its_models_peers_and_the_linger(chart):
+    docs = render(chart, {"inference": {"handover": {"lingerSeconds": 8}}})
+    secret = find(docs, "Secret", f"{FULLNAME}-handover")
+    assert len(secret["data"]["token"]) >= 64  # 48 random characters, base64
+    pod, container = inference_container(docs)
+    env = container_env(container)
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert env["HANDOVER_TOKEN_FILE"] == f"{mounts['handover-token']}/token"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["handover-token"]["secret"]["secretName"] == f"{FULLNAME}-handover"
+    peers = dict(entry.split("=", 1) for entry in env["INFERENCE_PEERS"].split())
+    statefulset = find(docs, "StatefulSet", f"{FULLNAME}-inference-smollm2")
+    assert list(peers) == [f"{statefulset['metadata']['name']}-{i}" for i in range(statefulset["spec"]["replicas"])]
+    assert all(url.startswith(f"http://{name}.{FULLNAME}-inference.") for name, url in peers.items())
+    assert env["HANDOVER_LINGER_SECONDS"] == "8"
+
+
+def test_the_replicas_reach_each_other_only_with_handover(chart):
+    docs = render(chart)
+    policy = find(docs, "NetworkPolicy", f"{FULLNAME}-inference")
+    labels = find(docs, "StatefulSet", f"{FULLNAME}-inference-smollm2")["spec"]["template"]["metadata"]["labels"]
+    peers = [peer["podSelector"] for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+    assert any(labels_match(selector, labels) for selector in peers)
+    assert all(rule["ports"] == [{"protocol": "TCP", "port": 8080}] for rule in policy["spec"]["ingress"])
+    off = render(chart, {"inference": {"handover": {"enabled": False}}})
+    assert not [d for d in off if d["kind"] == "Secret" and d["metadata"]["name"] == f"{FULLNAME}-handover"]
+    _pod, container = inference_container(off)
+    assert "HANDOVER_TOKEN_FILE" not in container_env(container)
+
+
+def test_unready_replicas_keep_their_names(chart):
+    service = find(render(chart), "Service", f"{FULLNAME}-inference")
+    assert service["spec"]["publishNotReadyAddresses"] is True
