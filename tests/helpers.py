@@ -28,6 +28,18 @@ CHATML_MODEL = "tiny-bloom-chatml"
 CHATML_DESCRIPTION = "Tiny BLOOM again, spoken to in ChatML <b>(a second model)</b>"
 
 
+SMOL_DHT_PREFIX = "petals-chat-smollm2"  # the SmolLM2 oracle tests' swarms
+SMOL_NEW_TOKENS = 24  # the SmolLM2 oracle's greedy tokens per prompt
+SMOL_QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea."]
+
+
+def chatml(tokenizer, question: str) -> list[int]:
+    """The prompt's ids: the model's own chat template, default system prompt, assistant turn open."""
+    messages = [{"role": "user", "content": question}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
 FAST_CHECKS = {"READINESS_INTERVAL_SECONDS": "1", "SWARM_STATE_REFRESH_SECONDS": "1"}  # the tests' replicas
 
 

@@ -1,8 +1,8 @@
 """Continuous batching (SWARM_BATCHING) on a private swarm equals in-process ``transformers``.
 
 One swarm of batching servers: two split SmolLM2's 30 blocks, a third serves the tiny BLOOM
-(alibi). The stock Petals client (``client`` of test_smollm2_oracle.py, resolved against this
-module's ``smol_swarm``) runs many sessions at once from threads, of different lengths, joining and
+(alibi). The stock Petals client (``smol_client`` of tests/integration/conftest.py, resolved against
+this module's ``smol_swarm``) runs many sessions at once from threads, of different lengths, joining and
 leaving while others decode: each session's greedy tokens equal the oracle's, and the servers' logs
 show batched steps; the same for tiny BLOOM's sessions. A beam search (``hypo_ids`` reordering, two
 sequences per step) and every session's prefill take Petals' own step on the same servers,
@@ -19,19 +19,10 @@ import pytest
 
 from services.swarm.batching_pool import ENV, PATCH
 from services.swarm.launcher import PrivateSwarm, SwarmModel
-from tests.integration.test_smollm2_oracle import (  # noqa: F401 - fixtures shared with the unbatched oracle test
-    DHT_PREFIX,
-    NEW_TOKENS,
-    QUESTIONS,
-    chatml,
-    client,
-    smol_dir,
-    smol_oracle,
-    smol_tokenizer,
-)
+from tests.helpers import SMOL_DHT_PREFIX, SMOL_NEW_TOKENS, SMOL_QUESTIONS, chatml
 
 pytestmark = pytest.mark.integration
-MORE_QUESTIONS = [*QUESTIONS, "What is 2 + 2?", "Name three colors."]
+MORE_QUESTIONS = [*SMOL_QUESTIONS, "What is 2 + 2?", "Name three colors."]
 SESSION_TOKENS = [24, 6, 16, 10, 20, 8]  # session i asks MORE_QUESTIONS[i % 4] for this many tokens at most
 JOIN_AFTER = 3  # session i opens once the sessions before it have made 3 * i tokens in all
 BATCHED = f"{PATCH}: the first batched step of"
@@ -41,10 +32,11 @@ BLOOM_TOKENS = [16, 5, 12, 8]
 
 
 @pytest.fixture(scope="module")
-def smol_swarm(smol_dir: Path, model_dir: Path, artifacts_dir: Path) -> Iterator[PrivateSwarm]:  # noqa: F811
-    """This module's swarm (``client`` resolves it): SmolLM2 on two servers, tiny BLOOM on a third, all batching."""
+def smol_swarm(smol_dir: Path, model_dir: Path, artifacts_dir: Path) -> Iterator[PrivateSwarm]:
+    """This module's swarm (``smol_client`` resolves it): SmolLM2 on two servers, tiny BLOOM on a third,
+    all batching."""
     bloom = SwarmModel(model_dir, ("0:4",), BLOOM_PREFIX)
-    with PrivateSwarm(smol_dir, ["0:15", "15:30"], artifacts_dir / "batching-swarm", dht_prefix=DHT_PREFIX,
+    with PrivateSwarm(smol_dir, ["0:15", "15:30"], artifacts_dir / "batching-swarm", dht_prefix=SMOL_DHT_PREFIX,
                       more_models=[bloom], env={ENV: "true"}) as swarm:  # fmt: skip
         yield swarm
 
@@ -64,18 +56,18 @@ def bloom_client(model_dir: Path, smol_swarm: PrivateSwarm):
 
 
 @pytest.fixture(scope="module")
-def oracle_cases(smol_tokenizer, smol_oracle) -> dict[str, tuple[list[int], list[int]]]:  # noqa: F811
-    """question -> (prompt ids, the oracle's NEW_TOKENS greedy ids)."""
+def oracle_cases(smol_tokenizer, smol_oracle) -> dict[str, tuple[list[int], list[int]]]:
+    """question -> (prompt ids, the oracle's SMOL_NEW_TOKENS greedy ids)."""
     prompts = {question: chatml(smol_tokenizer, question) for question in MORE_QUESTIONS}
     return {question: (ids, smol_oracle(ids)) for question, ids in prompts.items()}
 
 
-def one_token_per_call(client, ids: list[int], count: int) -> list[int]:  # noqa: F811
+def one_token_per_call(client, ids: list[int], count: int) -> list[int]:
     """Greedy tokens of ``ids``, one per ``generate`` call in one inference session, ``count`` at most."""
     import torch
 
     generated: list[int] = []
-    with torch.inference_mode(), client.inference_session(max_length=len(ids) + NEW_TOKENS) as session:
+    with torch.inference_mode(), client.inference_session(max_length=len(ids) + SMOL_NEW_TOKENS) as session:
         out = client.generate(torch.tensor([ids]), max_new_tokens=1, do_sample=False, session=session)
         generated.append(out[0, -1].item())
         while len(generated) < count:
@@ -84,7 +76,7 @@ def one_token_per_call(client, ids: list[int], count: int) -> list[int]:  # noqa
     return generated
 
 
-def run_staggered(client, sessions: list[tuple[list[int], int]]) -> dict[int, list[int] | BaseException]:  # noqa: F811
+def run_staggered(client, sessions: list[tuple[list[int], int]]) -> dict[int, list[int] | BaseException]:
     """Each (prompt ids, tokens) one token per call in its own thread; session i opens once the sessions
     before it have made ``JOIN_AFTER * i`` tokens in all, so sessions join and leave while others decode."""
     made = threading.Condition()
@@ -115,10 +107,10 @@ def assert_batched(server) -> None:
     assert BATCHED in server.log_path.read_text(errors="replace"), f"{server.name} never batched a step"
 
 
-def test_concurrent_sessions_joining_and_leaving_equal_the_oracle(client, oracle_cases, smol_swarm):  # noqa: F811
+def test_concurrent_sessions_joining_and_leaving_equal_the_oracle(smol_client, oracle_cases, smol_swarm):
     cases = [oracle_cases[MORE_QUESTIONS[index % len(MORE_QUESTIONS)]] for index in range(len(SESSION_TOKENS))]
     counts = [min(tokens, len(expected)) for tokens, (_, expected) in zip(SESSION_TOKENS, cases, strict=True)]
-    results = run_staggered(client, [(ids, count) for (ids, _), count in zip(cases, counts, strict=True)])
+    results = run_staggered(smol_client, [(ids, count) for (ids, _), count in zip(cases, counts, strict=True)])
     for index, ((_, expected), count) in enumerate(zip(cases, counts, strict=True)):
         assert results[index] == expected[:count], f"session {index}"
     for server in smol_swarm.servers[:2]:
@@ -133,17 +125,17 @@ def test_concurrent_tiny_bloom_sessions_equal_the_oracle(bloom_client, oracle, t
     assert_batched(smol_swarm.servers[2])
 
 
-def test_beam_search_falls_back_beside_a_batched_session_and_equals_transformers(client, oracle_cases, smol_dir):  # noqa: F811
+def test_beam_search_falls_back_beside_a_batched_session_and_equals_transformers(smol_client, oracle_cases, smol_dir):
     """Two sequences a step and ``hypo_ids`` reordering: Petals' own step, beside a session that batches."""
     import torch
     from transformers import LlamaForCausalLM
 
-    ids, expected = oracle_cases[QUESTIONS[1]]
+    ids, expected = oracle_cases[SMOL_QUESTIONS[1]]
     beams: dict[str, list[int]] = {}
-    greedy = threading.Thread(target=lambda: beams.setdefault("greedy", one_token_per_call(client, ids, 12)))
+    greedy = threading.Thread(target=lambda: beams.setdefault("greedy", one_token_per_call(smol_client, ids, 12)))
     greedy.start()
     with torch.inference_mode():
-        out = client.generate(torch.tensor([ids]), max_new_tokens=8, num_beams=2, do_sample=False)
+        out = smol_client.generate(torch.tensor([ids]), max_new_tokens=8, num_beams=2, do_sample=False)
     greedy.join(timeout=600)
     model = LlamaForCausalLM.from_pretrained(smol_dir, torch_dtype=torch.float32).eval()
     with torch.inference_mode():

@@ -16,78 +16,18 @@ import pytest
 from client.api import Api
 from deploy.local_stack import ServiceProcess
 from services.swarm.launcher import PrivateSwarm
-from services.swarm.smollm2 import ensure_smollm2
-from tests.helpers import start_gateway, start_inference
+from tests.helpers import SMOL_DHT_PREFIX, SMOL_NEW_TOKENS, SMOL_QUESTIONS, chatml, start_gateway, start_inference
 
 pytestmark = pytest.mark.integration
-DHT_PREFIX = "petals-chat-smollm2"
-NEW_TOKENS = 24
-QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea."]
-
-
-@pytest.fixture(scope="module")
-def smol_dir() -> Path:
-    return ensure_smollm2()
-
-
-@pytest.fixture(scope="module")
-def smol_tokenizer(smol_dir: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smol_dir)
-
-
-def chatml(tokenizer, question: str) -> list[int]:
-    """The prompt's ids: the model's own chat template, default system prompt, assistant turn open."""
-    messages = [{"role": "user", "content": question}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
-@pytest.fixture(scope="module")
-def smol_model(smol_dir: Path):
-    """The model in process, float32, one thread."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    torch.set_num_threads(1)  # two threads on two busy cores ran 20x slower
-    return LlamaForCausalLM.from_pretrained(smol_dir, torch_dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def smol_oracle(smol_model):
-    """In-process greedy generation: ``oracle(ids) -> new ids`` (up to and including ``<|im_end|>``)."""
-    import torch
-
-    model = smol_model
-
-    def generate(ids: list[int]) -> list[int]:
-        with torch.inference_mode():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
-        return out[0, len(ids) :].tolist()
-
-    return generate
+DHT_PREFIX = SMOL_DHT_PREFIX
+NEW_TOKENS = SMOL_NEW_TOKENS
+QUESTIONS = SMOL_QUESTIONS
 
 
 @pytest.fixture(scope="module")
 def smol_swarm(smol_dir: Path, artifacts_dir: Path) -> Iterator[PrivateSwarm]:
     with PrivateSwarm(smol_dir, ["0:15", "15:30"], artifacts_dir / "smollm2-swarm", dht_prefix=DHT_PREFIX) as swarm:
         yield swarm
-
-
-@pytest.fixture(scope="module")
-def client(smol_dir: Path, smol_swarm: PrivateSwarm):
-    """The raw Petals client (embeddings and the tied LM head here, the 30 blocks on the swarm)."""
-    import torch
-    from petals import AutoDistributedModelForCausalLM
-
-    model = AutoDistributedModelForCausalLM.from_pretrained(
-        smol_dir, initial_peers=smol_swarm.initial_peers, dht_prefix=DHT_PREFIX, torch_dtype=torch.float32
-    ).eval()
-    yield model
-    sequence_manager = model.transformer.h.sequence_manager
-    sequence_manager.shutdown()
-    sequence_manager.dht.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -105,26 +45,26 @@ def test_the_oracle_answers_sensibly(cases, smol_tokenizer):
 
 
 @pytest.mark.parametrize("question", QUESTIONS)
-def test_swarm_generate_equals_oracle(client, cases, question):
+def test_swarm_generate_equals_oracle(smol_client, cases, question):
     import torch
 
     ids, expected = cases[question]
     with torch.inference_mode():
-        out = client.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
+        out = smol_client.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
     assert out[0, len(ids) :].tolist() == expected
 
 
 @pytest.mark.parametrize("question", QUESTIONS)
-def test_swarm_one_token_per_call_in_a_session_equals_oracle(client, cases, question):
+def test_swarm_one_token_per_call_in_a_session_equals_oracle(smol_client, cases, question):
     import torch
 
     ids, expected = cases[question]
     generated: list[int] = []
-    with torch.inference_mode(), client.inference_session(max_length=len(ids) + NEW_TOKENS) as session:
-        out = client.generate(torch.tensor([ids]), max_new_tokens=1, do_sample=False, session=session)
+    with torch.inference_mode(), smol_client.inference_session(max_length=len(ids) + NEW_TOKENS) as session:
+        out = smol_client.generate(torch.tensor([ids]), max_new_tokens=1, do_sample=False, session=session)
         generated.append(out[0, -1].item())
         while len(generated) < len(expected):
-            out = client.generate(None, max_new_tokens=1, do_sample=False, session=session)
+            out = smol_client.generate(None, max_new_tokens=1, do_sample=False, session=session)
             generated.append(out[0, -1].item())
     assert generated == expected
 
