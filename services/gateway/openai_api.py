@@ -27,10 +27,11 @@ from services.common.api.params import TEMPERATURE as SAMPLING_TEMPERATURE
 from services.common.api.params import GenerateParams, read_values_async
 from services.common.api.replica_request import GENERATE_STREAM_PATH, ReplicaRequest
 from services.common.chat.model_card import ModelCard
-from services.common.chat.template import compiled
+from services.common.chat.template import ChatTemplate, compiled
 from services.common.web.errors import ApiError, ServiceUnavailable, openai_error_body
 from services.common.web.sse import SSE_CONTENT_TYPE, SSE_HEADERS, parse_sse_async
 from services.gateway.openai_params import SamplingOptions, check_prompt_length, parse_chat, parse_completion
+from services.gateway.openai_tools import Arguments, CallOpened, Content, ToolCallParser, ToolChoice, prompt_messages
 from services.gateway.relay import ClientStream, Request, read_answer, relayed_chunks, upstream_error
 from services.gateway.replicas import Decision
 from services.gateway.routing import RoutedResource, Router
@@ -84,7 +85,7 @@ class ChatCompletionsResource(RoutedResource):
         body = await read_values_async(req, self._limits)
         messages, options = parse_chat(body, self._limits)
         card = self._router.replicas.resolve(options.model)
-        prompt = compiled(card.chat_template).render(messages, card.chat)  # the model's own format
+        prompt = _chat_prompt(compiled(card.chat_template), card, messages, options.tools)
         check_prompt_length(prompt, self._limits)
         if "stop" not in body:
             options = replace(options, stop=card.chat.stop)
@@ -93,7 +94,18 @@ class ChatCompletionsResource(RoutedResource):
         await _answer(req, resp, _ChatShape(options), generation)
 
 
-def _opening(messages: list[dict[str, str]]) -> str:
+def _chat_prompt(
+    template: ChatTemplate, card: ModelCard, messages: list[dict[str, Any]], tools: ToolChoice | None
+) -> str:
+    """The prompt in the model's own format; tools and calls in the template's way, if it has one,
+    else in the documented one (services/gateway/openai_tools.py)."""
+    if template.takes_tools:
+        offered = [tool.to_json() for tool in tools.tools] if tools else None
+        return template.render(messages, card.chat, tools=offered)
+    return template.render(prompt_messages(messages, tools), card.chat)
+
+
+def _opening(messages: list[dict[str, Any]]) -> str:
     """The conversation's routing key: its messages up to the first user message."""
     end = next((index for index, message in enumerate(messages) if message["role"] == "user"), len(messages) - 1)
     return hashlib.sha256(json.dumps(messages[: end + 1]).encode()).hexdigest()
@@ -140,6 +152,7 @@ def _replica_request(
         seed=options.seed if sampling else None,
         model=options.model,
         repetition_penalty=options.repetition_penalty,
+        grammar=options.grammar,
     )
     fill_context = options.max_tokens is None
     return ReplicaRequest(params, conversation=conversation, fill_context=fill_context, client=client)
@@ -177,6 +190,14 @@ class _Shape(ABC):
     def opening_delta(self) -> dict[str, Any] | None:
         return None
 
+    def deltas(self, text: str) -> list[dict[str, Any]]:
+        """The stream chunks' choices for one token's text."""
+        return [self.delta(text, None)]
+
+    def finish_reason(self, reason: str) -> str:
+        """OpenAI's finish reason of the answer, given the replica's (mapped)."""
+        return reason
+
 
 class _CompletionShape(_Shape):
     id_prefix = "cmpl-"
@@ -194,16 +215,57 @@ class _ChatShape(_Shape):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
+    def __init__(self, options: SamplingOptions) -> None:
+        super().__init__(options)
+        self._calls = ToolCallParser() if options.tools else None
+
     def choice(self, text: str, finish_reason: str) -> dict[str, Any]:
-        message = {"role": "assistant", "content": text}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if self._calls is not None:
+            content, calls = _gathered(self._calls.push(text))
+            message = {"role": "assistant", "content": content or None, **({"tool_calls": calls} if calls else {})}
+            finish_reason = self.finish_reason(finish_reason)
         return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
 
     def delta(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
         delta = {} if text is None else {"content": text}
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
+    def deltas(self, text: str) -> list[dict[str, Any]]:
+        if self._calls is None:
+            return super().deltas(text)
+        return [_delta_of(event) for event in self._calls.push(text)]
+
+    def finish_reason(self, reason: str) -> str:
+        return "tool_calls" if self._calls is not None and self._calls.calls and reason == "stop" else reason
+
     def opening_delta(self) -> dict[str, Any] | None:
         return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+
+def _gathered(events: Any) -> tuple[str, list[dict[str, Any]]]:
+    """A whole answer's text and calls (OpenAI's message ``tool_calls``)."""
+    content, calls = "", []
+    for event in events:
+        if isinstance(event, Content):
+            content += event.text
+        elif isinstance(event, CallOpened):
+            calls.append({"id": event.id, "type": "function", "function": {"name": event.name, "arguments": ""}})
+        else:
+            calls[event.index]["function"]["arguments"] += event.text
+    return content, calls
+
+
+def _delta_of(event: Content | CallOpened | Arguments) -> dict[str, Any]:
+    """One stream chunk's choice: text, a call's opening (id, name) or a piece of its arguments."""
+    if isinstance(event, Content):
+        delta: dict[str, Any] = {"content": event.text}
+    elif isinstance(event, CallOpened):
+        function = {"name": event.name, "arguments": ""}
+        delta = {"tool_calls": [{"index": event.index, "id": event.id, "type": "function", "function": function}]}
+    else:
+        delta = {"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
 
 
 async def _answer(req: Request, resp: falcon.asgi.Response, shape: _Shape, events: Events) -> None:
@@ -249,9 +311,10 @@ async def _stream_chunks(shape: _Shape, events: Events) -> AsyncIterator[bytes]:
             yield _chunk({**shape.envelope(shape.chunk_object_name, [opening]), **extra})
         async for event, data in _checked(events):
             if event == "token" and data["text"]:
-                yield _chunk({**shape.envelope(shape.chunk_object_name, [shape.delta(data["text"], None)]), **extra})
+                for delta in shape.deltas(data["text"]):
+                    yield _chunk({**shape.envelope(shape.chunk_object_name, [delta]), **extra})
             elif event == "done":
-                last = shape.delta(None, _finish_reason(data))
+                last = shape.delta(None, shape.finish_reason(_finish_reason(data)))
                 yield _chunk({**shape.envelope(shape.chunk_object_name, [last]), **extra})
                 if shape.options.include_usage:
                     yield _chunk({**shape.envelope(shape.chunk_object_name, []), "usage": _usage(data)})

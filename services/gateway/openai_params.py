@@ -1,8 +1,10 @@
 """Validation of OpenAI-style request bodies (``/v1/completions``, ``/v1/chat/completions``).
 
 Bodies are JSON objects, checked field by field with OpenAI's types and ranges; each error
-names its field (OpenAI's ``param``). Options this service cannot honour (``n`` > 1,
-``logprobs``, tools, presence and frequency penalties) are refused clearly rather than silently
+names its field (OpenAI's ``param``). ``response_format`` (``json_object``, ``json_schema``) and
+``tools`` become a grammar the replica enforces (services/common/api/grammar.py,
+services/gateway/openai_tools.py). Options this service cannot honour (``n`` > 1,
+``logprobs``, presence and frequency penalties) are refused clearly rather than silently
 ignored; ``repetition_penalty`` (vLLM's extension, the v1 parameter) is accepted; unknown fields
 are ignored, as clients add new ones all the time.
 """
@@ -10,9 +12,10 @@ are ignored, as clients add new ones all the time.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from services.common.api.grammar import json_schema_grammar
 from services.common.api.params import (
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,
@@ -23,13 +26,14 @@ from services.common.api.params import (
     Range,
 )
 from services.common.web.errors import InvalidParameter, PayloadTooLarge
+from services.gateway.openai_tools import ToolChoice, parse_tool_choice
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_MESSAGES = 1024
 TEMPERATURE = Range(0.0, 2.0)  # OpenAI's (below v1's floor: greedy); top_p, seed and repetition_penalty are v1's
 PENALTY = Range(-2.0, 2.0)  # presence and frequency penalties (only 0 is accepted)
 N = Range(1, 128)
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ class SamplingOptions:
     stream: bool
     include_usage: bool
     repetition_penalty: float | None = None  # vLLM's extension (the v1 parameter); None: off
+    grammar: str | None = None  # what the output must match: response_format's or the tools' (None: free text)
+    tools: ToolChoice | None = None  # the tools the model may call (chat; None: none)
 
 
 def parse_completion(body: dict[str, Any], limits: Limits) -> tuple[str, SamplingOptions]:
@@ -58,7 +64,8 @@ def parse_completion(body: dict[str, Any], limits: Limits) -> tuple[str, Samplin
     for name, allowed in (("echo", False), ("best_of", 1), ("suffix", None)):
         if body.get(name) not in (None, allowed):
             raise InvalidParameter(f"{name} is not supported; leave it out", param=name)
-    return prompt, _parse_options(body, limits, default_max_tokens=completions_default_max_tokens(limits))
+    options = _parse_options(body, limits, default_max_tokens=completions_default_max_tokens(limits))
+    return prompt, replace(options, grammar=_response_format(body.get("response_format")))
 
 
 def completions_default_max_tokens(limits: Limits) -> int:
@@ -73,13 +80,36 @@ def parse_chat(body: dict[str, Any], limits: Limits) -> tuple[list[dict[str, str
         raise InvalidParameter("messages must be a non-empty list of {role, content} objects", param="messages")
     if len(messages) > MAX_MESSAGES:
         raise PayloadTooLarge(f"messages has {len(messages)} entries; the limit is {MAX_MESSAGES}", param="messages")
-    for name in ("tools", "functions", "tool_choice", "function_call"):
+    for name in ("functions", "function_call"):
         if body.get(name) not in (None, [], "none"):
-            raise InvalidParameter(f"{name} is not supported: this model has no tool calling", param=name)
-    if body.get("response_format") not in (None, {"type": "text"}):
-        raise InvalidParameter("response_format must be {'type': 'text'}", param="response_format")
+            raise InvalidParameter(f"{name} is not supported: use tools and tool_choice", param=name)
+    tools, grammar = parse_tool_choice(body), _response_format(body.get("response_format"))
+    if tools is not None and grammar is not None:
+        refusal = "response_format json_object or json_schema cannot be combined with tools (but with tool_choice none)"
+        raise InvalidParameter(refusal, param="response_format")
     parsed = [_parse_message(message, index) for index, message in enumerate(messages)]
-    return parsed, _parse_options(body, limits, default_max_tokens=None)
+    options = _parse_options(body, limits, default_max_tokens=None)
+    return parsed, replace(options, grammar=tools.grammar() if tools else grammar, tools=tools)
+
+
+def _response_format(value: Any) -> str | None:
+    """The grammar of ``response_format``: None for text, any JSON object, or a JSON Schema's documents."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if value is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return json_schema_grammar({"type": "object"}, "response_format")
+    json_schema = value.get("json_schema") if kind == "json_schema" else None
+    if not isinstance(json_schema, dict) or not isinstance(json_schema.get("name", ""), str):
+        raise InvalidParameter(
+            'response_format must be {"type": "text"}, {"type": "json_object"} or '
+            '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}',
+            param="response_format",
+        )
+    if not isinstance(json_schema.get("strict", False), bool | None):
+        raise InvalidParameter("response_format.json_schema.strict must be true or false", param="response_format")
+    schema = json_schema.get("schema", {"type": "object"})  # OpenAI's default: any object
+    return json_schema_grammar(schema, "response_format.json_schema.schema")
 
 
 def check_prompt_length(prompt: str, limits: Limits) -> None:
@@ -87,7 +117,8 @@ def check_prompt_length(prompt: str, limits: Limits) -> None:
     _check_length("messages", prompt, limits)
 
 
-def _parse_message(message: Any, index: int) -> dict[str, str]:
+def _parse_message(message: Any, index: int) -> dict[str, Any]:
+    """A message as ``{role, content}``; an assistant's ``tool_calls`` as ``[{id, name, arguments}]``."""
     param = f"messages[{index}]"
     if not isinstance(message, dict):
         raise InvalidParameter(f"{param} must be an object with role and content", param=param)
@@ -95,10 +126,25 @@ def _parse_message(message: Any, index: int) -> dict[str, str]:
     role = _ROLES.get(name) if isinstance(name, str) else None  # a list or an object is no role (nor hashable)
     if role is None:
         raise InvalidParameter(
-            f"{param}.role must be one of system, developer, user or assistant, got {message.get('role')!r}",
+            f"{param}.role must be one of system, developer, user, assistant or tool, got {message.get('role')!r}",
             param=f"{param}.role",
         )
-    return {"role": role, "content": _message_text(message.get("content"), f"{param}.content")}
+    calls = message.get("tool_calls") if role == "assistant" else None
+    if calls is not None and not isinstance(calls, list):
+        raise InvalidParameter(f"{param}.tool_calls must be a list", param=f"{param}.tool_calls")
+    content = message.get("content")
+    if calls:
+        parsed = {"role": role, "content": "" if content is None else _message_text(content, f"{param}.content")}
+        return {**parsed, "tool_calls": [_tool_call(call, f"{param}.tool_calls[{i}]") for i, call in enumerate(calls)]}
+    return {"role": role, "content": _message_text(content, f"{param}.content")}
+
+
+def _tool_call(call: Any, param: str) -> dict[str, str]:
+    function = call.get("function") if isinstance(call, dict) else None
+    fields = [function.get(name) for name in ("name", "arguments")] if isinstance(function, dict) else [None]
+    if not all(isinstance(field, str) for field in fields) or not isinstance(call.get("id", ""), str):
+        raise InvalidParameter(f"{param} must be {{id, type: function, function: {{name, arguments}}}}", param=param)
+    return {"id": call.get("id", ""), "name": fields[0], "arguments": fields[1]}
 
 
 def _message_text(content: Any, param: str) -> str:

@@ -21,6 +21,7 @@ from functools import cached_property
 from typing import Any
 
 from services.common.api.params import GenerateParams
+from services.inference.constraint import GrammarConstraint, GrammarTokenizer
 from services.inference.model import ModelHandle
 from services.inference.sampling import SeededSampler
 from services.inference.session_tokens import SessionTokens
@@ -53,6 +54,8 @@ class SwarmStepper:
             # Before sampling, as transformers orders it; the tokens it penalises are every token the
             # session holds (Petals passes them all to transformers), not only this request's.
             processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        if params.grammar is not None:  # after the other processors, before the sampler
+            processors.append(GrammarConstraint(self._grammar_tokenizer, params.grammar))
         if params.do_sample:
             processors.append(SeededSampler(params.temperature, params.top_k, params.top_p, params.seed))
         return processors
@@ -85,6 +88,11 @@ class SwarmStepper:
                 feed = [token]
         finally:
             tokens.restore(held, added, device)
+
+    @cached_property
+    def _grammar_tokenizer(self) -> GrammarTokenizer:
+        """The model's tokenizer as llguidance reads it, for requests with a grammar."""
+        return GrammarTokenizer(self._model.tokenizer, self._model.model.config.vocab_size)
 
     @cached_property
     def _device(self) -> Any:

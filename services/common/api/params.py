@@ -17,6 +17,7 @@ from typing import Any
 import falcon
 import falcon.asgi
 
+from services.common.api.grammar import get_grammar
 from services.common.startup.config import Env
 from services.common.web.errors import InvalidParameter, PayloadTooLarge
 
@@ -86,6 +87,7 @@ class GenerateParams:
     seed: int | None = None
     model: str | None = None  # None: the default model (the gateway), or the one the replica serves
     repetition_penalty: float | None = None  # transformers' RepetitionPenaltyLogitsProcessor; None or 1: off
+    grammar: str | None = None  # llguidance's grammar the output must match (services/common/api/grammar.py)
 
 
 MAX_STOP_SEQUENCES = 4
@@ -342,6 +344,7 @@ def parse_generate(values: dict[str, Any], limits: Limits, *, fill_context: bool
         seed=get_int(values, "seed", SEED),
         model=get_model(values),
         repetition_penalty=get_float(values, "repetition_penalty", REPETITION_PENALTY),
+        grammar=get_grammar(values),
     )
     lengths = (params.max_length is not None) + (params.max_new_tokens is not None)
     if fill_context and lengths:
