@@ -6,6 +6,7 @@ from typing import Any
 
 from services.common.api.params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, REPETITION_PENALTY, SEED, TOP_P, Limits
 from services.gateway.openai_params import MAX_MESSAGES, TEMPERATURE, completions_default_max_tokens
+from services.gateway.openai_tools import MAX_TOOLS
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -56,6 +57,7 @@ def openai_schemas(limits: Limits, model: dict[str, Any]) -> dict[str, Any]:
             "properties": {"include_usage": {"type": "boolean"}},
         },
         "user": {"description": "Ignored, whatever its value."},
+        "response_format": _response_format(),
     }
     usage = {
         "type": "object",
@@ -112,13 +114,19 @@ def openai_schemas(limits: Limits, model: dict[str, Any]) -> dict[str, Any]:
                     "maxItems": MAX_MESSAGES,
                     "items": {
                         "type": "object",
-                        "required": ["role", "content"],
+                        "required": ["role"],
                         "properties": {
-                            "role": {"enum": ["system", "developer", "user", "assistant"]},
-                            "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}]},
+                            "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+                            "content": {
+                                "oneOf": [{"type": "string"}, {"type": "array", "items": text_part}, {"type": "null"}],
+                                "description": "Required but for an assistant message with tool_calls.",
+                            },
+                            "tool_calls": {"type": "array", "items": _ref("ToolCall")},
+                            "tool_call_id": {"type": "string"},
                         },
                     },
                 },
+                **_tool_parameters(),
                 "max_tokens": {**max_tokens, "description": "Default: as many as the context allows."},
                 "max_completion_tokens": max_tokens,
             },
@@ -130,9 +138,29 @@ def openai_schemas(limits: Limits, model: dict[str, Any]) -> dict[str, Any]:
             {
                 "type": "object",
                 "required": ["role", "content"],
-                "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
+                "properties": {
+                    "role": {"const": "assistant"},
+                    "content": {"type": ["string", "null"], "description": "null when the answer is tool calls."},
+                    "tool_calls": {"type": "array", "items": _ref("ToolCall")},
+                },
             },
         ),
+        "ToolCall": {
+            "type": "object",
+            "required": ["id", "type", "function"],
+            "properties": {
+                "id": {"type": "string"},
+                "type": {"const": "function"},
+                "function": {
+                    "type": "object",
+                    "required": ["name", "arguments"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "arguments": {"type": "string", "description": "JSON valid against the parameters' schema."},
+                    },
+                },
+            },
+        },
         "Usage": usage,
         "ModelList": {
             "type": "object",
@@ -157,6 +185,65 @@ def openai_schemas(limits: Limits, model: dict[str, Any]) -> dict[str, Any]:
                 }
             },
         },
+    }
+
+
+def _response_format() -> dict[str, Any]:
+    """``response_format``: text, any JSON object, or JSON valid against a schema (constrained decoding)."""
+    json_schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "description": {"type": "string"},
+            "schema": {"type": "object", "description": "A JSON Schema; one llguidance cannot compile is a 400."},
+            "strict": {"type": ["boolean", "null"], "description": "Always enforced, strict or not."},
+        },
+    }
+    return {
+        "oneOf": [
+            {"type": "null"},
+            {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+            {
+                "type": "object",
+                "required": ["type", "json_schema"],
+                "properties": {"type": {"const": "json_schema"}, "json_schema": json_schema},
+            },
+        ],
+        "description": "The output always parses (json_object) and validates (json_schema): constrained decoding.",
+    }
+
+
+def _tool_parameters() -> dict[str, Any]:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` (docs/api.md, "Tools")."""
+    function = {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+            "description": {"type": "string"},
+            "parameters": {"type": "object", "description": "A JSON Schema; the arguments always validate."},
+        },
+    }
+    named = {
+        "type": "object",
+        "required": ["type", "function"],
+        "properties": {
+            "type": {"const": "function"},
+            "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+        },
+    }
+    return {
+        "tools": {
+            "type": ["array", "null"],
+            "maxItems": MAX_TOOLS,
+            "items": {
+                "type": "object",
+                "required": ["type", "function"],
+                "properties": {"type": {"const": "function"}, "function": function},
+            },
+        },
+        "tool_choice": {"oneOf": [{"type": "null"}, {"enum": ["none", "auto", "required"]}, named]},
+        "parallel_tool_calls": {"type": ["boolean", "null"], "default": True},
     }
 
 
@@ -213,7 +300,11 @@ def _answer(object_name: str, field: str, field_schema: dict[str, Any]) -> dict[
     choice = {
         "type": "object",
         "required": ["index", field, "finish_reason"],
-        "properties": {"index": {"const": 0}, field: field_schema, "finish_reason": {"enum": ["stop", "length"]}},
+        "properties": {
+            "index": {"const": 0},
+            field: field_schema,
+            "finish_reason": {"enum": ["stop", "length", "tool_calls"], "description": "tool_calls: chat only."},
+        },
     }
     return {
         "type": "object",

@@ -328,9 +328,14 @@ def get_model(values: dict[str, Any]) -> str | None:
     return value
 
 
-def parse_generate(values: dict[str, Any], limits: Limits, *, fill_context: bool = False) -> GenerateParams:
+def parse_generate(
+    values: dict[str, Any], limits: Limits, *, fill_context: bool = False, internal: bool = False
+) -> GenerateParams:
     """Validate the parameters of ``POST /api/v1/generate``; with ``fill_context`` (the gateway's
-    own requests) neither length may be set: as many tokens as the context allows."""
+    own requests) neither length may be set: as many tokens as the context allows. Only an
+    ``internal`` request (the gateway's, services/common/api/replica_request.py) may carry a ``grammar``."""
+    if not internal and values.get("grammar") not in (None, ""):
+        raise InvalidParameter("grammar is not a parameter: use json_schema", param="grammar")
     params = GenerateParams(
         inputs=get_str(values, "inputs", max_chars=limits.max_input_chars),
         do_sample=get_bool(values, "do_sample", default=False),
