@@ -6,8 +6,9 @@ Starts a private SmolLM2 swarm (2 servers, "0:15" and "15:30"), one inference re
 - ``schemas``: ``--count`` (default 200) chat requests through the official ``openai`` client, each
   with ``response_format`` ``json_schema`` (strict) of one of client/schemas.py's varied schemas
   (nested objects, arrays, enums, bounded numbers, required and optional fields), sampled at
-  temperature 0.7 with the request's index as seed; prints how many answers parse as JSON and
-  validate against their schema (``jsonschema``), the finish reasons, and each failure's index.
+  temperature 0.7 with the request's index as seed, ``--concurrency`` (8) at a time; prints how
+  many answers parse as JSON and validate against their schema (``jsonschema``), the finish
+  reasons, and each failure's index.
 - ``cost``: at one session, v2 streams of ``--tokens`` tokens through the gateway, unconstrained and
   constrained (a schema whose documents are longer than that), alternating for ``--rounds``
   rounds; per token, the median time between consecutive tokens as the client sees them, both side
@@ -23,18 +24,20 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import signal
 import statistics
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import jsonschema
 import openai
 
-from bench.common import load_average, machine_description
+from bench.common import exit_on_sigterm, load_average, machine_description
 from client.api import Api
 from client.schemas import schemas, strict_format
 from deploy.local_stack import gateway_process, inference_process, pick_free_port
@@ -64,27 +67,32 @@ def smollm2_gateway(logs: Path) -> Iterator[str]:
             replica.stop()
 
 
-def run_schemas(base_url: str, model: str, count: int) -> None:
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=600)
-    valid, finishes, failures, tokens = 0, Counter(), [], 0
-    start = time.perf_counter()
-    for index, schema in enumerate(schemas(count)):
-        response_format = {"type": "json_schema", "json_schema": strict_format(index, schema)}
+def run_schemas(base_url: str, model: str, count: int, concurrency: int) -> None:
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=1800)
+
+    def one(index: int, schema: dict) -> tuple[str, int, str | None]:
+        """The finish reason, the tokens, and why the answer is not valid (None: it is)."""
         answer = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "Fill in this form with plausible values."}],
-            response_format=response_format, temperature=0.7, seed=index, max_tokens=600,
+            response_format={"type": "json_schema", "json_schema": strict_format(index, schema)},
+            temperature=0.7, seed=index, max_tokens=600,
         )  # fmt: skip
         choice = answer.choices[0]
-        finishes[choice.finish_reason] += 1
-        tokens += answer.usage.completion_tokens
         try:
             jsonschema.validate(json.loads(choice.message.content), schema)
-            valid += 1
+            problem = None
         except (ValueError, jsonschema.ValidationError) as error:
-            failures.append(f"#{index} ({choice.finish_reason}): {str(error)[:100]}")
+            problem = f"#{index} ({choice.finish_reason}): {str(error)[:100]}"
+        return choice.finish_reason, answer.usage.completion_tokens, problem
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(count), schemas(count)))
     seconds = time.perf_counter() - start
-    print(f"schemas: {valid}/{count} answers parse and validate; finish reasons {dict(finishes)}; "
-          f"{tokens} tokens in {seconds:.0f} s")  # fmt: skip
+    failures = [problem for _, _, problem in results if problem]
+    finishes = Counter(reason for reason, _, _ in results)
+    print(f"schemas: {count - len(failures)}/{count} answers parse and validate; finish reasons {dict(finishes)}; "
+          f"{sum(tokens for _, tokens, _ in results)} tokens in {seconds:.0f} s ({concurrency} at a time)")  # fmt: skip
     for failure in failures:
         print(f"  failed {failure}")
 
@@ -121,12 +129,14 @@ def run_cost(base_url: str, model: str, tokens: int, rounds: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=8, help="schemas: requests at a time")
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--phases", default="schemas,cost", help="comma-separated: schemas, cost")
     parser.add_argument("--url", default=None, help="an existing gateway serving SmolLM2 (default: start one)")
     parser.add_argument("--log-dir", type=Path, default=None)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)  # stop the stack it started
     print(f"{machine_description()}; load {load_average()}")
     model, phases = ensure_smollm2().name, set(args.phases.split(","))
     with (
@@ -134,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         _gateway(args.url, args.log_dir or Path(scratch)) as base_url,
     ):
         if "schemas" in phases:
-            run_schemas(base_url, model, args.count)
+            run_schemas(base_url, model, args.count, args.concurrency)
         if "cost" in phases:
             run_cost(base_url, model, args.tokens, args.rounds)
 
