@@ -8,7 +8,7 @@ Starts a private SmolLM2 swarm (2 servers, "0:15" and "15:30"), one inference re
   (nested objects, arrays, enums, bounded numbers, required and optional fields), sampled at
   temperature 0.7 with the request's index as seed, ``--concurrency`` (8) at a time; prints how
   many answers parse as JSON and validate against their schema (``jsonschema``), the finish
-  reasons, and each failure's index.
+  reasons, and each failure's index (a request the swarm fails, a 502, is retried up to 3 times).
 - ``cost``: at one session, v2 streams of ``--tokens`` tokens through the gateway, unconstrained and
   constrained (a schema whose documents are longer than that), alternating for ``--rounds``
   rounds; per token, the median time between consecutive tokens as the client sees them, both side
@@ -45,6 +45,9 @@ from services.swarm.launcher import PrivateSwarm
 from services.swarm.smollm2 import ensure_smollm2
 
 DHT_PREFIX = "petals-chat-smollm2"
+# Each chat request leaves its conversation session open for a follow-up; at most 10 of them, the least
+# recently used evicted first, so that their attention caches fit the servers' (8 requests at a time).
+REPLICA_ENV = {"TORCH_DTYPE": "float32", "MAX_SESSIONS": "10"}
 COST_PROMPT = "<|im_start|>user\nList some numbers.<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -55,7 +58,7 @@ def smollm2_gateway(logs: Path) -> Iterator[str]:
     with PrivateSwarm(model_dir, ["0:15", "15:30"], logs / "swarm", dht_prefix=DHT_PREFIX) as swarm:
         replica = inference_process(model_dir=model_dir, initial_peers=swarm.initial_peers, dht_prefix=DHT_PREFIX,
                                     port=pick_free_port(), log_path=logs / "inference.log",
-                                    extra_env={"TORCH_DTYPE": "float32"}).start_ready(240)  # fmt: skip
+                                    extra_env=REPLICA_ENV).start_ready(240)  # fmt: skip
         try:
             gateway = gateway_process(replicas={replica.name: replica.base_url}, port=pick_free_port(),
                                       log_path=logs / "gateway.log", name="gateway").start_ready(60)  # fmt: skip
@@ -68,7 +71,7 @@ def smollm2_gateway(logs: Path) -> Iterator[str]:
 
 
 def run_schemas(base_url: str, model: str, count: int, concurrency: int) -> None:
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=1800)
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=3, timeout=1800)
 
     def one(index: int, schema: dict) -> tuple[str, int, str | None]:
         """The finish reason, the tokens, and why the answer is not valid (None: it is)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.api.grammar import NUMBER_BOUND, bounded, get_grammar, json_schema_grammar
+from services.common.api.grammar import NUMBER_BOUND, STRING_BOUND, bounded, get_grammar, json_schema_grammar
 from services.common.web.errors import InvalidParameter
 from services.gateway.openai_tools import (
     Arguments,
@@ -77,12 +77,17 @@ def test_prompt_messages_render_tools_calls_and_results():
     assert len(rendered) == 4
 
 
-def test_numbers_without_bounds_get_them():
+def test_numbers_and_strings_without_bounds_get_them():
     schema = {"properties": {"n": {"type": "integer"}, "x": {"type": ["number", "null"], "minimum": 0}}}
     properties = bounded(schema)["properties"]
     assert (properties["n"]["minimum"], properties["n"]["maximum"]) == (-NUMBER_BOUND, NUMBER_BOUND)
     assert (properties["x"]["minimum"], properties["x"]["maximum"]) == (0, NUMBER_BOUND)
-    assert bounded({"properties": {"type": {"type": "string"}}}) == {"properties": {"type": {"type": "string"}}}
+    assert bounded({"properties": {"type": {"type": "string"}}}) == {
+        "properties": {"type": {"type": "string", "maxLength": STRING_BOUND}}
+    }
+    assert bounded({"type": "string", "maxLength": 3}) == {"type": "string", "maxLength": 3}
+    assert "maxLength" not in bounded({"type": "string", "format": "date"})
+    assert bounded({"type": [{}, "integer"]})["maximum"] == NUMBER_BOUND
 
 
 def test_unsupported_schemas_name_the_part():
