@@ -6,7 +6,8 @@ Starts a private SmolLM2 swarm (2 servers, "0:15" and "15:30"), one inference re
 - ``schemas``: ``--count`` (default 200) chat requests through the official ``openai`` client, each
   with ``response_format`` ``json_schema`` (strict) of one of client/schemas.py's varied schemas
   (nested objects, arrays, enums, bounded numbers, required and optional fields), sampled at
-  temperature 0.7 with the request's index as seed, ``--concurrency`` (8) at a time; prints how
+  temperature 0.7 with the request's index as seed, up to ``--max-tokens`` (1024, the replicas'
+  default limit) each, ``--concurrency`` (8) at a time; prints how
   many answers parse as JSON and validate against their schema (``jsonschema``), the finish
   reasons, and each failure's index (a request the swarm fails, a 502, is retried up to 3 times).
 - ``cost``: at one session, v2 streams of ``--tokens`` tokens through the gateway, unconstrained and
@@ -70,7 +71,7 @@ def smollm2_gateway(logs: Path) -> Iterator[str]:
             replica.stop()
 
 
-def run_schemas(base_url: str, model: str, count: int, concurrency: int) -> None:
+def run_schemas(base_url: str, model: str, count: int, concurrency: int, max_tokens: int) -> None:
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=3, timeout=1800)
 
     def one(index: int, schema: dict) -> tuple[str, int, str | None]:
@@ -78,7 +79,7 @@ def run_schemas(base_url: str, model: str, count: int, concurrency: int) -> None
         answer = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "Fill in this form with plausible values."}],
             response_format={"type": "json_schema", "json_schema": strict_format(index, schema)},
-            temperature=0.7, seed=index, max_tokens=600,
+            temperature=0.7, seed=index, max_tokens=max_tokens,
         )  # fmt: skip
         choice = answer.choices[0]
         try:
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8, help="schemas: requests at a time")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="schemas: each answer's limit")
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--phases", default="schemas,cost", help="comma-separated: schemas, cost")
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         _gateway(args.url, args.log_dir or Path(scratch)) as base_url,
     ):
         if "schemas" in phases:
-            run_schemas(base_url, model, args.count, args.concurrency)
+            run_schemas(base_url, model, args.count, args.concurrency, args.max_tokens)
         if "cost" in phases:
             run_cost(base_url, model, args.tokens, args.rounds)
 
