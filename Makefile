@@ -15,7 +15,7 @@ TORCH_REQUIREMENTS := requirements/torch-cpu.txt requirements/torch-gpu.txt
 TORCH_WHEELS ?=
 export TORCH_WHEELS
 
-.PHONY: setup system-tools deploy-tools images test-deploy test-clean-setup run test fuzz lint format bench bench-concurrency bench-websocket bench-memory clean
+.PHONY: setup system-tools deploy-tools images test-deploy test-clean-setup run test fuzz lint format bench bench-structured bench-concurrency bench-websocket bench-memory clean
 
 setup: $(STAMP) $(UI_LIBRARIES)
 
@@ -51,10 +51,18 @@ $(CHECKOV_STAMP): requirements/checkov.txt
 	touch $@
 
 # Debian packages the tests use: chromium (browser tests, driven by Playwright; never
-# `playwright install`, which downloads browsers) and prometheus (with promtool).
+# `playwright install`, which downloads browsers), prometheus (with promtool), and nodejs with npm
+# (the OpenAI JS SDK's tests, tests/js).
 system-tools:
-	@command -v chromium >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus; }
+	@command -v chromium >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null \
+		&& command -v node >/dev/null && command -v npm >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus nodejs npm; }
+
+# The JS tests' packages (openai, zod), exactly as tests/js/package-lock.json pins them.
+JS_STAMP := tests/js/node_modules/.installed
+$(JS_STAMP): tests/js/package.json tests/js/package-lock.json | system-tools
+	npm ci --prefix tests/js --no-audit --no-fund
+	touch $@
 
 # Debian packages the deployment test uses: podman with runc (crun fails on this kernel's cgroup v1
 # hybrid mode), netavark, aardvark-dns and iptables (the test's container network and its DNS),
@@ -82,7 +90,7 @@ test-clean-setup:
 run: $(STAMP) $(UI_LIBRARIES)
 	$(PY) -m deploy.run_local
 
-test: $(STAMP) $(UI_LIBRARIES) $(CHECKOV_STAMP) system-tools
+test: $(STAMP) $(UI_LIBRARIES) $(CHECKOV_STAMP) system-tools $(JS_STAMP)
 	$(PY) -m pytest
 
 # The long fuzzing run (docs/testing.md "Fuzzing"): up to 1,000 Hypothesis examples per operation and mode (over
@@ -104,6 +112,12 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.inference_latency
 	$(PY) -m bench.lm_head
+
+# Structured output on SmolLM2 (200 varied schemas, constrained vs unconstrained per token) and
+# the constrained-decoding libraries' costs (docs/benchmarks.md, "Structured output").
+bench-structured: $(STAMP)
+	$(PY) -m bench.structured_output
+	$(PY) -m bench.grammar_libraries --libraries llguidance
 
 bench-concurrency: $(STAMP)
 	$(PY) -m bench.concurrency

@@ -34,7 +34,7 @@ from services.common.api.params import MAX_SEED, GenerateParams, Limits, read_va
 from services.common.api.params import TEMPERATURE as SAMPLING_TEMPERATURE
 from services.common.api.replica_request import GENERATE_STREAM_PATH, ReplicaRequest
 from services.common.chat.model_card import ModelCard
-from services.common.chat.template import compiled
+from services.common.chat.template import ChatTemplate, compiled
 from services.common.web.errors import ApiError, ServiceUnavailable, openai_error_body
 from services.common.web.sse import SSE_CONTENT_TYPE, SSE_HEADERS, parse_sse_async
 from services.gateway.openai_params import (
@@ -45,6 +45,7 @@ from services.gateway.openai_params import (
     parse_completion,
 )
 from services.gateway.openai_scores import CompletionLogprobs, Entry, chat_logprobs
+from services.gateway.openai_tools import Arguments, CallOpened, Content, ToolCallParser, ToolChoice, prompt_messages
 from services.gateway.relay import ClientStream, Request, read_answer, relayed_chunks, upstream_error
 from services.gateway.replicas import Decision
 from services.gateway.routing import RoutedResource, Router
@@ -106,13 +107,24 @@ class ChatCompletionsResource(_ChoicesResource):
         body = await read_values_async(req, self._limits)
         messages, options = parse_chat(body, self._limits, self._max_choices)
         card = self._router.replicas.resolve(options.model)
-        prompt = compiled(card.chat_template).render(messages, card.chat)  # the model's own format
+        prompt = _chat_prompt(compiled(card.chat_template), card, messages, options.tools)
         check_prompt_length(prompt, self._limits)
         if "stop" not in body:
             options = replace(options, stop=card.chat.stop)
         key = _opening(messages) if options.n == 1 else None  # a new conversation session counts toward its quota
         streams = await _start_choices(self._router, prompt, options, key, req.context.client.name)
         await _answer(req, resp, _ChatShape(options), streams)
+
+
+def _chat_prompt(
+    template: ChatTemplate, card: ModelCard, messages: list[dict[str, Any]], tools: ToolChoice | None
+) -> str:
+    """The prompt in the model's own format; tools and calls in the template's way, if it has one,
+    else in the documented one (services/gateway/openai_tools.py)."""
+    if template.takes_tools:
+        offered = [tool.to_json() for tool in tools.tools] if tools else None
+        return template.render(messages, card.chat, tools=offered)
+    return template.render(prompt_messages(messages, tools), card.chat)
 
 
 def _opening(messages: list[dict[str, str]]) -> str:
@@ -185,6 +197,7 @@ def _replica_request(
         seed=seed,
         model=options.model,
         repetition_penalty=options.repetition_penalty,
+        grammar=options.grammar,
     )
     token_options = options.token_options
     if options.best_of > options.n and token_options.logprobs is None:
@@ -251,6 +264,14 @@ class _Shape(ABC):
         """The chunk of a choice's scored prompt (None: none)."""
         return None
 
+    def deltas(self, index: int, text: str, entries: list[Entry]) -> list[dict[str, Any]]:
+        """The stream chunks' choices for one token's text and scores."""
+        return [self.delta(index, text, None, entries)]
+
+    def finish_reason(self, reason: str) -> str:
+        """OpenAI's finish reason of the answer, given the replica's (mapped)."""
+        return reason
+
 
 class _CompletionShape(_Shape):
     id_prefix = "cmpl-"
@@ -287,8 +308,16 @@ class _ChatShape(_Shape):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
+    def __init__(self, options: SamplingOptions) -> None:
+        super().__init__(options)
+        self._calls = ToolCallParser() if options.tools else None  # tools come with one choice only
+
     def choice(self, index: int, text: str, finish_reason: str, result: _Choice) -> dict[str, Any]:
-        message = {"role": "assistant", "content": text}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if self._calls is not None:
+            content, calls = _gathered(self._calls.push(text))
+            message = {"role": "assistant", "content": content or None, **({"tool_calls": calls} if calls else {})}
+            finish_reason = self.finish_reason(finish_reason)
         return {"index": index, "message": message, "logprobs": self._logprobs(result.entries),
                 "finish_reason": finish_reason}  # fmt: skip
 
@@ -300,8 +329,41 @@ class _ChatShape(_Shape):
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}  # fmt: skip
 
+    def deltas(self, index: int, text: str, entries: list[Entry]) -> list[dict[str, Any]]:
+        if self._calls is None:
+            return super().deltas(index, text, entries)
+        return [_delta_of(event) for event in self._calls.push(text)]
+
+    def finish_reason(self, reason: str) -> str:
+        return "tool_calls" if self._calls is not None and self._calls.calls and reason == "stop" else reason
+
     def _logprobs(self, entries: list[Entry]) -> dict[str, Any] | None:
         return chat_logprobs(entries) if self.options.logprobs else None
+
+
+def _gathered(events: Any) -> tuple[str, list[dict[str, Any]]]:
+    """A whole answer's text and calls (OpenAI's message ``tool_calls``)."""
+    content, calls = "", []
+    for event in events:
+        if isinstance(event, Content):
+            content += event.text
+        elif isinstance(event, CallOpened):
+            calls.append({"id": event.id, "type": "function", "function": {"name": event.name, "arguments": ""}})
+        else:
+            calls[event.index]["function"]["arguments"] += event.text
+    return content, calls
+
+
+def _delta_of(event: Content | CallOpened | Arguments) -> dict[str, Any]:
+    """One stream chunk's choice: text, a call's opening (id, name) or a piece of its arguments."""
+    if isinstance(event, Content):
+        delta: dict[str, Any] = {"content": event.text}
+    elif isinstance(event, CallOpened):
+        function = {"name": event.name, "arguments": ""}
+        delta = {"tool_calls": [{"index": event.index, "id": event.id, "type": "function", "function": function}]}
+    else:
+        delta = {"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
 
 
 async def _answer(req: Request, resp: falcon.asgi.Response, shape: _Shape, streams: list[Stream]) -> None:
@@ -415,8 +477,7 @@ async def _stream_chunks(shape: _Shape, streams: list[Stream]) -> AsyncIterator[
             if (opening := shape.opening_delta(index)) is not None:
                 yield _chunk({**shape.envelope(shape.chunk_object_name, [opening]), **extra})
         async for index, event, data in events:
-            delta = _delta(shape, index, event, data)
-            if delta is not None:
+            for delta in _deltas(shape, index, event, data):
                 yield _chunk({**shape.envelope(shape.chunk_object_name, [delta]), **extra})
             if event == "done":
                 done.append(data)
@@ -431,16 +492,17 @@ async def _stream_chunks(shape: _Shape, streams: list[Stream]) -> AsyncIterator[
             upstream.close()
 
 
-def _delta(shape: _Shape, index: int, event: str, data: dict[str, Any]) -> dict[str, Any] | None:
-    """The chunk's choice for one of a replica's events (None: nothing to send)."""
+def _deltas(shape: _Shape, index: int, event: str, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chunks' choices for one of a replica's events (none: nothing to send)."""
     if event == "prompt":
-        return shape.prompt_delta(index, data["logprobs"])
+        delta = shape.prompt_delta(index, data["logprobs"])
+        return [] if delta is None else [delta]
     if event == "token":
         entries = [data["logprobs"]] if "logprobs" in data and shape.options.logprobs else []
-        return shape.delta(index, data["text"], None, entries) if data["text"] or entries else None
+        return shape.deltas(index, data["text"], entries) if data["text"] or entries else []
     if event == "done":
-        return shape.delta(index, None, _finish_reason(data), [])
-    return None
+        return [shape.delta(index, None, shape.finish_reason(_finish_reason(data)), [])]
+    return []
 
 
 def _chunk(data: dict[str, Any]) -> bytes:

@@ -1,12 +1,15 @@
 """Validation of OpenAI-style request bodies (``/v1/completions``, ``/v1/chat/completions``).
 
 Bodies are JSON objects, checked field by field with OpenAI's types and ranges; each error
-names its field (OpenAI's ``param``). Options this service cannot honour (tools, ``suffix``)
-are refused clearly rather than silently ignored; ``repetition_penalty`` (vLLM's extension, the
-v1 parameter) is accepted; unknown fields are ignored, as clients add new ones all the time.
-Scores (``logprobs``, ``top_logprobs``, ``echo``), several choices (``n`` up to the gateway's
-``OPENAI_MAX_CHOICES``, ``best_of``), penalties and ``logit_bias`` are read here into
-``SamplingOptions``; the replica applies them (services/common/api/token_options.py).
+names its field (OpenAI's ``param``). ``response_format`` (``json_object``, ``json_schema``) and
+``tools`` become a grammar the replica enforces (services/common/api/grammar.py,
+services/gateway/openai_tools.py). Scores (``logprobs``, ``top_logprobs``, ``echo``), several
+choices (``n`` up to the gateway's ``OPENAI_MAX_CHOICES``, ``best_of``), penalties and
+``logit_bias`` are read here into ``SamplingOptions``; the replica applies them
+(services/common/api/token_options.py). Options this service cannot honour (``suffix``, the legacy
+``functions``) are refused clearly rather than silently ignored; ``repetition_penalty`` (vLLM's
+extension, the v1 parameter) is accepted; unknown fields are ignored, as clients add new ones all
+the time.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from services.common.api.grammar import json_schema_grammar
 from services.common.api.params import (
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,
@@ -33,12 +37,13 @@ from services.common.api.token_options import (
     parse_logit_bias,
 )
 from services.common.web.errors import InvalidParameter, PayloadTooLarge
+from services.gateway.openai_tools import ToolChoice, parse_tool_choice
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_MESSAGES = 1024
 TEMPERATURE = Range(0.0, 2.0)  # OpenAI's (below v1's floor: greedy); top_p, seed and repetition_penalty are v1's
 DEFAULT_MAX_CHOICES = 4  # n and best_of (OPENAI_MAX_CHOICES)
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ class SamplingOptions:
     best_of: int = 1  # choices generated (completions), the n most likely returned
     echo: bool = False  # completions: the prompt before each choice's text
     token_options: TokenOptions = NO_TOKEN_OPTIONS  # logprobs, penalties, logit_bias
+    grammar: str | None = None  # what the output must match: response_format's or the tools' (None: free text)
+    tools: ToolChoice | None = None  # the tools the model may call (chat; None: none)
 
     @property
     def generations(self) -> int:
@@ -91,7 +98,8 @@ def parse_completion(
     if options.stream and best_of > options.n:
         raise InvalidParameter("best_of greater than n cannot be streamed", param="best_of")
     scores = replace(options.token_options, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
-    return prompt, replace(options, best_of=best_of, echo=echo, token_options=scores)
+    grammar = _response_format(body.get("response_format"))
+    return prompt, replace(options, best_of=best_of, echo=echo, token_options=scores, grammar=grammar)
 
 
 def completions_default_max_tokens(limits: Limits) -> int:
@@ -108,18 +116,44 @@ def parse_chat(
         raise InvalidParameter("messages must be a non-empty list of {role, content} objects", param="messages")
     if len(messages) > MAX_MESSAGES:
         raise PayloadTooLarge(f"messages has {len(messages)} entries; the limit is {MAX_MESSAGES}", param="messages")
-    for name in ("tools", "functions", "tool_choice", "function_call"):
+    for name in ("functions", "function_call"):
         if body.get(name) not in (None, [], "none"):
-            raise InvalidParameter(f"{name} is not supported: this model has no tool calling", param=name)
-    if body.get("response_format") not in (None, {"type": "text"}):
-        raise InvalidParameter("response_format must be {'type': 'text'}", param="response_format")
+            raise InvalidParameter(f"{name} is not supported: use tools and tool_choice", param=name)
+    tools, grammar = parse_tool_choice(body), _response_format(body.get("response_format"))
+    if tools is not None and grammar is not None:
+        refusal = "response_format json_object or json_schema cannot be combined with tools (but with tool_choice none)"
+        raise InvalidParameter(refusal, param="response_format")
     parsed = [_parse_message(message, index) for index, message in enumerate(messages)]
     options = _parse_options(body, limits, max_choices, default_max_tokens=None)
     top = _int(body, "top_logprobs", TOP_LOGPROBS)
     if top is not None and not _bool(body, "logprobs"):
         raise InvalidParameter("top_logprobs needs logprobs: true", param="top_logprobs")
     logprobs = (top or 0) if _bool(body, "logprobs") else None
-    return parsed, replace(options, token_options=replace(options.token_options, logprobs=logprobs))
+    if tools is not None and options.n > 1:
+        raise InvalidParameter("tools can be combined with n = 1 only", param="n")
+    scores = replace(options.token_options, logprobs=logprobs)
+    grammar = tools.grammar() if tools else grammar
+    return parsed, replace(options, token_options=scores, grammar=grammar, tools=tools)
+
+
+def _response_format(value: Any) -> str | None:
+    """The grammar of ``response_format``: None for text, any JSON object, or a JSON Schema's documents."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if value is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return json_schema_grammar({"type": "object"}, "response_format")
+    json_schema = value.get("json_schema") if kind == "json_schema" else None
+    if not isinstance(json_schema, dict) or not isinstance(json_schema.get("name", ""), str):
+        raise InvalidParameter(
+            'response_format must be {"type": "text"}, {"type": "json_object"} or '
+            '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}',
+            param="response_format",
+        )
+    if not isinstance(json_schema.get("strict", False), bool | None):
+        raise InvalidParameter("response_format.json_schema.strict must be true or false", param="response_format")
+    schema = json_schema.get("schema", {"type": "object"})  # OpenAI's default: any object
+    return json_schema_grammar(schema, "response_format.json_schema.schema")
 
 
 def check_prompt_length(prompt: str, limits: Limits) -> None:
@@ -127,7 +161,8 @@ def check_prompt_length(prompt: str, limits: Limits) -> None:
     _check_length("messages", prompt, limits)
 
 
-def _parse_message(message: Any, index: int) -> dict[str, str]:
+def _parse_message(message: Any, index: int) -> dict[str, Any]:
+    """A message as ``{role, content}``; an assistant's ``tool_calls`` as ``[{id, name, arguments}]``."""
     param = f"messages[{index}]"
     if not isinstance(message, dict):
         raise InvalidParameter(f"{param} must be an object with role and content", param=param)
@@ -135,10 +170,25 @@ def _parse_message(message: Any, index: int) -> dict[str, str]:
     role = _ROLES.get(name) if isinstance(name, str) else None  # a list or an object is no role (nor hashable)
     if role is None:
         raise InvalidParameter(
-            f"{param}.role must be one of system, developer, user or assistant, got {message.get('role')!r}",
+            f"{param}.role must be one of system, developer, user, assistant or tool, got {message.get('role')!r}",
             param=f"{param}.role",
         )
-    return {"role": role, "content": _message_text(message.get("content"), f"{param}.content")}
+    calls = message.get("tool_calls") if role == "assistant" else None
+    if calls is not None and not isinstance(calls, list):
+        raise InvalidParameter(f"{param}.tool_calls must be a list", param=f"{param}.tool_calls")
+    content = message.get("content")
+    if calls:
+        parsed = {"role": role, "content": "" if content is None else _message_text(content, f"{param}.content")}
+        return {**parsed, "tool_calls": [_tool_call(call, f"{param}.tool_calls[{i}]") for i, call in enumerate(calls)]}
+    return {"role": role, "content": _message_text(content, f"{param}.content")}
+
+
+def _tool_call(call: Any, param: str) -> dict[str, str]:
+    function = call.get("function") if isinstance(call, dict) else None
+    fields = [function.get(name) for name in ("name", "arguments")] if isinstance(function, dict) else [None]
+    if not all(isinstance(field, str) for field in fields) or not isinstance(call.get("id", ""), str):
+        raise InvalidParameter(f"{param} must be {{id, type: function, function: {{name, arguments}}}}", param=param)
+    return {"id": call.get("id", ""), "name": fields[0], "arguments": fields[1]}
 
 
 def _message_text(content: Any, param: str) -> str:

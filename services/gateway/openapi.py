@@ -55,6 +55,11 @@ ONE_LENGTH = {
 INPUTS_OR_SESSION = {
     "anyOf": [{"required": ["session_id"]}, {"required": ["inputs"], "properties": {"inputs": {"minLength": 1}}}]
 }
+JSON_SCHEMA_PARAMETER = {
+    "type": ["object", "string"],
+    "description": "Structured output: the output is a JSON document valid against this JSON Schema (an object, "
+    "or its JSON text), by constrained decoding (llguidance). A schema it cannot compile is a 400 naming the part.",
+}
 MODEL_DESCRIPTION = "The model (a name GET /v1/models lists); omitted: the default model, or the session's."
 
 
@@ -80,6 +85,7 @@ def _schemas(limits: Limits, model: dict[str, Any]) -> dict[str, Any]:
             "description": "transformers' repetition penalty over every token of the session (1: none).",
         },
         "model": {**model, "description": MODEL_DESCRIPTION + " With a session_id, it must be the session's."},
+        "json_schema": JSON_SCHEMA_PARAMETER,
         "stop": {
             "oneOf": [
                 {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
@@ -142,7 +148,11 @@ def _schemas(limits: Limits, model: dict[str, Any]) -> dict[str, Any]:
             "required": ["type"],
             "properties": {
                 "type": {"const": "generate"},
-                **{name: schema for name, schema in generate_parameters.items() if name not in ("session_id", "stop")},
+                **{
+                    name: schema
+                    for name, schema in generate_parameters.items()
+                    if name not in ("session_id", "stop", "json_schema")
+                },
                 "stop_sequence": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
                 "extra_stop_sequences": {
                     "type": "array",

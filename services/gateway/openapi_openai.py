@@ -20,6 +20,7 @@ from services.gateway.openai_params import (
     TEMPERATURE,
     completions_default_max_tokens,
 )
+from services.gateway.openai_tools import MAX_TOOLS
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -73,6 +74,7 @@ def openai_schemas(limits: Limits, model: dict[str, Any], max_choices: int = DEF
             "properties": {"include_usage": {"type": "boolean"}},
         },
         "user": {"description": "Ignored, whatever its value."},
+        "response_format": _response_format(),
     }
     usage = {
         "type": "object",
@@ -139,6 +141,7 @@ def openai_schemas(limits: Limits, model: dict[str, Any], max_choices: int = DEF
             "properties": {
                 **common,
                 "messages": _ref("ChatMessages"),
+                **_tool_parameters(),
                 "max_tokens": {**max_tokens, "description": "Default: as many as the context allows."},
                 "max_completion_tokens": max_tokens,
                 "logprobs": {"type": ["boolean", "null"], "description": "Each token's log-probability."},
@@ -156,7 +159,11 @@ def openai_schemas(limits: Limits, model: dict[str, Any], max_choices: int = DEF
             {
                 "type": "object",
                 "required": ["role", "content"],
-                "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
+                "properties": {
+                    "role": {"const": "assistant"},
+                    "content": {"type": ["string", "null"], "description": "null when the answer is tool calls."},
+                    "tool_calls": {"type": "array", "items": _ref("ToolCall")},
+                },
             },
             {
                 "type": ["object", "null"],
@@ -194,10 +201,31 @@ def openai_schemas(limits: Limits, model: dict[str, Any], max_choices: int = DEF
             "maxItems": MAX_MESSAGES,
             "items": {
                 "type": "object",
-                "required": ["role", "content"],
+                "required": ["role"],
                 "properties": {
-                    "role": {"enum": ["system", "developer", "user", "assistant"]},
-                    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}]},
+                    "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+                    "content": {
+                        "oneOf": [{"type": "string"}, {"type": "array", "items": text_part}, {"type": "null"}],
+                        "description": "Required but for an assistant message with tool_calls.",
+                    },
+                    "tool_calls": {"type": "array", "items": _ref("ToolCall")},
+                    "tool_call_id": {"type": "string"},
+                },
+            },
+        },
+        "ToolCall": {
+            "type": "object",
+            "required": ["id", "type", "function"],
+            "properties": {
+                "id": {"type": "string"},
+                "type": {"const": "function"},
+                "function": {
+                    "type": "object",
+                    "required": ["name", "arguments"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "arguments": {"type": "string", "description": "JSON valid against the parameters' schema."},
+                    },
                 },
             },
         },
@@ -225,6 +253,65 @@ def openai_schemas(limits: Limits, model: dict[str, Any], max_choices: int = DEF
                 }
             },
         },
+    }
+
+
+def _response_format() -> dict[str, Any]:
+    """``response_format``: text, any JSON object, or JSON valid against a schema (constrained decoding)."""
+    json_schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "description": {"type": "string"},
+            "schema": {"type": "object", "description": "A JSON Schema; one llguidance cannot compile is a 400."},
+            "strict": {"type": ["boolean", "null"], "description": "Always enforced, strict or not."},
+        },
+    }
+    return {
+        "oneOf": [
+            {"type": "null"},
+            {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+            {
+                "type": "object",
+                "required": ["type", "json_schema"],
+                "properties": {"type": {"const": "json_schema"}, "json_schema": json_schema},
+            },
+        ],
+        "description": "The output always parses (json_object) and validates (json_schema): constrained decoding.",
+    }
+
+
+def _tool_parameters() -> dict[str, Any]:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` (docs/api.md, "Tools")."""
+    function = {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+            "description": {"type": "string"},
+            "parameters": {"type": "object", "description": "A JSON Schema; the arguments always validate."},
+        },
+    }
+    named = {
+        "type": "object",
+        "required": ["type", "function"],
+        "properties": {
+            "type": {"const": "function"},
+            "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+        },
+    }
+    return {
+        "tools": {
+            "type": ["array", "null"],
+            "maxItems": MAX_TOOLS,
+            "items": {
+                "type": "object",
+                "required": ["type", "function"],
+                "properties": {"type": {"const": "function"}, "function": function},
+            },
+        },
+        "tool_choice": {"oneOf": [{"type": "null"}, {"enum": ["none", "auto", "required"]}, named]},
+        "parallel_tool_calls": {"type": ["boolean", "null"], "default": True},
     }
 
 
@@ -357,7 +444,7 @@ def _answer(object_name: str, field: str, field_schema: dict[str, Any], logprobs
             "index": {"type": "integer", "minimum": 0},
             field: field_schema,
             "logprobs": logprobs,
-            "finish_reason": {"enum": ["stop", "length"]},
+            "finish_reason": {"enum": ["stop", "length", "tool_calls"], "description": "tool_calls: chat only."},
         },
     }
     return {

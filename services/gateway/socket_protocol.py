@@ -84,7 +84,12 @@ def parse_open(message: dict[str, Any], limits: Limits) -> OpenSession:
 
 def parse_generate_message(message: dict[str, Any], session_id: str, limits: Limits) -> Generate:
     """Validate a ``generate`` message for the connection's session ``session_id``."""
-    for name, instead in (("session_id", "the connection's session is used"), ("stop", "use stop_sequence")):
+    refused = (
+        ("session_id", "the connection's session is used"),
+        ("stop", "use stop_sequence"),
+        ("json_schema", "structured output is on /api/v2/generate_stream and /v1"),
+    )
+    for name, instead in refused:
         if name in message:
             raise InvalidParameter(f"{name} is not a parameter here: {instead}")
     values = {name: value for name, value in message.items() if name not in _NOT_PARAMETERS}

@@ -22,6 +22,7 @@ from typing import Any
 
 from services.common.api.params import GenerateParams
 from services.common.api.token_options import TokenOptions
+from services.inference.constraint import GrammarConstraint, GrammarTokenizer
 from services.inference.model import ModelHandle
 from services.inference.sampling import SeededSampler
 from services.inference.scores import ScoreReader, TokenNames, prompt_entries
@@ -66,6 +67,8 @@ class SwarmStepper:
             processors.append(CompletionPenalty(options.presence_penalty, options.frequency_penalty, start))
         if options.logit_bias:
             processors.append(LogitBias(options.logit_bias))
+        if params.grammar is not None:  # after the other processors, before the sampler
+            processors.append(GrammarConstraint(self._grammar_tokenizer, params.grammar))
         if reader is not None:
             processors.append(reader)
         if params.do_sample:
@@ -142,6 +145,11 @@ class SwarmStepper:
             with torch.inference_mode(), model.use_session(petals_session):
                 model.base_model(input_ids=torch.tensor([token_ids[:-1]], device=device))
         SessionTokens(petals_session).restore(TokenPrefix(None), list(token_ids), device)
+
+    @cached_property
+    def _grammar_tokenizer(self) -> GrammarTokenizer:
+        """The model's tokenizer as llguidance reads it, for requests with a grammar."""
+        return GrammarTokenizer(self._model.tokenizer, self._model.model.config.vocab_size)
 
     @cached_property
     def _device(self) -> Any:

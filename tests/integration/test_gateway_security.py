@@ -51,6 +51,19 @@ ROUTES = [
     ("POST", "/v1/completions", {"model": "m", "prompt": "Hi", "max_tokens": 1, "n": 2, "logprobs": 1, "echo": True}),
     ("POST", "/v1/tokenize", {"prompt": "Hi"}),
     ("POST", "/v1/detokenize", {"tokens": [1, 2]}),
+    # structured output and tools: the same routes, with the new parameters
+    ("POST", "/api/v2/generate_stream", {"inputs": "Hi", "max_new_tokens": 1, "json_schema": {"type": "object"}}),
+    ("POST", "/v1/completions", {"model": "m", "prompt": "Hi", "response_format": {"type": "json_object"}}),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": "required",
+        },
+    ),
 ]
 
 

@@ -75,10 +75,39 @@ def test_too_long_prompt_is_413():
         parse_completion({"model": "m", "prompt": "x" * 101}, LIMITS)
 
 
-def test_tools_are_refused():
-    body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]}
-    with pytest.raises(InvalidParameter, match="tool calling"):
-        parse_chat(body, LIMITS)
+def test_malformed_tools_and_legacy_functions_are_refused():
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+    with pytest.raises(InvalidParameter, match="function") as refused:
+        parse_chat({**body, "tools": [{"type": "function"}]}, LIMITS)
+    assert refused.value.param == "tools[0]"
+    with pytest.raises(InvalidParameter, match="use tools") as refused:
+        parse_chat({**body, "functions": [{"name": "f"}]}, LIMITS)
+    assert refused.value.param == "functions"
+
+
+def test_response_format_becomes_a_grammar_on_both_endpoints():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    json_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    for kind in ({"type": "json_object"}, json_schema):
+        messages = [{"role": "user", "content": "Hi"}]
+        chat = parse_chat({"model": "m", "messages": messages, "response_format": kind}, LIMITS)
+        completion = parse_completion({"model": "m", "prompt": "Hi", "response_format": kind}, LIMITS)
+        assert chat[1].grammar and chat[1].grammar == completion[1].grammar
+    text = parse_completion({"model": "m", "prompt": "Hi", "response_format": {"type": "text"}}, LIMITS)
+    assert text[1].grammar is None
+
+
+def test_tool_messages_are_accepted():
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+    ]
+    parsed, _ = parse_chat({"model": "m", "messages": messages}, LIMITS)
+    calls = [{"id": "call_1", "name": "f", "arguments": '{"a":1}'}]
+    assert parsed[1] == {"role": "assistant", "content": "", "tool_calls": calls}
+    assert parsed[2] == {"role": "tool", "content": "42"}
 
 
 def test_repetition_penalty_is_accepted_within_its_range():

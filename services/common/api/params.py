@@ -17,6 +17,7 @@ from typing import Any
 import falcon
 import falcon.asgi
 
+from services.common.api.grammar import get_grammar
 from services.common.startup.config import Env
 from services.common.web.errors import InvalidParameter, PayloadTooLarge
 
@@ -86,6 +87,7 @@ class GenerateParams:
     seed: int | None = None
     model: str | None = None  # None: the default model (the gateway), or the one the replica serves
     repetition_penalty: float | None = None  # transformers' RepetitionPenaltyLogitsProcessor; None or 1: off
+    grammar: str | None = None  # llguidance's grammar the output must match (services/common/api/grammar.py)
 
 
 MAX_STOP_SEQUENCES = 4
@@ -326,9 +328,14 @@ def get_model(values: dict[str, Any]) -> str | None:
     return value
 
 
-def parse_generate(values: dict[str, Any], limits: Limits, *, fill_context: bool = False) -> GenerateParams:
+def parse_generate(
+    values: dict[str, Any], limits: Limits, *, fill_context: bool = False, internal: bool = False
+) -> GenerateParams:
     """Validate the parameters of ``POST /api/v1/generate``; with ``fill_context`` (the gateway's
-    own requests) neither length may be set: as many tokens as the context allows."""
+    own requests) neither length may be set: as many tokens as the context allows. Only an
+    ``internal`` request (the gateway's, services/common/api/replica_request.py) may carry a ``grammar``."""
+    if not internal and values.get("grammar") not in (None, ""):
+        raise InvalidParameter("grammar is not a parameter: use json_schema", param="grammar")
     params = GenerateParams(
         inputs=get_str(values, "inputs", max_chars=limits.max_input_chars),
         do_sample=get_bool(values, "do_sample", default=False),
@@ -342,6 +349,7 @@ def parse_generate(values: dict[str, Any], limits: Limits, *, fill_context: bool
         seed=get_int(values, "seed", SEED),
         model=get_model(values),
         repetition_penalty=get_float(values, "repetition_penalty", REPETITION_PENALTY),
+        grammar=get_grammar(values),
     )
     lengths = (params.max_length is not None) + (params.max_new_tokens is not None)
     if fill_context and lengths:

@@ -103,7 +103,7 @@ class ReplicaRequest:
         """Validate a replica's request body (query, form or JSON values); InvalidParameter otherwise."""
         fill_context = get_bool(values, "fill_context", default=False)
         request = cls(
-            params=parse_generate(values, limits, fill_context=fill_context),
+            params=parse_generate(values, limits, fill_context=fill_context, internal=True),
             conversation=get_bool(values, "conversation", default=False),
             fill_context=fill_context,
             stop_token=get_str(values, "stop_token", max_chars=MAX_STOP_CHARS) or None,

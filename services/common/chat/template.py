@@ -41,6 +41,7 @@ class ChatTemplate:
     """A compiled chat template; ``render`` turns validated messages into a prompt."""
 
     def __init__(self, source: str = DEFAULT_CHAT_TEMPLATE) -> None:
+        self._source = source
         environment = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
         try:
             self._template = environment.from_string(source)
@@ -54,9 +55,17 @@ class ChatTemplate:
         except InvalidParameter as error:
             raise ConfigError(f"CHAT_TEMPLATE fails on a one-message chat: {error.message}") from None
 
-    def render(self, messages: list[dict[str, Any]], chat_format: ChatFormat) -> str:
-        """The prompt for ``messages``, ending where the model's answer begins."""
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the template writes OpenAI's ``tools`` itself (Hugging Face's tool-calling templates)."""
+        return "tools" in self._source
+
+    def render(self, messages: list[dict[str, Any]], chat_format: ChatFormat, tools: list | None = None) -> str:
+        """The prompt for ``messages``, ending where the model's answer begins (``tools``: for a template
+        that ``takes_tools``)."""
         variables = {**chat_format.to_json(), "default_system_prompt": chat_format.system_prompt}
+        if self.takes_tools:
+            variables["tools"] = tools
         try:
             return self._template.render(
                 messages=messages, add_generation_prompt=True, raise_exception=_raise_exception, **variables
