@@ -205,11 +205,9 @@ def tiny_llama_block(seed: int = 0):
     return block
 
 
-def petals_cache(block, prefix: int, max_length: int = 16):
+def petals_cache(block, prefix: int, kv_heads: int, head_dim: int, max_length: int = 16):
     """A session's cache in Petals' layout after ``prefix`` tokens through ``block`` (its own forward)."""
-    attention = block.self_attn
-    keys = torch.zeros(1, attention.num_key_value_heads, attention.head_dim, max_length)
-    values = torch.zeros(1, attention.num_key_value_heads, max_length, attention.head_dim)
+    keys, values = torch.zeros(1, kv_heads, head_dim, max_length), torch.zeros(1, kv_heads, max_length, head_dim)
     if prefix:
         _, (new_keys, new_values) = block(torch.randn(1, prefix, 32), use_cache=True)
         keys[..., :prefix] = new_keys.view(1, *new_keys.shape)
@@ -217,57 +215,10 @@ def petals_cache(block, prefix: int, max_length: int = 16):
     return keys, values
 
 
-@torch.inference_mode()
-def test_a_batched_llama_decode_step_equals_each_session_alone_in_petals_block():
-    blocks = [tiny_llama_block(0), tiny_llama_block(1)]
-    prefixes = [0, 3, 7]
-    caches = [[petals_cache(block, prefix) for prefix in prefixes] for block in blocks]
-    expected_caches = [[(k.clone(), v.clone()) for k, v in block_caches] for block_caches in caches]
-    hidden = torch.randn(len(prefixes), 1, 32)
-
-    batched = batched_blocks.decode_step(blocks, caches, hidden, prefixes)
-
-    for session, prefix in enumerate(prefixes):
-        alone = hidden[session : session + 1]
-        for block, block_caches in zip(blocks, expected_caches, strict=True):
-            keys, values = block_caches[session]
-            past = (keys.flatten(0, 1)[:, :, :prefix], values.flatten(0, 1)[:, :prefix]) if prefix else None
-            alone, (new_keys, new_values) = block(alone, layer_past=past, use_cache=True)
-            torch.testing.assert_close(caches[blocks.index(block)][session][0][..., : prefix + 1],
-                                       new_keys.view(1, *new_keys.shape))  # fmt: skip
-            torch.testing.assert_close(caches[blocks.index(block)][session][1][:, :, : prefix + 1],
-                                       new_values.view(1, *new_values.shape))  # fmt: skip
-        torch.testing.assert_close(batched[session : session + 1], alone)
-
-
-def tiny_bloom_block(seed: int = 0):
-    from petals.models.bloom.block import WrappedBloomBlock
-    from transformers import BloomConfig
-
-    torch.manual_seed(seed)
-    block = WrappedBloomBlock(BloomConfig(hidden_size=32, n_head=4)).eval()
-    for parameter in block.parameters():
-        torch.nn.init.normal_(parameter, std=0.2)
-    return block
-
-
-def bloom_cache(block, prefix: int, max_length: int = 16):
-    """A session's cache in Petals' layout after ``prefix`` tokens through the BLOOM ``block`` (its own forward)."""
-    heads, head_dim = block.num_heads, 32 // block.num_heads
-    keys, values = torch.zeros(1, heads, head_dim, max_length), torch.zeros(1, heads, max_length, head_dim)
-    if prefix:
-        _, (new_keys, new_values) = block(torch.randn(1, prefix, 32), use_cache=True)
-        keys[..., :prefix] = new_keys.view(1, *new_keys.shape)
-        values[:, :, :prefix] = new_values.view(1, *new_values.shape)
-    return keys, values
-
-
-@torch.inference_mode()
-def test_a_batched_bloom_decode_step_equals_each_session_alone_in_petals_block():
-    blocks = [tiny_bloom_block(0), tiny_bloom_block(1)]
-    prefixes = [0, 4, 9]
-    caches = [[bloom_cache(block, prefix) for prefix in prefixes] for block in blocks]
-    before = [[(k.clone(), v.clone()) for k, v in block_caches] for block_caches in caches]
+def assert_a_batched_step_equals_each_session_alone(blocks, caches, prefixes: list[int]) -> None:
+    """``decode_step`` over sessions with ``caches`` (per block, per session) equals each session run
+    alone through Petals' own blocks: outputs, and the keys and values written into each cache."""
+    before = [[(keys.clone(), values.clone()) for keys, values in block_caches] for block_caches in caches]
     hidden = torch.randn(len(prefixes), 1, 32)
 
     batched = batched_blocks.decode_step(blocks, caches, hidden, prefixes)
@@ -282,6 +233,36 @@ def test_a_batched_bloom_decode_step_equals_each_session_alone_in_petals_block()
             torch.testing.assert_close(caches[index][session][1][:, :, : prefix + 1],
                                        new_values.view(1, *new_values.shape))  # fmt: skip
         torch.testing.assert_close(batched[session : session + 1], alone)
+
+
+@torch.inference_mode()
+def test_a_batched_llama_decode_step_equals_each_session_alone_in_petals_block():
+    blocks = [tiny_llama_block(0), tiny_llama_block(1)]
+    prefixes = [0, 3, 7]
+    attention = blocks[0].self_attn
+    shape = {"kv_heads": attention.num_key_value_heads, "head_dim": attention.head_dim}
+    caches = [[petals_cache(block, prefix, **shape) for prefix in prefixes] for block in blocks]
+    assert_a_batched_step_equals_each_session_alone(blocks, caches, prefixes)
+
+
+def tiny_bloom_block(seed: int = 0):
+    from petals.models.bloom.block import WrappedBloomBlock
+    from transformers import BloomConfig
+
+    torch.manual_seed(seed)
+    block = WrappedBloomBlock(BloomConfig(hidden_size=32, n_head=4)).eval()
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    return block
+
+
+@torch.inference_mode()
+def test_a_batched_bloom_decode_step_equals_each_session_alone_in_petals_block():
+    blocks = [tiny_bloom_block(0), tiny_bloom_block(1)]
+    prefixes = [0, 4, 9]
+    shape = {"kv_heads": blocks[0].num_heads, "head_dim": 32 // blocks[0].num_heads}
+    caches = [[petals_cache(block, prefix, **shape) for prefix in prefixes] for block in blocks]
+    assert_a_batched_step_equals_each_session_alone(blocks, caches, prefixes)
 
 
 def test_llama_block_is_batchable_and_others_are_not():
