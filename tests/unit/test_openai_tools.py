@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.api.grammar import NUMBER_BOUND, STRING_BOUND, bounded, get_grammar, json_schema_grammar
+from services.common.api.grammar import (
+    FRACTION_STEP,
+    NUMBER_BOUND,
+    STRING_BOUND,
+    bounded,
+    get_grammar,
+    json_schema_grammar,
+)
 from services.common.web.errors import InvalidParameter
 from services.gateway.openai_tools import (
     Arguments,
@@ -82,6 +89,8 @@ def test_numbers_and_strings_without_bounds_get_them():
     properties = bounded(schema)["properties"]
     assert (properties["n"]["minimum"], properties["n"]["maximum"]) == (-NUMBER_BOUND, NUMBER_BOUND)
     assert (properties["x"]["minimum"], properties["x"]["maximum"]) == (0, NUMBER_BOUND)
+    assert properties["x"]["multipleOf"] == FRACTION_STEP and "multipleOf" not in properties["n"]
+    assert bounded({"type": "number", "multipleOf": 0.5})["multipleOf"] == 0.5
     assert bounded({"properties": {"type": {"type": "string"}}}) == {
         "properties": {"type": {"type": "string", "maxLength": STRING_BOUND}}
     }

@@ -6,10 +6,10 @@ A request may carry a ``grammar``: an llguidance grammar (its JSON form, as
 from a JSON Schema (v2's ``json_schema``, OpenAI's ``response_format``) or from a Lark grammar
 (OpenAI's ``tools``, services/gateway/openai_tools.py). JSON is written compactly (no free
 whitespace): a small model cannot then pad an answer with blank lines up to its token limit.
-Numbers and strings without bounds get them (``NUMBER_BOUND``, ``STRING_BOUND``): a small model that
-wants to write a field the schema forbids otherwise writes digits until its token limit instead,
-and one that loops inside a string never closes it. Each grammar is checked
-here, where it arrives: what llguidance cannot compile (an unknown type, format or keyword) is
+Numbers and strings without bounds get them (``NUMBER_BOUND``, ``FRACTION_STEP``, ``STRING_BOUND``):
+a small model that wants to write a field the schema forbids otherwise writes digits (before or
+after the point) until its token limit instead, and one that loops inside a string never closes it.
+Each grammar is checked here, where it arrives: what llguidance cannot compile (an unknown type, format or keyword) is
 refused with its message and the parameter that holds it.
 """
 
@@ -22,6 +22,7 @@ from services.common.web.errors import InvalidParameter
 
 JSON_OPTIONS = {"whitespace_flexible": False}
 NUMBER_BOUND = 10**15  # the magnitude of a number whose schema sets no bound: 16 digits at most
+FRACTION_STEP = 1e-6  # the multipleOf of a number whose schema sets none: 6 digits after the point at most
 STRING_BOUND = 256  # the characters of a string whose schema sets no maxLength (nor pattern, format, enum)
 _NUMBER_TYPES = {"integer", "number"}
 
@@ -40,8 +41,9 @@ def json_schema_grammar(schema: Any, param: str) -> str:
 
 
 def bounded(schema: Any) -> Any:
-    """``schema`` with ``NUMBER_BOUND`` on either side of every number or integer that has none there, and
-    ``STRING_BOUND`` as the ``maxLength`` of every free string that has none."""
+    """``schema`` with ``NUMBER_BOUND`` on either side of every number or integer that has none there,
+    ``FRACTION_STEP`` as the ``multipleOf`` of every number that has none, and ``STRING_BOUND`` as the
+    ``maxLength`` of every free string that has none."""
     if isinstance(schema, list):
         return [bounded(item) for item in schema]
     if not isinstance(schema, dict):
@@ -60,6 +62,8 @@ def bounded(schema: Any) -> Any:
             copy["minimum"] = -NUMBER_BOUND
         if "maximum" not in schema and "exclusiveMaximum" not in schema:
             copy["maximum"] = NUMBER_BOUND
+        if "number" in types and "multipleOf" not in schema:
+            copy["multipleOf"] = FRACTION_STEP
     if "string" in types and not {"maxLength", "pattern", "format", "enum", "const"} & schema.keys():
         copy["maxLength"] = STRING_BOUND
     return copy
