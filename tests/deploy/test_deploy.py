@@ -273,7 +273,8 @@ def server_zero_addresses(harness: PodHarness, key: str) -> str:
 def test_a_redeploy_with_the_kept_seed_comes_back_ready_as_the_same_swarm(cluster):
     """After the stop: what `helm upgrade` keeps, and what a restart of every pod gives. The pods of a second
     render, which names the first render's Secret as swarm.seedSecret (the seed that `lookup` keeps on an
-    upgrade), are started afresh (new containers, empty emptyDirs) with that same Secret. They become
+    upgrade), are started afresh (new containers, empty emptyDirs) with that same Secret, and the first
+    render's handover token (what `lookup` keeps of it on an upgrade). They become
     ready with no restarts, server 0 of each model comes back under the same peer id (derived from the seed),
     and SmolLM2 answers again. A cluster's `lookup` itself is not exercised (no API server here)."""
     secret_name = f"{FULLNAME}-swarm-seed"
@@ -290,7 +291,10 @@ def test_a_redeploy_with_the_kept_seed_comes_back_ready_as_the_same_swarm(cluste
     cluster.remove()
 
     docs = render_chart({"swarm": {"seedSecret": secret_name}}, release=RELEASE, namespace=NAMESPACE)
-    assert not [d for d in docs if d["kind"] == "Secret"]
+    handover = f"{FULLNAME}-handover"  # the replicas' handover token, which `lookup` keeps on an upgrade too
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == [handover]
+    kept = [d for d in cluster.docs if d["kind"] == "Secret" and d["metadata"]["name"] == handover]
+    docs = [d for d in docs if d["kind"] != "Secret"] + kept
     workloads = lambda ds: {d["metadata"]["name"]: d["spec"] for d in ds if d["kind"] in ("Deployment", "StatefulSet")}  # noqa: E731
     assert workloads(docs) == workloads(cluster.docs)  # the upgrade's render: nothing for Kubernetes to roll
     redeploy_dir = ARTIFACTS / "redeploy"
