@@ -34,7 +34,6 @@ from services.common.api.params import MAX_SEED, GenerateParams, Limits, read_va
 from services.common.api.params import TEMPERATURE as SAMPLING_TEMPERATURE
 from services.common.api.replica_request import GENERATE_STREAM_PATH, ReplicaRequest
 from services.common.chat.model_card import ModelCard
-from services.common.chat.template import ChatTemplate, compiled
 from services.common.web.errors import ApiError, ServiceUnavailable, openai_error_body
 from services.common.web.sse import SSE_CONTENT_TYPE, SSE_HEADERS, parse_sse_async
 from services.gateway.openai_params import (
@@ -45,7 +44,7 @@ from services.gateway.openai_params import (
     parse_completion,
 )
 from services.gateway.openai_scores import CompletionLogprobs, Entry, chat_logprobs
-from services.gateway.openai_tools import Arguments, CallOpened, Content, ToolCallParser, ToolChoice, prompt_messages
+from services.gateway.openai_tools import Arguments, CallOpened, Content, ToolCallParser, chat_prompt
 from services.gateway.relay import ClientStream, Request, read_answer, relayed_chunks, upstream_error
 from services.gateway.replicas import Decision
 from services.gateway.routing import RoutedResource, Router
@@ -107,24 +106,13 @@ class ChatCompletionsResource(_ChoicesResource):
         body = await read_values_async(req, self._limits)
         messages, options = parse_chat(body, self._limits, self._max_choices)
         card = self._router.replicas.resolve(options.model)
-        prompt = _chat_prompt(compiled(card.chat_template), card, messages, options.tools)
+        prompt = chat_prompt(card, messages, options.tools)
         check_prompt_length(prompt, self._limits)
         if "stop" not in body:
             options = replace(options, stop=card.chat.stop)
         key = _opening(messages) if options.n == 1 else None  # a new conversation session counts toward its quota
         streams = await _start_choices(self._router, prompt, options, key, req.context.client.name)
         await _answer(req, resp, _ChatShape(options), streams)
-
-
-def _chat_prompt(
-    template: ChatTemplate, card: ModelCard, messages: list[dict[str, Any]], tools: ToolChoice | None
-) -> str:
-    """The prompt in the model's own format; tools and calls in the template's way, if it has one,
-    else in the documented one (services/gateway/openai_tools.py)."""
-    if template.takes_tools:
-        offered = [tool.to_json() for tool in tools.tools] if tools else None
-        return template.render(messages, card.chat, tools=offered)
-    return template.render(prompt_messages(messages, tools), card.chat)
 
 
 def _opening(messages: list[dict[str, str]]) -> str:

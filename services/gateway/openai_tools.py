@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.api.grammar import JSON_OPTIONS, bounded, lark_grammar
+from services.common.chat.model_card import ModelCard
+from services.common.chat.template import compiled
 from services.common.web.errors import InvalidParameter
 
 CALL_START = "<tool_call>\n"
@@ -249,3 +251,13 @@ class ToolCallParser:
         self.calls += 1
         self._mode = "between"
         return True
+
+
+def chat_prompt(card: ModelCard, messages: list[dict[str, Any]], tools: ToolChoice | None) -> str:
+    """A chat's prompt in the model's own format; tools, calls and their results in the template's
+    way if it takes tools, else in the documented one (``prompt_messages``)."""
+    template = compiled(card.chat_template)
+    if template.takes_tools:
+        offered = [tool.to_json() for tool in tools.tools] if tools else None
+        return template.render(messages, card.chat, tools=offered)
+    return template.render(prompt_messages(messages, tools), card.chat)

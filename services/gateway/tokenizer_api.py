@@ -14,9 +14,9 @@ import falcon.asgi
 
 from services.common.api.params import read_values_async
 from services.common.api.replica_request import DETOKENIZE_PATH, TOKENIZE_PATH
-from services.common.chat.template import compiled
 from services.common.web.errors import InvalidParameter
 from services.gateway.openai_params import check_prompt_length, parse_chat
+from services.gateway.openai_tools import chat_prompt
 from services.gateway.relay import Request, read_answer, upstream_error
 from services.gateway.replicas import Decision
 from services.gateway.routing import RoutedResource
@@ -53,9 +53,8 @@ class TokenizeResource(_TokenizerResource):
     def _request(self, body: dict[str, Any], model: str) -> dict[str, Any]:
         if "messages" not in body:
             return {"prompt": body.get("prompt"), "add_special_tokens": body.get("add_special_tokens", True)}
-        messages, _ = parse_chat({"messages": body["messages"], "model": model}, self._limits)
-        card = self._router.replicas.resolve(model)
-        prompt = compiled(card.chat_template).render(messages, card.chat)
+        messages, options = parse_chat({"messages": body["messages"], "model": model}, self._limits)
+        prompt = chat_prompt(self._router.replicas.resolve(model), messages, options.tools)
         check_prompt_length(prompt, self._limits)
         return {"prompt": prompt, "add_special_tokens": False}
 

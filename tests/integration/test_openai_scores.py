@@ -198,6 +198,12 @@ def test_tokenize_and_detokenize_round_trip(gateway, model, tokenizer):
     chat = post(gateway, "/v1/tokenize", {"messages": [{"role": "user", "content": "Hi"}]}).json()  # default model
     assert chat["tokens"] == tokenizer("A human talks to a powerful AI that follows the human's instructions.\n\n"
                                        "Human: Hi\n\nAI:", add_special_tokens=False).input_ids  # fmt: skip
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]  # fmt: skip
+    with_tools = post(gateway, "/v1/tokenize", {"messages": turns}).json()  # rendered as the chat endpoint renders it
+    rendered = tokenizer.decode(with_tools["tokens"])
+    assert "<tool_call>" in rendered and "<tool_response>\nsunny\n</tool_response>" in rendered
 
 
 @pytest.mark.parametrize(
