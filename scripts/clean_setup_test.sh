@@ -6,7 +6,7 @@
 # the gateway. Prints the setup's time, what it downloaded and the disk it took.
 #
 # Kept from the caller's environment: PATH and the Python it finds (resolved to a path first),
-# and the machine's TLS trust (SSL_CERT_FILE, REQUESTS_CA_BUNDLE: where PyPI is reached through
+# and the machine's TLS trust (SSL_CERT_FILE, REQUESTS_CA_BUNDLE, NODE_EXTRA_CA_CERTS for npm: where PyPI and npm are reached through
 # a TLS proxy, its CA is there), which is not pip's configuration.
 # Options (environment): CLEAN_SETUP_DIR (default: a new folder under /tmp, removed afterwards
 # unless KEEP=1), PUBLIC_PORT (default 5600: the stack's ports are PUBLIC_PORT..PUBLIC_PORT+12).
@@ -40,6 +40,7 @@ clean() {
         PIP_CONFIG_FILE=/dev/null \
         ${SSL_CERT_FILE:+SSL_CERT_FILE="$SSL_CERT_FILE"} \
         ${REQUESTS_CA_BUNDLE:+REQUESTS_CA_BUNDLE="$REQUESTS_CA_BUNDLE"} \
+        ${NODE_EXTRA_CA_CERTS:+NODE_EXTRA_CA_CERTS="$NODE_EXTRA_CA_CERTS"} \
         PYTHON="$PYTHON_BIN" "$@"
 }
 
