@@ -1,7 +1,8 @@
 """Metrics of a Petals server's merged inference pool with batching on (services/swarm/batching_pool.py).
 
 Recorded by the runtime thread of the server's main process when it takes a pass (a batched group or
-one step alone) and served by that process over HTTP on SWARM_METRICS_PORT (0: not served). No labels.
+one step alone) and served by that process over HTTP on SWARM_METRICS_PORT (0: not served). One bounded
+label: ``path`` of ``petals_chat_swarm_steps_total`` (``STEP_PATHS``).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from prometheus_client import Histogram, start_http_server
+from prometheus_client import Counter, Histogram, start_http_server
 
 PORT_ENV = "SWARM_METRICS_PORT"
 PASS_SESSIONS = Histogram(
@@ -22,6 +23,21 @@ QUEUE_WAIT = Histogram(
     "Time each inference step waited in a server's queue, from its submission by a handler to its pass.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+
+STEP_PATHS = ("batched", "alone", "fallback")
+STEPS = Counter(
+    "petals_chat_swarm_steps",
+    "Inference steps a server's merged pool ran, by path: batched (in one pass with others), alone (Petals' own "
+    "step: nothing to batch with, or a step that cannot batch), fallback (its batched pass failed, re-run alone).",
+    ["path"],
+)
+for _path in STEP_PATHS:
+    STEPS.labels(_path)  # every path exported from the start, at 0
+
+
+def count_steps(path: str, steps: int = 1) -> None:
+    """``steps`` inference steps that ran through ``path`` (one of ``STEP_PATHS``)."""
+    STEPS.labels(path).inc(steps)
 
 
 def observe_pass(submitted: Iterable[float], now: float | None = None) -> None:

@@ -89,10 +89,15 @@ class BatchedInferenceStep:
 
     def __call__(self, *args: Any) -> tuple[torch.Tensor, ...]:
         if len(args) == 1 and isinstance(args[0], DecodeGroup):
+            group = args[0]
             try:
-                return (self._batched(args[0]),)
+                outputs = self._batched(group)
             except Exception:  # e.g. one session's cache freed meanwhile: the others must not fail with it
-                return (self._one_by_one(args[0]),)
+                batching_metrics.count_steps("fallback", len(group.infos))
+                return (self._one_by_one(group),)
+            batching_metrics.count_steps("batched", len(group.infos))
+            return (outputs,)
+        batching_metrics.count_steps("alone")
         return self.merged_step(*args)
 
     def _one_by_one(self, group: DecodeGroup) -> torch.Tensor:

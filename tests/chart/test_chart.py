@@ -33,7 +33,7 @@ SWARM_SERVERS = sum(len(servers) for _, _, servers in DEFAULT_MODELS.values())
 def combo_values(variant: str, ingress: bool, monitoring: bool, swarm: bool) -> dict:
     values: dict = {
         "inference": {"variant": variant},
-        "swarm": {"enabled": swarm, "variant": variant},
+        "swarm": {"enabled": swarm, "variant": variant, "batching": monitoring},  # its metrics port with monitoring
         "ingress": {
             "enabled": ingress,
             "className": "nginx",
@@ -218,6 +218,8 @@ def test_image_registry_tag_and_pull_policy(chart):
         ({"networkPolicy": {"ingressController": {"podLabels": None}}}, "missing property 'podLabels'"),
         ({"gateway": {"rateLimitPerMinute": -1}}, "at '/gateway/rateLimitPerMinute': minimum"),
         ({"swarm": {"pdb": {"enabled": "yes"}}}, "at '/swarm/pdb/enabled'"),
+        ({"swarm": {"metrics": {"port": 31337}}}, "at '/swarm/metrics/port'"),
+        ({"swarm": {"metrics": {"port": 0}}}, "at '/swarm/metrics/port': minimum"),
     ],
 )
 def test_schema_rejects_bad_values_with_a_clear_message(chart, values, message):
@@ -821,6 +823,45 @@ def test_servers_batch_only_when_swarm_batching_is_on():
         assert servers
         for sts in servers:
             assert container_env(sts["spec"]["template"]["spec"]["containers"][0])["SWARM_BATCHING"] == expected
+
+
+def test_with_batching_each_server_serves_its_metrics_to_the_scrapers_of_the_other_services(chart):
+    """swarm.batching: SWARM_METRICS_PORT and a port "metrics" on every server, on the swarm's Service, scraped by a
+    ServiceMonitor and admitted from networkPolicy.metricsFrom only; nothing of it with batching off."""
+    scrapers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    values = {"monitoring": {"serviceMonitor": {"enabled": True}}, "networkPolicy": {"metricsFrom": scrapers}}
+    docs = render(chart, dict(values, swarm={"batching": True, "metrics": {"port": 9200}}))
+    for key, (_, _, servers) in DEFAULT_MODELS.items():
+        for index in range(len(servers)):
+            container = server_container(docs, key, index)
+            assert container_env(container)["SWARM_METRICS_PORT"] == "9200"
+            assert {"name": "metrics", "containerPort": 9200, "protocol": "TCP"} in container["ports"]
+    service = find(docs, "Service", f"{FULLNAME}-swarm")
+    assert {"name": "metrics", "port": 9200, "targetPort": "metrics", "protocol": "TCP"} in service["spec"]["ports"]
+    monitor = find(docs, "ServiceMonitor", f"{FULLNAME}-swarm")
+    assert labels_match(monitor["spec"]["selector"], service["metadata"]["labels"])
+    assert [(e["port"], e["path"]) for e in monitor["spec"]["endpoints"]] == [("metrics", "/metrics")]
+    assert monitor["spec"]["podTargetLabels"] == ["petals-chat/model", "petals-chat/swarm-server"]  # bounded
+    policy = find(docs, "NetworkPolicy", f"{FULLNAME}-swarm")
+    p2p_rule, metrics_rule = policy["spec"]["ingress"]
+    assert p2p_rule["ports"] == [{"protocol": "TCP", "port": 31337}]
+    assert not admitted({"spec": {"ingress": [p2p_rule]}}, {"app": "prometheus"}, "monitoring")
+    assert metrics_rule == {"from": scrapers, "ports": [{"protocol": "TCP", "port": 9200}]}
+
+    docs = render(chart, values)
+    for key in DEFAULT_MODELS:
+        container = server_container(docs, key, 0)
+        assert "SWARM_METRICS_PORT" not in container_env(container)
+        assert [port["name"] for port in container["ports"]] == ["p2p"]
+    assert [port["name"] for port in find(docs, "Service", f"{FULLNAME}-swarm")["spec"]["ports"]] == ["p2p"]
+    assert not [d for d in docs if d["kind"] == "ServiceMonitor" and d["metadata"]["name"] == f"{FULLNAME}-swarm"]
+    assert len(find(docs, "NetworkPolicy", f"{FULLNAME}-swarm")["spec"]["ingress"]) == 1
+
+
+def test_notes_warn_that_no_scraper_reaches_the_batching_servers(chart):
+    values = {"monitoring": {"serviceMonitor": {"enabled": True}}, "swarm": {"batching": True}}
+    notes = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    assert "the swarm servers' batching metrics" in next(t for path, t in notes.items() if path.endswith("NOTES.txt"))
 
 
 def test_each_server_runs_one_connection_handler_per_granted_cpu():

@@ -3,15 +3,17 @@ fall back to Petals' own step, that a batched pass equals each session's step al
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import time
+from collections import Counter
 
 import pytest
 import torch
 from petals.data_structures import InferenceMetadata
 from prometheus_client import REGISTRY
 
-from services.swarm import batched_blocks, batching_pool
+from services.swarm import batched_blocks, batching_metrics, batching_pool
 from tests.unit.fences import assert_refused, pretend_version, refusal
 
 SPAN = ("model.0", "model.1")
@@ -169,8 +171,17 @@ class Shards:
 
 
 class Backend:
-    def __init__(self, module):
+    def __init__(self, module, memory_cache=None):
         self.module = module
+        self.memory_cache = memory_cache
+
+
+class MemoryCache:
+    """Petals' MemoryCache.use_cache, for handles the test never reads."""
+
+    @contextlib.contextmanager
+    def use_cache(self, *handles):
+        yield [None] * len(handles)
 
 
 def test_a_failed_batched_pass_runs_each_session_through_petals_step(monkeypatch):
@@ -187,9 +198,32 @@ def test_a_failed_batched_pass_runs_each_session_through_petals_step(monkeypatch
     step = batching_pool.BatchedInferenceStep({uid: Backend(Shards(tiny_llama_block())) for uid in SPAN}, merged_step)
     infos = tuple(step_args(prefix=prefix)[2] for prefix in (1, 2, 3))
     group = batching_pool.DecodeGroup(torch.randn(3, 1, 8), infos)
+    before = steps_by_path()
     (outputs,) = step(group)
     torch.testing.assert_close(outputs[[0, 2]], group.hidden_states[[0, 2]] + 1)
     assert list(group.errors) == [1]
+    assert steps_by_path() - before == Counter({"fallback": 3})
+
+
+def steps_by_path() -> Counter:
+    """petals_chat_swarm_steps_total by path, as exported."""
+    return Counter({path: REGISTRY.get_sample_value("petals_chat_swarm_steps_total", {"path": path})
+                    for path in batching_metrics.STEP_PATHS})  # fmt: skip
+
+
+def test_the_step_counts_each_session_of_a_batched_pass_and_each_step_alone(monkeypatch):
+    monkeypatch.setattr(batched_blocks, "decode_step", lambda blocks, caches, hidden, positions: hidden * 2)
+    monkeypatch.setattr(batching_pool, "_keys_values", lambda info, by_handle: (None, None))
+    memory_cache = MemoryCache()
+    backends = {uid: Backend(Shards(tiny_llama_block()), memory_cache) for uid in SPAN}
+    step = batching_pool.BatchedInferenceStep(backends, lambda hidden, *rest: (hidden + 1,))
+    group = batching_pool.DecodeGroup(torch.randn(4, 1, 8), tuple(step_args(prefix=p)[2] for p in (1, 2, 3, 4)))
+    before = steps_by_path()
+    (batched,) = step(group)
+    (alone,) = step(*step_args(tokens=3))
+    torch.testing.assert_close(batched, group.hidden_states * 2)
+    assert alone.shape == (1, 3, 8)
+    assert steps_by_path() - before == Counter({"batched": 4, "alone": 1})
 
 
 def tiny_llama_block(seed: int = 0):
@@ -328,6 +362,8 @@ def test_the_pool_metrics_are_served_over_http():
         text = response.read().decode()
     assert 'petals_chat_swarm_pass_sessions_bucket{le="2.0"}' in text
     assert 'petals_chat_swarm_queue_wait_seconds_bucket{le="1.0"}' in text
+    for path in batching_metrics.STEP_PATHS:
+        assert f'petals_chat_swarm_steps_total{{path="{path}"}}' in text
 
 
 def test_serve_refuses_a_metrics_port_out_of_range_in_one_line(monkeypatch, capsys):
