@@ -260,6 +260,61 @@ def wait_for(page: Any, expression: str, timeout: float = 30_000) -> None:
         time.sleep(0.05)
 
 
+DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "petals-chat.json"
+BATCHING_ROW = "Swarm batching"  # the dashboard's row of the batching servers' own metrics (SWARM_METRICS_PORT)
+
+
+def dashboard_panels_by_row() -> dict[str, list[dict]]:
+    """The shipped dashboard's panels (less its rows) by the title of the row above them ("": before the first)."""
+    rows: dict[str, list[dict]] = {"": []}
+    title = ""
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        if panel["type"] == "row":
+            title = panel["title"]
+            rows[title] = []
+        else:
+            rows[title].append(panel)
+    return rows
+
+
+def panel_queries(panels: list[dict]) -> list[str]:
+    return [target["expr"] for panel in panels for target in panel["targets"]]
+
+
+def metric_names(query: str) -> set[str]:
+    """The project's metric names a PromQL query uses."""
+    return set(re.findall(r"\bpetals_chat_[a-z_]+", query))
+
+
+def prometheus_query(prometheus_url: str, expr: str) -> list:
+    import requests
+
+    response = requests.get(f"{prometheus_url}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert response["status"] == "success", (expr, response)
+    return response["data"]["result"]
+
+
+def prometheus_query_or_empty(prometheus_url: str, expr: str) -> list:
+    import requests
+
+    try:
+        return prometheus_query(prometheus_url, expr)
+    except requests.RequestException:
+        return []  # not listening yet
+
+
+def exported_metric_names(*base_urls: str) -> set[str]:
+    """Every sample name the services at ``base_urls`` serve on /metrics."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = set()
+    for base_url in base_urls:
+        for family in text_string_to_metric_families(requests.get(f"{base_url}/metrics", timeout=10).text):
+            names.update(sample.name for sample in family.samples)
+    return names
+
+
 @contextmanager
 def running_prometheus(targets: dict[str, str], rules: Path, work_dir: Path) -> Iterator[str]:
     """A real Prometheus (Debian's) scraping ``targets`` (job -> base URL) every second and evaluating

@@ -35,6 +35,7 @@ from typing import IO
 
 from services.common.processes.cpus import available_cpus
 from services.common.processes.lifeline import kill_group, spawn
+from services.swarm.batching_metrics import PORT_ENV as METRICS_PORT_ENV
 
 _MULTIADDR = re.compile(r"Running a server on \['(?P<addr>/ip4/[^']+/p2p/\w+)'")
 _STARTED = re.compile(r"\[INFO\] Started\s*$")
@@ -115,6 +116,7 @@ class SwarmServer:
     process: subprocess.Popen
     log_path: Path
     multiaddr: str | None = None
+    metrics_base_url: str | None = None  # its batching metrics at <this>/metrics (PrivateSwarm(..., metrics=True))
     started: threading.Event = field(default_factory=threading.Event)
     terminated: bool = False
 
@@ -203,6 +205,7 @@ class PrivateSwarm:
         more_models: Sequence[SwarmModel] = (),
         num_handlers: int | None = None,  # None: handlers_per_server of this swarm's servers
         env: Mapping[str, str] | None = None,  # more environment for every server (e.g. SWARM_BATCHING)
+        metrics: bool = False,  # each server serves its batching metrics on a free port (SwarmServer.metrics_base_url)
     ) -> None:
         if not block_ranges:
             raise ValueError("a swarm needs at least one server (one block range)")
@@ -220,6 +223,7 @@ class PrivateSwarm:
         self.torch_threads = torch_threads
         self.num_handlers = num_handlers or handlers_per_server(len(self.plan))
         self.env = dict(env or {})
+        self.metrics = metrics
         self.servers: list[SwarmServer] = []
 
     @classmethod
@@ -297,6 +301,10 @@ class PrivateSwarm:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **self.env}
         if self.torch_threads is not None:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.torch_threads)
+        metrics_base_url = None
+        if self.metrics:
+            env[METRICS_PORT_ENV] = str(metrics_port := pick_free_port(self.host))
+            metrics_base_url = f"http://{self.host}:{metrics_port}"
         process = spawn(
             command,
             stdout=subprocess.PIPE,
@@ -307,7 +315,8 @@ class PrivateSwarm:
             env=env,
         )
         what = f"blocks {blocks}" if len(self.models) == 1 else f"{model.dht_prefix} blocks {blocks}"
-        server = SwarmServer(f"petals server {index} ({what})", process, self.work_dir / f"server-{index}.log")
+        server = SwarmServer(f"petals server {index} ({what})", process, self.work_dir / f"server-{index}.log",
+                             metrics_base_url=metrics_base_url)  # fmt: skip
         threading.Thread(target=server.follow_log, args=(process.stdout,), daemon=True).start()
         self.servers.append(server)
         return server

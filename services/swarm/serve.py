@@ -28,8 +28,9 @@ the server's processes by value (services/swarm/small_tensors.py).
 
 With SWARM_BATCHING=true (default false), concurrent one-token decoding steps of different sessions
 run as one forward pass over the server's Llama or BLOOM blocks (services/swarm/batching_pool.py), and the
-runtime takes tasks only when it is free (``--prefetch_batches 0`` unless given); its passes' sizes and
-queue waits are served on SWARM_METRICS_PORT (0, the default: not served; services/swarm/batching_metrics.py).
+runtime takes tasks only when it is free (``--prefetch_batches 0`` unless given); its passes' sizes,
+queue waits and steps by path are served on SWARM_METRICS_PORT (0, the default: not served;
+services/swarm/batching_metrics.py).
 
 The patches are installed by services/swarm/patches.py, which checks that they fit the installed
 libraries first: one that does not stops the server with one line (docs/patches.md).

@@ -8,7 +8,6 @@ generation run, and every dashboard panel's query must return data.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -16,26 +15,34 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from client.api import Api
 from deploy.local_stack import REPO_ROOT
-from tests.helpers import running_prometheus
+from tests.helpers import (
+    BATCHING_ROW,
+    DASHBOARD,
+    dashboard_panels_by_row,
+    exported_metric_names,
+    metric_names,
+    panel_queries,
+    prometheus_query,
+    prometheus_query_or_empty,
+    running_prometheus,
+)
 
-DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "petals-chat.json"
 RULES = REPO_ROOT / "deploy" / "prometheus" / "rules.yml"
 RULES_TESTS = REPO_ROOT / "deploy" / "prometheus" / "rules_test.yml"
 SWARM_ALERTS = {"PetalsChatSwarmBlocksWithoutServer", "PetalsChatSwarmRedundancyLow", "PetalsChatSwarmCachesNearlyFull"}
-METRIC = re.compile(r"\bpetals_chat_[a-z_]+")
 
 
 def dashboard_panels() -> list[dict]:
-    """The dashboard's panels, less its rows (titles that group the panels below them)."""
-    return [panel for panel in json.loads(DASHBOARD.read_text())["panels"] if panel["type"] != "row"]
+    """The services' panels: all but the batching servers' row (test_batching_faults.py covers it)."""
+    rows = dashboard_panels_by_row()
+    return [panel for title, panels in rows.items() if title != BATCHING_ROW for panel in panels]
 
 
 def dashboard_queries() -> list[str]:
-    return [target["expr"] for panel in dashboard_panels() for target in panel["targets"]]
+    return panel_queries(dashboard_panels())
 
 
 def rule_queries() -> list[str]:
@@ -53,18 +60,10 @@ def generate_traffic(api: Api, rounds: int = 3) -> None:
         assert api.generate(inputs="Hi", max_new_tokens=1, session_id="inference-0.gone")["ok"] is False
 
 
-def exported_names(*base_urls: str) -> set[str]:
-    names = set()
-    for base_url in base_urls:
-        for family in text_string_to_metric_families(requests.get(f"{base_url}/metrics", timeout=10).text):
-            names.update(sample.name for sample in family.samples)
-    return names
-
-
 def test_every_metric_used_is_exported(gateway, inference):
     generate_traffic(Api(gateway.base_url), rounds=1)
-    exported = exported_names(gateway.base_url, inference.base_url)
-    used = {name for query in dashboard_queries() + rule_queries() for name in METRIC.findall(query)}
+    exported = exported_metric_names(gateway.base_url, inference.base_url)
+    used = {name for query in dashboard_queries() + rule_queries() for name in metric_names(query)}
     assert used, "the dashboard and the rules use no metric?"
     assert used <= exported, f"used but not exported: {sorted(used - exported)}"
 
@@ -83,8 +82,8 @@ def test_dashboard_is_well_formed():
     dashboard = json.loads(DASHBOARD.read_text())
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids)) and dashboard["uid"] == "petals-chat"
-    assert [panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"] == ["Swarm"]
-    for panel in dashboard_panels():
+    assert [panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"] == ["Swarm", BATCHING_ROW]
+    for panel in (panel for panels in dashboard_panels_by_row().values() for panel in panels):
         assert panel["targets"] and all(t["expr"] and t["refId"] for t in panel["targets"]), panel["title"]
 
 
@@ -95,15 +94,9 @@ def prometheus(gateway, inference, tmp_path: Path):
         yield url
 
 
-def query(prometheus_url: str, expr: str) -> list:
-    response = requests.get(f"{prometheus_url}/api/v1/query", params={"query": expr}, timeout=10).json()
-    assert response["status"] == "success", (expr, response)
-    return response["data"]["result"]
-
-
 def test_a_real_prometheus_gets_data_for_every_panel(prometheus, gateway):
     deadline = time.monotonic() + 60
-    while len(query_or_empty(prometheus, "up == 1")) < 2:
+    while len(prometheus_query_or_empty(prometheus, "up == 1")) < 2:
         assert time.monotonic() < deadline, "Prometheus never scraped both targets"
         time.sleep(0.5)
     api = Api(gateway.base_url)
@@ -111,16 +104,10 @@ def test_a_real_prometheus_gets_data_for_every_panel(prometheus, gateway):
         generate_traffic(api, rounds=1)
         time.sleep(1.5)
     time.sleep(2)
-    empty = [expr for expr in dashboard_queries() if not query(prometheus, expr.replace("$__rate_interval", "30s"))]
+    ranged = [expr.replace("$__rate_interval", "30s") for expr in dashboard_queries()]
+    empty = [expr for expr in ranged if not prometheus_query(prometheus, expr)]
     assert empty == [], f"panel queries without data: {empty}"
     rules = requests.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"][0]["rules"]
     assert {rule["name"] for rule in rules} == {"PetalsChatTokenLatencyHigh", "PetalsChatErrorRateHigh",
                                                 "PetalsChatNoReadyReplica", *SWARM_ALERTS}  # fmt: skip
     assert all(rule["health"] == "ok" for rule in rules), rules
-
-
-def query_or_empty(prometheus_url: str, expr: str) -> list:
-    try:
-        return query(prometheus_url, expr)
-    except requests.RequestException:
-        return []  # not listening yet

@@ -126,6 +126,29 @@ def test_the_pool_runs_the_steps_queued_together_as_one_and_answers_each_future(
     assert pass_count() - passes_before == 2 and wait_count() - steps_before == 4  # a pass of 3, one of 1
 
 
+def test_each_step_that_cannot_batch_reaches_petals_step_alone_with_its_own_arguments(pool_and_handler):
+    """Prefills, beam reordering, deep prompts and adapters: each its own pass, its arguments as Petals' handler
+    submitted them, while the decoding steps queued among them batch together."""
+    pool, step, submit = pool_and_handler
+    prompt = torch.zeros(1, 1, 8)
+    alone = [step_args(tokens=3), step_args(hypo_ids=torch.tensor([0])), step_args(prompt=prompt),
+             step_args(adapter="lora")]  # fmt: skip
+    tasks = [step_args(), *alone, step_args()]
+    receive = submit(tasks)
+    for _ in range(1 + len(alone)):
+        uid, inputs = pool.load_batch_to_runtime()
+        pool.send_outputs_from_runtime(uid, step(*inputs))
+    (group,), *singles = step.calls
+    assert isinstance(group, batching_pool.DecodeGroup) and group.hidden_states.shape == (2, 1, 8)
+    for args, submitted in zip(singles, alone, strict=True):
+        torch.testing.assert_close(args[0], submitted[0])
+        torch.testing.assert_close(args[1], submitted[1])
+        assert [info.active_adapter for info in args[2]] == [info.active_adapter for info in submitted[2]]
+        assert [p is None for p in args[3:]] == [p is None for p in submitted[3:]]
+    for args, output in zip(tasks, receive(), strict=True):
+        torch.testing.assert_close(output, args[0] * 2)
+
+
 def pass_count() -> float:
     return REGISTRY.get_sample_value("petals_chat_swarm_pass_sessions_count") or 0.0
 
