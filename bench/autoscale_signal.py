@@ -85,8 +85,8 @@ def read_signals(api: Api) -> dict[str, float]:
 
 def client(base_url: str, index: int, args: argparse.Namespace, step: Step, started: float,
            stop: threading.Event) -> None:  # fmt: skip
-    """One session generating ``--tokens`` at a time until ``stop`` (or its room is used up); its gaps after the
-    warm-up go to ``step``."""
+    """One session generating ``--tokens`` at a time until ``stop`` (or its room is used up); its gaps between the
+    warm-up and ``stop`` go to ``step`` (a request in flight at ``stop`` finishes unrecorded)."""
     api, tokens = Api(base_url, timeout_s=300), args.tokens
     try:
         session_id = api.open_session(args.session_length)
@@ -100,7 +100,7 @@ def client(base_url: str, index: int, args: argparse.Namespace, step: Step, star
                     raise CallFailed(f"HTTP {status}: {event} {data}")
                 now = time.perf_counter()
                 if event == "token":
-                    if last is not None and now - started > WARMUP_S:
+                    if last is not None and now - started > WARMUP_S and not stop.is_set():  # within the window
                         step.gaps.append(now - last)
                         step.tokens += 1
                     last = now
