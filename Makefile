@@ -58,7 +58,8 @@ system-tools:
 		&& command -v node >/dev/null && command -v npm >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus nodejs npm; }
 
-# The JS tests' packages (openai, zod), exactly as tests/js/package-lock.json pins them.
+# The JS tests' packages (openai, zod; the dev dependencies kubernetes-models and @kubernetes-models/keda that
+# validate the rendered chart), exactly as tests/js/package-lock.json pins them.
 JS_STAMP := tests/js/node_modules/.installed
 $(JS_STAMP): tests/js/package.json tests/js/package-lock.json | system-tools
 	npm ci --prefix tests/js --no-audit --no-fund

@@ -246,26 +246,33 @@ def test_models_that_cannot_work_fail_clearly(chart, values, message):
 
 
 @pytest.mark.parametrize("replicas", [1, 3])
-def test_gateway_routes_to_exactly_the_statefulset_pods(chart, replicas):
+def test_gateway_discovers_each_model_through_its_own_headless_service(chart, replicas):
     models = [dict(HUB_MODEL, key="a", inference={"replicas": replicas}), dict(HUB_MODEL, name="b", key="b")]
-    docs = render(chart, {"models": models, "inference": {"replicas": 2}})
+    docs = render(chart, {"models": models, "inference": {"replicas": 2}, "gateway": {"discoveryIntervalSeconds": 2}})
     headless = find(docs, "Service", f"{FULLNAME}-inference")
     assert headless["spec"]["clusterIP"] == "None"
-    pods = []
-    for key, count in (("a", replicas), ("b", 2)):  # b: the inference block's default replicas
+    discovery = {}
+    for key, name, count in (("a", "bigscience/bloom-560m", replicas), ("b", "b", 2)):  # b: the default replicas
         sts = find(docs, "StatefulSet", f"{FULLNAME}-inference-{key}")
         assert sts["spec"]["replicas"] == count
         assert sts["spec"]["podManagementPolicy"] == "Parallel"
         assert sts["spec"]["serviceName"] == headless["metadata"]["name"]
         assert headless["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
-        pods += [f"{sts['metadata']['name']}-{i}" for i in range(count)]
+        own = find(docs, "Service", sts["metadata"]["name"])  # the model's own: its replicas and no other model's
+        assert own["spec"]["clusterIP"] == "None" and own["spec"]["publishNotReadyAddresses"] is True
+        assert own["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+        assert own["spec"]["selector"]["petals-chat/model"] == key
+        assert own["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
+        discovery[name] = f"dns://{own['metadata']['name']}.{NAMESPACE}.svc.cluster.local:8080"
+        _, container = inference_container(docs, key)
+        assert container_env(container)["MODEL_NAME"] == name
 
-    gateway = find(docs, "Deployment", f"{FULLNAME}-gateway")
-    env = container_env(gateway["spec"]["template"]["spec"]["containers"][0])
-    entries = dict(entry.split("=", 1) for entry in env["INFERENCE_REPLICAS"].split(" "))
-    assert list(entries) == pods
-    for pod in pods:
-        assert entries[pod] == f"http://{pod}.{FULLNAME}-inference.{NAMESPACE}.svc.cluster.local:8080"
+    env = gateway_env(docs)
+    assert "INFERENCE_REPLICAS" not in env  # no fixed list: the replicas an autoscaler adds are found
+    assert dict(entry.split("=", 1) for entry in env["INFERENCE_DISCOVERY"].split(" ")) == discovery
+    assert list(discovery) == [entry.split("=", 1)[0] for entry in env["INFERENCE_DISCOVERY"].split(" ")]
+    assert env["INFERENCE_DISCOVERY_INTERVAL_SECONDS"] == "2"
+    assert gateway_env(render(chart))["INFERENCE_DISCOVERY_INTERVAL_SECONDS"] == "5"
     assert env["DEFAULT_MODEL"] == "bigscience/bloom-560m"  # the first model
 
     _, container = inference_container(docs, "a")
@@ -354,8 +361,11 @@ def test_autoscaling_owns_the_replica_count(chart):
 
 
 def labels_match(selector: dict, labels: dict) -> bool:
-    assert set(selector) <= {"matchLabels"}, "only matchLabels selectors are checked"
-    return selector.get("matchLabels", {}).items() <= labels.items()
+    assert set(selector) <= {"matchLabels", "matchExpressions"}, selector
+    expressions = selector.get("matchExpressions", [])
+    assert {e["operator"] for e in expressions} <= {"DoesNotExist"}, "only DoesNotExist expressions are checked"
+    absent = all(e["key"] not in labels for e in expressions)
+    return absent and selector.get("matchLabels", {}).items() <= labels.items()
 
 
 def test_network_policy_lets_only_gateway_pods_reach_inference(chart):
@@ -761,7 +771,7 @@ def test_each_model_has_its_own_variant_resources_and_servers(chart):
     gateway = find(docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"]["containers"][0]
     env = container_env(gateway)
     assert env["DEFAULT_MODEL"] == "org/Big-Model.v2"
-    assert len(env["INFERENCE_REPLICAS"].split(" ")) == 2 + 3
+    assert len(env["INFERENCE_DISCOVERY"].split(" ")) == 2  # one entry per model, whatever its replicas
     for key in ("small", "org-big-model-v2"):
         pdb = find(docs, "PodDisruptionBudget", f"{FULLNAME}-inference-{key}")
         labels = find(docs, "StatefulSet", f"{FULLNAME}-inference-{key}")["spec"]["template"]["metadata"]["labels"]

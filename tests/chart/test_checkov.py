@@ -50,8 +50,16 @@ def failed_checks(args: list[str], skips: set[str]) -> list[tuple[str, str, str]
 
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
 def test_rendered_chart_passes_checkov(chart, variant, tmp_path):
-    """Everything on (ingress, monitoring, a private swarm): the widest render."""
-    docs = render(chart, combo_values(variant, True, True, True))
+    """Everything on (ingress, monitoring, a private swarm, the replicas autoscaled: KEDA down to zero on cpu, an
+    HPA on gpu): the widest render."""
+    autoscaling = (
+        {"enabled": True, "engine": "keda", "minReplicas": 0}
+        if variant == "cpu"
+        else {"enabled": True, "engine": "hpa"}
+    )
+    values = combo_values(variant, True, True, True)
+    values["inference"]["autoscaling"] = autoscaling
+    docs = render(chart, values)
     (tmp_path / "rendered.yaml").write_text(yaml.safe_dump_all(docs))
     assert failed_checks(["-d", str(tmp_path), "--framework", "kubernetes"], KUBERNETES_SKIPS) == []
 

@@ -1,9 +1,9 @@
-"""The chart's session handover: the replicas' shared token, each model's peers, the replicas reaching each
-other, and the headless Service keeping unready replicas' names."""
+"""The chart's session handover: the replicas' shared token, each model's peers (found through DNS), the replicas
+reaching each other, and the headless Services keeping unready replicas' names."""
 
 from __future__ import annotations
 
-from tests.chart.test_chart import FULLNAME, container_env, find, inference_container, labels_match, render
+from tests.chart.test_chart import FULLNAME, NAMESPACE, container_env, find, inference_container, labels_match, render
 
 
 def test_every_replica_gets_the_token_its_models_peers_and_the_linger(chart):
@@ -16,10 +16,9 @@ def test_every_replica_gets_the_token_its_models_peers_and_the_linger(chart):
     assert env["HANDOVER_TOKEN_FILE"] == f"{mounts['handover-token']}/token"
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["handover-token"]["secret"]["secretName"] == f"{FULLNAME}-handover"
-    peers = dict(entry.split("=", 1) for entry in env["INFERENCE_PEERS"].split())
-    statefulset = find(docs, "StatefulSet", f"{FULLNAME}-inference-smollm2")
-    assert list(peers) == [f"{statefulset['metadata']['name']}-{i}" for i in range(statefulset["spec"]["replicas"])]
-    assert all(url.startswith(f"http://{name}.{FULLNAME}-inference.") for name, url in peers.items())
+    assert "INFERENCE_PEERS" not in env  # no fixed list: its model's replicas are found through DNS
+    own = find(docs, "Service", f"{FULLNAME}-inference-smollm2")  # the model's headless Service
+    assert env["INFERENCE_DISCOVERY"] == f"dns://{own['metadata']['name']}.{NAMESPACE}.svc.cluster.local:8080"
     assert env["HANDOVER_LINGER_SECONDS"] == "8"
 
 
@@ -37,5 +36,6 @@ def test_the_replicas_reach_each_other_only_with_handover(chart):
 
 
 def test_unready_replicas_keep_their_names(chart):
-    service = find(render(chart), "Service", f"{FULLNAME}-inference")
-    assert service["spec"]["publishNotReadyAddresses"] is True
+    docs = render(chart)
+    for name in (f"{FULLNAME}-inference", f"{FULLNAME}-inference-smollm2", f"{FULLNAME}-inference-tiny-bloom"):
+        assert find(docs, "Service", name)["spec"]["publishNotReadyAddresses"] is True

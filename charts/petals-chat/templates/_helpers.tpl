@@ -141,9 +141,10 @@ livenessProbe:
 {{/*
 The models, with every default applied, as a JSON list (use: include "petals-chat.models" . | fromJsonArray).
 Each entry: name, key, path, description, dhtPrefix, torchDtype, hfHubOffline, chat, the resource names
-(inferenceName, swarmName), inference {replicas, variant, resources, extraEnv, pods: [{name, url}]}, private
-(whether it has private servers), swarm {servers, variant, resources, attnCacheTokens, bootstrapHost}, and
-initialPeers (the INITIAL_PEERS of its replicas, space separated; empty: the public swarm).
+(inferenceName, swarmName; inferenceName also names the model's headless Service), inference {replicas, variant,
+resources, extraEnv, autoscaling (inference.autoscaling with the model's own over it), discovery (dns://<its headless
+Service>:8080)}, private (whether it has private servers), swarm {servers, variant, resources, attnCacheTokens,
+bootstrapHost}, and initialPeers (the INITIAL_PEERS of its replicas, space separated; empty: the public swarm).
 */}}
 {{- define "petals-chat.models" -}}
 {{- $fullname := include "petals-chat.fullname" . }}
@@ -193,16 +194,15 @@ initialPeers (the INITIAL_PEERS of its replicas, space separated; empty: the pub
 {{- else if $private }}
 {{- $initialPeers = printf "/dns4/%s/tcp/31337/p2p/derived:%s" $bootstrapHost $key }}
 {{- end }}
-{{- $pods := list }}
-{{- range $r := until (int ($inf.replicas | default $.Values.inference.replicas)) }}
-{{- $pod := printf "%s-%d" $inferenceName $r }}
-{{- $pods = append $pods (dict "name" $pod "url" (printf "http://%s.%s-inference.%s.svc.cluster.local:8080" $pod $fullname $namespace)) }}
-{{- end }}
+{{- $autoscaling := include "petals-chat.overlay" (dict "base" $.Values.inference.autoscaling "over" ($inf.autoscaling | default dict)) | fromJson }}
+{{- include "petals-chat.checkAutoscaling" (dict "index" $i "name" $m.name "autoscaling" $autoscaling) }}
+{{- $discovery := printf "dns://%s.%s.svc.cluster.local:8080" $inferenceName $namespace }}
 {{- $out = append $out (dict
     "name" $m.name "key" $key "path" $m.path "description" ($m.description | default "")
     "dhtPrefix" $dhtPrefix "torchDtype" ($m.torchDtype | default "float32") "hfHubOffline" ($m.hfHubOffline | default false)
     "chat" ($m.chat | default dict) "inferenceName" $inferenceName "swarmName" $swarmName
-    "inference" (dict "replicas" (len $pods) "variant" $variant "resources" $resources "extraEnv" ($inf.extraEnv | default list) "pods" $pods)
+    "inference" (dict "replicas" (int ($inf.replicas | default $.Values.inference.replicas)) "variant" $variant "resources" $resources
+      "extraEnv" ($inf.extraEnv | default list) "autoscaling" $autoscaling "discovery" $discovery)
     "private" $private "initialPeers" $initialPeers
     "swarm" (dict "servers" $servers "variant" $swarmVariant "bootstrapHost" $bootstrapHost
       "resources" (deepCopy ($sw.resources | default (index $.Values.swarm.resources $swarmVariant)))
@@ -241,26 +241,51 @@ Resources of a container with its variant: (dict "resources" $r "gpu" true): nvi
 {{- end }}
 
 {{/*
-INFERENCE_REPLICAS of the gateway: "<pod>=http://<pod>.<headless service>.<namespace>.svc.cluster.local:8080 ..."
-for every replica of every model.
+A values block with another over it, two levels deep (a value set there wins, false and 0 included; a map is
+merged key by key): (dict "base" $defaults "over" $overrides), as JSON.
 */}}
-{{- define "petals-chat.inferenceReplicas" -}}
-{{- $entries := list }}
-{{- range $m := include "petals-chat.models" . | fromJsonArray }}
-{{- range $pod := $m.inference.pods }}
-{{- $entries = append $entries (printf "%s=%s" $pod.name $pod.url) }}
+{{- define "petals-chat.overlay" -}}
+{{- $out := deepCopy .base }}
+{{- range $key, $value := .over }}
+{{- if and (kindIs "map" $value) (kindIs "map" (index $out $key)) }}
+{{- $inner := deepCopy (index $out $key) }}
+{{- range $innerKey, $innerValue := $value }}
+{{- $_ := set $inner $innerKey $innerValue }}
+{{- end }}
+{{- $_ := set $out $key $inner }}
+{{- else }}
+{{- $_ := set $out $key $value }}
 {{- end }}
 {{- end }}
-{{- join " " $entries }}
+{{- toJson $out }}
 {{- end }}
 
 {{/*
-INFERENCE_PEERS of a model's replicas: "<pod>=<url> ..." for every replica of that model (a replica ignores its own).
+Fails on a model's autoscaling that cannot work: (dict "index" $i "name" $name "autoscaling" $a).
 */}}
-{{- define "petals-chat.modelPeers" -}}
+{{- define "petals-chat.checkAutoscaling" -}}
+{{- $a := .autoscaling }}
+{{- if $a.enabled }}
+{{- $where := printf "models[%d] (%s): inference.autoscaling" .index .name }}
+{{- if and (eq (int $a.minReplicas) 0) (ne $a.engine "keda") }}
+{{- fail (printf "%s: minReplicas 0 (scale to zero) needs engine keda (an HPA keeps at least 1)" $where) }}
+{{- end }}
+{{- if lt (int $a.maxReplicas) (max 1 (int $a.minReplicas)) }}
+{{- fail (printf "%s: maxReplicas %d is below minReplicas %d (or 1)" $where (int $a.maxReplicas) (int $a.minReplicas)) }}
+{{- end }}
+{{- if not (or (gt (float64 $a.targets.sessionUtilization) 0.0) (gt (float64 $a.targets.requestsRunning) 0.0) (gt (float64 $a.targets.requestsWaiting) 0.0)) }}
+{{- fail (printf "%s: every target is 0: set targets.sessionUtilization, requestsRunning or requestsWaiting" $where) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+INFERENCE_DISCOVERY of the gateway: "<model name>=dns://<the model's headless Service>:8080 ..." for every model.
+*/}}
+{{- define "petals-chat.inferenceDiscovery" -}}
 {{- $entries := list }}
-{{- range $pod := .inference.pods }}
-{{- $entries = append $entries (printf "%s=%s" $pod.name $pod.url) }}
+{{- range $m := include "petals-chat.models" . | fromJsonArray }}
+{{- $entries = append $entries (printf "%s=%s" $m.name $m.inference.discovery) }}
 {{- end }}
 {{- join " " $entries }}
 {{- end }}
@@ -298,4 +323,33 @@ Name of the Secret holding the gateway's API keys (key "keys": one id:key line e
 */}}
 {{- define "petals-chat.apiKeysSecretName" -}}
 {{- .Values.gateway.apiKeys.existingSecret | default (printf "%s-api-keys" (include "petals-chat.fullname" .)) }}
+{{- end }}
+
+{{/*
+The autoscaling signals a model's targets turn on (those above 0), as a JSON list of {trigger, metric, target}.
+*/}}
+{{- define "petals-chat.autoscalingSignals" -}}
+{{- $signals := list }}
+{{- range $s := list
+    (dict "trigger" "session-utilization" "metric" "petals_chat_session_utilization" "target" .sessionUtilization)
+    (dict "trigger" "requests-running" "metric" "petals_chat_requests_running" "target" .requestsRunning)
+    (dict "trigger" "requests-waiting" "metric" "petals_chat_requests_waiting" "target" .requestsWaiting) }}
+{{- if gt (float64 $s.target) 0.0 }}
+{{- $signals = append $signals $s }}
+{{- end }}
+{{- end }}
+{{- toJson $signals }}
+{{- end }}
+
+{{/*
+Scale-down behaviour of a model's autoscaler: after cooldownSeconds of low load, one replica a minute (each
+removal hands its sessions to the others; scale-up is the HPA's default, fast).
+*/}}
+{{- define "petals-chat.scaleDownBehavior" -}}
+scaleDown:
+  stabilizationWindowSeconds: {{ int .cooldownSeconds }}
+  policies:
+    - type: Pods
+      value: 1
+      periodSeconds: 60
 {{- end }}
