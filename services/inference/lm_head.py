@@ -14,6 +14,10 @@ the weight is gigabytes and the step is bound by memory bandwidth (bench/lm_head
 
 Prompts (several tokens) stay on the stock path, a matrix product that is not bandwidth-bound.
 
+With REPLICA_HEAD_BATCHING every head (of any size) takes one-token calls through a
+``head_batching.HeadBatcher``: a token alone by the path above, the tokens of sessions waiting at the
+same moment as one product of their rows (``_together``; the row split's blocks by ``_rows_product``).
+
 The head is Petals' ``LMHead``: ``install`` replaces its ``forward`` on the one instance and reads
 its ``use_chunked_forward``; fenced to petals 2.2.0.post1 (``check``; docs/patches.md).
 """
