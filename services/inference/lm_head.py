@@ -41,9 +41,9 @@ PATCHED_VERSION = "2.2.0.post1"  # petals
 # than they save: with mv on the tiny BLOOM's 32 MB head, v1 one-token-per-request clients at one
 # session reached 0.87x the raw client's tokens/s, against 0.92x without (bench/concurrency.py).
 MIN_WEIGHT_BYTES = 64 * 2**20
-# A float32 block of SmolLM2's head on one thread (AMD EPYC, loaded): 2 to 4 rows took 1.0-1.1x one row's
-# matrix-vector product as ``weight @ matrix.T`` but 2.2-3.9x as ``linear``; 12 and 16 rows, 2.8x as
-# ``linear`` and 3.2-3.7x the other way.
+# A float32 24,576-row block of SmolLM2's head on one thread (AMD EPYC, loaded; CPU time, two runs):
+# 2 to 4 rows took 0.5-1.1x one row's ``torch.mv`` as ``weight @ matrix.T`` but 2.1-4.2x as ``linear``;
+# 12 and 16 rows 2.7-3.1x as ``linear`` and 3.0-3.8x the other way (docs/benchmarks.md).
 SKINNY_ROWS = 8
 
 
@@ -85,7 +85,7 @@ def _product(weight: torch.Tensor, vector: torch.Tensor, out: torch.Tensor) -> N
 
 def _rows_product(weight: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """The logits ``[k, rows]`` of ``k`` hidden states: up to ``SKINNY_ROWS`` as ``weight @ matrix.T``,
-    more as ``matrix @ weight.T`` (``linear``), the faster of the two on each side (bench/head_batching.py)."""
+    more as ``matrix @ weight.T`` (``linear``): the faster of the two on either side (``SKINNY_ROWS``)."""
     with torch.inference_mode():
         if matrix.shape[0] <= SKINNY_ROWS:
             return torch.mm(weight, matrix.T).T
