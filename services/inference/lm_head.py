@@ -14,6 +14,10 @@ the weight is gigabytes and the step is bound by memory bandwidth (bench/lm_head
 
 Prompts (several tokens) stay on the stock path, a matrix product that is not bandwidth-bound.
 
+With REPLICA_HEAD_BATCHING every head (of any size) takes one-token calls through a
+``head_batching.HeadBatcher``: a token alone by the path above, the tokens of sessions waiting at the
+same moment as one product of their rows (``_together``; the row split's blocks by ``_rows_product``).
+
 The head is Petals' ``LMHead``: ``install`` replaces its ``forward`` on the one instance and reads
 its ``use_chunked_forward``; fenced to petals 2.2.0.post1 (``check``; docs/patches.md).
 """
@@ -28,6 +32,7 @@ from typing import TypeVar
 import torch
 
 from services.common.startup.patching import PatchError, require_attributes, require_version
+from services.inference.head_batching import HeadBatcher
 
 T = TypeVar("T")
 PATCH = "lm_head"
@@ -36,6 +41,10 @@ PATCHED_VERSION = "2.2.0.post1"  # petals
 # than they save: with mv on the tiny BLOOM's 32 MB head, v1 one-token-per-request clients at one
 # session reached 0.87x the raw client's tokens/s, against 0.92x without (bench/concurrency.py).
 MIN_WEIGHT_BYTES = 64 * 2**20
+# A float32 24,576-row block of SmolLM2's head on one thread (AMD EPYC, loaded; CPU time, two runs):
+# 2 to 4 rows took 0.5-1.1x one row's ``torch.mv`` as ``weight @ matrix.T`` but 2.1-4.2x as ``linear``;
+# 12 and 16 rows 2.7-3.1x as ``linear`` and 3.0-3.8x the other way (docs/benchmarks.md).
+SKINNY_ROWS = 8
 
 
 def _one_intra_op_thread() -> None:
@@ -74,38 +83,65 @@ def _product(weight: torch.Tensor, vector: torch.Tensor, out: torch.Tensor) -> N
         torch.mv(weight, vector, out=out)
 
 
-class OneTokenLMHead:
-    """Replaces ``lm_head.forward``: one token's logits by ``_product``; anything else the stock way."""
+def _rows_product(weight: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """The logits ``[k, rows]`` of ``k`` hidden states: up to ``SKINNY_ROWS`` as ``weight @ matrix.T``,
+    more as ``matrix @ weight.T`` (``linear``): the faster of the two on either side (``SKINNY_ROWS``)."""
+    with torch.inference_mode():
+        if matrix.shape[0] <= SKINNY_ROWS:
+            return torch.mm(weight, matrix.T).T
+        return torch.nn.functional.linear(matrix, weight)
 
-    def __init__(self, lm_head: torch.nn.Module) -> None:
+
+class OneTokenLMHead:
+    """Replaces ``lm_head.forward``: one token's logits by ``_alone``, or through a ``HeadBatcher`` with
+    other sessions' (``batch_observer`` given: told each product's size); anything else the stock way."""
+
+    def __init__(self, lm_head: torch.nn.Module, batch_observer: Callable[[int], None] | None = None) -> None:
         self._stock_forward = lm_head.forward
         self._lm_head = lm_head
+        self._one_token: Callable[[torch.Tensor], torch.Tensor] = (
+            self._alone if batch_observer is None else HeadBatcher(self._alone, self._together, batch_observer)
+        )
 
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = self._lm_head.weight
         if hidden_states.shape[:-1].numel() != 1 or torch.is_grad_enabled():
             return self._stock_forward(hidden_states)
-        logits = self._product(weight, hidden_states.reshape(-1).to(weight.dtype))
+        logits = self._one_token(hidden_states.reshape(-1).to(self._lm_head.weight.dtype))
         return logits.view(*hidden_states.shape[:-1], -1)
 
-    def _product(self, weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-        return torch.mv(weight, vector)
+    def _alone(self, vector: torch.Tensor) -> torch.Tensor:
+        """One token's logits ``[vocabulary]``."""
+        return torch.mv(self._lm_head.weight, vector)
+
+    def _together(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The logits ``[k, vocabulary]`` of ``k`` tokens (of different sessions)."""
+        return self._stock_forward(matrix)
 
     def close(self) -> None:
         """Release what the head holds (nothing here)."""
 
 
-class RowSplitLMHead(OneTokenLMHead):
-    """One token's logits from ``threads`` row blocks computed at once."""
+class StockOneTokenLMHead(OneTokenLMHead):
+    """One token's logits the stock way (a small head, or Petals' chunked one); there only to batch them."""
 
-    def __init__(self, lm_head: torch.nn.Module, threads: int) -> None:
-        super().__init__(lm_head)
+    def _alone(self, vector: torch.Tensor) -> torch.Tensor:
+        return self._stock_forward(vector[None])[0]
+
+
+class RowSplitLMHead(OneTokenLMHead):
+    """One token's (or a batch's) logits from ``threads`` row blocks computed at once."""
+
+    def __init__(
+        self, lm_head: torch.nn.Module, threads: int, batch_observer: Callable[[int], None] | None = None
+    ) -> None:
+        super().__init__(lm_head, batch_observer)
         rows = lm_head.weight.shape[0]
         step = -(-rows // threads)
         self._blocks = [(start, min(start + step, rows)) for start in range(0, rows, step)]
         self._pool = _single_threaded_pool(threads)
 
-    def _product(self, weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    def _alone(self, vector: torch.Tensor) -> torch.Tensor:
+        weight = self._lm_head.weight
         logits = torch.empty(weight.shape[0], dtype=weight.dtype)
         blocks = [
             self._pool.submit(_product, weight[start:end], vector, logits[start:end]) for start, end in self._blocks
@@ -113,6 +149,11 @@ class RowSplitLMHead(OneTokenLMHead):
         for block in blocks:
             block.result()  # waits; re-raises a failure
         return logits
+
+    def _together(self, matrix: torch.Tensor) -> torch.Tensor:
+        weight = self._lm_head.weight
+        blocks = [self._pool.submit(_rows_product, weight[start:end], matrix) for start, end in self._blocks]
+        return torch.cat([block.result() for block in blocks], dim=1)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -128,19 +169,29 @@ def check() -> None:
         raise PatchError(PATCH, "petals.client.lm_head.LMHead.use_chunked_forward, which is no longer set")
 
 
-def install(lm_head: torch.nn.Module, threads: int) -> OneTokenLMHead | None:
+def install(
+    lm_head: torch.nn.Module, threads: int, batch_observer: Callable[[int], None] | None = None
+) -> OneTokenLMHead | None:
     """The one-token forward for a CPU head of ``MIN_WEIGHT_BYTES`` or more: ``torch.mv`` for a
     bfloat16 head that Petals multiplies natively (not in its float32 chunks, as on a CPU without
-    AVX-512), the row split for a float32 head; None elsewhere. Raises PatchError (``check``)
-    where Petals' head is not the one it fits."""
+    AVX-512), the row split for a float32 head; with ``batch_observer`` (REPLICA_HEAD_BATCHING), every
+    head batches concurrent sessions' tokens (head_batching.py) and the observer is told each batch's
+    size; None where the stock forward stays. Raises PatchError (``check``) where Petals' head is not
+    the one it fits."""
     check()
+    head = _one_token_head(lm_head, threads, batch_observer)
+    if head is not None:
+        lm_head.forward = head
+    return head
+
+
+def _one_token_head(
+    lm_head: torch.nn.Module, threads: int, batch_observer: Callable[[int], None] | None
+) -> OneTokenLMHead | None:
     weight = lm_head.weight
-    if weight.device.type != "cpu" or weight.numel() * weight.element_size() < MIN_WEIGHT_BYTES:
-        return None
-    if weight.dtype == torch.bfloat16 and not getattr(lm_head, "use_chunked_forward", False):
-        lm_head.forward = OneTokenLMHead(lm_head)
-        return lm_head.forward
-    if threads < 2 or weight.dtype != torch.float32:
-        return None
-    lm_head.forward = RowSplitLMHead(lm_head, threads)
-    return lm_head.forward
+    if weight.device.type == "cpu" and weight.numel() * weight.element_size() >= MIN_WEIGHT_BYTES:
+        if weight.dtype == torch.bfloat16 and not getattr(lm_head, "use_chunked_forward", False):
+            return OneTokenLMHead(lm_head, batch_observer)
+        if threads >= 2 and weight.dtype == torch.float32:
+            return RowSplitLMHead(lm_head, threads, batch_observer)
+    return None if batch_observer is None else StockOneTokenLMHead(lm_head, batch_observer)

@@ -78,6 +78,11 @@ HANDOVERS = Counter(
 )
 for _result in ("done", "failed", "adopted"):  # every series exists from the start, at 0
     HANDOVERS.labels(result=_result)
+HEAD_BATCH_SIZE = Histogram(
+    "petals_chat_inference_head_batch_size",
+    "Tokens (of different sessions) per LM head product, with REPLICA_HEAD_BATCHING on: 1, a token alone.",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 HANDOVER_SECONDS = Histogram(
     "petals_chat_session_handover_seconds",
     "Time to hand one session over: sent, rebuilt on the swarm by the adopter, answered.",

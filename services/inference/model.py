@@ -27,7 +27,7 @@ from typing import Any
 from services.common.startup.patching import PatchError
 from services.common.web.errors import InvalidParameter, ModelNotFound, ServiceUnavailable
 from services.inference.decoding import TokenBytes
-from services.inference.metrics import SWARM_READY
+from services.inference.metrics import HEAD_BATCH_SIZE, SWARM_READY
 from services.inference.settings import InferenceSettings
 
 logger = logging.getLogger(__name__)
@@ -164,8 +164,10 @@ class ModelHandle:
             options["dht_prefix"] = settings.dht_prefix
         model = AutoDistributedModelForCausalLM.from_pretrained(settings.model, **options)
         model = model.to(settings.device).eval()
-        if head := lm_head.install(model.lm_head, settings.torch_threads):
-            logger.info("LM head: one token's product by %s", type(head).__name__)
+        batch_observer = HEAD_BATCH_SIZE.observe if settings.head_batching else None
+        if head := lm_head.install(model.lm_head, settings.torch_threads, batch_observer):
+            batching = ", concurrent sessions' tokens batched" if settings.head_batching else ""
+            logger.info("LM head: one token's product by %s%s", type(head).__name__, batching)
         self.max_length = min(settings.limits.max_length, settings.model_max_length or servers_max_length(model.config))
         self.tokenizer, self.token_bytes, self.model = tokenizer, token_bytes, model
         self._status = "model loaded; looking for a route through the swarm"

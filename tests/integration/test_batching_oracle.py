@@ -6,20 +6,27 @@ this module's ``smol_swarm``) runs many sessions at once from threads, of differ
 leaving while others decode: each session's greedy tokens equal the oracle's, and the servers' logs
 show batched steps; the same for tiny BLOOM's sessions. A beam search (``hypo_ids`` reordering, two
 sequences per step) and every session's prefill take Petals' own step on the same servers,
-interleaved with batched ones.
+interleaved with batched ones. Then an inference replica on the same swarm: sessions at once through
+it equal the oracle, and its LM head computed some of their tokens together (REPLICA_HEAD_BATCHING:
+batched server steps answer their sessions at the same moment).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
 
+from client.api import Api
+from deploy.local_stack import ServiceProcess
 from services.swarm.batching_pool import ENV, PATCH
 from services.swarm.launcher import PrivateSwarm, SwarmModel
-from tests.helpers import SMOL_DHT_PREFIX, SMOL_NEW_TOKENS, SMOL_QUESTIONS, chatml
+from tests.helpers import SMOL_DHT_PREFIX, SMOL_NEW_TOKENS, SMOL_QUESTIONS, chatml, start_inference
 
 pytestmark = pytest.mark.integration
 MORE_QUESTIONS = [*SMOL_QUESTIONS, "What is 2 + 2?", "Name three colors."]
@@ -142,3 +149,37 @@ def test_beam_search_falls_back_beside_a_batched_session_and_equals_transformers
         reference = model.generate(torch.tensor([ids]), max_new_tokens=8, num_beams=2, do_sample=False)
     assert out[0, len(ids) :].tolist() == reference[0, len(ids) :].tolist()
     assert beams["greedy"] == expected[:12]
+
+
+@pytest.fixture(scope="module")
+def smol_replica(smol_swarm: PrivateSwarm, smol_dir: Path, artifacts_dir: Path) -> Iterator[ServiceProcess]:
+    """An inference replica of SmolLM2 on this module's swarm (REPLICA_HEAD_BATCHING on, its default)."""
+    service = start_inference(
+        smol_swarm, smol_dir, artifacts_dir, "inference-head-batching", DHT_PREFIX=SMOL_DHT_PREFIX
+    )
+    yield service
+    service.stop()
+
+
+def test_replica_sessions_at_once_equal_the_oracle_with_batched_head_products(
+    smol_replica, oracle_cases, smol_tokenizer
+):
+    questions = [*MORE_QUESTIONS, *MORE_QUESTIONS[:2]]
+    api = Api(smol_replica.base_url)
+    prompts = [smol_tokenizer.decode(oracle_cases[question][0]) for question in questions]
+    with ThreadPoolExecutor(len(questions)) as pool:
+        bodies = list(pool.map(lambda prompt: api.generate(inputs=prompt, max_new_tokens=SMOL_NEW_TOKENS), prompts))
+    for question, body in zip(questions, bodies, strict=True):
+        expected = oracle_cases[question][1]
+        answer = smol_tokenizer.decode(expected, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert body == {"ok": True, "outputs": answer}, question
+    assert head_products(smol_replica.base_url, "1.0") < head_products(smol_replica.base_url, "+Inf")
+
+
+def head_products(base_url: str, le: str) -> float:
+    """How many LM head products the replica computed of at most ``le`` tokens (``+Inf``: all)."""
+    families = text_string_to_metric_families(requests.get(f"{base_url}/metrics", timeout=10).text)
+    (family,) = (family for family in families if family.name == "petals_chat_inference_head_batch_size")
+    buckets = (sample for sample in family.samples if sample.name.endswith("_bucket"))
+    (count,) = (sample.value for sample in buckets if sample.labels["le"] == le)
+    return count

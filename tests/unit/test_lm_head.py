@@ -94,3 +94,29 @@ def test_the_pool_leaves_the_default_thread_count_alone(small_threshold):
     assert _new_thread_torch_threads() == before and torch.get_num_threads() == main_thread
     assert split._pool.submit(torch.get_num_threads).result() == 1
     split.close()
+
+
+def _observed() -> list[int]:
+    return []
+
+
+@pytest.mark.parametrize("threads", [1, 3], ids=["stock head", "row split"])
+def test_batched_heads_give_each_token_its_logits(small_threshold, threads):
+    head = Head(torch.randn(1001, 64))
+    sizes = _observed()
+    batched = lm_head.install(head, threads=threads, batch_observer=sizes.append)
+    assert isinstance(batched, lm_head.StockOneTokenLMHead if threads == 1 else lm_head.RowSplitLMHead)
+    hidden = torch.randn(5, 1, 64)
+    with torch.inference_mode():
+        alone = head.forward(hidden[:1])
+        together = batched._together(hidden[:, 0])
+    assert sizes == [1] and alone.shape == (1, 1, 1001)
+    torch.testing.assert_close(alone[0, 0], torch.nn.functional.linear(hidden[0, 0], head.weight))
+    torch.testing.assert_close(together, torch.nn.functional.linear(hidden[:, 0], head.weight))
+    assert torch.equal(together.argmax(-1), torch.nn.functional.linear(hidden[:, 0], head.weight).argmax(-1))
+    batched.close()
+
+
+def test_without_batching_small_heads_keep_the_stock_forward():
+    head = Head(torch.zeros(10, 4))
+    assert lm_head.install(head, threads=2, batch_observer=None) is None
