@@ -58,7 +58,7 @@ def until(check: Callable[[], bool], deadline_s: float, what: str) -> float:
 def test_a_replica_added_to_the_file_takes_sessions_and_one_taken_out_is_forgotten(
     gateway, first, replicas_file, swarm, model_dir, artifacts_dir
 ):
-    api = Api(gateway.base_url)
+    api, since = Api(gateway.base_url), gateway.log_path.stat().st_size  # the log is appended across runs
     kept = api.open_session(32)  # the first replica holds a session: the new one is less loaded
     assert kept.startswith("found-0.")
     second = start_inference(swarm, model_dir, artifacts_dir, "found-1")
@@ -72,12 +72,14 @@ def test_a_replica_added_to_the_file_takes_sessions_and_one_taken_out_is_forgott
 
         seconds = until(lands_on_second, JOIN_DEADLINE_S, "a new session on the discovered replica")
         print(f"a discovered replica took a new session {seconds:.1f} s after it was listed")
-        until(lambda: _logged(gateway, "discovered replica found-1 at") == 2, JOIN_DEADLINE_S, "both workers know it")
+        known = f"discovered replica found-1 at {second.base_url}"
+        until(lambda: _logged(gateway, since, known) == 2, JOIN_DEADLINE_S, "both workers know it")
         for _ in range(4):  # whichever worker takes each request
             assert api.call("POST", "generate", {"session_id": opened[-1], "inputs": "A", "max_new_tokens": 1})["ok"]
 
         write_discovery_file(replicas_file, {first.name: first.base_url})
-        until(lambda: _logged(gateway, "forgot replica found-1 at") == 2, JOIN_DEADLINE_S, "both workers forget it")
+        forgotten = f"forgot replica found-1 at {second.base_url}"
+        until(lambda: _logged(gateway, since, forgotten) == 2, JOIN_DEADLINE_S, "both workers forget it")
         assert all(api.open_session(32).startswith("found-0.") for _ in range(4))
         gone = api.answer("POST", "generate", {"session_id": opened[-1], "inputs": "A", "max_new_tokens": 1})
         assert not gone["ok"] and "expired or does not exist" in gone["traceback"], gone
@@ -113,5 +115,8 @@ def test_a_model_with_no_replica_running_is_being_started_in_every_api(gateway):
     assert 'requests_without_replica_total{model="nope"}' not in after
 
 
-def _logged(service: ServiceProcess, text: str) -> int:
-    return service.log_path.read_text(errors="replace").count(text)
+def _logged(service: ServiceProcess, since: int, text: str) -> int:
+    """How many times the service's log holds ``text`` after its first ``since`` bytes."""
+    with service.log_path.open("rb") as log:
+        log.seek(since)
+        return log.read().decode(errors="replace").count(text)
