@@ -30,7 +30,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from bench.common import BENCH_MODELS, exit_on_sigterm, load_average, machine_description
 from client.api import Api, CallFailed
-from deploy.local_stack import ServiceProcess, gateway_process, handover_env, inference_process, pick_free_port
+from deploy.local_stack import (
+    ServiceProcess,
+    gateway_process,
+    handover_env,
+    inference_process,
+    pick_free_port,
+    write_discovery_file,
+)
 from services.swarm.launcher import PrivateSwarm
 
 DHT_PREFIX = "petals-chat-bench-handover"
@@ -42,11 +49,14 @@ def start_stack(work: Path) -> tuple[PrivateSwarm, list[ServiceProcess], Service
     model_dir = MODEL.build()
     swarm = PrivateSwarm(model_dir, list(MODEL.blocks), work / "swarm", dht_prefix=DHT_PREFIX).start(600)
     peers = {f"bench-{index}": f"http://127.0.0.1:{pick_free_port()}" for index in range(2)}
+    discovery = work / "inference-replicas.txt"
+    write_discovery_file(discovery, peers)
+    handover = {**handover_env(discovery, TOKEN), "HANDOVER_LINGER_SECONDS": "2", "READINESS_INTERVAL_SECONDS": "1"}
     replicas = [
         inference_process(
             model_dir=model_dir, initial_peers=swarm.initial_peers, dht_prefix=DHT_PREFIX,
             port=int(url.rpartition(":")[2]), log_path=work / f"{name}.log", replica_id=name,
-            extra_env={**handover_env(peers, TOKEN), "HANDOVER_LINGER_SECONDS": "2", "READINESS_INTERVAL_SECONDS": "1"},
+            extra_env=handover,
         ).start()
         for name, url in peers.items()
     ]  # fmt: skip

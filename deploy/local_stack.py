@@ -4,6 +4,9 @@ It serves several models (``LocalModel``; ``make run``: SmolLM2-135M-Instruct, t
 the tiny BLOOM) from one private swarm: each model's Petals servers under its own DHT prefix in
 one DHT, and inference replicas per model behind one gateway.
 
+The gateway and the replicas find the replicas in a discovery file (``INFERENCE_DISCOVERY=file://``,
+services/common/api/discovery.py) that the stack rewrites whenever it starts or stops a replica.
+
 Used by ``make run`` (deploy/run_local.py) and by the integration tests, so both exercise
 the same processes the same way. Every process is started in its own process group and
 stopped by that group's id: SIGTERM first (graceful: sessions are closed), SIGKILL after. Each
@@ -185,24 +188,43 @@ def inference_process(
     return ServiceProcess(replica_id, "services/inference/gunicorn.conf.py", env, log_path, port)
 
 
-def handover_env(peers: dict[str, str], token: str) -> dict[str, str]:
-    """A replica's settings to hand its sessions to ``peers`` (the replicas of its model) on SIGTERM."""
-    return {"INFERENCE_PEERS": " ".join(f"{name}={url}" for name, url in peers.items()), "HANDOVER_TOKEN": token}
+def write_discovery_file(path: Path, replicas: dict[str, str]) -> None:
+    """Write the ``ID=URL`` lines of ``replicas`` to ``path`` atomically (write, then rename): a
+    reader sees the old list or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text("# inference replicas (id=url), rewritten by deploy/local_stack.py\n" +
+                         "".join(f"{name}={url}\n" for name, url in replicas.items()))  # fmt: skip
+    os.replace(temporary, path)
+
+
+def discovery_env(path: Path) -> dict[str, str]:
+    """A gateway's or a replica's setting to find the replicas listed in the discovery file ``path``."""
+    return {"INFERENCE_DISCOVERY": f"file://{path.resolve()}"}
+
+
+def handover_env(discovery_file: Path, token: str) -> dict[str, str]:
+    """A replica's settings to hand its sessions, on SIGTERM, to the replicas of its model that the
+    discovery file lists."""
+    return {**discovery_env(discovery_file), "HANDOVER_TOKEN": token}
 
 
 def gateway_process(
     *,
-    replicas: dict[str, str],
     port: int,
     log_path: Path,
+    replicas: dict[str, str] | None = None,
+    discovery_file: Path | None = None,
     name: str = "gateway",
     extra_env: dict[str, str] | None = None,
     root: Path = REPO_ROOT,
 ) -> ServiceProcess:
-    """A gateway on loopback, routing to the given inference replicas (id -> base URL), run from the
-    source tree ``root``."""
-    env = {"INFERENCE_REPLICAS": " ".join(f"{rid}={url}" for rid, url in replicas.items()), **(extra_env or {})}
-    return ServiceProcess(name, "services/gateway/gunicorn.conf.py", env, log_path, port, root=root)
+    """A gateway on loopback, routing to the given inference replicas (id -> base URL) and those the
+    discovery file lists, run from the source tree ``root``."""
+    env = {"INFERENCE_REPLICAS": " ".join(f"{rid}={url}" for rid, url in (replicas or {}).items())}
+    env.update(discovery_env(discovery_file) if discovery_file else {})
+    return ServiceProcess(name, "services/gateway/gunicorn.conf.py", {**env, **(extra_env or {})}, log_path, port,
+                          root=root)  # fmt: skip
 
 
 def ui_process(*, port: int, log_path: Path, extra_env: dict[str, str] | None = None) -> ServiceProcess:
@@ -237,28 +259,40 @@ class LocalStack:
         self.swarm = PrivateSwarm.of_models(swarm_models, self.state_dir / "swarm")
         self.services: list[ServiceProcess] = []
         self.handover_token = secrets.token_urlsafe(24)  # the replicas hand sessions to each other with it
+        self.discovery_file = self.state_dir / "inference-replicas.txt"  # INFERENCE_DISCOVERY=file://...
+
+    def _replicas(self) -> list[ServiceProcess]:
+        return [service for service in self.services if service.name.startswith("inference-")]
+
+    def _write_discovery_file(self) -> None:
+        """List the inference replicas whose process runs (ready or not: the readers ask their /readyz)."""
+        running = {s.name: s.base_url for s in self._replicas() if s.process and s.process.poll() is None}
+        write_discovery_file(self.discovery_file, running)
 
     def restart_stopped(self) -> list[str]:
         """Start again every inference replica whose process has exited (SIGTERM, a crash), as a
-        StatefulSet would; returns their names."""
-        restarted = []
-        for service in self.services:
-            if service.name.startswith("inference-") and service.process and service.process.poll() is not None:
-                kill_group(service.process.pid)  # what its group left behind
-                service.start()
-                restarted.append(service.name)
-        return restarted
+        StatefulSet would, taking it out of the discovery file meanwhile; returns their names."""
+        stopped = [s for s in self._replicas() if s.process and s.process.poll() is not None]
+        if not stopped:
+            return []
+        self._write_discovery_file()
+        for service in stopped:
+            kill_group(service.process.pid)  # what its group left behind
+            service.start()
+        self._write_discovery_file()
+        return [service.name for service in stopped]
 
     def start(self, timeout: float = 240.0) -> LocalStack:
         """Start the swarm, the inference replicas, then the gateway at the public port."""
         logs = self.state_dir / "logs"
         try:
             self.swarm.start(timeout)
+            write_discovery_file(self.discovery_file, {})
             replicas = {}
             for model in self.models:
-                peers = {f"inference-{model.name}-{i}": f"http://127.0.0.1:{self.public_port + 10 + len(replicas) + i}"
-                         for i in range(self.inference_replicas)}  # fmt: skip
-                for replica_id, url in peers.items():
+                urls = {f"inference-{model.name}-{i}": f"http://127.0.0.1:{self.public_port + 10 + len(replicas) + i}"
+                        for i in range(self.inference_replicas)}  # fmt: skip
+                for replica_id, url in urls.items():
                     replica = inference_process(
                         model_dir=self.model_dirs[model.name],
                         initial_peers=self.swarm.initial_peers,
@@ -269,17 +303,18 @@ class LocalStack:
                         extra_env={
                             "MODEL_NAME": model.name,
                             "MODEL_DESCRIPTION": model.description,
-                            **handover_env(peers, self.handover_token),
+                            **handover_env(self.discovery_file, self.handover_token),
                         },
                     )
                     self.services.append(replica.start())
+                    self._write_discovery_file()
                     replicas[replica.name] = replica.base_url
             ui = ui_process(port=self.public_port + 9, log_path=logs / "ui.log")
             self.services.append(ui.start())
             for service in self.services:
                 service.wait_ready(timeout)
             gateway = gateway_process(
-                replicas=replicas,
+                discovery_file=self.discovery_file,
                 port=self.public_port,
                 log_path=logs / "gateway.log",
                 extra_env={"UI_URL": ui.base_url, "DEFAULT_MODEL": self.models[0].name},
@@ -299,6 +334,8 @@ class LocalStack:
         """Stop the services (gracefully), then the swarm."""
         for service in reversed(self.services):
             service.stop()
+            if service.name.startswith("inference-"):
+                self._write_discovery_file()
         self.services.clear()
         self.swarm.stop()
 
@@ -312,9 +349,11 @@ __all__ = [
     "LocalStack",
     "ServiceProcess",
     "StartupError",
+    "discovery_env",
     "gateway_process",
     "handover_env",
     "inference_process",
     "pick_free_port",
     "ui_process",
+    "write_discovery_file",
 ]

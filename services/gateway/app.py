@@ -52,8 +52,9 @@ class Lifespan:
 def build_app(settings: GatewaySettings) -> falcon.asgi.App:
     """The gateway's ASGI app (its lifespan starts the replica polling)."""
     upstream = Upstream(connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s)
-    replicas = ReplicaSet(settings.replicas, settings.default_model)
-    poller = ReplicaPoller(replicas, upstream, settings.poll_interval_s, settings.api_keys)
+    replicas = ReplicaSet(settings.replicas, settings.default_model, discovered_models=settings.discovery.models(),
+                          cold_start_retry_s=settings.cold_start_retry_s)  # fmt: skip
+    poller = ReplicaPoller(replicas, upstream, settings.poll_interval_s, settings.api_keys, settings.discovery)
     origins = "*" if "*" in settings.cors_allow_origins else list(settings.cors_allow_origins)
     refusals = RefusalThrottle(settings.auth_failures_per_minute) if settings.auth_failures_per_minute else None
     clients = ClientMiddleware(settings.api_keys, anonymous=bool(settings.anonymous_rate_limit_per_minute),
@@ -75,7 +76,7 @@ def build_app(settings: GatewaySettings) -> falcon.asgi.App:
                           request_type=Request)  # fmt: skip
     app.add_error_handler(Unauthorized, handle_unauthorized)
     app.ws_options.max_receive_queue = 0  # each connection reads its messages itself (no extra task)
-    router, limits = Router(replicas, upstream, poller.refresh), settings.limits
+    router, limits = Router(replicas, upstream, poller.refresh, poller.find_new), settings.limits
     app.add_route("/api/v1/generate", GenerateResource(router, limits))
     app.add_route("/api/v1/open_inference_session", OpenSessionResource(router, limits))
     app.add_route("/api/v1/close_inference_session", CloseSessionResource(router, limits))

@@ -45,3 +45,9 @@ CLIENT_REQUESTS = Counter(
     "refused: a missing or wrong key) and semantic status.",
     ["key_id", "status"],
 )
+REQUESTS_WITHOUT_REPLICA = Counter(
+    "petals_chat_gateway_requests_without_replica",
+    "Requests for a model of INFERENCE_DISCOVERY (MODEL=dns://...) that had no replica answering (answered 503 "
+    "model_starting): what an autoscaler (KEDA) wakes a model scaled to zero on. Only configured models.",
+    ["model"],
+)

@@ -15,20 +15,32 @@ that a follow-up finds the session that holds its beginning.
 A session handed over by a stopping replica (services/common/api/handover.py) keeps its id: the
 replica that adopted it lists its key in its ``/readyz``, and a session whose key a replica lists
 goes there (a ready claimant first) instead of to the replica its id names.
+
+The set is dynamic with ``INFERENCE_DISCOVERY`` (services/common/api/discovery.py): a discovered
+URL becomes a replica once its ``/readyz`` names its id (a known id at a new URL: the same replica,
+moved); one that discovery no longer gives is forgotten, once it no longer answers as stopping.
+``INFERENCE_REPLICAS`` entries stay. A request for a discovered model (``MODEL=dns://...``) with no
+replica answering gets ``ModelStarting`` and is counted, for an autoscaler to start one.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 
 from services.common.api.handover import rendezvous_order, session_key
 from services.common.chat.model_card import ModelCard
-from services.common.web.errors import ModelMismatch, ModelNotFound, ServiceUnavailable, SessionNotFound
-from services.gateway.metrics import ROUTING_DECISIONS
+from services.common.web.errors import (
+    ModelMismatch,
+    ModelNotFound,
+    ModelStarting,
+    ServiceUnavailable,
+    SessionNotFound,
+)
+from services.gateway.metrics import REQUESTS_WITHOUT_REPLICA, ROUTING_DECISIONS
 
 
 class Decision(StrEnum):
@@ -47,7 +59,7 @@ class Decision(StrEnum):
     MODEL_MISMATCH = "model_mismatch"
 
 
-@dataclass
+@dataclass(eq=False)  # one object per replica, moved or not: in-flight counts and routing compare identity
 class Replica:
     """One inference replica and what its last poll said."""
 
@@ -62,6 +74,7 @@ class Replica:
     answering: bool = False  # its last poll got an answer (ready or not)
     adopted: frozenset[str] = frozenset()  # keys of the sessions it adopted (services/common/api/handover.py)
     stopping: bool = False  # handing its sessions over: nothing new goes there
+    static: bool = True  # from INFERENCE_REPLICAS (never forgotten); False: discovered
 
     @property
     def model(self) -> str | None:
@@ -73,12 +86,53 @@ class Replica:
 
 
 class ReplicaSet:
-    """Configured replicas, their polled state, and the routing choices."""
+    """Configured and discovered replicas, their polled state, and the routing choices."""
 
-    def __init__(self, replicas: dict[str, str], default_model: str | None = None) -> None:
+    def __init__(
+        self,
+        replicas: dict[str, str],
+        default_model: str | None = None,
+        *,
+        discovered_models: tuple[str, ...] = (),
+        cold_start_retry_s: int = 15,
+    ) -> None:
         self.replicas = {name: Replica(name, url) for name, url in replicas.items()}
         self._default_model = default_model
+        self._discovered_models = discovered_models  # MODEL=dns://... entries: served even with no replica
+        self._cold_start_retry_s = cold_start_retry_s
+        self._found: set[str] = set()  # the URLs discovery gives now
         self._turn = itertools.count()
+
+    # discovery -------------------------------------------------------------------------
+    def discovered(self, urls: Iterable[str]) -> None:
+        """The URLs discovery gives now (the replicas at the others are forgotten by ``forget_gone``)."""
+        self._found = set(urls)
+
+    def pending(self) -> list[str]:
+        """Discovered URLs of no known replica: their /readyz will tell whose they are."""
+        known = {replica.url for replica in self.replicas.values()}
+        return sorted(self._found - known)
+
+    def identified(self, name: str, url: str) -> Replica | None:
+        """The replica whose /readyz at the discovered ``url`` says ``name``: a new one, or the known
+        one moved there (a restarted pod's new address; the same object, so counts carry on); None if
+        ``name`` is a static replica's (its configured URL stays)."""
+        replica = self.replicas.get(name)
+        if replica is None:
+            replica = self.replicas[name] = Replica(name, url, static=False)
+        elif replica.static:
+            return None
+        replica.url = url
+        return replica
+
+    def forget_gone(self) -> list[Replica]:
+        """Forget the discovered replicas discovery no longer gives, but those still answering as
+        stopping (handing their sessions over); returns them."""
+        gone = [r for r in self.replicas.values() if not r.static and r.url not in self._found
+                and not (r.answering and r.stopping)]  # fmt: skip
+        for replica in gone:
+            del self.replicas[replica.name]
+        return gone
 
     def status(self) -> dict[str, dict]:
         """Per-replica state for the gateway's /readyz."""
@@ -98,16 +152,22 @@ class ReplicaSet:
         return list(cards.values())
 
     def default_model(self) -> str | None:
-        """DEFAULT_MODEL, else the first served model; None while no replica has reported one."""
+        """DEFAULT_MODEL, else the first served model, else the first discovered one; None while no
+        replica has reported one."""
         cards = self.cards()
-        return self._default_model or (cards[0].name if cards else None)
+        first_discovered = self._discovered_models[0] if self._discovered_models else None
+        return self._default_model or (cards[0].name if cards else first_discovered)
 
     def resolve(self, model: str | None) -> ModelCard:
-        """The card of ``model`` (None: the default model); ModelNotFound if no replica serves it."""
+        """The card of ``model`` (None: the default model); ModelNotFound if no replica serves it,
+        ModelStarting (counted) for a discovered model with no replica answering."""
         cards = {card.name: card for card in self.cards()}
+        wanted = model or self.default_model()
+        if wanted in self._discovered_models and not self.answering(wanted):
+            REQUESTS_WITHOUT_REPLICA.labels(model=wanted).inc()
+            raise ModelStarting(wanted, self._cold_start_retry_s)
         if not cards:
             raise ServiceUnavailable("No inference replica has reported its model yet; retry in a few seconds")
-        wanted = model or self.default_model()
         if wanted not in cards:
             ROUTING_DECISIONS.labels(decision=Decision.UNKNOWN_MODEL, replica="none").inc()
             if model is None:
@@ -134,6 +194,10 @@ class ReplicaSet:
                 raise ModelMismatch(session_id, replica.model, model)
         ROUTING_DECISIONS.labels(decision=Decision.ADOPTED if adopter else Decision.SESSION, replica=name).inc()
         return replica
+
+    def knows_holder(self, session_id: str) -> bool:
+        """Whether this worker knows a replica that may hold ``session_id`` (by its id, or adopted)."""
+        return session_id.rpartition(".")[0] in self.replicas or self._adopter(session_id) is not None
 
     def _adopter(self, session_id: str) -> Replica | None:
         """The replica that lists the session as adopted, a ready one first; None if none does."""

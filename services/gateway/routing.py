@@ -26,10 +26,17 @@ MAX_MOVES = 2  # hops after a session that moved (a rolling restart moves it twi
 class Router:
     """Sends a validated call to the right replica and turns failures into public errors."""
 
-    def __init__(self, replicas: ReplicaSet, upstream: Upstream, refresh: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        replicas: ReplicaSet,
+        upstream: Upstream,
+        refresh: Callable[[], Awaitable[None]],
+        find_new: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.replicas = replicas
         self.upstream = upstream
         self.refresh = refresh  # polls every replica now (the poller's)
+        self.find_new = find_new  # discovers again now, if discovery is on and has not just run (the poller's)
 
     async def generate(self, params: GenerateParams, path: str, client: str) -> Stream:
         """``client``'s v1 / v2 generation: to its session's replica, else to the least busy one of its model."""
@@ -56,7 +63,11 @@ class Router:
 
     async def to_session(self, session_id: str, model: str | None, method: str, path: str, **kwargs: Any) -> Stream:
         """Call the replica holding ``session_id``, following it where a stopping replica handed it
-        over; a gone replica means a gone session, unless a fresh poll finds who adopted it."""
+        over; a gone replica means a gone session, unless a fresh poll finds who adopted it. A replica
+        this worker does not know yet may have been discovered meanwhile (another worker opened the
+        session there): discovery runs again first."""
+        if self.find_new is not None and not self.replicas.knows_holder(session_id):
+            await self.find_new()
         replica = self.replicas.for_session(session_id, model)
         for _hop in range(MAX_MOVES + 1):
             try:

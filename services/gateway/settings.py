@@ -6,6 +6,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from services.common.api.discovery import Discovery, parse_discovery
 from services.common.api.params import MODEL_NAME_PATTERN, Limits
 from services.common.api.replica_urls import parse_replica_urls
 from services.common.startup.config import ConfigError, Env, ServerSettings
@@ -20,7 +21,9 @@ class GatewaySettings:
     """Everything the gateway reads from its environment."""
 
     server: ServerSettings
-    replicas: dict[str, str]  # replica id -> base URL
+    replicas: dict[str, str]  # replica id -> base URL (INFERENCE_REPLICAS: static, never forgotten)
+    discovery: Discovery  # INFERENCE_DISCOVERY: the replicas found by themselves (empty: none)
+    cold_start_retry_s: int  # Retry-After of a request for a discovered model that has no replica running
     connect_timeout_s: float
     read_timeout_s: float
     poll_interval_s: float
@@ -46,9 +49,12 @@ class GatewaySettings:
         env = env or Env()
         limits = Limits.from_env(env)
         api_keys = KeyRing.from_env(env)
+        discovery = parse_discovery(env)
         return cls(
             server=ServerSettings.from_env(env, bind="127.0.0.1:8080", threads=1, workers=2),
-            replicas=parse_replicas(env.list("INFERENCE_REPLICAS")),
+            replicas=parse_replicas(env.list("INFERENCE_REPLICAS"), discovery),
+            discovery=discovery,
+            cold_start_retry_s=env.int("INFERENCE_COLD_START_RETRY_SECONDS", 15, minimum=1, maximum=3600),
             connect_timeout_s=env.float("UPSTREAM_CONNECT_TIMEOUT_SECONDS", 1.0, minimum=0.05),
             read_timeout_s=env.float("UPSTREAM_READ_TIMEOUT_SECONDS", 300.0, minimum=1.0),
             poll_interval_s=env.float("REPLICA_POLL_INTERVAL_SECONDS", 2.0, minimum=0.1),
@@ -107,8 +113,12 @@ def parse_ui_url(value: str) -> str:
     return url
 
 
-def parse_replicas(entries: tuple[str, ...]) -> dict[str, str]:
-    """``inference-0=http://host:port`` entries; the id is what session ids start with."""
-    if not entries:
-        raise ConfigError("INFERENCE_REPLICAS is required: e.g. 'inference-0=http://127.0.0.1:8000'")
+def parse_replicas(entries: tuple[str, ...], discovery: Discovery) -> dict[str, str]:
+    """``inference-0=http://host:port`` entries; the id is what session ids start with. Without
+    them, INFERENCE_DISCOVERY must find the replicas."""
+    if not entries and not discovery:
+        raise ConfigError(
+            "INFERENCE_REPLICAS or INFERENCE_DISCOVERY is required: e.g. 'inference-0=http://127.0.0.1:8000' "
+            "or 'my-model=dns://inference-my-model:8000'"
+        )
     return parse_replica_urls(entries, "INFERENCE_REPLICAS")

@@ -102,12 +102,13 @@ class InferenceService:
 
     def hand_over_sessions(self) -> None:
         """On SIGTERM, while the worker still serves: hand every session to a peer (with a token and
-        peers; else they are closed at shutdown, as before), then keep redirecting their requests
+        peers or discovery; else they are closed at shutdown, as before), then keep redirecting their requests
         for HANDOVER_LINGER_SECONDS, so every gateway worker has polled the adopters meanwhile."""
         settings = self.settings
-        if not (settings.handover_token and settings.peers):
+        if not (settings.handover_token and (settings.peers or settings.discovery)):
             return
-        mover = SessionMover(self.store, settings.model_name, settings.peers, settings.handover_token)
+        mover = SessionMover(self.store, settings.model_name, settings.replica_id, settings.handover_token,
+                             settings.peers, settings.discovery)  # fmt: skip
         done, _failed = mover.hand_over_all()
         if done:
             time.sleep(settings.handover_linger_s)

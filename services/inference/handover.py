@@ -3,8 +3,10 @@
 On SIGTERM (services/common/gunicorn/gthread_worker.py calls ``SessionMover.hand_over_all`` before
 the worker stops serving) the store stops taking sessions, ``/readyz`` says the replica is
 stopping (the gateway sends it nothing new), each session's request in progress finishes, and
-each session goes to a ready peer of the same model (``INFERENCE_PEERS``; a conversation to the
-peer the gateway's rendezvous order picks, any other to the least loaded), over
+each session goes to a ready peer of the same model (``INFERENCE_PEERS``, and the replicas that
+``INFERENCE_DISCOVERY`` gives when the handover starts, less this one and those of another model,
+as their ``/readyz`` says; a conversation to the peer the gateway's rendezvous order picks, any
+other to the least loaded), over
 ``ADOPT_SESSION_PATH`` with ``HANDOVER_TOKEN``. The adopter (``Adopter``) opens a Petals session,
 sends the tokens through the swarm (as a rebuild after a swarm failure does) and holds the
 session under its old id. A session no peer adopts is closed and its client gets the "expired"
@@ -26,6 +28,7 @@ from functools import partial
 
 import falcon
 
+from services.common.api.discovery import Discovery
 from services.common.api.handover import ADOPT_SESSION_PATH, SessionHandover, rendezvous_order
 from services.common.api.params import loads_json
 from services.common.web.errors import PayloadTooLarge, ServiceUnavailable, Unauthorized
@@ -58,11 +61,21 @@ class Peer:
 class SessionMover:
     """Hands every session of a stopping replica to its peers."""
 
-    def __init__(self, store: SessionStore, model_name: str, peers: dict[str, str], token: str) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        model_name: str,
+        replica_id: str,
+        token: str,
+        peers: dict[str, str],
+        discovery: Discovery | None = None,
+    ) -> None:
         self._store = store
         self._model_name = model_name
-        self._peers = peers
+        self._replica_id = replica_id
         self._token = token
+        self._peers = peers  # INFERENCE_PEERS: id -> URL
+        self._discovery = discovery or Discovery()
         self._lock = threading.Lock()
 
     def hand_over_all(self) -> tuple[int, int]:
@@ -81,20 +94,29 @@ class SessionMover:
     def _ready_peers(self) -> list[Peer]:
         deadline = time.monotonic() + PEER_WAIT_S
         while True:
-            with ThreadPoolExecutor(max_workers=max(1, len(self._peers))) as pool:
-                found = [p for p in pool.map(self._peer, self._peers.items()) if p is not None]
+            candidates = self._candidates()
+            with ThreadPoolExecutor(max_workers=max(1, len(candidates))) as pool:
+                found = {p.name: p for p in pool.map(self._peer, candidates.items()) if p is not None}
             if found or time.monotonic() > deadline:
-                return found
+                return list(found.values())
             time.sleep(0.5)
 
-    def _peer(self, entry: tuple[str, str]) -> Peer | None:
-        name, url = entry
+    def _candidates(self) -> dict[str, str | None]:
+        """URL -> the id it must answer as: INFERENCE_PEERS' ids, any for a discovered URL."""
+        discovered: dict[str, str | None] = {found.url: None for found in self._discovery.find()}
+        return {**discovered, **{url: name for name, url in self._peers.items()}}
+
+    def _peer(self, candidate: tuple[str, str | None]) -> Peer | None:
+        url, expected = candidate
         try:
             with urllib.request.urlopen(url + "/readyz", timeout=PEER_TIMEOUT_S) as answer:
                 body = json.loads(answer.read())
         except (OSError, ValueError):  # unready (503), gone, or not speaking JSON
             return None
-        if body.get("replica_id") != name or body.get("model") != self._model_name:
+        name = body.get("replica_id") if isinstance(body, dict) else None
+        if not isinstance(name, str) or name == self._replica_id or expected not in (None, name):
+            return None
+        if body.get("model") != self._model_name:
             return None
         return Peer(name, url, int(body.get("active_sessions", 0)) / max(int(body.get("max_sessions", 1)), 1))
 

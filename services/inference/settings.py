@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.api.discovery import Discovery, parse_discovery
 from services.common.api.params import MODEL_NAME_PATTERN, SESSION_ID_PATTERN, Limits
 from services.common.api.replica_urls import parse_replica_urls
 from services.common.api.swarm_state import SwarmThresholds
@@ -53,6 +54,7 @@ class InferenceSettings:
     debug_tracebacks: bool
     handover_token: str  # empty: sessions are not handed over on a stop (closed, as before)
     peers: dict[str, str]  # the other replicas of this model (id -> URL) that may adopt sessions
+    discovery: Discovery  # INFERENCE_DISCOVERY: more peers, found when a handover starts (empty: none)
     handover_linger_s: float  # after handing over, how long requests for moved sessions are redirected
 
     @classmethod
@@ -105,6 +107,7 @@ class InferenceSettings:
             debug_tracebacks=env.bool("DEBUG_TRACEBACKS", False),
             handover_token=handover_token(env),
             peers=peers(env, replica_id),
+            discovery=parse_discovery(env),
             handover_linger_s=env.float("HANDOVER_LINGER_SECONDS", 5.0, minimum=0.0, maximum=60.0),
         )
 

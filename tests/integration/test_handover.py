@@ -1,7 +1,8 @@
 """Sessions survive a planned stop: a rolling restart of every replica of a model loses none.
 
 Real processes on loopback: two inference replicas of the test model that hand their sessions to
-each other on SIGTERM (``INFERENCE_PEERS``, ``HANDOVER_TOKEN``), and a gateway with two workers.
+each other on SIGTERM (``HANDOVER_TOKEN``), and a gateway with two workers; the gateway and the
+replicas find the replicas in a discovery file (``INFERENCE_DISCOVERY=file://``), as ``make run``'s.
 While 20 sessions converse (v1 one token per request, WebSocket, OpenAI chat with conversation
 reuse; greedy), each replica in turn gets SIGTERM, exits and starts again, as a StatefulSet's
 rolling update does: every request is answered, and each session's text equals an uninterrupted
@@ -15,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -22,7 +24,7 @@ import pytest
 import requests
 
 from client.api import Api, ask, connect_ws
-from deploy.local_stack import ServiceProcess, handover_env, pick_free_port
+from deploy.local_stack import ServiceProcess, discovery_env, handover_env, pick_free_port, write_discovery_file
 from tests.helpers import metric_value, start_gateway, start_inference
 
 TOKEN = "test-handover-token-0123456789"
@@ -32,9 +34,15 @@ SESSION_TOKENS, MOST_TOKENS = 512, 480  # a session's size, and where its client
 
 
 @pytest.fixture(scope="module")
-def replicas(swarm, model_dir, artifacts_dir) -> Iterator[list[ServiceProcess]]:
+def replicas_file(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("handover") / "inference-replicas.txt"
+
+
+@pytest.fixture(scope="module")
+def replicas(swarm, model_dir, artifacts_dir, replicas_file) -> Iterator[list[ServiceProcess]]:
     peers = {f"elastic-{index}": f"http://127.0.0.1:{pick_free_port()}" for index in range(2)}
-    env = {**handover_env(peers, TOKEN), "HANDOVER_LINGER_SECONDS": "2"}
+    write_discovery_file(replicas_file, peers)
+    env = {**handover_env(replicas_file, TOKEN), "HANDOVER_LINGER_SECONDS": "2"}
     started: list[ServiceProcess] = []
     try:
         for name, url in peers.items():
@@ -47,8 +55,8 @@ def replicas(swarm, model_dir, artifacts_dir) -> Iterator[list[ServiceProcess]]:
 
 
 @pytest.fixture(scope="module")
-def gateway(replicas, artifacts_dir) -> Iterator[ServiceProcess]:
-    service = start_gateway(artifacts_dir, {r.name: r.base_url for r in replicas}, "elastic-gateway")
+def gateway(replicas, artifacts_dir, replicas_file) -> Iterator[ServiceProcess]:
+    service = start_gateway(artifacts_dir, {}, "elastic-gateway", **discovery_env(replicas_file))
     yield service
     service.stop()
 

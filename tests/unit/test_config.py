@@ -70,7 +70,7 @@ def test_the_servers_max_length_defaults_from_the_model(config, expected):
     ("service", "env", "message"),
     [
         ("inference", {"MODEL": "x", "MAX_SESSIONS": "-1"}, "MAX_SESSIONS must be >= 1, got -1"),
-        ("gateway", {}, "INFERENCE_REPLICAS is required"),
+        ("gateway", {}, "INFERENCE_REPLICAS or INFERENCE_DISCOVERY is required"),
         (
             "gateway",
             {"INFERENCE_REPLICAS": "inference-0=ftp://x"},

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy.local_stack import SMOLLM2, TINY_BLOOM, LocalStack, handover_env
+from deploy.local_stack import SMOLLM2, TINY_BLOOM, LocalStack, handover_env, write_discovery_file
 from deploy.run_local import _models
+from services.common.api.discovery import Discovery, FileEntry
 from services.common.startup.config import ConfigError, Env
 from services.swarm import launcher
 from services.swarm.launcher import PrivateSwarm, SwarmModel, handlers_per_server, server_command
@@ -107,6 +108,7 @@ class _Service:
     def __init__(self, name: str, exited: bool) -> None:
         command = ["true"] if exited else ["sleep", "30"]
         self.name, self.process = name, subprocess.Popen(command, start_new_session=True)
+        self.base_url = f"http://127.0.0.1:{5010 + len(name)}"
         if exited:
             self.process.wait()
         self.starts = 0
@@ -115,21 +117,26 @@ class _Service:
         self.starts += 1
 
 
-def test_the_runner_starts_a_stopped_inference_replica_again_and_nothing_else():
+def test_the_runner_starts_a_stopped_inference_replica_again_and_nothing_else(tmp_path: Path):
     stack = LocalStack.__new__(LocalStack)  # no swarm, no models: only its services
+    stack.discovery_file = tmp_path / "inference-replicas.txt"
     stopped, running = _Service("inference-tiny-bloom-1", True), _Service("inference-tiny-bloom-0", False)
     gateway = _Service("gateway", True)
     stack.services = [stopped, running, gateway]
     try:
         assert stack.restart_stopped() == ["inference-tiny-bloom-1"]
         assert (stopped.starts, running.starts, gateway.starts) == (1, 0, 0)
+        # the discovery file lists the replicas whose process runs (this fake start runs none)
+        assert stack.discovery_file.read_text().splitlines()[1:] == ["inference-tiny-bloom-0=http://127.0.0.1:5032"]
     finally:
         running.process.kill()
         running.process.wait()
 
 
-def test_each_models_replicas_are_each_others_peers_with_one_token():
-    peers = {"inference-m-0": "http://127.0.0.1:5010", "inference-m-1": "http://127.0.0.1:5011"}
-    env = handover_env(peers, "t" * 32)
-    assert env == {"INFERENCE_PEERS": "inference-m-0=http://127.0.0.1:5010 inference-m-1=http://127.0.0.1:5011",
-                   "HANDOVER_TOKEN": "t" * 32}  # fmt: skip
+def test_the_replicas_find_their_peers_in_the_discovery_file_with_one_token(tmp_path: Path):
+    path = tmp_path / "inference-replicas.txt"
+    write_discovery_file(path, {"inference-m-0": "http://127.0.0.1:5010", "inference-m-1": "http://127.0.0.1:5011"})
+    assert handover_env(path, "t" * 32) == {"INFERENCE_DISCOVERY": f"file://{path}", "HANDOVER_TOKEN": "t" * 32}
+    found = Discovery((FileEntry(path),)).find()
+    assert [item.url for item in found] == ["http://127.0.0.1:5010", "http://127.0.0.1:5011"]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name], "no temporary file left behind"

@@ -136,6 +136,17 @@ class ServiceUnavailable(ApiError):
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
+class ModelStarting(ServiceUnavailable):
+    """The model is configured (discovered) but no replica of it runs yet: one is being started
+    (an autoscaler wakes the model on the gateway's ``requests_without_replica`` counter)."""
+
+    error_code = "model_starting"
+
+    def __init__(self, model: str, retry_after_s: int) -> None:
+        message = f"The model {model!r} has no replica running yet; one is being started: retry in {retry_after_s} s"
+        super().__init__(message, retry_after_s=retry_after_s)
+
+
 class TooManySessions(ServiceUnavailable):
     """The replica already holds its maximum number of sessions."""
 
