@@ -100,6 +100,8 @@ class ReplicaSet:
         self._default_model = default_model
         self._discovered_models = discovered_models  # MODEL=dns://... entries: served even with no replica
         self._cold_start_retry_s = cold_start_retry_s
+        for model in discovered_models:  # at 0 from the start: an autoscaler's first increase() sees the first request
+            REQUESTS_WITHOUT_REPLICA.labels(model=model)
         self._found: set[str] = set()  # the URLs discovery gives now
         self._turn = itertools.count()
 

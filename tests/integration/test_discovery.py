@@ -90,7 +90,9 @@ def test_a_replica_added_to_the_file_takes_sessions_and_one_taken_out_is_forgott
 
 def test_a_model_with_no_replica_running_is_being_started_in_every_api(gateway):
     base, counter = gateway.base_url, f'petals_chat_gateway_requests_without_replica_total{{model="{COLD}"}}'
-    before = metric_value(requests.get(f"{base}/metrics", timeout=10).text, counter)
+    scraped = requests.get(f"{base}/metrics", timeout=10).text
+    assert counter in scraped  # exported (at 0) from the start, so that an autoscaler sees the first increase
+    before = metric_value(scraped, counter)
     v1 = requests.post(f"{base}/api/v1/generate", data={"model": COLD, "inputs": "A", "max_new_tokens": 1}, timeout=10)
     assert v1.status_code == 200 and v1.json()["ok"] is False and "no replica running yet" in v1.json()["traceback"]
     v2 = requests.post(
