@@ -104,6 +104,8 @@ CLIENTS = {"raw": "raw", "v1": "v1 per-token", "stream": "stream", "gateway": "g
 INFERENCE_ENV = {"MAX_SESSIONS": "64", "GUNICORN_THREADS": "64"}
 GATEWAY_ENV: dict[str, str] = {}
 HTTP_TIMEOUT_S = 120.0
+# One in-process measurement at most: torch's threads, one per core, crawl when other work takes the cores.
+IN_PROCESS_TIMEOUT_S = 150.0
 SETTLE_S = 1.0  # pause between runs: one-off sessions finish closing on the servers
 
 
@@ -542,7 +544,9 @@ def in_process_limits(model: BenchModel, args: argparse.Namespace) -> dict[int, 
     limits = {}
     for count in args.sessions:
         try:
-            limits[count] = measure_in_process(model.build(), count, args.tokens, available_cpus(), args.run_timeout)
+            limits[count] = measure_in_process(
+                model.build(), count, args.tokens, available_cpus(), IN_PROCESS_TIMEOUT_S
+            )
         except (RuntimeError, subprocess.TimeoutExpired) as error:
             print(f"in-process limit at batch {count}: not measured ({error})", flush=True)
             continue
