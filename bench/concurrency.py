@@ -99,9 +99,9 @@ TIME_PER_TOKEN_LIMITS = {  # (sessions, client): its time per token / raw's at m
     (16, "v1 per-token"): 1.10,
 }
 CLIENTS = {"raw": "raw", "v1": "v1 per-token", "stream": "stream", "gateway": "gateway stream"}  # option: name
-# The inference service sized for 32 concurrent sessions plus probes (its defaults: 50 sessions, 128 request
-# threads); the gateway's Uvicorn workers have no request threads to size.
-INFERENCE_ENV = {"MAX_SESSIONS": "64", "GUNICORN_THREADS": "64"}
+# The inference service sized for 32 concurrent sessions plus probes (its defaults: 50 sessions, 16 stream requests
+# without a session, 128 request threads); the gateway's Uvicorn workers have no request threads to size.
+INFERENCE_ENV = {"MAX_SESSIONS": "64", "MAX_SESSIONLESS_REQUESTS": "64", "GUNICORN_THREADS": "64"}
 GATEWAY_ENV: dict[str, str] = {}
 HTTP_TIMEOUT_S = 120.0
 # One in-process measurement at most: torch's threads, one per core, crawl when other work takes the cores.
