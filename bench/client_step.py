@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import load_average, machine_description
-from bench.concurrency import print_table, prompt_for
+from bench.common import load_average, machine_description, prompt_for
 from bench.inference_latency import CLIENT_OPTIONS, DHT_PREFIX  # sets HF_HUB_OFFLINE first
+from bench.load_results import print_table
 from services.inference import petals_compat, step_packing
 from services.inference.settings import default_dtype
 from services.inference.swarm_stepper import SwarmStepper

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: the models they run, the machine's description, signal handling."""
+"""Helpers shared by the benchmarks: the models they run, their prompts, the machine's description, signal handling."""
 
 from __future__ import annotations
 
@@ -11,6 +11,15 @@ from pathlib import Path
 
 from services.swarm.smollm2 import ensure_smollm2
 from services.swarm.tiny_bloom import ensure_tiny_bloom
+
+SUBJECTS = ("The old sailor", "A curious child", "The night nurse", "My neighbour's cat", "The last train")
+PLACES = ("harbour", "library", "kitchen", "forest", "station", "market", "garden")
+
+
+def prompt_for(index: int) -> str:
+    """A different prompt for each session."""
+    subject, place = SUBJECTS[index % len(SUBJECTS)], PLACES[index // len(SUBJECTS) % len(PLACES)]
+    return f"Story {index}: {subject} walked into the quiet {place} and"
 
 
 @dataclass(frozen=True)

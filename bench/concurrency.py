@@ -24,12 +24,18 @@ the machine used meanwhile (other people's work skews a run: this says how much)
 warm-up round runs first. Figures are printed, never asserted, against the targets (TARGETS); under
 each throughput target, the ceiling the swarm's own CPU sets on this machine (its cores over the
 swarm's CPU per token in raw's run: tokens/s no client could exceed).
-``--server-threads``, ``--small-tensor-bytes`` (the servers' SWARM_SMALL_TENSOR_BYTES) and
-``--server-handlers`` (their ``--num_handlers``) take several values: one whole run for each, side by
-side (bench/server_handlers.py compares handler counts with the swarms alive together instead).
+``--server-threads``, ``--small-tensor-bytes`` (the servers' SWARM_SMALL_TENSOR_BYTES),
+``--server-handlers`` (their ``--num_handlers``) and ``--batching`` (their SWARM_BATCHING, default
+``off on``) take several values: one whole run for each, side by side (bench/server_handlers.py
+compares handler counts with the swarms alive together instead). After the batching runs of a
+setting, bench/batching_ab.py prints them side by side: tokens/s off and on, p50/p99, the swarm's
+CPU per token, whether the greedy outputs with batching on equal those with it off, against the
+stock baseline (the raw client with batching off) and the in-process limit (bench/in_process_limit.py:
+transformers ``generate`` at batch N in one child process, measured first for each model), with
+verdicts against its BATCHING_TARGETS.
 Run: ``.venv/bin/python -m bench.concurrency [--tokens 32] [--sessions 1 4 16 32] [--rounds 3]
 [--clients raw v1 stream gateway] [--small-tensor-bytes 0 1048576] [--server-handlers 8 0]
-[--log-dir DIR]`` (or ``make bench-concurrency``).
+[--batching off on] [--log-dir DIR]`` (or ``make bench-concurrency``).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import argparse
 import itertools
 import os
 import signal
-import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -48,6 +54,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.batching_ab import OFF, ON, report_batching
 from bench.common import (
     BENCH_MODELS,
     BenchModel,
@@ -55,17 +62,32 @@ from bench.common import (
     exit_on_sigterm,
     load_average,
     machine_description,
+    prompt_for,
 )
+from bench.in_process_limit import measure_in_process
 from bench.inference_latency import DHT_PREFIX, RawClient, ServiceClient  # sets HF_HUB_OFFLINE first
+from bench.load_results import (
+    CPU_SETS,
+    OTHERS,
+    LoadResult,
+    Runs,
+    SessionResult,
+    Summary,
+    print_table,
+    summarize,
+    verdict,
+)
 from bench.raw_process import RawProcess
 from client.api import Api
 from deploy.local_stack import ServiceProcess, gateway_process, inference_process, pick_free_port, ui_process
 from services.common.processes.cpus import available_cpus
 from services.inference.settings import default_dtype
-from services.swarm import small_tensors
+from services.swarm import batching_pool, small_tensors
 from services.swarm.launcher import PETALS_NUM_HANDLERS, SERVER_TORCH_THREADS, PrivateSwarm, handlers_per_server
 
-TARGETS = (  # the concurrency targets (docs/benchmarks.md), printed with a verdict each, never asserted
+# The concurrency targets (docs/benchmarks.md), printed with a verdict each, never asserted; the batching
+# targets are bench/batching_ab.py's BATCHING_TARGETS.
+TARGETS = (
     "16 and 32 sessions through the gateway: at least 100 tokens/s and 0.95x the raw client, zero errors",
     "time per token over raw's: gateway stream at most 1.05x at 1 session; v1 per-token at most 1.10x at 1 and 16",
 )
@@ -77,37 +99,14 @@ TIME_PER_TOKEN_LIMITS = {  # (sessions, client): its time per token / raw's at m
     (16, "v1 per-token"): 1.10,
 }
 CLIENTS = {"raw": "raw", "v1": "v1 per-token", "stream": "stream", "gateway": "gateway stream"}  # option: name
-# The inference service sized for 32 concurrent sessions plus probes (its defaults: 50 sessions, 128 request
-# threads); the gateway's Uvicorn workers have no request threads to size.
-INFERENCE_ENV = {"MAX_SESSIONS": "64", "GUNICORN_THREADS": "64"}
+# The inference service sized for 32 concurrent sessions plus probes (its defaults: 50 sessions, 16 stream requests
+# without a session, 128 request threads); the gateway's Uvicorn workers have no request threads to size.
+INFERENCE_ENV = {"MAX_SESSIONS": "64", "MAX_SESSIONLESS_REQUESTS": "64", "GUNICORN_THREADS": "64"}
 GATEWAY_ENV: dict[str, str] = {}
 HTTP_TIMEOUT_S = 120.0
-CPU_SETS = {  # CPU time is summed over the live processes of these process groups
-    "bench": "this process and the raw client's (HTTP clients, raw Petals client)",
-    "svc": "inference + gateway services",
-    "swarm": "the 2 Petals servers",
-}
-OTHERS = "others"  # every other process of the machine (other users' work, the kernel)
+# One in-process measurement at most: torch's threads, one per core, crawl when other work takes the cores.
+IN_PROCESS_TIMEOUT_S = 150.0
 SETTLE_S = 1.0  # pause between runs: one-off sessions finish closing on the servers
-SUBJECTS = ("The old sailor", "A curious child", "The night nurse", "My neighbour's cat", "The last train")
-PLACES = ("harbour", "library", "kitchen", "forest", "station", "market", "garden")
-
-
-def prompt_for(index: int) -> str:
-    """A different prompt for each session."""
-    subject, place = SUBJECTS[index % len(SUBJECTS)], PLACES[index // len(SUBJECTS) % len(PLACES)]
-    return f"Story {index}: {subject} walked into the quiet {place} and"
-
-
-@dataclass
-class SessionResult:
-    """What one session produced, with the moments its tokens arrived."""
-
-    start: float
-    token_times: list[float] = field(default_factory=list)
-    text: str = ""
-    error: str | None = None
-    end: float = 0.0  # the last token's arrival (or the failure)
 
 
 SessionFn = Callable[[str, int, list[float]], str]  # (prompt, tokens, token_times to append to) -> text
@@ -225,23 +224,6 @@ def group_cpu_s(groups: dict[str, list[int]]) -> dict[str, float]:
     return totals
 
 
-@dataclass
-class LoadResult:
-    """One run of N concurrent sessions of one client."""
-
-    sessions: list[SessionResult]
-    wall_s: float
-    cpu_s: dict[str, float] = field(default_factory=dict)  # process set -> CPU seconds used during the run
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(s.token_times) for s in self.sessions if s.error is None)
-
-    @property
-    def errors(self) -> list[str]:
-        return [s.error for s in self.sessions if s.error is not None]
-
-
 def run_load(run: SessionFn, count: int, tokens: int, timeout_s: float) -> LoadResult:
     """``count`` sessions started together (a barrier), each in its own thread; bounded by ``timeout_s``."""
     barrier = threading.Barrier(count + 1)
@@ -262,9 +244,6 @@ def run_load(run: SessionFn, count: int, tokens: int, timeout_s: float) -> LoadR
     for session in sessions:
         session.end = session.end or time.perf_counter()
     return LoadResult(sessions, max(s.end for s in sessions) - start)
-
-
-Runs = dict[tuple[str, int], list[LoadResult]]  # (client, N) -> one result per round
 
 
 def raw_load(raw: RawProcess) -> LoadFn:
@@ -313,68 +292,9 @@ def measure(clients: dict[str, LoadFn], args: argparse.Namespace, groups: dict[s
     return runs
 
 
-@dataclass(frozen=True)
-class Summary:
-    """One table row: a client at one session count, over all rounds."""
-
-    tokens: int
-    wall_s: float
-    p50_ms: float
-    p99_ms: float
-    ttft_ms: float
-    errors: int
-    cpu_s: dict[str, float]
-
-    @property
-    def rate(self) -> float:
-        return self.tokens / self.wall_s if self.wall_s else 0.0
-
-    def cpu_ms_per_token(self, name: str) -> str:
-        return f"{self.cpu_s[name] * 1000 / self.tokens:.1f}" if self.tokens else "-"
-
-    @property
-    def own_cpu_s_per_token(self) -> float:
-        """CPU per token of everything the benchmark runs (this process, the services, the swarm)."""
-        return sum(self.cpu_s[name] for name in CPU_SETS) / self.tokens if self.tokens else float("nan")
-
-    @property
-    def others_cores(self) -> float:
-        """CPU cores other processes used on average meanwhile."""
-        return self.cpu_s[OTHERS] / self.wall_s if self.wall_s else 0.0
-
-
-def summarize(results: list[LoadResult]) -> Summary:
-    """Totals over rounds; latency percentiles over every gap between a session's tokens."""
-    sessions = [s for r in results for s in r.sessions if s.error is None and s.token_times]
-    gaps = [b - a for s in sessions for a, b in zip(s.token_times, s.token_times[1:], strict=False)]
-    first = [s.token_times[0] - s.start for s in sessions]
-    return Summary(
-        tokens=sum(r.tokens for r in results),
-        wall_s=sum(r.wall_s for r in results),
-        p50_ms=statistics.median(gaps) * 1000 if gaps else float("nan"),
-        p99_ms=_percentile(gaps, 99) * 1000,
-        ttft_ms=statistics.median(first) * 1000 if first else float("nan"),
-        errors=sum(len(r.errors) for r in results),
-        cpu_s={name: sum(r.cpu_s.get(name, 0.0) for r in results) for name in (*CPU_SETS, OTHERS)},
-    )
-
-
-def _percentile(samples: list[float], percent: int) -> float:
-    if len(samples) < 2:
-        return samples[0] if samples else float("nan")
-    return statistics.quantiles(samples, n=100, method="inclusive")[percent - 1]
-
-
 def _round_ratios(results: list[LoadResult], raw: list[LoadResult]) -> str:
     ratios = [(r.tokens / r.wall_s) / (b.tokens / b.wall_s) for r, b in zip(results, raw, strict=True)]
     return f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) > 1 else f"{ratios[0]:.2f}"
-
-
-def print_table(rows: list[tuple[str, ...]]) -> None:
-    """Right-aligned columns."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print(*(cell.rjust(width) for cell, width in zip(row, widths, strict=True)), sep="  ")
 
 
 HEADER = ("N", "client", "tokens", "wall s", "tokens/s", "x raw", "x raw/round", "x raw/CPU", "p50 ms", "p99 ms",
@@ -406,13 +326,13 @@ def report(runs: Runs, counts: list[int], clients: list[str]) -> None:
             if THROUGHPUT_TARGETS.get(count) == name:
                 met = ratio >= TARGET_RATIO and row.rate >= TARGET_RATE and row.errors == 0
                 verdicts.append(f"  N={count} {name}: {row.rate:.1f} tokens/s, {ratio:.3f}x raw, {row.errors} errors: "
-                                f"{_verdict(met)} (CPU-normalized: {cpu_ratio:.3f}x raw)")  # fmt: skip
+                                f"{verdict(met)} (CPU-normalized: {cpu_ratio:.3f}x raw)")  # fmt: skip
                 verdicts.append(f"    {swarm_ceiling(raw)}")
             if (limit := TIME_PER_TOKEN_LIMITS.get((count, name))) is not None:
                 per_token = 1 / ratio
                 met = per_token <= limit and row.errors == 0
                 verdicts.append(f"  N={count} {name}: {per_token:.3f}x raw's time per token (limit {limit:.2f}x): "
-                                f"{_verdict(met)}")  # fmt: skip
+                                f"{verdict(met)}")  # fmt: skip
     print_table(rows)
     print(LEGEND)
     print("\ntargets:", *TARGETS, sep="\n  ")
@@ -427,10 +347,6 @@ def swarm_ceiling(raw: Summary) -> str:
     at all: where it is under TARGET_RATE, the throughput target is out of reach on this machine."""
     cores, swarm_ms = available_cpus(), raw.cpu_s["swarm"] * 1000 / raw.tokens
     return f"the swarm alone caps it at {cores * 1000 / swarm_ms:.0f} tokens/s here: {cores} cores / {swarm_ms:.1f} ms"
-
-
-def _verdict(met: bool) -> str:
-    return "MET" if met else "NOT MET"
 
 
 def report_outputs(runs: Runs, clients: list[str]) -> None:
@@ -460,16 +376,22 @@ class ServerSettings:
     torch_threads: int | None  # None: torch's default, one per core
     small_tensor_bytes: int
     num_handlers: int | None  # None: the launcher's default (handlers_per_server)
+    batching: bool = False  # SWARM_BATCHING
 
     def describe(self, servers: int) -> str:
         """The settings in words, for a swarm of ``servers`` servers."""
         handlers = self.num_handlers or f"{handlers_per_server(servers)} (one per CPU per server)"
         return (f"torch threads per server process {self.torch_threads or 'torch default'}, "
-                f"{small_tensors.LIMIT_ENV}={self.small_tensor_bytes}, --num_handlers {handlers}")  # fmt: skip
+                f"{small_tensors.LIMIT_ENV}={self.small_tensor_bytes}, --num_handlers {handlers}, "
+                f"{batching_pool.ENV}={self.env()[batching_pool.ENV]}")  # fmt: skip
+
+    def env(self) -> dict[str, str]:
+        """The environment every server gets on top of this process's."""
+        return {batching_pool.ENV: str(self.batching).lower()}
 
     def slug(self) -> str:
         return (f"threads-{self.torch_threads or 'default'}-small-{self.small_tensor_bytes}"
-                f"-handlers-{self.num_handlers or 'default'}")  # fmt: skip
+                f"-handlers-{self.num_handlers or 'default'}-batching-{self.batching}")  # fmt: skip
 
 
 @dataclass
@@ -490,7 +412,7 @@ class Stack:
         self.model_dir = self.model.build()
         self.swarm = PrivateSwarm(self.model_dir, self.model.blocks, self.logs / "swarm", dht_prefix=DHT_PREFIX,
                                   torch_threads=self.servers.torch_threads,
-                                  num_handlers=self.servers.num_handlers)  # fmt: skip
+                                  num_handlers=self.servers.num_handlers, env=self.servers.env())  # fmt: skip
         self.cold_start_s["swarm (2 servers, to all Started)"] = timed(lambda: self.swarm.start(240))
         inference = inference_process(
             model_dir=self.model_dir,
@@ -584,6 +506,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the servers' --num_handlers (connection-handler processes), one whole run each; "
                         f"0: one per CPU per server, the launcher's default; {PETALS_NUM_HANDLERS}: Petals' "
                         "default, as before (default 0)")  # fmt: skip
+    parser.add_argument("--batching", nargs="+", choices=(OFF, ON), default=[OFF, ON],
+                        help=f"the servers' {batching_pool.ENV}, one whole run each, then off vs on side by side; "
+                        "the raw client with batching off is the stock baseline (default: off on)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.tokens < 2 or args.rounds < 1 or min(args.sessions) < 1 or max(args.sessions) > 32:
         parser.error("--tokens must be at least 2, --rounds at least 1, --sessions between 1 and 32")
@@ -593,22 +518,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Start the swarm and the services (timing their cold starts), measure, report, stop everything."""
+    """Per model: the in-process limit, then one whole run per server setting (each its own swarm and
+    services, measured and reported), then batching off against on."""
     args = parse_args(argv)
     clients = [name for key, name in CLIENTS.items() if key == "raw" or key in args.clients]
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecation noise
     signal.signal(signal.SIGTERM, exit_on_sigterm)  # e.g. from `timeout`: still stop what we started
     print(f"machine: {machine_description()}; load average at start {load_average()}", flush=True)
-    for name, threads, limit, handlers in itertools.product(
-        args.models, args.server_threads, args.small_tensor_bytes, args.server_handlers
-    ):
-        servers = ServerSettings(threads or None, limit, handlers or None)
-        print(f"\n=== {name}, {servers.describe(len(BENCH_MODELS[name].blocks))}", flush=True)
-        measure_model(BENCH_MODELS[name], servers, clients, args)
+    for name in args.models:
+        model = BENCH_MODELS[name]
+        in_process = in_process_limits(model, args)
+        for threads, limit, handlers in itertools.product(args.server_threads, args.small_tensor_bytes,
+                                                          args.server_handlers):  # fmt: skip
+            runs = {}
+            for batching in args.batching:
+                servers = ServerSettings(threads or None, limit, handlers or None, batching == ON)
+                print(f"\n=== {name}, {servers.describe(len(model.blocks))}", flush=True)
+                runs[batching] = measure_model(model, servers, clients, args)
+            print(f"\n=== {name}: batching off vs on, load average at end {load_average()}")
+            report_batching(runs, args.sessions, clients, in_process)
 
 
-def measure_model(model: BenchModel, servers: ServerSettings, clients: list[str], args: argparse.Namespace) -> None:
-    """One model's whole run: its own swarm and services, the measurements, the report."""
+def in_process_limits(model: BenchModel, args: argparse.Namespace) -> dict[int, float]:
+    """Tokens/s of transformers ``generate`` at batch N in one process, for each N (none if it fails)."""
+    limits = {}
+    for count in args.sessions:
+        try:
+            limits[count] = measure_in_process(
+                model.build(), count, args.tokens, available_cpus(), IN_PROCESS_TIMEOUT_S
+            )
+        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            print(f"in-process limit at batch {count}: not measured ({error})", flush=True)
+            continue
+        print(f"in-process limit at batch {count}: {limits[count]:.1f} tokens/s "
+              f"({available_cpus()} torch threads; load average {load_average()})", flush=True)  # fmt: skip
+    return limits
+
+
+def measure_model(model: BenchModel, servers: ServerSettings, clients: list[str], args: argparse.Namespace) -> Runs:
+    """One whole run: its own swarm and services, the measurements, the report; the runs."""
     os.environ[small_tensors.LIMIT_ENV] = str(servers.small_tensor_bytes)  # the swarm's servers inherit it
     with tempfile.TemporaryDirectory(prefix="petals-chat-bench-") as work_dir:
         logs = (args.log_dir or Path(work_dir)) / f"{model.name}-{servers.slug()}"
@@ -623,6 +571,7 @@ def measure_model(model: BenchModel, servers: ServerSettings, clients: list[str]
             print()
             report(runs, args.sessions, clients)
             report_outputs(runs, clients)
+            return runs
         finally:
             stack.stop()
 

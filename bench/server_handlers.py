@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import exit_on_sigterm, load_average, machine_description
-from bench.concurrency import LoadResult, measured_load, print_table, raw_load
+from bench.concurrency import measured_load, raw_load
 from bench.inference_latency import DHT_PREFIX
+from bench.load_results import LoadResult, print_table
 from bench.raw_process import RawProcess
 from services.swarm.launcher import PETALS_NUM_HANDLERS, PrivateSwarm, handlers_per_server
 from services.swarm.tiny_bloom import ensure_tiny_bloom
