@@ -175,13 +175,13 @@ def _chunks(response: http.client.HTTPResponse) -> Iterator[bytes]:
 
 
 # The WebSocket API ------------------------------------------------------------------------
-def ws_url(port: int, query: str = "") -> str:
-    return f"ws://127.0.0.1:{port}/api/v2/generate{query}"
+def ws_url(port: int, query: str = "", host: str = "127.0.0.1") -> str:
+    return f"ws://{host}:{port}/api/v2/generate{query}"
 
 
-def connect_ws(port: int, query: str = "", **kwargs: Any) -> ClientConnection:
+def connect_ws(port: int, query: str = "", host: str = "127.0.0.1", **kwargs: Any) -> ClientConnection:
     """A blocking connection to the gateway's WebSocket API (``query``: e.g. ``?api_key=...``)."""
-    return connect(ws_url(port, query), proxy=None, compression=None, open_timeout=10, **kwargs)
+    return connect(ws_url(port, query, host), proxy=None, compression=None, open_timeout=10, **kwargs)
 
 
 def ask(ws: ClientConnection, message: dict | str, timeout: float = 60) -> dict:

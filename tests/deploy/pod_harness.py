@@ -16,17 +16,25 @@ StatefulSet: one podman pod per replica on a container network the harness creat
 - resources.limits.memory (``--memory``), terminationGracePeriodSeconds (``--stop-timeout``);
 - DNS: each pod's hostname is its name; a StatefulSet pod answers as
   ``<pod>.<serviceName>.<namespace>.svc.cluster.local``, every pod a Service selects as
-  ``<service>[.<namespace>[.svc[.cluster.local]]]`` (network aliases, resolved by aardvark-dns);
-- replicas: a StatefulSet's spec.replicas (pods <name>-0..N-1), a Deployment's spec.replicas or,
-  under an HPA, its minReplicas;
+  ``<service>[.<namespace>[.svc[.cluster.local]]]`` (network aliases, resolved by aardvark-dns): a
+  Service name resolves to every selected pod's address from the pod's start, ready or not, as a
+  headless Service with ``publishNotReadyAddresses`` does, and a stopped pod's address leaves it;
+- replicas: a StatefulSet's or Deployment's spec.replicas (pods <name>-0..N-1) or, when an HPA
+  (``autoscaling/v2``) or a KEDA ScaledObject targets it, its minimum (minReplicas, minReplicaCount;
+  at least 1), what an autoscaler keeps with no load;
 - startup, readiness and liveness probes (httpGet and tcpSocket, on named or numbered ports):
   polled from the host to the pod's address, as a kubelet does, until every pod is ready;
-- restartPolicy Always: a container that exits is started again (counted in ``restarts``).
+- restartPolicy Always: a container that exits is started again (counted in ``restarts``);
+- a pod deleted and recreated by its controller (``stop_pod`` then ``start_pod``): SIGTERM to its
+  containers within its grace period, then a new pod of the same name and DNS names, new containers,
+  empty emptyDirs and a new address.
 
 What it does not do: API-server admission (Pod Security admission, schema defaults), scheduling
-(requests, node selectors, tolerations), CPU shares, NetworkPolicy, HPA scaling, PDBs, Ingress,
-ClusterIP port mapping (a Service name resolves to its pods' addresses; the chart's pods only call
-headless Services), ServiceMonitor/PrometheusRule.
+(requests, node selectors, tolerations), CPU shares, NetworkPolicy, scaling by an HPA or KEDA (only
+their minimum runs), PDBs, Ingress, ClusterIP port mapping (a Service name resolves to its pods'
+addresses; the chart's pods only call headless Services), leaving not-ready pods out of a Service
+without ``publishNotReadyAddresses`` (every selected pod resolves, ready or not),
+ServiceMonitor/PrometheusRule.
 
 The network is ``--internal``: no route out of it (and podman publishes no ports on an internal
 network). The host reaches the pods on it at their addresses, as a node does; that network is the
@@ -218,13 +226,22 @@ class PodHarness:
         return [d for d in self.docs if d["kind"] == kind]
 
     def _replicas(self, workload: dict) -> int:
-        if "replicas" in workload["spec"]:
-            return int(workload["spec"]["replicas"])
-        for hpa in self._kind("HorizontalPodAutoscaler"):
-            ref = hpa["spec"]["scaleTargetRef"]
-            if ref["kind"] == workload["kind"] and ref["name"] == workload["metadata"]["name"]:
-                return int(hpa["spec"].get("minReplicas", 1))
-        return 1
+        """An autoscaler's minimum (at least 1) where one targets ``workload``, else its spec.replicas (1)."""
+        minimum = self._autoscaler_minimum(workload)
+        if minimum is not None:
+            return minimum
+        return int(workload["spec"].get("replicas", 1))
+
+    def _autoscaler_minimum(self, workload: dict) -> int | None:
+        """The minimum replicas of the HPA or KEDA ScaledObject that targets ``workload``; None if none does.
+        A ScaledObject's target kind defaults to Deployment and its minReplicaCount to 0 (run 1 here)."""
+        scalers = [(hpa["spec"], "minReplicas", 1) for hpa in self._kind("HorizontalPodAutoscaler")]
+        scalers += [(so["spec"], "minReplicaCount", 0) for so in self._kind("ScaledObject")]
+        for spec, key, default in scalers:
+            ref = spec["scaleTargetRef"]
+            if ref.get("kind", "Deployment") == workload["kind"] and ref["name"] == workload["metadata"]["name"]:
+                return max(1, int(spec.get(key, default)))
+        return None
 
     def _service_aliases(self, labels: dict[str, str]) -> list[str]:
         aliases = []
@@ -357,19 +374,58 @@ class PodHarness:
         self.podman("network", "create", "--internal", self.network)
         self._network_made = True
         for pod in self.pods:
-            args = ["pod", "create", "--name", pod.name, "--hostname", pod.name, "--network", self.network]
-            for alias in pod.aliases:
-                args += ["--network-alias", alias]
-            self.podman(*args)
-            for container in pod.containers:
-                self.podman("create", *container.args)
+            self._create(pod)
         for pod in self.pods:
-            self.podman("pod", "start", pod.name)
-            infra = self.podman("pod", "inspect", "--format", "{{.InfraContainerID}}", pod.name).stdout.strip()
-            address = '{{(index .NetworkSettings.Networks "NET").IPAddress}}'.replace("NET", self.network)
-            pod.ip = self.podman("inspect", "--format", address, infra).stdout.strip()
-            if not pod.ip:
-                raise HarnessError(f"pod {pod.name} has no address on {self.network}")
+            self._run(pod)
+
+    def _create(self, pod: Pod) -> None:
+        args = ["pod", "create", "--name", pod.name, "--hostname", pod.name, "--network", self.network]
+        for alias in pod.aliases:
+            args += ["--network-alias", alias]
+        self.podman(*args)
+        for container in pod.containers:
+            self.podman("create", *container.args)
+
+    def _run(self, pod: Pod) -> None:
+        self.podman("pod", "start", pod.name)
+        infra = self.podman("pod", "inspect", "--format", "{{.InfraContainerID}}", pod.name).stdout.strip()
+        address = '{{(index .NetworkSettings.Networks "NET").IPAddress}}'.replace("NET", self.network)
+        pod.ip = self.podman("inspect", "--format", address, infra).stdout.strip()
+        if not pod.ip:
+            raise HarnessError(f"pod {pod.name} has no address on {self.network}")
+
+    def pod(self, name: str) -> Pod:
+        return next(p for p in self.pods if p.name == name)
+
+    def stop_pod(self, name: str) -> dict[str, dict]:
+        """Stop one pod as Kubernetes deletes it: SIGTERM to each container's main process, SIGKILL after
+        the pod's grace period; container -> exit state."""
+        pod = self.pod(name)
+        self.podman("pod", "stop", "--time", str(pod.grace_s), name, timeout=pod.grace_s + 60)
+        for c in pod.containers:
+            c.started = c.ready = False
+        self.events.append(f"stopped pod {name}")
+        return {c.podman_name: self._exit_state(c) for c in pod.containers}
+
+    def start_pod(self, name: str) -> None:
+        """Recreate a stopped pod as its controller would: the same name, DNS names and spec, new containers
+        (empty emptyDirs, no restarts counted) and a new address. ``wait_ready`` then probes it."""
+        pod = self.pod(name)
+        self.podman("pod", "rm", "--force", "--time", "0", name, timeout=120)
+        for c in pod.containers:
+            c.started = c.ready = False
+            c.restarts = 0
+        self._create(pod)
+        self._run(pod)
+        self.events.append(f"recreated pod {name} at {pod.ip}")
+
+    def resolve(self, container: str, name: str) -> set[str]:
+        """The addresses ``name`` resolves to from inside ``container`` (which must have python)."""
+        script = "import socket, sys; print(' '.join({a[4][0] for a in socket.getaddrinfo(sys.argv[1], None)}))"
+        result = self.exec(container, "python", "-c", script, name)
+        if result.returncode != 0:
+            raise HarnessError(f"resolving {name} in {container} failed: {result.stderr.strip()[-500:]}")
+        return set(result.stdout.split())
 
     def state(self, container: Container) -> dict:
         result = self.podman("inspect", "--format", "{{json .State}}", container.podman_name, check=False)
@@ -434,8 +490,7 @@ class PodHarness:
 
     def url(self, pod_name: str, container_port: int = 8080) -> str:
         """The base URL of a pod's container port, at the pod's address on the test network."""
-        pod = next(p for p in self.pods if p.name == pod_name)
-        return f"http://{pod.ip}:{container_port}"
+        return f"http://{self.pod(pod_name).ip}:{container_port}"
 
     def pods_of(self, owner: str) -> list[Pod]:
         return [p for p in self.pods if p.owner == owner]
@@ -453,18 +508,17 @@ class PodHarness:
     def stop(self) -> dict[str, dict]:
         """Stop every pod at once, each within its grace period (SIGTERM, then SIGKILL); container -> exit state."""
 
-        def stop_pod(pod: Pod) -> None:
+        def stop_one(pod: Pod) -> None:
             with contextlib.suppress(HarnessError, subprocess.TimeoutExpired):
                 self.podman("pod", "stop", "--time", str(pod.grace_s), pod.name, timeout=pod.grace_s + 60)
 
         with ThreadPoolExecutor(max_workers=max(1, len(self.pods))) as pool:
-            list(pool.map(stop_pod, self.pods))
-        states = {}
-        for pod in self.pods:
-            for c in pod.containers:
-                state = self.state(c)
-                states[c.podman_name] = {k: state.get(k) for k in ("Status", "ExitCode", "OOMKilled")}
-        return states
+            list(pool.map(stop_one, self.pods))
+        return {c.podman_name: self._exit_state(c) for pod in self.pods for c in pod.containers}
+
+    def _exit_state(self, container: Container) -> dict:
+        state = self.state(container)
+        return {k: state.get(k) for k in ("Status", "ExitCode", "OOMKilled")}
 
     def remove(self) -> None:
         """Remove every pod, container and the network this harness made; keep nothing."""

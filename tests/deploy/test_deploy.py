@@ -4,7 +4,8 @@ scripts/build_images.sh built, under podman, as Kubernetes would run them (tests
 Then, through the gateway: a chat answer from the embedded SmolLM2 ("Paris" at temperature 0, the
 OpenAI API), a v1 session continued without inputs, a v2 stream to the other model (tiny BLOOM),
 the model list, the chat page's calls under the chart's default limits; the inference replicas'
-/metrics; the pods' security settings seen from inside;
+/metrics; a SmolLM2 replica's pod stopped while sessions converse (its sessions handed over, none lost)
+and recreated; the pods' security settings seen from inside;
 a graceful stop within each pod's grace period; then a re-deploy of every pod from a second render
 that keeps the first render's seed Secret (what `helm upgrade` renders): ready again, the same swarm.
 
@@ -18,17 +19,26 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import openai
 import pytest
 
+from client.api import Api, connect_ws
 from services.common.p2p import swarm_identity
 from services.common.web.sse import parse_sse
+from tests.conversations import ANSWER_TIMEOUT_S, ChatSession, SocketSession, V1Session
 from tests.deploy.pod_harness import HarnessError, PodHarness, render_chart, summary
+from tests.helpers import metric_value
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASE, NAMESPACE = "chat", "llm"
@@ -192,6 +202,158 @@ def test_the_inference_replicas_export_metrics(cluster):
     assert generated[f"{FULLNAME}-inference-tiny-bloom-0"] >= 5, generated
     # the France answer (8 tokens) and the v1 session (4 + the rest of the answer)
     assert sum(v for k, v in generated.items() if "smollm2" in k) >= 12, generated
+
+
+SMOLLM2 = "smollm2-135m-instruct"
+# Between a session's requests. Every request of this test comes from one address: under the chart's
+# default rate limit (60 a minute per client and gateway worker, bursts of 20) whichever workers they reach.
+PACE_S = {"v1": 2.5, "ws": 2.5, "chat": 4.0}
+STEPS_AROUND_STOP = 2  # requests of each session before the stop, and after it has ended
+
+
+@dataclass(frozen=True)
+class GatewayReference:
+    """Uninterrupted texts from the cluster itself: one greedy request for a session's every token
+    (several one-token calls concatenate to it: the v1 contract), and its chat run again."""
+
+    api: Api
+    chat: openai.OpenAI
+
+    def text(self, prompt: str, tokens: int) -> str:
+        return self.api.call("POST", "generate", {"inputs": prompt, "max_new_tokens": tokens})["outputs"]
+
+
+def replica_metric(cluster: PodHarness, pod: str, sample: str) -> float:
+    return metric_value(http("GET", cluster.url(pod) + "/metrics")[1], sample)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out: {what}"
+        time.sleep(0.5)
+
+
+def conversing_runs(cluster: PodHarness, chat: openai.OpenAI) -> list:
+    """Three v1 sessions (alternating gateways), a WebSocket (gateway 1) and a chat (gateway 0), begun. Every
+    request here comes from one address: after the stop the survivor holds them all, over the chart's default
+    quota of 4 per client (maxSessionsPerClient), so a session opened there would close the least recently used."""
+    bases = [gateway(cluster, 0), gateway(cluster, 1)]
+    runs: list = [
+        V1Session(Api(bases[i % 2], ANSWER_TIMEOUT_S), f"Count from {20 * i + 1}: {20 * i + 1},", PACE_S["v1"])
+        for i in range(3)
+    ]
+    begin_on_both_replicas(runs)
+    ws = connect_ws(8080, host=cluster.pod(f"{FULLNAME}-gateway-1").ip)
+    runs += [
+        SocketSession(ws, "Count backwards from 90: 90, 89,", PACE_S["ws"], "ws"),
+        ChatSession(chat, SMOLLM2, 0, PACE_S["chat"]),
+    ]
+    for run in runs[-2:]:
+        run.begin()
+    return runs
+
+
+def begin_on_both_replicas(runs: list[V1Session], timeout_s: float = 60) -> None:
+    """Begin the v1 sessions; while they all sit on one replica (each gateway worker balances by the loads it
+    has polled, so a quick series can land on one), the last is closed and begun again."""
+    for run in runs:
+        run.begin()
+    deadline = time.monotonic() + timeout_s
+    while len({run.holder() for run in runs}) < 2:
+        assert time.monotonic() < deadline, f"no v1 session on a second replica within {timeout_s} s"
+        runs[-1].end()
+        runs[-1].outputs.clear()
+        time.sleep(1)
+        runs[-1].begin()
+
+
+def converse_around(runs: list, action: Callable[[], dict]) -> dict:
+    """Every run converses: ``STEPS_AROUND_STOP`` requests each, ``action``, as many again; its result.
+    A client's error raises."""
+
+    def steps_more() -> None:
+        steps = [run.steps for run in runs]
+        done = lambda: all(r.steps >= s + STEPS_AROUND_STOP for r, s in zip(runs, steps, strict=True))  # noqa: E731
+        ended = lambda: any(future.done() for future in futures)  # noqa: E731 - a client's error: raised below
+        wait_until(lambda: done() or ended(), 2 * ANSWER_TIMEOUT_S, f"{STEPS_AROUND_STOP} more requests of each")
+
+    stop = threading.Event()
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = [pool.submit(run.converse, stop) for run in runs]
+        try:
+            steps_more()
+            result = action()
+            steps_more()
+        finally:
+            stop.set()
+            for future in futures:
+                future.result()
+    return result
+
+
+def takes_new_sessions(base: str, replica: str, timeout_s: float = 60) -> None:
+    """A session opened through the gateway at ``base`` lands on ``replica`` (the least loaded) once every
+    worker of that gateway has polled it ready; one that lands elsewhere meanwhile is closed."""
+    api, deadline = Api(base, ANSWER_TIMEOUT_S), time.monotonic() + timeout_s
+    while True:
+        session = api.open_session(64)
+        if session.startswith(replica + "."):
+            assert api.call("POST", "generate", {"session_id": session, "inputs": "Hi", "max_new_tokens": 2})["ok"]
+            assert api.close_session(session) == {"ok": True}
+            return
+        assert api.close_session(session) == {"ok": True}
+        assert time.monotonic() < deadline, f"no new session on {replica} within {timeout_s} s"
+        time.sleep(1)
+
+
+def test_a_stopped_replica_hands_its_sessions_over_and_comes_back(cluster):
+    """An inference pod stopped as Kubernetes deletes it (SIGTERM, its grace period) while sessions converse
+    through both gateways: v1 one token per request, a WebSocket, an OpenAI chat reusing its conversation.
+    No client sees an error, every text equals an uninterrupted run's, the survivor counts what it adopted.
+    Its StatefulSet's pod comes back (a new pod, a new address): the inference Service's name resolves to
+    it before it is ready, and once ready it takes new sessions through both gateways."""
+    pods = [f"{FULLNAME}-inference-smollm2-{index}" for index in (0, 1)]
+    chat = openai.OpenAI(
+        base_url=f"{gateway(cluster)}/v1", api_key="not-needed", max_retries=0, timeout=ANSWER_TIMEOUT_S
+    )
+    miss = 'petals_chat_conversation_lookups_total{result="miss"}'
+    misses = {pod: replica_metric(cluster, pod, miss) for pod in pods}
+    runs = conversing_runs(cluster, chat)
+    assert {run.holder() for run in runs if run.holder()} == set(pods), "v1 sessions on both replicas"
+    holders = [pod for pod in pods if replica_metric(cluster, pod, miss) > misses[pod]]
+    assert len(holders) == 1, misses
+    stopped, survivor = holders[0], next(pod for pod in pods if pod != holders[0])  # the chat moves
+    adopted = 'petals_chat_session_handovers_total{result="adopted"}'
+    adopted_before = replica_metric(cluster, survivor, adopted)
+
+    started = time.monotonic()
+    try:
+        states = converse_around(runs, lambda: cluster.stop_pod(stopped))
+        print(f"\n{stopped} stopped while {len(runs)} sessions conversed ({time.monotonic() - started:.0f} s)")
+        for run in runs:
+            run.end()
+    finally:  # its log, then the pod back as its StatefulSet's controller recreates it (also when a check failed)
+        logs = cluster.logs_by_name(f"{stopped}-inference", 400)
+        (ARTIFACTS / f"{stopped}-inference.stopped.log").write_text(logs)
+        cluster.start_pod(stopped)
+        service = f"{FULLNAME}-inference.{NAMESPACE}.svc.cluster.local"  # headless, publishNotReadyAddresses
+        resolved = cluster.resolve(f"{FULLNAME}-gateway-0-gateway", service)
+        recreated = cluster.pod(stopped)
+        ready_already = recreated.containers[0].readiness.check(recreated.ip)
+        cluster.wait_ready(READY_TIMEOUT_S)
+    assert all(state["ExitCode"] != 137 and not state["OOMKilled"] for state in states.values()), states
+    handed = re.findall(r"handed over (\d+) sessions to .*; (\d+) could not be", logs)
+    assert len(handed) == 1 and int(handed[0][0]) >= 2 and handed[0][1] == "0", logs[-2000:]
+    assert replica_metric(cluster, survivor, adopted) - adopted_before == int(handed[0][0])
+    assert resolved == {pod.ip for pod in cluster.pods if "-inference-" in pod.name}  # the new address too
+    assert not ready_already, "it was ready already: resolved too late to tell"
+    for index in (0, 1):
+        takes_new_sessions(gateway(cluster, index), stopped)
+
+    uninterrupted = GatewayReference(Api(gateway(cluster, 1), ANSWER_TIMEOUT_S), chat)
+    for run in runs:
+        assert run.text() == run.reference(uninterrupted), run
 
 
 def test_the_ui_serves_the_chat_page(cluster):
