@@ -399,9 +399,11 @@ class PodHarness:
 
     def stop_pod(self, name: str) -> dict[str, dict]:
         """Stop one pod as Kubernetes deletes it: SIGTERM to each container's main process, SIGKILL after
-        the pod's grace period; container -> exit state."""
+        the pod's grace period; container -> exit state. The containers stop first and the pod's infra
+        container (its network namespace, as Kubernetes' pause container) last: ``podman pod stop`` alone
+        takes the network away from containers still finishing their work (a replica handing over)."""
         pod = self.pod(name)
-        self.podman("pod", "stop", "--time", str(pod.grace_s), name, timeout=pod.grace_s + 60)
+        self._stop(pod)
         for c in pod.containers:
             c.started = c.ready = False
         self.events.append(f"stopped pod {name}")
@@ -510,11 +512,17 @@ class PodHarness:
 
         def stop_one(pod: Pod) -> None:
             with contextlib.suppress(HarnessError, subprocess.TimeoutExpired):
-                self.podman("pod", "stop", "--time", str(pod.grace_s), pod.name, timeout=pod.grace_s + 60)
+                self._stop(pod)
 
         with ThreadPoolExecutor(max_workers=max(1, len(self.pods))) as pool:
             list(pool.map(stop_one, self.pods))
         return {c.podman_name: self._exit_state(c) for pod in self.pods for c in pod.containers}
+
+    def _stop(self, pod: Pod) -> None:
+        """The pod's containers within its grace period, then its infra container (see ``stop_pod``)."""
+        containers = [c.podman_name for c in pod.containers]
+        self.podman("stop", "--time", str(pod.grace_s), *containers, timeout=pod.grace_s + 60)
+        self.podman("pod", "stop", "--time", "0", pod.name, timeout=60)
 
     def _exit_state(self, container: Container) -> dict:
         state = self.state(container)
