@@ -548,9 +548,9 @@ def in_process_limits(model: BenchModel, args: argparse.Namespace) -> dict[int, 
                 model.build(), count, args.tokens, available_cpus(), IN_PROCESS_TIMEOUT_S
             )
         except (RuntimeError, subprocess.TimeoutExpired) as error:
-            print(f"in-process limit at batch {count}: not measured ({error})", flush=True)
+            print(f"{model.name}: in-process limit at batch {count}: not measured ({error})", flush=True)
             continue
-        print(f"in-process limit at batch {count}: {limits[count]:.1f} tokens/s "
+        print(f"{model.name}: in-process limit at batch {count}: {limits[count]:.1f} tokens/s "
               f"({available_cpus()} torch threads; load average {load_average()})", flush=True)  # fmt: skip
     return limits
 
