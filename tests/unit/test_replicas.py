@@ -85,3 +85,13 @@ def test_a_poll_answer_updates_readiness_load_and_card():
     assert not replica.ready and "answers as 'inference-7'" in replica.detail
     with pytest.raises(ValueError):
         update(replica, 200, {**body, "model_card": {"name": 5}})
+
+
+def test_a_replica_that_says_it_is_stopping_gets_no_new_work_and_keeps_its_sessions():
+    replicas = replica_set({"inference-0": SMOL, "inference-1": SMOL})
+    replicas.replicas["inference-1"].active_sessions = 9  # the emptier one would be chosen first
+    readyz = {"replica_id": "inference-0", "model_card": SMOL.to_json(), "stopping": True, "max_sessions": 10}
+    update(replicas.replicas["inference-0"], 503, readyz)
+    for decision in (Decision.NEW_SESSION, Decision.SESSIONLESS):
+        assert [r.name for r in replicas.least_loaded(decision, "smollm2")] == ["inference-1"]
+    assert replicas.for_session("inference-0.abc").name == "inference-0"  # its sessions still reach it (to move)
