@@ -52,11 +52,14 @@ $(CHECKOV_STAMP): requirements/checkov.txt
 
 # Debian packages the tests use: chromium (browser tests, driven by Playwright; never
 # `playwright install`, which downloads browsers), prometheus (with promtool), and nodejs with npm
-# (the OpenAI JS SDK's tests, tests/js).
+# (the OpenAI JS SDK's tests, tests/js). Only the missing ones: a Node.js from elsewhere (NodeSource's
+# nodejs, which carries npm) conflicts with Debian's npm.
 system-tools:
-	@command -v chromium >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null \
-		&& command -v node >/dev/null && command -v npm >/dev/null || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus nodejs npm; }
+	@missing="$$(command -v chromium >/dev/null || echo chromium) \
+		$$(command -v prometheus >/dev/null && command -v promtool >/dev/null || echo prometheus) \
+		$$(command -v node >/dev/null && command -v npm >/dev/null || echo nodejs npm)"; \
+	[ -z "$$(echo $$missing)" ] || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; }
 
 # The JS tests' packages (openai, zod; the dev dependencies kubernetes-models and @kubernetes-models/keda that
 # validate the rendered chart), exactly as tests/js/package-lock.json pins them.
