@@ -112,6 +112,21 @@ def sidebar_titles(page) -> list[str]:
     return page.eval_on_selector_all(".conversation-title", "nodes => nodes.map(n => n.textContent)")
 
 
+STORED_COUNT = """new Promise((resolve, reject) => {
+  const opening = indexedDB.open("petals-chat");
+  opening.onerror = () => reject(opening.error);
+  opening.onsuccess = () => {
+    const counting = opening.result.transaction("conversations").objectStore("conversations").count();
+    counting.onsuccess = () => { opening.result.close(); resolve(counting.result); };
+  };
+})"""
+
+
+def wait_stored(page, count: int) -> None:
+    """Until the page's IndexedDB holds ``count`` conversations (its writes end after the click)."""
+    wait_for(page, f"{STORED_COUNT}.then((n) => n === {count})")
+
+
 # ---- 1. rendered answers --------------------------------------------------------------------
 def test_markdown_is_rendered_while_streaming_with_highlighted_code_and_a_copy_button(page, site, artifacts_dir):
     page.context.grant_permissions(["clipboard-read", "clipboard-write"])
@@ -179,6 +194,7 @@ def test_conversations_survive_a_reload_and_the_sidebar_renames_searches_and_del
     assert sidebar_titles(page) == ["Tell me a short story."]
     page.fill("#search", "")
     page.click('[aria-label="Delete “Tell me a short story.”"]')
+    wait_stored(page, 1)
     page.reload()
     wait_for(page, "!document.getElementById('model').disabled")
     assert sidebar_titles(page) == ["Greetings"] and human_texts(page) == ["Hi", "Are you still there?"]
@@ -196,6 +212,7 @@ def test_conversations_export_and_import_as_json(page, site, tmp_path):
     assert data["format"] == "petals-chat-conversations" and len(data["conversations"]) == 1
     page.click(".conversation .delete")
     assert sidebar_titles(page) == [] and human_texts(page) == []
+    wait_stored(page, 0)
     damaged = tmp_path / "damaged.json"
     damaged.write_text(json.dumps({**data, "conversations": [{"id": 1}]}))
     page.set_input_files("#import-file", str(damaged))

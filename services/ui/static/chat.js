@@ -110,9 +110,9 @@ function newChat(modelId = state.conversation?.model ?? defaultModelId()) {
 
 async function removeConversation(id) {
   state.conversations = state.conversations.filter((c) => c.id !== id);
-  await deleteConversation(id);
-  if (state.conversation.id === id) newChat();
+  if (state.conversation.id === id) newChat(); // shown at once; the store catches up
   else sidebar.show(state.conversations, state.conversation.id);
+  await deleteConversation(id);
 }
 
 // ---- the session: which dialogue it holds ---------------------------------------------------
