@@ -1,4 +1,4 @@
-"""Continuous batching of concurrent decoding steps on a Petals server (SWARM_BATCHING, off by default).
+"""Continuous batching of concurrent decoding steps on a Petals server (SWARM_BATCHING, on by default).
 
 Petals' ``PrioritizedTaskPool`` hands its runtime one session's step at a time: under 16 sessions
 every step reads all the server's block weights again. With batching on, the server's merged

@@ -26,7 +26,7 @@ has no ``triton.ops`` (services/swarm/bitsandbytes_triton.py: the CUDA torch's t
 Tensors of at most SWARM_SMALL_TENSOR_BYTES (default 1 MiB; 0 keeps torch's shared memory) cross
 the server's processes by value (services/swarm/small_tensors.py).
 
-With SWARM_BATCHING=true (default false), concurrent one-token decoding steps of different sessions
+With SWARM_BATCHING=true (the default), concurrent one-token decoding steps of different sessions
 run as one forward pass over the server's Llama or BLOOM blocks (services/swarm/batching_pool.py), and the
 runtime takes tasks only when it is free (``--prefetch_batches 0`` unless given); its passes' sizes,
 queue waits and steps by path are served on SWARM_METRICS_PORT (0, the default: not served;
@@ -137,7 +137,7 @@ def main(argv: list[str]) -> int:
         args = with_sized_handlers(resolve_args(argv, os.environ.get(SEED_ENV), Path(tempfile.gettempdir())))
         wait_s = Env().float(WAIT_ENV, 600.0, minimum=0)
         small_tensor_bytes = Env().int(small_tensors.LIMIT_ENV, small_tensors.DEFAULT_LIMIT_BYTES, minimum=0)
-        batching = Env().bool(batching_pool.ENV, False)
+        batching = Env().bool(batching_pool.ENV, True)
         metrics_port = Env().int(batching_metrics.PORT_ENV, 0, minimum=0, maximum=65535)
         if batching:
             args = batching_pool.runtime_args(args)

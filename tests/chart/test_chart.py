@@ -552,11 +552,12 @@ def test_monitoring_ships_the_same_dashboard_and_rules_as_deploy(chart):
     assert rule["spec"] == yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules.yml").read_text())
 
     monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
-    assert {m["metadata"]["name"] for m in monitors} == {f"{FULLNAME}-{t}" for t in ("ui", "gateway", "inference")}
+    tiers = ("ui", "gateway", "inference", "swarm")  # the swarm's: its servers' batching metrics, on by default
+    assert {m["metadata"]["name"] for m in monitors} == {f"{FULLNAME}-{t}" for t in tiers}
     for monitor in monitors:
         service = find(docs, "Service", monitor["metadata"]["name"])
         assert labels_match(monitor["spec"]["selector"], service["metadata"]["labels"])
-        assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+        assert monitor["spec"]["endpoints"][0]["port"] in [port["name"] for port in service["spec"]["ports"]]
         assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
 
 
@@ -824,11 +825,11 @@ def test_torch_threads_follow_the_granted_cpus_and_the_servers_run_one():
 
 
 def test_servers_batch_only_when_swarm_batching_is_on():
-    """SWARM_BATCHING of every server from swarm.batching, off by default."""
+    """SWARM_BATCHING of every server from swarm.batching, on by default."""
     with helm_python.Chart.load(str(CHART)) as loaded:
         defaults = render(loaded)
-        on = render(loaded, {"swarm": {"batching": True}})
-    for docs, expected in ((defaults, "false"), (on, "true")):
+        off = render(loaded, {"swarm": {"batching": False}})
+    for docs, expected in ((defaults, "true"), (off, "false")):
         servers = [d for d in docs if d["kind"] == "StatefulSet" and "-swarm-" in d["metadata"]["name"]]
         assert servers
         for sts in servers:
@@ -858,7 +859,7 @@ def test_with_batching_each_server_serves_its_metrics_to_the_scrapers_of_the_oth
     assert not admitted({"spec": {"ingress": [p2p_rule]}}, {"app": "prometheus"}, "monitoring")
     assert metrics_rule == {"from": scrapers, "ports": [{"protocol": "TCP", "port": 9200}]}
 
-    docs = render(chart, values)
+    docs = render(chart, dict(values, swarm={"batching": False}))
     for key in DEFAULT_MODELS:
         container = server_container(docs, key, 0)
         assert "SWARM_METRICS_PORT" not in container_env(container)
