@@ -529,10 +529,11 @@ class PodHarness:
         return {k: state.get(k) for k in ("Status", "ExitCode", "OOMKilled")}
 
     def remove(self) -> None:
-        """Remove every pod, container and the network this harness made; keep nothing."""
-        for pod in self.pods:
-            self.podman("pod", "rm", "--force", "--time", "0", pod.name, check=False, timeout=120)
+        """Remove every pod, container and the network this harness made; keep nothing. A harness that
+        only planned (its network is made first) made nothing in podman, and needs no podman to go."""
         if self._network_made:
+            for pod in self.pods:
+                self.podman("pod", "rm", "--force", "--time", "0", pod.name, check=False, timeout=120)
             self.podman("network", "rm", "--force", self.network, check=False)
         shutil.rmtree(self.state_dir if self._own_state_dir else self.state_dir / "volumes", ignore_errors=True)
 
