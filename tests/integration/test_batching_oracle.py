@@ -4,7 +4,8 @@ One swarm of batching servers: two split SmolLM2's 30 blocks, a third serves the
 (alibi). The stock Petals client (``smol_client`` of tests/integration/conftest.py, resolved against
 this module's ``smol_swarm``) runs many sessions at once from threads, of different lengths, joining and
 leaving while others decode: each session's greedy tokens equal the oracle's, and the servers' logs
-show batched steps; the same for tiny BLOOM's sessions. A beam search (``hypo_ids`` reordering, two
+show batched steps (from sessions that step in lockstep, so that their steps reach each server together
+whatever the machine's load); the same for tiny BLOOM's sessions. A beam search (``hypo_ids`` reordering, two
 sequences per step) and every session's prefill take Petals' own step on the same servers,
 interleaved with batched ones. Then an inference replica on the same swarm: sessions at once through
 it equal the oracle, and its LM head computed some of their tokens together (REPLICA_HEAD_BATCHING:
@@ -14,7 +15,7 @@ batched server steps answer their sessions at the same moment).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.integration
 MORE_QUESTIONS = [*SMOL_QUESTIONS, "What is 2 + 2?", "Name three colors."]
 SESSION_TOKENS = [24, 6, 16, 10, 20, 8]  # session i asks MORE_QUESTIONS[i % 4] for this many tokens at most
 JOIN_AFTER = 3  # session i opens once the sessions before it have made 3 * i tokens in all
+LOCKSTEP_TOKENS = 6  # each session of a lockstep run
 BATCHED = f"{PATCH}: the first batched step of"
 BLOOM_PREFIX = "petals-chat-batching-bloom"
 BLOOM_PROMPTS = ["Hello there", "The sea is", "Once upon a time", "A B C"]
@@ -69,38 +71,34 @@ def oracle_cases(smol_tokenizer, smol_oracle) -> dict[str, tuple[list[int], list
     return {question: (ids, smol_oracle(ids)) for question, ids in prompts.items()}
 
 
-def one_token_per_call(client, ids: list[int], count: int) -> list[int]:
-    """Greedy tokens of ``ids``, one per ``generate`` call in one inference session, ``count`` at most."""
+def one_token_per_call(client, ids: list[int], count: int, on_token: Callable[[], object] = lambda: None) -> list[int]:
+    """Greedy tokens of ``ids``, one per ``generate`` call in one inference session, ``count`` at most;
+    ``on_token`` is called after each."""
     import torch
 
     generated: list[int] = []
     with torch.inference_mode(), client.inference_session(max_length=len(ids) + SMOL_NEW_TOKENS) as session:
         out = client.generate(torch.tensor([ids]), max_new_tokens=1, do_sample=False, session=session)
         generated.append(out[0, -1].item())
+        on_token()
         while len(generated) < count:
             out = client.generate(None, max_new_tokens=1, do_sample=False, session=session)
             generated.append(out[0, -1].item())
+            on_token()
     return generated
 
 
-def run_staggered(client, sessions: list[tuple[list[int], int]]) -> dict[int, list[int] | BaseException]:
-    """Each (prompt ids, tokens) one token per call in its own thread; session i opens once the sessions
-    before it have made ``JOIN_AFTER * i`` tokens in all, so sessions join and leave while others decode."""
-    made = threading.Condition()
-    tokens_made = [0]
+def run_sessions(client, sessions: list[tuple[list[int], int]], before: Callable[[int], None],
+                 on_token: Callable[[], object]) -> dict[int, list[int] | BaseException]:  # fmt: skip
+    """Each (prompt ids, tokens) one token per call in its own thread, after ``before(its index)``."""
     results: dict[int, list[int] | BaseException] = {}
 
     def session(index: int) -> None:
-        ids, count = sessions[index]
-        with made:
-            made.wait_for(lambda: tokens_made[0] >= JOIN_AFTER * index, timeout=300)
+        before(index)
         try:
-            results[index] = one_token_per_call(client, ids, count)
+            results[index] = one_token_per_call(client, *sessions[index], on_token)
         except BaseException as error:  # reported by the caller, with the session's index
             results[index] = error
-        with made:
-            tokens_made[0] += len(results[index]) if isinstance(results[index], list) else 0
-            made.notify_all()
 
     threads = [threading.Thread(target=session, args=(index,)) for index in range(len(sessions))]
     for thread in threads:
@@ -108,6 +106,31 @@ def run_staggered(client, sessions: list[tuple[list[int], int]]) -> dict[int, li
     for thread in threads:
         thread.join(timeout=600)
     return results
+
+
+def run_staggered(client, sessions: list[tuple[list[int], int]]) -> dict[int, list[int] | BaseException]:
+    """Session i opens once all sessions have made ``JOIN_AFTER * i`` tokens in all, so sessions join
+    and leave while others decode."""
+    made = threading.Condition()
+    tokens_made = [0]
+
+    def wait_turn(index: int) -> None:
+        with made:
+            made.wait_for(lambda: tokens_made[0] >= JOIN_AFTER * index, timeout=300)
+
+    def count_token() -> None:
+        with made:
+            tokens_made[0] += 1
+            made.notify_all()
+
+    return run_sessions(client, sessions, wait_turn, count_token)
+
+
+def run_lockstep(client, prompts: list[list[int]]) -> dict[int, list[int] | BaseException]:
+    """LOCKSTEP_TOKENS tokens of each prompt, every session's next step sent once all have made their
+    last token: the steps reach each server together, so every server gets steps to batch."""
+    step = threading.Barrier(len(prompts), timeout=300)
+    return run_sessions(client, [(ids, LOCKSTEP_TOKENS) for ids in prompts], lambda _: None, step.wait)
 
 
 def assert_batched(server) -> None:
@@ -120,6 +143,9 @@ def test_concurrent_sessions_joining_and_leaving_equal_the_oracle(smol_client, o
     results = run_staggered(smol_client, [(ids, count) for (ids, _), count in zip(cases, counts, strict=True)])
     for index, ((_, expected), count) in enumerate(zip(cases, counts, strict=True)):
         assert results[index] == expected[:count], f"session {index}"
+    lockstep = run_lockstep(smol_client, [ids for ids, _ in cases[:4]])
+    for index, (_, expected) in enumerate(cases[:4]):
+        assert lockstep[index] == expected[:LOCKSTEP_TOKENS], f"lockstep session {index}"
     for server in smol_swarm.servers[:2]:
         assert_batched(server)
 
@@ -129,6 +155,9 @@ def test_concurrent_tiny_bloom_sessions_equal_the_oracle(bloom_client, oracle, t
     results = run_staggered(bloom_client, list(zip(prompts, BLOOM_TOKENS, strict=True)))
     for index, (ids, count) in enumerate(zip(prompts, BLOOM_TOKENS, strict=True)):
         assert results[index] == oracle(ids, count), f"session {index}"
+    lockstep = run_lockstep(bloom_client, prompts)
+    for index, ids in enumerate(prompts):
+        assert lockstep[index] == oracle(ids, LOCKSTEP_TOKENS), f"lockstep session {index}"
     assert_batched(smol_swarm.servers[2])
 
 
