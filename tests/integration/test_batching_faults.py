@@ -3,11 +3,12 @@
 The swarm starts with one batching server holding every tiny BLOOM block (A), each server serving its
 batching metrics (SWARM_METRICS_PORT). Four sessions of an inference service start there, a spare server
 with the same blocks (B) joins, then the four stream at once: once A's metrics show a pass of more than one
-session, A is SIGKILLed, every stream under way. Petals 2.2 cannot carry a session over, so the service rebuilds each
-one on B, as for a server dying under one session (test_swarm_faults.py): every stream ends done, its text
-equal to the in-process oracle, and the sessions go on batching on B. Then a real Prometheus scrapes the
-live servers while sessions decode together: every query of the dashboard's batching row returns data,
-from metrics the servers export.
+session, A is SIGKILLed, every stream under way. Each session goes on on B: Petals' client reroutes it itself
+(replaying its history) when A's death reaches it as a broken connection, and the service rebuilds it as for a
+server dying under one session (test_swarm_faults.py) when the step fails otherwise; which one is the kill's
+timing. Every stream ends done, its text equal to the in-process oracle, and the sessions go on batching on B.
+Then a real Prometheus scrapes the live servers while sessions decode together: every query of the dashboard's
+batching row returns data, from metrics the servers export.
 """
 
 from __future__ import annotations
@@ -124,8 +125,9 @@ def test_sessions_of_a_batch_whose_server_dies_are_rebuilt_and_equal_the_oracle(
     for prompt, first, done in zip(PROMPTS, firsts, dones, strict=True):
         assert done["event"] == "done", (prompt, done)
         assert first + done["outputs"] == decode(oracle(prompt, FIRST_TOKENS + MORE_TOKENS)), prompt
-    assert metric_value(api.metrics(), "petals_chat_session_rebuilds_total") >= rebuilds + len(PROMPTS)
-    assert batched(server_b), "the rebuilt sessions never batched on the spare"
+    rebuilt = metric_value(api.metrics(), "petals_chat_session_rebuilds_total") - rebuilds
+    print(f"A killed at {at_kill} tokens: {rebuilt:.0f} rebuilt by the service, the others rerouted by Petals")
+    assert batched(server_b), "the sessions never batched on the spare"
     for session_id in session_ids:
         api.close_session(session_id)
 
