@@ -24,7 +24,7 @@ from services.common.chat.model_card import ModelCard
 from services.gateway.api_keys import KeyRing
 from services.gateway.auth import ClientIdentity
 from services.gateway.replicas import Replica, ReplicaSet
-from services.gateway.upstream import ReplicaUnreachable, Upstream
+from services.gateway.upstream import DiscoveryProbe, ReplicaUnreachable, Upstream
 
 logger = logging.getLogger(__name__)
 REDISCOVER_SOONEST_S = 1.0  # a refresh on demand (an unknown replica named) resolves discovery at most this often
@@ -94,7 +94,9 @@ class ReplicaPoller:
     async def _identify(self, url: str) -> None:
         """Ask a discovered URL's /readyz whose replica it is; then it is one of the set."""
         try:
-            answer = await self._upstream.request("discovered", url, "GET", "/readyz", read_timeout_s=self._interval_s)
+            answer = await self._upstream.request(
+                "discovered", url, "GET", "/readyz", read_timeout_s=self._interval_s, metrics=DiscoveryProbe()
+            )
             body = json.loads(answer.data)
         except (ReplicaUnreachable, ValueError) as error:
             logger.debug("discovered %s does not answer yet (%s)", url, error)

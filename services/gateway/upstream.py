@@ -55,6 +55,18 @@ class ReplicaCall:
         UPSTREAM_ERRORS.labels(replica=self.replica, kind=kind).inc()
 
 
+class DiscoveryProbe:
+    """The /readyz of an address discovery gave, asked whose replica it is: not counted. Until it
+    answers it is no replica yet (a pod starting, or a replica that scaled to zero), so its failures
+    are nobody's upstream errors; the poller logs them at debug level."""
+
+    def observe(self, seconds: float) -> None:
+        pass
+
+    def failed(self, kind: str) -> None:
+        pass
+
+
 class UiCall:
     """A page or asset request forwarded to the ui service (whatever its path)."""
 

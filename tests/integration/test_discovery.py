@@ -4,7 +4,8 @@ A gateway (two workers, the default discovery interval of 5 s) reads a ``file://
 a replica added to the file takes new sessions within 10 s of being ready, and any worker serves its
 sessions; a replica taken out of the file gets no new sessions, is forgotten by every worker, and its
 session is gone. A model named by a ``MODEL=dns://`` entry with no replica answering gets the "being
-started" 503 with Retry-After in each API's shape, counted for an autoscaler.
+started" 503 with Retry-After in each API's shape, counted for an autoscaler; its address, asked
+each poll and never answering, counts as no replica's upstream error.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ def test_a_model_with_no_replica_running_is_being_started_in_every_api(gateway):
     after = requests.get(f"{base}/metrics", timeout=10).text
     assert metric_value(after, counter) == before + 4
     assert 'requests_without_replica_total{model="nope"}' not in after
+    # Its dns:// address has been asked each poll and never answered: no replica's upstream error.
+    assert 'replica="discovered"' not in after
 
 
 def _logged(service: ServiceProcess, since: int, text: str) -> int:
