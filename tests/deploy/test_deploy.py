@@ -4,10 +4,11 @@ scripts/build_images.sh built, under podman, as Kubernetes would run them (tests
 Then, through the gateway: a chat answer from the embedded SmolLM2 ("Paris" at temperature 0, the
 OpenAI API), a v1 session continued without inputs, a v2 stream to the other model (tiny BLOOM),
 the model list, the chat page's calls under the chart's default limits; the inference replicas'
-/metrics; a SmolLM2 replica's pod stopped while sessions converse (its sessions handed over, none lost)
-and recreated; the pods' security settings seen from inside;
-a graceful stop within each pod's grace period; then a re-deploy of every pod from a second render
-that keeps the first render's seed Secret (what `helm upgrade` renders): ready again, the same swarm.
+/metrics; the swarm servers' batching metrics (continuous batching is on by default); a SmolLM2
+replica's pod stopped while sessions converse (its sessions handed over, none lost) and recreated;
+the pods' security settings seen from inside; a graceful stop within each pod's grace period; then
+a re-deploy of every pod from a second render that keeps the first render's seed Secret (what
+`helm upgrade` renders): ready again, the same swarm.
 
 Needs root, podman and the built images: `make test-deploy` installs the tools, builds the images and
 runs this module (about 25 minutes from nothing on this project's machine, see docs/testing.md).
@@ -202,6 +203,22 @@ def test_the_inference_replicas_export_metrics(cluster):
     assert generated[f"{FULLNAME}-inference-tiny-bloom-0"] >= 5, generated
     # the France answer (8 tokens) and the v1 session (4 + the rest of the answer)
     assert sum(v for k, v in generated.items() if "smollm2" in k) >= 12, generated
+
+
+SWARM_METRICS_PORT = 9091  # the chart's swarm.metrics.port
+
+
+def test_every_swarm_server_batches_and_counts_its_steps(cluster):
+    """Continuous batching is on by default: each server's metrics port counts the steps it ran (every
+    server holds its own blocks, so each ran those of the answers above)."""
+    steps = {}
+    for pod in cluster.pods:
+        if "-swarm-" in pod.name:
+            status, text = http("GET", cluster.url(pod.name, SWARM_METRICS_PORT) + "/metrics")
+            assert status == 200, (pod.name, status)
+            lines = [line for line in text.splitlines() if line.startswith("petals_chat_swarm_steps_total")]
+            steps[pod.name] = sum(float(line.split()[-1]) for line in lines)
+    assert len(steps) == 3 and all(count > 0 for count in steps.values()), steps
 
 
 SMOLLM2 = "smollm2-135m-instruct"
