@@ -33,6 +33,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import yaml
 
 from client.api import Api, connect_ws
 from services.common.p2p import swarm_identity
@@ -205,7 +206,9 @@ def test_the_inference_replicas_export_metrics(cluster):
     assert sum(v for k, v in generated.items() if "smollm2" in k) >= 12, generated
 
 
-SWARM_METRICS_PORT = 9091  # the chart's swarm.metrics.port
+SWARM_METRICS_PORT = yaml.safe_load((ROOT / "charts" / "petals-chat" / "values.yaml").read_text())["swarm"]["metrics"][
+    "port"
+]
 
 
 def test_every_swarm_server_batches_and_counts_its_steps(cluster):
