@@ -83,6 +83,12 @@ HEAD_BATCH_SIZE = Histogram(
     "Tokens (of different sessions) per LM head product, with REPLICA_HEAD_BATCHING on: 1, a token alone.",
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
+STEP_BATCH_SESSIONS = Histogram(
+    "petals_chat_inference_step_batch_sessions",
+    "Sessions whose steps one grouped request to a server span carried, with REPLICA_STEP_BATCHING on: 1, a step "
+    "alone.",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 HANDOVER_SECONDS = Histogram(
     "petals_chat_session_handover_seconds",
     "Time to hand one session over: sent, rebuilt on the swarm by the adopter, answered.",

@@ -9,11 +9,15 @@ checked here. See docs/patches.md.
 
 from __future__ import annotations
 
-from services.inference import lm_head, petals_compat, step_packing
+from services.inference import grouped_sessions, lm_head, petals_compat, step_packing
+from services.inference.metrics import STEP_BATCH_SESSIONS
 
 
-def install() -> None:
-    """Patch the Petals client (deadlock fix, step packing) and check the LM head's fit; raises PatchError."""
+def install(step_batching: bool = False) -> None:
+    """Patch the Petals client (deadlock fix, step packing, with ``step_batching`` its grouped sessions)
+    and check the LM head's fit; raises PatchError."""
     petals_compat.install()
     step_packing.install()
+    if step_batching:
+        grouped_sessions.install(STEP_BATCH_SESSIONS.observe)  # after petals_compat: it patches the class replaced
     lm_head.check()

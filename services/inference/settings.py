@@ -35,6 +35,7 @@ class InferenceSettings:
     torch_dtype: str
     torch_threads: int
     head_batching: bool  # concurrent sessions' LM head products as one (head_batching.py)
+    step_batching: bool  # concurrent sessions' steps to a server in one request (grouped_sessions.py)
     device: str
     replica_id: str
     session_ttl_s: float
@@ -85,6 +86,7 @@ class InferenceSettings:
             torch_dtype=env.choice("TORCH_DTYPE", default_dtype(device), DTYPES),
             torch_threads=env.int("TORCH_THREADS", available_cpus(), minimum=1, maximum=1024),
             head_batching=env.bool("REPLICA_HEAD_BATCHING", True),
+            step_batching=env.bool("REPLICA_STEP_BATCHING", True),
             device=device,
             replica_id=replica_id,
             session_ttl_s=env.float("SESSION_TTL_SECONDS", 300.0, minimum=1.0),

@@ -38,11 +38,25 @@ PATCHED_VERSIONS = {"petals": "2.2.0.post1", "hivemind": "1.1.11", "transformers
 ENV = "SWARM_BATCHING"
 
 
+@dataclass(frozen=True)
+class GroupedRows:
+    """The second argument of a pool task that carries several sessions' one-token steps at once
+    (a grouped stream's, services/swarm/grouped_inference.py): its first argument is their hidden
+    states ``[sessions, 1, hidden]``, this their block infos, per session. Its result is the rows'
+    outputs and a bool per row, true where that session's step failed."""
+
+    infos: tuple[tuple[Any, ...], ...]
+
+
 def decode_key(task_args: Sequence[Any], batchable_uids: frozenset[str]) -> Hashable | None:
     """The span of blocks of a task that is a batchable one-token decoding step, else None.
 
-    ``task_args`` as Petals' handler submits them: (hidden_states, hypo_ids, inference_infos, *prompts).
+    ``task_args`` as Petals' handler submits them: (hidden_states, hypo_ids, inference_infos, *prompts),
+    or a grouped task's (hidden_states, GroupedRows).
     """
+    if _grouped(task_args):
+        uids = tuple(info.uid for info in task_args[1].infos[0])
+        return uids if batchable_uids.issuperset(uids) else None
     hidden_states, hypo_ids, infos, *prompts = task_args
     if tuple(hidden_states.shape[:2]) != (1, 1) or hypo_ids.numel() != 0:
         return None
@@ -52,6 +66,15 @@ def decode_key(task_args: Sequence[Any], batchable_uids: frozenset[str]) -> Hash
     if not uids or not batchable_uids.issuperset(uids):
         return None
     return uids
+
+
+def _grouped(task_args: Sequence[Any]) -> bool:
+    return len(task_args) == 2 and isinstance(task_args[1], GroupedRows)
+
+
+def _rows(task_args: Sequence[Any]) -> tuple[tuple[Any, ...], ...]:
+    """A task's sessions' block infos, one per row of its hidden states."""
+    return task_args[1].infos if _grouped(task_args) else (tuple(task_args[2]),)
 
 
 def take_group(first: Any, queued: Sequence[Any], key: Callable[[Any], Hashable | None],
@@ -163,10 +186,11 @@ def _pool_class() -> type:
                 head = self._ordered_tasks.queue[0]
                 self.priority = (head.priority, head.time_submitted)
             device = device if device is not None else self.device
-            if len(group) == 1:
+            if len(group) == 1 and not _grouped(first.args):
                 return first.uid, [task_pool._move_to_device_if_tensor(arg, device) for arg in first.args]
             hidden_states = torch.cat([task.args[0] for task in group]).to(device)
-            self._decode_groups[first.uid] = DecodeGroup(hidden_states, tuple(tuple(task.args[2]) for task in group))
+            infos = tuple(row for task in group for row in _rows(task.args))
+            self._decode_groups[first.uid] = DecodeGroup(hidden_states, infos)
             return first.uid, [self._decode_groups[first.uid]]
 
         def _group_with(self, first: task_pool.Task) -> list[task_pool.Task]:
@@ -183,23 +207,31 @@ def _pool_class() -> type:
             return group
 
         def _note(self, group: list[task_pool.Task]) -> None:
-            batching_metrics.observe_pass(task.time_submitted for task in group)
-            if len(group) > self._largest_group:  # a few lines per server's life: the sizes it has reached
-                self._largest_group = len(group)
-                print(f"{PATCH}: the first batched step of {len(group)} sessions", file=sys.stderr, flush=True)
+            """Count the pass's sessions (a grouped task's rows each); the queue wait is its task's."""
+            submitted = [task.time_submitted for task in group for _ in _rows(task.args)]
+            batching_metrics.observe_pass(submitted)
+            if len(submitted) > self._largest_group:  # a few lines per server's life: the sizes it has reached
+                self._largest_group = len(submitted)
+                print(f"{PATCH}: the first batched step of {len(submitted)} sessions", file=sys.stderr, flush=True)
 
         def send_outputs_from_runtime(self, uid: int, batch_outputs: list[torch.Tensor]) -> None:
             group = self._groups.pop(uid, None)
-            if group is None or len(group) == 1:
+            if group is None or (len(group) == 1 and not _grouped(group[0].args)):
                 return super().send_outputs_from_runtime(uid, batch_outputs)
             self._dispatched_tasks.pop(uid, None)
             errors = self._decode_groups.pop(uid).errors
-            for index, (task, row) in enumerate(zip(group, batch_outputs[0].split(1), strict=True)):
-                if index in errors:
-                    task.future.set_exception(errors[index])
+            start = 0
+            for task in group:
+                rows = len(task.args[0])
+                outputs = _shared(batch_outputs[0][start : start + rows])
+                if _grouped(task.args):
+                    failed = torch.tensor([start + row in errors for row in range(rows)])
+                    task.future.set_result([outputs, _shared(failed)])
+                elif start in errors:
+                    task.future.set_exception(errors[start])
                 else:
-                    output = task_pool._move_to_device_if_tensor(row.clone(), "cpu", share_memory=True)
-                    task.future.set_result([output])
+                    task.future.set_result([outputs])
+                start += rows
 
         def send_exception_from_runtime(self, uid: int, exception: BaseException) -> None:
             group = self._groups.pop(uid, None)
@@ -209,6 +241,13 @@ def _pool_class() -> type:
                 task.future.set_exception(exception)
 
     return BatchingTaskPool
+
+
+def _shared(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` in shared memory, as the runtime sends results to a handler's process."""
+    from petals.server import task_pool
+
+    return task_pool._move_to_device_if_tensor(tensor.clone(), "cpu", share_memory=True)
 
 
 def merge_inference_pools_batching(backends: dict[str, Any]) -> None:

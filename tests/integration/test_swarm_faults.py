@@ -2,7 +2,8 @@
 
 The swarm starts with one server holding every block (A); a session starts there; a second
 full server (B) joins; then A is SIGKILLed while the session is generating. Petals 2.2 cannot
-carry such a session over ("Broken input cache"), so the inference service rebuilds it on B
+carry its own kind of session over ("Broken input cache"; the replica's grouped sessions, off here, can:
+test_batching_faults.py), so the inference service rebuilds it on B
 and the stream goes on: its text must equal the in-process oracle. Then B dies too (the swarm
 is gone: readiness false, quick "temporarily unavailable" answers), and A comes back on its old
 address: the service recovers by itself.
@@ -39,7 +40,8 @@ def service(fault_swarm, model_dir, artifacts_dir):
         DHT_PREFIX=DHT_PREFIX,
         SWARM_UPDATE_PERIOD_SECONDS="1",
         SWARM_MAX_RETRIES="3",
-    )
+        REPLICA_STEP_BATCHING="false",  # Petals' own sessions, which the service rebuilds (test_batching_faults.py:
+    )  # grouped ones, which Petals' client carries over by itself)
     yield service
     service.stop()
 

@@ -26,6 +26,12 @@ def step_args(tokens: int = 1, batch: int = 1, *, span=SPAN, hypo_ids=DUMMY, pro
     return (torch.randn(batch, tokens, 8), hypo_ids, infos, *([prompt] * len(span)))
 
 
+def grouped_args(sessions: int, span=SPAN) -> tuple:
+    """A grouped stream's task: ``sessions`` one-token steps (services/swarm/grouped_inference.py)."""
+    rows = batching_pool.GroupedRows(tuple(step_args(span=span)[2] for _ in range(sessions)))
+    return (torch.randn(sessions, 1, 8), rows)
+
+
 @pytest.mark.parametrize(
     ("args", "batches"),
     [
@@ -37,8 +43,21 @@ def step_args(tokens: int = 1, batch: int = 1, *, span=SPAN, hypo_ids=DUMMY, pro
         (step_args(prompt=torch.zeros(1, 1, 8)), False),  # deep prompt tuning
         (step_args(adapter="lora"), False),
         (step_args(span=("model.0", "other.1")), False),  # a block this server cannot batch
+        (grouped_args(3), True),  # a grouped stream's one-token steps
+        (grouped_args(2, span=("model.0", "other.1")), False),
     ],
-    ids=["decode", "first-token", "prefill", "batch-2", "hypo-ids", "prompts", "adapter", "unbatchable-block"],
+    ids=[
+        "decode",
+        "first-token",
+        "prefill",
+        "batch-2",
+        "hypo-ids",
+        "prompts",
+        "adapter",
+        "unbatchable-block",
+        "grouped",
+        "grouped-unbatchable-block",
+    ],
 )
 def test_decode_key_says_which_steps_batch(args, batches):
     assert (batching_pool.decode_key(args, UIDS) is not None) is batches
@@ -81,7 +100,8 @@ def _submit_and_wait(pool, tasks, connection) -> None:
     futures = [pool.submit_task(*args) for args in tasks]
     for future in futures:
         try:
-            connection.send(future.result(timeout=30)[0])
+            result = future.result(timeout=30)
+            connection.send(result[0] if len(result) == 1 else result)  # a grouped task's: rows and failures
         except Exception as error:  # the outcome is what the test checks
             connection.send(repr(error))
 
@@ -186,6 +206,39 @@ def test_a_session_that_fails_alone_fails_alone(pool_and_handler):
     torch.testing.assert_close(first, tasks[0][0] * 2)
     assert second == "KeyError('cache freed')"
     torch.testing.assert_close(third, tasks[2][0] * 2)
+
+
+def test_a_grouped_task_runs_in_one_pass_with_the_steps_queued_beside_it(pool_and_handler):
+    pool, step, submit = pool_and_handler
+    sessions_before = REGISTRY.get_sample_value("petals_chat_swarm_pass_sessions_sum") or 0.0
+    tasks = [grouped_args(3), step_args(), step_args(tokens=2)]
+    receive = submit(tasks)
+    for _ in range(2):
+        uid, inputs = pool.load_batch_to_runtime()
+        pool.send_outputs_from_runtime(uid, step(*inputs))
+    (group,), prefill = step.calls
+    assert isinstance(group, batching_pool.DecodeGroup) and group.hidden_states.shape == (4, 1, 8)
+    assert group.infos == (*tasks[0][1].infos, tasks[1][2])
+    assert prefill[0].shape == (1, 2, 8)
+    (rows, failed), single, prefilled = receive()
+    torch.testing.assert_close(rows, tasks[0][0] * 2)
+    assert failed.tolist() == [False, False, False]
+    torch.testing.assert_close(single, tasks[1][0] * 2)
+    torch.testing.assert_close(prefilled, tasks[2][0] * 2)
+    assert REGISTRY.get_sample_value("petals_chat_swarm_pass_sessions_sum") - sessions_before == 5  # 4, then 1
+
+
+def test_a_grouped_task_alone_is_a_pass_and_says_which_of_its_sessions_failed(pool_and_handler):
+    pool, _, submit = pool_and_handler
+    pool.process_func = step = FailingSecondStep()
+    tasks = [grouped_args(3)]
+    receive = submit(tasks)
+    uid, inputs = pool.load_batch_to_runtime()
+    assert isinstance(inputs[0], batching_pool.DecodeGroup)
+    pool.send_outputs_from_runtime(uid, step(*inputs))
+    ((rows, failed),) = receive()
+    assert failed.tolist() == [False, True, False]
+    torch.testing.assert_close(rows[0], tasks[0][0][0] * 2)
 
 
 class Shards:
@@ -351,16 +404,18 @@ def test_the_batching_fence_refuses_another_version_in_one_line(monkeypatch, dis
 def test_patches_install_the_batching_pool_only_when_on(monkeypatch):
     import petals.server.server as server
 
-    from services.swarm import bitsandbytes_triton, patches, small_tensors
+    from services.swarm import bitsandbytes_triton, grouped_inference, patches, small_tensors
 
     monkeypatch.setattr(bitsandbytes_triton, "install", lambda: None)  # the others' own tests cover them
     monkeypatch.setattr(small_tensors, "install", lambda limit: None)
+    grouped = []
+    monkeypatch.setattr(grouped_inference, "install", lambda: grouped.append(True))
     monkeypatch.setattr(server, "merge_inference_pools_inplace", server.merge_inference_pools_inplace)
     petals_merge = server.merge_inference_pools_inplace
     patches.install(4096)
-    assert server.merge_inference_pools_inplace is petals_merge
+    assert server.merge_inference_pools_inplace is petals_merge and not grouped
     patches.install(4096, batching=True)
-    assert server.merge_inference_pools_inplace is batching_pool.merge_inference_pools_batching
+    assert server.merge_inference_pools_inplace is batching_pool.merge_inference_pools_batching and grouped
 
 
 def test_serve_refuses_a_bad_swarm_batching_in_one_line(monkeypatch, capsys):
