@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +71,25 @@ def start_gateway(artifacts_dir: Path, replica_urls: dict[str, str], name: str, 
         extra_env={"REPLICA_POLL_INTERVAL_SECONDS": "0.5", **env},
     )
     return gateway.start_ready(timeout=60)
+
+
+def each_in_a_thread(count: int, work: Callable[[int], Any], timeout_s: float = 300.0) -> list[Any]:
+    """``work(index)`` for each index in its own thread, at once; each one's result, or the exception it
+    raised (reported by the caller, with the index)."""
+    results: list[Any] = [RuntimeError("no result: the thread did not finish")] * count
+
+    def run(index: int) -> None:
+        try:
+            results[index] = work(index)
+        except BaseException as error:
+            results[index] = error
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout_s)
+    return results
 
 
 def metric_value(metrics_text: str, name: str) -> float:

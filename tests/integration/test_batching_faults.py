@@ -29,6 +29,7 @@ from services.swarm.launcher import PrivateSwarm, SwarmServer
 from tests.helpers import (
     BATCHING_ROW,
     dashboard_panels_by_row,
+    each_in_a_thread,
     exported_metric_names,
     metric_names,
     metric_value,
@@ -79,20 +80,12 @@ def batched(server: SwarmServer) -> bool:
 
 def stream_all(api: Api, session_ids: list[str], tokens: int, on_token: Callable[[int, int], None]) -> list[dict]:
     """Each session streams ``tokens`` more in its own thread; ``on_token(session index, its tokens so far)``."""
-    results: list[dict | BaseException] = [RuntimeError("no result")] * len(session_ids)
 
-    def stream(index: int) -> None:
+    def stream(index: int) -> dict:
         body = {"session_id": session_ids[index], "max_new_tokens": tokens}
-        try:
-            results[index] = api.stream_text(body, lambda count: on_token(index, count))
-        except BaseException as error:  # reported below, with the session's index
-            results[index] = error
+        return api.stream_text(body, lambda count: on_token(index, count))
 
-    threads = [threading.Thread(target=stream, args=(index,)) for index in range(len(session_ids))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
+    results = each_in_a_thread(len(session_ids), stream)
     for index, result in enumerate(results):
         assert isinstance(result, dict), f"session {index}: {result!r}"
     return results  # type: ignore[return-value]

@@ -27,7 +27,7 @@ from client.api import Api
 from deploy.local_stack import ServiceProcess
 from services.swarm.batching_pool import ENV, PATCH
 from services.swarm.launcher import PrivateSwarm, SwarmModel
-from tests.helpers import SMOL_DHT_PREFIX, SMOL_NEW_TOKENS, SMOL_QUESTIONS, chatml, start_inference
+from tests.helpers import SMOL_DHT_PREFIX, SMOL_NEW_TOKENS, SMOL_QUESTIONS, chatml, each_in_a_thread, start_inference
 
 pytestmark = pytest.mark.integration
 MORE_QUESTIONS = [*SMOL_QUESTIONS, "What is 2 + 2?", "Name three colors."]
@@ -89,26 +89,17 @@ def one_token_per_call(client, ids: list[int], count: int, on_token: Callable[[]
 
 
 def run_sessions(client, sessions: list[tuple[list[int], int]], before: Callable[[int], None],
-                 on_token: Callable[[], object]) -> dict[int, list[int] | BaseException]:  # fmt: skip
+                 on_token: Callable[[], object]) -> list[list[int] | BaseException]:  # fmt: skip
     """Each (prompt ids, tokens) one token per call in its own thread, after ``before(its index)``."""
-    results: dict[int, list[int] | BaseException] = {}
 
-    def session(index: int) -> None:
+    def session(index: int) -> list[int]:
         before(index)
-        try:
-            results[index] = one_token_per_call(client, *sessions[index], on_token)
-        except BaseException as error:  # reported by the caller, with the session's index
-            results[index] = error
+        return one_token_per_call(client, *sessions[index], on_token)
 
-    threads = [threading.Thread(target=session, args=(index,)) for index in range(len(sessions))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=600)
-    return results
+    return each_in_a_thread(len(sessions), session, timeout_s=600)
 
 
-def run_staggered(client, sessions: list[tuple[list[int], int]]) -> dict[int, list[int] | BaseException]:
+def run_staggered(client, sessions: list[tuple[list[int], int]]) -> list[list[int] | BaseException]:
     """Session i opens once all sessions have made ``JOIN_AFTER * i`` tokens in all, so sessions join
     and leave while others decode."""
     made = threading.Condition()
@@ -126,7 +117,7 @@ def run_staggered(client, sessions: list[tuple[list[int], int]]) -> dict[int, li
     return run_sessions(client, sessions, wait_turn, count_token)
 
 
-def run_lockstep(client, prompts: list[list[int]]) -> dict[int, list[int] | BaseException]:
+def run_lockstep(client, prompts: list[list[int]]) -> list[list[int] | BaseException]:
     """LOCKSTEP_TOKENS tokens of each prompt, every session's next step sent once all have made their
     last token: the steps reach each server together, so every server gets steps to batch."""
     step = threading.Barrier(len(prompts), timeout=300)

@@ -10,7 +10,6 @@ Petals' own (the replica says so once for that server).
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ import requests
 from client.api import Api
 from services.swarm.batching_pool import ENV
 from services.swarm.launcher import PrivateSwarm
-from tests.helpers import metric_value, start_inference
+from tests.helpers import each_in_a_thread, metric_value, start_inference
 
 pytestmark = pytest.mark.integration
 DHT_PREFIX = "petals-chat-grouped"
@@ -52,20 +51,12 @@ def test_sessions_joining_and_leaving_through_a_grouped_and_a_stock_server_equal
     mixed_swarm, service, oracle, decode
 ):
     api = Api(service.base_url)
-    bodies: dict[int, object] = {}
 
-    def generate(index: int) -> None:
+    def generate(index: int) -> dict:
         time.sleep(index * START_EVERY_S)
-        try:
-            bodies[index] = api.generate(inputs=PROMPTS[index], max_new_tokens=TOKENS[index])
-        except Exception as error:  # reported below, with the session's index
-            bodies[index] = error
+        return api.generate(inputs=PROMPTS[index], max_new_tokens=TOKENS[index])
 
-    threads = [threading.Thread(target=generate, args=(index,)) for index in range(len(PROMPTS))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
+    bodies = each_in_a_thread(len(PROMPTS), generate)
     for index, (prompt, tokens) in enumerate(zip(PROMPTS, TOKENS, strict=True)):
         assert bodies[index] == {"ok": True, "outputs": decode(oracle(prompt, tokens))}, prompt
     metrics = requests.get(f"{service.base_url}/metrics", timeout=10).text
