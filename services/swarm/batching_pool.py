@@ -11,7 +11,10 @@ window: a step that finds nothing compatible queued runs alone through Petals' o
 What batches (``decode_key``): one sequence, one new token, no deep prompts, dummy ``hypo_ids``, no
 adapter, blocks this module can batch (Llama and BLOOM: ``batched_blocks.batchable_block``). Everything
 else (prefills, prompt tuning, beam reordering, adapters, other families, tensor-parallel shards) runs
-through Petals' own ``_MergedInferenceStep``, unchanged.
+through Petals' own ``_MergedInferenceStep``, unchanged. A grouped stream's task (``GroupedRows``,
+services/swarm/grouped_inference.py) brings several sessions' one-token steps at once: it always runs
+as a batched pass, joined by the single steps queued for its span, and its result says which of its
+sessions failed.
 
 The runtime must take tasks when it is free, not ahead: ``runtime_args`` sets Petals'
 ``--prefetch_batches 0`` (its default 1 loads the next task, alone, while the current one runs).
