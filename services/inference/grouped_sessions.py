@@ -10,7 +10,10 @@ every session of the process on that span through one ``GroupChannel``:
 
 - no waiting window: a step that finds the channel idle is sent at once, alone; steps that come
   while a request is out are sent together in the next one, when its answer is back (as the LM
-  head batches, services/inference/head_batching.py);
+  head batches, services/inference/head_batching.py). Only sessions known to be on their way are
+  waited for: those the span before just answered, or for the route's first span those its last
+  span answered, until their generation ends (services/inference/step_gathering.py), so that
+  sessions stepping together stay in one request;
 - Petals' ``InferenceSession`` is unchanged: it still routes each session, keeps its inputs for a
   replay and re-routes it when a step fails. Only the per-server session it creates
   (``_ServerInferenceSession``) is a ``GroupedServerSession`` where the server supports it;
@@ -37,6 +40,7 @@ import torch
 
 from services.common.p2p.grouped_steps import METHOD, GroupRequest, GroupResponse, GroupStep
 from services.common.startup.patching import require_attributes, require_parameters, require_version
+from services.inference.step_gathering import StepGathering
 
 logger = logging.getLogger(__name__)
 PATCH = "grouped_sessions"
@@ -58,6 +62,7 @@ class _Waiting:
     rows: torch.Tensor  # [length, hidden]
     max_length: int | None  # the session's first step: open it with this cache size
     future: asyncio.Future
+    successor: tuple[GroupChannel, int] | None  # the channel and key of the session's next step
 
 
 class GroupChannel:
@@ -75,6 +80,8 @@ class GroupChannel:
         self._waiting: list[_Waiting] = []
         self._closes: list[int] = []
         self._open: set[int] = set()  # sessions opened on the server (or being opened)
+        self._gathering = StepGathering()
+        self._arrival = asyncio.Event()  # set when a step comes or an expected session is forgotten
         self._running = False
         self._pump_task: asyncio.Future | None = None
         self._connecting: asyncio.Future | None = None
@@ -97,18 +104,33 @@ class GroupChannel:
             if self._connecting is not None and self._connecting.done():
                 self._connecting = None
 
-    async def step(self, key: int, rows: torch.Tensor, max_length: int | None) -> torch.Tensor:
+    async def step(
+        self, key: int, rows: torch.Tensor, max_length: int | None, successor: tuple[GroupChannel, int] | None = None
+    ) -> torch.Tensor:
         """Session ``key``'s output rows for its input ``rows`` ``[length, hidden]``; ``max_length`` on its
-        first step. Raises GroupStepFailed."""
+        first step; ``successor``: the channel and key of its next step, expected there once this one is
+        answered. Raises GroupStepFailed."""
         if self.broken is not None:
             raise GroupStepFailed(f"the grouped inference stream failed: {self.broken!r}")
-        waiting = _Waiting(key, rows, max_length, asyncio.get_running_loop().create_future())
-        self._waiting.append(waiting)
+        loop = asyncio.get_running_loop()
+        self._gathering.arrived(key, loop.time())
+        self._waiting.append(_Waiting(key, rows, max_length, loop.create_future(), successor))
+        self._arrival.set()
         self._kick()
-        return await waiting.future
+        return await self._waiting[-1].future
+
+    def expect(self, key: int) -> None:
+        """Session ``key`` is on its way: the next request waits for it (step_gathering.py)."""
+        self._gathering.expect(key, asyncio.get_running_loop().time())
+
+    def forget(self, key: int) -> None:
+        """Session ``key`` will not step soon: no request waits for it."""
+        self._gathering.forget(key)
+        self._arrival.set()
 
     def close_session(self, key: int) -> None:
         """Free session ``key``'s cache on the server, with the next request."""
+        self.forget(key)
         if key in self._open and self.broken is None:
             self._open.discard(key)
             self._closes.append(key)
@@ -122,6 +144,7 @@ class GroupChannel:
     async def _pump(self) -> None:
         try:
             while self.broken is None and (self._waiting or self._closes):
+                await self._gather()
                 batch, self._waiting = self._waiting, []
                 closes, self._closes = self._closes, []
                 await self._exchange(batch, closes)
@@ -129,6 +152,14 @@ class GroupChannel:
                     await self._finish()  # no session left: the stream ends, the next one opens another
         finally:
             self._running = False
+
+    async def _gather(self) -> None:
+        """Wait for the sessions expected here (step_gathering.py), as long as their limit allows."""
+        loop = asyncio.get_running_loop()
+        while (until := self._gathering.wait_until(loop.time())) is not None:
+            self._arrival.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._arrival.wait(), until - loop.time())
 
     async def _exchange(self, batch: list[_Waiting], closes: list[int]) -> None:
         opens = {waiting.key: waiting.max_length for waiting in batch if waiting.max_length is not None}
@@ -157,6 +188,9 @@ class GroupChannel:
             elif response.outputs is None or len(response.outputs) < end:
                 waiting.future.set_exception(GroupStepFailed("the server's answer lacks this step's outputs"))
             else:
+                if waiting.successor is not None:
+                    channel, key = waiting.successor
+                    channel.expect(key)
                 waiting.future.set_result(response.outputs[start:end])
             start = end
 
@@ -228,6 +262,7 @@ class GroupedServerSession:
         self.stepped = self.closed = False
         self.history: torch.Tensor | None = None  # the inputs so far, for a replay on another server
         self.next_session: Any = None
+        self.route_head: GroupedServerSession | None = None  # the first span's session, where this one is the last
         self._position = 0
         self._channel, self._key, self._max_length = channel, channel.new_key(), max_length
 
@@ -252,9 +287,30 @@ class GroupedServerSession:
         sent = inputs[:, -length:] if self.stepped else self.history
         max_length = None if self.stepped else self._max_length
         self.stepped = True
-        outputs = RemoteExpertWorker.run_coroutine(self._channel.step(self._key, sent[0], max_length))
+        coroutine = self._channel.step(self._key, sent[0], max_length, self._successor())
+        outputs = RemoteExpertWorker.run_coroutine(coroutine)
         self._position += sent.shape[1]  # a replay's first step holds its whole history, this step's inputs included
         return outputs[None]
+
+    def _successor(self) -> tuple[GroupChannel, int] | None:
+        """Where this session's next step goes: the next span, or after the last span the first one."""
+        if self.span.start == 0:
+            last: Any = self
+            while last.next_session is not None:
+                last = last.next_session
+            if isinstance(last, GroupedServerSession):
+                last.route_head = self
+        successor = self.next_session if self.next_session is not None else self.route_head
+        if not isinstance(successor, GroupedServerSession) or successor.closed:
+            return None
+        return successor._channel, successor._key
+
+    def generation_ended(self) -> None:
+        """Its session will not step until asked again: no request waits for it (safe on any thread)."""
+        from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+        with contextlib.suppress(Exception):  # the process is shutting down
+            RemoteExpertWorker.run_coroutine(_forget(self._channel, self._key), return_future=True)
 
     def close(self) -> None:
         """Free the session's cache on the server, without waiting (safe on any thread, the loop's too)."""
@@ -278,6 +334,18 @@ class GroupedServerSession:
 
 async def _close(channel: GroupChannel, key: int) -> None:
     channel.close_session(key)
+
+
+async def _forget(channel: GroupChannel, key: int) -> None:
+    channel.forget(key)
+
+
+def generation_ended(petals_session: Any) -> None:
+    """Tell the channels of a Petals ``InferenceSession`` that it will not step until its next generation,
+    so that no other session's step waits for it (a no-op for Petals' own server sessions)."""
+    for server_session in getattr(petals_session, "_server_sessions", ()):
+        if isinstance(server_session, GroupedServerSession):
+            server_session.generation_ended()
 
 
 class ServerSessionFactory:

@@ -22,6 +22,7 @@ from typing import Any
 
 from services.common.api.params import GenerateParams
 from services.common.api.token_options import TokenOptions
+from services.inference import grouped_sessions
 from services.inference.constraint import GrammarConstraint, GrammarTokenizer
 from services.inference.model import ModelHandle
 from services.inference.sampling import SeededSampler
@@ -134,6 +135,7 @@ class SwarmStepper:
                 feed = [token]
         finally:
             tokens.restore(held, added, device)
+            grouped_sessions.generation_ended(petals_session)
 
     def prefill(self, petals_session: Any, token_ids: list[int]) -> None:
         """Make a fresh session hold ``token_ids`` (a handed-over session): all but the last go through

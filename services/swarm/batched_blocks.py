@@ -79,12 +79,13 @@ def _bloom_attention(attention, caches: Caches, hidden_states: torch.Tensor, pos
     sessions, heads, head_dim = len(positions), attention.num_heads, attention.head_dim
     query, key, value = attention._split_heads(attention.query_key_value(hidden_states))  # [n, 1, heads, d]
     output = torch.empty(sessions, 1, heads, head_dim, dtype=query.dtype, device=query.device)
+    mask = torch.ones(1, max(positions) + 1, device=query.device)
+    alibis = build_alibi_tensor(mask, num_heads=heads, dtype=query.dtype)  # [heads, 1, length]: a prefix per session
     for index, (position, (key_cache, value_cache)) in enumerate(zip(positions, caches, strict=True)):
         key_cache[0, :, :, position] = key[index, 0]
         value_cache[0, :, position, :] = value[index, 0]
         keys, values = key_cache[0, :, :, : position + 1], value_cache[0, :, : position + 1]
-        mask = torch.ones(1, position + 1, device=query.device)
-        alibi = build_alibi_tensor(mask, num_heads=heads, dtype=query.dtype)  # [heads, 1, length]
+        alibi = alibis[:, :, : position + 1]
         scores = alibi.baddbmm(batch1=query[index, 0][:, None], batch2=keys, beta=attention.beta,
                                alpha=attention.inv_norm_factor)  # fmt: skip
         if scores.dtype == torch.float16:
@@ -95,26 +96,27 @@ def _bloom_attention(attention, caches: Caches, hidden_states: torch.Tensor, pos
 
 
 def _llama_attention(attention, caches: Caches, hidden_states: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
-    """``LlamaAttention.forward`` (Petals' optimized one) for one new token per session."""
-    from transformers.models.llama.modeling_llama import repeat_kv
-
+    """``LlamaAttention.forward`` (Petals' optimized one) for one new token per session. Each session's
+    query heads are grouped by the key/value head they share (``[kv_heads, groups, head_dim]``) and
+    multiplied by its cache as Petals stores it (keys ``[kv_heads, head_dim, length]``): no copy of the
+    cache (``repeat_kv``) and two products per session and block."""
     sessions, heads, head_dim = len(positions), attention.num_heads, attention.head_dim
     kv_heads = attention.num_key_value_heads
     query = attention.q_proj(hidden_states).view(sessions, 1, heads, head_dim).transpose(1, 2)
     key = attention.k_proj(hidden_states).view(sessions, 1, kv_heads, head_dim).transpose(1, 2)
     value = attention.v_proj(hidden_states).view(sessions, 1, kv_heads, head_dim).transpose(1, 2)
     query, key = _rotate(attention, query, key, value, positions)
-
-    output = torch.empty(sessions, heads, 1, head_dim, dtype=query.dtype, device=query.device)
-    for index, (position, (key_cache, value_cache)) in enumerate(zip(positions, caches, strict=True)):
-        key_cache[0, :, :, position] = key[index, :, 0, :]
-        value_cache[0, :, position, :] = value[index, :, 0, :]
-        keys = repeat_kv(key_cache[:, :, :, : position + 1].transpose(2, 3), attention.num_key_value_groups)
-        values = repeat_kv(value_cache[:, :, : position + 1, :], attention.num_key_value_groups)
-        weights = torch.matmul(query[index : index + 1], keys.transpose(2, 3)) / math.sqrt(head_dim)
-        weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-        output[index] = torch.matmul(weights, values)[0]
-    return attention.o_proj(output.transpose(1, 2).reshape(sessions, 1, heads * head_dim))
+    queries = (query / math.sqrt(head_dim)).reshape(sessions, kv_heads, heads // kv_heads, head_dim).unbind(0)
+    outputs = []
+    for position, (key_cache, value_cache), session_query, session_key, session_value in zip(
+        positions, caches, queries, key[:, :, 0].unbind(0), value[:, :, 0].unbind(0), strict=True
+    ):
+        key_cache[0, :, :, position] = session_key
+        value_cache[0, :, position, :] = session_value
+        scores = torch.matmul(session_query, key_cache[0, :, :, : position + 1])  # [kv_heads, groups, length]
+        probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        outputs.append(torch.matmul(probabilities, value_cache[0, :, : position + 1]))
+    return attention.o_proj(torch.stack(outputs).reshape(sessions, 1, heads * head_dim))
 
 
 def _rotate(attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -285,13 +285,11 @@ def check() -> None:
     import petals.server.task_pool as task_pool
     import petals.utils.peft as peft
     import transformers.models.bloom.modeling_bloom as modeling_bloom
-    import transformers.models.llama.modeling_llama as modeling_llama
 
     require_attributes(server, ("merge_inference_pools_inplace",), PATCH)
     require_attributes(backend, ("_MergedInferenceStep",), PATCH)
     require_attributes(task_pool, ("_move_to_device_if_tensor", "Task"), PATCH)
     require_attributes(llama, (batched_blocks.LLAMA_BLOCK, "apply_rotary_pos_emb"), PATCH)
-    require_attributes(modeling_llama, ("repeat_kv",), PATCH)
     require_attributes(bloom, (batched_blocks.BLOOM_BLOCK,), PATCH)
     require_attributes(modeling_bloom, ("build_alibi_tensor",), PATCH)
     require_attributes(peft, ("using_adapter",), PATCH)

@@ -88,6 +88,39 @@ def test_steps_that_come_while_a_request_is_out_go_together_in_the_next():
     assert observed == [1, 2]
 
 
+def test_a_step_waits_for_the_sessions_answered_with_it_and_goes_with_them():
+    server = FakeServer()
+
+    async def run():
+        channel = channel_of(server)
+        await asyncio.gather(*(channel.step(key, torch.ones(1, 2), 8, (channel, key)) for key in (0, 1, 2)))
+        channel.forget(2)  # its generation ended: not waited for
+        first = asyncio.ensure_future(channel.step(0, torch.ones(1, 2), None, (channel, 0)))
+        await asyncio.sleep(0.05)
+        sent_before_the_second = len(server.stepped())
+        await asyncio.gather(first, channel.step(1, torch.ones(1, 2), None, (channel, 1)))
+        return sent_before_the_second
+
+    assert asyncio.run(run()) == 1
+    assert server.stepped() == [[0, 1, 2], [0, 1]]
+
+
+def test_a_step_that_finds_nobody_expected_goes_at_once_and_a_late_session_stops_holding_others():
+    server = FakeServer()
+
+    async def run():
+        channel = channel_of(server)
+        channel._gathering._limit_s = 0.05
+        await asyncio.gather(*(channel.step(key, torch.ones(1, 2), 8, (channel, key)) for key in (0, 1)))
+        await channel.step(0, torch.ones(1, 2), None, (channel, 0))  # waits out session 1's limit: it is slow
+        started = asyncio.get_running_loop().time()
+        await channel.step(0, torch.ones(1, 2), None, (channel, 0))  # session 1 is no longer waited for
+        return asyncio.get_running_loop().time() - started
+
+    assert asyncio.run(run()) < 0.04
+    assert server.stepped() == [[0, 1], [0], [0]]
+
+
 def test_a_step_the_server_fails_fails_alone():
     server = FakeServer()
     server.fail_keys = {1}
@@ -174,7 +207,7 @@ def test_a_replayed_session_sends_its_whole_history_once_then_only_new_positions
     from petals.utils.misc import DUMMY, DUMMY_INT64
 
     server = FakeServer()
-    session = grouped_sessions.GroupedServerSession(channel_of(server), SimpleNamespace(), UID, 16)
+    session = grouped_sessions.GroupedServerSession(channel_of(server), SimpleNamespace(start=0), UID, 16)
     session.history = torch.arange(6, dtype=torch.float32).view(1, 3, 2)
     replayed = session.step(session.history[:, -1:], DUMMY, DUMMY_INT64, step_id="retry")
     torch.testing.assert_close(replayed, torch.arange(6, dtype=torch.float32).view(1, 3, 2) * 2)
@@ -187,7 +220,7 @@ def test_a_replayed_session_sends_its_whole_history_once_then_only_new_positions
 def test_a_grouped_session_refuses_what_only_petals_own_step_does():
     from petals.utils.misc import DUMMY, DUMMY_INT64
 
-    session = grouped_sessions.GroupedServerSession(channel_of(FakeServer()), SimpleNamespace(), UID, 8)
+    session = grouped_sessions.GroupedServerSession(channel_of(FakeServer()), SimpleNamespace(start=0), UID, 8)
     with pytest.raises(ValueError, match="one sequence"):
         session.step(torch.ones(2, 1, 2), DUMMY, DUMMY_INT64, step_id="a")
     with pytest.raises(ValueError, match="beam hypotheses"):
@@ -203,3 +236,15 @@ def test_the_grouped_sessions_fence_refuses_another_version_in_one_line(monkeypa
     pretend_version(monkeypatch, dist)
     expected = refusal(grouped_sessions.PATCH, dist, grouped_sessions.PATCHED_VERSIONS[dist])
     assert_refused(grouped_sessions.check, expected)
+
+
+def test_a_route_expects_each_session_at_its_next_span_and_after_the_last_at_the_first():
+    first_channel, last_channel = channel_of(FakeServer()), channel_of(FakeServer())
+    first = grouped_sessions.GroupedServerSession(first_channel, SimpleNamespace(start=0), UID, 8)
+    last = grouped_sessions.GroupedServerSession(last_channel, SimpleNamespace(start=2), UID, 8)
+    first.next_session = last
+
+    assert first._successor() == (last_channel, last._key)
+    assert last._successor() == (first_channel, first._key)  # the first span's step made it the route's head
+    last.closed = True
+    assert first._successor() is None
