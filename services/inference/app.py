@@ -132,7 +132,8 @@ def create_app() -> falcon.App:
     configure_logging(settings.server.log_level)
     from services.inference import patches  # imports Petals: the worker's, not the modules importing this one
 
-    patches.install(settings.step_batching)  # a patch that does not fit stops the worker here, with its one line
+    # a patch that does not fit stops the worker here, with its one line
+    patches.install(settings.step_batching, settings.step_batch_sessions)
     _service = InferenceService(settings)
     _service.start()
     gthread_worker.before_stopping(_service.hand_over_sessions)

@@ -10,10 +10,12 @@ every session of the process on that span through one ``GroupChannel``:
 
 - no waiting window: a step that finds the channel idle is sent at once, alone; steps that come
   while a request is out are sent together in the next one, when its answer is back (as the LM
-  head batches, services/inference/head_batching.py). Only sessions known to be on their way are
-  waited for: those the span before just answered, or for the route's first span those its last
-  span answered, until their generation ends (services/inference/step_gathering.py), so that
-  sessions stepping together stay in one request;
+  head batches, services/inference/head_batching.py), at most ``max_sessions``
+  (REPLICA_STEP_BATCH_SESSIONS) per request. Only sessions known to be on their way are waited for
+  (services/inference/step_gathering.py), until their generation ends: at a span, those the span
+  before just answered; at the route's first span, every session it answered, wherever it is now.
+  So sessions that step together stay in one request, and groups that drifted apart merge, up to
+  ``max_sessions``; beyond it, the requests of several groups follow each other through the servers;
 - Petals' ``InferenceSession`` is unchanged: it still routes each session, keeps its inputs for a
   replay and re-routes it when a step fails. Only the per-server session it creates
   (``_ServerInferenceSession``) is a ``GroupedServerSession`` where the server supports it;
@@ -47,7 +49,11 @@ PATCH = "grouped_sessions"
 PATCHED_VERSIONS = {"petals": "2.2.0.post1", "hivemind": "1.1.11"}
 UNSUPPORTED_RETRY_S = 60.0  # a server that lacks the grouped stream is asked again after this
 FINISH_TIMEOUT_S = 5.0
+MAX_SESSIONS = 16  # sessions' steps in one request at most (REPLICA_STEP_BATCH_SESSIONS)
 _installed = False
+
+
+Expected = tuple["GroupChannel", int]  # a channel, and the session's key on it
 
 
 class GroupStepFailed(RuntimeError):
@@ -62,7 +68,7 @@ class _Waiting:
     rows: torch.Tensor  # [length, hidden]
     max_length: int | None  # the session's first step: open it with this cache size
     future: asyncio.Future
-    successor: tuple[GroupChannel, int] | None  # the channel and key of the session's next step
+    expected_at: tuple[Expected, ...]  # where to expect the session once it is answered
 
 
 class GroupChannel:
@@ -70,11 +76,19 @@ class GroupChannel:
     hivemind's event loop (``RemoteExpertWorker``), so it needs no locks."""
 
     def __init__(
-        self, p2p: Any, peer_id: Any, uid: str, compression: int, config: Any, observe: Callable[[int], None]
+        self,
+        p2p: Any,
+        peer_id: Any,
+        uid: str,
+        compression: int,
+        config: Any,
+        observe: Callable[[int], None],
+        max_sessions: int = MAX_SESSIONS,
     ) -> None:
-        """``observe`` is told how many sessions' steps each request carries."""
+        """``observe`` is told how many sessions' steps each request carries; one carries at most
+        ``max_sessions``."""
         self._p2p, self._peer_id, self._uid = p2p, peer_id, uid
-        self._compression, self._observe = compression, observe
+        self._compression, self._observe, self._max_sessions = compression, observe, max_sessions
         self._request_timeout, self._connect_timeout = config.request_timeout, config.connect_timeout
         self._keys = itertools.count()
         self._waiting: list[_Waiting] = []
@@ -105,16 +119,16 @@ class GroupChannel:
                 self._connecting = None
 
     async def step(
-        self, key: int, rows: torch.Tensor, max_length: int | None, successor: tuple[GroupChannel, int] | None = None
+        self, key: int, rows: torch.Tensor, max_length: int | None, expected_at: tuple[Expected, ...] = ()
     ) -> torch.Tensor:
         """Session ``key``'s output rows for its input ``rows`` ``[length, hidden]``; ``max_length`` on its
-        first step; ``successor``: the channel and key of its next step, expected there once this one is
-        answered. Raises GroupStepFailed."""
+        first step; ``expected_at``: the channels (and the session's keys there) that expect the session once
+        this step is answered. Raises GroupStepFailed."""
         if self.broken is not None:
             raise GroupStepFailed(f"the grouped inference stream failed: {self.broken!r}")
         loop = asyncio.get_running_loop()
         self._gathering.arrived(key, loop.time())
-        self._waiting.append(_Waiting(key, rows, max_length, loop.create_future(), successor))
+        self._waiting.append(_Waiting(key, rows, max_length, loop.create_future(), expected_at))
         self._arrival.set()
         self._kick()
         return await self._waiting[-1].future
@@ -145,7 +159,7 @@ class GroupChannel:
         try:
             while self.broken is None and (self._waiting or self._closes):
                 await self._gather()
-                batch, self._waiting = self._waiting, []
+                batch, self._waiting = self._waiting[: self._max_sessions], self._waiting[self._max_sessions :]
                 closes, self._closes = self._closes, []
                 await self._exchange(batch, closes)
                 if not self._open and not self._waiting and self.broken is None:
@@ -154,9 +168,10 @@ class GroupChannel:
             self._running = False
 
     async def _gather(self) -> None:
-        """Wait for the sessions expected here (step_gathering.py), as long as their limit allows."""
+        """Wait for the sessions expected here (step_gathering.py), as long as their limit allows, unless a
+        full request's worth is already waiting."""
         loop = asyncio.get_running_loop()
-        while (until := self._gathering.wait_until(loop.time())) is not None:
+        while len(self._waiting) < self._max_sessions and (until := self._gathering.wait_until(loop.time())):
             self._arrival.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._arrival.wait(), until - loop.time())
@@ -188,8 +203,7 @@ class GroupChannel:
             elif response.outputs is None or len(response.outputs) < end:
                 waiting.future.set_exception(GroupStepFailed("the server's answer lacks this step's outputs"))
             else:
-                if waiting.successor is not None:
-                    channel, key = waiting.successor
+                for channel, key in waiting.expected_at:
                     channel.expect(key)
                 waiting.future.set_result(response.outputs[start:end])
             start = end
@@ -287,23 +301,26 @@ class GroupedServerSession:
         sent = inputs[:, -length:] if self.stepped else self.history
         max_length = None if self.stepped else self._max_length
         self.stepped = True
-        coroutine = self._channel.step(self._key, sent[0], max_length, self._successor())
+        coroutine = self._channel.step(self._key, sent[0], max_length, self._expected_at())
         outputs = RemoteExpertWorker.run_coroutine(coroutine)
         self._position += sent.shape[1]  # a replay's first step holds its whole history, this step's inputs included
         return outputs[None]
 
-    def _successor(self) -> tuple[GroupChannel, int] | None:
-        """Where this session's next step goes: the next span, or after the last span the first one."""
+    def _expected_at(self) -> tuple[Expected, ...]:
+        """Where to expect this session once its step here is answered: at the next span; after the last
+        span, at the route's first; and the first span expects it back from the moment it answers it, so
+        that its requests gather every session of the process on the route, whichever span each is at."""
         if self.span.start == 0:
             last: Any = self
             while last.next_session is not None:
                 last = last.next_session
             if isinstance(last, GroupedServerSession):
                 last.route_head = self
-        successor = self.next_session if self.next_session is not None else self.route_head
-        if not isinstance(successor, GroupedServerSession) or successor.closed:
-            return None
-        return successor._channel, successor._key
+        following = self.next_session if self.next_session is not None else self.route_head
+        expected = [following] if isinstance(following, GroupedServerSession) else []
+        if self.span.start == 0 and following is not self:
+            expected.append(self)
+        return tuple((session._channel, session._key) for session in expected if not session.closed)
 
     def generation_ended(self) -> None:
         """Its session will not step until asked again: no request waits for it (safe on any thread)."""
@@ -353,10 +370,14 @@ class ServerSessionFactory:
     ``create`` makes a grouped session where the server answers the grouped stream, else Petals' own."""
 
     def __init__(
-        self, stock: Any, observe: Callable[[int], None] = lambda sessions: None, clock=time.monotonic
+        self,
+        stock: Any,
+        observe: Callable[[int], None] = lambda sessions: None,
+        clock=time.monotonic,
+        max_sessions: int = MAX_SESSIONS,
     ) -> None:
         self.stock = stock
-        self._observe = observe
+        self._observe, self._max_sessions = observe, max_sessions
         self._clock = clock
         self._channels: dict[tuple[int, Any, str], GroupChannel] = {}
         self._unsupported_until: dict[Any, float] = {}  # peer -> when to ask it again
@@ -380,7 +401,7 @@ class ServerSessionFactory:
         channel = self._channels.get(key)
         if channel is None or channel.broken is not None:
             compression = rpc_info["inference_schema"][0][0].compression
-            channel = GroupChannel(p2p, span.peer_id, uid, compression, config, self._observe)
+            channel = GroupChannel(p2p, span.peer_id, uid, compression, config, self._observe, self._max_sessions)
             self._channels[key] = channel
         return channel
 
@@ -402,14 +423,15 @@ def check() -> None:
     require_parameters(P2P.iterate_protobuf_handler, parameters, PATCH)
 
 
-def install(observe: Callable[[int], None] = lambda sessions: None) -> None:
+def install(observe: Callable[[int], None] = lambda sessions: None, max_sessions: int = MAX_SESSIONS) -> None:
     """Make Petals' ``InferenceSession`` create grouped server sessions where it can (idempotent);
-    ``observe`` is told how many sessions' steps each grouped request carries."""
+    ``observe`` is told how many sessions' steps each grouped request carries (at most ``max_sessions``)."""
     global _installed
     if _installed:
         return
     check()
     import petals.client.inference_session as inference_session
 
-    inference_session._ServerInferenceSession = ServerSessionFactory(inference_session._ServerInferenceSession, observe)
+    stock = inference_session._ServerInferenceSession
+    inference_session._ServerInferenceSession = ServerSessionFactory(stock, observe, max_sessions=max_sessions)
     _installed = True

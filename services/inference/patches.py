@@ -13,11 +13,11 @@ from services.inference import grouped_sessions, lm_head, petals_compat, step_pa
 from services.inference.metrics import STEP_BATCH_SESSIONS
 
 
-def install(step_batching: bool = False) -> None:
-    """Patch the Petals client (deadlock fix, step packing, with ``step_batching`` its grouped sessions)
-    and check the LM head's fit; raises PatchError."""
+def install(step_batching: bool = False, step_batch_sessions: int = grouped_sessions.MAX_SESSIONS) -> None:
+    """Patch the Petals client (deadlock fix, step packing, with ``step_batching`` its grouped sessions, at
+    most ``step_batch_sessions`` per request) and check the LM head's fit; raises PatchError."""
     petals_compat.install()
     step_packing.install()
-    if step_batching:
-        grouped_sessions.install(STEP_BATCH_SESSIONS.observe)  # after petals_compat: it patches the class replaced
+    if step_batching:  # after petals_compat: it patches the class replaced
+        grouped_sessions.install(STEP_BATCH_SESSIONS.observe, step_batch_sessions)
     lm_head.check()

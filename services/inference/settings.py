@@ -36,6 +36,7 @@ class InferenceSettings:
     torch_threads: int
     head_batching: bool  # concurrent sessions' LM head products as one (head_batching.py)
     step_batching: bool  # concurrent sessions' steps to a server in one request (grouped_sessions.py)
+    step_batch_sessions: int  # at most this many sessions' steps in one such request
     device: str
     replica_id: str
     session_ttl_s: float
@@ -87,6 +88,7 @@ class InferenceSettings:
             torch_threads=env.int("TORCH_THREADS", available_cpus(), minimum=1, maximum=1024),
             head_batching=env.bool("REPLICA_HEAD_BATCHING", True),
             step_batching=env.bool("REPLICA_STEP_BATCHING", True),
+            step_batch_sessions=env.int("REPLICA_STEP_BATCH_SESSIONS", 16, minimum=1, maximum=1024),
             device=device,
             replica_id=replica_id,
             session_ttl_s=env.float("SESSION_TTL_SECONDS", 300.0, minimum=1.0),

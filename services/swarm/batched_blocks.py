@@ -1,14 +1,15 @@
-"""One decoding step of several sessions through a Petals server's Llama or BLOOM blocks, as one forward pass.
+"""One inference step of several sessions through a Petals server's Llama or BLOOM blocks, as one forward pass.
 
-Each session brings one new token's hidden state ``[1, 1, hidden]`` and its own attention cache
-(Petals' layout, per block: keys ``[1, kv_heads, head_dim, max_length]``, values ``[1, kv_heads,
-max_length, head_dim]``, the first ``prefix_length`` positions filled). ``decode_step`` stacks the
-hidden states and, block after block, runs the norms, the q/k/v and output projections and the MLP
-on all sessions at once (one read of the weights per step instead of one per session), applies
-each session's own rotary position, writes each session's new key and value into its cache in
-place, and attends per session over its own cache. The arithmetic is Petals' own
-(``petals.models.llama.block``: ``WrappedLlamaBlock`` over transformers' ``LlamaDecoderLayer``),
-so each session's output equals its step alone up to float rounding.
+Each session brings the hidden states of its new tokens (one while it decodes, several for a
+prompt), the sessions' rows side by side in one ``[rows, 1, hidden]`` tensor, and its own attention
+cache (Petals' layout, per block: keys ``[1, kv_heads, head_dim, max_length]``, values ``[1, kv_heads,
+max_length, head_dim]``, the first ``prefix`` positions filled). ``inference_step`` runs, block after
+block, the norms, the q/k/v and output projections and the MLP on all rows at once (one read of the
+weights per step instead of one per session), applies each row's rotary position, writes each
+session's new keys and values into its cache in place, and attends per session over its own cache,
+causally among its new tokens. The arithmetic is Petals' own (``petals.models.llama.block``:
+``WrappedLlamaBlock`` over transformers' ``LlamaDecoderLayer``), so each session's output equals its
+step alone up to float rounding.
 
 Fenced with the pool that calls it (services/swarm/batching_pool.py, docs/patches.md).
 """
@@ -16,12 +17,33 @@ Fenced with the pool that calls it (services/swarm/batching_pool.py, docs/patche
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 LLAMA_BLOCK, BLOOM_BLOCK = "WrappedLlamaBlock", "WrappedBloomBlock"
 Caches = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per session: (keys, values) of one block
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Each session's place in a batched step: its prefix (the position of its first new token) and how
+    many new tokens it brings; its rows follow the previous session's."""
+
+    prefixes: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        """(first row, prefix, length) per session."""
+        row = 0
+        for prefix, length in zip(self.prefixes, self.lengths, strict=True):
+            yield row, prefix, length
+            row += length
+
+    def row_positions(self) -> list[int]:
+        """Every row's position in its session."""
+        return [prefix + offset for _, prefix, length in self for offset in range(length)]
 
 
 def batchable_block(backend) -> torch.nn.Module | None:
@@ -42,86 +64,96 @@ def batchable_block(backend) -> torch.nn.Module | None:
 
 
 @torch.inference_mode()
-def decode_step(
-    blocks: Sequence[torch.nn.Module],
-    caches: Sequence[Caches],
-    hidden_states: torch.Tensor,
-    positions: Sequence[int],
+def inference_step(
+    blocks: Sequence[torch.nn.Module], caches: Sequence[Caches], hidden_states: torch.Tensor, steps: Steps
 ) -> torch.Tensor:
-    """``hidden_states`` ``[sessions, 1, hidden]`` through ``blocks``; ``caches[b][s]`` is session s's
-    (keys, values) in block b, written at ``positions[s]`` (its prefix length) in place."""
+    """``hidden_states`` ``[rows, 1, hidden]`` through ``blocks``; ``caches[b][s]`` is session s's (keys,
+    values) in block b, written from its prefix on in place."""
     for block, block_caches in zip(blocks, caches, strict=True):
-        hidden_states = _LAYERS[type(block).__name__](block, block_caches, hidden_states, positions)
+        hidden_states = _LAYERS[type(block).__name__](block, block_caches, hidden_states, steps)
     return hidden_states
 
 
-def _llama_layer(block, caches: Caches, hidden_states: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+def _llama_layer(block, caches: Caches, hidden_states: torch.Tensor, steps: Steps) -> torch.Tensor:
     residual = hidden_states
-    attended = _llama_attention(block.self_attn, caches, block.input_layernorm(hidden_states), positions)
+    attended = _llama_attention(block.self_attn, caches, block.input_layernorm(hidden_states), steps)
     hidden_states = residual + attended
     return hidden_states + block.mlp(block.post_attention_layernorm(hidden_states))
 
 
-def _bloom_layer(block, caches: Caches, hidden_states: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
-    """transformers' ``BloomBlock.forward`` for one new token per session (eval: no dropout)."""
+def _bloom_layer(block, caches: Caches, hidden_states: torch.Tensor, steps: Steps) -> torch.Tensor:
+    """transformers' ``BloomBlock.forward`` on every session's new tokens (eval: no dropout)."""
     normed = block.input_layernorm(hidden_states)
     residual = normed if block.apply_residual_connection_post_layernorm else hidden_states
-    attention_output = residual + _bloom_attention(block.self_attention, caches, normed, positions)
+    attention_output = residual + _bloom_attention(block.self_attention, caches, normed, steps)
     normed = block.post_attention_layernorm(attention_output)
     residual = normed if block.apply_residual_connection_post_layernorm else attention_output
     return block.mlp(normed, residual)
 
 
-def _bloom_attention(attention, caches: Caches, hidden_states: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
-    """``BloomAttention.forward`` less the residual: alibi per session, each over its own cache."""
+def _bloom_attention(attention, caches: Caches, hidden_states: torch.Tensor, steps: Steps) -> torch.Tensor:
+    """``BloomAttention.forward`` less the residual: alibi by key position, each session over its own cache."""
     from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
-    sessions, heads, head_dim = len(positions), attention.num_heads, attention.head_dim
-    query, key, value = attention._split_heads(attention.query_key_value(hidden_states))  # [n, 1, heads, d]
-    output = torch.empty(sessions, 1, heads, head_dim, dtype=query.dtype, device=query.device)
-    mask = torch.ones(1, max(positions) + 1, device=query.device)
+    rows, heads, head_dim = len(hidden_states), attention.num_heads, attention.head_dim
+    query, key, value = attention._split_heads(attention.query_key_value(hidden_states))  # [rows, 1, heads, d]
+    longest = max(prefix + length for _, prefix, length in steps)
+    mask = torch.ones(1, longest, device=query.device)
     alibis = build_alibi_tensor(mask, num_heads=heads, dtype=query.dtype)  # [heads, 1, length]: a prefix per session
-    for index, (position, (key_cache, value_cache)) in enumerate(zip(positions, caches, strict=True)):
-        key_cache[0, :, :, position] = key[index, 0]
-        value_cache[0, :, position, :] = value[index, 0]
-        keys, values = key_cache[0, :, :, : position + 1], value_cache[0, :, : position + 1]
-        alibi = alibis[:, :, : position + 1]
-        scores = alibi.baddbmm(batch1=query[index, 0][:, None], batch2=keys, beta=attention.beta,
-                               alpha=attention.inv_norm_factor)  # fmt: skip
+    outputs = []
+    for (start, prefix, length), (key_cache, value_cache) in zip(steps, caches, strict=True):
+        end, total = start + length, prefix + length
+        key_cache[0, :, :, prefix:total] = key[start:end, 0].permute(1, 2, 0)
+        value_cache[0, :, prefix:total] = value[start:end, 0].transpose(0, 1)
+        session_query = query[start:end, 0].transpose(0, 1)  # [heads, length, d]
+        scores = alibis[:, :, :total].baddbmm(batch1=session_query, batch2=key_cache[0, :, :, :total],
+                                              beta=attention.beta, alpha=attention.inv_norm_factor)  # fmt: skip
+        scores = _causal(scores, prefix, length)  # [heads, length, total]
         if scores.dtype == torch.float16:
             scores = scores.to(torch.float)
         probabilities = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        output[index, 0] = torch.bmm(probabilities, values)[:, 0]
-    return attention.dense(output.reshape(sessions, 1, heads * head_dim))
+        outputs.append(torch.bmm(probabilities, value_cache[0, :, :total]).transpose(0, 1))  # [length, heads, d]
+    return attention.dense(torch.cat(outputs).reshape(rows, 1, heads * head_dim))
 
 
-def _llama_attention(attention, caches: Caches, hidden_states: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
-    """``LlamaAttention.forward`` (Petals' optimized one) for one new token per session. Each session's
-    query heads are grouped by the key/value head they share (``[kv_heads, groups, head_dim]``) and
-    multiplied by its cache as Petals stores it (keys ``[kv_heads, head_dim, length]``): no copy of the
-    cache (``repeat_kv``) and two products per session and block."""
-    sessions, heads, head_dim = len(positions), attention.num_heads, attention.head_dim
+def _llama_attention(attention, caches: Caches, hidden_states: torch.Tensor, steps: Steps) -> torch.Tensor:
+    """``LlamaAttention.forward`` (Petals' optimized one) on every session's new tokens. Each session's
+    query heads are grouped by the key/value head they share (``[kv_heads, groups x length, head_dim]``)
+    and multiplied by its cache as Petals stores it (keys ``[kv_heads, head_dim, length]``): no copy of
+    the cache (``repeat_kv``), two products per session and block."""
+    rows, heads, head_dim = len(hidden_states), attention.num_heads, attention.head_dim
     kv_heads = attention.num_key_value_heads
-    query = attention.q_proj(hidden_states).view(sessions, 1, heads, head_dim).transpose(1, 2)
-    key = attention.k_proj(hidden_states).view(sessions, 1, kv_heads, head_dim).transpose(1, 2)
-    value = attention.v_proj(hidden_states).view(sessions, 1, kv_heads, head_dim).transpose(1, 2)
-    query, key = _rotate(attention, query, key, value, positions)
-    queries = (query / math.sqrt(head_dim)).reshape(sessions, kv_heads, heads // kv_heads, head_dim).unbind(0)
+    groups = heads // kv_heads
+    query = attention.q_proj(hidden_states).view(rows, 1, heads, head_dim).transpose(1, 2)
+    key = attention.k_proj(hidden_states).view(rows, 1, kv_heads, head_dim).transpose(1, 2)
+    value = attention.v_proj(hidden_states).view(rows, 1, kv_heads, head_dim).transpose(1, 2)
+    query, key = _rotate(attention, query, key, value, steps.row_positions())
+    queries = (query / math.sqrt(head_dim)).reshape(rows, kv_heads, groups, head_dim)
+    keys, values = key[:, :, 0], value[:, :, 0]  # [rows, kv_heads, d]
     outputs = []
-    for position, (key_cache, value_cache), session_query, session_key, session_value in zip(
-        positions, caches, queries, key[:, :, 0].unbind(0), value[:, :, 0].unbind(0), strict=True
-    ):
-        key_cache[0, :, :, position] = session_key
-        value_cache[0, :, position, :] = session_value
-        scores = torch.matmul(session_query, key_cache[0, :, :, : position + 1])  # [kv_heads, groups, length]
-        probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        outputs.append(torch.matmul(probabilities, value_cache[0, :, : position + 1]))
-    return attention.o_proj(torch.stack(outputs).reshape(sessions, 1, heads * head_dim))
+    for (start, prefix, length), (key_cache, value_cache) in zip(steps, caches, strict=True):
+        end, total = start + length, prefix + length
+        key_cache[0, :, :, prefix:total] = keys[start:end].permute(1, 2, 0)
+        value_cache[0, :, prefix:total] = values[start:end].transpose(0, 1)
+        session_query = queries[start:end].permute(1, 2, 0, 3).reshape(kv_heads, groups * length, head_dim)
+        scores = torch.matmul(session_query, key_cache[0, :, :, :total]).view(kv_heads * groups, length, total)
+        probabilities = torch.softmax(_causal(scores, prefix, length), dim=-1, dtype=torch.float32).to(query.dtype)
+        attended = torch.matmul(probabilities.view(kv_heads, groups * length, total), value_cache[0, :, :total])
+        outputs.append(attended.view(kv_heads, groups, length, head_dim).permute(2, 0, 1, 3))  # [length, kv, groups, d]
+    return attention.o_proj(torch.cat(outputs).reshape(rows, 1, heads * head_dim))
+
+
+def _causal(scores: torch.Tensor, prefix: int, length: int) -> torch.Tensor:
+    """``scores`` ``[heads, length, prefix + length]`` with each new token's later positions masked."""
+    if length == 1:
+        return scores
+    later = torch.ones(length, prefix + length, dtype=torch.bool, device=scores.device).triu(prefix + 1)
+    return scores.masked_fill(later, torch.finfo(scores.dtype).min)
 
 
 def _rotate(attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Rotary embeddings, each session at its own position (Petals' ``apply_rotary_pos_emb``)."""
+    """Rotary embeddings, each row at its own position (Petals' ``apply_rotary_pos_emb``)."""
     from petals.models.llama.block import apply_rotary_pos_emb
 
     cos, sin = attention.rotary_emb(value, seq_len=max(positions) + 1)  # [1, 1, length, head_dim]

@@ -12,9 +12,9 @@ What batches (``decode_key``): one sequence, one new token, no deep prompts, dum
 adapter, blocks this module can batch (Llama and BLOOM: ``batched_blocks.batchable_block``). Everything
 else (prefills, prompt tuning, beam reordering, adapters, other families, tensor-parallel shards) runs
 through Petals' own ``_MergedInferenceStep``, unchanged. A grouped stream's task (``GroupedRows``,
-services/swarm/grouped_inference.py) brings several sessions' one-token steps at once: it always runs
-as a batched pass, joined by the single steps queued for its span, and its result says which of its
-sessions failed.
+services/swarm/grouped_inference.py) brings several sessions' steps at once, prompts among them (each
+session's new tokens as rows): it always runs as a batched pass, joined by the single steps queued for
+its span, and its result says which of its sessions failed.
 
 The runtime must take tasks when it is free, not ahead: ``runtime_args`` sets Petals'
 ``--prefetch_batches 0`` (its default 1 loads the next task, alone, while the current one runs).
@@ -26,6 +26,7 @@ transformers 4.34.1 (docs/patches.md).
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -43,12 +44,13 @@ ENV = "SWARM_BATCHING"
 
 @dataclass(frozen=True)
 class GroupedRows:
-    """The second argument of a pool task that carries several sessions' one-token steps at once
-    (a grouped stream's, services/swarm/grouped_inference.py): its first argument is their hidden
-    states ``[sessions, 1, hidden]``, this their block infos, per session. Its result is the rows'
-    outputs and a bool per row, true where that session's step failed."""
+    """The second argument of a pool task that carries several sessions' steps at once (a grouped
+    stream's, services/swarm/grouped_inference.py): its first argument is their new tokens' hidden
+    states ``[rows, 1, hidden]``, session after session; this their block infos and how many rows each
+    has. Its result is the rows' outputs and a bool per session, true where its step failed."""
 
     infos: tuple[tuple[Any, ...], ...]
+    lengths: tuple[int, ...]
 
 
 def decode_key(task_args: Sequence[Any], batchable_uids: frozenset[str]) -> Hashable | None:
@@ -75,9 +77,14 @@ def _grouped(task_args: Sequence[Any]) -> bool:
     return len(task_args) == 2 and isinstance(task_args[1], GroupedRows)
 
 
-def _rows(task_args: Sequence[Any]) -> tuple[tuple[Any, ...], ...]:
-    """A task's sessions' block infos, one per row of its hidden states."""
+def _session_infos(task_args: Sequence[Any]) -> tuple[tuple[Any, ...], ...]:
+    """A task's sessions' block infos, one per session."""
     return task_args[1].infos if _grouped(task_args) else (tuple(task_args[2]),)
+
+
+def _lengths(task_args: Sequence[Any]) -> tuple[int, ...]:
+    """How many rows of the task's hidden states each of its sessions has."""
+    return task_args[1].lengths if _grouped(task_args) else (1,)
 
 
 def take_group(first: Any, queued: Sequence[Any], key: Callable[[Any], Hashable | None],
@@ -95,12 +102,19 @@ def take_group(first: Any, queued: Sequence[Any], key: Callable[[Any], Hashable 
 
 @dataclass(frozen=True)
 class DecodeGroup:
-    """The runtime's input for a batched step: stacked hidden states and each session's block infos;
-    ``errors`` (session index -> its exception) is filled where the pass had to run sessions alone."""
+    """The runtime's input for a batched step: the sessions' new rows side by side, each session's block
+    infos and row count; ``errors`` (session index -> its exception) is filled where the pass had to run
+    sessions alone."""
 
-    hidden_states: torch.Tensor  # [sessions, 1, hidden]
+    hidden_states: torch.Tensor  # [rows, 1, hidden]
     infos: tuple[tuple[Any, ...], ...]  # per session, Petals' InferenceMetadata per block
+    lengths: tuple[int, ...]  # per session, its rows
     errors: dict[int, BaseException] = field(default_factory=dict)
+
+    def row_slices(self) -> list[slice]:
+        """Each session's rows."""
+        ends = list(itertools.accumulate(self.lengths))
+        return [slice(end - length, end) for end, length in zip(ends, self.lengths, strict=True)]
 
 
 class BatchedInferenceStep:
@@ -130,20 +144,21 @@ class BatchedInferenceStep:
         """Each session through Petals' own step (it rewrites the one position a failed pass may have written)."""
         outputs = torch.zeros_like(group.hidden_states)
         no_hypo_ids = torch.empty(0, dtype=torch.int64)
-        for index, infos in enumerate(group.infos):
+        for index, (infos, rows) in enumerate(zip(group.infos, group.row_slices(), strict=True)):
+            hidden_states = group.hidden_states[rows].transpose(0, 1).clone()  # [1, length, hidden]
             try:
-                (outputs[index : index + 1],) = self.merged_step(
-                    group.hidden_states[index : index + 1].clone(), no_hypo_ids, infos, *([None] * len(infos))
-                )
+                (step_outputs,) = self.merged_step(hidden_states, no_hypo_ids, infos, *([None] * len(infos)))
             except Exception as error:  # this session's own failure, sent to it alone
                 group.errors[index] = error
+                continue
+            outputs[rows] = step_outputs.transpose(0, 1)
         return outputs
 
     def _batched(self, group: DecodeGroup) -> torch.Tensor:
         from petals.utils.peft import using_adapter
 
         uids = [info.uid for info in group.infos[0]]
-        positions = [session[0].prefix_length for session in group.infos]
+        steps = batched_blocks.Steps(tuple(session[0].prefix_length for session in group.infos), group.lengths)
         memory_cache = self.backends[uids[0]].memory_cache
         handles = [handle for session in group.infos for info in session for handle in info.cache_handles]
         no_adapter = group.infos[0][0].active_adapter  # as Petals' step sets it: LoRA layers of loaded adapters off
@@ -152,8 +167,8 @@ class BatchedInferenceStep:
             caches = [
                 [_keys_values(session[block], by_handle) for session in group.infos] for block in range(len(uids))
             ]
-            return batched_blocks.decode_step([self.blocks[uid] for uid in uids], caches, group.hidden_states,
-                                             positions)  # fmt: skip
+            blocks = [self.blocks[uid] for uid in uids]
+            return batched_blocks.inference_step(blocks, caches, group.hidden_states, steps)
 
 
 def _keys_values(info: Any, by_handle: dict[Any, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,8 +207,9 @@ def _pool_class() -> type:
             if len(group) == 1 and not _grouped(first.args):
                 return first.uid, [task_pool._move_to_device_if_tensor(arg, device) for arg in first.args]
             hidden_states = torch.cat([task.args[0] for task in group]).to(device)
-            infos = tuple(row for task in group for row in _rows(task.args))
-            self._decode_groups[first.uid] = DecodeGroup(hidden_states, infos)
+            infos = tuple(session for task in group for session in _session_infos(task.args))
+            lengths = tuple(length for task in group for length in _lengths(task.args))
+            self._decode_groups[first.uid] = DecodeGroup(hidden_states, infos, lengths)
             return first.uid, [self._decode_groups[first.uid]]
 
         def _group_with(self, first: task_pool.Task) -> list[task_pool.Task]:
@@ -211,7 +227,7 @@ def _pool_class() -> type:
 
         def _note(self, group: list[task_pool.Task]) -> None:
             """Count the pass's sessions (a grouped task's rows each); the queue wait is its task's."""
-            submitted = [task.time_submitted for task in group for _ in _rows(task.args)]
+            submitted = [task.time_submitted for task in group for _ in _session_infos(task.args)]
             batching_metrics.observe_pass(submitted)
             if len(submitted) > self._largest_group:  # a few lines per server's life: the sizes it has reached
                 self._largest_group = len(submitted)
@@ -223,18 +239,18 @@ def _pool_class() -> type:
                 return super().send_outputs_from_runtime(uid, batch_outputs)
             self._dispatched_tasks.pop(uid, None)
             errors = self._decode_groups.pop(uid).errors
-            start = 0
+            start = session = 0
             for task in group:
-                rows = len(task.args[0])
+                rows, sessions = len(task.args[0]), len(_session_infos(task.args))
                 outputs = _shared(batch_outputs[0][start : start + rows])
                 if _grouped(task.args):
-                    failed = torch.tensor([start + row in errors for row in range(rows)])
+                    failed = torch.tensor([session + index in errors for index in range(sessions)])
                     task.future.set_result([outputs, _shared(failed)])
-                elif start in errors:
-                    task.future.set_exception(errors[start])
+                elif session in errors:
+                    task.future.set_exception(errors[session])
                 else:
                     task.future.set_result([outputs])
-                start += rows
+                start, session = start + rows, session + sessions
 
         def send_exception_from_runtime(self, uid: int, exception: BaseException) -> None:
             group = self._groups.pop(uid, None)

@@ -7,10 +7,10 @@ client on one span of the server's blocks:
 - each session it opens gets its own attention cache from the server's memory cache (Petals'
   ``_allocate_cache``, failing at once when there is no room), freed when the client closes the
   session, when the stream ends, or after the server's session timeout;
-- the one-token steps of a request go to the batching pool as one task (``GroupedRows``): one pass
-  through the blocks for all of them, joined by any other steps queued for the same span;
-- a longer step (a prompt, a replay after a failure) is Petals' own step, as ``rpc_inference``
-  would run it;
+- the steps of a request, prompts among them, go to the batching pool as one task (``GroupedRows``):
+  one pass through the blocks for all of them, joined by any other steps queued for the same span;
+- a step longer than Petals' short-inference limit (a long prompt, a replay after a failure) is
+  Petals' own step, block by block, as ``rpc_inference`` would run it;
 - a step that fails (no room, too long, a failed pass) is answered as failed; the others are done.
 
 Fenced with the batching pool: petals 2.2.0.post1, hivemind 1.1.11 (``check``; docs/patches.md).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -117,11 +118,12 @@ class GroupedStream:
         for step in request.steps:
             starts[step.key], offset = offset, offset + step.length
         ready = [step for step in request.steps if step.key not in failed and self._admit(step, failed)]
-        decoding = [step for step in ready if step.length == 1]
-        jobs = [self._prefill(step, hidden[starts[step.key] : starts[step.key] + step.length]) for step in ready
-                if step.length > 1]  # fmt: skip
-        if decoding:
-            jobs.append(self._decode(decoding, torch.stack([hidden[starts[step.key]] for step in decoding])))
+        short = [step for step in ready if step.length <= self._merge_limit()]
+        jobs = [self._long_step(step, hidden[starts[step.key] : starts[step.key] + step.length]) for step in ready
+                if step.length > self._merge_limit()]  # fmt: skip
+        if short:
+            rows = torch.cat([hidden[starts[step.key] : starts[step.key] + step.length] for step in short])
+            jobs.append(self._batched(short, rows))
         for result in await asyncio.gather(*jobs, return_exceptions=True):
             if isinstance(result, BaseException):
                 raise result  # a bug of this module, not a session's: the stream fails
@@ -153,41 +155,42 @@ class GroupedStream:
         prefix = session.prefix_length
         return tuple(InferenceMetadata(uid, prefix, tuple(handles), NO_ADAPTER) for uid, handles in pairs)
 
-    async def _decode(self, steps: list[GroupStep], hidden: torch.Tensor) -> list[tuple[GroupStep, Any, str | None]]:
-        """The one-token steps as one pool task: ``hidden`` ``[sessions, hidden]``."""
-        rows = GroupedRows(tuple(self._infos(self._sessions[step.key]) for step in steps))
+    async def _batched(self, steps: list[GroupStep], hidden: torch.Tensor) -> list[tuple[GroupStep, Any, str | None]]:
+        """The steps as one pool task: ``hidden`` ``[rows, hidden]``, each step's rows after the previous'."""
+        lengths = tuple(step.length for step in steps)
+        rows = GroupedRows(tuple(self._infos(self._sessions[step.key]) for step in steps), lengths)
         priority = self._priority(hidden)
         try:
-            outputs, failed_rows = await self._pool().submit_task(hidden[:, None], rows, priority=priority)
+            outputs, failed = await self._pool().submit_task(hidden[:, None], rows, priority=priority)
         except Exception as error:
             return [(step, None, f"the server's step failed: {error!r}") for step in steps]
-        return [(step, outputs[index, 0], "the server's step failed" if failed_rows[index] else None)
-                for index, step in enumerate(steps)]  # fmt: skip
+        ends = itertools.accumulate(lengths)
+        return [(step, outputs[end - step.length : end, 0], "the server's step failed" if failed[index] else None)
+                for index, (step, end) in enumerate(zip(steps, ends, strict=True))]  # fmt: skip
 
-    async def _prefill(self, step: GroupStep, hidden: torch.Tensor) -> list[tuple[GroupStep, Any, str | None]]:
-        """A longer step through Petals' own inference step: at once up to its short-inference limit,
-        else block by block, as ``iterate_rpc_inference`` runs it."""
-        from petals.server.block_functions import MAX_NF4_SHORT_INFERENCE_TOKENS, MAX_SHORT_INFERENCE_TOKENS
-        from petals.utils.convert_block import QuantType
+    async def _long_step(self, step: GroupStep, hidden: torch.Tensor) -> list[tuple[GroupStep, Any, str | None]]:
+        """A step longer than the short-inference limit through Petals' own step, block by block, as
+        ``iterate_rpc_inference`` runs it."""
         from petals.utils.misc import DUMMY_INT64
 
         session = self._sessions[step.key]
-        nf4 = self._handler.quant_type == QuantType.NF4
-        merge_limit = MAX_NF4_SHORT_INFERENCE_TOKENS if nf4 else MAX_SHORT_INFERENCE_TOKENS
         states, priority = hidden[None], self._priority(hidden)
         try:
-            if step.length <= merge_limit:
-                infos = self._infos(session)
-                prompts = [None] * len(infos)
-                (states,) = await self._pool().submit_task(states, DUMMY_INT64, infos, *prompts, priority=priority)
-            else:
-                for index, backend in enumerate(self._backends):
-                    infos = self._infos(session, slice(index, index + 1))
-                    pool = backend.inference_pool
-                    (states,) = await pool.submit_task(states, DUMMY_INT64, infos, None, priority=priority)
+            for index, backend in enumerate(self._backends):
+                infos = self._infos(session, slice(index, index + 1))
+                pool = backend.inference_pool
+                (states,) = await pool.submit_task(states, DUMMY_INT64, infos, None, priority=priority)
         except Exception as error:
             return [(step, None, f"the server's step failed: {error!r}")]
         return [(step, states[0], None)]
+
+    def _merge_limit(self) -> int:
+        """Petals' short-inference limit: longer steps run block by block, letting other steps in between."""
+        from petals.server.block_functions import MAX_NF4_SHORT_INFERENCE_TOKENS, MAX_SHORT_INFERENCE_TOKENS
+        from petals.utils.convert_block import QuantType
+
+        nf4 = self._handler.quant_type == QuantType.NF4
+        return MAX_NF4_SHORT_INFERENCE_TOKENS if nf4 else MAX_SHORT_INFERENCE_TOKENS
 
     def _pool(self) -> Any:
         return self._backends[0].inference_pool

@@ -26,10 +26,12 @@ def step_args(tokens: int = 1, batch: int = 1, *, span=SPAN, hypo_ids=DUMMY, pro
     return (torch.randn(batch, tokens, 8), hypo_ids, infos, *([prompt] * len(span)))
 
 
-def grouped_args(sessions: int, span=SPAN) -> tuple:
-    """A grouped stream's task: ``sessions`` one-token steps (services/swarm/grouped_inference.py)."""
-    rows = batching_pool.GroupedRows(tuple(step_args(span=span)[2] for _ in range(sessions)))
-    return (torch.randn(sessions, 1, 8), rows)
+def grouped_args(sessions: int, span=SPAN, lengths: tuple[int, ...] | None = None) -> tuple:
+    """A grouped stream's task: ``sessions`` steps of ``lengths`` tokens, one each by default
+    (services/swarm/grouped_inference.py)."""
+    lengths = lengths or (1,) * sessions
+    rows = batching_pool.GroupedRows(tuple(step_args(span=span)[2] for _ in range(sessions)), lengths)
+    return (torch.randn(sum(lengths), 1, 8), rows)
 
 
 @pytest.mark.parametrize(
@@ -241,6 +243,20 @@ def test_a_grouped_task_alone_is_a_pass_and_says_which_of_its_sessions_failed(po
     torch.testing.assert_close(rows[0], tasks[0][0][0] * 2)
 
 
+def test_a_grouped_task_with_prompts_gives_each_session_its_rows_and_its_own_failure(pool_and_handler):
+    pool, _, submit = pool_and_handler
+    pool.process_func = step = FailingSecondStep()
+    tasks = [grouped_args(3, lengths=(2, 1, 3)), step_args()]
+    receive = submit(tasks)
+    uid, inputs = pool.load_batch_to_runtime()
+    assert inputs[0].lengths == (2, 1, 3, 1) and inputs[0].hidden_states.shape == (7, 1, 8)
+    pool.send_outputs_from_runtime(uid, step(*inputs))
+    (rows, failed), single = receive()
+    assert failed.tolist() == [False, True, False]
+    torch.testing.assert_close(rows, tasks[0][0] * 2)
+    torch.testing.assert_close(single, tasks[1][0] * 2)
+
+
 class Shards:
     def __init__(self, *shards):
         self.module_shards = shards
@@ -261,7 +277,7 @@ class MemoryCache:
 
 
 def test_a_failed_batched_pass_runs_each_session_through_petals_step(monkeypatch):
-    def decode_step(*args):
+    def inference_step(*args):
         raise KeyError("a handle freed meanwhile")
 
     def merged_step(hidden_states, hypo_ids, infos, *prompts):
@@ -270,13 +286,13 @@ def test_a_failed_batched_pass_runs_each_session_through_petals_step(monkeypatch
             raise KeyError("this session's cache")
         return (hidden_states + 1,)
 
-    monkeypatch.setattr(batched_blocks, "decode_step", decode_step)
+    monkeypatch.setattr(batched_blocks, "inference_step", inference_step)
     step = batching_pool.BatchedInferenceStep({uid: Backend(Shards(tiny_llama_block())) for uid in SPAN}, merged_step)
     infos = tuple(step_args(prefix=prefix)[2] for prefix in (1, 2, 3))
-    group = batching_pool.DecodeGroup(torch.randn(3, 1, 8), infos)
+    group = batching_pool.DecodeGroup(torch.randn(5, 1, 8), infos, (1, 1, 3))  # the third session: a prompt
     before = steps_by_path()
     (outputs,) = step(group)
-    torch.testing.assert_close(outputs[[0, 2]], group.hidden_states[[0, 2]] + 1)
+    torch.testing.assert_close(outputs[[0, 2, 3, 4]], group.hidden_states[[0, 2, 3, 4]] + 1)
     assert list(group.errors) == [1]
     assert steps_by_path() - before == Counter({"fallback": 3})
 
@@ -288,12 +304,13 @@ def steps_by_path() -> Counter:
 
 
 def test_the_step_counts_each_session_of_a_batched_pass_and_each_step_alone(monkeypatch):
-    monkeypatch.setattr(batched_blocks, "decode_step", lambda blocks, caches, hidden, positions: hidden * 2)
+    monkeypatch.setattr(batched_blocks, "inference_step", lambda blocks, caches, hidden, steps: hidden * 2)
     monkeypatch.setattr(batching_pool, "_keys_values", lambda info, by_handle: (None, None))
     memory_cache = MemoryCache()
     backends = {uid: Backend(Shards(tiny_llama_block()), memory_cache) for uid in SPAN}
     step = batching_pool.BatchedInferenceStep(backends, lambda hidden, *rest: (hidden + 1,))
-    group = batching_pool.DecodeGroup(torch.randn(4, 1, 8), tuple(step_args(prefix=p)[2] for p in (1, 2, 3, 4)))
+    group = batching_pool.DecodeGroup(torch.randn(4, 1, 8), tuple(step_args(prefix=p)[2] for p in (1, 2, 3, 4)),
+                                      (1, 1, 1, 1))  # fmt: skip
     before = steps_by_path()
     (batched,) = step(group)
     (alone,) = step(*step_args(tokens=3))
@@ -325,34 +342,38 @@ def petals_cache(block, prefix: int, kv_heads: int, head_dim: int, max_length: i
     return keys, values
 
 
-def assert_a_batched_step_equals_each_session_alone(blocks, caches, prefixes: list[int]) -> None:
-    """``decode_step`` over sessions with ``caches`` (per block, per session) equals each session run
-    alone through Petals' own blocks: outputs, and the keys and values written into each cache."""
+def assert_a_batched_step_equals_each_session_alone(blocks, caches, prefixes: list[int], lengths: list[int]) -> None:
+    """``inference_step`` over sessions with ``caches`` (per block, per session), each bringing ``lengths``
+    new tokens, equals each session run alone through Petals' own blocks: outputs, and the keys and values
+    written into each cache."""
     before = [[(keys.clone(), values.clone()) for keys, values in block_caches] for block_caches in caches]
-    hidden = torch.randn(len(prefixes), 1, 32)
+    hidden = torch.randn(sum(lengths), 1, 32)
+    steps = batched_blocks.Steps(tuple(prefixes), tuple(lengths))
 
-    batched = batched_blocks.decode_step(blocks, caches, hidden, prefixes)
+    batched = batched_blocks.inference_step(blocks, caches, hidden, steps)
 
-    for session, prefix in enumerate(prefixes):
-        alone = hidden[session : session + 1]
+    for session, (start, prefix, length) in enumerate(steps):
+        rows = slice(start, start + length)
+        alone = hidden[rows].transpose(0, 1)  # [1, length, hidden]
         for index, block in enumerate(blocks):
             keys, values = before[index][session]
             past = (keys.flatten(0, 1)[:, :, :prefix], values.flatten(0, 1)[:, :prefix]) if prefix else None
             alone, (new_keys, new_values) = block(alone, layer_past=past, use_cache=True)
-            torch.testing.assert_close(caches[index][session][0][..., : prefix + 1], new_keys.view(1, *new_keys.shape))
-            torch.testing.assert_close(caches[index][session][1][:, :, : prefix + 1],
-                                       new_values.view(1, *new_values.shape))  # fmt: skip
-        torch.testing.assert_close(batched[session : session + 1], alone)
+            total = prefix + length
+            torch.testing.assert_close(caches[index][session][0][..., :total], new_keys.view(1, *new_keys.shape))
+            torch.testing.assert_close(caches[index][session][1][:, :, :total], new_values.view(1, *new_values.shape))
+        torch.testing.assert_close(batched[rows].transpose(0, 1), alone)
 
 
+@pytest.mark.parametrize("lengths", [[1, 1, 1], [4, 1, 3]], ids=["decoding", "with-prompts"])
 @torch.inference_mode()
-def test_a_batched_llama_decode_step_equals_each_session_alone_in_petals_block():
+def test_a_batched_llama_step_equals_each_session_alone_in_petals_block(lengths):
     blocks = [tiny_llama_block(0), tiny_llama_block(1)]
     prefixes = [0, 3, 7]
     attention = blocks[0].self_attn
     shape = {"kv_heads": attention.num_key_value_heads, "head_dim": attention.head_dim}
     caches = [[petals_cache(block, prefix, **shape) for prefix in prefixes] for block in blocks]
-    assert_a_batched_step_equals_each_session_alone(blocks, caches, prefixes)
+    assert_a_batched_step_equals_each_session_alone(blocks, caches, prefixes, lengths)
 
 
 def tiny_bloom_block(seed: int = 0):
@@ -366,13 +387,14 @@ def tiny_bloom_block(seed: int = 0):
     return block
 
 
+@pytest.mark.parametrize("lengths", [[1, 1, 1], [5, 1, 2]], ids=["decoding", "with-prompts"])
 @torch.inference_mode()
-def test_a_batched_bloom_decode_step_equals_each_session_alone_in_petals_block():
+def test_a_batched_bloom_step_equals_each_session_alone_in_petals_block(lengths):
     blocks = [tiny_bloom_block(0), tiny_bloom_block(1)]
     prefixes = [0, 4, 9]
     shape = {"kv_heads": blocks[0].num_heads, "head_dim": 32 // blocks[0].num_heads}
     caches = [[petals_cache(block, prefix, **shape) for prefix in prefixes] for block in blocks]
-    assert_a_batched_step_equals_each_session_alone(blocks, caches, prefixes)
+    assert_a_batched_step_equals_each_session_alone(blocks, caches, prefixes, lengths)
 
 
 def test_llama_block_is_batchable_and_others_are_not():

@@ -26,6 +26,7 @@ BASE = {"MODEL": "/models/x"}
         ({**BASE, "TORCH_DTYPE": "int3"}, "TORCH_DTYPE must be one of float32, bfloat16, float16, auto"),
         ({**BASE, "DEBUG_TRACEBACKS": "perhaps"}, "DEBUG_TRACEBACKS must be a boolean"),
         ({**BASE, "REPLICA_HEAD_BATCHING": "sometimes"}, "REPLICA_HEAD_BATCHING must be a boolean"),
+        ({**BASE, "REPLICA_STEP_BATCH_SESSIONS": "0"}, "REPLICA_STEP_BATCH_SESSIONS must be >= 1"),
         ({**BASE, "REPLICA_ID": "bad id!"}, "REPLICA_ID must be"),
         ({**BASE, "DEVICE": "gpu"}, "DEVICE must be cpu, cuda or cuda:N"),
         ({**BASE, "BIND": "8000"}, "BIND must be HOST:PORT"),
@@ -50,7 +51,7 @@ def test_defaults():
     assert settings.max_sessionless_requests == 16 and settings.model_max_length is None  # None: from the model
     assert (settings.swarm_state_refresh_s, settings.swarm_state_max_servers) == (30, 100)
     assert (settings.swarm_thresholds.min_redundancy, settings.swarm_thresholds.min_cache_tokens) == (1, 1024)
-    assert settings.head_batching
+    assert settings.head_batching and settings.step_batching and settings.step_batch_sessions == 16
 
 
 @pytest.mark.parametrize(

@@ -69,7 +69,8 @@ class FakePool:
     async def submit_task(self, *args, priority: float = 0.0):
         self.tasks.append(args)
         if isinstance(args[1], GroupedRows):
-            return args[0] + 1, torch.tensor([row in self.failing_rows for row in range(len(args[0]))])
+            sessions = len(args[1].infos)
+            return args[0] + 1, torch.tensor([session in self.failing_rows for session in range(sessions)])
         return (args[0] + 1,)
 
 
@@ -122,18 +123,22 @@ def rows(*lengths: int) -> torch.Tensor:
     return torch.arange(sum(lengths) * HIDDEN, dtype=torch.float32).view(-1, HIDDEN)
 
 
-def test_one_token_steps_go_to_the_pool_as_one_task_and_longer_ones_alone():
+def test_short_steps_go_to_the_pool_as_one_task_and_longer_ones_alone_block_by_block(monkeypatch):
+    from petals.server import block_functions
+
+    monkeypatch.setattr(block_functions, "MAX_SHORT_INFERENCE_TOKENS", 2)  # Petals' short-inference limit
     handler = FakeHandler()
     stream = grouped_inference.GroupedStream(handler)
     opening = rows(3, 1, 2)
     (first,) = serve(stream, GroupRequest(UID, {1: 20, 2: 20, 3: 20}, (), (GroupStep(1, 3), GroupStep(2, 1),
                                                                            GroupStep(3, 2)), opening))  # fmt: skip
     assert first.failed == {}
-    torch.testing.assert_close(first.outputs, opening + 1)
-    grouped = [task for task in handler.pool.tasks if isinstance(task[1], GroupedRows)]
-    assert len(grouped) == 1 and grouped[0][0].shape == (1, 1, HIDDEN)  # session 2's token
+    torch.testing.assert_close(first.outputs[3:], opening[3:] + 1)
+    torch.testing.assert_close(first.outputs[:3], opening[:3] + 2)  # one task per block, each adding 1
+    ((hidden, grouped_rows),) = [task for task in handler.pool.tasks if isinstance(task[1], GroupedRows)]
+    assert hidden.shape == (3, 1, HIDDEN) and grouped_rows.lengths == (1, 2)
     alone = [task for task in handler.pool.tasks if not isinstance(task[1], GroupedRows)]
-    assert sorted(task[0].shape[1] for task in alone) == [2, 3]
+    assert [(task[0].shape[1], task[2][0].uid) for task in alone] == [(3, "model.0"), (3, "model.1")]
     handler.pool.tasks.clear()
     decoding = rows(1, 1, 1)
     (second,) = serve(stream, GroupRequest(UID, {}, (), (GroupStep(3, 1), GroupStep(1, 1), GroupStep(2, 1)), decoding))
@@ -141,6 +146,7 @@ def test_one_token_steps_go_to_the_pool_as_one_task_and_longer_ones_alone():
     ((hidden, grouped_rows),) = handler.pool.tasks
     assert hidden.shape == (3, 1, HIDDEN)
     assert [infos[0].prefix_length for infos in grouped_rows.infos] == [2, 3, 1]  # each session's own position
+    assert grouped_rows.lengths == (1, 1, 1)
     assert [infos[1].uid for infos in grouped_rows.infos] == ["model.1"] * 3
 
 

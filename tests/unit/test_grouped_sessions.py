@@ -93,12 +93,12 @@ def test_a_step_waits_for_the_sessions_answered_with_it_and_goes_with_them():
 
     async def run():
         channel = channel_of(server)
-        await asyncio.gather(*(channel.step(key, torch.ones(1, 2), 8, (channel, key)) for key in (0, 1, 2)))
+        await asyncio.gather(*(channel.step(key, torch.ones(1, 2), 8, ((channel, key),)) for key in (0, 1, 2)))
         channel.forget(2)  # its generation ended: not waited for
-        first = asyncio.ensure_future(channel.step(0, torch.ones(1, 2), None, (channel, 0)))
+        first = asyncio.ensure_future(channel.step(0, torch.ones(1, 2), None, ((channel, 0),)))
         await asyncio.sleep(0.05)
         sent_before_the_second = len(server.stepped())
-        await asyncio.gather(first, channel.step(1, torch.ones(1, 2), None, (channel, 1)))
+        await asyncio.gather(first, channel.step(1, torch.ones(1, 2), None, ((channel, 1),)))
         return sent_before_the_second
 
     assert asyncio.run(run()) == 1
@@ -111,10 +111,10 @@ def test_a_step_that_finds_nobody_expected_goes_at_once_and_a_late_session_stops
     async def run():
         channel = channel_of(server)
         channel._gathering._limit_s = 0.05
-        await asyncio.gather(*(channel.step(key, torch.ones(1, 2), 8, (channel, key)) for key in (0, 1)))
-        await channel.step(0, torch.ones(1, 2), None, (channel, 0))  # waits out session 1's limit: it is slow
+        await asyncio.gather(*(channel.step(key, torch.ones(1, 2), 8, ((channel, key),)) for key in (0, 1)))
+        await channel.step(0, torch.ones(1, 2), None, ((channel, 0),))  # waits out session 1's limit: it is slow
         started = asyncio.get_running_loop().time()
-        await channel.step(0, torch.ones(1, 2), None, (channel, 0))  # session 1 is no longer waited for
+        await channel.step(0, torch.ones(1, 2), None, ((channel, 0),))  # session 1 is no longer waited for
         return asyncio.get_running_loop().time() - started
 
     assert asyncio.run(run()) < 0.04
@@ -238,13 +238,26 @@ def test_the_grouped_sessions_fence_refuses_another_version_in_one_line(monkeypa
     assert_refused(grouped_sessions.check, expected)
 
 
-def test_a_route_expects_each_session_at_its_next_span_and_after_the_last_at_the_first():
+def test_a_route_expects_each_session_at_its_next_span_and_its_first_span_expects_it_throughout():
     first_channel, last_channel = channel_of(FakeServer()), channel_of(FakeServer())
     first = grouped_sessions.GroupedServerSession(first_channel, SimpleNamespace(start=0), UID, 8)
     last = grouped_sessions.GroupedServerSession(last_channel, SimpleNamespace(start=2), UID, 8)
     first.next_session = last
 
-    assert first._successor() == (last_channel, last._key)
-    assert last._successor() == (first_channel, first._key)  # the first span's step made it the route's head
+    assert first._expected_at() == ((last_channel, last._key), (first_channel, first._key))
+    assert last._expected_at() == ((first_channel, first._key),)  # the first span's step made it the route's head
     last.closed = True
-    assert first._successor() is None
+    assert first._expected_at() == ((first_channel, first._key),)
+    alone = grouped_sessions.GroupedServerSession(last_channel, SimpleNamespace(start=0), UID, 8)
+    assert alone._expected_at() == ((last_channel, alone._key),)  # one span: it comes back to it
+
+
+def test_a_request_carries_at_most_max_sessions_and_the_others_go_next():
+    server = FakeServer()
+
+    async def run():
+        channel = GroupChannel(server, "peer", UID, 0, CONFIG, lambda sessions: None, max_sessions=2)
+        await asyncio.gather(*(channel.step(key, torch.ones(1, 2), 8) for key in range(5)))
+
+    asyncio.run(run())
+    assert server.stepped() == [[0, 1], [2, 3], [4]]
