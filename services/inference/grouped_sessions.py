@@ -322,13 +322,6 @@ class GroupedServerSession:
             expected.append(self)
         return tuple((session._channel, session._key) for session in expected if not session.closed)
 
-    def generation_ended(self) -> None:
-        """Its session will not step until asked again: no request waits for it (safe on any thread)."""
-        from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
-
-        with contextlib.suppress(Exception):  # the process is shutting down
-            RemoteExpertWorker.run_coroutine(_forget(self._channel, self._key), return_future=True)
-
     def close(self) -> None:
         """Free the session's cache on the server, without waiting (safe on any thread, the loop's too)."""
         from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
@@ -353,16 +346,22 @@ async def _close(channel: GroupChannel, key: int) -> None:
     channel.close_session(key)
 
 
-async def _forget(channel: GroupChannel, key: int) -> None:
-    channel.forget(key)
+async def _forget(expected: list[Expected]) -> None:
+    for channel, key in expected:
+        channel.forget(key)
 
 
 def generation_ended(petals_session: Any) -> None:
     """Tell the channels of a Petals ``InferenceSession`` that it will not step until its next generation,
-    so that no other session's step waits for it (a no-op for Petals' own server sessions)."""
-    for server_session in getattr(petals_session, "_server_sessions", ()):
-        if isinstance(server_session, GroupedServerSession):
-            server_session.generation_ended()
+    so that no other session's step waits for it (a no-op for Petals' own server sessions; safe on any
+    thread, without waiting)."""
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+    expected = [(session._channel, session._key) for session in getattr(petals_session, "_server_sessions", ())
+                if isinstance(session, GroupedServerSession)]  # fmt: skip
+    if expected:
+        with contextlib.suppress(Exception):  # the process is shutting down
+            RemoteExpertWorker.run_coroutine(_forget(expected), return_future=True)
 
 
 class ServerSessionFactory:

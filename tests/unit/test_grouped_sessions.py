@@ -261,3 +261,22 @@ def test_a_request_carries_at_most_max_sessions_and_the_others_go_next():
 
     asyncio.run(run())
     assert server.stepped() == [[0, 1], [2, 3], [4]]
+
+
+def test_a_generation_that_ended_is_no_longer_waited_for_on_any_span():
+    import time
+
+    channels = [channel_of(FakeServer()), channel_of(FakeServer())]
+    sessions = [
+        grouped_sessions.GroupedServerSession(channel, SimpleNamespace(start=0), UID, 8) for channel in channels
+    ]
+    for session in sessions:
+        session._channel._gathering.expect(session._key, 0.0)
+    petals_session = SimpleNamespace(_server_sessions=[*sessions, object()])  # a stock session among them
+
+    grouped_sessions.generation_ended(petals_session)  # on hivemind's event loop, without waiting
+
+    deadline = time.monotonic() + 5.0
+    while any(channel._gathering.wait_until(0.0) for channel in channels) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [channel._gathering.wait_until(0.0) for channel in channels] == [None, None]
