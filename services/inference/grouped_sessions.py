@@ -8,12 +8,13 @@ own, so the server's batched passes stay small. Where a server answers the group
 (services/common/p2p/grouped_steps.py: ours with SWARM_BATCHING on), this module sends the steps of
 every session of the process on that span through one ``GroupChannel``:
 
-- no waiting window: a step that finds the channel idle is sent at once, alone; steps that come
-  while a request is out are sent together in the next one, when its answer is back (as the LM
-  head batches, services/inference/head_batching.py), at most ``max_sessions``
-  (REPLICA_STEP_BATCH_SESSIONS) per request. Only sessions known to be on their way are waited for
-  (services/inference/step_gathering.py), until their generation ends: at a span, those the span
-  before just answered; at the route's first span, every session it answered, wherever it is now.
+- no fixed waiting window: a step that finds the channel idle, and no other session on its way, is
+  sent at once, alone; steps that come while a request is out are sent together in the next one,
+  when its answer is back (as the LM head batches, services/inference/head_batching.py), at most
+  ``max_sessions`` (REPLICA_STEP_BATCH_SESSIONS) per request. Only sessions known to be on their way
+  are waited for (services/inference/step_gathering.py), until their generation ends: at a span,
+  those the span before just answered; at the route's first span, every session it answered,
+  wherever it is now.
   So sessions that step together stay in one request, and groups that drifted apart merge, up to
   ``max_sessions``; beyond it, the requests of several groups follow each other through the servers;
 - Petals' ``InferenceSession`` is unchanged: it still routes each session, keeps its inputs for a
