@@ -118,9 +118,10 @@ class GroupedStream:
         for step in request.steps:
             starts[step.key], offset = offset, offset + step.length
         ready = [step for step in request.steps if step.key not in failed and self._admit(step, failed)]
-        short = [step for step in ready if step.length <= self._merge_limit()]
+        limit = self._merge_limit()
+        short = [step for step in ready if step.length <= limit]
         jobs = [self._long_step(step, hidden[starts[step.key] : starts[step.key] + step.length]) for step in ready
-                if step.length > self._merge_limit()]  # fmt: skip
+                if step.length > limit]  # fmt: skip
         if short:
             rows = torch.cat([hidden[starts[step.key] : starts[step.key] + step.length] for step in short])
             jobs.append(self._batched(short, rows))
