@@ -54,7 +54,8 @@ class GroupedRows:
 
 
 def decode_key(task_args: Sequence[Any], batchable_uids: frozenset[str]) -> Hashable | None:
-    """The span of blocks of a task that is a batchable one-token decoding step, else None.
+    """The span of blocks of a task that can join a batched pass (a one-token decoding step, or a grouped
+    stream's task on blocks this server batches), else None.
 
     ``task_args`` as Petals' handler submits them: (hidden_states, hypo_ids, inference_infos, *prompts),
     or a grouped task's (hidden_states, GroupedRows).
@@ -101,7 +102,7 @@ def take_group(first: Any, queued: Sequence[Any], key: Callable[[Any], Hashable 
 
 
 @dataclass(frozen=True)
-class DecodeGroup:
+class StepGroup:
     """The runtime's input for a batched step: the sessions' new rows side by side, each session's block
     infos and row count; ``errors`` (session index -> its exception) is filled where the pass had to run
     sessions alone."""
@@ -118,7 +119,7 @@ class DecodeGroup:
 
 
 class BatchedInferenceStep:
-    """The pool's process function: a ``DecodeGroup`` as one pass, anything else through Petals' step."""
+    """The pool's process function: a ``StepGroup`` as one pass, anything else through Petals' step."""
 
     def __init__(self, backends: dict[str, Any], merged_step: Callable[..., tuple[torch.Tensor, ...]]) -> None:
         self.backends = backends
@@ -128,7 +129,7 @@ class BatchedInferenceStep:
         self.batchable_uids = frozenset(self.blocks)
 
     def __call__(self, *args: Any) -> tuple[torch.Tensor, ...]:
-        if len(args) == 1 and isinstance(args[0], DecodeGroup):
+        if len(args) == 1 and isinstance(args[0], StepGroup):
             group = args[0]
             try:
                 outputs = self._batched(group)
@@ -140,7 +141,7 @@ class BatchedInferenceStep:
         batching_metrics.count_steps("alone")
         return self.merged_step(*args)
 
-    def _one_by_one(self, group: DecodeGroup) -> torch.Tensor:
+    def _one_by_one(self, group: StepGroup) -> torch.Tensor:
         """Each session through Petals' own step (it rewrites the one position a failed pass may have written)."""
         outputs = torch.zeros_like(group.hidden_states)
         no_hypo_ids = torch.empty(0, dtype=torch.int64)
@@ -154,7 +155,7 @@ class BatchedInferenceStep:
             outputs[rows] = step_outputs.transpose(0, 1)
         return outputs
 
-    def _batched(self, group: DecodeGroup) -> torch.Tensor:
+    def _batched(self, group: StepGroup) -> torch.Tensor:
         from petals.utils.peft import using_adapter
 
         uids = [info.uid for info in group.infos[0]]
@@ -187,7 +188,7 @@ def _pool_class() -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._groups: dict[int, list[task_pool.Task]] = {}
-            self._decode_groups: dict[int, DecodeGroup] = {}
+            self._step_groups: dict[int, StepGroup] = {}
             self._largest_group = 1
 
         def _key(self, task: task_pool.Task) -> Hashable | None:
@@ -209,8 +210,8 @@ def _pool_class() -> type:
             hidden_states = torch.cat([task.args[0] for task in group]).to(device)
             infos = tuple(session for task in group for session in _session_infos(task.args))
             lengths = tuple(length for task in group for length in _lengths(task.args))
-            self._decode_groups[first.uid] = DecodeGroup(hidden_states, infos, lengths)
-            return first.uid, [self._decode_groups[first.uid]]
+            self._step_groups[first.uid] = StepGroup(hidden_states, infos, lengths)
+            return first.uid, [self._step_groups[first.uid]]
 
         def _group_with(self, first: task_pool.Task) -> list[task_pool.Task]:
             """``first`` and the queued steps that batch with it, taken off the queue and the runtime's pipe."""
@@ -226,7 +227,7 @@ def _pool_class() -> type:
             return group
 
         def _note(self, group: list[task_pool.Task]) -> None:
-            """Count the pass's sessions (a grouped task's rows each); the queue wait is its task's."""
+            """Count the pass's sessions (each of a grouped task's); a session's queue wait is its task's."""
             submitted = [task.time_submitted for task in group for _ in _session_infos(task.args)]
             batching_metrics.observe_pass(submitted)
             if len(submitted) > self._largest_group:  # a few lines per server's life: the sizes it has reached
@@ -238,7 +239,7 @@ def _pool_class() -> type:
             if group is None or (len(group) == 1 and not _grouped(group[0].args)):
                 return super().send_outputs_from_runtime(uid, batch_outputs)
             self._dispatched_tasks.pop(uid, None)
-            errors = self._decode_groups.pop(uid).errors
+            errors = self._step_groups.pop(uid).errors
             start = session = 0
             for task in group:
                 rows, sessions = len(task.args[0]), len(_session_infos(task.args))
@@ -254,7 +255,7 @@ def _pool_class() -> type:
 
         def send_exception_from_runtime(self, uid: int, exception: BaseException) -> None:
             group = self._groups.pop(uid, None)
-            self._decode_groups.pop(uid, None)
+            self._step_groups.pop(uid, None)
             super().send_exception_from_runtime(uid, exception)
             for task in (group or [])[1:]:
                 task.future.set_exception(exception)

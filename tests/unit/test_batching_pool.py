@@ -93,7 +93,7 @@ class FakeStep:
 
     def __call__(self, *args):
         self.calls.append(args)
-        hidden = args[0].hidden_states if isinstance(args[0], batching_pool.DecodeGroup) else args[0]
+        hidden = args[0].hidden_states if isinstance(args[0], batching_pool.StepGroup) else args[0]
         return (hidden * 2,)
 
 
@@ -141,7 +141,7 @@ def test_the_pool_runs_the_steps_queued_together_as_one_and_answers_each_future(
     for uid, inputs in loaded:
         pool.send_outputs_from_runtime(uid, step(*inputs))
     (group,), prefill = step.calls[0], step.calls[1]
-    assert isinstance(group, batching_pool.DecodeGroup) and group.hidden_states.shape == (3, 1, 8)
+    assert isinstance(group, batching_pool.StepGroup) and group.hidden_states.shape == (3, 1, 8)
     assert prefill[0].shape == (1, 3, 8)  # alone, with Petals' own arguments
     for args, output in zip(tasks, receive(), strict=True):
         torch.testing.assert_close(output, args[0] * 2)
@@ -161,7 +161,7 @@ def test_each_step_that_cannot_batch_reaches_petals_step_alone_with_its_own_argu
         uid, inputs = pool.load_batch_to_runtime()
         pool.send_outputs_from_runtime(uid, step(*inputs))
     (group,), *singles = step.calls
-    assert isinstance(group, batching_pool.DecodeGroup) and group.hidden_states.shape == (2, 1, 8)
+    assert isinstance(group, batching_pool.StepGroup) and group.hidden_states.shape == (2, 1, 8)
     for args, submitted in zip(singles, alone, strict=True):
         torch.testing.assert_close(args[0], submitted[0])
         torch.testing.assert_close(args[1], submitted[1])
@@ -192,7 +192,7 @@ class FailingSecondStep(FakeStep):
 
     def __call__(self, *args):
         outputs = super().__call__(*args)
-        if isinstance(args[0], batching_pool.DecodeGroup):
+        if isinstance(args[0], batching_pool.StepGroup):
             args[0].errors[1] = KeyError("cache freed")
         return outputs
 
@@ -219,7 +219,7 @@ def test_a_grouped_task_runs_in_one_pass_with_the_steps_queued_beside_it(pool_an
         uid, inputs = pool.load_batch_to_runtime()
         pool.send_outputs_from_runtime(uid, step(*inputs))
     (group,), prefill = step.calls
-    assert isinstance(group, batching_pool.DecodeGroup) and group.hidden_states.shape == (4, 1, 8)
+    assert isinstance(group, batching_pool.StepGroup) and group.hidden_states.shape == (4, 1, 8)
     assert group.infos == (*tasks[0][1].infos, tasks[1][2])
     assert prefill[0].shape == (1, 2, 8)
     (rows, failed), single, prefilled = receive()
@@ -236,7 +236,7 @@ def test_a_grouped_task_alone_is_a_pass_and_says_which_of_its_sessions_failed(po
     tasks = [grouped_args(3)]
     receive = submit(tasks)
     uid, inputs = pool.load_batch_to_runtime()
-    assert isinstance(inputs[0], batching_pool.DecodeGroup)
+    assert isinstance(inputs[0], batching_pool.StepGroup)
     pool.send_outputs_from_runtime(uid, step(*inputs))
     ((rows, failed),) = receive()
     assert failed.tolist() == [False, True, False]
@@ -289,7 +289,7 @@ def test_a_failed_batched_pass_runs_each_session_through_petals_step(monkeypatch
     monkeypatch.setattr(batched_blocks, "inference_step", inference_step)
     step = batching_pool.BatchedInferenceStep({uid: Backend(Shards(tiny_llama_block())) for uid in SPAN}, merged_step)
     infos = tuple(step_args(prefix=prefix)[2] for prefix in (1, 2, 3))
-    group = batching_pool.DecodeGroup(torch.randn(5, 1, 8), infos, (1, 1, 3))  # the third session: a prompt
+    group = batching_pool.StepGroup(torch.randn(5, 1, 8), infos, (1, 1, 3))  # the third session: a prompt
     before = steps_by_path()
     (outputs,) = step(group)
     torch.testing.assert_close(outputs[[0, 2, 3, 4]], group.hidden_states[[0, 2, 3, 4]] + 1)
@@ -309,7 +309,7 @@ def test_the_step_counts_each_session_of_a_batched_pass_and_each_step_alone(monk
     memory_cache = MemoryCache()
     backends = {uid: Backend(Shards(tiny_llama_block()), memory_cache) for uid in SPAN}
     step = batching_pool.BatchedInferenceStep(backends, lambda hidden, *rest: (hidden + 1,))
-    group = batching_pool.DecodeGroup(torch.randn(4, 1, 8), tuple(step_args(prefix=p)[2] for p in (1, 2, 3, 4)),
+    group = batching_pool.StepGroup(torch.randn(4, 1, 8), tuple(step_args(prefix=p)[2] for p in (1, 2, 3, 4)),
                                       (1, 1, 1, 1))  # fmt: skip
     before = steps_by_path()
     (batched,) = step(group)
